@@ -1,0 +1,128 @@
+"""Fixtures shared by every test folder: real servers, isolated per test run and per test.
+
+When a Docker engine answers, PostgreSQL, RabbitMQ and Redis run in throwaway containers
+(testcontainers); otherwise the tests use the local servers at TEST_DATABASE_URL, TEST_AMQP_URL
+and TEST_REDIS_URL. Each test gets its own database, exchange and queue names, or Redis database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pika
+import psycopg
+import pytest
+from messaging.topology import Topology
+from psycopg import sql
+
+LOCAL = {
+    "database": "postgresql://postgres@127.0.0.1:5432/postgres",
+    "amqp": "amqp://guest:guest@127.0.0.1:5672/%2F",
+    "redis": "redis://127.0.0.1:6379/0",
+}
+
+
+@dataclass(frozen=True)
+class Servers:
+    database: str  # an admin URL; tests create their own databases through it
+    amqp: str
+    redis: str
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def _containers() -> Iterator[Servers]:
+    from testcontainers.postgres import PostgresContainer
+    from testcontainers.rabbitmq import RabbitMqContainer
+    from testcontainers.redis import RedisContainer
+
+    with (
+        PostgresContainer("postgres:15-alpine", driver=None) as pg,
+        RabbitMqContainer("rabbitmq:3.13-management-alpine") as mq,
+        RedisContainer("redis:7-alpine") as rd,
+    ):
+        host, port = mq.get_container_host_ip(), mq.get_exposed_port(5672)
+        yield Servers(
+            database=pg.get_connection_url(),
+            amqp=f"amqp://guest:guest@{host}:{port}/%2F",
+            redis=f"redis://{rd.get_container_host_ip()}:{rd.get_exposed_port(6379)}/0",
+        )
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[Servers]:
+    if os.environ.get("TEST_USE_CONTAINERS", "auto") != "no" and _docker_answers():
+        with _containers() as found:
+            yield found
+        return
+    yield Servers(
+        database=os.environ.get("TEST_DATABASE_URL", LOCAL["database"]),
+        amqp=os.environ.get("TEST_AMQP_URL", LOCAL["amqp"]),
+        redis=os.environ.get("TEST_REDIS_URL", LOCAL["redis"]),
+    )
+
+
+def _with_dbname(url: str, name: str) -> str:
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def make_database(servers: Servers) -> Iterator:
+    """Create a fresh, empty database and return its URL; all are dropped after the run."""
+    created: list[str] = []
+
+    def make(prefix: str = "t") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(servers.database, autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        created.append(name)
+        return _with_dbname(servers.database, name)
+
+    yield make
+    with psycopg.connect(servers.database, autocommit=True) as admin:
+        for name in created:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@dataclass
+class BrokerSpace:
+    """An exchange of this test's own; every topology made through it is deleted afterwards."""
+
+    amqp_url: str
+    exchange: str
+    topologies: list[Topology] = field(default_factory=list)
+
+    def topology(self, service: str, retry_delays: tuple[float, ...] = (0.2, 0.4)) -> Topology:
+        made = Topology(service=service, exchange=self.exchange, retry_delays=retry_delays)
+        self.topologies.append(made)
+        return made
+
+
+@pytest.fixture
+def broker(servers: Servers) -> Iterator[BrokerSpace]:
+    space = BrokerSpace(servers.amqp, f"test-{uuid.uuid4().hex[:10]}")
+    yield space
+    conn = pika.BlockingConnection(pika.URLParameters(servers.amqp))
+    try:
+        channel = conn.channel()
+        for topology in space.topologies:
+            topology.delete(channel)
+        channel.exchange_delete(space.exchange)
+    finally:
+        conn.close()

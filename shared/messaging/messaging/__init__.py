@@ -1,0 +1,23 @@
+"""Shared messaging: envelope, outbox, relay, consumer runtime, idempotent apply helpers."""
+
+from .consumer import Consumer, ConsumerSettings
+from .envelope import DecodeError, Envelope, decode
+from .errors import PermanentError, RetryableError
+from .outbox import Outbox
+from .relay import Relay, RelaySettings
+from .topology import DEFAULT_RETRY_DELAYS, Topology
+
+__all__ = [
+    "DEFAULT_RETRY_DELAYS",
+    "Consumer",
+    "ConsumerSettings",
+    "DecodeError",
+    "Envelope",
+    "Outbox",
+    "PermanentError",
+    "Relay",
+    "RelaySettings",
+    "RetryableError",
+    "Topology",
+    "decode",
+]

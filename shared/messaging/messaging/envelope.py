@@ -1,0 +1,110 @@
+"""The event envelope of DESIGN §5 and its strict codec."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
+SCHEMA_VERSION = 1
+CHANGE_KINDS = ("created", "updated", "deleted")
+_EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$")
+
+
+class DecodeError(ValueError):
+    """A message body that is not a valid envelope; never worth retrying."""
+
+
+class Envelope(BaseModel):
+    """One committed change of one entity, as it travels between services."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    event_id: uuid.UUID
+    event_type: StrictStr = Field(pattern=_EVENT_TYPE.pattern, max_length=100)
+    entity: StrictStr = Field(min_length=1, max_length=50)
+    entity_id: StrictStr = Field(min_length=1, max_length=200)
+    entity_version: StrictInt = Field(ge=1)
+    occurred_at: AwareDatetime
+    producer: StrictStr = Field(min_length=1, max_length=100)
+    schema_version: Literal[1]
+    correlation_id: StrictStr | None = Field(default=None, max_length=200)
+    data: dict[str, Any] | None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Envelope:
+        entity, _, change = self.event_type.partition(".")
+        if entity != self.entity:
+            raise ValueError(f"event_type {self.event_type!r} is not about {self.entity!r}")
+        if (change == "deleted") != (self.data is None):
+            raise ValueError("data must be null exactly when the change is a deletion")
+        return self
+
+    @property
+    def change(self) -> str:
+        """Return the part of event_type after the dot (created, updated, ...)."""
+        return self.event_type.partition(".")[2]
+
+    @classmethod
+    def new(
+        cls,
+        *,
+        entity: str,
+        entity_id: str,
+        change: str,
+        entity_version: int,
+        data: dict[str, Any] | None,
+        producer: str,
+        correlation_id: str | None = None,
+        occurred_at: datetime | None = None,
+        event_id: uuid.UUID | None = None,
+    ) -> Envelope:
+        """Build an envelope for a change, filling in the id and the time."""
+        return cls(
+            event_id=event_id or uuid.uuid4(),
+            event_type=f"{entity}.{change}",
+            entity=entity,
+            entity_id=str(entity_id),
+            entity_version=entity_version,
+            occurred_at=occurred_at or datetime.now(UTC),
+            producer=producer,
+            schema_version=SCHEMA_VERSION,
+            correlation_id=correlation_id,
+            data=data,
+        )
+
+    def to_json(self) -> bytes:
+        """Encode as the UTF-8 JSON body that goes on the wire."""
+        return self.model_dump_json().encode()
+
+
+def decode(body: bytes | str) -> Envelope:
+    """Decode a message body, raising DecodeError for anything that is not an envelope."""
+    try:
+        # JSON mode: strings are accepted for UUIDs and datetimes, nothing else is coerced.
+        return Envelope.model_validate_json(body)
+    except ValidationError as exc:
+        raise DecodeError(_summarise(exc)) from None
+    except (TypeError, ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"undecodable body: {exc}") from None
+
+
+def _summarise(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False)[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

@@ -1,0 +1,128 @@
+"""Outbox write side: record an event in the caller's own transaction.
+
+The producer's change and its event commit or roll back together, so a rolled-back write is
+never published and a committed one is never lost. The relay (relay.py) publishes the rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from .envelope import Envelope
+
+NOTIFY_CHANNEL = "messaging_outbox"
+
+# Idempotent DDL: applied by the producer's migrations through install().
+SCHEMA_SQL = f"""
+CREATE TABLE IF NOT EXISTS messaging_entity_versions (
+    entity      text   NOT NULL,
+    entity_id   text   NOT NULL,
+    version     bigint NOT NULL,
+    PRIMARY KEY (entity, entity_id)
+);
+CREATE TABLE IF NOT EXISTS messaging_outbox (
+    id              bigserial   PRIMARY KEY,
+    event_id        uuid        NOT NULL UNIQUE,
+    event_type      text        NOT NULL,
+    entity          text        NOT NULL,
+    entity_id       text        NOT NULL,
+    entity_version  bigint      NOT NULL,
+    occurred_at     timestamptz NOT NULL,
+    correlation_id  text,
+    body            text        NOT NULL,
+    published_at    timestamptz,
+    UNIQUE (entity, entity_id, entity_version)
+);
+CREATE INDEX IF NOT EXISTS messaging_outbox_unpublished
+    ON messaging_outbox (id) WHERE published_at IS NULL;
+CREATE INDEX IF NOT EXISTS messaging_outbox_occurred_at ON messaging_outbox (occurred_at);
+CREATE OR REPLACE FUNCTION messaging_outbox_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- One notification per statement, carrying its lowest id: the relay uses it to pick up a
+    -- transaction that committed after rows with higher ids were already published.
+    PERFORM pg_notify('{NOTIFY_CHANNEL}', (SELECT min(id) FROM new_rows)::text);
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER messaging_outbox_notify
+    AFTER INSERT ON messaging_outbox REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION messaging_outbox_notify();
+"""
+
+_INSTALL_LOCK = 0x6D736700  # arbitrary advisory lock id: serialises concurrent installs
+
+
+def install(conn: psycopg.Connection) -> None:
+    """Create the outbox tables, index and trigger if they are missing, then commit."""
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_INSTALL_LOCK,))
+        cur.execute(SCHEMA_SQL)
+
+
+def next_version(cur: psycopg.Cursor, entity: str, entity_id: str) -> int:
+    """Allocate the entity's next version inside the caller's transaction.
+
+    The upsert takes the counter row's lock until commit, so concurrent writers of one entity
+    queue up: no duplicates, and a rollback gives the number back, so no gaps. The row is kept
+    after a deletion, so a re-created entity continues past its tombstone's version.
+    """
+    cur.execute(
+        """
+        INSERT INTO messaging_entity_versions (entity, entity_id, version) VALUES (%s, %s, 1)
+        ON CONFLICT (entity, entity_id)
+        DO UPDATE SET version = messaging_entity_versions.version + 1
+        RETURNING version
+        """,
+        (entity, entity_id),
+    )
+    row = cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+class Outbox:
+    """Adds events for one producer to the outbox, through the caller's cursor."""
+
+    def __init__(self, producer: str) -> None:
+        self.producer = producer
+
+    def add(
+        self,
+        cur: psycopg.Cursor,
+        *,
+        entity: str,
+        entity_id: str,
+        change: str,
+        data: dict[str, Any] | None,
+        correlation_id: str | None = None,
+    ) -> Envelope:
+        """Record one change of an entity; it is published only if the transaction commits."""
+        envelope = Envelope.new(
+            entity=entity,
+            entity_id=str(entity_id),
+            change=change,
+            entity_version=next_version(cur, entity, str(entity_id)),
+            data=data,
+            producer=self.producer,
+            correlation_id=correlation_id,
+        )
+        cur.execute(
+            """
+            INSERT INTO messaging_outbox (event_id, event_type, entity, entity_id, entity_version,
+                                          occurred_at, correlation_id, body)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+            """,
+            (
+                envelope.event_id,
+                envelope.event_type,
+                envelope.entity,
+                envelope.entity_id,
+                envelope.entity_version,
+                envelope.occurred_at,
+                envelope.correlation_id,
+                envelope.to_json().decode(),
+            ),
+        )
+        return envelope

@@ -1,0 +1,416 @@
+"""Outbox relay: publish committed outbox rows to RabbitMQ, marking them only after the confirm.
+
+One active relay per database (a PostgreSQL advisory lock elects it; a second one waits as a
+standby). Rows are published in id order on one channel with a window of unconfirmed messages
+(pipelined publisher confirms), `mandatory` and persistent. An ack marks the row published; a nack
+or a return (no queue bound) leaves it unpublished, to be published again after a backoff. The
+relay wakes on LISTEN/NOTIFY and also polls, and it survives broker and database restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pika
+import psycopg
+from pika.adapters.select_connection import SelectConnection
+from pika.spec import Basic
+
+from .connection import Backoff, StopFlag, amqp_parameters
+from .outbox import NOTIFY_CHANNEL
+
+log = logging.getLogger("messaging.relay")
+
+LEADER_LOCK = 0x6D737201  # advisory lock id held by the active relay
+
+FETCH_SQL = """
+SELECT id, event_id::text, event_type, correlation_id, body
+FROM messaging_outbox
+WHERE published_at IS NULL AND id > %s
+ORDER BY id
+LIMIT %s
+"""
+MARK_SQL = "UPDATE messaging_outbox SET published_at = now() WHERE id = ANY(%s)"
+# Keep the newest event of every entity forever (replay rebuilds read models from it); drop
+# older published events once they are past the retention.
+COMPACT_SQL = """
+DELETE FROM messaging_outbox o
+WHERE o.id IN (
+    SELECT old.id FROM messaging_outbox old
+    WHERE old.published_at < now() - %s
+      AND EXISTS (SELECT 1 FROM messaging_outbox newer
+                  WHERE newer.entity = old.entity AND newer.entity_id = old.entity_id
+                    AND newer.entity_version > old.entity_version)
+    LIMIT 5000)
+"""
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    database_url: str
+    amqp_url: str
+    exchange: str
+    producer: str = "relay"
+    window: int = 2000
+    batch: int = 500
+    poll_interval: float = 1.0
+    retention: timedelta | None = timedelta(days=7)
+    compact_interval: float = 60.0
+    shutdown_timeout: float = 10.0
+
+
+@dataclass
+class RelayStats:
+    published: int = 0
+    failed: int = 0
+    last_published_at: float | None = None
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    row_id: int
+    event_id: str
+
+
+class Relay:
+    """Runs until stop(): elect, connect, publish, and start over after any failure."""
+
+    def __init__(self, settings: RelaySettings) -> None:
+        self.settings = settings
+        self.stats = RelayStats()
+        self._stop = StopFlag()
+        self._session: _Session | None = None
+        self.is_leader = threading.Event()
+
+    def stop(self) -> None:
+        """Ask the relay to finish in-flight confirms and return from run(); thread-safe."""
+        self._stop.set()
+        session = self._session
+        if session is not None:
+            session.request_stop()
+
+    def run(self) -> None:
+        backoff = Backoff()
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.settings.database_url, autocommit=True) as db:
+                    if not _try_lead(db):
+                        self._stop.wait(self.settings.poll_interval)
+                        continue
+                    self.is_leader.set()
+                    log.info("relay elected; publishing to exchange %s", self.settings.exchange)
+                    self._session = _Session(self, db)
+                    try:
+                        self._session.run()
+                    finally:
+                        self._session = None
+                        self.is_leader.clear()
+                backoff.reset()
+            except (psycopg.Error, pika.exceptions.AMQPError, OSError) as exc:
+                delay = backoff.next()
+                log.warning(
+                    "relay interrupted (%s: %s); retrying in %.1fs", type(exc).__name__, exc, delay
+                )
+                self._stop.wait(delay)
+        log.info("relay stopped")
+
+
+def _try_lead(db: psycopg.Connection) -> bool:
+    row = db.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)).fetchone()
+    return bool(row and row[0])
+
+
+class _Session:
+    """One broker connection's lifetime: all state lives on the pika I/O loop's thread."""
+
+    def __init__(self, relay: Relay, db: psycopg.Connection) -> None:
+        self.relay, self.settings, self.db = relay, relay.settings, db
+        db.execute("SET synchronous_commit = off")  # a lost mark only means a re-publish
+        self.conn: SelectConnection | None = None
+        self.channel: Any = None
+        self.error: BaseException | None = None
+        self.ready = False
+        self.closing = False
+        self.cursor = 0  # fetch rows with id > cursor; moves back for late commits and rescans
+        self.next_tag = 1
+        self.pending: dict[int, _InFlight] = {}  # delivery tag -> row, in publish order
+        self.inflight_ids: set[int] = set()
+        self.returned: set[str] = set()
+        self.held: set[int] = set()  # nacked or returned rows waiting for their backoff
+        self.to_mark: list[int] = []
+        self.failure_backoff = Backoff(first=0.5, cap=30.0)
+        self.pump_scheduled = False
+        self.flush_scheduled = False
+        self._listener: _Listener | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def run(self) -> None:
+        params = amqp_parameters(self.settings.amqp_url, f"{self.settings.producer}-relay")
+        self.conn = SelectConnection(
+            params,
+            on_open_callback=self._on_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_closed,
+        )
+        try:
+            self.conn.ioloop.start()
+        finally:
+            if self._listener:
+                self._listener.stop()
+        if self.error is not None:
+            raise self.error
+
+    def request_stop(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.ioloop.add_callback_threadsafe(self._begin_close)
+
+    def _on_open(self, conn: SelectConnection) -> None:
+        conn.channel(on_open_callback=self._on_channel)
+
+    def _on_open_error(self, _conn: SelectConnection, exc: BaseException) -> None:
+        self.error = exc if isinstance(exc, Exception) else pika.exceptions.AMQPConnectionError(exc)
+        self.conn.ioloop.stop()
+
+    def _on_closed(self, _conn: SelectConnection, reason: BaseException) -> None:
+        if not self.closing:
+            self.error = pika.exceptions.AMQPConnectionError(f"connection lost: {reason}")
+        self.conn.ioloop.stop()
+
+    def _on_channel(self, channel: Any) -> None:
+        self.channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.exchange_declare(
+            exchange=self.settings.exchange,
+            exchange_type="fanout",
+            durable=True,
+            callback=lambda _frame: channel.confirm_delivery(
+                ack_nack_callback=self._on_confirm, callback=self._on_confirm_mode
+            ),
+        )
+
+    def _on_confirm_mode(self, _frame: Any) -> None:
+        self.ready = True
+        self._listener = _Listener(self.settings.database_url, self.conn, self._on_notify)
+        self._listener.start()
+        self._schedule_poll()
+        if self.settings.retention is not None:
+            self.conn.ioloop.call_later(1.0, self._compact)
+        self._pump()
+
+    def _on_channel_closed(self, _channel: Any, reason: BaseException) -> None:
+        if not self.closing:
+            self.error = pika.exceptions.AMQPChannelError(f"channel closed: {reason}")
+            self.closing = True
+            if self.conn.is_open:
+                self.conn.close()
+
+    def _begin_close(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.ready = False
+        if not self.pending:
+            self._finish_close()
+        else:
+            self.conn.ioloop.call_later(self.settings.shutdown_timeout, self._finish_close)
+
+    def _finish_close(self) -> None:
+        self._guard(self._flush_marks)
+        if self.conn.is_open:
+            self.conn.close()
+        elif not self.conn.is_closing:
+            self.conn.ioloop.stop()  # still connecting: nothing in flight to wait for
+
+    def _guard(self, step: Any) -> None:
+        """Run a database step; a database failure ends the session (and re-elects)."""
+        try:
+            step()
+        except psycopg.Error as exc:
+            self.error = exc
+            self.closing = True
+            self.ready = False
+            if self.conn.is_open:
+                self.conn.close()
+            else:
+                self.conn.ioloop.stop()
+
+    # -- publishing --------------------------------------------------------------------------
+    def _schedule_pump(self) -> None:
+        if not self.pump_scheduled and self.ready:
+            self.pump_scheduled = True
+            self.conn.ioloop.call_later(0, self._pump)
+
+    def _pump(self) -> None:
+        self.pump_scheduled = False
+        self._guard(self._pump_rows)
+
+    def _pump_rows(self) -> None:
+        if self.to_mark:
+            self._flush_marks()
+        window, batch = self.settings.window, self.settings.batch
+        while self.ready and not self.closing and len(self.pending) < window:
+            limit = min(batch, window - len(self.pending))
+            rows = self.db.execute(FETCH_SQL, (self.cursor, limit)).fetchall()
+            for row_id, event_id, event_type, correlation_id, body in rows:
+                if row_id in self.inflight_ids or row_id in self.held:
+                    continue
+                self.channel.basic_publish(
+                    exchange=self.settings.exchange,
+                    routing_key="",
+                    body=body.encode(),
+                    properties=pika.BasicProperties(
+                        message_id=event_id,
+                        type=event_type,
+                        correlation_id=correlation_id,
+                        content_type="application/json",
+                        delivery_mode=pika.DeliveryMode.Persistent,
+                    ),
+                    mandatory=True,
+                )
+                self.pending[self.next_tag] = _InFlight(row_id, event_id)
+                self.inflight_ids.add(row_id)
+                self.next_tag += 1
+            if rows:
+                self.cursor = rows[-1][0]
+            if len(rows) < limit:
+                break
+
+    def _on_notify(self, min_id: int) -> None:
+        # A transaction that committed late may hold ids below the cursor: look again from there.
+        self.cursor = min(self.cursor, min_id - 1)
+        self._schedule_pump()
+
+    def _schedule_poll(self) -> None:
+        def poll() -> None:
+            if self.closing:
+                return
+            self.cursor = 0  # fallback: rescan every unpublished row (a missed notification)
+            self._schedule_pump()
+            self._schedule_poll()
+
+        self.conn.ioloop.call_later(self.settings.poll_interval, poll)
+
+    def _on_return(self, _channel: Any, _method: Any, props: Any, _body: bytes) -> None:
+        # A return precedes the ack of the same message: remember it so the ack does not mark it.
+        self.returned.add(props.message_id)
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        acked = isinstance(method, Basic.Ack)
+        tags = [method.delivery_tag]
+        if method.multiple:  # pending is in tag order: take the prefix up to this tag
+            tags = []
+            for tag in self.pending:
+                if tag > method.delivery_tag:
+                    break
+                tags.append(tag)
+        failed = []
+        for tag in tags:
+            item = self.pending.pop(tag, None)
+            if item is None:
+                continue
+            self.inflight_ids.discard(item.row_id)
+            if acked and item.event_id not in self.returned:
+                self.to_mark.append(item.row_id)
+            else:
+                self.returned.discard(item.event_id)
+                failed.append(item.row_id)
+        if failed:
+            self._hold(failed, "nacked" if not acked else "returned as unroutable")
+        elif tags:
+            self.failure_backoff.reset()
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.conn.ioloop.call_later(0, self._flush_soon)
+        if self.closing and not self.pending:
+            self._finish_close()
+
+    def _hold(self, row_ids: list[int], why: str) -> None:
+        self.relay.stats.failed += len(row_ids)
+        self.held.update(row_ids)
+        delay = self.failure_backoff.next()
+        log.warning(
+            "%d event(s) %s by the broker; publishing again in %.1fs", len(row_ids), why, delay
+        )
+
+        def release() -> None:
+            self.held.difference_update(row_ids)
+            self.cursor = min(self.cursor, min(row_ids) - 1)
+            self._schedule_pump()
+
+        self.conn.ioloop.call_later(delay, release)
+
+    def _flush_soon(self) -> None:
+        self.flush_scheduled = False
+        self._guard(self._flush_marks)
+        self._schedule_pump()
+
+    def _flush_marks(self) -> None:
+        if not self.to_mark:
+            return
+        ids, self.to_mark = self.to_mark, []
+        self.db.execute(MARK_SQL, (ids,))
+        stats = self.relay.stats
+        stats.published += len(ids)
+        stats.last_published_at = time.time()
+
+    def _compact(self) -> None:
+        if self.closing:
+            return
+        self._guard(lambda: self.db.execute(COMPACT_SQL, (self.settings.retention,)))
+        self.conn.ioloop.call_later(self.settings.compact_interval, self._compact)
+
+
+class _Listener:
+    """LISTEN on its own connection in a thread; wakes the I/O loop with the lowest new id."""
+
+    def __init__(self, database_url: str, conn: SelectConnection, wake: Any) -> None:
+        self.database_url, self.conn, self.wake = database_url, conn, wake
+        self._stop = StopFlag()
+        self._lock = threading.Lock()
+        self._lowest: int | None = None
+        self._thread = threading.Thread(target=self._run, name="outbox-listener", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        backoff = Backoff(cap=5.0)
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.database_url, autocommit=True) as listen:
+                    listen.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    backoff.reset()
+                    self._post(0)  # catch up on anything committed before LISTEN took effect
+                    while not self._stop.is_set():
+                        for note in listen.notifies(timeout=0.5):
+                            self._post(int(note.payload) if note.payload.isdigit() else 0)
+            except psycopg.Error as exc:
+                log.warning("outbox listener lost its connection: %s", exc)
+                self._stop.wait(backoff.next())
+
+    def _post(self, lowest: int) -> None:
+        with self._lock:
+            first = self._lowest is None
+            self._lowest = lowest if first else min(self._lowest, lowest)
+        if first:
+            try:
+                self.conn.ioloop.add_callback_threadsafe(self._deliver)
+            except Exception:  # the loop is closing; the next session rescans anyway
+                self._stop.set()
+
+    def _deliver(self) -> None:
+        with self._lock:
+            lowest, self._lowest = self._lowest, None
+        if lowest is not None:
+            self.wake(lowest)

@@ -1,0 +1,92 @@
+"""Integration: outbox -> relay -> RabbitMQ -> consumer runtime, against the real servers."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+from messaging import Consumer, ConsumerSettings, Envelope, Outbox, Relay, RelaySettings
+from messaging.outbox import install
+from messaging.testing import running, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def producer_db(make_database) -> str:
+    url = make_database("producer")
+    with psycopg.connect(url) as conn:
+        install(conn)
+    return url
+
+
+class Recorder:
+    """A handler that remembers what it saw, in order."""
+
+    def __init__(self) -> None:
+        self.seen: list[Envelope] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, envelope: Envelope) -> None:
+        with self.lock:
+            self.seen.append(envelope)
+
+    def versions(self, entity_id: str) -> list[int]:
+        with self.lock:
+            return [e.entity_version for e in self.seen if e.entity_id == entity_id]
+
+
+def relay_for(db: str, broker) -> Relay:
+    return Relay(RelaySettings(database_url=db, amqp_url=broker.amqp_url,
+                               exchange=broker.exchange, poll_interval=0.5))
+
+
+def consumer_for(broker, handler, service: str = "svc") -> Consumer:
+    topology = broker.topology(service)
+    return Consumer(ConsumerSettings(amqp_url=broker.amqp_url, topology=topology), handler)
+
+
+def write_changes(db: str, entity_id: str, count: int, per_tx: int = 1) -> None:
+    outbox = Outbox("test")
+    with psycopg.connect(db) as conn:
+        for start in range(0, count, per_tx):
+            with conn.transaction(), conn.cursor() as cur:
+                for n in range(start, min(start + per_tx, count)):
+                    outbox.add(cur, entity="thing", entity_id=entity_id, change="updated",
+                               data={"n": n})
+
+
+def unpublished(db: str) -> int:
+    with psycopg.connect(db) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM messaging_outbox WHERE published_at IS NULL").fetchone()[0]
+
+
+def test_thousand_changes_of_one_entity_arrive_in_version_order(producer_db, broker):
+    recorder = Recorder()
+    consumer = consumer_for(broker, recorder)
+    with running(consumer):
+        wait_until(consumer.attached.is_set, what="consumer attached")
+        with running(relay_for(producer_db, broker)):
+            write_changes(producer_db, "e1", 1000, per_tx=7)
+            wait_until(lambda: len(recorder.versions("e1")) >= 1000, what="1000 deliveries")
+            wait_until(lambda: unpublished(producer_db) == 0, what="all rows marked")
+    assert recorder.versions("e1") == list(range(1, 1001))
+
+
+def test_relay_publishes_nothing_for_a_rolled_back_write(producer_db, broker):
+    recorder = Recorder()
+    consumer = consumer_for(broker, recorder)
+    with running(consumer), running(relay_for(producer_db, broker)):
+        wait_until(consumer.attached.is_set, what="consumer attached")
+        outbox = Outbox("test")
+        with psycopg.connect(producer_db) as conn:
+            with pytest.raises(RuntimeError), conn.transaction(), conn.cursor() as cur:
+                outbox.add(cur, entity="thing", entity_id="gone", change="created", data={})
+                raise RuntimeError("the write fails after the event was added")
+            with conn.transaction(), conn.cursor() as cur:
+                outbox.add(cur, entity="thing", entity_id="kept", change="created", data={})
+        wait_until(lambda: recorder.versions("kept"), what="the committed event")
+    assert recorder.versions("gone") == []
+    assert recorder.versions("kept") == [1]
