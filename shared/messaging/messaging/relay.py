@@ -26,6 +26,7 @@ from .outbox import NOTIFY_CHANNEL
 
 log = logging.getLogger("messaging.relay")
 
+APP_NAME = "messaging-relay"  # shows in pg_stat_activity
 LEADER_LOCK = 0x6D737201  # advisory lock id held by the active relay
 
 FETCH_SQL = """
@@ -98,7 +99,9 @@ class Relay:
         backoff = Backoff()
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.settings.database_url, autocommit=True) as db:
+                with psycopg.connect(
+                    self.settings.database_url, autocommit=True, application_name=APP_NAME
+                ) as db:
                     if not _try_lead(db):
                         self._stop.wait(self.settings.poll_interval)
                         continue
@@ -388,7 +391,9 @@ class _Listener:
         backoff = Backoff(cap=5.0)
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.database_url, autocommit=True) as listen:
+                with psycopg.connect(
+                    self.database_url, autocommit=True, application_name=APP_NAME
+                ) as listen:
                     listen.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     backoff.reset()
                     self._post(0)  # catch up on anything committed before LISTEN took effect
@@ -414,3 +419,24 @@ class _Listener:
             lowest, self._lowest = self._lowest, None
         if lowest is not None:
             self.wake(lowest)
+
+
+def main() -> int:
+    """Run a relay configured from the environment (python -m messaging.relay)."""
+    import os
+
+    from .runner import configure_logging, run_until_signalled
+
+    configure_logging()
+    settings = RelaySettings(
+        database_url=os.environ["DATABASE_URL"],
+        amqp_url=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
+        exchange=os.environ.get("EVENTS_EXCHANGE", "entity-changes"),
+        producer=os.environ.get("PRODUCER", "relay"),
+        poll_interval=float(os.environ.get("RELAY_POLL_INTERVAL", "1.0")),
+    )
+    return run_until_signalled(Relay(settings))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

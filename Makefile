@@ -1,0 +1,40 @@
+# The two commands a newcomer needs: `make up` and `make test`.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install up test unit lint format bench clean
+
+$(STAMP): requirements.txt shared/messaging/pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q --no-deps -e shared/messaging
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Check that PostgreSQL, RabbitMQ and Redis answer (the services join in later issues).
+up: install
+	$(PY) -m messaging.check_servers
+
+## The whole suite: lint, unit, integration and fault tests against the real servers.
+test: install lint
+	$(PY) -m pytest
+
+unit: install
+	$(PY) -m pytest -m unit
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: install
+	$(PY) bench/relay_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

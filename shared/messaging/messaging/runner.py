@@ -1,0 +1,29 @@
+"""Run a relay or consumer as a process: SIGTERM and SIGINT stop it cleanly, exit status 0."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    logging.getLogger("pika").setLevel(logging.WARNING)
+
+
+def run_until_signalled(component: Any) -> int:
+    """Run component.run() in this thread; a termination signal calls component.stop()."""
+
+    def stop(signum: int, _frame: Any) -> None:
+        logging.getLogger("messaging").info("received %s; stopping", signal.Signals(signum).name)
+        component.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    component.run()
+    return 0
