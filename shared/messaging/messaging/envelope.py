@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     AwareDatetime,
@@ -36,11 +36,12 @@ class Envelope(BaseModel):
     event_type: StrictStr = Field(pattern=_EVENT_TYPE.pattern, max_length=100)
     entity: StrictStr = Field(min_length=1, max_length=50)
     entity_id: StrictStr = Field(min_length=1, max_length=200)
-    entity_version: StrictInt = Field(ge=1)
+    entity_version: StrictInt = Field(ge=1, le=2**63 - 1)
     occurred_at: AwareDatetime
     producer: StrictStr = Field(min_length=1, max_length=100)
-    schema_version: Literal[1]
-    correlation_id: StrictStr | None = Field(default=None, max_length=200)
+    # StrictInt, not Literal[1]: a Literal compares by equality and would let true or 1.0 in.
+    schema_version: StrictInt = Field(ge=SCHEMA_VERSION, le=SCHEMA_VERSION)
+    correlation_id: StrictStr | None = Field(max_length=200)
     data: dict[str, Any] | None
 
     @model_validator(mode="after")

@@ -38,8 +38,11 @@ class Recorder:
 
 
 def relay_for(db: str, broker) -> Relay:
-    return Relay(RelaySettings(database_url=db, amqp_url=broker.amqp_url,
-                               exchange=broker.exchange, poll_interval=0.5))
+    return Relay(
+        RelaySettings(
+            database_url=db, amqp_url=broker.amqp_url, exchange=broker.exchange, poll_interval=0.5
+        )
+    )
 
 
 def consumer_for(broker, handler, service: str = "svc") -> Consumer:
@@ -53,14 +56,16 @@ def write_changes(db: str, entity_id: str, count: int, per_tx: int = 1) -> None:
         for start in range(0, count, per_tx):
             with conn.transaction(), conn.cursor() as cur:
                 for n in range(start, min(start + per_tx, count)):
-                    outbox.add(cur, entity="thing", entity_id=entity_id, change="updated",
-                               data={"n": n})
+                    outbox.add(
+                        cur, entity="thing", entity_id=entity_id, change="updated", data={"n": n}
+                    )
 
 
 def unpublished(db: str) -> int:
     with psycopg.connect(db) as conn:
         return conn.execute(
-            "SELECT count(*) FROM messaging_outbox WHERE published_at IS NULL").fetchone()[0]
+            "SELECT count(*) FROM messaging_outbox WHERE published_at IS NULL"
+        ).fetchone()[0]
 
 
 def test_thousand_changes_of_one_entity_arrive_in_version_order(producer_db, broker):
