@@ -21,7 +21,7 @@ from typing import Any
 import pika
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
-from .connection import Backoff, StopFlag, amqp_parameters
+from .connection import HEARTBEAT_SECONDS, Backoff, StopFlag, amqp_parameters
 from .envelope import DecodeError, Envelope, decode
 from .errors import PermanentError, RetryableError
 from .retry import Decision, decide
@@ -40,10 +40,12 @@ class ConsumerSettings:
     prefetch: int = 256
     max_batch: int = 100
     shutdown_timeout: float = 10.0
+    heartbeat: int = HEARTBEAT_SECONDS
 
 
 @dataclass
 class ConsumerStats:
+    connections: int = 0
     consumed: int = 0
     retried: int = 0
     dead_lettered: int = 0
@@ -117,7 +119,9 @@ class Consumer:
     # -- I/O thread ----------------------------------------------------------------------------
     def _session(self) -> None:
         params = amqp_parameters(self.settings.amqp_url, f"{self.topology.service}-consumer")
+        params.heartbeat = self.settings.heartbeat
         conn = BlockingConnection(params)
+        self.stats.connections += 1
         self._generation += 1
         generation = self._generation
         try:

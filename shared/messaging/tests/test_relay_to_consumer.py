@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 
+import pika
 import psycopg
 import pytest
 from messaging import Consumer, ConsumerSettings, Envelope, Outbox, Relay, RelaySettings
@@ -95,3 +97,59 @@ def test_relay_publishes_nothing_for_a_rolled_back_write(producer_db, broker):
         wait_until(lambda: recorder.versions("kept"), what="the committed event")
     assert recorder.versions("gone") == []
     assert recorder.versions("kept") == [1]
+
+
+def test_heartbeats_keep_the_connection_through_a_long_handler(broker):
+    handled = []
+
+    def slow(envelope: Envelope) -> None:
+        # Work that outlasts several heartbeat intervals (the broker drops a connection that
+        # misses two): the I/O thread must keep answering while this runs.
+        time.sleep(4)
+        handled.append(envelope.entity_id)
+
+    topology = broker.topology("slow")
+    settings = ConsumerSettings(amqp_url=broker.amqp_url, topology=topology, heartbeat=1)
+    consumer = Consumer(settings, slow)
+    with running(consumer):
+        wait_until(consumer.attached.is_set, what="consumer attached")
+        publish(
+            broker,
+            Envelope.new(
+                entity="thing",
+                entity_id="long",
+                change="created",
+                entity_version=1,
+                data={},
+                producer="test",
+            ),
+        )
+        wait_until(lambda: handled, timeout=30, what="the slow handler")
+    assert queue_depth(broker, topology.queue) == 0  # acked: nothing came back on close
+    assert handled == ["long"]
+    assert consumer.stats.connections == 1
+
+
+def publish(broker, envelope: Envelope) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
+    try:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(
+            broker.exchange,
+            "",
+            envelope.to_json(),
+            pika.BasicProperties(message_id=str(envelope.event_id), delivery_mode=2),
+            mandatory=True,
+        )
+    finally:
+        conn.close()
+
+
+def queue_depth(broker, queue: str) -> int:
+    """Messages ready or unacknowledged in a queue."""
+    conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
+    try:
+        return conn.channel().queue_declare(queue, passive=True).method.message_count
+    finally:
+        conn.close()
