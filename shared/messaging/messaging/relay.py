@@ -9,7 +9,9 @@ relay wakes on LISTEN/NOTIFY and also polls, and it survives broker and database
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -133,7 +135,6 @@ class _Session:
 
     def __init__(self, relay: Relay, db: psycopg.Connection) -> None:
         self.relay, self.settings, self.db = relay, relay.settings, db
-        db.execute("SET synchronous_commit = off")  # a lost mark only means a re-publish
         self.conn: SelectConnection | None = None
         self.channel: Any = None
         self.error: BaseException | None = None
@@ -145,11 +146,11 @@ class _Session:
         self.inflight_ids: set[int] = set()
         self.returned: set[str] = set()
         self.held: set[int] = set()  # nacked or returned rows waiting for their backoff
-        self.to_mark: list[int] = []
+        self.marking: set[int] = set()  # confirmed, handed to the marker, not yet committed
         self.failure_backoff = Backoff(first=0.5, cap=30.0)
         self.pump_scheduled = False
-        self.flush_scheduled = False
         self._listener: _Listener | None = None
+        self._marker: _Marker | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -163,8 +164,9 @@ class _Session:
         try:
             self.conn.ioloop.start()
         finally:
-            if self._listener:
-                self._listener.stop()
+            for helper in (self._listener, self._marker):
+                if helper is not None:
+                    helper.stop()
         if self.error is not None:
             raise self.error
 
@@ -200,6 +202,10 @@ class _Session:
 
     def _on_confirm_mode(self, _frame: Any) -> None:
         self.ready = True
+        self._marker = _Marker(
+            self.settings.database_url, self.conn, self._on_marked, self._on_marker_error
+        )
+        self._marker.start()
         self._listener = _Listener(self.settings.database_url, self.conn, self._on_notify)
         self._listener.start()
         self._schedule_poll()
@@ -225,7 +231,8 @@ class _Session:
             self.conn.ioloop.call_later(self.settings.shutdown_timeout, self._finish_close)
 
     def _finish_close(self) -> None:
-        self._guard(self._flush_marks)
+        if self._marker is not None:
+            self._marker.stop()  # waits for the marks of everything confirmed so far
         if self.conn.is_open:
             self.conn.close()
         elif not self.conn.is_closing:
@@ -236,13 +243,16 @@ class _Session:
         try:
             step()
         except psycopg.Error as exc:
-            self.error = exc
-            self.closing = True
-            self.ready = False
-            if self.conn.is_open:
-                self.conn.close()
-            else:
-                self.conn.ioloop.stop()
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.closing = True
+        self.ready = False
+        if self.conn.is_open:
+            self.conn.close()
+        else:
+            self.conn.ioloop.stop()
 
     # -- publishing --------------------------------------------------------------------------
     def _schedule_pump(self) -> None:
@@ -255,14 +265,12 @@ class _Session:
         self._guard(self._pump_rows)
 
     def _pump_rows(self) -> None:
-        if self.to_mark:
-            self._flush_marks()
         window, batch = self.settings.window, self.settings.batch
         while self.ready and not self.closing and len(self.pending) < window:
             limit = min(batch, window - len(self.pending))
             rows = self.db.execute(FETCH_SQL, (self.cursor, limit)).fetchall()
             for row_id, event_id, event_type, correlation_id, body in rows:
-                if row_id in self.inflight_ids or row_id in self.held:
+                if row_id in self.inflight_ids or row_id in self.held or row_id in self.marking:
                     continue
                 self.channel.basic_publish(
                     exchange=self.settings.exchange,
@@ -314,14 +322,14 @@ class _Session:
                 if tag > method.delivery_tag:
                     break
                 tags.append(tag)
-        failed = []
+        failed, confirmed = [], []
         for tag in tags:
             item = self.pending.pop(tag, None)
             if item is None:
                 continue
             self.inflight_ids.discard(item.row_id)
             if acked and item.event_id not in self.returned:
-                self.to_mark.append(item.row_id)
+                confirmed.append(item.row_id)
             else:
                 self.returned.discard(item.event_id)
                 failed.append(item.row_id)
@@ -329,9 +337,10 @@ class _Session:
             self._hold(failed, "nacked" if not acked else "returned as unroutable")
         elif tags:
             self.failure_backoff.reset()
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            self.conn.ioloop.call_later(0, self._flush_soon)
+        if confirmed:
+            self.marking.update(confirmed)
+            self._marker.submit(confirmed)
+        self._schedule_pump()
         if self.closing and not self.pending:
             self._finish_close()
 
@@ -350,25 +359,68 @@ class _Session:
 
         self.conn.ioloop.call_later(delay, release)
 
-    def _flush_soon(self) -> None:
-        self.flush_scheduled = False
-        self._guard(self._flush_marks)
-        self._schedule_pump()
-
-    def _flush_marks(self) -> None:
-        if not self.to_mark:
-            return
-        ids, self.to_mark = self.to_mark, []
-        self.db.execute(MARK_SQL, (ids,))
+    def _on_marked(self, ids: list[int]) -> None:
+        self.marking.difference_update(ids)
         stats = self.relay.stats
         stats.published += len(ids)
         stats.last_published_at = time.time()
+
+    def _on_marker_error(self, exc: BaseException) -> None:
+        if not self.closing:
+            self._fail(exc)
 
     def _compact(self) -> None:
         if self.closing:
             return
         self._guard(lambda: self.db.execute(COMPACT_SQL, (self.settings.retention,)))
         self.conn.ioloop.call_later(self.settings.compact_interval, self._compact)
+
+
+class _Marker:
+    """Marks confirmed rows published on its own connection, so the I/O loop never waits."""
+
+    def __init__(self, database_url: str, conn: SelectConnection, done: Any, failed: Any) -> None:
+        self.database_url, self.conn, self.done, self.failed = database_url, conn, done, failed
+        self._queue: queue.SimpleQueue[list[int] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="outbox-marker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, ids: list[int]) -> None:
+        self._queue.put(ids)
+
+    def stop(self) -> None:
+        """Mark what was submitted, then end the thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(30)
+
+    def _run(self) -> None:
+        try:
+            with psycopg.connect(
+                self.database_url, autocommit=True, application_name=APP_NAME
+            ) as db:
+                db.execute("SET synchronous_commit = off")  # a lost mark only means a re-publish
+                while (ids := self._queue.get()) is not None:
+                    stopping = False
+                    while not self._queue.empty():  # coalesce what arrived meanwhile
+                        more = self._queue.get()
+                        if more is None:
+                            stopping = True
+                            break
+                        ids.extend(more)
+                    db.execute(MARK_SQL, (ids,))
+                    self._post(lambda done=ids: self.done(done))
+                    if stopping:
+                        return
+        except psycopg.Error as exc:
+            log.warning("outbox marker lost its connection: %s", exc)
+            self._post(lambda err=exc: self.failed(err))
+
+    def _post(self, callback: Any) -> None:
+        with contextlib.suppress(Exception):  # the loop is gone: the next session re-publishes
+            self.conn.ioloop.add_callback_threadsafe(callback)
 
 
 class _Listener:
@@ -386,6 +438,8 @@ class _Listener:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(5)
 
     def _run(self) -> None:
         backoff = Backoff(cap=5.0)

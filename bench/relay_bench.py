@@ -1,0 +1,364 @@
+"""Relay throughput against the raw pika ceiling, on the local PostgreSQL and RabbitMQ.
+
+Run: .venv/bin/python bench/relay_bench.py [--events N]. Prints one `name: value` line per
+figure (see bench/README.md); exits non-zero only if a figure could not be measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pika
+import psycopg
+from messaging import Envelope, Relay, RelaySettings
+from messaging.outbox import install
+from messaging.testing import running
+from pika.adapters.select_connection import SelectConnection
+from pika.spec import Basic
+from psycopg import sql
+
+DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+WINDOW = 2000  # unconfirmed messages in flight, as the relay's default window
+PG_COMMIT_SECONDS = 3.0
+RAW_TIMEOUT = 30.0
+RELAY_TIMEOUT = 60.0
+RELAY_POLL_INTERVAL = 1.0  # the relay's production default
+DRAIN_CHECK_INTERVAL = 0.01
+UNPUBLISHED_SQL = "SELECT count(*) FROM messaging_outbox WHERE published_at IS NULL"
+
+FIRST_NAMES = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken")
+LAST_NAMES = ("Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Allen", "Thompson")
+CITIES = ("Amsterdam", "Lisbon", "Tallinn", "Ljubljana", "Valencia", "Ghent", "Porto", "Bergen")
+
+log = logging.getLogger("bench")
+
+
+class MeasureError(RuntimeError):
+    """A figure could not be measured."""
+
+
+# -- data ------------------------------------------------------------------------------------
+def person(i: int) -> dict[str, Any]:
+    """A realistic person record, about 400 bytes of JSON."""
+    first, last = FIRST_NAMES[i % 8], LAST_NAMES[i // 8 % 8]
+    return {
+        "id": str(i),
+        "first_name": first,
+        "last_name": last,
+        "email": f"{first.lower()}.{last.lower()}{i}@example.org",
+        "phone": f"+31 20 {i % 1000:03d} {i % 10000:04d}",
+        "birth_date": f"19{50 + i % 50}-{1 + i % 12:02d}-{1 + i % 28:02d}",
+        "address": {
+            "street": f"{i % 300 + 1} Keizersgracht",
+            "postal_code": f"{1000 + i % 9000} AB",
+            "city": CITIES[i % 8],
+            "country": "NL",
+        },
+        "company": "Example Holdings B.V.",
+        "job_title": "Senior Software Engineer",
+        "tags": ["customer", "newsletter", f"segment-{i % 7}"],
+        "active": True,
+        "created_at": "2024-05-17T09:30:00+00:00",
+    }
+
+
+def make_envelopes(n: int) -> list[Envelope]:
+    """The N `person.created` events both phases publish, as Outbox.add would build them."""
+    return [
+        Envelope.new(
+            entity="person",
+            entity_id=str(i),
+            change="created",
+            entity_version=1,
+            data=person(i),
+            producer="bench",
+        )
+        for i in range(1, n + 1)
+    ]
+
+
+# -- servers ---------------------------------------------------------------------------------
+def _with_dbname(url: str, name: str) -> str:
+    """The same server URL pointing at another database."""
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{name}"
+
+
+@contextlib.contextmanager
+def fresh_database(name: str) -> Iterator[str]:
+    """Create an empty database, yield its URL, drop it (WITH FORCE) afterwards."""
+    with psycopg.connect(DATABASE_URL, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield _with_dbname(DATABASE_URL, name)
+    finally:
+        with psycopg.connect(DATABASE_URL, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@contextlib.contextmanager
+def fanout_to_quorum(name: str) -> Iterator[str]:
+    """Declare a durable fanout exchange bound to one quorum queue, both named `name`."""
+    with broker_channel() as channel:
+        channel.exchange_declare(exchange=name, exchange_type="fanout", durable=True)
+        channel.queue_declare(queue=name, durable=True, arguments={"x-queue-type": "quorum"})
+        channel.queue_bind(queue=name, exchange=name)
+    try:
+        yield name
+    finally:
+        with broker_channel() as channel:
+            channel.queue_delete(queue=name)
+            channel.exchange_delete(exchange=name)
+
+
+@contextlib.contextmanager
+def broker_channel() -> Iterator[Any]:
+    """A short-lived blocking channel for declarations and deletions."""
+    conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        yield conn.channel()
+    finally:
+        conn.close()
+
+
+# -- raw_pg_commit_s -------------------------------------------------------------------------
+def measure_pg_commits(db_url: str, seconds: float = PG_COMMIT_SECONDS) -> float:
+    """Single-row INSERTs, each committed on its own, on one connection."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE bench_commit (id bigserial PRIMARY KEY, payload text)")
+        done, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            conn.execute("INSERT INTO bench_commit (payload) VALUES (%s)", ("x" * 100,))
+            done += 1
+        conn.execute("DROP TABLE bench_commit")
+    return done / elapsed
+
+
+# -- raw_publish_confirmed_msg_s -------------------------------------------------------------
+class RawPublisher:
+    """Publishes pre-built messages on a SelectConnection with a window of pipelined confirms."""
+
+    def __init__(self, exchange: str, envelopes: list[Envelope], window: int = WINDOW) -> None:
+        self.exchange, self.window = exchange, window
+        self.messages = [(str(e.event_id), e.event_type, e.to_json()) for e in envelopes]
+        self.sent = self.confirmed = 0
+        self.pending: dict[int, None] = {}  # unconfirmed delivery tags, in publish order
+        self.problems: list[str] = []
+        self.started = self.finished = 0.0
+        self.conn: SelectConnection | None = None
+        self.channel: Any = None
+
+    def run(self, timeout: float = RAW_TIMEOUT) -> float:
+        """Publish everything and return messages per second, first publish to last confirm."""
+        self.conn = SelectConnection(
+            pika.URLParameters(AMQP_URL),
+            on_open_callback=lambda conn: conn.channel(on_open_callback=self._on_channel),
+            on_open_error_callback=lambda _c, exc: self._fail(f"connect failed: {exc}"),
+            on_close_callback=lambda _c, _reason: self.conn.ioloop.stop(),
+        )
+        self.conn.ioloop.call_later(timeout, lambda: self._fail(f"timed out after {timeout}s"))
+        self.conn.ioloop.start()
+        if self.confirmed < len(self.messages) and not self.problems:
+            self.problems.append(f"connection closed after {self.confirmed} confirms")
+        if self.problems:
+            raise MeasureError("; ".join(self.problems))
+        return len(self.messages) / (self.finished - self.started)
+
+    def _on_channel(self, channel: Any) -> None:
+        """Enable confirms, then start the clock and fill the window."""
+        self.channel = channel
+        channel.add_on_return_callback(lambda *_: self.problems.append("message returned"))
+        channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._start)
+
+    def _start(self, _frame: Any) -> None:
+        """Start the clock at the first publish."""
+        self.started = time.perf_counter()
+        self._top_up()
+
+    def _top_up(self) -> None:
+        """Publish until the window is full or every message is out."""
+        while self.sent < len(self.messages) and len(self.pending) < self.window:
+            event_id, event_type, body = self.messages[self.sent]
+            self.channel.basic_publish(
+                exchange=self.exchange,
+                routing_key="",
+                body=body,
+                properties=pika.BasicProperties(
+                    message_id=event_id,
+                    type=event_type,
+                    content_type="application/json",
+                    delivery_mode=pika.DeliveryMode.Persistent,
+                ),
+                mandatory=True,
+            )
+            self.sent += 1
+            self.pending[self.sent] = None
+
+    def _on_confirm(self, frame: Any) -> None:
+        """Count acks (a multiple ack covers every pending tag up to its own)."""
+        method = frame.method
+        if not isinstance(method, Basic.Ack):
+            self.problems.append(f"nack for delivery tag {method.delivery_tag}")
+        tags = [method.delivery_tag]
+        if method.multiple:
+            tags = list(itertools.takewhile(lambda t: t <= method.delivery_tag, self.pending))
+        for tag in tags:
+            if tag in self.pending:
+                del self.pending[tag]
+                self.confirmed += 1
+        if self.confirmed == len(self.messages):
+            self.finished = time.perf_counter()
+            self.conn.close()
+        else:
+            self._top_up()
+
+    def _fail(self, why: str) -> None:
+        """Record a problem and stop the I/O loop."""
+        self.problems.append(why)
+        if self.conn.is_open:
+            self.conn.close()
+        else:
+            self.conn.ioloop.stop()
+
+
+# -- relay_events_s --------------------------------------------------------------------------
+def prefill_outbox(db_url: str, envelopes: list[Envelope]) -> None:
+    """Install the outbox and COPY in the rows Outbox("bench").add would have written."""
+    with psycopg.connect(db_url) as conn:
+        install(conn)
+        with conn.cursor() as cur:
+            copy_sql = "COPY messaging_entity_versions (entity, entity_id, version) FROM STDIN"
+            with cur.copy(copy_sql) as copy:
+                for e in envelopes:
+                    copy.write_row((e.entity, e.entity_id, e.entity_version))
+            copy_sql = (
+                "COPY messaging_outbox (event_id, event_type, entity, entity_id, entity_version,"
+                " occurred_at, correlation_id, body) FROM STDIN"
+            )
+            with cur.copy(copy_sql) as copy:
+                for e in envelopes:
+                    copy.write_row(
+                        (
+                            e.event_id,
+                            e.event_type,
+                            e.entity,
+                            e.entity_id,
+                            e.entity_version,
+                            e.occurred_at,
+                            e.correlation_id,
+                            e.to_json().decode(),
+                        )
+                    )
+        conn.commit()
+        conn.execute("ANALYZE messaging_outbox")
+        conn.commit()
+
+
+def measure_relay(db_url: str, exchange: str, n: int) -> float:
+    """Start a relay on the pre-filled outbox; events per second until no row is unpublished."""
+    relay = Relay(
+        RelaySettings(
+            database_url=db_url,
+            amqp_url=AMQP_URL,
+            exchange=exchange,
+            producer="bench",
+            poll_interval=RELAY_POLL_INTERVAL,
+        )
+    )
+    with psycopg.connect(db_url, autocommit=True) as watch:
+        start = time.perf_counter()
+        with running(relay):
+            elapsed = wait_until_drained(relay, watch, start, n)
+    join_listener_threads()
+    return n / elapsed
+
+
+def wait_until_drained(relay: Relay, watch: psycopg.Connection, start: float, n: int) -> float:
+    """Seconds from start until the unpublished count is 0, checked every 10 ms.
+
+    count(*) is a sequential scan (~10 ms on 20k rows): issuing it every 10 ms would keep a
+    database core busy, so the relay's own mark counter gates it; the count then
+    confirms, and alone decides whenever the counter and the table disagree.
+    """
+    while True:
+        now = time.perf_counter()
+        if relay.stats.published >= n or now - start > RELAY_TIMEOUT:
+            left = watch.execute(UNPUBLISHED_SQL).fetchone()[0]
+            if left == 0:
+                return now - start
+            if now - start > RELAY_TIMEOUT:
+                raise MeasureError(f"relay published {n - left}/{n} rows in {RELAY_TIMEOUT}s")
+        time.sleep(DRAIN_CHECK_INTERVAL)
+
+
+def join_listener_threads(timeout: float = 2.0) -> None:
+    """Let stopped relays' LISTEN threads (they poll every 0.5 s) close before the DB is dropped."""
+    for thread in threading.enumerate():
+        if thread.name == "outbox-listener":
+            thread.join(timeout)
+
+
+# -- driver ----------------------------------------------------------------------------------
+def measure(name: str, step: Callable[[], float], figures: dict[str, float]) -> None:
+    """Run one measurement, print its figure, or log why it could not be measured."""
+    try:
+        figures[name] = step()
+    except Exception as exc:
+        log.error("%s: not measured (%s: %s)", name, type(exc).__name__, exc)
+        return
+    print(f"{name}: {figures[name]:.0f}", flush=True)
+
+
+def run(n: int) -> dict[str, float]:
+    """Measure every figure in one run, in a database, exchanges and queues named for this run."""
+    run_id = uuid.uuid4().hex[:10]
+    envelopes = make_envelopes(n)
+    figures: dict[str, float] = {}
+    with fresh_database(f"bench_{run_id}") as db_url:
+        measure("raw_pg_commit_s", lambda: measure_pg_commits(db_url), figures)
+        with fanout_to_quorum(f"bench-raw-{run_id}") as exchange:
+            measure(
+                "raw_publish_confirmed_msg_s",
+                lambda: RawPublisher(exchange, envelopes).run(),
+                figures,
+            )
+        prefill_outbox(db_url, envelopes)
+        with fanout_to_quorum(f"bench-relay-{run_id}") as exchange:
+            measure("relay_events_s", lambda: measure_relay(db_url, exchange, n), figures)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run the benchmark, print the ratio; 1 if anything went unmeasured."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=20000, help="events per phase")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    print(f"events: {args.events}", flush=True)
+    try:
+        figures = run(args.events)
+    except Exception as exc:
+        log.error("benchmark aborted: %s: %s", type(exc).__name__, exc)
+        return 1
+    relay, raw = figures.get("relay_events_s"), figures.get("raw_publish_confirmed_msg_s")
+    if relay is None or raw is None or "raw_pg_commit_s" not in figures:
+        return 1
+    print(f"relay_vs_raw_ratio: {relay / raw:.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
