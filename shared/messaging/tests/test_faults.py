@@ -16,21 +16,12 @@ import pika
 import psycopg
 import pytest
 from messaging import Consumer, ConsumerSettings, Envelope, Outbox, Relay, RelaySettings
-from messaging.outbox import install
 from messaging.relay import APP_NAME
 from messaging.testing import running, wait_until
 
 pytestmark = pytest.mark.integration
 
 HERE = Path(__file__).parent
-
-
-@pytest.fixture
-def producer_db(make_database) -> str:
-    url = make_database("producer")
-    with psycopg.connect(url) as conn:
-        install(conn)
-    return url
 
 
 @pytest.fixture

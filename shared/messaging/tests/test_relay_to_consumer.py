@@ -9,18 +9,9 @@ import pika
 import psycopg
 import pytest
 from messaging import Consumer, ConsumerSettings, Envelope, Outbox, Relay, RelaySettings
-from messaging.outbox import install
 from messaging.testing import running, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def producer_db(make_database) -> str:
-    url = make_database("producer")
-    with psycopg.connect(url) as conn:
-        install(conn)
-    return url
 
 
 class Recorder:
