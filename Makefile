@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install up test unit lint format bench clean
 
-$(STAMP): requirements.txt shared/messaging/pyproject.toml
+$(STAMP): requirements.txt shared/messaging/pyproject.toml services/*/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -r requirements.txt
-	$(VENV)/bin/pip install -q --no-deps -e shared/messaging
+	$(VENV)/bin/pip install -q --no-deps -e shared/messaging -e services/person
 	touch $(STAMP)
 
 install: $(STAMP)

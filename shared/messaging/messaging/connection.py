@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pika
 
@@ -53,3 +54,21 @@ class StopFlag:
     def wait(self, seconds: float) -> bool:
         """Wait up to `seconds`; return True if the flag was set meanwhile."""
         return self._event.wait(seconds)
+
+
+class BrokerProbe:
+    """Raises unless the broker accepted a connection within the last `ttl` seconds (/ready)."""
+
+    def __init__(self, url: str, ttl: float = 5.0) -> None:
+        self.url, self.ttl = url, ttl
+        self._ok_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            if time.monotonic() - self._ok_at < self.ttl:
+                return
+            params = amqp_parameters(self.url, "readiness-probe")
+            params.socket_timeout = params.blocked_connection_timeout = 2
+            pika.BlockingConnection(params).close()
+            self._ok_at = time.monotonic()

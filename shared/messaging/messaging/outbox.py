@@ -68,7 +68,8 @@ def next_version(cur: psycopg.Cursor, entity: str, entity_id: str) -> int:
     queue up: no duplicates, and a rollback gives the number back, so no gaps. The row is kept
     after a deletion, so a re-created entity continues past its tombstone's version.
     """
-    cur.execute(
+    # The caller's connection and transaction, but a plain cursor: theirs may return dicts.
+    row = cur.connection.execute(
         """
         INSERT INTO messaging_entity_versions (entity, entity_id, version) VALUES (%s, %s, 1)
         ON CONFLICT (entity, entity_id)
@@ -76,8 +77,7 @@ def next_version(cur: psycopg.Cursor, entity: str, entity_id: str) -> int:
         RETURNING version
         """,
         (entity, entity_id),
-    )
-    row = cur.fetchone()
+    ).fetchone()
     assert row is not None
     return int(row[0])
 

@@ -8,9 +8,9 @@ import signal
 from typing import Any
 
 
-def configure_logging() -> None:
+def configure_logging(level: str | None = None) -> None:
     logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO"),
+        level=level or os.environ.get("LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     logging.getLogger("pika").setLevel(logging.WARNING)

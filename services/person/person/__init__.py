@@ -1,0 +1,1 @@
+"""The person service: the only producer of entity-change events."""

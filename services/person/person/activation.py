@@ -1,0 +1,51 @@
+"""Signed, expiring activation tokens bound to a CPF and the e-mail address they were sent to.
+
+The notifier signs them with the same ACTIVATION_SECRET and salt; the format is the contract
+between the two services (tests/test_activation_contract.py checks it across both).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+
+from .errors import BadToken, ExpiredToken
+
+SALT = "person-activation"
+
+
+@dataclass(frozen=True)
+class Claim:
+    cpf: str
+    email: str
+    expired: bool = False
+
+
+class Tokens:
+    def __init__(self, secret: str, ttl_seconds: int) -> None:
+        self._serializer = URLSafeTimedSerializer(secret, salt=SALT)
+        self.ttl_seconds = ttl_seconds
+
+    def issue(self, cpf: str, email: str) -> str:
+        return self._serializer.dumps({"cpf": cpf, "email": email})
+
+    def read(self, token: str, cpf: str) -> Claim:
+        """Verify the signature and the CPF; an expired but genuine token is marked expired."""
+        try:
+            payload, expired = self._serializer.loads(token, max_age=self.ttl_seconds), False
+        except SignatureExpired as exc:
+            payload, expired = self._serializer.load_payload(exc.payload), True
+        except BadSignature:
+            raise BadToken("the activation link is not valid") from None
+        if not isinstance(payload, dict) or payload.get("cpf") != cpf:
+            raise BadToken("the activation link was issued for another person")
+        email = payload.get("email")
+        if not isinstance(email, str):
+            raise BadToken("the activation link is not valid")
+        return Claim(cpf, email, expired)
+
+    @staticmethod
+    def raise_if_expired(claim: Claim) -> None:
+        if claim.expired:
+            raise ExpiredToken("the activation link has expired: ask for a new e-mail")

@@ -1,0 +1,249 @@
+"""HTTP routes of the person service: parse, call the store once, shape the answer."""
+
+from __future__ import annotations
+
+import html
+import uuid
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, request
+from messaging.web import Invalid, OpenApi, correlation_id, json_object, path_parameter, problem
+from messaging.web import validate as validated
+
+from .activation import Tokens
+from .errors import BadToken, Conflict, ExpiredToken, NotFound, Unprocessable
+from .schemas import (
+    Accepted,
+    DebtIn,
+    ItemCreated,
+    ItemIn,
+    PersonCreated,
+    PersonIn,
+    PersonOut,
+    PersonPatch,
+    Problem,
+    normalise_cpf,
+)
+from .store import Store
+
+bp = Blueprint("person", __name__)
+KINDS = {"income": ItemIn, "asset": ItemIn, "debt": DebtIn}
+
+
+def store() -> Store:
+    return current_app.extensions["person.store"]
+
+
+def tokens() -> Tokens:
+    return current_app.extensions["person.tokens"]
+
+
+def path_cpf(cpf: str) -> str:
+    try:
+        return normalise_cpf(cpf)
+    except ValueError:
+        raise NotFound(f"no person with CPF {cpf}") from None
+
+
+def person_json(person: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "cpf": person["cpf"],
+        "name": person["name"],
+        "address": person["address"],
+        "date_of_birth": person["date_of_birth"].isoformat(),
+        "email": person["email"],
+        "status": person["status"],
+        "created_at": person["created_at"].isoformat(),
+        "updated_at": person["updated_at"].isoformat(),
+        "incomes": person["incomes"],
+        "assets": person["assets"],
+        "debts": person["debts"],
+    }
+
+
+@bp.post("/person")
+def create_person() -> Any:
+    fields = validated(PersonIn, json_object()).model_dump()
+    person = store().create_person(fields, correlation_id())
+    return {"message": "created", **person_json(person)}, 201
+
+
+@bp.get("/person/<cpf>")
+def get_person(cpf: str) -> Any:
+    return person_json(store().get_person(path_cpf(cpf)))
+
+
+@bp.patch("/person/<cpf>")
+def update_person(cpf: str) -> Any:
+    key = path_cpf(cpf)
+    body = json_object()
+    if "cpf" in body:
+        raise Invalid({"cpf": ["cannot be changed; delete the person and register again"]})
+    changes = validated(PersonPatch, body).model_dump(exclude_unset=True)
+    return person_json(store().update_person(key, changes, correlation_id()))
+
+
+@bp.delete("/person/<cpf>")
+def delete_person(cpf: str) -> Any:
+    store().delete_person(path_cpf(cpf), correlation_id())
+    return "", 204
+
+
+@bp.post("/person/<cpf>/<kind>")
+def add_item(cpf: str, kind: str) -> Any:
+    if kind not in KINDS:
+        raise NotFound(f"no such collection: {kind}")
+    key = path_cpf(cpf)
+    item = validated(KINDS[kind], json_object())
+    created = store().add_item(key, kind, item.type, item.value, correlation_id())
+    return {
+        "message": "created",
+        "id": str(created["id"]),
+        "cpf": key,
+        "kind": kind,
+        "type": created["type"],
+        "value": str(created["value"]),
+    }, 201
+
+
+@bp.delete("/person/<cpf>/<kind>/<item_id>")
+def delete_item(cpf: str, kind: str, item_id: str) -> Any:
+    if kind not in KINDS or not _is_uuid(item_id):
+        raise NotFound(f"no {kind} {item_id}")
+    store().delete_item(path_cpf(cpf), kind, item_id.lower(), correlation_id())
+    return "", 204
+
+
+@bp.get("/person/<cpf>/activate")
+def activate(cpf: str) -> Any:
+    key = path_cpf(cpf)
+    token = request.args.get("token", "")
+    if not token:
+        return _page(400, "Activation link incomplete", "The link has no token.")
+    claim = tokens().read(token, key)
+    person = store().get_person(key)
+    if person["status"] == "active" and (person["email"] or "").lower() == claim.email.lower():
+        return _page(200, "Account already active", "Your account was already active.")
+    Tokens.raise_if_expired(claim)
+    store().activate(key, claim.email, correlation_id())
+    return _page(200, "Account activated", f"Welcome, {person['name']}: your account is active.")
+
+
+@bp.post("/person/<cpf>/activation")
+def request_activation(cpf: str) -> Any:
+    store().request_activation(path_cpf(cpf), correlation_id())
+    return {"message": "a new activation e-mail is on its way"}, 202
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _page(status: int, title: str, text: str) -> Response:
+    body = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"</title></head><body><h1>{html.escape(title)}</h1><p>{html.escape(text)}</p>"
+        f"</body></html>"
+    )
+    return Response(body, status=status, content_type="text/html; charset=utf-8")
+
+
+def install_error_mapping(app: Flask) -> None:
+    """The one table from domain errors to HTTP answers."""
+
+    @app.errorhandler(NotFound)
+    def _not_found(exc: NotFound) -> Response:
+        return problem(404, str(exc))
+
+    @app.errorhandler(Conflict)
+    def _conflict(exc: Conflict) -> Response:
+        return problem(409, str(exc))
+
+    @app.errorhandler(Unprocessable)
+    def _unprocessable(exc: Unprocessable) -> Response:
+        return problem(422, "invalid fields", {exc.field: [exc.reason]})
+
+    @app.errorhandler(BadToken)
+    def _bad_token(exc: BadToken) -> Response:
+        return _page(400, "Activation link not valid", str(exc))
+
+    @app.errorhandler(ExpiredToken)
+    def _expired(exc: ExpiredToken) -> Response:
+        hint = f"{exc} (POST /person/<cpf>/activation sends one)."
+        return _page(410, "Activation link expired", hint)
+
+
+def describe(api: OpenApi) -> None:
+    """Document every route of this blueprint."""
+    cpf = path_parameter("cpf", "the person's CPF, digits (dots and dashes are ignored)")
+    kind = {
+        "name": "kind",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "enum": list(KINDS)},
+    }
+    item_id = path_parameter("item_id", "the item's id (a UUID)")
+    errors = {400: Problem, 413: Problem, 415: Problem, 422: Problem}
+    api.route(
+        "POST",
+        "/person",
+        "Register a person",
+        body=PersonIn,
+        responses={201: PersonCreated, 409: Problem, **errors},
+    )
+    api.route(
+        "GET",
+        "/person/{cpf}",
+        "A person with incomes, assets and debts",
+        parameters=[cpf],
+        responses={200: PersonOut, 404: Problem},
+    )
+    api.route(
+        "PATCH",
+        "/person/{cpf}",
+        "Change a person's fields",
+        body=PersonPatch,
+        parameters=[cpf],
+        responses={200: PersonOut, 404: Problem, **errors},
+    )
+    api.route(
+        "DELETE",
+        "/person/{cpf}",
+        "Delete a person and their items",
+        parameters=[cpf],
+        responses={204: None, 404: Problem},
+    )
+    api.route(
+        "POST",
+        "/person/{cpf}/{kind}",
+        "Add an income, asset or debt",
+        body=ItemIn,
+        parameters=[cpf, kind],
+        responses={201: ItemCreated, 404: Problem, **errors},
+    )
+    api.route(
+        "DELETE",
+        "/person/{cpf}/{kind}/{item_id}",
+        "Delete an income, asset or debt",
+        parameters=[cpf, kind, item_id],
+        responses={204: None, 404: Problem},
+    )
+    token = {"name": "token", "in": "query", "required": True, "schema": {"type": "string"}}
+    api.route(
+        "GET",
+        "/person/{cpf}/activate",
+        "Follow an activation link",
+        parameters=[cpf, token],
+        responses={200: "text/html", 400: "text/html", 404: Problem, 410: "text/html"},
+    )
+    api.route(
+        "POST",
+        "/person/{cpf}/activation",
+        "Send a new activation e-mail",
+        parameters=[cpf],
+        responses={202: Accepted, 404: Problem, 409: Problem, 422: Problem},
+    )

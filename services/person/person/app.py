@@ -1,0 +1,67 @@
+"""Composition root of the person API: create_app builds the pool, the store and the routes."""
+
+from __future__ import annotations
+
+from flask import Flask
+from messaging import web
+from messaging.connection import BrokerProbe
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from psycopg_pool import ConnectionPool
+
+from . import api
+from .activation import Tokens
+from .config import PersonConfig
+from .store import PgStore, Store
+
+
+def create_app(config: PersonConfig | None = None, store: Store | None = None) -> Flask:
+    """Build the app; tests pass their own config and store (memory.MemoryStore)."""
+    config = config or PersonConfig()
+    app = Flask("person")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    if store is None:
+        pool = ConnectionPool(
+            config.person_database_url,
+            min_size=1,
+            max_size=config.db_pool_size,
+            open=True,
+            name="person",
+        )
+        store = PgStore(pool)
+    app.extensions["person.store"] = store
+    app.extensions["person.tokens"] = Tokens(
+        config.activation_secret, config.activation_ttl_seconds
+    )
+
+    registry = CollectorRegistry()
+    registry.register(_OutboxCollector(store))
+    openapi = web.OpenApi("person")
+    api.describe(openapi)
+    web.install(
+        app,
+        service="person",
+        readiness={"database": store.ping, "broker": BrokerProbe(config.amqp_url)},
+        openapi=openapi.document(),
+        registry=registry,
+    )
+    api.install_error_mapping(app)
+    app.register_blueprint(api.bp)
+    return app
+
+
+class _OutboxCollector:
+    """Outbox backlog and the age of its oldest event, read from the database at scrape time."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def collect(self):
+        try:
+            backlog, oldest = self.store.outbox_backlog()
+        except Exception:
+            return
+        yield GaugeMetricFamily("outbox_backlog", "Events not yet published", value=backlog)
+        yield GaugeMetricFamily(
+            "outbox_oldest_age_seconds", "Age of the oldest unpublished event", value=oldest
+        )

@@ -1,0 +1,22 @@
+"""The person service's configuration, read once into a frozen object."""
+
+from __future__ import annotations
+
+from messaging.settings import ServiceSettings
+from pydantic import model_validator
+
+DEVELOPMENT_SECRET = "development-activation-secret"
+
+
+class PersonConfig(ServiceSettings):
+    person_database_url: str = "postgresql://postgres@127.0.0.1:5432/person"
+    activation_secret: str = DEVELOPMENT_SECRET
+    activation_ttl_seconds: int = 172_800
+    max_body_bytes: int = 64 * 1024
+    db_pool_size: int = 10
+
+    @model_validator(mode="after")
+    def _production_needs_a_secret(self) -> PersonConfig:
+        if self.production and self.activation_secret == DEVELOPMENT_SECRET:
+            raise ValueError("ACTIVATION_SECRET must be set when APP_ENV=production")
+        return self

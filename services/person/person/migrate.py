@@ -1,0 +1,26 @@
+"""Create the person database if needed and apply its migrations: python -m person.migrate."""
+
+from __future__ import annotations
+
+import psycopg
+from messaging import migrate, outbox
+
+from .config import PersonConfig
+
+
+def migrate_database(url: str) -> list[str]:
+    migrate.ensure_database(url)
+    with psycopg.connect(url) as conn:
+        return migrate.apply(conn, "person", {"000_outbox": outbox.install})
+
+
+def main() -> int:
+    applied = migrate_database(PersonConfig().person_database_url)
+    print(
+        f"person: {len(applied)} migration(s) applied{': ' + ', '.join(applied) if applied else ''}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""Request validation and response shapes (pydantic); the OpenAPI document is built from them."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+)
+
+ITEM_KINDS = ("income", "asset", "debt")
+_CPF_NOISE = re.compile(r"[.\-\s]")
+_CPF = re.compile(r"^[0-9]{1,14}$")
+
+
+def normalise_cpf(value: Any) -> str:
+    """Turn 11111, "11111" or "111.111.111-11" into digits; ValueError for anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("must be a number or a string of digits")
+    text = _CPF_NOISE.sub("", str(value))
+    if not _CPF.fullmatch(text):
+        raise ValueError("must contain 1 to 14 digits (dots, dashes and spaces are ignored)")
+    return text
+
+
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    if isinstance(value, float):
+        raise ValueError("must be an exact decimal")  # floats never reach here from JSON
+    return value
+
+
+def _past_date(value: Any) -> Any:
+    """Accept an ISO date, or an ISO date-time (its own calendar date is kept)."""
+    if isinstance(value, str) and "T" in value:
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).date()
+        except ValueError:
+            raise ValueError("must be an ISO 8601 date or date-time") from None
+    return value
+
+
+def _not_in_future(value: date) -> date:
+    if value > datetime.now(UTC).date():
+        raise ValueError("must not be in the future")
+    if value.year < 1900:
+        raise ValueError("must be after 1900")
+    return value
+
+
+Cpf = Annotated[str, BeforeValidator(normalise_cpf)]
+Money = Annotated[
+    Decimal,
+    BeforeValidator(_no_bool),
+    Field(ge=0, max_digits=17, decimal_places=2, allow_inf_nan=False),
+]
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Address = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+ItemType = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=50)]
+BirthDate = Annotated[date, BeforeValidator(_past_date), AfterValidator(_not_in_future)]
+Email = Annotated[EmailStr, Field(max_length=254)]
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strict=True)
+
+
+class PersonIn(_Input):
+    cpf: Cpf
+    name: Text
+    address: Address
+    date_of_birth: BirthDate
+    email: Email | None = None
+
+
+class PersonPatch(_Input):
+    """Only the fields sent change; null is refused except for email (which removes it)."""
+
+    name: Text = None  # type: ignore[assignment]  # a default is not validated; null is
+    address: Address = None  # type: ignore[assignment]
+    date_of_birth: BirthDate = None  # type: ignore[assignment]
+    email: Email | None = None
+
+
+class ItemIn(_Input):
+    type: ItemType
+    value: Money
+
+
+class DebtIn(_Input):
+    type: ItemType | None = None
+    value: Money
+
+
+# -- responses (documentation of what the API returns) ----------------------------------------
+class ItemOut(BaseModel):
+    id: str
+    type: str | None
+    value: str = Field(description="decimal money as a string, e.g. '1000.00'")
+
+
+class PersonOut(BaseModel):
+    cpf: str
+    name: str
+    address: str
+    date_of_birth: date
+    email: str | None
+    status: Literal["pending", "active"]
+    created_at: datetime
+    updated_at: datetime
+    incomes: list[ItemOut]
+    assets: list[ItemOut]
+    debts: list[ItemOut]
+
+
+class PersonCreated(PersonOut):
+    message: Literal["created"]
+
+
+class ItemCreated(ItemOut):
+    message: Literal["created"]
+    cpf: str
+    kind: Literal["income", "asset", "debt"]
+
+
+class Problem(BaseModel):
+    message: str
+    errors: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class Accepted(BaseModel):
+    message: str

@@ -1,0 +1,221 @@
+"""All SQL of the person service: each write commits its row change and its outbox event."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any, Protocol
+
+import psycopg
+from messaging import Outbox
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from .errors import BadToken, Conflict, NotFound, Unprocessable
+from .events import PRODUCER, item_state, person_state
+
+PERSON_COLUMNS = "cpf, name, address, date_of_birth, email, status, created_at, updated_at"
+EDITABLE = ("name", "address", "date_of_birth", "email")
+
+
+class Store(Protocol):
+    """What the API needs from storage; PgStore and memory.MemoryStore both provide it."""
+
+    def create_person(self, fields: dict[str, Any], correlation_id: str | None) -> dict: ...
+    def get_person(self, cpf: str) -> dict: ...
+    def update_person(
+        self, cpf: str, changes: dict[str, Any], correlation_id: str | None
+    ) -> dict: ...
+    def delete_person(self, cpf: str, correlation_id: str | None) -> None: ...
+    def add_item(
+        self, cpf: str, kind: str, type_: str | None, value: Decimal, correlation_id: str | None
+    ) -> dict: ...
+    def delete_item(
+        self, cpf: str, kind: str, item_id: str, correlation_id: str | None
+    ) -> None: ...
+    def activate(self, cpf: str, email: str, correlation_id: str | None) -> bool: ...
+    def request_activation(self, cpf: str, correlation_id: str | None) -> dict: ...
+    def ping(self) -> None: ...
+    def outbox_backlog(self) -> tuple[int, float]: ...
+
+
+class PgStore:
+    """The person store on PostgreSQL, through a connection pool."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+        self.outbox = Outbox(PRODUCER)
+
+    # -- reads ---------------------------------------------------------------------------------
+    def get_person(self, cpf: str) -> dict:
+        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            person = _fetch_person(cur, cpf)
+            cur.execute(
+                "SELECT id, kind, type, value FROM item WHERE cpf = %s ORDER BY created_at, id",
+                (cpf,),
+            )
+            return _with_items(person, cur.fetchall())
+
+    def ping(self) -> None:
+        with self.pool.connection() as conn:
+            conn.execute("SELECT 1")
+
+    def outbox_backlog(self) -> tuple[int, float]:
+        """Unpublished events and the age in seconds of the oldest one."""
+        with self.pool.connection() as conn:
+            row = conn.execute(
+                "SELECT count(*), coalesce(extract(epoch FROM now() - min(occurred_at)), 0) "
+                "FROM messaging_outbox WHERE published_at IS NULL"
+            ).fetchone()
+        return int(row[0]), float(row[1])
+
+    # -- writes --------------------------------------------------------------------------------
+    def create_person(self, fields: dict[str, Any], correlation_id: str | None) -> dict:
+        with self._tx() as cur:
+            try:
+                cur.execute(
+                    f"INSERT INTO person (cpf, name, address, date_of_birth, email) "
+                    f"VALUES (%(cpf)s, %(name)s, %(address)s, %(date_of_birth)s, %(email)s) "
+                    f"RETURNING {PERSON_COLUMNS}",
+                    fields,
+                )
+            except psycopg.errors.UniqueViolation:
+                raise Conflict(f"a person with CPF {fields['cpf']} already exists") from None
+            person = cur.fetchone()
+            self._event(
+                cur, "person", person["cpf"], "created", person_state(person), correlation_id
+            )
+        return _with_items(person, [])
+
+    def update_person(self, cpf: str, changes: dict[str, Any], correlation_id: str | None) -> dict:
+        with self._tx() as cur:
+            current = _fetch_person(cur, cpf, lock=True)
+            changed = {k: v for k, v in changes.items() if k in EDITABLE and current[k] != v}
+            if changed:
+                sets = ", ".join(f"{column} = %({column})s" for column in changed)
+                cur.execute(
+                    f"UPDATE person SET {sets}, updated_at = now() WHERE cpf = %(cpf)s "
+                    f"RETURNING {PERSON_COLUMNS}",
+                    {**changed, "cpf": cpf},
+                )
+                current = cur.fetchone()
+                self._event(cur, "person", cpf, "updated", person_state(current), correlation_id)
+        return self.get_person(cpf)
+
+    def delete_person(self, cpf: str, correlation_id: str | None) -> None:
+        with self._tx() as cur:
+            _fetch_person(cur, cpf, lock=True)
+            cur.execute("DELETE FROM item WHERE cpf = %s RETURNING id, kind", (cpf,))
+            for item in cur.fetchall():
+                self._event(cur, item["kind"], str(item["id"]), "deleted", None, correlation_id)
+            cur.execute("DELETE FROM person WHERE cpf = %s", (cpf,))
+            self._event(cur, "person", cpf, "deleted", None, correlation_id)
+
+    def add_item(
+        self, cpf: str, kind: str, type_: str | None, value: Decimal, correlation_id: str | None
+    ) -> dict:
+        with self._tx() as cur:
+            # FOR KEY SHARE: concurrent item writes to one person go in parallel; a deletion
+            # of the person waits for them (and they for it).
+            _fetch_person(cur, cpf, lock="KEY SHARE")
+            cur.execute(
+                "INSERT INTO item (id, cpf, kind, type, value) VALUES (%s, %s, %s, %s, %s) "
+                "RETURNING id, cpf, kind, type, value",
+                (uuid.uuid4(), cpf, kind, type_, value),
+            )
+            item = cur.fetchone()
+            self._event(cur, kind, str(item["id"]), "created", item_state(item), correlation_id)
+        return item
+
+    def delete_item(self, cpf: str, kind: str, item_id: str, correlation_id: str | None) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                "DELETE FROM item WHERE id = %s AND cpf = %s AND kind = %s RETURNING id",
+                (item_id, cpf, kind),
+            )
+            if cur.fetchone() is None:
+                raise NotFound(f"no {kind} {item_id} for CPF {cpf}")
+            self._event(cur, kind, item_id, "deleted", None, correlation_id)
+
+    def activate(self, cpf: str, email: str, correlation_id: str | None) -> bool:
+        """Set the person active; False if already active. The token's e-mail must be current."""
+        with self._tx() as cur:
+            person = _fetch_person(cur, cpf, lock=True)
+            if person["email"] is None or person["email"].lower() != email.lower():
+                raise BadToken("the link was issued for another e-mail address")
+            if person["status"] == "active":
+                return False
+            cur.execute(
+                f"UPDATE person SET status = 'active', updated_at = now() WHERE cpf = %s "
+                f"RETURNING {PERSON_COLUMNS}",
+                (cpf,),
+            )
+            self._event(cur, "person", cpf, "updated", person_state(cur.fetchone()), correlation_id)
+            return True
+
+    def request_activation(self, cpf: str, correlation_id: str | None) -> dict:
+        with self._tx() as cur:
+            person = _fetch_person(cur, cpf, lock=True)
+            _check_can_activate(person)
+            self._event(
+                cur, "person", cpf, "activation_requested", person_state(person), correlation_id
+            )
+            return person
+
+    # -- helpers -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[psycopg.Cursor]:
+        """One transaction on a pooled connection: commit on success, roll back on error."""
+        with (
+            self.pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            yield cur
+
+    def _event(
+        self,
+        cur: psycopg.Cursor,
+        entity: str,
+        entity_id: str,
+        change: str,
+        data: dict | None,
+        correlation_id: str | None,
+    ) -> None:
+        self.outbox.add(
+            cur,
+            entity=entity,
+            entity_id=entity_id,
+            change=change,
+            data=data,
+            correlation_id=correlation_id,
+        )
+
+
+def _fetch_person(cur: psycopg.Cursor, cpf: str, lock: bool | str = False) -> dict:
+    clause = {False: "", True: " FOR UPDATE", "KEY SHARE": " FOR KEY SHARE"}[lock]
+    cur.execute(f"SELECT {PERSON_COLUMNS} FROM person WHERE cpf = %s{clause}", (cpf,))
+    person = cur.fetchone()
+    if person is None:
+        raise NotFound(f"no person with CPF {cpf}")
+    return person
+
+
+def _check_can_activate(person: dict) -> None:
+    if person["email"] is None:
+        raise Unprocessable("email", "the person has no e-mail address to send a link to")
+    if person["status"] == "active":
+        raise Conflict("the account is already active")
+
+
+def _with_items(person: dict, items: list[dict]) -> dict:
+    out = dict(person)
+    for kind in ("income", "asset", "debt"):
+        out[f"{kind}s"] = [
+            {"id": str(i["id"]), "type": i["type"], "value": str(i["value"])}
+            for i in items
+            if i["kind"] == kind
+        ]
+    return out

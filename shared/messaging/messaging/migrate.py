@@ -1,0 +1,73 @@
+"""Versioned SQL migrations, applied once each and in order, safe to run concurrently."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from importlib import resources
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+log = logging.getLogger("messaging.migrate")
+
+_LOCK = 0x6D736701  # advisory lock id: one migrator at a time per database
+
+
+def ensure_database(url: str) -> None:
+    """Create the database named in `url` if it does not exist yet."""
+    params = conninfo_to_dict(url)
+    name = params.get("dbname")
+    if not name:
+        raise ValueError("the database URL names no database")
+    admin = make_conninfo(url, dbname="postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            try:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                log.info("created database %s", name)
+            except psycopg.errors.DuplicateDatabase:
+                pass  # another process created it meanwhile
+
+
+def apply(
+    conn: psycopg.Connection,
+    package: str,
+    extra_steps: dict[str, Callable[[psycopg.Connection], None]] | None = None,
+) -> list[str]:
+    """Apply the package's `migrations/NNN_name.sql` files not applied yet; return their names.
+
+    `extra_steps` maps a version name to a Python step (for DDL owned by a library, such as the
+    outbox), applied in the same order as the files.
+    """
+    steps: dict[str, Callable[[psycopg.Connection], None]] = dict(extra_steps or {})
+    folder = resources.files(package).joinpath("migrations")
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            steps[entry.name.removesuffix(".sql")] = _sql_step(entry.read_text())
+    applied: list[str] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        for version in sorted(steps):
+            if version in done:
+                continue
+            steps[version](conn)
+            conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+            applied.append(version)
+    for version in applied:
+        log.info("applied migration %s", version)
+    return applied
+
+
+def _sql_step(text: str) -> Callable[[psycopg.Connection], None]:
+    def run(conn: psycopg.Connection) -> None:
+        conn.execute(text)
+
+    return run

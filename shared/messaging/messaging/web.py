@@ -1,0 +1,257 @@
+"""HTTP conventions every service of the stack shares (Flask).
+
+One error shape `{"message", "errors"}`, strict JSON bodies (415, 400, 413), decimals never
+parsed as floats, a correlation id per request, /health, /ready, /metrics and /openapi.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+from flask import Blueprint, Flask, Response, g, jsonify, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("messaging.web")
+
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+class Invalid(Exception):
+    """A request whose fields do not validate: 422 with the reasons per field."""
+
+    def __init__(self, errors: dict[str, list[str]], message: str = "invalid fields") -> None:
+        super().__init__(message)
+        self.message, self.errors = message, errors
+
+
+def problem(status: int, message: str, errors: dict[str, list[str]] | None = None) -> Response:
+    response = jsonify({"message": message, "errors": errors or {}})
+    response.status_code = status
+    return response
+
+
+def json_body() -> Any:
+    """The request's JSON body, with decimals kept exact; 415, 400 or 413 when it is not."""
+    mimetype = request.mimetype or ""
+    if mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise _Status(415, "the body must be JSON (Content-Type: application/json)")
+    raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
+    if not raw.strip():
+        raise _Status(400, "the body is empty; a JSON object was expected")
+    try:
+        return json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _Status(400, f"the body is not valid JSON: {exc}") from None
+
+
+def json_object() -> dict[str, Any]:
+    body = json_body()
+    if not isinstance(body, dict):
+        raise _Status(400, "the body must be a JSON object")
+    return body
+
+
+def validate(model: type[BaseModel], body: dict[str, Any]) -> BaseModel:
+    """Validate a body against a pydantic model; Invalid (422) with reasons per field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise Invalid(field_errors(exc)) from None
+
+
+def field_errors(exc: ValidationError) -> dict[str, list[str]]:
+    errors: dict[str, list[str]] = {}
+    for err in exc.errors(include_url=False, include_input=False):
+        field = ".".join(str(part) for part in err["loc"]) or "body"
+        reason = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            reason = "unknown field"
+        errors.setdefault(field, []).append(reason)
+    return errors
+
+
+def correlation_id() -> str:
+    return g.get("correlation_id") or "-"
+
+
+class _Status(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def install(
+    app: Flask,
+    *,
+    service: str,
+    readiness: dict[str, Callable[[], None]],
+    openapi: dict[str, Any],
+    registry: CollectorRegistry,
+) -> None:
+    """Add the shared error handling, correlation ids, request metrics and standard routes."""
+    app.json.sort_keys = False
+    duration = Histogram(
+        "http_request_duration_seconds",
+        "HTTP request duration",
+        ["method", "route", "status"],
+        registry=registry,
+    )
+    responses = Counter("http_responses", "HTTP responses", ["route", "status"], registry=registry)
+
+    @app.before_request
+    def _start() -> None:
+        g.started = time.perf_counter()
+        incoming = request.headers.get(REQUEST_ID_HEADER, "")
+        g.correlation_id = (
+            incoming[:200] if incoming.isprintable() and incoming else str(uuid.uuid4())
+        )
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        status = str(response.status_code)
+        if "started" in g:
+            duration.labels(request.method, route, status).observe(time.perf_counter() - g.started)
+        responses.labels(route, status).inc()
+        response.headers[REQUEST_ID_HEADER] = correlation_id()
+        return response
+
+    @app.errorhandler(Invalid)
+    def _invalid(exc: Invalid) -> Response:
+        return problem(422, exc.message, exc.errors)
+
+    @app.errorhandler(_Status)
+    def _status(exc: _Status) -> Response:
+        return problem(exc.status, exc.message)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        messages = {413: "the body is too large", 404: "not found"}
+        return problem(exc.code or 500, messages.get(exc.code, exc.description or exc.name))
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception(
+            "unhandled error on %s %s [%s]", request.method, request.path, correlation_id()
+        )
+        return problem(500, "internal error; the request id is in the X-Request-Id header")
+
+    standard = Blueprint("standard", __name__)
+
+    @standard.get("/health")
+    def health() -> Response:
+        return jsonify({"status": "ok", "service": service})
+
+    @standard.get("/ready")
+    def ready() -> Response:
+        checks, ok = {}, True
+        for name, check in readiness.items():
+            try:
+                check()
+                checks[name] = "ok"
+            except Exception as exc:
+                ok = False
+                checks[name] = f"failing: {type(exc).__name__}"
+        response = jsonify({"status": "ready" if ok else "not ready", "checks": checks})
+        response.status_code = 200 if ok else 503
+        return response
+
+    @standard.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+
+    @standard.get("/openapi.json")
+    def openapi_document() -> Response:
+        return jsonify(openapi)
+
+    app.register_blueprint(standard)
+
+
+class OpenApi:
+    """Builds an OpenAPI 3.1 document whose schemas come from the pydantic models."""
+
+    def __init__(self, title: str, version: str = "1.0.0") -> None:
+        self.title, self.version = title, version
+        self.paths: dict[str, dict[str, Any]] = {}
+        self.models: set[type[BaseModel]] = set()
+
+    def route(
+        self,
+        method: str,
+        path: str,
+        summary: str,
+        *,
+        body: type[BaseModel] | None = None,
+        responses: dict[int, type[BaseModel] | str | None],
+        parameters: list[dict[str, Any]] | None = None,
+    ) -> None:
+        operation: dict[str, Any] = {"summary": summary, "responses": {}}
+        if parameters:
+            operation["parameters"] = parameters
+        if body is not None:
+            self.models.add(body)
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(body)}},
+            }
+        for status, model in responses.items():
+            if isinstance(model, type) and issubclass(model, BaseModel):
+                self.models.add(model)
+                content = {"application/json": {"schema": _ref(model)}}
+                operation["responses"][str(status)] = {
+                    "description": model.__name__,
+                    "content": content,
+                }
+            elif isinstance(model, str):
+                operation["responses"][str(status)] = {
+                    "description": model,
+                    "content": {model: {"schema": {"type": "string"}}},
+                }
+            else:
+                operation["responses"][str(status)] = {"description": "no content"}
+        self.paths.setdefault(path, {})[method.lower()] = operation
+
+    def document(self) -> dict[str, Any]:
+        _, schemas = models_json_schema(
+            [(m, "validation") for m in sorted(self.models, key=lambda m: m.__name__)],
+            ref_template="#/components/schemas/{model}",
+        )
+        return {
+            "openapi": "3.1.0",
+            "info": {"title": self.title, "version": self.version},
+            "paths": self.paths,
+            "components": {"schemas": schemas.get("$defs", {})},
+        }
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def path_parameter(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string"},
+    }
