@@ -1,0 +1,1 @@
+"""The score service: a disposable Redis read model rebuilt from the person service's events."""

@@ -1,0 +1,42 @@
+"""Composition root of the score API."""
+
+from __future__ import annotations
+
+import redis
+from flask import Flask
+from messaging import web
+from messaging.connection import BrokerProbe
+from prometheus_client import CollectorRegistry
+
+from . import api
+from .config import ScoreConfig
+from .consumer import HEARTBEAT_KEY
+from .store import ScoreStore
+
+
+def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = None) -> Flask:
+    config = config or ScoreConfig()
+    app = Flask("score")
+    if store is None:
+        store = ScoreStore(redis.Redis.from_url(config.score_redis_url), config.score_key_prefix)
+    app.extensions["score.store"] = store
+
+    def consumer_attached() -> None:
+        if not store.client.exists(f"{store.prefix}{HEARTBEAT_KEY}"):
+            raise RuntimeError("the score consumer is not attached")
+
+    openapi = web.OpenApi("score")
+    api.describe(openapi)
+    web.install(
+        app,
+        service="score",
+        readiness={
+            "redis": store.ping,
+            "broker": BrokerProbe(config.amqp_url),
+            "consumer": consumer_attached,
+        },
+        openapi=openapi.document(),
+        registry=CollectorRegistry(),
+    )
+    app.register_blueprint(api.bp)
+    return app

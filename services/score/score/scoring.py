@@ -1,0 +1,20 @@
+"""The credit score formula: pure, on decimals, never floats."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from decimal import Decimal
+
+# Points per item: floor(value / divisor), negative for debts.
+DIVISORS = {"asset": (Decimal(20), 1), "income": (Decimal(50), 1), "debt": (Decimal(20), -1)}
+
+
+def points(kind: str, value: Decimal) -> int:
+    """Points one item contributes: ⌊asset/20⌋, ⌊income/50⌋ or -⌊debt/20⌋."""
+    divisor, sign = DIVISORS[kind]
+    return sign * int(value // divisor)  # values are never negative, so // is the floor
+
+
+def score(items: Iterable[tuple[str, Decimal]]) -> int:
+    """Σ⌊asset/20⌋ + Σ⌊income/50⌋ - Σ⌊debt/20⌋ over one person's items."""
+    return sum(points(kind, value) for kind, value in items)

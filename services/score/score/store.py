@@ -1,0 +1,185 @@
+"""All Redis access of the score service: version-gated Lua scripts and the score read.
+
+Key layout (prefix `SCORE_KEY_PREFIX`, default `score:`):
+
+- `score:person:<cpf>`        hash: `version` (person entity_version), `deleted` (0/1),
+                              `rev` (bumped by every applied change of the person or its items)
+- `score:item:<id>`           hash: `version`, `deleted`, `cpf`, `kind`, `value` (decimal string)
+- `score:person-items:<cpf>`  set of the ids of the person's live items
+
+Each change is one script that compares `entity_version` with the stored one and applies only a
+newer one, atomically, so duplicates, reordering and replays converge. Deletions leave tombstones
+(the hash with `deleted` 1 and its version), so a late event cannot bring an entity back. The
+scripts derive some keys from the prefix: this layout is for a standalone Redis, not a cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import redis
+
+from .scoring import score
+
+_APPLY_PERSON = """
+local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+local version = tonumber(ARGV[1])
+if stored >= version then return 0 end
+redis.call('HSET', KEYS[1], 'version', version, 'deleted', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'rev', 1)
+if ARGV[2] == '1' then
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    redis.call('HSET', ARGV[3] .. id, 'deleted', '1')
+  end
+  redis.call('DEL', KEYS[2])
+end
+return 1
+"""
+
+# KEYS[1] item hash. ARGV: version, deleted, item id, cpf ('' on a deletion), kind, value,
+# key prefix.
+_APPLY_ITEM = """
+local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+local version = tonumber(ARGV[1])
+if stored >= version then return 0 end
+local prefix = ARGV[7]
+local cpf = ARGV[4]
+if cpf == '' then cpf = redis.call('HGET', KEYS[1], 'cpf') or '' end
+if ARGV[2] == '1' then
+  redis.call('HSET', KEYS[1], 'version', version, 'deleted', '1')
+  if cpf ~= '' then redis.call('SREM', prefix .. 'person-items:' .. cpf, ARGV[3]) end
+else
+  redis.call('HSET', KEYS[1], 'version', version, 'deleted', '0', 'cpf', cpf,
+             'kind', ARGV[5], 'value', ARGV[6])
+  redis.call('SADD', prefix .. 'person-items:' .. cpf, ARGV[3])
+end
+if cpf ~= '' then redis.call('HINCRBY', prefix .. 'person:' .. cpf, 'rev', 1) end
+return 1
+"""
+
+# KEYS[1] person hash, KEYS[2] item set. ARGV: key prefix. One round trip for the whole read.
+_READ = """
+local person = redis.call('HMGET', KEYS[1], 'version', 'deleted', 'rev')
+local out = {person[1] or '', person[2] or '', person[3] or '0'}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local item = redis.call('HMGET', ARGV[1] .. 'item:' .. id, 'kind', 'value', 'deleted')
+  if item[3] == '0' then
+    table.insert(out, item[1])
+    table.insert(out, item[2])
+  end
+end
+return out
+"""
+
+
+@dataclass(frozen=True)
+class PersonChange:
+    cpf: str
+    version: int
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class ItemChange:
+    item_id: str
+    version: int
+    deleted: bool
+    cpf: str | None = None
+    kind: str | None = None
+    value: Decimal | None = None
+
+
+Change = PersonChange | ItemChange
+
+
+@dataclass(frozen=True)
+class PersonScore:
+    cpf: str
+    score: int
+    incomes: Decimal
+    assets: Decimal
+    debts: Decimal
+    version: int
+
+
+class ScoreStore:
+    """The score read model in Redis."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "score:") -> None:
+        self.client, self.prefix = client, prefix
+        self._person = client.register_script(_APPLY_PERSON)
+        self._item = client.register_script(_APPLY_ITEM)
+        self._read = client.register_script(_READ)
+
+    def apply(self, changes: Sequence[Change]) -> list[bool]:
+        """Apply changes in order, in one round trip; True for each that was newer."""
+        pipe = self.client.pipeline(transaction=False)
+        for change in changes:
+            self._call(change, pipe)
+        return [bool(r) for r in pipe.execute()]
+
+    def _call(self, change: Change, pipe: Any) -> None:
+        p = self.prefix
+        if isinstance(change, PersonChange):
+            self._person(
+                keys=[f"{p}person:{change.cpf}", f"{p}person-items:{change.cpf}"],
+                args=[change.version, int(change.deleted), f"{p}item:"],
+                client=pipe,
+            )
+        else:
+            self._item(
+                keys=[f"{p}item:{change.item_id}"],
+                args=[
+                    change.version,
+                    int(change.deleted),
+                    change.item_id,
+                    change.cpf or "",
+                    change.kind or "",
+                    str(change.value or ""),
+                    p,
+                ],
+                client=pipe,
+            )
+
+    def read(self, cpf: str) -> PersonScore | None:
+        """The person's score, or None if the person is unknown or deleted."""
+        p = self.prefix
+        raw = [
+            v.decode() if isinstance(v, bytes) else v
+            for v in self._read(keys=[f"{p}person:{cpf}", f"{p}person-items:{cpf}"], args=[p])
+        ]
+        version, deleted, rev = raw[0], raw[1], raw[2]
+        if not version or deleted == "1":
+            return None
+        items = [(raw[i], Decimal(raw[i + 1])) for i in range(3, len(raw), 2)]
+        totals = {
+            kind: sum((v for k, v in items if k == kind), Decimal("0.00"))
+            for kind in ("income", "asset", "debt")
+        }
+        return PersonScore(
+            cpf, score(items), totals["income"], totals["asset"], totals["debt"], int(rev)
+        )
+
+    def ping(self) -> None:
+        self.client.ping()
+
+    def wipe(self) -> int:
+        """Delete every key of this read model (before a rebuild); return how many."""
+        deleted = 0
+        for batch in _chunks(self.client.scan_iter(match=f"{self.prefix}*", count=1000), 1000):
+            deleted += self.client.unlink(*batch)
+        return deleted
+
+
+def _chunks(items: Any, size: int) -> Any:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
