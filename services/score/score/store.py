@@ -24,18 +24,15 @@ import redis
 
 from .scoring import score
 
+# KEYS[1] person hash. ARGV: version, deleted. A deletion does not cascade to the items: the
+# producer emits each item's own deletion first, and under reordering a cascade could remove an
+# item that belongs to the person's next life (deleted, then registered again).
 _APPLY_PERSON = """
 local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local version = tonumber(ARGV[1])
 if stored >= version then return 0 end
 redis.call('HSET', KEYS[1], 'version', version, 'deleted', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'rev', 1)
-if ARGV[2] == '1' then
-  for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-    redis.call('HSET', ARGV[3] .. id, 'deleted', '1')
-  end
-  redis.call('DEL', KEYS[2])
-end
 return 1
 """
 
@@ -125,8 +122,8 @@ class ScoreStore:
         p = self.prefix
         if isinstance(change, PersonChange):
             self._person(
-                keys=[f"{p}person:{change.cpf}", f"{p}person-items:{change.cpf}"],
-                args=[change.version, int(change.deleted), f"{p}item:"],
+                keys=[f"{p}person:{change.cpf}"],
+                args=[change.version, int(change.deleted)],
                 client=pipe,
             )
         else:

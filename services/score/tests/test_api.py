@@ -1,0 +1,64 @@
+"""The score API over a real Redis read model."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from score.app import create_app
+from score.config import ScoreConfig
+from score.store import ItemChange, PersonChange
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def client(score_store, servers):
+    config = ScoreConfig(amqp_url=servers.amqp)
+    return create_app(config, store=score_store).test_client()
+
+
+def test_score_of_the_seed_person(client, score_store):
+    score_store.apply(
+        [
+            PersonChange("11111", 1, False),
+            ItemChange("i", 1, False, "11111", "income", Decimal("1000.00")),
+            ItemChange("a", 1, False, "11111", "asset", Decimal("100000.00")),
+            ItemChange("d", 1, False, "11111", "debt", Decimal("1000.00")),
+        ]
+    )
+    response = client.get("/11111/score")
+    assert response.status_code == 200
+    assert response.json == {
+        "cpf": "11111",
+        "score": 4970,
+        "incomes": "1000.00",
+        "assets": "100000.00",
+        "debts": "1000.00",
+        "version": 4,
+    }
+
+
+def test_unknown_person_is_404_with_the_error_shape(client):
+    response = client.get("/424242/score")
+    assert response.status_code == 404
+    assert set(response.json) == {"message", "errors"}
+
+
+def test_deleted_person_is_404(client, score_store):
+    score_store.apply([PersonChange("5", 1, False), PersonChange("5", 2, True)])
+    assert client.get("/5/score").status_code == 404
+
+
+def test_ready_fails_until_the_consumer_is_attached(client, score_store):
+    response = client.get("/ready")
+    assert response.status_code == 503
+    assert response.json["checks"]["consumer"].startswith("failing")
+    score_store.client.set(f"{score_store.prefix}consumer-attached", "1", ex=10)
+    assert client.get("/ready").status_code == 200
+
+
+def test_standard_routes(client):
+    assert client.get("/health").json["status"] == "ok"
+    assert "/{cpf}/score" in client.get("/openapi.json").json["paths"]
+    assert b"http_request_duration_seconds" in client.get("/metrics").data

@@ -1,0 +1,72 @@
+"""Integration: the score consumer over the real RabbitMQ into the real Redis."""
+
+from __future__ import annotations
+
+import random
+
+import pika
+import pytest
+from messaging import Consumer, ConsumerSettings
+from messaging.testing import running, wait_until
+from score.consumer import Applier
+
+pytestmark = pytest.mark.integration
+
+
+def publish_all(broker, topology, events) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
+    try:
+        channel = conn.channel()
+        topology.declare(channel)
+        channel.confirm_delivery()
+        for envelope in events:
+            channel.basic_publish(
+                broker.exchange,
+                "",
+                envelope.to_json(),
+                pika.BasicProperties(
+                    message_id=str(envelope.event_id), type=envelope.event_type, delivery_mode=2
+                ),
+                mandatory=True,
+            )
+    finally:
+        conn.close()
+
+
+def replicate(broker, store, events, service: str) -> dict[str, int | None]:
+    topology = broker.topology(service)
+    publish_all(broker, topology, events)
+    applier = Applier(store)
+    consumer = Consumer(
+        ConsumerSettings(broker.amqp_url, topology), applier, batch_handler=applier.batch
+    )
+    with running(consumer):
+        wait_until(
+            lambda: consumer.stats.consumed >= len(events),
+            timeout=60,
+            what=f"{len(events)} events applied",
+        )
+    return {cpf: (s.score if (s := store.read(cpf)) else None) for cpf in cpfs(events)}
+
+
+def cpfs(events) -> list[str]:
+    return sorted({e.entity_id for e in events if e.entity == "person"})
+
+
+def test_thousand_events_twice_and_shuffled_give_the_scores_of_once_in_order(
+    broker, redis_client, history
+):
+    from score.store import ScoreStore
+
+    events = history.generate(1000)
+    once = ScoreStore(redis_client, prefix=f"{broker.exchange}-once:")
+    twice = ScoreStore(redis_client, prefix=f"{broker.exchange}-twice:")
+    try:
+        shuffled = events * 2
+        random.Random(11).shuffle(shuffled)
+        in_order = replicate(broker, once, events, "once")
+        assert in_order == {cpf: history.expected()[cpf] for cpf in in_order}
+        assert replicate(broker, twice, shuffled, "twice") == in_order
+    finally:
+        once.wipe()
+        twice.wipe()
