@@ -108,9 +108,10 @@ def add_item(cpf: str, kind: str) -> Any:
 
 @bp.delete("/person/<cpf>/<kind>/<item_id>")
 def delete_item(cpf: str, kind: str, item_id: str) -> Any:
-    if kind not in KINDS or not _is_uuid(item_id):
+    canonical = _canonical_uuid(item_id)
+    if kind not in KINDS or canonical is None:
         raise NotFound(f"no {kind} {item_id}")
-    store().delete_item(path_cpf(cpf), kind, item_id.lower(), correlation_id())
+    store().delete_item(path_cpf(cpf), kind, canonical, correlation_id())
     return "", 204
 
 
@@ -135,12 +136,12 @@ def request_activation(cpf: str) -> Any:
     return {"message": "a new activation e-mail is on its way"}, 202
 
 
-def _is_uuid(text: str) -> bool:
+def _canonical_uuid(text: str) -> str | None:
+    """The UUID in its canonical spelling (the one events carry), or None."""
     try:
-        uuid.UUID(text)
+        return str(uuid.UUID(text))
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def _page(status: int, title: str, text: str) -> Response:

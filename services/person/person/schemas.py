@@ -26,6 +26,8 @@ def normalise_cpf(value: Any) -> str:
     """Turn 11111, "11111" or "111.111.111-11" into digits; ValueError for anything else."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError("must be a number or a string of digits")
+    if isinstance(value, int) and value < 0:
+        raise ValueError("must not be negative")
     text = _CPF_NOISE.sub("", str(value))
     if not _CPF.fullmatch(text):
         raise ValueError("must contain 1 to 14 digits (dots, dashes and spaces are ignored)")
@@ -37,11 +39,30 @@ def _no_bool(value: Any) -> Any:
         raise ValueError("must be a number, not a boolean")
     if isinstance(value, float):
         raise ValueError("must be an exact decimal")  # floats never reach here from JSON
+    if isinstance(value, str) and "_" in value:
+        raise ValueError("must be a plain decimal number")
+    return value
+
+
+def _unsigned_zero(value: Decimal) -> Decimal:
+    return value.copy_abs() if value.is_zero() else value
+
+
+def _storable(value: str) -> str:
+    """Refuse what PostgreSQL text cannot hold: NUL characters and lone surrogates."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text") from None
     return value
 
 
 def _past_date(value: Any) -> Any:
     """Accept an ISO date, or an ISO date-time (its own calendar date is kept)."""
+    if not isinstance(value, str | date):
+        raise ValueError("must be an ISO 8601 date string")
     if isinstance(value, str) and "T" in value:
         try:
             return datetime.fromisoformat(value.replace("Z", "+00:00")).date()
@@ -63,10 +84,23 @@ Money = Annotated[
     Decimal,
     BeforeValidator(_no_bool),
     Field(ge=0, max_digits=17, decimal_places=2, allow_inf_nan=False),
+    AfterValidator(_unsigned_zero),
 ]
-Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-Address = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
-ItemType = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=50)]
+Text = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    AfterValidator(_storable),
+]
+Address = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=500),
+    AfterValidator(_storable),
+]
+ItemType = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=50),
+    AfterValidator(_storable),
+]
 BirthDate = Annotated[date, BeforeValidator(_past_date), AfterValidator(_not_in_future)]
 Email = Annotated[EmailStr, Field(max_length=254)]
 

@@ -57,6 +57,8 @@ def json_body() -> Any:
         return json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _Status(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _Status(400, "the body is nested too deeply") from None
 
 
 def json_object() -> dict[str, Any]:
@@ -146,7 +148,11 @@ def install(
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
         messages = {413: "the body is too large", 404: "not found"}
-        return problem(exc.code or 500, messages.get(exc.code, exc.description or exc.name))
+        response = problem(exc.code or 500, messages.get(exc.code, exc.description or exc.name))
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":  # e.g. Allow on a 405
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
@@ -186,6 +192,16 @@ def install(
     app.register_blueprint(standard)
 
 
+class Health(BaseModel):
+    status: str
+    service: str
+
+
+class Readiness(BaseModel):
+    status: str
+    checks: dict[str, str]
+
+
 class OpenApi:
     """Builds an OpenAPI 3.1 document whose schemas come from the pydantic models."""
 
@@ -193,6 +209,20 @@ class OpenApi:
         self.title, self.version = title, version
         self.paths: dict[str, dict[str, Any]] = {}
         self.models: set[type[BaseModel]] = set()
+        self.route("GET", "/health", "The process is up", responses={200: Health})
+        self.route(
+            "GET",
+            "/ready",
+            "Store and broker reachable, consumer attached",
+            responses={200: Readiness, 503: Readiness},
+        )
+        self.route(
+            "GET",
+            "/metrics",
+            "Prometheus metrics",
+            responses={200: "text/plain; version=0.0.4; charset=utf-8"},
+        )
+        self.route("GET", "/openapi.json", "This document", responses={200: "application/json"})
 
     def route(
         self,
