@@ -52,11 +52,7 @@ class PgStore:
     def get_person(self, cpf: str) -> dict:
         with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             person = _fetch_person(cur, cpf)
-            cur.execute(
-                "SELECT id, kind, type, value FROM item WHERE cpf = %s ORDER BY created_at, id",
-                (cpf,),
-            )
-            return _with_items(person, cur.fetchall())
+            return _with_items(person, _items(cur, cpf))
 
     def ping(self) -> None:
         with self.pool.connection() as conn:
@@ -102,10 +98,11 @@ class PgStore:
                 )
                 current = cur.fetchone()
                 self._event(cur, "person", cpf, "updated", person_state(current), correlation_id)
-        return self.get_person(cpf)
+            return _with_items(current, _items(cur, cpf))  # this write's state, not a later one
 
     def delete_person(self, cpf: str, correlation_id: str | None) -> None:
         with self._tx() as cur:
+            _person_gate(cur, cpf, exclusive=True)
             _fetch_person(cur, cpf, lock=True)
             cur.execute("DELETE FROM item WHERE cpf = %s RETURNING id, kind", (cpf,))
             for item in cur.fetchall():
@@ -117,8 +114,10 @@ class PgStore:
         self, cpf: str, kind: str, type_: str | None, value: Decimal, correlation_id: str | None
     ) -> dict:
         with self._tx() as cur:
-            # FOR KEY SHARE: concurrent item writes to one person go in parallel; a deletion
-            # of the person waits for them (and they for it).
+            # Item writes to one person go in parallel; a deletion waits for them and they for
+            # it. The advisory gate queues fairly, so a stream of item writes cannot starve a
+            # deletion, as row-level KEY SHARE locks alone would.
+            _person_gate(cur, cpf, exclusive=False)
             _fetch_person(cur, cpf, lock="KEY SHARE")
             cur.execute(
                 "INSERT INTO item (id, cpf, kind, type, value) VALUES (%s, %s, %s, %s, %s) "
@@ -192,6 +191,18 @@ class PgStore:
             data=data,
             correlation_id=correlation_id,
         )
+
+
+def _person_gate(cur: psycopg.Cursor, cpf: str, exclusive: bool) -> None:
+    lock = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+    cur.execute(f"SELECT {lock}(hashtextextended('person:' || %s, 0))", (cpf,))
+
+
+def _items(cur: psycopg.Cursor, cpf: str) -> list[dict]:
+    cur.execute(
+        "SELECT id, kind, type, value FROM item WHERE cpf = %s ORDER BY created_at, id", (cpf,)
+    )
+    return cur.fetchall()
 
 
 def _fetch_person(cur: psycopg.Cursor, cpf: str, lock: bool | str = False) -> dict:

@@ -1,0 +1,362 @@
+"""The store contract: MemoryStore and PgStore answer and emit events the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+from messaging import Envelope, decode
+from person.errors import BadToken, Conflict, NotFound, Unprocessable
+from person.events import person_state
+from person.store import Store
+
+CPF = "11111"
+OTHER_CPF = "22222"
+
+
+def fields(cpf: str = CPF, **overrides: Any) -> dict[str, Any]:
+    """What the API hands create_person after validation."""
+    return {
+        "cpf": cpf,
+        "name": "abc",
+        "address": "abc",
+        "date_of_birth": date(2019, 6, 15),
+        "email": "ana@example.com",
+        **overrides,
+    }
+
+
+@dataclass
+class Subject:
+    """A store under test and the events it produced so far, oldest first."""
+
+    store: Store
+    read_events: Callable[[], list[Envelope]]
+
+    def events(self) -> list[Envelope]:
+        return self.read_events()
+
+    def mark(self) -> int:
+        return len(self.events())
+
+    def since(self, mark: int) -> list[Envelope]:
+        return self.events()[mark:]
+
+
+def _outbox_reader(database_url: str) -> Callable[[], list[Envelope]]:
+    def read() -> list[Envelope]:
+        with psycopg.connect(database_url) as conn:
+            rows = conn.execute("SELECT body FROM messaging_outbox ORDER BY id").fetchall()
+        return [decode(body) for (body,) in rows]
+
+    return read
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("memory", marks=pytest.mark.unit),
+        pytest.param("postgres", marks=pytest.mark.integration),
+    ]
+)
+def store(request: pytest.FixtureRequest) -> Subject:
+    if request.param == "memory":
+        memory = request.getfixturevalue("memory_store")
+        return Subject(memory, lambda: list(memory.events))
+    return Subject(
+        request.getfixturevalue("pg_store"),
+        _outbox_reader(request.getfixturevalue("person_db")),
+    )
+
+
+# -- people ------------------------------------------------------------------------------------
+def test_a_created_person_reads_back_pending_with_empty_item_lists(store: Subject):
+    created = store.store.create_person(fields(), "c-1")
+
+    got = store.store.get_person(CPF)
+
+    assert got == created
+    assert {k: got[k] for k in ("cpf", "name", "address", "date_of_birth", "email")} == fields()
+    assert got["status"] == "pending"
+    assert (got["incomes"], got["assets"], got["debts"]) == ([], [], [])
+    [event] = store.events()
+    assert event.event_type == "person.created"
+    assert (event.entity, event.entity_id, event.entity_version) == ("person", CPF, 1)
+    assert event.producer == "person"
+    assert event.data == person_state(got)
+    assert event.data["date_of_birth"] == "2019-06-15"
+
+
+def test_getting_an_unknown_person_raises_not_found(store: Subject):
+    with pytest.raises(NotFound):
+        store.store.get_person(CPF)
+
+
+def test_creating_a_person_with_an_existing_cpf_conflicts_and_emits_nothing(store: Subject):
+    store.store.create_person(fields(), None)
+    mark = store.mark()
+
+    with pytest.raises(Conflict):
+        store.store.create_person(fields(name="someone else"), None)
+
+    assert store.since(mark) == []
+    assert store.store.get_person(CPF)["name"] == "abc"
+
+
+def test_an_update_emits_person_updated_with_the_next_version_and_the_full_state(
+    store: Subject,
+):
+    store.store.create_person(fields(), None)
+
+    updated = store.store.update_person(CPF, {"name": "new name", "address": "elsewhere"}, None)
+
+    assert updated["name"] == "new name"
+    assert updated["address"] == "elsewhere"
+    assert store.store.get_person(CPF) == updated
+    [event] = store.since(1)
+    assert event.event_type == "person.updated"
+    assert (event.entity_id, event.entity_version) == (CPF, 2)
+    assert event.data == person_state(updated)
+    assert event.data["email"] == "ana@example.com"  # full state, not just the changed fields
+
+
+def test_an_update_that_changes_nothing_emits_nothing(store: Subject):
+    store.store.create_person(fields(), None)
+    mark = store.mark()
+
+    same = store.store.update_person(CPF, {"name": "abc", "date_of_birth": date(2019, 6, 15)}, None)
+
+    assert same["name"] == "abc"
+    assert store.since(mark) == []
+
+
+def test_updating_an_unknown_person_raises_not_found(store: Subject):
+    with pytest.raises(NotFound):
+        store.store.update_person(CPF, {"name": "x"}, None)
+    assert store.events() == []
+
+
+# -- items -------------------------------------------------------------------------------------
+def test_adding_an_item_to_an_unknown_person_raises_not_found(store: Subject):
+    with pytest.raises(NotFound):
+        store.store.add_item(CPF, "income", "renting", Decimal("1000"), None)
+    assert store.events() == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "type_"), [("income", "renting"), ("asset", "apartment"), ("debt", None)]
+)
+def test_adding_and_deleting_an_item_emits_its_created_then_deleted_event(
+    store: Subject, kind: str, type_: str | None
+):
+    store.store.create_person(fields(), None)
+    mark = store.mark()
+
+    item = store.store.add_item(CPF, kind, type_, Decimal("1000"), None)
+    item_id = str(item["id"])
+
+    assert store.store.get_person(CPF)[f"{kind}s"] == [
+        {"id": item_id, "type": type_, "value": "1000.00"}
+    ]
+    [created] = store.since(mark)
+    assert created.event_type == f"{kind}.created"
+    assert (created.entity, created.entity_id, created.entity_version) == (kind, item_id, 1)
+    assert created.data == {
+        "id": item_id,
+        "cpf": CPF,
+        "kind": kind,
+        "type": type_,
+        "value": "1000.00",
+    }
+
+    store.store.delete_item(CPF, kind, item_id, None)
+
+    assert store.store.get_person(CPF)[f"{kind}s"] == []
+    [deleted] = store.since(mark + 1)
+    assert deleted.event_type == f"{kind}.deleted"
+    assert (deleted.entity_id, deleted.entity_version) == (item_id, 2)
+    assert deleted.data is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "cpf"), [("asset", CPF), ("income", OTHER_CPF)], ids=["wrong-kind", "wrong-cpf"]
+)
+def test_deleting_an_item_by_the_wrong_kind_or_cpf_raises_not_found_and_keeps_it(
+    store: Subject, kind: str, cpf: str
+):
+    store.store.create_person(fields(), None)
+    store.store.create_person(fields(OTHER_CPF), None)
+    item = store.store.add_item(CPF, "income", "renting", Decimal("1000"), None)
+    mark = store.mark()
+
+    with pytest.raises(NotFound):
+        store.store.delete_item(cpf, kind, str(item["id"]), None)
+
+    assert store.since(mark) == []
+    assert [i["id"] for i in store.store.get_person(CPF)["incomes"]] == [str(item["id"])]
+
+
+def test_deleting_an_unknown_item_raises_not_found(store: Subject):
+    store.store.create_person(fields(), None)
+    with pytest.raises(NotFound):
+        store.store.delete_item(CPF, "income", "00000000-0000-0000-0000-000000000000", None)
+
+
+# -- deletion and re-creation ------------------------------------------------------------------
+def test_deleting_a_person_emits_each_items_deletion_before_the_persons(store: Subject):
+    store.store.create_person(fields(), None)
+    items = {
+        str(store.store.add_item(CPF, kind, type_, Decimal(value), None)["id"]): kind
+        for kind, type_, value in [
+            ("income", "renting", "1000"),
+            ("asset", "apartment", "100000"),
+            ("debt", None, "1000"),
+        ]
+    }
+    mark = store.mark()
+
+    store.store.delete_person(CPF, None)
+
+    *item_events, last = store.since(mark)
+    assert {e.entity_id: e.entity for e in item_events} == items
+    assert all(e.change == "deleted" and e.data is None for e in item_events)
+    assert all(e.entity_version == 2 for e in item_events)
+    assert last.event_type == "person.deleted"
+    assert (last.entity_id, last.entity_version, last.data) == (CPF, 2, None)
+    with pytest.raises(NotFound):
+        store.store.get_person(CPF)
+
+
+def test_deleting_an_unknown_person_raises_not_found(store: Subject):
+    with pytest.raises(NotFound):
+        store.store.delete_person(CPF, None)
+    assert store.events() == []
+
+
+def test_a_re_created_person_continues_the_version_past_its_tombstone(store: Subject):
+    store.store.create_person(fields(), None)  # v1
+    store.store.delete_person(CPF, None)  # v2, the consumers' tombstone
+    mark = store.mark()
+
+    again = store.store.create_person(fields(name="again"), None)
+
+    [event] = store.since(mark)
+    assert event.event_type == "person.created"
+    assert (event.entity_id, event.entity_version) == (CPF, 3)
+    assert event.data == person_state(again)
+    assert store.store.get_person(CPF)["name"] == "again"
+
+
+# -- activation --------------------------------------------------------------------------------
+def test_activating_with_another_email_raises_bad_token_and_emits_nothing(store: Subject):
+    store.store.create_person(fields(), None)
+    mark = store.mark()
+
+    with pytest.raises(BadToken):
+        store.store.activate(CPF, "someone@example.com", None)
+
+    assert store.since(mark) == []
+    assert store.store.get_person(CPF)["status"] == "pending"
+
+
+def test_activating_a_person_without_email_raises_bad_token(store: Subject):
+    store.store.create_person(fields(email=None), None)
+    with pytest.raises(BadToken):
+        store.store.activate(CPF, "ana@example.com", None)
+
+
+def test_activating_with_the_right_email_emits_an_update_once_then_answers_false(
+    store: Subject,
+):
+    store.store.create_person(fields(), None)
+    mark = store.mark()
+
+    assert store.store.activate(CPF, "ana@example.com", None) is True
+
+    person = store.store.get_person(CPF)
+    assert person["status"] == "active"
+    [event] = store.since(mark)
+    assert event.event_type == "person.updated"
+    assert event.entity_version == 2
+    assert event.data == person_state(person)
+    assert event.data["status"] == "active"
+
+    assert store.store.activate(CPF, "ana@example.com", None) is False
+    assert store.since(mark + 1) == []
+
+
+def test_requesting_activation_without_email_is_unprocessable(store: Subject):
+    store.store.create_person(fields(email=None), None)
+    mark = store.mark()
+
+    with pytest.raises(Unprocessable) as raised:
+        store.store.request_activation(CPF, None)
+
+    assert raised.value.field == "email"
+    assert store.since(mark) == []
+
+
+def test_requesting_activation_of_an_active_person_conflicts(store: Subject):
+    store.store.create_person(fields(), None)
+    store.store.activate(CPF, "ana@example.com", None)
+    mark = store.mark()
+
+    with pytest.raises(Conflict):
+        store.store.request_activation(CPF, None)
+
+    assert store.since(mark) == []
+
+
+def test_requesting_activation_emits_activation_requested_with_the_persons_state(
+    store: Subject,
+):
+    store.store.create_person(fields(), None)
+    mark = store.mark()
+
+    store.store.request_activation(CPF, None)
+
+    [event] = store.since(mark)
+    assert event.event_type == "person.activation_requested"
+    assert (event.entity, event.entity_id, event.entity_version) == ("person", CPF, 2)
+    assert event.data == person_state(store.store.get_person(CPF))
+
+
+def test_requesting_activation_of_an_unknown_person_raises_not_found(store: Subject):
+    with pytest.raises(NotFound):
+        store.store.request_activation(CPF, None)
+
+
+# -- correlation -------------------------------------------------------------------------------
+def test_every_event_carries_the_correlation_id_of_the_call_that_caused_it(store: Subject):
+    s = store.store
+    s.create_person(fields(), "create")
+    s.update_person(CPF, {"name": "renamed"}, "update")
+    item = s.add_item(CPF, "income", "renting", Decimal("1000"), "add")
+    s.delete_item(CPF, "income", str(item["id"]), "remove")
+    s.request_activation(CPF, "request")
+    s.activate(CPF, "ana@example.com", "activate")
+    kept = s.add_item(CPF, "debt", None, Decimal("5"), "add-debt")
+    s.delete_person(CPF, "delete")
+
+    assert [(e.event_type, e.correlation_id) for e in store.events()] == [
+        ("person.created", "create"),
+        ("person.updated", "update"),
+        ("income.created", "add"),
+        ("income.deleted", "remove"),
+        ("person.activation_requested", "request"),
+        ("person.updated", "activate"),
+        ("debt.created", "add-debt"),
+        ("debt.deleted", "delete"),
+        ("person.deleted", "delete"),
+    ]
+    assert store.events()[-2].entity_id == str(kept["id"])
+
+
+def test_an_event_without_correlation_id_carries_none(store: Subject):
+    store.store.create_person(fields(), None)
+    [event] = store.events()
+    assert event.correlation_id is None
