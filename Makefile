@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): requirements.txt shared/messaging/pyproject.toml services/*/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -r requirements.txt
-	$(VENV)/bin/pip install -q --no-deps -e shared/messaging -e services/person -e services/score
+	$(VENV)/bin/pip install -q --no-deps -e shared/messaging -e services/person -e services/score -e services/notifier
 	touch $(STAMP)
 
 install: $(STAMP)

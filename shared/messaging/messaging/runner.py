@@ -13,7 +13,10 @@ def configure_logging(level: str | None = None) -> None:
         level=level or os.environ.get("LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    # pika is chatty; python_http_client (SendGrid's) logs request headers, API key included,
+    # at DEBUG: never let it below WARNING.
     logging.getLogger("pika").setLevel(logging.WARNING)
+    logging.getLogger("python_http_client").setLevel(logging.WARNING)
 
 
 def run_until_signalled(component: Any) -> int:

@@ -1,0 +1,1 @@
+"""The notifier service: a user view and the welcome e-mail with an activation link."""

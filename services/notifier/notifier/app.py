@@ -1,0 +1,55 @@
+"""Composition root of the notifier API."""
+
+from __future__ import annotations
+
+from flask import Flask
+from messaging import web
+from messaging.connection import BrokerProbe
+from prometheus_client import CollectorRegistry
+from psycopg_pool import ConnectionPool
+
+from . import api
+from .config import NotifierConfig
+from .consumer import HEARTBEAT, HEARTBEAT_SECONDS
+from .store import NotifierStore
+
+
+def create_app(config: NotifierConfig | None = None, store: NotifierStore | None = None) -> Flask:
+    config = config or NotifierConfig()
+    app = Flask("notifier")
+    app.config["MAX_CONTENT_LENGTH"] = 16 * 1024
+    app.config["ADMIN_TOKEN"] = config.admin_token
+    app.config["SENDGRID_ENABLED"] = bool(config.sendgrid_api_key)
+    if store is None:
+        pool = ConnectionPool(
+            config.notifier_database_url,
+            min_size=1,
+            max_size=config.db_pool_size,
+            open=True,
+            name="notifier",
+        )
+        store = NotifierStore(pool)
+    app.extensions["notifier.store"] = store
+
+    def consumer_attached() -> None:
+        if not store.alive(HEARTBEAT, within_seconds=HEARTBEAT_SECONDS * 5):
+            raise RuntimeError("the notifier consumer is not attached")
+
+    openapi = web.OpenApi("notifier")
+    api.describe(openapi)
+    document = openapi.document()
+    document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    web.install(
+        app,
+        service="notifier",
+        readiness={
+            "database": store.ping,
+            "broker": BrokerProbe(config.amqp_url),
+            "consumer": consumer_attached,
+        },
+        openapi=document,
+        registry=CollectorRegistry(),
+    )
+    app.register_error_handler(api.Unauthorized, api.unauthorized)
+    app.register_blueprint(api.bp)
+    return app

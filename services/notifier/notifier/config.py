@@ -1,0 +1,44 @@
+"""The notifier's configuration, read once into a frozen object."""
+
+from __future__ import annotations
+
+from messaging.settings import ServiceSettings
+from pydantic import model_validator
+
+DEVELOPMENT_SECRET = "development-activation-secret"
+DEVELOPMENT_ADMIN_TOKEN = "development-admin-token"
+
+
+class NotifierConfig(ServiceSettings):
+    notifier_database_url: str = "postgresql://postgres@127.0.0.1:5432/notifier"
+    sendgrid_api_key: str | None = None
+    sendgrid_host: str = "https://api.sendgrid.com"
+    sendgrid_timeout_seconds: float = 10.0
+    email_from: str = "no-reply@example.com"
+    public_person_url: str | None = None
+    activation_secret: str = DEVELOPMENT_SECRET
+    activation_ttl_seconds: int = 172_800
+    admin_token: str = DEVELOPMENT_ADMIN_TOKEN
+    retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0)
+    sender_poll_seconds: float = 1.0
+    sender_max_attempts: int = 8
+    sender_lease_seconds: float = 300.0
+    db_pool_size: int = 5
+
+    @model_validator(mode="after")
+    def _production_needs_secrets(self) -> NotifierConfig:
+        if self.production:
+            for name, default in (
+                ("activation_secret", DEVELOPMENT_SECRET),
+                ("admin_token", DEVELOPMENT_ADMIN_TOKEN),
+            ):
+                if getattr(self, name) == default:
+                    raise ValueError(f"{name.upper()} must be set when APP_ENV=production")
+        return self
+
+    @property
+    def person_url(self) -> str:
+        """Base of activation links (PUBLIC_PERSON_URL, by default through the gateway)."""
+        return (self.public_person_url or f"http://person.localhost:{self.gateway_port}").rstrip(
+            "/"
+        )

@@ -1,0 +1,136 @@
+"""E-mail: compose from templates with an activation link, and deliver through SendGrid.
+
+Without SENDGRID_API_KEY the sender writes into the development mailbox instead (store.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import urllib.error
+from dataclasses import dataclass
+from typing import Any
+
+from itsdangerous import URLSafeTimedSerializer
+from jinja2 import Environment, PackageLoader, select_autoescape
+from python_http_client.exceptions import HTTPError
+from sendgrid import SendGridAPIClient
+
+log = logging.getLogger("notifier.email")
+
+# The activation token format is the contract with the person service, which verifies it:
+# same secret, same salt, payload {"cpf", "email"} (tests/test_activation_contract.py).
+TOKEN_SALT = "person-activation"
+SUBJECTS = {"welcome": "Welcome! Activate your account", "activation": "Your activation link"}
+
+
+@dataclass(frozen=True)
+class Composed:
+    subject: str
+    html: str
+    text: str
+    link: str
+
+
+class Composer:
+    """Renders the welcome and activation e-mails, each with a fresh signed link."""
+
+    def __init__(self, secret: str, person_url: str, ttl_seconds: int) -> None:
+        self._tokens = URLSafeTimedSerializer(secret, salt=TOKEN_SALT)
+        self.person_url, self.ttl_seconds = person_url, ttl_seconds
+        self._html = Environment(
+            loader=PackageLoader("notifier"), autoescape=select_autoescape(["html"])
+        )
+
+    def link(self, cpf: str, email: str) -> str:
+        token = self._tokens.dumps({"cpf": cpf, "email": email})
+        return f"{self.person_url}/person/{cpf}/activate?token={token}"
+
+    def compose(self, kind: str, cpf: str, name: str, email: str) -> Composed:
+        link = self.link(cpf, email)
+        values = {"name": name, "link": link, "ttl_hours": self.ttl_seconds // 3600}
+        return Composed(
+            SUBJECTS[kind],
+            self._html.get_template(f"{kind}.html").render(values),
+            self._html.get_template(f"{kind}.txt").render(values),
+            link,
+        )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one delivery attempt came to."""
+
+    status: str  # "sent", "retry" or "failed"
+    detail: str = ""
+    message_id: str | None = None
+    retry_after: float | None = None  # seconds, when the provider said how long to wait
+
+
+class SendGridTransport:
+    """Sends through the official client; classifies every answer into an Outcome."""
+
+    name = "sendgrid"
+
+    def __init__(self, api_key: str, host: str, from_email: str, timeout: float) -> None:
+        self.client = SendGridAPIClient(api_key, host=host)
+        self.from_email, self.timeout = from_email, timeout
+
+    def send(self, delivery: dict[str, Any]) -> Outcome:
+        body = {
+            "personalizations": [{"to": [{"email": delivery["to_email"]}]}],
+            "from": {"email": self.from_email},
+            "subject": delivery["subject"],
+            "content": [
+                {"type": "text/plain", "value": delivery["text"]},
+                {"type": "text/html", "value": delivery["html"]},
+            ],
+            "custom_args": {"delivery_id": str(delivery["id"])},
+        }
+        try:
+            response = self.client.client.mail.send.post(request_body=body, timeout=self.timeout)
+        except HTTPError as exc:
+            return classify_http_error(exc)
+        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as exc:
+            return Outcome("retry", f"{type(exc).__name__}: {exc}")
+        headers = {k.lower(): v for k, v in (response.headers or {}).items()}
+        return Outcome("sent", f"HTTP {response.status_code}", headers.get("x-message-id"))
+
+
+def classify_http_error(exc: HTTPError) -> Outcome:
+    status = exc.status_code
+    body = _text(exc.body)
+    if status == 429:
+        return Outcome("retry", f"HTTP 429: {body}", retry_after=_rate_limit_wait(exc.headers))
+    if status >= 500:
+        return Outcome("retry", f"HTTP {status}: {body}")
+    return Outcome("failed", f"HTTP {status}: {body}")
+
+
+def _rate_limit_wait(headers: Any) -> float:
+    """Seconds until SendGrid's X-RateLimit-Reset (epoch seconds), or Retry-After."""
+    get = headers.get if headers is not None else (lambda _k: None)
+    reset = get("X-RateLimit-Reset")
+    if reset and str(reset).strip().isdigit():
+        return max(0.0, int(reset) - time.time())
+    after = get("Retry-After")
+    if after and str(after).strip().isdigit():
+        return float(after)
+    return 1.0
+
+
+def backoff_seconds(attempts: int, cap: float = 300.0) -> float:
+    """Exponential backoff with jitter for the n-th failed attempt."""
+    ceiling = min(cap, 2.0**attempts)
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def _text(body: Any) -> str:
+    if isinstance(body, bytes):
+        body = body.decode(errors="replace")
+    try:
+        return json.dumps(json.loads(body))[:2000]
+    except (TypeError, ValueError):
+        return str(body)[:2000]
