@@ -1,0 +1,141 @@
+"""A fake SendGrid v3 API for tests and local fault runs: python -m notifier.fake_sendgrid PORT.
+
+It answers POST /v3/mail/send with a scripted sequence of behaviours ("202", "429", "500",
+"400", "hang"), then with a default one, and records every message it accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class FakeSendGrid:
+    """Start with start(); `url` is the SENDGRID_HOST to configure."""
+
+    def __init__(
+        self,
+        port: int = 0,
+        default: str = "202",
+        failure_rate: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
+        self.script: deque[str] = deque()
+        self.default, self.failure_rate = default, failure_rate
+        self.rng = random.Random(seed)
+        self.accepted: list[dict[str, Any]] = []
+        self.requests = 0
+        self.authorizations: list[str] = []
+        self.lock = threading.Lock()
+        self.release = threading.Event()  # set to let hanging requests go
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
+        self.server.daemon_threads = True
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> FakeSendGrid:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def then(self, *behaviours: str) -> FakeSendGrid:
+        with self.lock:
+            self.script.extend(behaviours)
+        return self
+
+    def accepted_to(self, email: str) -> int:
+        with self.lock:
+            return sum(
+                1 for m in self.accepted if m["personalizations"][0]["to"][0]["email"] == email
+            )
+
+    def _next(self) -> str:
+        with self.lock:
+            self.requests += 1
+            if self.script:
+                return self.script.popleft()
+        if self.failure_rate and self.rng.random() < self.failure_rate:
+            return self.rng.choice(("500", "429", "hang"))
+        return self.default
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(length)
+                if self.path != "/v3/mail/send":
+                    return self._answer(404, {"errors": [{"message": "not found"}]})
+                with fake.lock:
+                    fake.authorizations.append(self.headers.get("Authorization", ""))
+                behaviour = fake._next()
+                if behaviour == "hang":
+                    fake.release.wait(30)  # longer than any client timeout in the tests
+                    return None
+                if behaviour == "429":
+                    reset = str(int(time.time()) + 1)
+                    return self._answer(
+                        429,
+                        {"errors": [{"message": "too many requests"}]},
+                        {
+                            "X-RateLimit-Limit": "600",
+                            "X-RateLimit-Remaining": "0",
+                            "X-RateLimit-Reset": reset,
+                        },
+                    )
+                if behaviour == "500":
+                    return self._answer(500, {"errors": [{"message": "internal error"}]})
+                if behaviour == "400":
+                    return self._answer(
+                        400,
+                        {
+                            "errors": [
+                                {
+                                    "message": "The from address does not match a verified Sender",
+                                    "field": "from",
+                                    "help": None,
+                                }
+                            ]
+                        },
+                    )
+                message = json.loads(body)
+                with fake.lock:
+                    fake.accepted.append(message)
+                return self._answer(202, None, {"X-Message-Id": uuid.uuid4().hex})
+
+            def _answer(self, status: int, payload: Any, headers: dict | None = None) -> None:
+                data = b"" if payload is None else json.dumps(payload).encode()
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+
+if __name__ == "__main__":
+    port = int(sys.argv[1]) if len(sys.argv) > 1 else 8109
+    rate = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+    fake = FakeSendGrid(port, failure_rate=rate).start()
+    print(f"fake SendGrid on {fake.url} (failure rate {rate})", flush=True)
+    threading.Event().wait()

@@ -1,0 +1,53 @@
+"""Fixtures of the notifier's tests: a migrated database, its store, a fake SendGrid."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from notifier.config import NotifierConfig
+from notifier.consumer import UserView, composer_for
+from notifier.fake_sendgrid import FakeSendGrid
+from notifier.migrate import migrate_database
+from notifier.store import NotifierStore
+from psycopg_pool import ConnectionPool
+
+
+@pytest.fixture
+def notifier_db(make_database) -> str:
+    url = make_database("notifier")
+    migrate_database(url)
+    return url
+
+
+@pytest.fixture
+def fake_sendgrid() -> Iterator[FakeSendGrid]:
+    fake = FakeSendGrid().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def config(notifier_db, servers, fake_sendgrid) -> NotifierConfig:
+    return NotifierConfig(
+        notifier_database_url=notifier_db,
+        amqp_url=servers.amqp,
+        sendgrid_api_key="SG.test-key-not-a-secret",
+        sendgrid_host=fake_sendgrid.url,
+        sendgrid_timeout_seconds=0.5,
+        activation_secret="test-secret",
+        public_person_url="http://person.test",
+        admin_token="admin-test-token",
+        sender_poll_seconds=0.2,
+    )
+
+
+@pytest.fixture
+def store(notifier_db) -> Iterator[NotifierStore]:
+    with ConnectionPool(notifier_db, min_size=1, max_size=8) as pool:
+        yield NotifierStore(pool)
+
+
+@pytest.fixture
+def view(store, config) -> UserView:
+    return UserView(store, composer_for(config))

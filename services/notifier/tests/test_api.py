@@ -1,0 +1,110 @@
+"""The notifier API over a real database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from messaging import Envelope
+from notifier.app import create_app
+
+pytestmark = pytest.mark.integration
+ADMIN = {"Authorization": "Bearer admin-test-token"}
+
+
+@pytest.fixture
+def client(config, store):
+    return create_app(config.model_copy(update={"sendgrid_api_key": None}), store).test_client()
+
+
+def register(view, cpf: str, email: str | None = "ana@example.com") -> None:
+    now = datetime.now(UTC).isoformat()
+    view(
+        Envelope.new(
+            entity="person",
+            entity_id=cpf,
+            change="created",
+            entity_version=1,
+            producer="person",
+            data={
+                "cpf": cpf,
+                "name": "Ana <b>",
+                "email": email,
+                "status": "pending",
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
+    )
+
+
+def test_user_view_shows_the_welcome_email_state(client, view):
+    register(view, "1")
+    body = client.get("/users/1").json
+    assert body["name"] == "Ana <b>" and body["status"] == "pending"
+    assert body["welcome_email"]["status"] == "pending"
+
+
+def test_user_without_email_has_no_welcome_and_unknown_user_is_404(client, view):
+    register(view, "2", email=None)
+    assert client.get("/users/2").json["welcome_email"] is None
+    assert client.get("/users/404").status_code == 404
+
+
+def test_mailbox_lists_emails_with_their_links_and_serves_the_html(client, view, store, config):
+    register(view, "3")
+    store.deliver_to_mailbox(store.claim_due(1, 300)[0], config.email_from)
+    messages = client.get("/mailbox").json["messages"]
+    assert len(messages) == 1
+    assert messages[0]["links"][0].startswith("http://person.test/person/3/activate?token=")
+    page = client.get(f"/mailbox/{messages[0]['id']}")
+    assert page.content_type.startswith("text/html")
+    assert b"Ana &lt;b&gt;" in page.data  # the name is escaped in the HTML
+    assert client.get("/mailbox/999999").status_code == 404
+
+
+def test_mailbox_is_off_when_sendgrid_is_configured(config, store):
+    client = create_app(config, store).test_client()
+    assert client.get("/mailbox").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic YWRtaW4="}]
+)
+def test_admin_endpoints_need_the_bearer_token(client, headers):
+    response = client.get("/deliveries?status=failed", headers=headers)
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert client.post("/deliveries/1/retry", headers=headers).status_code == 401
+
+
+def test_failed_deliveries_can_be_listed_and_retried(client, view, store):
+    register(view, "4")
+    claimed = store.claim_due(1, 300)[0]
+    store.mark_failed(claimed["id"], "HTTP 400: bad sender")
+    listed = client.get("/deliveries?status=failed", headers=ADMIN).json["deliveries"]
+    assert [(d["id"], d["last_error"]) for d in listed] == [(claimed["id"], "HTTP 400: bad sender")]
+    assert client.post(f"/deliveries/{claimed['id']}/retry", headers=ADMIN).status_code == 202
+    assert client.post(f"/deliveries/{claimed['id']}/retry", headers=ADMIN).status_code == 409
+    assert client.post("/deliveries/999999/retry", headers=ADMIN).status_code == 404
+    assert (
+        client.get("/deliveries?status=pending", headers=ADMIN).json["deliveries"][0]["id"]
+        == claimed["id"]
+    )
+
+
+def test_bad_query_values_are_422(client):
+    assert client.get("/deliveries?status=lost", headers=ADMIN).status_code == 422
+    assert client.get("/mailbox?limit=0").status_code == 422
+
+
+def test_ready_needs_the_consumer_heartbeat(client, store):
+    assert client.get("/ready").status_code == 503
+    store.beat("notifier-consumer")
+    assert client.get("/ready").status_code == 200
+
+
+def test_standard_routes(client):
+    assert client.get("/health").json["status"] == "ok"
+    paths = client.get("/openapi.json").json["paths"]
+    assert {"/users/{cpf}", "/mailbox", "/deliveries"} <= set(paths)

@@ -1,0 +1,172 @@
+"""The sender: the real sendgrid client against a fake SendGrid API started by the tests."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+import pytest
+from messaging import Envelope
+from messaging.testing import running, wait_until
+from notifier.sender import Sender, transport_for
+
+pytestmark = pytest.mark.integration
+
+
+def register(view, cpf: str, email: str) -> None:
+    now = datetime.now(UTC).isoformat()
+    view(
+        Envelope.new(
+            entity="person",
+            entity_id=cpf,
+            change="created",
+            entity_version=1,
+            producer="person",
+            data={
+                "cpf": cpf,
+                "name": f"P{cpf}",
+                "email": email,
+                "status": "pending",
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
+    )
+
+
+def delivery(store, cpf: str) -> dict:
+    return next(d for d in store.deliveries(None, 500) if d["cpf"] == cpf)
+
+
+def sender_for(store, config) -> Sender:
+    return Sender(store, config, transport_for(config))
+
+
+def test_accepted_email_is_marked_sent_with_sendgrids_message_id(
+    view, store, config, fake_sendgrid
+):
+    register(view, "1", "a@example.com")
+    with running(sender_for(store, config)):
+        wait_until(lambda: delivery(store, "1")["status"] == "sent", what="the e-mail sent")
+    sent = delivery(store, "1")
+    assert (sent["provider"], sent["attempts"]) == ("sendgrid", 1)
+    assert sent["provider_message_id"]
+    assert fake_sendgrid.accepted_to("a@example.com") == 1
+    message = fake_sendgrid.accepted[0]
+    assert {c["type"] for c in message["content"]} == {"text/plain", "text/html"}
+    assert message["from"] == {"email": config.email_from}
+    assert fake_sendgrid.authorizations == [f"Bearer {config.sendgrid_api_key}"]
+
+
+def test_429_waits_until_the_rate_limit_resets_then_sends_once(view, store, config, fake_sendgrid):
+    fake_sendgrid.then("429")
+    register(view, "2", "b@example.com")
+    with running(sender_for(store, config)):
+        wait_until(
+            lambda: delivery(store, "2")["status"] == "sent",
+            timeout=20,
+            what="the e-mail sent after the reset",
+        )
+    assert delivery(store, "2")["attempts"] == 2
+    assert fake_sendgrid.accepted_to("b@example.com") == 1
+
+
+@pytest.mark.parametrize("failure", ["500", "hang"])
+def test_server_errors_and_timeouts_are_retried_with_backoff(
+    view, store, config, fake_sendgrid, failure
+):
+    fake_sendgrid.then(failure, failure)
+    register(view, "3", "c@example.com")
+    with running(sender_for(store, config)):
+        wait_until(
+            lambda: delivery(store, "3")["status"] == "sent",
+            timeout=30,
+            what="the e-mail sent on the third attempt",
+        )
+    assert delivery(store, "3")["attempts"] == 3
+    assert fake_sendgrid.accepted_to("c@example.com") == 1
+
+
+def test_a_400_fails_the_delivery_with_sendgrids_error_and_it_can_be_retried(
+    view, store, config, fake_sendgrid
+):
+    fake_sendgrid.then("400")
+    register(view, "4", "d@example.com")
+    with running(sender_for(store, config)):
+        wait_until(lambda: delivery(store, "4")["status"] == "failed", what="a failed delivery")
+        failed = delivery(store, "4")
+        assert "does not match a verified Sender" in failed["last_error"]
+        assert fake_sendgrid.accepted_to("d@example.com") == 0
+        assert store.retry(failed["id"]) == "failed"
+        wait_until(lambda: delivery(store, "4")["status"] == "sent", what="the retried e-mail")
+    assert fake_sendgrid.accepted_to("d@example.com") == 1
+
+
+def test_retries_stop_at_the_attempt_limit(view, store, config, fake_sendgrid):
+    config = config.model_copy(update={"sender_max_attempts": 2})
+    fake_sendgrid.then("500", "500", "500")
+    register(view, "5", "e@example.com")
+    with running(sender_for(store, config)):
+        wait_until(
+            lambda: delivery(store, "5")["status"] == "failed",
+            timeout=20,
+            what="the delivery given up",
+        )
+    assert delivery(store, "5")["attempts"] == 2
+    assert "HTTP 500" in delivery(store, "5")["last_error"]
+
+
+def test_two_senders_deliver_each_email_exactly_once(view, store, config, fake_sendgrid):
+    emails = [f"p{n}@example.com" for n in range(40)]
+    for n, email in enumerate(emails):
+        register(view, f"9{n}", email)
+    with running(sender_for(store, config)), running(sender_for(store, config)):
+        wait_until(
+            lambda: len(fake_sendgrid.accepted) >= len(emails),
+            timeout=30,
+            what="every e-mail accepted",
+        )
+        wait_until(
+            lambda: all(d["status"] == "sent" for d in store.deliveries(None, 500)),
+            what="every delivery marked",
+        )
+    assert sorted(
+        m["personalizations"][0]["to"][0]["email"] for m in fake_sendgrid.accepted
+    ) == sorted(emails)
+
+
+def test_a_claim_left_by_a_dead_sender_is_taken_again_after_the_lease(
+    view, store, config, fake_sendgrid
+):
+    register(view, "6", "f@example.com")
+    claimed = store.claim_due(10, lease_seconds=300)  # a sender that dies right after this
+    assert [d["cpf"] for d in claimed] == ["6"]
+    config = config.model_copy(update={"sender_lease_seconds": 0.5})
+    with running(sender_for(store, config)):
+        wait_until(lambda: delivery(store, "6")["status"] == "sent", what="the reclaimed e-mail")
+    assert fake_sendgrid.accepted_to("f@example.com") == 1
+
+
+def test_without_an_api_key_emails_go_to_the_development_mailbox(
+    view, store, config, fake_sendgrid
+):
+    config = config.model_copy(update={"sendgrid_api_key": None})
+    register(view, "7", "g@example.com")
+    with running(sender_for(store, config)):
+        wait_until(lambda: store.mailbox(10), what="an e-mail in the mailbox")
+    mail = store.mailbox(10)[0]
+    assert (mail["to_email"], delivery(store, "7")["provider"]) == ("g@example.com", "mailbox")
+    assert fake_sendgrid.requests == 0
+
+
+def test_the_api_key_never_reaches_the_logs(view, store, config, fake_sendgrid, caplog):
+    from messaging.runner import configure_logging
+
+    configure_logging("DEBUG")
+    caplog.set_level(logging.DEBUG)
+    fake_sendgrid.then("400")
+    register(view, "8", "h@example.com")
+    with running(sender_for(store, config)):
+        wait_until(lambda: delivery(store, "8")["status"] == "failed", what="a logged failure")
+    assert caplog.records
+    assert config.sendgrid_api_key not in caplog.text

@@ -1,0 +1,155 @@
+"""The notifier consumer's handler: the user view and the e-mail intents it records."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from itsdangerous import URLSafeTimedSerializer
+from messaging import Envelope, Topology
+from messaging.testing import InMemoryBus
+from notifier.email import TOKEN_SALT
+
+pytestmark = pytest.mark.integration
+
+REGISTERED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC).isoformat()
+
+
+def person(
+    cpf: str,
+    version: int,
+    change: str = "updated",
+    email: str | None = "ana@example.com",
+    status: str = "pending",
+    created_at: str = REGISTERED,
+    name: str = "Ana",
+) -> Envelope:
+    data = (
+        None
+        if change == "deleted"
+        else {
+            "cpf": cpf,
+            "name": name,
+            "address": "x",
+            "date_of_birth": "1990-01-01",
+            "email": email,
+            "status": status,
+            "created_at": created_at,
+            "updated_at": created_at,
+        }
+    )
+    return Envelope.new(
+        entity="person",
+        entity_id=cpf,
+        change=change,
+        entity_version=version,
+        data=data,
+        producer="person",
+    )
+
+
+def deliveries(store, cpf: str) -> list[dict]:
+    return [d for d in store.deliveries(None, 500) if d["cpf"] == cpf]
+
+
+def test_the_same_person_created_three_times_records_one_welcome(view, store):
+    created = person("1", 1, "created")
+    for _ in range(3):
+        view(created)
+    found = deliveries(store, "1")
+    assert [(d["kind"], d["to_email"], d["status"]) for d in found] == [
+        ("welcome", "ana@example.com", "pending")
+    ]
+
+
+def test_the_welcome_carries_a_signed_link_for_this_person_and_address(view, store, config):
+    view(person("2", 1, "created"))
+    mail = store.deliveries(None, 10)[0]
+    with store.pool.connection() as conn:
+        html, text = conn.execute(
+            "SELECT html, text FROM deliveries WHERE id = %s", (mail["id"],)
+        ).fetchone()
+    link = next(w for w in text.split() if w.startswith("http"))
+    assert link.startswith("http://person.test/person/2/activate?token=")
+    assert link.replace("&", "&amp;") in html and "Ana" in html
+    token = link.split("token=")[1]
+    payload = URLSafeTimedSerializer("test-secret", salt=TOKEN_SALT).loads(token, max_age=60)
+    assert payload == {"cpf": "2", "email": "ana@example.com"}
+
+
+def test_an_email_added_later_triggers_the_welcome_once(view, store):
+    view(person("3", 1, "created", email=None))
+    assert deliveries(store, "3") == []
+    view(person("3", 2, email="first@example.com"))
+    view(person("3", 3, email="second@example.com"))
+    assert [d["to_email"] for d in deliveries(store, "3")] == ["first@example.com"]
+
+
+def test_reordered_events_still_record_one_welcome(view, store):
+    view(person("4", 2, email="ana@example.com"))
+    view(person("4", 1, "created", email=None))
+    assert len(deliveries(store, "4")) == 1
+    assert store.user("4")["version"] == 2
+
+
+def test_a_new_registration_after_deletion_gets_its_own_welcome(view, store):
+    view(person("5", 1, "created"))
+    view(person("5", 2, "deleted"))
+    assert store.user("5") is None
+    later = (datetime.fromisoformat(REGISTERED) + timedelta(days=1)).isoformat()
+    view(person("5", 3, "created", created_at=later))
+    assert [d["kind"] for d in deliveries(store, "5")] == ["welcome", "welcome"]
+
+
+def test_a_late_event_does_not_resurrect_a_deleted_user(view, store):
+    view(person("6", 1, "created"))
+    view(person("6", 3, "deleted"))
+    view(person("6", 2))
+    assert store.user("6") is None
+
+
+def test_activation_requested_records_a_fresh_link_once_per_request(view, store):
+    view(person("7", 1, "created"))
+    request = person("7", 2, "activation_requested")
+    view(request)
+    view(request)
+    view(person("7", 3, "activation_requested"))
+    assert [d["kind"] for d in deliveries(store, "7")] == ["activation", "activation", "welcome"]
+
+
+def test_status_changes_update_the_view(view, store):
+    view(person("8", 1, "created"))
+    view(person("8", 2, status="active"))
+    assert store.user("8")["status"] == "active"
+
+
+def test_item_events_are_ignored_and_bad_person_data_is_dead_lettered(view, store):
+    topology = Topology("notifier", "test", (1.0,))
+    bus = InMemoryBus()
+    bus.subscribe(topology, view)
+    bus.publish(
+        Envelope.new(
+            entity="income",
+            entity_id="i",
+            change="created",
+            entity_version=1,
+            data={"cpf": "9", "value": "1"},
+            producer="person",
+        )
+    )
+    bus.publish(
+        Envelope.new(
+            entity="person",
+            entity_id="9",
+            change="created",
+            entity_version=1,
+            data={"cpf": "9"},
+            producer="person",
+        )
+    )
+    bus.publish(person("10", 1, "created"))
+    bus.run_until_idle()
+    dead = bus.dead_letters(topology.queue)
+    assert [m.headers["x-exception-type"] for m in dead] == ["PermanentError"]
+    assert "name" in dead[0].headers["x-dead-reason"]
+    assert store.user("10") is not None

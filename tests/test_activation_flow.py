@@ -1,0 +1,100 @@
+"""Across services, in one process: register with an e-mail, get one welcome e-mail in the
+development mailbox, follow its link through the person service, see the view turn active."""
+
+from __future__ import annotations
+
+import urllib.parse
+
+import pika
+import psycopg
+import pytest
+from messaging import Consumer, ConsumerSettings, Relay, RelaySettings, Topology
+from messaging.testing import running, wait_until
+from notifier.config import NotifierConfig
+from notifier.consumer import UserView, composer_for
+from notifier.sender import Sender
+from notifier.store import NotifierStore
+from person.app import create_app as person_app
+from person.config import PersonConfig
+from psycopg_pool import ConnectionPool
+
+pytestmark = pytest.mark.integration
+SECRET = "shared-activation-secret"
+
+
+def test_welcome_email_link_activates_the_account_and_the_view_follows(
+    person_db, notifier_db, broker
+):
+    person_config = PersonConfig(
+        person_database_url=person_db,
+        amqp_url=broker.amqp_url,
+        events_exchange=broker.exchange,
+        activation_secret=SECRET,
+    )
+    notifier_config = NotifierConfig(
+        notifier_database_url=notifier_db,
+        amqp_url=broker.amqp_url,
+        events_exchange=broker.exchange,
+        activation_secret=SECRET,
+        sendgrid_api_key=None,
+        public_person_url="http://person.localhost:8000",
+        sender_poll_seconds=0.2,
+    )
+    person = person_app(person_config).test_client()
+    topology = broker.topology("notifier")
+    with ConnectionPool(notifier_db, min_size=1, max_size=4) as pool:
+        store = NotifierStore(pool)
+        consumer = Consumer(
+            ConsumerSettings(broker.amqp_url, topology),
+            UserView(store, composer_for(notifier_config)),
+        )
+        relay = Relay(RelaySettings(person_db, broker.amqp_url, broker.exchange, producer="person"))
+        with running(consumer), running(relay), running(Sender(store, notifier_config, None)):
+            wait_until(consumer.attached.is_set, what="the notifier consumer")
+            created = person.post(
+                "/person",
+                json={
+                    "cpf": "123.456.789-09",
+                    "name": "Maria",
+                    "address": "Recife",
+                    "date_of_birth": "1990-04-12",
+                    "email": "maria@example.com",
+                },
+            )
+            assert created.status_code == 201
+            wait_until(lambda: store.mailbox(10), what="the welcome e-mail")
+            redeliver_the_creation_twice(person_db, broker, topology)
+            wait_until(lambda: consumer.stats.consumed >= 3, what="the duplicates handled")
+
+            link = store.mailbox(10)[0]["text"].split("http://person.localhost:8000", 1)[1]
+            path = link.split()[0]
+            page = person.get(path)
+            assert page.status_code == 200 and b"Account activated" in page.data
+            wait_until(
+                lambda: store.user("12345678909")["status"] == "active",
+                what="the view to show the activation",
+            )
+            assert person.get(path).status_code == 200  # a repeat click: already active
+        assert len(store.mailbox(10)) == 1
+        assert [d["kind"] for d in store.deliveries(None, 10)] == ["welcome"]
+    assert urllib.parse.urlparse(path).path == "/person/12345678909/activate"
+
+
+def redeliver_the_creation_twice(person_db: str, broker, topology: Topology) -> None:
+    with psycopg.connect(person_db) as conn:
+        body, event_id = conn.execute(
+            "SELECT body, event_id::text FROM messaging_outbox WHERE event_type = 'person.created'"
+        ).fetchone()
+    connection = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for _ in range(2):
+            channel.basic_publish(
+                "",
+                topology.queue,
+                body.encode(),
+                pika.BasicProperties(message_id=event_id, delivery_mode=2),
+            )
+    finally:
+        connection.close()
