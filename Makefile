@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install up test unit lint format bench clean
+.PHONY: install up down logs status test unit lint format bench clean
 
 $(STAMP): requirements.txt shared/messaging/pyproject.toml services/*/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,9 +14,18 @@ $(STAMP): requirements.txt shared/messaging/pyproject.toml services/*/pyproject.
 
 install: $(STAMP)
 
-## Check that PostgreSQL, RabbitMQ and Redis answer (the services join in later issues).
+## Start every process and Traefik in the background; returns once all answer through Traefik.
 up: install
-	$(PY) -m messaging.check_servers
+	$(PY) scripts/stack.py up
+
+down:
+	$(PY) scripts/stack.py down
+
+logs:
+	$(PY) scripts/stack.py logs
+
+status:
+	$(PY) scripts/stack.py status
 
 ## The whole suite: lint, unit, integration and fault tests against the real servers.
 test: install lint

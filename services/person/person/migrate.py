@@ -16,9 +16,7 @@ def migrate_database(url: str) -> list[str]:
 
 def main() -> int:
     applied = migrate_database(PersonConfig().person_database_url)
-    print(
-        f"person: {len(applied)} migration(s) applied{': ' + ', '.join(applied) if applied else ''}"
-    )
+    print(f"person: applied {', '.join(applied) or 'nothing (up to date)'}")
     return 0
 
 

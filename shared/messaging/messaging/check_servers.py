@@ -8,9 +8,10 @@ import sys
 import pika
 import psycopg
 import redis
+from psycopg.conninfo import make_conninfo
 
 DEFAULTS = {
-    "PERSON_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres",
+    "PERSON_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/person",
     "AMQP_URL": "amqp://guest:guest@127.0.0.1:5672/%2F",
     "SCORE_REDIS_URL": "redis://127.0.0.1:6379/0",
 }
@@ -25,8 +26,7 @@ HINTS = {
 
 def _postgres(url: str) -> None:
     # The service databases may not exist yet: the server answering is what matters here.
-    base = url.rpartition("/")[0] + "/postgres"
-    psycopg.connect(base, connect_timeout=3).close()
+    psycopg.connect(make_conninfo(url, dbname="postgres"), connect_timeout=3).close()
 
 
 def _rabbitmq(url: str) -> None:

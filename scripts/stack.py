@@ -1,0 +1,169 @@
+"""Run the native stack: python scripts/stack.py up | down | logs | status.
+
+`up` checks PostgreSQL, RabbitMQ and Redis, creates the databases and applies migrations,
+declares the consumers' queues, starts every process of the Procfile (honcho) in the background
+and returns once each API's /health answers through Traefik. It is safe to run twice.
+Configuration: the environment first, then `.env`, then the defaults of DESIGN §3.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HOSTS = ("person", "score", "notifier")
+HEALTH_TIMEOUT = 90.0
+STOP_TIMEOUT = 25.0
+
+
+def environment() -> dict[str, str]:
+    """The process environment, completed from .env without overriding what is set."""
+    from dotenv import dotenv_values
+
+    env = dict(os.environ)
+    for key, value in dotenv_values(ROOT / ".env").items():
+        if value is not None:
+            env.setdefault(key, value)
+    env.setdefault("GATEWAY_PORT", "8000")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_dir(env: dict[str, str]) -> Path:
+    path = Path(env.get("STACK_RUN_DIR", ROOT / ".run"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def running_pid(env: dict[str, str]) -> int | None:
+    pid_file = run_dir(env) / "honcho.pid"
+    try:
+        pid = int(pid_file.read_text())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    return pid
+
+
+def prepare(env: dict[str, str]) -> None:
+    """Servers answer, databases exist and are migrated, queues are declared."""
+    steps = [
+        [sys.executable, "-m", "messaging.check_servers"],
+        [sys.executable, "-m", "person.migrate"],
+        [sys.executable, "-m", "notifier.migrate"],
+        [sys.executable, "-m", "messaging.declare", "score", "notifier"],
+    ]
+    for step in steps:
+        if subprocess.run(step, env=env, cwd=ROOT).returncode != 0:
+            raise SystemExit(1)
+
+
+def up(env: dict[str, str]) -> int:
+    prepare(env)
+    pid = running_pid(env)
+    if pid is not None:
+        print(f"the stack is already running (honcho pid {pid})")
+    else:
+        log = open(run_dir(env) / "stack.log", "ab")  # noqa: SIM115 - honcho keeps it
+        process = subprocess.Popen(
+            ["honcho", "start", "-f", str(ROOT / "Procfile"), "-d", str(ROOT)],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        (run_dir(env) / "honcho.pid").write_text(str(process.pid))
+        print(f"started the stack (honcho pid {process.pid}); logs: make logs")
+    if not wait_healthy(env):
+        print(f"the stack did not become healthy; see {run_dir(env) / 'stack.log'}")
+        return 1
+    port = env["GATEWAY_PORT"]
+    for host in HOSTS:
+        print(f"  http://{host}.localhost:{port}/")
+    return 0
+
+
+def wait_healthy(env: dict[str, str]) -> bool:
+    """Poll each /health through Traefik until all answer 200 (or the processes die)."""
+    deadline = time.monotonic() + HEALTH_TIMEOUT
+    pending = list(HOSTS)
+    while pending and time.monotonic() < deadline:
+        if running_pid(env) is None:
+            return False
+        pending = [h for h in pending if not healthy(h, env["GATEWAY_PORT"])]
+        if pending:
+            time.sleep(0.2)
+    return not pending
+
+
+def healthy(host: str, port: str) -> bool:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/health", headers={"Host": f"{host}.localhost"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def down(env: dict[str, str]) -> int:
+    pid = running_pid(env)
+    if pid is None:
+        print("the stack is not running")
+        return 0
+    os.killpg(pid, signal.SIGTERM)  # honcho and every process it started share this group
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline and group_alive(pid):
+        time.sleep(0.1)
+    if group_alive(pid):
+        print("some processes did not stop in time; killing them")
+        os.killpg(pid, signal.SIGKILL)
+    (run_dir(env) / "honcho.pid").unlink(missing_ok=True)
+    print("stopped the stack; data stays in PostgreSQL and Redis")
+    return 0
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def logs(env: dict[str, str]) -> int:
+    log = run_dir(env) / "stack.log"
+    if not log.exists():
+        print("no logs yet: make up first")
+        return 1
+    return subprocess.call(["tail", "-n", "100", "-F", str(log)])
+
+
+def status(env: dict[str, str]) -> int:
+    pid = running_pid(env)
+    print(f"honcho: {'pid ' + str(pid) if pid else 'not running'}")
+    for host in HOSTS:
+        print(f"{host}: {'healthy' if healthy(host, env['GATEWAY_PORT']) else 'not answering'}")
+    return 0 if pid else 1
+
+
+def main() -> int:
+    commands = {"up": up, "down": down, "logs": logs, "status": status}
+    if len(sys.argv) != 2 or sys.argv[1] not in commands:
+        print(f"usage: {sys.argv[0]} {'|'.join(commands)}")
+        return 2
+    return commands[sys.argv[1]](environment())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
