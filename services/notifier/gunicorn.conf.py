@@ -2,7 +2,7 @@
 
 import os
 
-bind = f"127.0.0.1:{os.environ.get('NOTIFIER_PORT', '8103')}"
+bind = os.environ.get("BIND", f"127.0.0.1:{os.environ.get('NOTIFIER_PORT', '8103')}")
 workers = int(os.environ.get("NOTIFIER_WORKERS", "2"))
 threads = int(os.environ.get("NOTIFIER_THREADS", "4"))
 worker_class = "gthread"

@@ -2,7 +2,7 @@
 
 import os
 
-bind = f"127.0.0.1:{os.environ.get('PERSON_PORT', '8101')}"
+bind = os.environ.get("BIND", f"127.0.0.1:{os.environ.get('PERSON_PORT', '8101')}")
 workers = int(os.environ.get("PERSON_WORKERS", "2"))
 threads = int(os.environ.get("PERSON_THREADS", "4"))
 worker_class = "gthread"

@@ -2,7 +2,7 @@
 
 import os
 
-bind = f"127.0.0.1:{os.environ.get('SCORE_PORT', '8102')}"
+bind = os.environ.get("BIND", f"127.0.0.1:{os.environ.get('SCORE_PORT', '8102')}")
 workers = int(os.environ.get("SCORE_WORKERS", "2"))
 threads = int(os.environ.get("SCORE_THREADS", "4"))
 worker_class = "gthread"

@@ -5,8 +5,6 @@ python -m notifier.consumer runs it as a process. Sending is the sender's job (s
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from typing import Any
 
 import psycopg
@@ -18,7 +16,7 @@ from messaging import (
     RetryableError,
     Topology,
 )
-from messaging.runner import configure_logging, run_until_signalled
+from messaging.runner import AttachedBeacon, configure_logging, run_until_signalled
 from psycopg_pool import ConnectionPool
 
 from .config import NotifierConfig
@@ -84,26 +82,6 @@ def _check(state: dict[str, Any]) -> None:
         raise PermanentError("person data has a non-text email")
 
 
-class Heartbeat:
-    """Records that the consumer is attached, for the API's /ready."""
-
-    def __init__(self, store: NotifierStore, consumer: Consumer) -> None:
-        self.store, self.consumer = store, consumer
-        self._stop = threading.Event()
-
-    def start(self) -> None:
-        threading.Thread(target=self._run, name="heartbeat", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
-            if self.consumer.attached.is_set():
-                with contextlib.suppress(psycopg.Error):  # readiness will say so
-                    self.store.beat(HEARTBEAT)
-
-
 def composer_for(config: NotifierConfig) -> Composer:
     return Composer(config.activation_secret, config.person_url, config.activation_ttl_seconds)
 
@@ -123,7 +101,7 @@ def main() -> int:
     configure_logging(config.log_level)
     with ConnectionPool(config.notifier_database_url, min_size=1, max_size=3) as pool:
         consumer, store = build(config, pool)
-        heartbeat = Heartbeat(store, consumer)
+        heartbeat = AttachedBeacon(consumer, lambda: store.beat(HEARTBEAT), every=HEARTBEAT_SECONDS)
         heartbeat.start()
         try:
             return run_until_signalled(consumer)

@@ -5,8 +5,6 @@ python -m score.consumer runs it as a process.
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 
@@ -19,7 +17,7 @@ from messaging import (
     RetryableError,
     Topology,
 )
-from messaging.runner import configure_logging, run_until_signalled
+from messaging.runner import AttachedBeacon, configure_logging, run_until_signalled
 
 from .config import ScoreConfig
 from .store import Change, ItemChange, PersonChange, ScoreStore
@@ -73,27 +71,6 @@ class Applier:
             raise RetryableError(f"redis: {exc}") from exc
 
 
-class Heartbeat:
-    """Tells the API process the consumer is attached: a Redis key refreshed while it is."""
-
-    def __init__(self, store: ScoreStore, consumer: Consumer) -> None:
-        self.store, self.consumer = store, consumer
-        self.key = f"{store.prefix}{HEARTBEAT_KEY}"
-        self._stop = threading.Event()
-
-    def start(self) -> None:
-        threading.Thread(target=self._run, name="heartbeat", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
-            if self.consumer.attached.is_set():
-                with contextlib.suppress(redis.RedisError):  # readiness will say so
-                    self.store.client.set(self.key, "1", ex=int(HEARTBEAT_SECONDS * 5))
-
-
 def build(config: ScoreConfig) -> tuple[Consumer, ScoreStore]:
     """Composition root of the consumer process."""
     store = ScoreStore(redis.Redis.from_url(config.score_redis_url), config.score_key_prefix)
@@ -109,7 +86,12 @@ def main() -> int:
     config = ScoreConfig()
     configure_logging(config.log_level)
     consumer, store = build(config)
-    heartbeat = Heartbeat(store, consumer)
+    key = f"{store.prefix}{HEARTBEAT_KEY}"
+    heartbeat = AttachedBeacon(
+        consumer,
+        lambda: store.client.set(key, "1", ex=int(HEARTBEAT_SECONDS * 5)),
+        every=HEARTBEAT_SECONDS,
+    )
     heartbeat.start()
     try:
         return run_until_signalled(consumer)

@@ -1,0 +1,20 @@
+# One image per service, built from this file with --build-arg SERVICE=person|score|notifier.
+# Slim, pinned, non-root; every process of the service runs from the same image.
+FROM python:3.11.11-slim-bookworm
+
+ARG SERVICE
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app app
+WORKDIR /app
+
+COPY requirements.txt ./
+RUN pip install -r requirements.txt
+
+COPY shared/messaging ./shared/messaging
+COPY services/${SERVICE} ./services/${SERVICE}
+RUN pip install --no-deps ./shared/messaging ./services/${SERVICE} \
+    && cp services/${SERVICE}/gunicorn.conf.py /app/gunicorn.conf.py
+
+USER app:app

@@ -1,0 +1,133 @@
+"""End to end through Traefik: registration -> welcome e-mail -> activation -> score."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import urllib.parse
+
+import pytest
+from messaging.testing import wait_until
+
+pytestmark = pytest.mark.e2e
+
+SEED = {"cpf": 11111, "name": "abc", "address": "abc", "date_of_birth": "2019-06-15T19:23:55-03:00"}
+
+
+def test_registration_email_activation_and_score(stack):
+    status, person, headers = stack.call(
+        "POST",
+        "person",
+        "/person",
+        {
+            "cpf": "123.456.789-09",
+            "name": "Maria Silva",
+            "address": "Recife",
+            "date_of_birth": "1990-04-12",
+            "email": "maria@example.com",
+        },
+        headers={"X-Request-Id": "e2e-registration"},
+    )
+    assert status == 201 and person["status"] == "pending"
+    assert headers["X-Request-Id"] == "e2e-registration"
+
+    def welcome_link() -> str | None:
+        _, box, _ = stack.call("GET", "notifier", "/mailbox?to=maria@example.com")
+        return box["messages"][0]["links"][0] if box["messages"] else None
+
+    link = urllib.parse.urlsplit(wait_until(welcome_link, what="the welcome e-mail"))
+    assert link.netloc == f"person.localhost:{stack.port}"
+    status, page, _ = stack.call("GET", "person", f"{link.path}?{link.query}")
+    assert status == 200 and "Account activated" in page
+
+    for kind, body in (
+        ("income", {"type": "renting", "value": 1000}),
+        ("asset", {"type": "apartment", "value": 100000}),
+        ("debt", {"value": 1000}),
+    ):
+        assert stack.call("POST", "person", f"/person/12345678909/{kind}", body)[0] == 201
+
+    def score() -> int | None:
+        status, body, _ = stack.call("GET", "score", "/12345678909/score")
+        return body["score"] if status == 200 and body["debts"] != "0.00" else None
+
+    assert wait_until(score, what="the score") == 4970
+
+    def view() -> dict | None:
+        status, body, _ = stack.call("GET", "notifier", "/users/12345678909")
+        return body if status == 200 and body["status"] == "active" else None
+
+    assert wait_until(view, what="the activated view")["welcome_email"]["status"] == "sent"
+
+
+def test_the_seeds_four_calls_and_an_independent_second_person(stack):
+    assert stack.call("POST", "person", "/person", SEED)[0] == 201
+    for kind, body in (
+        ("income", {"type": "renting", "value": 1000}),
+        ("asset", {"type": "apartment", "value": 100000}),
+        ("debt", {"value": 1000}),
+    ):
+        assert stack.call("POST", "person", f"/person/11111/{kind}", body)[0] == 201
+    assert stack.call("POST", "person", "/person", {**SEED, "cpf": 22222})[0] == 201
+    assert (
+        stack.call("POST", "person", "/person/22222/income", {"type": "salary", "value": 500})[0]
+        == 201
+    )
+
+    def scores() -> tuple | None:
+        first = stack.call("GET", "score", "/11111/score")
+        second = stack.call("GET", "score", "/22222/score")
+        if first[0] == second[0] == 200 and first[1]["debts"] != "0.00" and second[1]["score"]:
+            return first[1]["score"], second[1]["score"]
+        return None
+
+    assert wait_until(scores, what="both scores") == (4970, 10)
+
+
+def test_deleting_a_person_removes_it_from_both_read_models(stack):
+    assert (
+        stack.call("POST", "person", "/person", {**SEED, "cpf": 33333, "email": "del@example.com"})[
+            0
+        ]
+        == 201
+    )
+    wait_until(lambda: stack.call("GET", "notifier", "/users/33333")[0] == 200, what="view")
+    wait_until(lambda: stack.call("GET", "score", "/33333/score")[0] == 200, what="score")
+    assert stack.call("DELETE", "person", "/person/33333")[0] == 204
+    wait_until(lambda: stack.call("GET", "score", "/33333/score")[0] == 404, what="score gone")
+    wait_until(lambda: stack.call("GET", "notifier", "/users/33333")[0] == 404, what="view gone")
+
+
+def test_every_service_is_ready_and_unknown_hosts_are_not_routed(stack):
+    for host in ("person", "score", "notifier"):
+        # /ready includes "is my consumer attached", which the consumer reports once it is.
+        wait_until(lambda h=host: stack.call("GET", h, "/ready")[0] == 200, what=f"{host} ready")
+    assert stack.call("GET", "elsewhere", "/health")[0] == 404
+
+
+def test_traefik_refuses_a_body_over_its_limit(stack):
+    # As curl does for a large body: headers first with "Expect: 100-continue"; Traefik answers
+    # 413 from Content-Length alone, before a byte of the body is sent.
+    connection = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=10)
+    try:
+        connection.putrequest("POST", "/person", skip_host=True)
+        connection.putheader("Host", "person.localhost")
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(2_000_000))
+        connection.putheader("Expect", "100-continue")
+        connection.endheaders()
+        response = connection.getresponse()
+        # Traefik's own plain-text answer, not the service's JSON error: the gateway's limit.
+        assert (response.status, response.read()) == (413, b"Request Entity Too Large")
+    finally:
+        connection.close()
+
+
+def test_make_down_leaves_no_process_and_up_twice_is_harmless(stack):
+    again = stack.control("up")
+    assert again.returncode == 0 and "already running" in again.stdout
+    pid = int((stack.run_dir / "honcho.pid").read_text())
+    assert stack.control("down").returncode == 0
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
+    assert stack.control("up").returncode == 0  # the fixture's own teardown stops it again

@@ -1,0 +1,150 @@
+"""docker-compose.yml, the Dockerfile, the Procfile and Traefik's routes describe one stack.
+
+No Docker engine is needed: `docker-compose config` (Debian's package) validates and renders the
+compose file, and the checks below compare what it rendered with the native stack's files.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[1]
+APIS = ("person", "score", "notifier")
+INFRASTRUCTURE = ("postgres", "rabbitmq", "redis", "traefik")
+ONE_SHOTS = ("migrate", "migrate-person")
+
+
+def compose_command() -> list[str]:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    plugin = subprocess.run(["docker", "compose", "version"], capture_output=True, check=False)
+    if shutil.which("docker") and plugin.returncode == 0:
+        return ["docker", "compose"]
+    pytest.fail(
+        "validating docker-compose.yml needs docker-compose: "
+        "apt-get install --no-install-recommends docker-compose"
+    )
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    rendered = subprocess.run(
+        [*compose_command(), "--file", str(ROOT / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin"},  # the defaults, not this shell's variables
+        check=False,
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    return yaml.safe_load(rendered.stdout)
+
+
+def procfile() -> dict[str, str]:
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines if line and not line.startswith("#"))
+
+
+def native_routes() -> dict:
+    text = (ROOT / "traefik" / "dynamic" / "routes.yml").read_text()
+    # Traefik renders its Go templates before parsing; render the defaults the same way.
+    text = re.sub(r'\{\{ env "\w+" \| default "(\d+)" \}\}', r"\1", text)
+    return yaml.safe_load(text)
+
+
+def labels(service: dict) -> dict[str, str]:
+    raw = service.get("labels", {})
+    if isinstance(raw, list):
+        return dict(item.split("=", 1) for item in raw)
+    return raw
+
+
+def test_one_container_per_native_process(compose):
+    containers = set(compose["services"]) - set(INFRASTRUCTURE) - set(ONE_SHOTS)
+    assert containers == set(procfile()) - {"traefik"}
+    for name in containers:
+        native = procfile()[name].split()
+        command = compose["services"][name]["command"]
+        assert command[0] == native[0]
+        assert command[-1].strip('"') == native[-1].strip('"'), name
+
+
+def test_every_api_is_routed_as_in_the_native_routes(compose):
+    native = native_routes()["http"]["routers"]
+    for api in APIS:
+        tags = labels(compose["services"][api])
+        assert tags["traefik.enable"] == "true"
+        assert tags[f"traefik.http.routers.{api}.rule"] == native[api]["rule"]
+        assert tags[f"traefik.http.services.{api}.loadbalancer.server.port"] == "8000"
+        assert tags[f"traefik.http.routers.{api}.middlewares"] == "body-limit@docker"
+    limits = {
+        value
+        for api in APIS
+        for key, value in labels(compose["services"][api]).items()
+        if key.endswith("maxRequestBodyBytes")
+    }
+    native_limit = native_routes()["http"]["middlewares"]["body-limit"]["buffering"]
+    assert limits == {str(native_limit["maxRequestBodyBytes"])}
+    for name, service in compose["services"].items():
+        if name not in APIS:
+            assert labels(service).get("traefik.enable") != "true", name
+
+
+def test_traefik_exposes_only_labelled_containers_and_logs_request_ids(compose):
+    traefik = compose["services"]["traefik"]
+    assert traefik["image"].startswith("traefik:v3.")
+    flags = traefik["command"]
+    assert "--providers.docker.exposedByDefault=false" in flags
+    assert "--accessLog=true" in flags
+    assert "--accessLog.fields.headers.names.X-Request-Id=keep" in flags
+    assert not any(flag.startswith("--api") for flag in flags)  # no dashboard
+    assert "--api" not in procfile()["traefik"]
+
+
+def test_infrastructure_is_pinned_protected_and_durable(compose):
+    services = compose["services"]
+    for name in INFRASTRUCTURE:
+        image = services[name]["image"]
+        # a full version (PostgreSQL's have two parts: 15.10)
+        assert re.search(r":v?\d+\.\d+", image), f"{name} is not pinned: {image}"
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"]
+    assert "management" in services["rabbitmq"]["image"]
+    assert "--appendonly" in services["redis"]["command"]
+    assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] == (
+        "yes"
+    )
+
+
+def test_everything_long_running_is_health_checked_and_waits_for_health(compose):
+    services = compose["services"]
+    for name in (*INFRASTRUCTURE, *APIS):
+        assert "healthcheck" in services[name], name
+    for name, service in services.items():
+        if name in INFRASTRUCTURE:
+            continue
+        conditions = {dep: cond["condition"] for dep, cond in service["depends_on"].items()}
+        for dependency, condition in conditions.items():
+            expected = (
+                "service_completed_successfully" if dependency in ONE_SHOTS else "service_healthy"
+            )
+            assert condition == expected, (name, dependency)
+        assert "postgres" in conditions, name
+    assert "networks" not in compose or set(compose["networks"]) <= {"default"}
+
+
+def test_the_image_is_slim_pinned_and_runs_as_a_user():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)", dockerfile, re.MULTILINE).group(1)
+    assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), base
+    user = re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)
+    assert user and not user[-1].startswith(("root", "0")), user
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git", ".env"} <= set(ignored)
