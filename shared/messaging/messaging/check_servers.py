@@ -12,13 +12,14 @@ from psycopg.conninfo import make_conninfo
 
 DEFAULTS = {
     "PERSON_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/person",
+    "NOTIFIER_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/notifier",
     "AMQP_URL": "amqp://guest:guest@127.0.0.1:5672/%2F",
     "SCORE_REDIS_URL": "redis://127.0.0.1:6379/0",
 }
+POSTGRES_HINT = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 HINTS = {
-    "PERSON_DATABASE_URL": (
-        "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
-    ),
+    "PERSON_DATABASE_URL": POSTGRES_HINT,
+    "NOTIFIER_DATABASE_URL": POSTGRES_HINT,
     "AMQP_URL": "rabbitmq-server -detached",
     "SCORE_REDIS_URL": "redis-server --daemonize yes --port 6379",
 }
@@ -40,7 +41,12 @@ def _redis(url: str) -> None:
     redis.Redis.from_url(url, socket_connect_timeout=3).ping()
 
 
-CHECKS = {"PERSON_DATABASE_URL": _postgres, "AMQP_URL": _rabbitmq, "SCORE_REDIS_URL": _redis}
+CHECKS = {
+    "PERSON_DATABASE_URL": _postgres,
+    "NOTIFIER_DATABASE_URL": _postgres,
+    "AMQP_URL": _rabbitmq,
+    "SCORE_REDIS_URL": _redis,
+}
 
 
 def main() -> int:

@@ -1,0 +1,56 @@
+"""`make up` names the server that did not answer, with its URL (password hidden) and a hint."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def check(**urls: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "messaging.check_servers"],
+        env={**os.environ, **urls},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_every_server_answering_passes(servers):
+    result = check(
+        PERSON_DATABASE_URL=servers.database,
+        NOTIFIER_DATABASE_URL=servers.database,
+        AMQP_URL=servers.amqp,
+        SCORE_REDIS_URL=servers.redis,
+    )
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.count("✓") == 4
+
+
+def test_a_missing_server_is_named_with_its_url_and_how_to_start_it(servers):
+    port = closed_port()
+    result = check(
+        PERSON_DATABASE_URL=servers.database,
+        NOTIFIER_DATABASE_URL=servers.database,
+        AMQP_URL=f"amqp://app:s3cret-password@127.0.0.1:{port}/%2F",
+        SCORE_REDIS_URL=servers.redis,
+    )
+    assert result.returncode == 1
+    failed = [line for line in result.stdout.splitlines() if line.startswith("✗")]
+    assert failed == [
+        f"✗ AMQP_URL=amqp://app:***@127.0.0.1:{port}/%2F did not answer (AMQPConnectionError)."
+    ]
+    assert "rabbitmq-server -detached" in result.stdout
+    assert "s3cret-password" not in result.stdout + result.stderr
