@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from datetime import UTC, datetime
 
 import pytest
@@ -100,6 +101,26 @@ def test_a_400_fails_the_delivery_with_sendgrids_error_and_it_can_be_retried(
         assert store.retry(failed["id"]) == "failed"
         wait_until(lambda: delivery(store, "4")["status"] == "sent", what="the retried e-mail")
     assert fake_sendgrid.accepted_to("d@example.com") == 1
+
+
+def test_a_refused_connection_is_retried_later_not_failed(view, store, config, fake_sendgrid):
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    register(view, "10", "j@example.com")
+    with running(sender_for(store, config.model_copy(update={"sendgrid_host": closed}))):
+        wait_until(lambda: delivery(store, "10")["attempts"] >= 1, what="a refused attempt")
+    refused = delivery(store, "10")
+    assert refused["status"] == "pending" and refused["next_attempt_at"] is not None
+    assert "refused" in refused["last_error"].lower()
+    # SendGrid reachable again: the same delivery goes out once, on its next attempt.
+    with running(sender_for(store, config)):
+        wait_until(
+            lambda: delivery(store, "10")["status"] == "sent",
+            timeout=20,
+            what="the e-mail sent after the refusal",
+        )
+    assert fake_sendgrid.accepted_to("j@example.com") == 1
 
 
 def test_retries_stop_at_the_attempt_limit(view, store, config, fake_sendgrid):
