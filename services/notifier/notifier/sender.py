@@ -4,13 +4,16 @@ Each delivery is claimed (status 'sending', committed) before SendGrid is called
 never send the same e-mail and a crash before the call is retried after the lease. The one window
 that can still duplicate an e-mail: the sender dies after SendGrid accepted it and before the
 'sent' mark commits (the duration of one local UPDATE, milliseconds); after the lease the
-delivery is sent again.
+delivery is sent again. A database blip in that window does not duplicate: the mark is retried
+on a fresh connection (see `_record`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import psycopg
@@ -82,7 +85,8 @@ class Sender:
             return 0.0
         outcome = self.transport.send(delivery)
         if outcome.status == "sent":
-            self.store.mark_sent(delivery["id"], self.transport.name, outcome.message_id)
+            name, message_id = self.transport.name, outcome.message_id
+            self._record(lambda: self.store.mark_sent(delivery["id"], name, message_id))
             self.sent += 1
         elif outcome.status == "retry" and delivery["attempts"] < self.config.sender_max_attempts:
             wait = (
@@ -90,14 +94,34 @@ class Sender:
                 if outcome.retry_after is not None
                 else backoff_seconds(delivery["attempts"])
             )
-            self.store.mark_retry(delivery["id"], wait, outcome.detail)
+            self._record(lambda: self.store.mark_retry(delivery["id"], wait, outcome.detail))
             log.warning("delivery %s to retry in %.1fs: %s", delivery["id"], wait, outcome.detail)
             return wait if outcome.retry_after is not None else 0.0
         else:
-            self.store.mark_failed(delivery["id"], outcome.detail)
+            self._record(lambda: self.store.mark_failed(delivery["id"], outcome.detail))
             self.failed += 1
             log.error("delivery %s failed: %s", delivery["id"], outcome.detail)
         return 0.0
+
+    def _record(self, action: Callable[[], None]) -> None:
+        """Record what SendGrid answered, riding out database blips.
+
+        An accepted e-mail whose 'sent' mark is lost would be sent again once its lease expires,
+        so a failed mark is retried on a fresh connection for up to half the lease (also while
+        stopping) before the error is let through.
+        """
+        backoff = Backoff(first=0.05, cap=1.0)
+        deadline = time.monotonic() + self.config.sender_lease_seconds / 2
+        while True:
+            try:
+                action()
+                return
+            except psycopg.Error as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                pause = backoff.next()
+                log.warning("could not record a delivery outcome (%s); again in %.2fs", exc, pause)
+                time.sleep(pause)
 
     def _listen(self) -> None:
         """Wake the loop when a delivery is recorded (LISTEN); polling is the fallback."""

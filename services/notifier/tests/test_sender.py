@@ -6,6 +6,7 @@ import logging
 import socket
 from datetime import UTC, datetime
 
+import psycopg
 import pytest
 from messaging import Envelope
 from messaging.testing import running, wait_until
@@ -121,6 +122,40 @@ def test_a_refused_connection_is_retried_later_not_failed(view, store, config, f
             what="the e-mail sent after the refusal",
         )
     assert fake_sendgrid.accepted_to("j@example.com") == 1
+
+
+def test_connections_killed_between_acceptance_and_mark_do_not_send_twice(
+    view, store, config, fake_sendgrid, notifier_db
+):
+    """pg_terminate_backend right after SendGrid's 202: the mark is retried, not the e-mail."""
+    real = transport_for(config)
+
+    class TerminatingTransport:
+        name = real.name
+
+        def send(self, delivery):
+            outcome = real.send(delivery)
+            with psycopg.connect(notifier_db, autocommit=True) as admin:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "AND application_name <> 'observer'"
+                )
+            return outcome
+
+    def state() -> tuple[str, int]:  # on a connection of its own: the pool's are terminated
+        with psycopg.connect(notifier_db, application_name="observer") as conn:
+            return conn.execute(
+                "SELECT status, attempts FROM deliveries WHERE cpf = '11'"
+            ).fetchone()
+
+    config = config.model_copy(update={"sender_lease_seconds": 1.0})
+    register(view, "11", "k@example.com")
+    with running(Sender(store, config, TerminatingTransport())):
+        wait_until(lambda: state()[0] == "sent", what="the marked e-mail")
+    # A lost mark would have shown: after the lease (1 s) the e-mail would have gone out again.
+    assert fake_sendgrid.accepted_to("k@example.com") == 1
+    assert state() == ("sent", 1)
 
 
 def test_retries_stop_at_the_attempt_limit(view, store, config, fake_sendgrid):
