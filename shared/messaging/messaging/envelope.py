@@ -91,8 +91,15 @@ class Envelope(BaseModel):
         return self.model_dump_json().encode()
 
 
+# The largest body worth decoding. An entity's full state is a few KiB (the person API takes at
+# most 64 KiB per request); anything near this size is a producer's bug or an attack, not data.
+MAX_BODY_BYTES = 256 * 1024
+
+
 def decode(body: bytes | str) -> Envelope:
     """Decode a message body, raising DecodeError for anything that is not an envelope."""
+    if len(body) > MAX_BODY_BYTES:
+        raise DecodeError(f"body of {len(body)} bytes is over the {MAX_BODY_BYTES}-byte limit")
     try:
         # JSON mode: strings are accepted for UUIDs and datetimes, nothing else is coerced.
         return Envelope.model_validate_json(body)

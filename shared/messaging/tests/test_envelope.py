@@ -170,3 +170,14 @@ def test_the_decode_error_is_a_value_error_and_hides_the_validation_traceback():
     assert isinstance(caught.value, ValueError)
     assert caught.value.__cause__ is None
     assert caught.value.__suppress_context__
+
+
+def test_a_valid_envelope_over_the_size_limit_is_refused_and_says_so():
+    from messaging.envelope import MAX_BODY_BYTES
+
+    padding = "x" * MAX_BODY_BYTES
+    oversized = body(valid_fields(data={"name": padding}))
+    with pytest.raises(DecodeError, match="over the .*-byte limit"):
+        decode(oversized)
+    just_under = body(valid_fields(data={"name": padding[: MAX_BODY_BYTES - 1024]}))
+    assert decode(just_under).data["name"].startswith("xxx")
