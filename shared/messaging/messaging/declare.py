@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 import pika
 
 from .connection import amqp_parameters
-from .topology import Topology
+from .topology import DEFAULT_RETRY_DELAYS, Topology
+
+
+def retry_delays() -> tuple[float, ...]:
+    """RETRY_DELAYS as the consumers read it (a JSON list of seconds), else the default steps."""
+    raw = os.environ.get("RETRY_DELAYS")
+    if not raw:
+        return DEFAULT_RETRY_DELAYS
+    delays = json.loads(raw)
+    if (
+        not isinstance(delays, list)
+        or not delays
+        or not all(isinstance(d, int | float) and d > 0 for d in delays)
+    ):
+        raise SystemExit(f"RETRY_DELAYS must be a JSON list of positive seconds, not {raw!r}")
+    return tuple(float(d) for d in delays)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m messaging.topology SERVICE...: declare each service's queues before start-up.
+    """python -m messaging.declare SERVICE...: declare each service's queues before start-up.
 
     Declaring every subscriber's queue before the relay runs means no event is routed while a
     consumer's queue does not exist yet (the relay would hold it, returned, until one did).
@@ -25,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         channel = conn.channel()
         for service in services:
-            topology = Topology(service, exchange)
+            topology = Topology(service, exchange, retry_delays())
             topology.declare(channel)
             print(f"declared {topology.queue} (+ retry and dead queues) on {exchange}")
     finally:
