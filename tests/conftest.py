@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+
+import pika
 import pytest
+import redis
+from messaging.topology import Topology
 from notifier.migrate import migrate_database as migrate_notifier
 from person.migrate import migrate_database as migrate_person
 
@@ -19,3 +28,54 @@ def notifier_db(make_database) -> str:
     url = make_database("notifier")
     migrate_notifier(url)
     return url
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack_env(make_database, servers) -> Iterator[dict[str, str]]:
+    """Environment for a whole stack of this module's own: ports, databases, exchange, Redis prefix.
+
+    It never meets a stack a developer started with `make up`. The queues the stack declared are
+    deleted afterwards.
+    """
+    if "127.0.0.1" not in servers.amqp and "localhost" not in servers.amqp:
+        pytest.skip("the native stack runs against the local servers")
+    exchange = f"stack-{uuid.uuid4().hex[:8]}"
+    delays = (1.0, 5.0, 30.0)
+    env = {
+        **os.environ,
+        "GATEWAY_PORT": str(free_port()),
+        "PERSON_PORT": str(free_port()),
+        "SCORE_PORT": str(free_port()),
+        "NOTIFIER_PORT": str(free_port()),
+        "PERSON_DATABASE_URL": make_database("stack_person"),
+        "NOTIFIER_DATABASE_URL": make_database("stack_notifier"),
+        "SCORE_REDIS_URL": servers.redis,
+        "SCORE_KEY_PREFIX": f"{exchange}:",
+        "AMQP_URL": servers.amqp,
+        "EVENTS_EXCHANGE": exchange,
+        "RETRY_DELAYS": json.dumps(delays),
+        "ACTIVATION_SECRET": "stack-secret",
+        "ADMIN_TOKEN": "stack-admin",
+        "PERSON_WORKERS": "1",
+        "SCORE_WORKERS": "1",
+        "NOTIFIER_WORKERS": "1",
+    }
+    env.pop("SENDGRID_API_KEY", None)
+    yield env
+    client = redis.Redis.from_url(servers.redis)
+    for key in client.scan_iter(match=f"{exchange}:*", count=1000):
+        client.unlink(key)
+    conn = pika.BlockingConnection(pika.URLParameters(servers.amqp))
+    try:
+        channel = conn.channel()
+        for service in ("score", "notifier"):
+            Topology(service, exchange, delays).delete(channel)
+        channel.exchange_delete(exchange)
+    finally:
+        conn.close()

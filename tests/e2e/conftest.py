@@ -7,13 +7,10 @@ stack a developer started with `make up`.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +19,6 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -81,31 +72,9 @@ def _decode(raw: bytes) -> Any:
 
 
 @pytest.fixture(scope="module")
-def stack(make_database, servers, tmp_path_factory) -> Iterator[Stack]:
-    if "127.0.0.1" not in servers.amqp and "localhost" not in servers.amqp:
-        pytest.skip("the native stack runs against the local servers")
-    port = free_port()
-    env = {
-        **os.environ,
-        "GATEWAY_PORT": str(port),
-        "PERSON_PORT": str(free_port()),
-        "SCORE_PORT": str(free_port()),
-        "NOTIFIER_PORT": str(free_port()),
-        "PERSON_DATABASE_URL": make_database("e2e_person"),
-        "NOTIFIER_DATABASE_URL": make_database("e2e_notifier"),
-        "SCORE_REDIS_URL": servers.redis,
-        "SCORE_KEY_PREFIX": f"e2e-{uuid.uuid4().hex[:8]}:",
-        "AMQP_URL": servers.amqp,
-        "EVENTS_EXCHANGE": f"e2e-{uuid.uuid4().hex[:8]}",
-        "STACK_RUN_DIR": str(tmp_path_factory.mktemp("stack")),
-        "ACTIVATION_SECRET": "e2e-secret",
-        "ADMIN_TOKEN": "e2e-admin",
-        "PERSON_WORKERS": "1",
-        "SCORE_WORKERS": "1",
-        "NOTIFIER_WORKERS": "1",
-    }
-    env.pop("SENDGRID_API_KEY", None)
-    stack = Stack(port, env, Path(env["STACK_RUN_DIR"]))
+def stack(stack_env, tmp_path_factory) -> Iterator[Stack]:
+    env = {**stack_env, "STACK_RUN_DIR": str(tmp_path_factory.mktemp("stack"))}
+    stack = Stack(int(env["GATEWAY_PORT"]), env, Path(env["STACK_RUN_DIR"]))
     started = stack.control("up")
     if started.returncode != 0:
         log = stack.run_dir / "stack.log"

@@ -23,7 +23,18 @@ class NotifierConfig(ServiceSettings):
     sender_poll_seconds: float = 1.0
     sender_max_attempts: int = 8
     sender_lease_seconds: float = 300.0
+    sender_concurrency: int = 8
+    sender_backoff_cap_seconds: float = 300.0
     db_pool_size: int = 5
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_call(self) -> NotifierConfig:
+        # A claim older than the lease is taken again: it must outlast one call to SendGrid.
+        if self.sender_lease_seconds <= 2 * self.sendgrid_timeout_seconds:
+            raise ValueError("SENDER_LEASE_SECONDS must be over twice SENDGRID_TIMEOUT_SECONDS")
+        if self.sender_concurrency < 1:
+            raise ValueError("SENDER_CONCURRENCY must be at least 1")
+        return self
 
     @model_validator(mode="after")
     def _production_needs_secrets(self) -> NotifierConfig:

@@ -32,9 +32,13 @@ class FakeSendGrid:
         self.rng = random.Random(seed)
         self.accepted: list[dict[str, Any]] = []
         self.requests = 0
+        self.hanging = 0  # requests being held right now ("hang")
+        self.held = 0  # requests being held by a stall
         self.authorizations: list[str] = []
         self.lock = threading.Lock()
         self.release = threading.Event()  # set to let hanging requests go
+        self.flowing = threading.Event()  # cleared by stall(): every call is held meanwhile
+        self.flowing.set()
         self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.server.daemon_threads = True
 
@@ -48,8 +52,16 @@ class FakeSendGrid:
 
     def stop(self) -> None:
         self.release.set()
+        self.flowing.set()
         self.server.shutdown()
         self.server.server_close()
+
+    def stall(self) -> None:
+        """Hold every call from now on, unanswered, until resume(): SendGrid stops responding."""
+        self.flowing.clear()
+
+    def resume(self) -> None:
+        self.flowing.set()
 
     def then(self, *behaviours: str) -> FakeSendGrid:
         with self.lock:
@@ -85,9 +97,20 @@ class FakeSendGrid:
                     return self._answer(404, {"errors": [{"message": "not found"}]})
                 with fake.lock:
                     fake.authorizations.append(self.headers.get("Authorization", ""))
+                if not fake.flowing.is_set():
+                    with fake.lock:
+                        fake.held += 1
+                    fake.flowing.wait(30)
+                    with fake.lock:
+                        fake.held -= 1
+                    return None  # the client gave up long ago: no answer
                 behaviour = fake._next()
                 if behaviour == "hang":
+                    with fake.lock:
+                        fake.hanging += 1
                     fake.release.wait(30)  # longer than any client timeout in the tests
+                    with fake.lock:
+                        fake.hanging -= 1
                     return None
                 if behaviour == "429":
                     reset = str(int(time.time()) + 1)

@@ -26,7 +26,6 @@ from .email import Outcome, SendGridTransport, backoff_seconds
 from .store import NotifierStore
 
 log = logging.getLogger("notifier.sender")
-BATCH = 20
 
 
 class Transport(Protocol):
@@ -36,72 +35,97 @@ class Transport(Protocol):
 
 
 class Sender:
+    """SENDER_CONCURRENCY workers, each claiming one due delivery at a time and sending it.
+
+    A slow or hanging call to SendGrid holds back only its own worker, and a claim lives about as
+    long as one call (the lease must outlast SENDGRID_TIMEOUT_SECONDS; the configuration checks).
+    Workers sleep until a delivery is recorded (LISTEN) or one falls due; polling is the fallback.
+    """
+
     def __init__(
         self, store: NotifierStore, config: NotifierConfig, transport: Transport | None
     ) -> None:
         self.store, self.config, self.transport = store, config, transport
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._wake = threading.Condition()
+        self._wakes = 0  # counts wake-ups, so one that comes while a worker looks is not lost
         self.sent = self.failed = 0
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
+        self.wake()
+
+    def wake(self) -> None:
+        with self._wake:
+            self._wakes += 1
+            self._wake.notify_all()
 
     def run(self) -> None:
         listener = threading.Thread(target=self._listen, name="deliveries-listener", daemon=True)
         listener.start()
+        # The development mailbox is one local INSERT: a single worker is plenty.
+        count = self.config.sender_concurrency if self.transport is not None else 1
+        workers = [
+            threading.Thread(target=self._work, name=f"sender-{n}", daemon=True)
+            for n in range(count)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        listener.join(timeout=2)
+
+    def _work(self) -> None:
         backoff = Backoff(cap=10.0)
         while not self._stop.is_set():
+            seen = self._wakes
             try:
-                pause = self.run_once()
+                pause = self._step()
                 backoff.reset()
             except psycopg.Error as exc:
                 pause = backoff.next()
                 log.warning("sender lost the database (%s); retrying in %.1fs", exc, pause)
-            if pause > 0:
-                self._wake.wait(pause)
-                self._wake.clear()
-        listener.join(timeout=2)
+            if pause > 0 and not self._stop.is_set():
+                with self._wake:
+                    if self._wakes == seen:
+                        self._wake.wait(pause)
 
-    def run_once(self) -> float:
-        """Deliver what is due; return how long to wait before looking again."""
-        claimed = self.store.claim_due(BATCH, self.config.sender_lease_seconds)
-        for delivery in claimed:
-            wait = self._deliver(delivery)
-            if wait:  # rate limited: the whole account waits, not just this e-mail
-                return wait
-            if self._stop.is_set():
-                return 0
-        if len(claimed) == BATCH:
-            return 0
+    def _step(self) -> float:
+        """Deliver one due e-mail; return how long to wait before looking again (0: at once)."""
+        claimed = self.store.claim_due(1, self.config.sender_lease_seconds)
+        if claimed:
+            self._deliver(claimed[0])
+            return 0.0
         due = self.store.next_due_in()
-        return min(self.config.sender_poll_seconds, due if due is not None else 3600)
+        return max(0.01, min(self.config.sender_poll_seconds, due if due is not None else 3600))
 
-    def _deliver(self, delivery: dict[str, Any]) -> float:
+    def _deliver(self, delivery: dict[str, Any]) -> None:
         if self.transport is None:
             self.store.deliver_to_mailbox(delivery, self.config.email_from)
             self.sent += 1
-            return 0.0
+            return
         outcome = self.transport.send(delivery)
         if outcome.status == "sent":
             name, message_id = self.transport.name, outcome.message_id
             self._record(lambda: self.store.mark_sent(delivery["id"], name, message_id))
             self.sent += 1
-        elif outcome.status == "retry" and delivery["attempts"] < self.config.sender_max_attempts:
-            wait = (
-                outcome.retry_after
-                if outcome.retry_after is not None
-                else backoff_seconds(delivery["attempts"])
+        elif outcome.status == "retry" and outcome.retry_after is not None:
+            # Rate limited: this e-mail waits until X-RateLimit-Reset, and it is not one of its
+            # attempts. Other workers learn of the limit from their own next call (one wasted
+            # request each per window), rather than from a guess shared between processes.
+            wait = outcome.retry_after
+            self._record(
+                lambda: self.store.mark_retry(delivery["id"], wait, outcome.detail, counts=False)
             )
+            log.warning("rate limited; delivery %s again in %.1fs", delivery["id"], wait)
+        elif outcome.status == "retry" and delivery["attempts"] < self.config.sender_max_attempts:
+            wait = backoff_seconds(delivery["attempts"], self.config.sender_backoff_cap_seconds)
             self._record(lambda: self.store.mark_retry(delivery["id"], wait, outcome.detail))
             log.warning("delivery %s to retry in %.1fs: %s", delivery["id"], wait, outcome.detail)
-            return wait if outcome.retry_after is not None else 0.0
         else:
             self._record(lambda: self.store.mark_failed(delivery["id"], outcome.detail))
             self.failed += 1
             log.error("delivery %s failed: %s", delivery["id"], outcome.detail)
-        return 0.0
 
     def _record(self, action: Callable[[], None]) -> None:
         """Record what SendGrid answered, riding out database blips.
@@ -131,7 +155,7 @@ class Sender:
                     conn.execute("LISTEN deliveries")
                     while not self._stop.is_set():
                         for _ in conn.notifies(timeout=0.5):
-                            self._wake.set()
+                            self.wake()
             except psycopg.Error:
                 self._stop.wait(1.0)
 
@@ -151,7 +175,8 @@ def transport_for(config: NotifierConfig) -> Transport | None:
 def main() -> int:
     config = NotifierConfig()
     configure_logging(config.log_level)
-    with ConnectionPool(config.notifier_database_url, min_size=1, max_size=2) as pool:
+    pool_size = config.sender_concurrency + 1
+    with ConnectionPool(config.notifier_database_url, min_size=1, max_size=pool_size) as pool:
         transport = transport_for(config)
         log.info("sending e-mail through %s", transport.name if transport else "the mailbox")
         return run_until_signalled(Sender(NotifierStore(pool), config, transport))

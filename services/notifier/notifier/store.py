@@ -128,12 +128,16 @@ class NotifierStore:
                 (provider, message_id, delivery_id),
             )
 
-    def mark_retry(self, delivery_id: int, after_seconds: float, error: str) -> None:
+    def mark_retry(
+        self, delivery_id: int, after_seconds: float, error: str, counts: bool = True
+    ) -> None:
+        """Back to pending after a delay; `counts=False` gives the claim's attempt back."""
         with self.transaction() as cur:
             cur.execute(
                 "UPDATE deliveries SET status = 'pending', last_error = %s, "
+                "attempts = attempts - %s, "
                 "next_attempt_at = now() + %s * interval '1 second' WHERE id = %s",
-                (error, after_seconds, delivery_id),
+                (error, 0 if counts else 1, after_seconds, delivery_id),
             )
 
     def mark_failed(self, delivery_id: int, error: str) -> None:
