@@ -191,6 +191,11 @@ def _limit() -> int:
     return int(raw)
 
 
+def _integer(parameter: dict[str, Any]) -> dict[str, Any]:
+    """A path parameter the route takes as <int:...>: digits only, anything else is a 404."""
+    return {**parameter, "schema": {"type": "integer", "minimum": 0}}
+
+
 def describe(api: OpenApi) -> None:
     admin = [{"bearer": []}]
     limit = {
@@ -217,7 +222,7 @@ def describe(api: OpenApi) -> None:
         "GET",
         "/mailbox/{mail_id}",
         "One e-mail of the mailbox, as HTML",
-        parameters=[path_parameter("mail_id", "the e-mail's id")],
+        parameters=[_integer(path_parameter("mail_id", "the e-mail's id"))],
         responses={200: "text/html", 404: Problem},
     )
     status = {
@@ -237,7 +242,7 @@ def describe(api: OpenApi) -> None:
         "POST",
         "/deliveries/{delivery_id}/retry",
         "Queue a failed delivery again",
-        parameters=[path_parameter("delivery_id", "the delivery's id")],
+        parameters=[_integer(path_parameter("delivery_id", "the delivery's id"))],
         responses={202: Accepted, 401: Problem, 404: Problem, 409: Problem},
     )
     for path in ("/deliveries", "/deliveries/{delivery_id}/retry"):

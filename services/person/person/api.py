@@ -221,8 +221,8 @@ def describe(api: OpenApi) -> None:
     api.route(
         "POST",
         "/person/{cpf}/{kind}",
-        "Add an income, asset or debt",
-        body=ItemIn,
+        "Add an income, asset or debt (a debt's type is optional)",
+        body=(ItemIn, DebtIn),
         parameters=[cpf, kind],
         responses={201: ItemCreated, 404: Problem, **errors},
     )

@@ -79,7 +79,9 @@ def _not_in_future(value: date) -> date:
     return value
 
 
-Cpf = Annotated[str, BeforeValidator(normalise_cpf)]
+# Documented as what it accepts (a number or a string), not as the digits it turns into.
+_CPF_INPUT = Annotated[int, Field(ge=0, le=99_999_999_999_999)] | str
+Cpf = Annotated[str, BeforeValidator(normalise_cpf, json_schema_input_type=_CPF_INPUT)]
 Money = Annotated[
     Decimal,
     BeforeValidator(_no_bool),

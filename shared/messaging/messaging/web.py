@@ -230,7 +230,7 @@ class OpenApi:
         path: str,
         summary: str,
         *,
-        body: type[BaseModel] | None = None,
+        body: type[BaseModel] | tuple[type[BaseModel], ...] | None = None,
         responses: dict[int, type[BaseModel] | str | None],
         parameters: list[dict[str, Any]] | None = None,
     ) -> None:
@@ -238,10 +238,13 @@ class OpenApi:
         if parameters:
             operation["parameters"] = parameters
         if body is not None:
-            self.models.add(body)
+            # Several models: the body is any of them (e.g. when a path parameter picks one).
+            bodies = body if isinstance(body, tuple) else (body,)
+            self.models.update(bodies)
+            schema = _ref(bodies[0]) if len(bodies) == 1 else {"anyOf": [_ref(m) for m in bodies]}
             operation["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": _ref(body)}},
+                "content": {"application/json": {"schema": schema}},
             }
         for status, model in responses.items():
             if isinstance(model, type) and issubclass(model, BaseModel):
