@@ -271,6 +271,7 @@ def fake_sendgrid() -> Iterator[FakeSendGrid]:
     fake.stop()
 
 
+@pytest.mark.timeout(900)  # a few minutes; more on a loaded machine
 def test_every_guarantee_holds_through_a_storm_of_faults(stack_env, fake_sendgrid, tmp_path):
     env = {
         **stack_env,
