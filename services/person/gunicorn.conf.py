@@ -1,11 +1,5 @@
 """gunicorn settings of the person API (used by make up and the containers)."""
 
-import os
+from messaging.serving import gunicorn_settings
 
-bind = os.environ.get("BIND", f"127.0.0.1:{os.environ.get('PERSON_PORT', '8101')}")
-workers = int(os.environ.get("PERSON_WORKERS", "2"))
-threads = int(os.environ.get("PERSON_THREADS", "4"))
-worker_class = "gthread"
-accesslog = "-"
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss request_id=%({x-request-id}i)s'
-graceful_timeout = 20
+globals().update(gunicorn_settings("PERSON", 8101))

@@ -24,6 +24,7 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from .connection import HEARTBEAT_SECONDS, Backoff, StopFlag, amqp_parameters
 from .envelope import DecodeError, Envelope, decode
 from .errors import PermanentError, RetryableError
+from .logs import bound
 from .retry import Decision, decide
 from .topology import Topology
 
@@ -195,6 +196,7 @@ class Consumer:
                 props.message_id,
                 decision.queue,
                 decision.headers.get("x-dead-reason"),
+                extra={"correlation_id": props.correlation_id},
             )
         else:
             self.stats.retried += 1
@@ -203,6 +205,7 @@ class Consumer:
                 props.message_id,
                 decision.queue,
                 decision.headers.get("x-last-error"),
+                extra={"correlation_id": props.correlation_id},
             )
 
     # -- worker thread -------------------------------------------------------------------------
@@ -260,6 +263,10 @@ class Consumer:
         return [outcomes[d.tag] for d in batch]
 
     def _apply_one(self, delivery: _Delivery, envelope: Envelope) -> _Outcome:
+        with bound(envelope.correlation_id):
+            return self._apply_bound(delivery, envelope)
+
+    def _apply_bound(self, delivery: _Delivery, envelope: Envelope) -> _Outcome:
         started = time.perf_counter()
         try:
             self.handler(envelope)
@@ -278,6 +285,9 @@ class Consumer:
             )
             return _Outcome(delivery, decide(self.topology, delivery.properties, exc))
         self._record([(delivery, envelope)], time.perf_counter() - started)
+        log.debug(
+            "applied %s %s v%d", envelope.event_type, envelope.entity_id, envelope.entity_version
+        )
         return _Outcome(delivery, None)
 
     def _record(self, applied: list[tuple[_Delivery, Envelope]], seconds: float) -> None:

@@ -9,12 +9,19 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from . import logs
 
-def configure_logging(level: str | None = None) -> None:
-    logging.basicConfig(
-        level=level or os.environ.get("LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+
+def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
+    """Root logging for a process: JSON lines on stderr (LOG_FORMAT=text for a terminal)."""
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        if getattr(existing, "messaging", False):  # ours from an earlier call; others stay
+            root.removeHandler(existing)
+    ours = logs.handler(fmt or os.environ.get("LOG_FORMAT", "json"))
+    ours.messaging = True
+    root.addHandler(ours)
+    root.setLevel(level or os.environ.get("LOG_LEVEL", "INFO"))
     # pika is chatty; python_http_client (SendGrid's) logs request headers, API key included,
     # at DEBUG: never let it below WARNING.
     logging.getLogger("pika").setLevel(logging.WARNING)

@@ -26,6 +26,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from werkzeug.exceptions import HTTPException
 
+from . import logs
+
 log = logging.getLogger("messaging.web")
 
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -126,6 +128,12 @@ def install(
         g.correlation_id = (
             incoming[:200] if incoming.isprintable() and incoming else str(uuid.uuid4())
         )
+        g.log_binding = logs.correlation_id.set(g.correlation_id)  # on every log line
+
+    @app.teardown_request
+    def _unbind(_exc: BaseException | None) -> None:
+        if "log_binding" in g:
+            logs.correlation_id.reset(g.log_binding)
 
     @app.after_request
     def _finish(response: Response) -> Response:
