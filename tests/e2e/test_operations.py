@@ -13,6 +13,7 @@ import pytest
 import redis
 from messaging.testing import wait_until
 from messaging.topology import Topology
+from prometheus_client.parser import text_string_to_metric_families
 from score.store import ScoreStore
 
 pytestmark = pytest.mark.e2e
@@ -76,3 +77,51 @@ def test_a_wiped_score_model_is_rebuilt_by_replay_while_writes_continue(stack):
         stop.set()
         writer.join(timeout=30)
     wait_until(matches, what="every score rebuilt, the writes during the replay included")
+
+
+def metric(stack, host: str, name: str, **labels: str) -> float:
+    """A sample's value from the service's /metrics, through Traefik (0 when absent)."""
+    status, text, _ = stack.call("GET", host, "/metrics")
+    assert status == 200
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def test_metrics_follow_the_traffic(stack):
+    before = {
+        "published": metric(stack, "person", "outbox_published_total"),
+        "score": metric(stack, "score", "consumer_messages_total", outcome="applied"),
+        "notifier": metric(stack, "notifier", "consumer_messages_total", outcome="applied"),
+        "sent": metric(stack, "notifier", "emails", status="sent"),
+    }
+    for n in range(5):
+        person = {
+            "cpf": str(80_000 + n),
+            "name": "M",
+            "address": "a",
+            "date_of_birth": "1990-01-01",
+            "email": f"m{n}@example.com",
+        }
+        assert stack.call("POST", "person", "/person", person)[0] == 201
+    # five person.created events: published once, applied by each consumer, five e-mails
+    wait_until(
+        lambda: metric(stack, "person", "outbox_published_total") >= before["published"] + 5,
+        what="published",
+    )
+    for host in ("score", "notifier"):
+        wait_until(
+            lambda h=host: (
+                metric(stack, h, "consumer_messages_total", outcome="applied") >= before[h] + 5
+            ),
+            what=f"{host} applied",
+        )
+        assert metric(stack, host, "consumer_handler_seconds_count") > 0
+        assert 0 <= metric(stack, host, "read_model_lag_seconds") < 600
+    wait_until(
+        lambda: metric(stack, "notifier", "emails", status="sent") >= before["sent"] + 5,
+        what="e-mails sent",
+    )
+    assert metric(stack, "person", "outbox_backlog") >= 0

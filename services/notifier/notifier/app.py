@@ -5,7 +5,9 @@ from __future__ import annotations
 from flask import Flask
 from messaging import web
 from messaging.connection import BrokerProbe
+from messaging.metrics import ConsumerCollector
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
 from psycopg_pool import ConnectionPool
 
 from . import api
@@ -35,6 +37,9 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
         if not store.alive(HEARTBEAT, within_seconds=HEARTBEAT_SECONDS * 5):
             raise RuntimeError("the notifier consumer is not attached")
 
+    registry = CollectorRegistry()
+    registry.register(ConsumerCollector(lambda: store.stats(HEARTBEAT)))
+    registry.register(_DeliveryCollector(store))
     openapi = web.OpenApi("notifier")
     api.describe(openapi)
     document = openapi.document()
@@ -48,8 +53,25 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
             "consumer": consumer_attached,
         },
         openapi=document,
-        registry=CollectorRegistry(),
+        registry=registry,
     )
     app.register_error_handler(api.Unauthorized, api.unauthorized)
     app.register_blueprint(api.bp)
     return app
+
+
+class _DeliveryCollector:
+    """E-mail deliveries by status, read from the ledger at scrape time."""
+
+    def __init__(self, store: NotifierStore) -> None:
+        self.store = store
+
+    def collect(self):
+        try:
+            counts = self.store.delivery_counts()
+        except Exception:  # the database is down: /ready says so
+            return
+        family = GaugeMetricFamily("emails", "E-mail deliveries by status", labels=["status"])
+        for status in ("pending", "sending", "sent", "failed"):
+            family.add_metric([status], counts.get(status, 0))
+        yield family

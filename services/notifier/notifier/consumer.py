@@ -101,7 +101,11 @@ def main() -> int:
     configure_logging(config.log_level)
     with ConnectionPool(config.notifier_database_url, min_size=1, max_size=3) as pool:
         consumer, store = build(config, pool)
-        heartbeat = AttachedBeacon(consumer, lambda: store.beat(HEARTBEAT), every=HEARTBEAT_SECONDS)
+        heartbeat = AttachedBeacon(
+            consumer,
+            lambda: store.beat(HEARTBEAT, consumer.stats.snapshot()),
+            every=HEARTBEAT_SECONDS,
+        )
         heartbeat.start()
         try:
             return run_until_signalled(consumer)

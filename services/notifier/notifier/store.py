@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 from messaging.idempotency import upsert_if_newer
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 DELIVERY_COLUMNS = (
@@ -236,12 +237,25 @@ class NotifierStore:
                 )
             return row["status"]
 
-    def beat(self, name: str) -> None:
+    def beat(self, name: str, stats: dict | None = None) -> None:
         with self.transaction() as cur:
             cur.execute(
-                "INSERT INTO heartbeats (name, seen_at) VALUES (%s, now()) "
-                "ON CONFLICT (name) DO UPDATE SET seen_at = now()",
-                (name,),
+                "INSERT INTO heartbeats (name, seen_at, stats) VALUES (%s, now(), %s) "
+                "ON CONFLICT (name) DO UPDATE SET seen_at = now(), stats = EXCLUDED.stats",
+                (name, Jsonb(stats) if stats is not None else None),
+            )
+
+    def stats(self, name: str) -> dict | None:
+        """What the named process last reported with its heartbeat."""
+        with self.pool.connection() as conn:
+            row = conn.execute("SELECT stats FROM heartbeats WHERE name = %s", (name,)).fetchone()
+        return row[0] if row else None
+
+    def delivery_counts(self) -> dict[str, int]:
+        """E-mail deliveries by status (pending, sending, sent, failed)."""
+        with self.pool.connection() as conn:
+            return dict(
+                conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status").fetchall()
             )
 
     def alive(self, name: str, within_seconds: float) -> bool:

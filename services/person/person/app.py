@@ -6,7 +6,7 @@ from flask import Flask
 from messaging import web
 from messaging.connection import BrokerProbe
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from psycopg_pool import ConnectionPool
 
 from . import api
@@ -65,3 +65,14 @@ class _OutboxCollector:
         yield GaugeMetricFamily(
             "outbox_oldest_age_seconds", "Age of the oldest unpublished event", value=oldest
         )
+        try:
+            published, last = self.store.outbox_published()
+        except Exception:
+            return
+        yield CounterMetricFamily(
+            "outbox_published", "Events the relay published (confirmed)", value=published
+        )
+        if last is not None:
+            yield GaugeMetricFamily(
+                "outbox_last_published_timestamp_seconds", "When the relay last published", last
+            )

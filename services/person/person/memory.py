@@ -38,6 +38,9 @@ class MemoryStore:
     def outbox_backlog(self) -> tuple[int, float]:
         return 0, 0.0
 
+    def outbox_published(self) -> tuple[int, float | None]:
+        return 0, None
+
     def create_person(self, fields: dict[str, Any], correlation_id: str | None) -> dict:
         with self._lock:
             if fields["cpf"] in self.people:

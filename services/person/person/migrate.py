@@ -11,7 +11,9 @@ from .config import PersonConfig
 def migrate_database(url: str) -> list[str]:
     migrate.ensure_database(url)
     with psycopg.connect(url) as conn:
-        return migrate.apply(conn, "person", {"000_outbox": outbox.install})
+        # install() only adds what is missing: 002 brings older databases the relay's stats.
+        steps = {"000_outbox": outbox.install, "002_relay_stats": outbox.install}
+        return migrate.apply(conn, "person", steps)
 
 
 def main() -> int:

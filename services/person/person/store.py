@@ -39,6 +39,7 @@ class Store(Protocol):
     def request_activation(self, cpf: str, correlation_id: str | None) -> dict: ...
     def ping(self) -> None: ...
     def outbox_backlog(self) -> tuple[int, float]: ...
+    def outbox_published(self) -> tuple[int, float | None]: ...
 
 
 class PgStore:
@@ -57,6 +58,15 @@ class PgStore:
     def ping(self) -> None:
         with self.pool.connection() as conn:
             conn.execute("SELECT 1")
+
+    def outbox_published(self) -> tuple[int, float | None]:
+        """Events the relay has published, and when it last did (epoch seconds)."""
+        with self.pool.connection() as conn:
+            row = conn.execute(
+                "SELECT published, extract(epoch FROM last_published_at) "
+                "FROM messaging_relay_stats WHERE name = 'relay'"
+            ).fetchone()
+        return (int(row[0]), float(row[1]) if row[1] is not None else None) if row else (0, None)
 
     def outbox_backlog(self) -> tuple[int, float]:
         """Unpublished events and the age in seconds of the oldest one."""

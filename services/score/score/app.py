@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import redis
 from flask import Flask
 from messaging import web
 from messaging.connection import BrokerProbe
+from messaging.metrics import ConsumerCollector
 from prometheus_client import CollectorRegistry
 
 from . import api
 from .config import ScoreConfig
-from .consumer import HEARTBEAT_KEY
+from .consumer import HEARTBEAT_KEY, STATS_KEY
 from .store import ScoreStore
 
 
@@ -25,6 +28,12 @@ def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = Non
         if not store.client.exists(f"{store.prefix}{HEARTBEAT_KEY}"):
             raise RuntimeError("the score consumer is not attached")
 
+    def consumer_stats() -> dict | None:
+        raw = store.client.get(f"{store.prefix}{STATS_KEY}")
+        return json.loads(raw) if raw else None
+
+    registry = CollectorRegistry()
+    registry.register(ConsumerCollector(consumer_stats))
     openapi = web.OpenApi("score")
     api.describe(openapi)
     web.install(
@@ -36,7 +45,7 @@ def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = Non
             "consumer": consumer_attached,
         },
         openapi=openapi.document(),
-        registry=CollectorRegistry(),
+        registry=registry,
     )
     app.register_blueprint(api.bp)
     return app

@@ -5,6 +5,7 @@ python -m score.consumer runs it as a process.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 
@@ -25,6 +26,7 @@ from .store import Change, ItemChange, PersonChange, ScoreStore
 SERVICE = "score"
 ITEM_KINDS = ("income", "asset", "debt")
 HEARTBEAT_KEY = "consumer-attached"
+STATS_KEY = "consumer-stats"  # the consumer's ConsumerStats snapshot, for the API's /metrics
 HEARTBEAT_SECONDS = 2.0
 
 
@@ -87,11 +89,14 @@ def main() -> int:
     configure_logging(config.log_level)
     consumer, store = build(config)
     key = f"{store.prefix}{HEARTBEAT_KEY}"
-    heartbeat = AttachedBeacon(
-        consumer,
-        lambda: store.client.set(key, "1", ex=int(HEARTBEAT_SECONDS * 5)),
-        every=HEARTBEAT_SECONDS,
-    )
+
+    def beat() -> None:
+        pipe = store.client.pipeline(transaction=False)
+        pipe.set(key, "1", ex=int(HEARTBEAT_SECONDS * 5))
+        pipe.set(f"{store.prefix}{STATS_KEY}", json.dumps(consumer.stats.snapshot()))
+        pipe.execute()
+
+    heartbeat = AttachedBeacon(consumer, beat, every=HEARTBEAT_SECONDS)
     heartbeat.start()
     try:
         return run_until_signalled(consumer)

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -44,6 +44,10 @@ class ConsumerSettings:
     heartbeat: int = HEARTBEAT_SECONDS
 
 
+# Upper bounds (seconds) of the handler-duration histogram the API processes export.
+HANDLER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
 @dataclass
 class ConsumerStats:
     connections: int = 0
@@ -51,6 +55,30 @@ class ConsumerStats:
     retried: int = 0
     dead_lettered: int = 0
     last_occurred_at: datetime | None = None
+    handler_counts: list[int] = field(default_factory=lambda: [0] * (len(HANDLER_BUCKETS) + 1))
+    handler_seconds: float = 0.0
+
+    def observe(self, seconds: float, messages: int) -> None:
+        """One handler call (of `messages` messages) took `seconds`."""
+        index = next((i for i, b in enumerate(HANDLER_BUCKETS) if seconds <= b), -1)
+        self.handler_counts[index] += 1
+        self.handler_seconds += seconds
+        self.consumed += messages
+
+    def snapshot(self) -> dict[str, Any]:
+        """What an API process exports: JSON-ready, written where it can read it."""
+        return {
+            "consumed": self.consumed,
+            "retried": self.retried,
+            "dead_lettered": self.dead_lettered,
+            "connections": self.connections,
+            "last_occurred_at": self.last_occurred_at.isoformat()
+            if self.last_occurred_at
+            else None,
+            "handler_buckets": list(HANDLER_BUCKETS),
+            "handler_counts": list(self.handler_counts),
+            "handler_seconds": self.handler_seconds,
+        }
 
 
 @dataclass(frozen=True)
@@ -291,7 +319,7 @@ class Consumer:
         return _Outcome(delivery, None)
 
     def _record(self, applied: list[tuple[_Delivery, Envelope]], seconds: float) -> None:
-        self.stats.consumed += len(applied)
+        self.stats.observe(seconds, len(applied))
         self.stats.last_occurred_at = applied[-1][1].occurred_at
         if self.on_outcome is not None:
             self.on_outcome("applied", seconds)

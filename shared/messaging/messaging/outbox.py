@@ -49,6 +49,12 @@ END $$;
 CREATE OR REPLACE TRIGGER messaging_outbox_notify
     AFTER INSERT ON messaging_outbox REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION messaging_outbox_notify();
+-- What the relay has published, for /metrics (the outbox itself is compacted).
+CREATE TABLE IF NOT EXISTS messaging_relay_stats (
+    name               text        PRIMARY KEY,
+    published          bigint      NOT NULL DEFAULT 0,
+    last_published_at  timestamptz
+);
 """
 
 _INSTALL_LOCK = 0x6D736700  # arbitrary advisory lock id: serialises concurrent installs

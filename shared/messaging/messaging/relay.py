@@ -38,7 +38,17 @@ WHERE published_at IS NULL AND id > %s
 ORDER BY id
 LIMIT %s
 """
-MARK_SQL = "UPDATE messaging_outbox SET published_at = now() WHERE id = ANY(%s)"
+# Mark confirmed rows and count them, in one statement.
+MARK_SQL = """
+WITH marked AS (
+    UPDATE messaging_outbox SET published_at = now()
+    WHERE id = ANY(%s) AND published_at IS NULL RETURNING 1
+)
+INSERT INTO messaging_relay_stats AS s (name, published, last_published_at)
+SELECT 'relay', count(*), now() FROM marked
+ON CONFLICT (name) DO UPDATE
+SET published = s.published + EXCLUDED.published, last_published_at = EXCLUDED.last_published_at
+"""
 # Keep the newest event of every entity forever (replay rebuilds read models from it); drop
 # older published events once they are past the retention.
 COMPACT_SQL = """
