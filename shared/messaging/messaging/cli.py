@@ -39,6 +39,7 @@ FAILURE_HEADERS = (
     "x-dead-reason",
     "x-dead-at",
     "x-original-queue",
+    "x-delivery-count",  # quorum queues count our looks at the dead queue
 )
 SHOW_BODY_LIMIT = 4000
 
