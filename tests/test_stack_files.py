@@ -77,25 +77,68 @@ def test_one_container_per_native_process(compose):
         assert command[-1].strip('"') == native[-1].strip('"'), name
 
 
+def routers_in(tags: dict[str, str]) -> set[str]:
+    return {key.split(".")[3] for key in tags if key.startswith("traefik.http.routers.")}
+
+
 def test_every_api_is_routed_as_in_the_native_routes(compose):
-    native = native_routes()["http"]["routers"]
+    native = native_routes()["http"]
     for api in APIS:
         tags = labels(compose["services"][api])
         assert tags["traefik.enable"] == "true"
-        assert tags[f"traefik.http.routers.{api}.rule"] == native[api]["rule"]
         assert tags[f"traefik.http.services.{api}.loadbalancer.server.port"] == "8000"
-        assert tags[f"traefik.http.routers.{api}.middlewares"] == "body-limit@docker"
+        assert native["routers"][api]["rule"] == f"Host(`{api}.localhost`)"
+    # Every native router, and no other, is declared by the labels of the API it routes to,
+    # with the same rule, priority and body-limit middlewares.
+    labelled = set()
+    for name, router in native["routers"].items():
+        tags = labels(compose["services"][router["service"]])
+        labelled |= routers_in(tags)
+        prefix = f"traefik.http.routers.{name}"
+        assert tags[f"{prefix}.rule"] == router["rule"], name
+        assert tags[f"{prefix}.entrypoints"] == ",".join(router["entryPoints"]), name
+        assert tags.get(f"{prefix}.priority") == (
+            str(router["priority"]) if "priority" in router else None
+        ), name
+        middlewares = ",".join(f"{m}@docker" for m in router["middlewares"])
+        assert tags[f"{prefix}.middlewares"] == middlewares, name
+        if len(routers_in(tags)) > 1:  # the Docker provider links a router alone implicitly
+            assert tags[f"{prefix}.service"] == router["service"], name
+        assert any(m in native["middlewares"] for m in router["middlewares"]), name
+    assert labelled == set(native["routers"])
+    # The body limits: the same middlewares with the same sizes.
     limits = {
-        value
+        key.split(".")[3]: value
         for api in APIS
         for key, value in labels(compose["services"][api]).items()
-        if key.endswith("maxRequestBodyBytes")
+        if key.startswith("traefik.http.middlewares.") and key.endswith(".maxRequestBodyBytes")
     }
-    native_limit = native_routes()["http"]["middlewares"]["body-limit"]["buffering"]
-    assert limits == {str(native_limit["maxRequestBodyBytes"])}
+    assert limits == {
+        name: str(middleware["buffering"]["maxRequestBodyBytes"])
+        for name, middleware in native["middlewares"].items()
+    }
     for name, service in compose["services"].items():
         if name not in APIS:
             assert labels(service).get("traefik.enable") != "true", name
+
+
+def test_the_gateway_lets_through_what_each_person_route_accepts():
+    """The bulk route's gateway limit is the app's BULK_MAX_BYTES; every other route's is at
+    least MAX_BODY_BYTES (the app answers 413 itself past it)."""
+    from person.config import PersonConfig
+
+    native = native_routes()["http"]
+
+    def limit(router: str) -> int:
+        names = native["routers"][router]["middlewares"]
+        return min(native["middlewares"][m]["buffering"]["maxRequestBodyBytes"] for m in names)
+
+    fields = PersonConfig.model_fields
+    assert native["routers"]["person-bulk"]["rule"].endswith("&& Path(`/person/bulk`)")
+    assert native["routers"]["person-bulk"]["service"] == "person"
+    assert limit("person-bulk") == fields["bulk_max_bytes"].default
+    assert limit("person") >= fields["max_body_bytes"].default
+    assert native["routers"]["person-bulk"]["priority"] > len(native["routers"]["person"]["rule"])
 
 
 def test_traefik_exposes_only_labelled_containers_and_logs_request_ids(compose):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 import uuid
 from typing import Any
 
@@ -12,9 +13,13 @@ from messaging.web import validate as validated
 
 from .activation import Tokens
 from .errors import BadToken, Conflict, ExpiredToken, NotFound, Unprocessable
+from .imports import ImportStore
 from .schemas import (
     Accepted,
+    BulkIn,
     DebtIn,
+    ImportAccepted,
+    ImportOut,
     ItemCreated,
     ItemIn,
     PersonCreated,
@@ -36,6 +41,13 @@ def store() -> Store:
 
 def tokens() -> Tokens:
     return current_app.extensions["person.tokens"]
+
+
+def imports() -> ImportStore:
+    found = current_app.extensions.get("person.imports")
+    if found is None:
+        raise _BulkRefused(503, "bulk registration needs the PostgreSQL store")
+    return found
 
 
 def path_cpf(cpf: str) -> str:
@@ -66,6 +78,35 @@ def create_person() -> Any:
     fields = validated(PersonIn, json_object()).model_dump()
     person = store().create_person(fields, correlation_id())
     return {"message": "created", **person_json(person)}, 201
+
+
+@bp.post("/person/bulk")
+def create_import() -> Any:
+    key = request.headers.get(IDEMPOTENCY_KEY)
+    if key is not None and not 1 <= len(key) <= 200:
+        raise _BulkRefused(400, f"the {IDEMPOTENCY_KEY} header must have 1 to 200 characters")
+    row, _created = imports().create(_bulk_items(), key)
+    body = {"id": row["id"], "status": row["status"], "total": row["total"]}
+    return body, 202, {"Location": f"/imports/{row['id']}"}
+
+
+@bp.get("/imports/<import_id>")
+def get_import(import_id: str) -> Any:
+    canonical = _canonical_uuid(import_id)
+    if canonical is None:
+        raise NotFound(f"no import {import_id}")
+    limit = request.args.get("limit", str(FAILURES_SHOWN))
+    if not limit.isascii() or not limit.isdigit() or int(limit) > MAX_FAILURES_SHOWN:
+        raise _BulkRefused(400, f"limit must be an integer from 0 to {MAX_FAILURES_SHOWN}")
+    row = imports().get(canonical, int(limit))
+    if row is None:
+        raise NotFound(f"no import {import_id}")
+    counts = ("id", "status", "total", "processed", "succeeded", "failed", "failures")
+    return {
+        **{key: row[key] for key in counts},
+        "created_at": row["created_at"].isoformat(),
+        "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
+    }
 
 
 @bp.get("/person/<cpf>")
@@ -136,6 +177,62 @@ def request_activation(cpf: str) -> Any:
     return {"message": "a new activation e-mail is on its way"}, 202
 
 
+IDEMPOTENCY_KEY = "Idempotency-Key"
+FAILURES_SHOWN, MAX_FAILURES_SHOWN = 1000, 100_000
+NDJSON = "application/x-ndjson"
+
+
+class _BulkRefused(Exception):
+    def __init__(self, status: int, message: str, errors: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.errors = status, message, errors
+
+
+def _bulk_items() -> list[Any]:
+    """The items of a bulk body (a JSON array, or NDJSON), each an object; checked, not
+    validated: the importer validates each one as POST /person does."""
+    request.max_content_length = current_app.config["BULK_MAX_BYTES"]  # Flask >= 3.1
+    mimetype = request.mimetype or ""
+    if mimetype != NDJSON and mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise _BulkRefused(
+            415, f"the body must be a JSON array (application/json) or NDJSON ({NDJSON})"
+        )
+    raw = request.get_data(cache=True)  # 413 past BULK_MAX_BYTES
+    if not raw.strip():
+        raise _BulkRefused(400, "the body is empty; a JSON array of people was expected")
+    try:
+        if mimetype == NDJSON:
+            items = []
+            for number, line in enumerate(raw.splitlines(), start=1):
+                if line.strip():
+                    try:
+                        items.append(json.loads(line, parse_constant=_reject_constant))
+                    except ValueError as exc:
+                        raise ValueError(f"line {number}: {exc}") from None
+        else:
+            items = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _BulkRefused(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _BulkRefused(400, "the body is nested too deeply") from None
+    if not isinstance(items, list):
+        raise _BulkRefused(400, "the body must be a JSON array of people")
+    if not items:
+        raise _BulkRefused(422, "the body has no people", {"body": ["must not be empty"]})
+    most = current_app.config["BULK_MAX_ITEMS"]
+    if len(items) > most:
+        raise _BulkRefused(413, f"too many people: {len(items)}, at most {most} per import")
+    not_objects = [index for index, item in enumerate(items) if not isinstance(item, dict)]
+    if not_objects:
+        errors = {str(index): ["must be a JSON object"] for index in not_objects[:20]}
+        raise _BulkRefused(422, f"{len(not_objects)} items are not objects", errors)
+    return items
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
 def _canonical_uuid(text: str) -> str | None:
     """The UUID in its canonical spelling (the one events carry), or None."""
     try:
@@ -168,6 +265,10 @@ def install_error_mapping(app: Flask) -> None:
     def _unprocessable(exc: Unprocessable) -> Response:
         return problem(422, "invalid fields", {exc.field: [exc.reason]})
 
+    @app.errorhandler(_BulkRefused)
+    def _bulk_refused(exc: _BulkRefused) -> Response:
+        return problem(exc.status, exc.message, exc.errors)
+
     @app.errorhandler(BadToken)
     def _bad_token(exc: BadToken) -> Response:
         return _page(400, "Activation link not valid", str(exc))
@@ -195,6 +296,36 @@ def describe(api: OpenApi) -> None:
         "Register a person",
         body=PersonIn,
         responses={201: PersonCreated, 409: Problem, **errors},
+    )
+    idempotency_key = {
+        "name": IDEMPOTENCY_KEY,
+        "in": "header",
+        "required": False,
+        "description": "a resubmission with the same key returns the same import",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+    }
+    api.route(
+        "POST",
+        "/person/bulk",
+        "Register up to 100,000 people asynchronously (a JSON array, or NDJSON with "
+        "Content-Type: application/x-ndjson); each item is validated as POST /person",
+        body=BulkIn,
+        parameters=[idempotency_key],
+        responses={202: ImportAccepted, **errors, 503: Problem},
+    )
+    limit = {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "description": "how many failed items to list (by index); 1000 unless given",
+        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_FAILURES_SHOWN},
+    }
+    api.route(
+        "GET",
+        "/imports/{import_id}",
+        "An import's progress and its failed items with their reasons",
+        parameters=[path_parameter("import_id", "the import's id (a UUID)"), limit],
+        responses={200: ImportOut, 400: Problem, 404: Problem, 503: Problem},
     )
     api.route(
         "GET",

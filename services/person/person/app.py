@@ -12,6 +12,7 @@ from psycopg_pool import ConnectionPool
 from . import api
 from .activation import Tokens
 from .config import PersonConfig
+from .imports import ImportStore
 from .store import PgStore, Store
 
 
@@ -20,6 +21,8 @@ def create_app(config: PersonConfig | None = None, store: Store | None = None) -
     config = config or PersonConfig()
     app = Flask("person")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.config["BULK_MAX_BYTES"] = config.bulk_max_bytes  # POST /person/bulk's own limit
+    app.config["BULK_MAX_ITEMS"] = config.bulk_max_items
     if store is None:
         pool = ConnectionPool(
             config.person_database_url,
@@ -30,6 +33,8 @@ def create_app(config: PersonConfig | None = None, store: Store | None = None) -
         )
         store = PgStore(pool)
     app.extensions["person.store"] = store
+    if isinstance(store, PgStore):  # bulk registration lives in PostgreSQL only
+        app.extensions["person.imports"] = ImportStore(store.pool)
     app.extensions["person.tokens"] = Tokens(
         config.activation_secret, config.activation_ttl_seconds
     )

@@ -13,6 +13,10 @@ class PersonConfig(ServiceSettings):
     activation_secret: str = DEVELOPMENT_SECRET
     activation_ttl_seconds: int = 172_800
     max_body_bytes: int = 64 * 1024
+    bulk_max_bytes: int = 32 * 1024 * 1024  # POST /person/bulk only
+    bulk_max_items: int = 100_000
+    import_batch_size: int = 500
+    import_poll_seconds: float = 1.0
     db_pool_size: int = 10
 
     @model_validator(mode="after")

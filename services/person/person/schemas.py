@@ -14,6 +14,7 @@ from pydantic import (
     ConfigDict,
     EmailStr,
     Field,
+    RootModel,
     StringConstraints,
 )
 
@@ -176,3 +177,30 @@ class Problem(BaseModel):
 
 class Accepted(BaseModel):
     message: str
+
+
+# -- bulk registration -------------------------------------------------------------------------
+class BulkIn(RootModel[list[dict[str, Any]]]):
+    """People to register: objects validated one by one by the importer, as POST /person does."""
+
+    root: list[dict[str, Any]] = Field(min_length=1, max_length=100_000)
+
+
+class ImportAccepted(BaseModel):
+    id: str
+    status: Literal["pending", "running", "done"]
+    total: int
+
+
+class ImportFailure(BaseModel):
+    index: int = Field(description="the item's position in the payload, from 0")
+    errors: dict[str, list[str]]
+
+
+class ImportOut(ImportAccepted):
+    processed: int
+    succeeded: int
+    failed: int
+    failures: list[ImportFailure]
+    created_at: datetime
+    finished_at: datetime | None

@@ -1,0 +1,248 @@
+"""Bulk registration: imports stored by the API, processed in batches by the importer.
+
+POST /person/bulk stores the import and its items (COPY) in one transaction and notifies
+NOTIFY_CHANNEL. The importer claims the oldest import not done (FOR UPDATE SKIP LOCKED) and
+processes its next batch in one transaction that also advances the import's `processed` cursor
+and records the failed items: a worker killed mid-batch rolls the whole batch back, so a restart
+resumes at the cursor without registering anyone twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from messaging import Outbox, logs
+from messaging.web import field_errors
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+from pydantic import ValidationError
+
+from .events import PRODUCER
+from .schemas import PersonIn
+from .store import insert_people
+
+log = logging.getLogger("person.imports")
+
+NOTIFY_CHANNEL = "person_imports"
+APP_NAME = "person-importer"  # shows in pg_stat_activity
+
+IMPORT_COLUMNS = "id::text, status, total, processed, succeeded, failed, created_at, finished_at"
+
+
+class ImportStore:
+    """The API's side: store an import, read its progress."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    def create(self, items: list[Any], idempotency_key: str | None) -> tuple[dict, bool]:
+        """Store an import of `items`; (its row, True), or (the existing one, False) when an
+        import with this idempotency key exists already (its items are not compared)."""
+        import_id = uuid.uuid4()
+        with (
+            self.pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            cur.execute(
+                f"INSERT INTO imports (id, idempotency_key, total) VALUES (%s, %s, %s) "
+                f"ON CONFLICT (idempotency_key) DO NOTHING RETURNING {IMPORT_COLUMNS}",
+                (import_id, idempotency_key, len(items)),
+            )
+            row = cur.fetchone()
+            if row is None:  # the key is taken (ON CONFLICT waited for its transaction)
+                cur.execute(
+                    f"SELECT {IMPORT_COLUMNS} FROM imports WHERE idempotency_key = %s",
+                    (idempotency_key,),
+                )
+                return cur.fetchone(), False
+            with cur.copy("COPY import_items (import_id, idx, item) FROM STDIN") as copy:
+                for index, item in enumerate(items):
+                    copy.write_row((import_id, index, json.dumps(item, separators=(",", ":"))))
+            cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(import_id)))
+            return row, True
+
+    def get(self, import_id: str, limit: int) -> dict | None:
+        """The import with its first `limit` failures (by index), or None."""
+        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(f"SELECT {IMPORT_COLUMNS} FROM imports WHERE id = %s", (import_id,))
+            row = cur.fetchone()
+            if row is None:
+                return None
+            cur.execute(
+                "SELECT idx, errors FROM import_failures WHERE import_id = %s "
+                "ORDER BY idx LIMIT %s",
+                (import_id, limit),
+            )
+            row["failures"] = [
+                {"index": f["idx"], "errors": json.loads(f["errors"])} for f in cur.fetchall()
+            ]
+            return row
+
+
+@dataclass(frozen=True)
+class ImporterSettings:
+    database_url: str
+    batch_size: int = 500
+    poll_interval: float = 1.0
+    retry_interval: float = 2.0
+
+
+class Importer:
+    """The import worker: run() until stop(); each batch is one transaction."""
+
+    def __init__(self, settings: ImporterSettings) -> None:
+        self.settings = settings
+        self.outbox = Outbox(PRODUCER)
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        log.info("importer started (batches of %d)", self.settings.batch_size)
+        while not self._stop.is_set():
+            try:
+                self._serve()
+            except psycopg.OperationalError as exc:
+                log.warning("database unavailable (%s); retrying", exc)
+                self._stop.wait(self.settings.retry_interval)
+            except Exception:  # a batch that keeps failing is retried, and logged each time
+                log.exception("import batch failed; retrying")
+                self._stop.wait(self.settings.retry_interval)
+        log.info("importer stopped")
+
+    def _serve(self) -> None:
+        url = self.settings.database_url
+        with (
+            psycopg.connect(url, application_name=APP_NAME) as work,
+            psycopg.connect(url, autocommit=True, application_name=APP_NAME) as listen,
+        ):
+            listen.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            while not self._stop.is_set():
+                if self.step(work):
+                    continue
+                self._idle(listen)
+
+    def _idle(self, listen: psycopg.Connection) -> None:
+        """Wait for a new import's NOTIFY, at most poll_interval; a stop ends it within 0.5s."""
+        deadline = time.monotonic() + self.settings.poll_interval
+        while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            if any(True for _ in listen.notifies(timeout=min(left, 0.5), stop_after=1)):
+                return
+
+    def step(self, conn: psycopg.Connection) -> bool:
+        """Process the next batch of the oldest unfinished import; False if there is none."""
+        try:
+            return self._batch(conn, careful=False)
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            # An item the database refuses despite validation: redo the batch with a savepoint
+            # per item, so that it fails alone instead of the batch failing forever.
+            log.warning("batch refused by the database (%s); retrying item by item", exc)
+            return self._batch(conn, careful=True)
+
+    def _batch(self, conn: psycopg.Connection, careful: bool) -> bool:
+        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                "SELECT id, total, processed FROM imports WHERE status <> 'done' "
+                "ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED"
+            )
+            claimed = cur.fetchone()
+            if claimed is None:
+                return False
+            import_id = claimed["id"]
+            binding = logs.correlation_id.set(str(import_id))
+            try:
+                cur.execute(
+                    "SELECT idx, item FROM import_items WHERE import_id = %s AND idx >= %s "
+                    "ORDER BY idx LIMIT %s",
+                    (import_id, claimed["processed"], self.settings.batch_size),
+                )
+                items = cur.fetchall()
+                errors = self._register(cur, items, str(import_id), careful)
+                failures = [(import_id, idx, json.dumps(reasons)) for idx, reasons in errors]
+                if failures:
+                    cur.executemany(
+                        "INSERT INTO import_failures (import_id, idx, errors) "
+                        "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                        failures,
+                    )
+                processed = claimed["processed"] + len(items)
+                done = not items or processed >= claimed["total"]
+                cur.execute(
+                    "UPDATE imports SET processed = %s, succeeded = succeeded + %s, "
+                    "failed = failed + %s, status = %s, "
+                    "finished_at = CASE WHEN %s THEN now() END WHERE id = %s",
+                    (
+                        processed,
+                        len(items) - len(failures),
+                        len(failures),
+                        "done" if done else "running",
+                        done,
+                        import_id,
+                    ),
+                )
+                if done:
+                    cur.execute("DELETE FROM import_items WHERE import_id = %s", (import_id,))
+                    log.info("import %s done: %d items", import_id, claimed["total"])
+            finally:
+                logs.correlation_id.reset(binding)
+        return True
+
+    def _register(
+        self, cur: psycopg.Cursor, items: list[dict], correlation_id: str, careful: bool
+    ) -> list[tuple[int, dict[str, list[str]]]]:
+        """Validate the items as POST /person does and insert the valid ones; the failures
+        (index, reasons per field), in index order."""
+        failures: dict[int, dict[str, list[str]]] = {}
+        valid: dict[str, tuple[int, dict[str, Any]]] = {}  # by CPF: the first one wins
+        for item in items:
+            index = item["idx"]
+            reasons, fields = _validated(item["item"])
+            if reasons:
+                failures[index] = reasons
+            elif fields["cpf"] in valid:
+                failures[index] = _exists(fields["cpf"])
+            else:
+                valid[fields["cpf"]] = (index, fields)
+        if careful:
+            inserted = {}
+            for index, fields in valid.values():
+                try:
+                    with cur.connection.transaction():
+                        inserted |= insert_people(cur, self.outbox, [fields], correlation_id)
+                except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                    reason = exc.diag.message_primary or str(exc)
+                    failures[index] = {"body": [f"refused by the database: {reason}"]}
+                    inserted[fields["cpf"]] = {}  # not a duplicate
+        else:
+            people = [fields for _, fields in valid.values()]
+            inserted = insert_people(cur, self.outbox, people, correlation_id)
+        for cpf, (index, _) in valid.items():
+            if cpf not in inserted:
+                failures[index] = _exists(cpf)
+        return sorted(failures.items())
+
+
+def _validated(text: str) -> tuple[dict[str, list[str]] | None, dict[str, Any]]:
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return {"body": ["not valid JSON"]}, {}
+    if not isinstance(body, dict):
+        return {"body": ["must be a JSON object"]}, {}
+    try:
+        return None, PersonIn.model_validate(body).model_dump()
+    except ValidationError as exc:
+        return field_errors(exc), {}
+
+
+def _exists(cpf: str) -> dict[str, list[str]]:
+    return {"cpf": [f"a person with CPF {cpf} already exists"]}  # as POST /person's 409

@@ -1,0 +1,369 @@
+"""Bulk registration: POST /person/bulk stores an import, the importer registers its items.
+
+Real PostgreSQL; the importer runs in a thread (messaging.testing.running) or as the
+`python -m person.importer` process when the test kills it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from messaging.testing import running, wait_until
+from person.app import create_app
+from person.config import PersonConfig
+from person.imports import Importer, ImporterSettings
+from person.migrate import migrate_database
+from person.store import PgStore
+from psycopg_pool import ConnectionPool
+
+pytestmark = pytest.mark.integration
+
+BULK_MAX_BYTES = 1024 * 1024
+BULK_MAX_ITEMS = 5_000
+
+
+@pytest.fixture
+def bulk_config(config, person_db) -> PersonConfig:
+    """The API's limits made small enough to cross in a test (MAX_BODY_BYTES stays 16 KiB)."""
+    return config.model_copy(
+        update={
+            "person_database_url": person_db,
+            "bulk_max_bytes": BULK_MAX_BYTES,
+            "bulk_max_items": BULK_MAX_ITEMS,
+        }
+    )
+
+
+@pytest.fixture
+def client(bulk_config, person_db):
+    with ConnectionPool(person_db, min_size=1, max_size=4) as pool:
+        yield create_app(bulk_config, store=PgStore(pool)).test_client()
+
+
+@pytest.fixture
+def importer(person_db) -> Importer:
+    return Importer(ImporterSettings(person_db, batch_size=200, poll_interval=0.2))
+
+
+def person(index: int, **changes) -> dict:
+    return {
+        "cpf": str(10_000_000_000 + index),
+        "name": f"Person {index}",
+        "address": f"Rua {index}, Recife",
+        "date_of_birth": "1990-04-12",
+        "email": f"p{index}@example.com",
+        **changes,
+    }
+
+
+def post_bulk(client, items, key: str | None = None, headers: dict | None = None):
+    headers = {**(headers or {}), **({"Idempotency-Key": key} if key else {})}
+    return client.post("/person/bulk", json=items, headers=headers)
+
+
+def status_of(client, import_id: str, **params) -> dict:
+    answer = client.get(f"/imports/{import_id}", query_string=params)
+    assert answer.status_code == 200, answer.json
+    return answer.json
+
+
+def done(client, import_id: str) -> dict | None:
+    found = status_of(client, import_id)
+    return found if found["status"] == "done" else None
+
+
+def query(url: str, sql: str, *params) -> list[tuple]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def created_events(url: str) -> dict[str, int]:
+    """person.created events per CPF."""
+    rows = query(
+        url,
+        "SELECT entity_id, count(*) FROM messaging_outbox "
+        "WHERE event_type = 'person.created' GROUP BY entity_id",
+    )
+    return dict(rows)
+
+
+# -- the report --------------------------------------------------------------------------------
+INVALID = [  # (change to a valid item, the reasons the import must report)
+    ({"name": None}, {"name": ["Input should be a valid string"]}),
+    ({"date_of_birth": "2999-01-01"}, {"date_of_birth": ["must not be in the future"]}),
+    (
+        {"cpf": "12a"},
+        {"cpf": ["must contain 1 to 14 digits (dots, dashes and spaces are ignored)"]},
+    ),
+    ({"nickname": "Zé"}, {"nickname": ["unknown field"]}),
+    ({"email": "not-an-address"}, None),  # the e-mail validator's own wording
+]
+
+
+def test_an_import_reports_exactly_its_invalid_and_duplicate_items(client, importer, person_db):
+    existing = [person(900_000 + n) for n in range(50)]
+    for body in existing:
+        assert client.post("/person", json=body).status_code == 201
+    items, expected = [], {}
+    for i in range(2_000):
+        if i % 10 == 3:  # 10% invalid
+            change, reasons = INVALID[(i // 10) % len(INVALID)]
+            items.append(person(i, **change))
+            expected[i] = reasons
+        elif i % 20 == 7:  # 5% duplicates: of people registered before, of earlier items
+            k = i // 20
+            if k % 2 == 0:
+                twin = existing[(k // 2) % len(existing)]
+            elif k % 4 == 1 and i > 501:
+                twin = items[i - 501]  # in an earlier batch
+            else:
+                twin = items[i - 5]  # in the same batch (mostly)
+            items.append({**twin, "name": f"Twin {i}"})
+            expected[i] = {"cpf": [f"a person with CPF {twin['cpf']} already exists"]}
+        else:
+            items.append(person(i))
+    assert sum(1 for i in expected if i % 10 == 3) == 200
+    assert sum(1 for i in expected if i % 20 == 7) == 100
+
+    answer = post_bulk(client, items, headers={"X-Request-Id": "the-request"})
+    assert answer.status_code == 202, answer.json
+    import_id = answer.json["id"]
+    assert answer.headers["Location"] == f"/imports/{import_id}"
+    assert answer.json == {"id": import_id, "status": "pending", "total": 2_000}
+
+    with running(importer):
+        report = wait_until(lambda: done(client, import_id), timeout=60, what="import done")
+    report = status_of(client, import_id, limit=5_000)
+    assert (report["total"], report["processed"]) == (2_000, 2_000)
+    assert (report["succeeded"], report["failed"]) == (1_700, 300)
+    assert report["finished_at"] is not None
+    failures = {f["index"]: f["errors"] for f in report["failures"]}
+    assert sorted(failures) == sorted(expected)
+    for index, reasons in expected.items():
+        if reasons is None:
+            assert list(failures[index]) == ["email"], failures[index]
+        else:
+            assert failures[index] == reasons, index
+    assert [f["index"] for f in status_of(client, import_id, limit=3)["failures"]] == [3, 7, 13]
+
+    registered = {row[0] for row in query(person_db, "SELECT cpf FROM person")}
+    wanted = {items[i]["cpf"] for i in range(2_000) if i not in expected}
+    assert registered == wanted | {p["cpf"] for p in existing}
+    assert len(wanted) == 1_700
+    events = created_events(person_db)
+    assert set(events) == registered and set(events.values()) == {1}
+    correlations = query(
+        person_db,
+        "SELECT DISTINCT correlation_id FROM messaging_outbox WHERE entity_id = ANY(%s)",
+        list(wanted),
+    )
+    assert correlations == [(import_id,)]
+    # A twin never overwrote the first one.
+    assert query(person_db, "SELECT count(*) FROM person WHERE name LIKE 'Twin%%'") == [(0,)]
+    assert query(person_db, "SELECT count(*) FROM import_items") == [(0,)]  # dropped when done
+
+
+def test_an_idempotency_key_returns_the_same_import_and_stores_nothing_new(client, person_db):
+    first = post_bulk(client, [person(1), person(2)], key="batch-2026-11-23")
+    again = post_bulk(client, [person(1), person(2)], key="batch-2026-11-23")
+    other_body = post_bulk(client, [person(3)], key="batch-2026-11-23")
+    assert first.status_code == again.status_code == other_body.status_code == 202
+    assert first.json == again.json == other_body.json
+    assert first.headers["Location"] == again.headers["Location"] == other_body.headers["Location"]
+    assert query(person_db, "SELECT count(*) FROM imports") == [(1,)]
+    assert query(person_db, "SELECT count(*) FROM import_items") == [(2,)]
+    fresh = post_bulk(client, [person(1)], key="another-key")
+    unkeyed = [post_bulk(client, [person(1)]).json["id"] for _ in range(2)]
+    assert len({first.json["id"], fresh.json["id"], *unkeyed}) == 4
+
+
+def test_ndjson_is_an_import_like_an_array(client, importer, person_db):
+    lines = [json.dumps(person(i)) for i in range(3)]
+    body = "\n".join([lines[0], "", lines[1], json.dumps({"cpf": "1"}), lines[2]]) + "\n"
+    answer = client.post(
+        "/person/bulk", data=body, headers={"Content-Type": "application/x-ndjson"}
+    )
+    assert answer.status_code == 202, answer.json
+    assert answer.json["total"] == 4
+    with running(importer):
+        report = wait_until(lambda: done(client, answer.json["id"]), what="import done")
+    assert (report["succeeded"], report["failed"]) == (3, 1)
+    assert report["failures"][0]["index"] == 2
+    assert set(report["failures"][0]["errors"]) == {"name", "address", "date_of_birth"}
+
+
+BIG = [person(1, address="x" * BULK_MAX_BYTES)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "message"),
+    [
+        ({"data": "[]", "content_type": "text/plain"}, 415, "must be a JSON array"),
+        ({"data": "", "content_type": "application/json"}, 400, "the body is empty"),
+        ({"data": "[{]", "content_type": "application/json"}, 400, "not valid JSON"),
+        ({"data": "[NaN]", "content_type": "application/json"}, 400, "not valid JSON"),
+        (
+            {"data": '{"a": 1}\n{', "content_type": "application/x-ndjson"},
+            400,
+            "line 2",
+        ),
+        ({"json": person(1)}, 400, "must be a JSON array"),
+        ({"json": []}, 422, "no people"),
+        ({"json": [person(1), 5, [], "x"]}, 422, "3 items are not objects"),
+        ({"json": BIG}, 413, "the body is too large"),
+        ({"json": [{}] * (BULK_MAX_ITEMS + 1)}, 413, "too many people: 5001"),
+        ({"json": [person(1)], "headers": {"Idempotency-Key": "k" * 201}}, 400, "1 to 200"),
+    ],
+    ids=[
+        "not-json",
+        "empty",
+        "malformed",
+        "nan",
+        "malformed-ndjson",
+        "object",
+        "no-items",
+        "not-objects",
+        "too-large",
+        "too-many",
+        "long-key",
+    ],
+)
+def test_bulk_bodies_that_are_not_an_import_are_refused(client, person_db, kwargs, status, message):
+    answer = client.post("/person/bulk", **kwargs)
+    assert answer.status_code == status, answer.json
+    assert set(answer.json) == {"message", "errors"}
+    assert message in answer.json["message"]
+    if status == 422 and "objects" in message:
+        assert answer.json["errors"] == {str(i): ["must be a JSON object"] for i in (1, 2, 3)}
+    assert query(person_db, "SELECT count(*) FROM imports") == [(0,)]
+
+
+def test_only_the_bulk_route_takes_bodies_past_the_apis_limit(client):
+    items = [person(i) for i in range(1_000)]  # about 130 KiB; MAX_BODY_BYTES is 16 KiB
+    assert len(json.dumps(items)) > 100 * 1024
+    assert post_bulk(client, items).status_code == 202
+    padded = person(1, name="x" * 20_000)
+    assert client.post("/person", json=padded).status_code == 413
+
+
+def test_an_unknown_or_malformed_import_id_is_404(client):
+    for import_id in ("00000000-0000-0000-0000-000000000000", "not-a-uuid", "1"):
+        answer = client.get(f"/imports/{import_id}")
+        assert answer.status_code == 404
+        assert set(answer.json) == {"message", "errors"}
+    created = post_bulk(client, [person(1)]).json["id"]
+    assert client.get(f"/imports/{created}", query_string={"limit": "-1"}).status_code == 400
+
+
+def test_the_api_answers_202_at_once_without_a_worker(client, person_db):
+    items = [person(i) for i in range(BULK_MAX_ITEMS)]
+    started = time.perf_counter()
+    answer = post_bulk(client, items)
+    took = time.perf_counter() - started
+    assert answer.status_code == 202
+    assert took < 5, f"storing {len(items)} items took {took:.1f}s"
+    report = status_of(client, answer.json["id"])
+    assert (report["status"], report["processed"], report["failures"]) == ("pending", 0, [])
+    assert query(person_db, "SELECT count(*) FROM import_items") == [(BULK_MAX_ITEMS,)]
+    assert query(person_db, "SELECT count(*) FROM person") == [(0,)]
+
+
+def test_two_importers_share_the_work_without_duplicates(client, person_db):
+    payloads = ([person(n * 1_000 + i) for i in range(600)] for n in (1, 2))
+    ids = [post_bulk(client, items).json["id"] for items in payloads]
+    workers = [
+        Importer(ImporterSettings(person_db, batch_size=50, poll_interval=0.1)) for _ in range(2)
+    ]
+    with running(workers[0]), running(workers[1]):
+        for import_id in ids:
+            report = wait_until(lambda i=import_id: done(client, i), timeout=60, what="done")
+            assert (report["succeeded"], report["failed"]) == (600, 0)
+    events = created_events(person_db)
+    assert len(events) == 1_200 and set(events.values()) == {1}
+
+
+def test_the_importer_wakes_on_a_new_import_without_waiting_for_its_poll(client, person_db):
+    listening = (
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND query = 'LISTEN person_imports'"
+    )
+    sleepy = Importer(ImporterSettings(person_db, poll_interval=60))
+    with running(sleepy):
+        wait_until(lambda: query(person_db, listening) == [(1,)], what="the importer listening")
+        import_id = post_bulk(client, [person(1)]).json["id"]
+        wait_until(lambda: done(client, import_id), timeout=10, what="woken by NOTIFY")
+
+
+# -- a killed worker ---------------------------------------------------------------------------
+@pytest.fixture
+def importer_process(person_db) -> Iterator:
+    started: list[subprocess.Popen] = []
+
+    def start() -> subprocess.Popen:
+        env = {**os.environ, "PERSON_DATABASE_URL": person_db, "IMPORT_BATCH_SIZE": "50"}
+        process = subprocess.Popen([sys.executable, "-m", "person.importer"], env=env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def test_a_worker_killed_midway_resumes_without_duplicates(client, person_db, importer_process):
+    total = 5_000
+    items = [person(i) for i in range(total)]
+    items[10] = person(10, name="")  # one failure, so the failure table is resumed too
+    import_id = post_bulk(client, items).json["id"]
+
+    first = importer_process()
+    report = wait_until(
+        lambda: (r := status_of(client, import_id))["processed"] > 0 and r,
+        timeout=30,
+        interval=0.005,
+        what="the first batches",
+    )
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    report = status_of(client, import_id)
+    assert 0 < report["processed"] < total, "the import finished before the kill; make it larger"
+    assert report["status"] == "running"
+    assert query(person_db, "SELECT count(*) FROM person") == [(report["succeeded"],)]
+
+    second = importer_process()
+    report = wait_until(lambda: done(client, import_id), timeout=60, what="import done")
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(15) == 0
+    assert (report["processed"], report["succeeded"], report["failed"]) == (total, total - 1, 1)
+    assert [f["index"] for f in report["failures"]] == [10]
+    assert query(person_db, "SELECT count(*) FROM person") == [(total - 1,)]
+    events = created_events(person_db)
+    assert len(events) == total - 1 and set(events.values()) == {1}
+
+
+def test_the_imports_migration_applies_to_an_existing_database(make_database):
+    url = make_database("person")
+    migrate_database(url)
+    with psycopg.connect(url) as conn:  # a database as it was before imports existed
+        conn.execute("DROP TABLE import_failures, import_items, imports")
+        conn.execute("DELETE FROM schema_migrations WHERE version = '003_imports'")
+    result = subprocess.run(
+        [sys.executable, "-m", "person.migrate"],
+        env={**os.environ, "PERSON_DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "003_imports" in result.stdout
+    assert migrate_database(url) == []
+    assert query(url, "SELECT count(*) FROM imports") == [(0,)]
