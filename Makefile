@@ -42,8 +42,9 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+## The benchmark (bench/README.md): raw ceilings, relay, and the whole stack; a few minutes.
 bench: install
-	$(PY) bench/relay_bench.py
+	$(PY) bench/bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

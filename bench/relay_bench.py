@@ -1,7 +1,8 @@
 """Relay throughput against the raw pika ceiling, on the local PostgreSQL and RabbitMQ.
 
 Run: .venv/bin/python bench/relay_bench.py [--events N]. Prints one `name: value` line per
-figure (see bench/README.md); exits non-zero only if a figure could not be measured.
+figure (see bench/README.md); exits non-zero only if a figure could not be measured. Also measures
+the raw ceilings of consuming from a quorum queue with pika and of a Redis pipeline.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -20,6 +22,7 @@ from typing import Any
 
 import pika
 import psycopg
+import redis
 from messaging import Envelope, Relay, RelaySettings
 from messaging.outbox import install
 from messaging.testing import running
@@ -29,10 +32,16 @@ from psycopg import sql
 
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 WINDOW = 2000  # unconfirmed messages in flight, as the relay's default window
+PREFETCH = 256  # the consumer runtime's default prefetch
+ACK_EVERY = 100  # one multiple ack per this many deliveries (the runtime's default max batch)
+REDIS_OPS = 50_000
+REDIS_BATCH = 100  # commands per pipeline (the runtime's default max batch)
 PG_COMMIT_SECONDS = 3.0
 RAW_TIMEOUT = 30.0
 RELAY_TIMEOUT = 60.0
+CLEANUP_TIMEOUT = 90.0  # tests on the same machine stop the broker for a while
 RELAY_POLL_INTERVAL = 1.0  # the relay's production default
 DRAIN_CHECK_INTERVAL = 0.01
 UNPUBLISHED_SQL = "SELECT count(*) FROM messaging_outbox WHERE published_at IS NULL"
@@ -111,17 +120,27 @@ def fresh_database(name: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def fanout_to_quorum(name: str) -> Iterator[str]:
-    """Declare a durable fanout exchange bound to one quorum queue, both named `name`."""
-    with broker_channel() as channel:
-        channel.exchange_declare(exchange=name, exchange_type="fanout", durable=True)
-        channel.queue_declare(queue=name, durable=True, arguments={"x-queue-type": "quorum"})
-        channel.queue_bind(queue=name, exchange=name)
+    """Declare a durable fanout exchange bound to one quorum queue, both named `name`; delete
+    both afterwards, waiting up to CLEANUP_TIMEOUT for a broker that went away meanwhile."""
     try:
+        with broker_channel() as channel:
+            channel.exchange_declare(exchange=name, exchange_type="fanout", durable=True)
+            channel.queue_declare(queue=name, durable=True, arguments={"x-queue-type": "quorum"})
+            channel.queue_bind(queue=name, exchange=name)
         yield name
     finally:
-        with broker_channel() as channel:
-            channel.queue_delete(queue=name)
-            channel.exchange_delete(exchange=name)
+        deadline = time.monotonic() + CLEANUP_TIMEOUT
+        while True:
+            try:
+                with broker_channel() as channel:
+                    channel.queue_delete(queue=name)
+                    channel.exchange_delete(exchange=name)
+                break
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                if time.monotonic() > deadline:
+                    log.error("could not delete queue and exchange %s: %r", name, exc)
+                    break
+                time.sleep(3)
 
 
 @contextlib.contextmanager
@@ -131,7 +150,8 @@ def broker_channel() -> Iterator[Any]:
     try:
         yield conn.channel()
     finally:
-        conn.close()
+        if conn.is_open:
+            conn.close()
 
 
 # -- raw_pg_commit_s -------------------------------------------------------------------------
@@ -232,6 +252,96 @@ class RawPublisher:
             self.conn.close()
         else:
             self.conn.ioloop.stop()
+
+
+# -- raw_consume_msg_s ----------------------------------------------------------------------
+class RawConsumer:
+    """Consumes N messages from a queue on a SelectConnection: prefetch, multiple acks, no work."""
+
+    def __init__(self, queue: str, n: int, prefetch: int = PREFETCH, ack_every: int = ACK_EVERY):
+        if ack_every > prefetch:
+            raise ValueError("ack_every must not exceed the prefetch, or delivery stalls")
+        self.queue, self.n, self.prefetch, self.ack_every = queue, n, prefetch, ack_every
+        self.received = 0
+        self.problems: list[str] = []
+        self.started = self.finished = 0.0
+        self.conn: SelectConnection | None = None
+
+    def run(self, timeout: float = RAW_TIMEOUT) -> float:
+        """Consume N messages; messages per second from basic.consume to the last ack."""
+        self.conn = SelectConnection(
+            pika.URLParameters(AMQP_URL),
+            on_open_callback=lambda conn: conn.channel(on_open_callback=self._on_channel),
+            on_open_error_callback=lambda _c, exc: self._fail(f"connect failed: {exc}"),
+            on_close_callback=lambda _c, _reason: self.conn.ioloop.stop(),
+        )
+        self.conn.ioloop.call_later(timeout, lambda: self._fail(f"timed out after {timeout}s"))
+        self.conn.ioloop.start()
+        if self.received < self.n and not self.problems:
+            self.problems.append(f"connection closed after {self.received} deliveries")
+        if self.problems:
+            raise MeasureError("; ".join(self.problems))
+        return self.n / (self.finished - self.started)
+
+    def _on_channel(self, channel: Any) -> None:
+        channel.basic_qos(prefetch_count=self.prefetch, callback=lambda _f: self._start(channel))
+
+    def _start(self, channel: Any) -> None:
+        self.started = time.perf_counter()
+        channel.basic_consume(self.queue, self._on_message)
+
+    def _on_message(self, channel: Any, method: Any, _props: Any, _body: bytes) -> None:
+        self.received += 1
+        if self.received % self.ack_every == 0 or self.received == self.n:
+            channel.basic_ack(method.delivery_tag, multiple=True)
+        if self.received == self.n:
+            self.finished = time.perf_counter()
+            self.conn.close()
+
+    def _fail(self, why: str) -> None:
+        self.problems.append(why)
+        if self.conn.is_open:
+            self.conn.close()
+        else:
+            self.conn.ioloop.stop()
+
+
+def measure_consume(queue: str, n: int) -> float:
+    """Consume the N messages the raw publish phase left in `queue`."""
+    with broker_channel() as channel:
+        waiting = channel.queue_declare(queue=queue, passive=True).method.message_count
+    if waiting < n:
+        raise MeasureError(f"the queue holds {waiting} messages, not {n}")
+    return RawConsumer(queue, n).run()
+
+
+# -- redis_pipeline_ops_s --------------------------------------------------------------------
+# A version-gated HSET, the shape of the score consumer's scripts (one HGET, one HSET).
+GATED_HSET = """
+local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+if stored >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'value', ARGV[2])
+return 1
+"""
+
+
+def measure_redis_pipeline(prefix: str, n: int = REDIS_OPS, batch: int = REDIS_BATCH) -> float:
+    """EVALSHA of GATED_HSET on N distinct keys, in non-transactional pipelines of `batch`."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        sha = client.script_load(GATED_HSET)
+        start = time.perf_counter()
+        for first in range(0, n, batch):
+            pipe = client.pipeline(transaction=False)
+            for i in range(first, min(first + batch, n)):
+                pipe.evalsha(sha, 1, f"{prefix}{i}", 1, "1000.00")
+            pipe.execute()
+        elapsed = time.perf_counter() - start
+    finally:
+        for first in range(0, n, 1000):
+            client.unlink(*(f"{prefix}{i}" for i in range(first, min(first + 1000, n))))
+        client.close()
+    return n / elapsed
 
 
 # -- relay_events_s --------------------------------------------------------------------------
@@ -335,10 +445,21 @@ def run(n: int) -> dict[str, float]:
                 lambda: RawPublisher(exchange, envelopes).run(),
                 figures,
             )
+            measure("raw_consume_msg_s", lambda: measure_consume(exchange, n), figures)
+        measure(
+            "redis_pipeline_ops_s",
+            lambda: measure_redis_pipeline(f"bench-redis-{run_id}:"),
+            figures,
+        )
         prefill_outbox(db_url, envelopes)
         with fanout_to_quorum(f"bench-relay-{run_id}") as exchange:
             measure("relay_events_s", lambda: measure_relay(db_url, exchange, n), figures)
     return figures
+
+
+def interrupted(signum: int, _frame: Any) -> None:
+    """SIGTERM handler: raise KeyboardInterrupt, so every clean-up runs."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=20000, help="events per phase")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    logging.getLogger("pika").setLevel(logging.CRITICAL)  # its failures surface as exceptions
+    signal.signal(signal.SIGTERM, interrupted)  # run the clean-ups, as on Ctrl-C
     print(f"events: {args.events}", flush=True)
     try:
         figures = run(args.events)
@@ -354,10 +477,16 @@ def main(argv: list[str] | None = None) -> int:
         log.error("benchmark aborted: %s: %s", type(exc).__name__, exc)
         return 1
     relay, raw = figures.get("relay_events_s"), figures.get("raw_publish_confirmed_msg_s")
-    if relay is None or raw is None or "raw_pg_commit_s" not in figures:
-        return 1
-    print(f"relay_vs_raw_ratio: {relay / raw:.2f}", flush=True)
-    return 0
+    if relay is not None and raw is not None:
+        print(f"relay_vs_raw_ratio: {relay / raw:.2f}", flush=True)
+    expected = (
+        "raw_pg_commit_s",
+        "raw_publish_confirmed_msg_s",
+        "raw_consume_msg_s",
+        "redis_pipeline_ops_s",
+        "relay_events_s",
+    )
+    return 0 if all(name in figures for name in expected) else 1
 
 
 if __name__ == "__main__":

@@ -244,3 +244,19 @@ def test_the_api_key_never_reaches_the_logs(view, store, config, fake_sendgrid, 
         wait_until(lambda: delivery(store, "8")["status"] == "failed", what="a logged failure")
     assert caplog.records
     assert config.sendgrid_api_key not in caplog.text
+
+
+def test_only_a_pending_delivery_wakes_the_senders(view, store, notifier_db):
+    """A claim (matching nothing, or taking a delivery) must not wake the senders again."""
+    with psycopg.connect(notifier_db, autocommit=True) as listener:
+        listener.execute("LISTEN deliveries")
+
+        def woken(timeout: float) -> bool:
+            return any(True for _ in listener.notifies(timeout=timeout, stop_after=1))
+
+        assert store.claim_due(10, lease_seconds=60) == []
+        assert not woken(0.3)
+        register(view, "12", "l@example.com")
+        assert woken(5)
+        assert [d["cpf"] for d in store.claim_due(10, lease_seconds=60)] == ["12"]
+        assert not woken(0.3)

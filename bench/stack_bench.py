@@ -1,0 +1,1109 @@
+"""Figures of the whole native stack: the Procfile's processes and Traefik, on local servers.
+
+Run: .venv/bin/python bench/stack_bench.py. Prints one `name: value` line per figure (see
+bench/README.md), logs to stderr, and exits non-zero only if a figure could not be measured.
+
+The stack runs on databases, an exchange, queues, a Redis key prefix and ports of its own
+(`bench_person_<id>`, `bench_notifier_<id>`, `bench-<id>`), all removed afterwards, even when a
+step fails. E-mails go to the development mailbox (SENDGRID_API_KEY is blanked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pika
+import psycopg
+import redis
+from messaging import Envelope
+from messaging.topology import DEFAULT_RETRY_DELAYS, Topology
+from person.events import PRODUCER, item_state, person_state
+from psycopg import sql
+from score.store import ScoreStore
+
+ROOT = Path(__file__).resolve().parent.parent
+DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+E2E_PEOPLE = 25_000  # each registered with one income: 50,000 events
+REBUILD_PEOPLE = 50_000  # E2E_PEOPLE and as many more, one income each: 100,000 events
+PREFILL_CHUNK = 5_000  # people per round of COPY statements
+LATENCY_RATE = 200.0  # writes per second
+LATENCY_SECONDS = 15.0
+LATENCY_WRITERS = 8  # client threads sharing the write schedule
+POLL_INTERVAL = 0.001  # seconds between two visibility polls while a write is pending
+VISIBLE_TIMEOUT = 30.0  # a write not visible by then is lost: the figure is not measured
+POST_CLIENTS = 16
+POST_SECONDS = 10.0
+READY_TIMEOUT = 90.0
+REPLICATE_TIMEOUT = 180.0
+REBUILD_TIMEOUT = 180.0
+SETTLE_TIMEOUT = 120.0
+CHECK_INTERVAL = 0.01  # seconds between two catch-up checks
+STOP_TIMEOUT = 20.0
+HOSTS = ("person", "score", "notifier")
+RELAY = "person-relay"
+POST_PHASES = itertools.count()  # keeps the CPFs of two POST phases in one process apart
+
+log = logging.getLogger("bench.stack")
+
+
+class MeasureError(RuntimeError):
+    """A figure could not be measured."""
+
+
+# -- the stack -------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def with_dbname(url: str, name: str) -> str:
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{name}"
+
+
+@dataclass
+class Stack:
+    """The Procfile's processes, each in a process group of its own, with one environment."""
+
+    run_id: str
+    env: dict[str, str]
+    log_dir: Path
+    commands: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def exchange(self) -> str:
+        return self.env["EVENTS_EXCHANGE"]
+
+    @property
+    def prefix(self) -> str:
+        return self.env["SCORE_KEY_PREFIX"]
+
+    @property
+    def person_db(self) -> str:
+        return self.env["PERSON_DATABASE_URL"]
+
+    @property
+    def notifier_db(self) -> str:
+        return self.env["NOTIFIER_DATABASE_URL"]
+
+    @property
+    def gateway_port(self) -> int:
+        return int(self.env["GATEWAY_PORT"])
+
+    @property
+    def retry_delays(self) -> tuple[float, ...]:
+        return tuple(json.loads(self.env["RETRY_DELAYS"]))
+
+    def topologies(self) -> list[Topology]:
+        return [Topology(s, self.exchange, self.retry_delays) for s in ("score", "notifier")]
+
+    def start(self, name: str) -> None:
+        with (self.log_dir / f"{name}.log").open("ab") as out:
+            self.processes[name] = subprocess.Popen(
+                ["sh", "-c", f"exec {self.commands[name]}"],
+                env=self.env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def check_alive(self) -> None:
+        """Raise if a process this run started has exited."""
+        gone = {n: p.returncode for n, p in self.processes.items() if p.poll() is not None}
+        if gone:
+            raise MeasureError(f"process(es) exited: {gone}; logs in {self.log_dir}")
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for name, process in self.processes.items():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %ss; killing it", name, STOP_TIMEOUT)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+def stack_environment(run_id: str) -> dict[str, str]:
+    exchange = f"bench-{run_id}"
+    env = {
+        **os.environ,
+        "GATEWAY_PORT": str(free_port()),
+        "PERSON_PORT": str(free_port()),
+        "SCORE_PORT": str(free_port()),
+        "NOTIFIER_PORT": str(free_port()),
+        "PERSON_DATABASE_URL": with_dbname(DATABASE_URL, f"bench_person_{run_id}"),
+        "NOTIFIER_DATABASE_URL": with_dbname(DATABASE_URL, f"bench_notifier_{run_id}"),
+        "SCORE_REDIS_URL": REDIS_URL,
+        "SCORE_KEY_PREFIX": f"{exchange}:",
+        "AMQP_URL": AMQP_URL,
+        "EVENTS_EXCHANGE": exchange,
+        "RETRY_DELAYS": json.dumps(list(DEFAULT_RETRY_DELAYS)),
+        "SENDGRID_API_KEY": "",  # blank, even if .env sets one: e-mails go to the mailbox
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    for name in ("PUBLIC_PERSON_URL", "BIND"):
+        env.pop(name, None)
+    return env
+
+
+def procfile() -> dict[str, str]:
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines if line.strip() and line[0] != "#")
+
+
+@contextlib.contextmanager
+def running_stack(run_id: str) -> Iterator[Stack]:
+    """Create and migrate the databases, declare the queues, start every process but the relay.
+
+    Everything made is removed on the way out, whatever happened.
+    """
+    log_dir = Path(tempfile.mkdtemp(prefix=f"stack-bench-{run_id}-"))
+    stack = Stack(run_id, stack_environment(run_id), log_dir, procfile())
+    ok = False
+    try:
+        for step in (
+            ["-m", "person.migrate"],
+            ["-m", "notifier.migrate"],
+            ["-m", "messaging.declare", "score", "notifier"],
+        ):
+            done = subprocess.run(
+                [sys.executable, *step], env=stack.env, cwd=ROOT, capture_output=True, text=True
+            )
+            if done.returncode != 0:
+                raise MeasureError(f"{' '.join(step)} failed: {done.stderr.strip()[-2000:]}")
+        for name in stack.commands:
+            if name != RELAY:
+                stack.start(name)
+        wait_ready(stack)
+        yield stack
+        ok = True
+    finally:
+        stack.stop_all()
+        cleanup(stack)
+        if ok:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        else:
+            log.error("process logs kept in %s", log_dir)
+
+
+def wait_ready(stack: Stack) -> None:
+    """Every API answers /ready through Traefik (so both consumers are attached)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    pending = list(HOSTS)
+    while pending:
+        stack.check_alive()
+        pending = [h for h in pending if not answers(stack.gateway_port, h, "/ready")]
+        if pending and time.monotonic() > deadline:
+            raise MeasureError(f"not ready after {READY_TIMEOUT}s: {pending}")
+        time.sleep(0.2)
+
+
+def answers(port: int, host: str, path: str) -> bool:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
+    try:
+        conn.request("GET", path, headers={"Host": f"{host}.localhost"})
+        return conn.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
+def cleanup(stack: Stack) -> None:
+    """Drop the databases, delete queues, exchange and Redis keys; each step on its own."""
+    for url in (stack.person_db, stack.notifier_db):
+        name = url.rpartition("/")[2]
+        try:
+            with psycopg.connect(DATABASE_URL, autocommit=True) as admin:
+                admin.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+        except psycopg.Error as exc:
+            log.error("could not drop database %s: %s", name, exc)
+    deadline = time.monotonic() + 90
+    while True:  # the broker may be stopped for a while (fault tests on the same machine)
+        try:
+            with broker_channel() as channel:
+                for topology in stack.topologies():
+                    topology.delete(channel)
+                channel.exchange_delete(exchange=stack.exchange)
+            break
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            if time.monotonic() > deadline:
+                log.error("could not delete queues and exchange %s: %s", stack.exchange, exc)
+                break
+            time.sleep(3)
+    try:
+        client = redis.Redis.from_url(REDIS_URL)
+        ScoreStore(client, stack.prefix).wipe()
+        client.close()
+    except redis.RedisError as exc:
+        log.error("could not delete Redis keys %s*: %s", stack.prefix, exc)
+
+
+@contextlib.contextmanager
+def broker_channel() -> Iterator[Any]:
+    conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        yield conn.channel()
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+class BrokerWatch(threading.Thread):
+    """Notes when RabbitMQ's port refuses connections: a figure measured while the broker was
+    away (tests on the same machine stop it) says nothing about the stack, so it is dropped."""
+
+    def __init__(self) -> None:
+        super().__init__(name="broker-watch", daemon=True)
+        params = pika.URLParameters(AMQP_URL)
+        self.address = (params.host, params.port)
+        self.outages: list[list[float]] = []  # [down since, back at (inf while down)]
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(0.25):
+            try:
+                socket.create_connection(self.address, timeout=1).close()
+                up = True
+            except OSError:
+                up = False
+            now = time.perf_counter()
+            down = bool(self.outages) and self.outages[-1][1] == math.inf
+            if not up and not down:
+                self.outages.append([now, math.inf])
+                log.warning("RabbitMQ at %s:%s refuses connections", *self.address)
+            elif up and down:
+                self.outages[-1][1] = now
+                log.warning("RabbitMQ answers again")
+
+    def away_between(self, start: float, end: float) -> bool:
+        return any(since <= end and back >= start for since, back in self.outages)
+
+
+# -- data ------------------------------------------------------------------------------------
+def cpf_of(n: int) -> str:
+    """CPFs of prefilled people: 11 digits starting with 1 (other phases use other digits)."""
+    return f"1{n:010d}"
+
+
+def prefill(db_url: str, first: int, count: int) -> list[str]:
+    """Register people first..first+count-1, each with one income and no e-mail address.
+
+    Writes what PgStore.create_person and PgStore.add_item would write (the rows, the entity
+    version counters and the outbox events, built with the person package's own state
+    functions), with COPY, in one transaction: person n's events are followed by its income's.
+    Without an e-mail address no welcome e-mail is due: the e-mail sender stays out of the
+    replication figures (the API phases register people with one).
+    """
+    cpfs: list[str] = []
+    with psycopg.connect(db_url) as conn, conn.cursor() as cur:
+        for start in range(first, first + count, PREFILL_CHUNK):
+            people, items, events = [], [], []
+            for n in range(start, min(start + PREFILL_CHUNK, first + count)):
+                now = datetime.now(UTC)
+                person = {
+                    "cpf": cpf_of(n),
+                    "name": f"Person {n}",
+                    "address": f"Rua da Aurora, {n % 2000 + 1}, Recife",
+                    "date_of_birth": date(1950 + n % 50, 1 + n % 12, 1 + n % 28),
+                    "email": None,
+                    "status": "pending",
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                item = {
+                    "id": uuid.uuid4(),
+                    "cpf": person["cpf"],
+                    "kind": "income",
+                    "type": "salary",
+                    "value": Decimal(f"{1000 + n % 9000}.00"),
+                    "created_at": now,
+                }
+                people.append(person)
+                items.append(item)
+                events.append(event("person", person["cpf"], person_state(person)))
+                events.append(event("income", str(item["id"]), item_state(item)))
+                cpfs.append(person["cpf"])
+            copy_rows(cur, "person", people)
+            copy_rows(cur, "item", items)
+            copy_rows(
+                cur,
+                "messaging_entity_versions",
+                [{"entity": e.entity, "entity_id": e.entity_id, "version": 1} for e in events],
+            )
+            copy_rows(
+                cur,
+                "messaging_outbox",
+                [
+                    {
+                        "event_id": e.event_id,
+                        "event_type": e.event_type,
+                        "entity": e.entity,
+                        "entity_id": e.entity_id,
+                        "entity_version": e.entity_version,
+                        "occurred_at": e.occurred_at,
+                        "correlation_id": e.correlation_id,
+                        "body": e.to_json().decode(),
+                    }
+                    for e in events
+                ],
+            )
+        conn.commit()
+        conn.execute("ANALYZE")
+        conn.commit()
+    return cpfs
+
+
+def event(entity: str, entity_id: str, data: dict) -> Envelope:
+    """A `created` event as Outbox.add builds it (version 1; the API's correlation id)."""
+    return Envelope.new(
+        entity=entity,
+        entity_id=entity_id,
+        change="created",
+        entity_version=1,
+        data=data,
+        producer=PRODUCER,
+        correlation_id=str(uuid.uuid4()),
+    )
+
+
+def copy_rows(cur: psycopg.Cursor, table: str, rows: list[dict[str, Any]]) -> None:
+    columns = list(rows[0])
+    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns))
+    )
+    with cur.copy(statement) as copy:
+        for row in rows:
+            copy.write_row([row[c] for c in columns])
+
+
+# -- catching up -----------------------------------------------------------------------------
+class ReadModels:
+    """Direct checks of both read models: Redis keys (score) and the users table (notifier)."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.redis = redis.Redis.from_url(REDIS_URL)
+        self.prefix = stack.prefix
+        self.db = psycopg.connect(stack.notifier_db, autocommit=True)
+
+    def close(self) -> None:
+        self.redis.close()
+        self.db.close()
+
+    def score_missing(self, cpfs: list[str], items: int = 1) -> list[str]:
+        """CPFs whose person hash or item set is not there yet (in the order given)."""
+        missing: list[str] = []
+        for start in range(0, len(cpfs), 5000):
+            chunk = cpfs[start : start + 5000]
+            pipe = self.redis.pipeline(transaction=False)
+            for cpf in chunk:
+                pipe.hget(f"{self.prefix}person:{cpf}", "version")
+                pipe.scard(f"{self.prefix}person-items:{cpf}")
+            found = pipe.execute()
+            missing += [
+                cpf
+                for i, cpf in enumerate(chunk)
+                if found[2 * i] is None or found[2 * i + 1] < items
+            ]
+        return missing
+
+    def users(self) -> int:
+        return self.db.execute("SELECT count(*) FROM users WHERE NOT deleted").fetchone()[0]
+
+    def has_user(self, cpf: str) -> bool:
+        row = self.db.execute("SELECT 1 FROM users WHERE cpf = %s", (cpf,)).fetchone()
+        return row is not None
+
+
+def wait_caught_up(
+    stack: Stack,
+    models: ReadModels,
+    cpfs: list[str],
+    users: int | None,
+    start: float,
+    timeout: float,
+) -> tuple[float, float | None]:
+    """Seconds from `start` until every CPF has its score keys and, unless `users` is None,
+    the users table holds `users` rows: (score seconds, notifier seconds).
+
+    The CPFs are in event order and each consumer applies its queue in order, so the last CPF is
+    a sentinel: checked every 10 ms alone, the whole list is only checked once it is there.
+    """
+    pending = list(cpfs)
+    score_at: float | None = None
+    notifier_at: float | None = None if users is not None else start
+    while True:
+        now = time.perf_counter()
+        if score_at is None and not models.score_missing(pending[-1:]):
+            pending = models.score_missing(pending)
+            if not pending:
+                score_at = now
+        if notifier_at is None and models.has_user(cpfs[-1]) and models.users() >= users:
+            notifier_at = now
+        if score_at is not None and notifier_at is not None:
+            return score_at - start, (None if users is None else notifier_at - start)
+        if now - start > timeout:
+            raise MeasureError(
+                f"not caught up after {timeout}s: {len(pending)} scores missing, "
+                f"{models.users()}/{users} users"
+            )
+        stack.check_alive()
+        time.sleep(CHECK_INTERVAL)
+
+
+def settle(stack: Stack, timeout: float = SETTLE_TIMEOUT, emails: bool = True) -> None:
+    """Wait until the outbox, both work queues and (unless `emails` is False) the e-mail ledger
+    have nothing left to do, so that one phase's backlog does not run into the next one."""
+    start = time.monotonic()
+    quiet = 0
+    with (
+        psycopg.connect(stack.person_db, autocommit=True) as person,
+        psycopg.connect(stack.notifier_db, autocommit=True) as notifier,
+    ):
+        while quiet < 3:
+            outbox = person.execute(
+                "SELECT count(*) FROM messaging_outbox WHERE published_at IS NULL"
+            ).fetchone()[0]
+            mails = notifier.execute(
+                "SELECT count(*) FROM deliveries WHERE status IN ('pending', 'sending')"
+            ).fetchone()[0]
+            queued = queue_depths(stack)
+            busy = outbox + (mails if emails else 0) + sum(map(abs, queued))  # -1: no broker
+            quiet = quiet + 1 if busy == 0 else 0
+            if time.monotonic() - start > timeout:
+                log.warning(
+                    "still busy after %ss (outbox %d, queues %s, e-mails %d); going on",
+                    timeout,
+                    outbox,
+                    queued,
+                    mails,
+                )
+                return
+            stack.check_alive()
+            time.sleep(0.2)
+    log.info("settled in %.1fs", time.monotonic() - start)
+
+
+def queue_depths(stack: Stack) -> list[int]:
+    """Messages ready in each work queue (-1 while the broker does not answer)."""
+    try:
+        with broker_channel() as channel:
+            return [
+                channel.queue_declare(queue=t.queue, passive=True).method.message_count
+                for t in stack.topologies()
+            ]
+    except (pika.exceptions.AMQPError, OSError):
+        return [-1]
+
+
+# -- e2e_events_s ----------------------------------------------------------------------------
+def measure_e2e(stack: Stack, models: ReadModels, cpfs: list[str]) -> float:
+    """Start the relay on the prefilled outbox; events per second until both models caught up."""
+    events = 2 * len(cpfs)
+    start = time.perf_counter()
+    stack.start(RELAY)
+    score_s, notifier_s = wait_caught_up(stack, models, cpfs, len(cpfs), start, REPLICATE_TIMEOUT)
+    log.info(
+        "e2e: %d events; score caught up after %.2fs (%.0f events/s), notifier after %.2fs "
+        "(%.0f events/s)",
+        events,
+        score_s,
+        events / score_s,
+        notifier_s,
+        events / notifier_s,
+    )
+    return events / max(score_s, notifier_s)
+
+
+# -- rebuild_50k_s ---------------------------------------------------------------------------
+def prepare_rebuild(stack: Stack, models: ReadModels, first: list[str]) -> list[str]:
+    """Register the people the e2e phase did not, let them replicate; return all 50,000."""
+    second = timed(
+        "prefill", lambda: prefill(stack.person_db, len(first), REBUILD_PEOPLE - len(first))
+    )
+    begin = time.perf_counter()
+    score_s, _ = wait_caught_up(stack, models, second, None, begin, REPLICATE_TIMEOUT)
+    log.info("replicated %d more events to the score in %.1fs", 2 * len(second), score_s)
+    settle(stack)  # the notifier too
+    return first + second
+
+
+def measure_rebuild(stack: Stack, models: ReadModels, cpfs: list[str]) -> float:
+    """Wipe the score read model, mark every outbox row unpublished, time until all is back.
+
+    This is how a rebuild is done today (README, "Publishing again"): the relay's 1 s poll finds
+    the unpublished rows and publishes them to every subscriber again.
+    """
+    start = time.perf_counter()
+    ScoreStore(models.redis, stack.prefix).wipe()
+    with psycopg.connect(stack.person_db, autocommit=True) as conn:
+        rows = conn.execute("UPDATE messaging_outbox SET published_at = NULL").rowcount
+    log.info("rebuild: wiped and unmarked %d rows in %.2fs", rows, time.perf_counter() - start)
+    score_s, _ = wait_caught_up(stack, models, cpfs, None, start, REBUILD_TIMEOUT)
+    return score_s
+
+
+def drop_replays(stack: Stack) -> None:
+    """Purge what is left of the rebuild's replays in the notifier's queue.
+
+    The rebuild publishes every event to every subscriber; the notifier already holds each of
+    these versions and would only skip them, which takes it minutes.
+    """
+    notifier = next(t for t in stack.topologies() if t.service == "notifier")
+    try:
+        with broker_channel() as channel:
+            purged = channel.queue_purge(notifier.queue).method.message_count
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        log.warning("could not purge %s: %r", notifier.queue, exc)
+        return
+    log.info("purged %d replayed events from %s", purged, notifier.queue)
+
+
+# -- latency ---------------------------------------------------------------------------------
+class Gateway:
+    """Keep-alive HTTP through Traefik, one connection per thread."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.local = threading.local()
+
+    def post(self, host: str, path: str, body: dict) -> tuple[int, bytes]:
+        payload = json.dumps(body)
+        headers = {"Host": f"{host}.localhost", "Content-Type": "application/json"}
+        for attempt in range(2):  # a keep-alive connection the gateway closed is opened again
+            conn = getattr(self.local, "conn", None)
+            if conn is None:
+                conn = self.local.conn = http.client.HTTPConnection(
+                    "127.0.0.1", self.port, timeout=30
+                )
+            try:
+                conn.request("POST", path, body=payload, headers=headers)
+                response = conn.getresponse()
+                return response.status, response.read()
+            except (http.client.HTTPException, ConnectionError):
+                conn.close()
+                self.local.conn = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+
+class VisibilityPoller(threading.Thread):
+    """Polls one read model for pending writes; records HTTP 201 → visible, in milliseconds.
+
+    While a write is pending it polls every POLL_INTERVAL, all pending writes in one round trip;
+    a write counts as visible at the reply of the first poll that sees it, so a sample is at most
+    one poll interval plus one round trip late.
+    """
+
+    def __init__(self, name: str, check: Callable[[list[tuple]], list[bool]]) -> None:
+        super().__init__(name=name, daemon=True)
+        self.check = check
+        self.pending: dict[tuple, float] = {}
+        self.samples: list[float] = []
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
+
+    def add(self, key: tuple, acked_at: float) -> None:
+        with self.lock:
+            self.pending[key] = acked_at
+        self.wake.set()
+
+    def run(self) -> None:
+        try:
+            while not (self.stopping.is_set() and not self.pending):
+                with self.lock:
+                    keys = list(self.pending)
+                if not keys:
+                    self.wake.wait(0.05)
+                    self.wake.clear()
+                    continue
+                found = self.check(keys)
+                seen_at = time.perf_counter()
+                with self.lock:
+                    for key, visible in zip(keys, found, strict=True):
+                        if visible:
+                            acked_at = self.pending.pop(key)
+                            self.samples.append((seen_at - acked_at) * 1000)
+                time.sleep(POLL_INTERVAL)
+        except BaseException as exc:
+            self.error = exc
+
+    def finish(self, timeout: float) -> int:
+        """Stop once nothing is pending or after `timeout`; return how many never showed up."""
+        self.stopping.set()
+        self.wake.set()
+        self.join(timeout)
+        if self.is_alive():
+            with self.lock:
+                missing = len(self.pending)
+                self.pending.clear()
+            self.join(5)
+            return missing
+        if self.error is not None:
+            raise MeasureError(f"{self.name} failed: {self.error!r}")
+        return 0
+
+
+def percentile(samples: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def measure_latency(stack: Stack, known: list[str]) -> dict[str, float]:
+    """LATENCY_RATE writes/s for LATENCY_SECONDS through Traefik, alternating a registration and
+    an income of a known person; per write, HTTP 201 → visible in Redis and in `users`."""
+    client = redis.Redis.from_url(REDIS_URL)
+    prefix = stack.prefix
+    notifier_db = psycopg.connect(stack.notifier_db, autocommit=True)
+
+    def in_redis(keys: list[tuple]) -> list[bool]:
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            if key[0] == "person":
+                pipe.hexists(f"{prefix}person:{key[1]}", "version")
+            else:
+                pipe.sismember(f"{prefix}person-items:{key[1]}", key[2])
+        return [bool(v) for v in pipe.execute()]
+
+    def in_users(keys: list[tuple]) -> list[bool]:
+        rows = notifier_db.execute(
+            "SELECT cpf FROM users WHERE cpf = ANY(%s)", ([k[1] for k in keys],)
+        ).fetchall()
+        there = {row[0] for row in rows}
+        return [k[1] in there for k in keys]
+
+    score = VisibilityPoller("score-poller", in_redis)
+    notifier = VisibilityPoller("notifier-poller", in_users)
+    gateway = Gateway(stack.gateway_port)
+    total = int(LATENCY_RATE * LATENCY_SECONDS)
+    counter = iter(range(total))
+    lock = threading.Lock()
+    issued: list[int] = []
+    failures: list[str] = []
+    rng = random.Random(8)
+    start = time.perf_counter() + 0.2
+    stop_at = start + LATENCY_SECONDS  # when the stack cannot keep the rate, fewer writes
+    late = [0.0]
+
+    def writer() -> None:
+        while True:
+            with lock:
+                i = next(counter, None)
+                if i is None or time.perf_counter() > stop_at:
+                    return
+                issued.append(i)
+                cpf = f"3{i:09d}" if i % 2 == 0 else rng.choice(known)
+            due = start + i / LATENCY_RATE
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                late[0] = max(late[0], -delay)
+            try:
+                if i % 2 == 0:
+                    status, body = gateway.post("person", "/person", new_person(cpf, i))
+                    acked_at = time.perf_counter()
+                    if status == 201:
+                        score.add(("person", cpf), acked_at)
+                        notifier.add(("person", cpf), acked_at)
+                else:
+                    income = {"type": "bonus", "value": f"{100 + i}.50"}
+                    status, body = gateway.post("person", f"/person/{cpf}/income", income)
+                    acked_at = time.perf_counter()
+                    if status == 201:
+                        score.add(("item", cpf, json.loads(body)["id"]), acked_at)
+                if status != 201:
+                    failures.append(f"{status} {body[:200]!r}")
+            except (OSError, http.client.HTTPException) as exc:
+                failures.append(repr(exc))
+
+    score.start()
+    notifier.start()
+    threads = [threading.Thread(target=writer) for _ in range(LATENCY_WRITERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    missing = {"score": score.finish(VISIBLE_TIMEOUT), "notifier": notifier.finish(VISIBLE_TIMEOUT)}
+    client.close()
+    notifier_db.close()
+    done = len(issued)
+    log.info(
+        "latency: %d writes in %.1fs (%.0f/s; the last one started %.0f ms behind schedule); "
+        "%d score and %d notifier samples",
+        done,
+        elapsed,
+        done / elapsed,
+        late[0] * 1000,
+        len(score.samples),
+        len(notifier.samples),
+    )
+    if done < total:
+        log.warning(
+            "latency: the stack took %d of the %d writes planned in %.0fs",
+            done,
+            total,
+            LATENCY_SECONDS,
+        )
+    if failures:
+        log.warning("latency: %d writes failed, e.g. %s", len(failures), failures[0])
+    if len(failures) > done // 100:
+        raise MeasureError(f"{len(failures)} of {done} writes failed, e.g. {failures[0]}")
+    if any(missing.values()):
+        raise MeasureError(f"writes never visible after {VISIBLE_TIMEOUT}s: {missing}")
+    if not notifier.samples:
+        raise MeasureError("no registration went through")
+    return {
+        "latency_writes_s": done / elapsed,
+        "latency_score_p50_ms": percentile(score.samples, 50),
+        "latency_score_p99_ms": percentile(score.samples, 99),
+        "latency_notifier_p50_ms": percentile(notifier.samples, 50),
+        "latency_notifier_p99_ms": percentile(notifier.samples, 99),
+    }
+
+
+def new_person(cpf: str, n: int) -> dict[str, Any]:
+    return {
+        "cpf": cpf,
+        "name": f"Bench Person {n}",
+        "address": f"Rua da Aurora, {n % 2000 + 1}, Recife",
+        "date_of_birth": "1990-04-12",
+        "email": f"p{cpf}@bench.example",
+    }
+
+
+# -- post_person_rps / post_person_p99_ms ----------------------------------------------------
+WRK_SCRIPT = """
+-- POST /person with a CPF no other request of this run uses: the prefix given after `--`
+-- (4 and the number of this POST phase), the wrk thread, a counter.
+local threads = 0
+function setup(thread)
+  thread:set("tid", threads)
+  threads = threads + 1
+end
+function init(args)
+  prefix = args[1]
+  n = 0
+end
+function request()
+  n = n + 1
+  local cpf = string.format("%s%d%07d", prefix, tid, n)
+  local body = string.format(
+    '{"cpf":"%s","name":"Bench Person %d","address":"Rua da Aurora, %d, Recife",'
+    .. '"date_of_birth":"1990-04-12","email":"p%s@bench.example"}', cpf, n, n % 2000 + 1, cpf)
+  return wrk.format("POST", "/person", nil, body)
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH requests=%d duration_us=%d status_errors=%d socket_errors=%d p99_us=%d\\n",
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(99)))
+end
+"""
+
+
+def measure_post(stack: Stack) -> dict[str, float]:
+    """POST /person through Traefik from POST_CLIENTS keep-alive connections for POST_SECONDS."""
+    if shutil.which("wrk"):
+        return post_with_wrk(stack)
+    log.warning("wrk is not installed (apt-get install wrk): POST /person load from Python threads")
+    return post_with_threads(stack)
+
+
+def post_with_wrk(stack: Stack) -> dict[str, float]:
+    script = stack.log_dir / "post_person.lua"
+    script.write_text(WRK_SCRIPT)
+    command = [
+        "wrk",
+        "-t2",
+        f"-c{POST_CLIENTS}",
+        f"-d{POST_SECONDS:.0f}s",
+        "--timeout",
+        "10s",
+        "-H",
+        "Host: person.localhost",
+        "-H",
+        "Content-Type: application/json",
+        "-s",
+        str(script),
+        f"http://127.0.0.1:{stack.gateway_port}/person",
+        "--",
+        f"4{next(POST_PHASES):02d}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=POST_SECONDS + 60)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("BENCH ")), None)
+    if done.returncode != 0 or line is None:
+        raise MeasureError(f"wrk failed ({done.returncode}): {done.stdout} {done.stderr}")
+    got = {k: int(v) for k, v in (pair.split("=") for pair in line.split()[1:])}
+    failed = got["status_errors"] + got["socket_errors"]
+    log.info("post: wrk, %d requests, %d failed", got["requests"], failed)
+    if failed > got["requests"] // 100:
+        raise MeasureError(f"{failed} of {got['requests']} requests failed")
+    return {
+        "post_person_rps": (got["requests"] - failed) / (got["duration_us"] / 1e6),
+        "post_person_p99_ms": got["p99_us"] / 1000,
+    }
+
+
+def post_with_threads(stack: Stack) -> dict[str, float]:
+    gateway = Gateway(stack.gateway_port)
+    phase = next(POST_PHASES)
+    latencies: list[list[float]] = [[] for _ in range(POST_CLIENTS)]
+    failures = [0] * POST_CLIENTS
+    start = time.perf_counter()
+    stop_at = start + POST_SECONDS
+
+    def client(k: int) -> None:
+        n = 0
+        while time.perf_counter() < stop_at:
+            n += 1
+            cpf = f"4{phase:02d}{k:02d}{n:07d}"
+            sent = time.perf_counter()
+            try:
+                status, _ = gateway.post("person", "/person", new_person(cpf, n))
+            except (OSError, http.client.HTTPException):
+                status = 0
+            if status == 201:
+                latencies[k].append((time.perf_counter() - sent) * 1000)
+            else:
+                failures[k] += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(POST_CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    samples = [x for per in latencies for x in per]
+    if not samples or sum(failures) > len(samples) // 100:
+        raise MeasureError(f"{sum(failures)} requests failed, {len(samples)} succeeded")
+    return {
+        "post_person_rps": len(samples) / elapsed,
+        "post_person_p99_ms": percentile(samples, 99),
+    }
+
+
+# -- memory ----------------------------------------------------------------------------------
+def children() -> dict[int, list[int]]:
+    """Parent pid → child pids, from /proc."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def status_kb(pid: int, field_name: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field_name}:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (for the log: where the run's time went)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_memory(stack: Stack) -> dict[str, float]:
+    """VmRSS of each process of the stack (a gunicorn master or any of its workers): the
+    largest per Procfile entry, and the largest of all."""
+    tree = children()
+    figures: dict[str, float] = {}
+    for name, process in stack.processes.items():
+        if process.poll() is not None:
+            raise MeasureError(f"{name} is not running")
+        pids, todo = [], [process.pid]
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            todo += tree.get(pid, [])
+        rss = {pid: status_kb(pid, "VmRSS") / 1024 for pid in pids}
+        peak = {pid: status_kb(pid, "VmHWM") / 1024 for pid in pids}
+        log.info(
+            "%s: %s",
+            name,
+            ", ".join(
+                f"pid {p} {rss[p]:.0f} MB (peak {peak[p]:.0f} MB, {cpu_seconds(p):.0f} s CPU)"
+                for p in pids
+            ),
+        )
+        figures[f"rss_{name.replace('-', '_')}_mb"] = max(rss.values())
+    figures["max_rss_mb"] = max(figures.values())
+    return figures
+
+
+# -- driver ----------------------------------------------------------------------------------
+NAMES = (
+    "e2e_events_s",
+    "rebuild_50k_s",
+    "latency_score_p50_ms",
+    "latency_score_p99_ms",
+    "latency_notifier_p50_ms",
+    "latency_notifier_p99_ms",
+    "post_person_rps",
+    "post_person_p99_ms",
+    "max_rss_mb",
+)
+
+
+def show(name: str, value: float) -> None:
+    """Rates and megabytes as integers, milliseconds and the rebuild's seconds to 0.1."""
+    decimals = 1 if name.endswith("_ms") or name == "rebuild_50k_s" else 0
+    print(f"{name}: {value:.{decimals}f}", flush=True)
+
+
+def measure(
+    figures: dict[str, float],
+    step: Callable[[], dict[str, float] | float],
+    name: str,
+    watch: BrokerWatch,
+) -> None:
+    """Run one step, print its figure(s), or log why they could not be measured."""
+    started = time.monotonic()
+    begin = time.perf_counter()
+    try:
+        got = step()
+    except Exception as exc:
+        log.error("%s: not measured (%s: %s)", name, type(exc).__name__, exc)
+        return
+    if watch.away_between(begin, time.perf_counter()):
+        log.error("%s: not measured (RabbitMQ was away meanwhile; run again)", name)
+        return
+    got = got if isinstance(got, dict) else {name: got}
+    for key, value in got.items():
+        figures[key] = value
+        show(key, value)
+    log.info("%s took %.1fs", name, time.monotonic() - started)
+
+
+def run() -> dict[str, float]:
+    """Measure every figure on one stack of this run's own."""
+    run_id = uuid.uuid4().hex[:8]
+    figures: dict[str, float] = {}
+    started = time.monotonic()
+    watch = BrokerWatch()
+    watch.start()
+    with running_stack(run_id) as stack:
+        log.info("stack up in %.1fs (logs in %s)", time.monotonic() - started, stack.log_dir)
+        models = ReadModels(stack)
+        try:
+            first = timed("prefill", lambda: prefill(stack.person_db, 0, E2E_PEOPLE))
+            measure(figures, lambda: measure_e2e(stack, models, first), "e2e_events_s", watch)
+            if RELAY not in stack.processes:
+                stack.start(RELAY)
+            settle(stack)
+            people = first
+
+            def rebuild() -> float:
+                nonlocal people
+                people = prepare_rebuild(stack, models, first)
+                return measure_rebuild(stack, models, people)
+
+            measure(figures, rebuild, "rebuild_50k_s", watch)
+            drop_replays(stack)
+            settle(stack)
+            measure(figures, lambda: measure_latency(stack, people), "latency", watch)
+            settle(stack)
+            measure(figures, lambda: measure_post(stack), "post_person", watch)
+            settle(stack, emails=False)
+            measure(figures, lambda: measure_memory(stack), "max_rss_mb", watch)
+        finally:
+            models.close()
+    watch.stopping.set()
+    log.info("stack benchmark took %.0fs", time.monotonic() - started)
+    return figures
+
+
+def timed(what: str, step: Callable[[], Any]) -> Any:
+    started = time.monotonic()
+    result = step()
+    log.info("%s took %.1fs", what, time.monotonic() - started)
+    return result
+
+
+def interrupted(signum: int, _frame: Any) -> None:
+    """SIGTERM handler: raise KeyboardInterrupt, so every clean-up runs."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the stack benchmark; 1 if any figure went unmeasured."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    log.setLevel(logging.INFO)  # also when relay_bench configured logging first (bench.py)
+    logging.getLogger("pika").setLevel(logging.CRITICAL)  # failures surface as exceptions
+
+    signal.signal(signal.SIGTERM, interrupted)  # run the clean-ups, as on Ctrl-C
+    try:
+        figures = run()
+    except (Exception, KeyboardInterrupt) as exc:
+        log.error("stack benchmark aborted: %s: %s", type(exc).__name__, exc)
+        return 1
+    missing = [name for name in NAMES if name not in figures]
+    if missing:
+        log.error("not measured: %s", ", ".join(missing))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
