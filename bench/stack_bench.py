@@ -51,6 +51,8 @@ REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 E2E_PEOPLE = 25_000  # each registered with one income: 50,000 events
 REBUILD_PEOPLE = 50_000  # E2E_PEOPLE and as many more, one income each: 100,000 events
+LATENCY_PEOPLE = 2_000  # people to add incomes to when the latency step runs alone
+BULK_PEOPLE = 100_000
 PREFILL_CHUNK = 5_000  # people per round of COPY statements
 LATENCY_RATE = 200.0  # writes per second
 LATENCY_SECONDS = 15.0
@@ -460,9 +462,10 @@ def wait_caught_up(
     users: int | None,
     start: float,
     timeout: float,
+    items: int = 1,
 ) -> tuple[float, float | None]:
-    """Seconds from `start` until every CPF has its score keys and, unless `users` is None,
-    the users table holds `users` rows: (score seconds, notifier seconds).
+    """Seconds from `start` until every CPF has its score keys (and `items` items) and, unless
+    `users` is None, the users table holds `users` rows: (score seconds, notifier seconds).
 
     The CPFs are in event order and each consumer applies its queue in order, so the last CPF is
     a sentinel: checked every 10 ms alone, the whole list is only checked once it is there.
@@ -472,8 +475,8 @@ def wait_caught_up(
     notifier_at: float | None = None if users is not None else start
     while True:
         now = time.perf_counter()
-        if score_at is None and not models.score_missing(pending[-1:]):
-            pending = models.score_missing(pending)
+        if score_at is None and not models.score_missing(pending[-1:], items):
+            pending = models.score_missing(pending, items)
             if not pending:
                 score_at = now
         if notifier_at is None and models.has_user(cpfs[-1]) and models.users() >= users:
@@ -554,11 +557,11 @@ def measure_e2e(stack: Stack, models: ReadModels, cpfs: list[str]) -> float:
 
 
 # -- rebuild_50k_s ---------------------------------------------------------------------------
-def prepare_rebuild(stack: Stack, models: ReadModels, first: list[str]) -> list[str]:
-    """Register the people the e2e phase did not, let them replicate; return all 50,000."""
-    second = timed(
-        "prefill", lambda: prefill(stack.person_db, len(first), REBUILD_PEOPLE - len(first))
-    )
+def prepare_rebuild(
+    stack: Stack, models: ReadModels, first: list[str], total: int = REBUILD_PEOPLE
+) -> list[str]:
+    """Register the people `first` lacks up to `total`, let them replicate; return them all."""
+    second = timed("prefill", lambda: prefill(stack.person_db, len(first), total - len(first)))
     begin = time.perf_counter()
     score_s, _ = wait_caught_up(stack, models, second, None, begin, REPLICATE_TIMEOUT)
     log.info("replicated %d more events to the score in %.1fs", 2 * len(second), score_s)
@@ -567,34 +570,94 @@ def prepare_rebuild(stack: Stack, models: ReadModels, first: list[str]) -> list[
 
 
 def measure_rebuild(stack: Stack, models: ReadModels, cpfs: list[str]) -> float:
-    """Wipe the score read model, mark every outbox row unpublished, time until all is back.
-
-    This is how a rebuild is done today (README, "Publishing again"): the relay's 1 s poll finds
-    the unpublished rows and publishes them to every subscriber again.
-    """
+    """Wipe the score read model, replay the producer's events to its queue, time until every
+    score is back: the README's "Rebuilding a read model" (`messaging replay --to <queue>`)."""
+    score = next(t for t in stack.topologies() if t.service == "score")
     start = time.perf_counter()
     ScoreStore(models.redis, stack.prefix).wipe()
-    with psycopg.connect(stack.person_db, autocommit=True) as conn:
-        rows = conn.execute("UPDATE messaging_outbox SET published_at = NULL").rowcount
-    log.info("rebuild: wiped and unmarked %d rows in %.2fs", rows, time.perf_counter() - start)
-    score_s, _ = wait_caught_up(stack, models, cpfs, None, start, REBUILD_TIMEOUT)
+    replay = subprocess.Popen(
+        [sys.executable, "-m", "messaging.cli", "replay", "--to", score.queue],
+        env=stack.env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        score_s, _ = wait_caught_up(stack, models, cpfs, None, start, REBUILD_TIMEOUT)
+    finally:
+        output, _ = replay.communicate(timeout=REBUILD_TIMEOUT)
+    if replay.returncode != 0:
+        raise MeasureError(f"messaging replay failed ({replay.returncode}): {output[-2000:]}")
+    log.info("rebuild: %s", output.strip())
     return score_s
 
 
-def drop_replays(stack: Stack) -> None:
-    """Purge what is left of the rebuild's replays in the notifier's queue.
+# -- bulk_100k_s -----------------------------------------------------------------------------
+def bulk_person(n: int) -> dict[str, Any]:
+    return new_person(f"5{n:010d}", n)
 
-    The rebuild publishes every event to every subscriber; the notifier already holds each of
-    these versions and would only skip them, which takes it minutes.
-    """
-    notifier = next(t for t in stack.topologies() if t.service == "notifier")
+
+def measure_bulk(stack: Stack, models: ReadModels) -> float:
+    """POST /person/bulk with BULK_PEOPLE people through Traefik; seconds until the import is
+    done and every one of them is in both read models (score keys and the users table)."""
+    people = [bulk_person(n) for n in range(BULK_PEOPLE)]
+    payload = json.dumps(people).encode()
+    before = models.users()
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", stack.gateway_port, timeout=120)
     try:
-        with broker_channel() as channel:
-            purged = channel.queue_purge(notifier.queue).method.message_count
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        log.warning("could not purge %s: %r", notifier.queue, exc)
-        return
-    log.info("purged %d replayed events from %s", purged, notifier.queue)
+        conn.request(
+            "POST",
+            "/person/bulk",
+            body=payload,
+            headers={"Host": "person.localhost", "Content-Type": "application/json"},
+        )
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 202:
+            raise MeasureError(f"POST /person/bulk: {response.status} {body[:300]!r}")
+        location = response.getheader("Location")
+        accepted = time.perf_counter() - start
+        report = wait_import_done(conn, location, start)
+    finally:
+        conn.close()
+    done = time.perf_counter() - start
+    if report["succeeded"] != BULK_PEOPLE:
+        raise MeasureError(f"import reported {report['succeeded']} of {BULK_PEOPLE} succeeded")
+    score_s, notifier_s = wait_caught_up(
+        stack,
+        models,
+        [p["cpf"] for p in people],
+        before + BULK_PEOPLE,
+        start,
+        REPLICATE_TIMEOUT,
+        items=0,
+    )
+    log.info(
+        "bulk: %d people, 202 after %.1fs, import done after %.1fs, score after %.1fs, "
+        "notifier after %.1fs",
+        BULK_PEOPLE,
+        accepted,
+        done,
+        score_s,
+        notifier_s,
+    )
+    return max(score_s, notifier_s)
+
+
+def wait_import_done(conn: http.client.HTTPConnection, location: str, start: float) -> dict:
+    while True:
+        conn.request("GET", f"{location}?limit=1", headers={"Host": "person.localhost"})
+        response = conn.getresponse()
+        report = json.loads(response.read())
+        if response.status != 200:
+            raise MeasureError(f"GET {location}: {response.status} {report}")
+        if report["status"] == "done":
+            return report
+        if time.perf_counter() - start > REPLICATE_TIMEOUT:
+            raise MeasureError(f"import not done after {REPLICATE_TIMEOUT}s: {report}")
+        time.sleep(0.25)
 
 
 # -- latency ---------------------------------------------------------------------------------
@@ -991,22 +1054,24 @@ def measure_memory(stack: Stack) -> dict[str, float]:
 
 
 # -- driver ----------------------------------------------------------------------------------
-NAMES = (
-    "e2e_events_s",
-    "rebuild_50k_s",
-    "latency_score_p50_ms",
-    "latency_score_p99_ms",
-    "latency_notifier_p50_ms",
-    "latency_notifier_p99_ms",
-    "post_person_rps",
-    "post_person_p99_ms",
-    "max_rss_mb",
-)
+NAMES = {  # the figures each step must print
+    "e2e": ("e2e_events_s",),
+    "rebuild": ("rebuild_50k_s",),
+    "latency": (
+        "latency_score_p50_ms",
+        "latency_score_p99_ms",
+        "latency_notifier_p50_ms",
+        "latency_notifier_p99_ms",
+    ),
+    "post": ("post_person_rps", "post_person_p99_ms"),
+    "bulk": ("bulk_100k_s",),
+    "memory": ("max_rss_mb",),
+}
 
 
 def show(name: str, value: float) -> None:
     """Rates and megabytes as integers, milliseconds and the rebuild's seconds to 0.1."""
-    decimals = 1 if name.endswith("_ms") or name == "rebuild_50k_s" else 0
+    decimals = 1 if name.endswith("_ms") or name in ("rebuild_50k_s", "bulk_100k_s") else 0
     print(f"{name}: {value:.{decimals}f}", flush=True)
 
 
@@ -1034,8 +1099,11 @@ def measure(
     log.info("%s took %.1fs", name, time.monotonic() - started)
 
 
-def run() -> dict[str, float]:
-    """Measure every figure on one stack of this run's own."""
+STEPS = ("e2e", "rebuild", "latency", "post", "bulk", "memory")
+
+
+def run(steps: tuple[str, ...] = STEPS) -> dict[str, float]:
+    """Measure every figure (or those of `steps`) on one stack of this run's own."""
     run_id = uuid.uuid4().hex[:8]
     figures: dict[str, float] = {}
     started = time.monotonic()
@@ -1045,26 +1113,34 @@ def run() -> dict[str, float]:
         log.info("stack up in %.1fs (logs in %s)", time.monotonic() - started, stack.log_dir)
         models = ReadModels(stack)
         try:
-            first = timed("prefill", lambda: prefill(stack.person_db, 0, E2E_PEOPLE))
-            measure(figures, lambda: measure_e2e(stack, models, first), "e2e_events_s", watch)
+            people: list[str] = []
+            if "e2e" in steps:
+                people = timed("prefill", lambda: prefill(stack.person_db, 0, E2E_PEOPLE))
+                measure(figures, lambda: measure_e2e(stack, models, people), "e2e_events_s", watch)
             if RELAY not in stack.processes:
                 stack.start(RELAY)
             settle(stack)
-            people = first
+            if "rebuild" in steps:
 
-            def rebuild() -> float:
-                nonlocal people
-                people = prepare_rebuild(stack, models, first)
-                return measure_rebuild(stack, models, people)
+                def rebuild() -> float:
+                    nonlocal people
+                    people = prepare_rebuild(stack, models, people)
+                    return measure_rebuild(stack, models, people)
 
-            measure(figures, rebuild, "rebuild_50k_s", watch)
-            drop_replays(stack)
-            settle(stack)
-            measure(figures, lambda: measure_latency(stack, people), "latency", watch)
-            settle(stack)
-            measure(figures, lambda: measure_post(stack), "post_person", watch)
-            settle(stack, emails=False)
-            measure(figures, lambda: measure_memory(stack), "max_rss_mb", watch)
+                measure(figures, rebuild, "rebuild_50k_s", watch)
+                settle(stack)
+            if "latency" in steps:
+                if not people:
+                    people = prepare_rebuild(stack, models, [], LATENCY_PEOPLE)
+                measure(figures, lambda: measure_latency(stack, people), "latency", watch)
+                settle(stack)
+            if "post" in steps:
+                measure(figures, lambda: measure_post(stack), "post_person", watch)
+                settle(stack, emails=False)
+            if "bulk" in steps:
+                measure(figures, lambda: measure_bulk(stack, models), "bulk_100k_s", watch)
+            if "memory" in steps:
+                measure(figures, lambda: measure_memory(stack), "max_rss_mb", watch)
         finally:
             models.close()
     watch.stopping.set()
@@ -1087,18 +1163,27 @@ def interrupted(signum: int, _frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the stack benchmark; 1 if any figure went unmeasured."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.parse_args(argv)
+    parser.add_argument(
+        "--steps",
+        default=",".join(STEPS),
+        help=f"comma-separated steps to run (default: all of {','.join(STEPS)})",
+    )
+    args = parser.parse_args(argv)
+    steps = tuple(step for step in args.steps.split(",") if step)
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        parser.error(f"unknown step(s): {', '.join(sorted(unknown))}")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s %(message)s")
     log.setLevel(logging.INFO)  # also when relay_bench configured logging first (bench.py)
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # failures surface as exceptions
 
     signal.signal(signal.SIGTERM, interrupted)  # run the clean-ups, as on Ctrl-C
     try:
-        figures = run()
+        figures = run(steps)
     except (Exception, KeyboardInterrupt) as exc:
         log.error("stack benchmark aborted: %s: %s", type(exc).__name__, exc)
         return 1
-    missing = [name for name in NAMES if name not in figures]
+    missing = [name for step in steps for name in NAMES[step] if name not in figures]
     if missing:
         log.error("not measured: %s", ", ".join(missing))
         return 1

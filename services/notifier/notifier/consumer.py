@@ -5,6 +5,7 @@ python -m notifier.consumer runs it as a process. Sending is the sender's job (s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -21,7 +22,7 @@ from psycopg_pool import ConnectionPool
 
 from .config import NotifierConfig
 from .email import Composer
-from .store import NotifierStore
+from .store import Intent, NotifierStore
 
 SERVICE = "notifier"
 HEARTBEAT = "notifier-consumer"
@@ -35,43 +36,44 @@ class UserView:
         self.store, self.composer = store, composer
 
     def __call__(self, envelope: Envelope) -> None:
-        if envelope.entity != "person":
-            return  # items do not concern the notifier
+        self.batch([envelope])
+
+    def batch(self, envelopes: Sequence[Envelope]) -> None:
+        """Apply the events in order in one transaction: all of them or none.
+
+        A batch that fails is rolled back; the runtime then applies its events one by one, so
+        one bad event is retried or dead-lettered alone.
+        """
+        people = [e for e in envelopes if e.entity == "person"]  # items do not concern us
+        if not people:
+            return
         try:
-            with self.store.transaction() as cur:
-                self._apply(cur, envelope)
+            with self.store.transaction() as cur, cur.connection.pipeline():
+                for envelope in people:
+                    self._apply(cur, envelope)
         except (psycopg.OperationalError, psycopg.errors.SerializationFailure) as exc:
             raise RetryableError(f"database: {exc}") from exc
         except psycopg.DataError as exc:
             raise PermanentError(f"the event does not fit the view: {exc}") from exc
 
     def _apply(self, cur: psycopg.Cursor, envelope: Envelope) -> None:
+        """Queue the statements of one event; none of their results is read."""
         cpf, state = envelope.entity_id, envelope.data
         if state is not None:
             _check(state)
-        applied = self.store.apply_person(cur, cpf, envelope.entity_version, state)
-        if state is None or not state.get("email"):
-            return
+        mail = state is not None and bool(state.get("email"))
         if envelope.change == "activation_requested":
-            user = self.store.current_user(cur, cpf)
-            if user is not None and not user["deleted"]:
-                self._intend(cur, "activation", envelope, state)
-        elif applied and not self.store.has_welcome(cur, cpf, state["created_at"]):
-            self._intend(cur, "welcome", envelope, state)
+            self.store.apply_person(cur, cpf, envelope.entity_version, state)
+            if mail:
+                self.store.record_activation(cur, cpf, self._intent("activation", envelope))
+        else:
+            welcome = self._intent("welcome", envelope) if mail else None
+            self.store.apply_person(cur, cpf, envelope.entity_version, state, welcome)
 
-    def _intend(self, cur: psycopg.Cursor, kind: str, envelope: Envelope, state: dict) -> None:
+    def _intent(self, kind: str, envelope: Envelope) -> Intent:
+        state = envelope.data
         mail = self.composer.compose(kind, envelope.entity_id, state["name"], state["email"])
-        self.store.record_intent(
-            cur,
-            kind=kind,
-            cpf=envelope.entity_id,
-            registered_at=state["created_at"],
-            event_id=envelope.event_id,
-            to_email=state["email"],
-            subject=mail.subject,
-            html=mail.html,
-            text=mail.text,
-        )
+        return Intent(envelope.event_id, state["email"], mail.subject, mail.html, mail.text)
 
 
 def _check(state: dict[str, Any]) -> None:
@@ -90,9 +92,8 @@ def build(config: NotifierConfig, pool: ConnectionPool) -> tuple[Consumer, Notif
     """Composition root of the consumer process."""
     store = NotifierStore(pool)
     topology = Topology(SERVICE, config.events_exchange, config.retry_delays)
-    consumer = Consumer(
-        ConsumerSettings(config.amqp_url, topology), UserView(store, composer_for(config))
-    )
+    view = UserView(store, composer_for(config))
+    consumer = Consumer(ConsumerSettings(config.amqp_url, topology), view, batch_handler=view.batch)
     return consumer, store
 
 

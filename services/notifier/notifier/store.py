@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg
-from messaging.idempotency import upsert_if_newer
+from messaging.idempotency import upsert_if_newer_query
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
@@ -17,6 +19,49 @@ DELIVERY_COLUMNS = (
     "id, kind, cpf, to_email, subject, html, text, status, attempts, next_attempt_at, "
     "last_error, provider, provider_message_id, created_at, sent_at"
 )
+
+
+_INTENT_COLUMNS = "kind, cpf, registered_at, event_id, to_email, subject, html, text"
+_USER_COLUMNS = (
+    "cpf",
+    "version",
+    "deleted",
+    "name",
+    "email",
+    "status",
+    "registered_at",
+    "updated_at",
+)
+_UPSERT_USER = upsert_if_newer_query("users", ["cpf"], _USER_COLUMNS)
+# Applied (RETURNING a row) → the welcome, unless the unique index on (cpf, registered_at)
+# says this registration has one already.
+_UPSERT_USER_THEN_WELCOME = sql.SQL(
+    "WITH applied AS ({upsert} RETURNING cpf) "
+    "INSERT INTO deliveries ({columns}) "
+    "SELECT 'welcome', cpf, %(registered_at)s, %(event_id)s, %(to_email)s, %(subject)s, "
+    "%(html)s, %(text)s FROM applied ON CONFLICT DO NOTHING"
+).format(upsert=_UPSERT_USER, columns=sql.SQL(_INTENT_COLUMNS))
+
+
+@dataclass(frozen=True)
+class Intent:
+    """An e-mail the consumer wants sent, composed from one event."""
+
+    event_id: Any
+    to_email: str
+    subject: str
+    html: str
+    text: str
+
+
+def _intent_params(intent: Intent) -> dict[str, Any]:
+    return {
+        "event_id": intent.event_id,
+        "to_email": intent.to_email,
+        "subject": intent.subject,
+        "html": intent.html,
+        "text": intent.text,
+    }
 
 
 class NotifierStore:
@@ -34,9 +79,18 @@ class NotifierStore:
             yield cur
 
     # -- consumer side (called inside the handler's transaction) -------------------------------
+    # Each event becomes statements whose results nobody reads, so a batch of events can be
+    # queued in one pipeline and cost one round trip: the conditions live in the SQL.
     @staticmethod
-    def apply_person(cur: psycopg.Cursor, cpf: str, version: int, state: dict | None) -> bool:
-        """Version-gated upsert of the view; a deletion is kept as a tombstone."""
+    def apply_person(
+        cur: psycopg.Cursor,
+        cpf: str,
+        version: int,
+        state: dict | None,
+        welcome: Intent | None = None,
+    ) -> None:
+        """Version-gated upsert of the view (a deletion is kept as a tombstone); if the event
+        was applied and `welcome` is given, record it unless this registration has one."""
         row = {
             "cpf": cpf,
             "version": version,
@@ -54,50 +108,20 @@ class NotifierStore:
                 registered_at=state.get("created_at"),
             )
         row["updated_at"] = datetime.now().astimezone()
-        return upsert_if_newer(cur, "users", ["cpf"], row)
+        if welcome is None:
+            cur.execute(_UPSERT_USER, row)
+        else:
+            cur.execute(_UPSERT_USER_THEN_WELCOME, {**row, **_intent_params(welcome)})
 
     @staticmethod
-    def current_user(cur: psycopg.Cursor, cpf: str) -> dict | None:
-        cur.execute("SELECT * FROM users WHERE cpf = %s", (cpf,))
-        return cur.fetchone()
-
-    @staticmethod
-    def record_intent(
-        cur: psycopg.Cursor,
-        *,
-        kind: str,
-        cpf: str,
-        registered_at: Any,
-        event_id: Any,
-        to_email: str,
-        subject: str,
-        html: str,
-        text: str,
-    ) -> bool:
-        """Add a pending delivery; False if this registration or event already has one."""
+    def record_activation(cur: psycopg.Cursor, cpf: str, intent: Intent) -> None:
+        """Record an activation e-mail (once per event) if the person is in the view, alive."""
         cur.execute(
-            "INSERT INTO deliveries (kind, cpf, registered_at, event_id, to_email, subject, "
-            "html, text) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-            (
-                kind,
-                cpf,
-                registered_at if kind == "welcome" else None,
-                event_id,
-                to_email,
-                subject,
-                html,
-                text,
-            ),
+            f"INSERT INTO deliveries ({_INTENT_COLUMNS}) "
+            "SELECT 'activation', cpf, NULL, %(event_id)s, %(to_email)s, %(subject)s, %(html)s, "
+            "%(text)s FROM users WHERE cpf = %(cpf)s AND NOT deleted ON CONFLICT DO NOTHING",
+            {**_intent_params(intent), "cpf": cpf},
         )
-        return cur.rowcount == 1
-
-    @staticmethod
-    def has_welcome(cur: psycopg.Cursor, cpf: str, registered_at: Any) -> bool:
-        cur.execute(
-            "SELECT 1 FROM deliveries WHERE kind = 'welcome' AND cpf = %s AND registered_at = %s",
-            (cpf, registered_at),
-        )
-        return cur.fetchone() is not None
 
     # -- sender side ---------------------------------------------------------------------------
     def claim_due(self, limit: int, lease_seconds: float) -> list[dict]:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from itsdangerous import URLSafeTimedSerializer
-from messaging import Envelope, Topology
+from messaging import Envelope, PermanentError, Topology
 from messaging.testing import InMemoryBus
 from notifier.email import TOKEN_SALT
 
@@ -153,3 +153,48 @@ def test_item_events_are_ignored_and_bad_person_data_is_dead_lettered(view, stor
     assert [m.headers["x-exception-type"] for m in dead] == ["PermanentError"]
     assert "name" in dead[0].headers["x-dead-reason"]
     assert store.user("10") is not None
+
+
+def test_a_batch_applies_its_events_in_order_in_one_transaction(view, store):
+    topology = Topology("notifier", "test", (1.0,))
+    bus = InMemoryBus()
+    bus.subscribe(topology, view, view.batch)
+    for message in (
+        person("11", 1, "created"),
+        person("11", 2, "activation_requested"),
+        person("12", 1, "created"),
+        person("12", 2, "deleted"),
+        person("13", 1, "created", email=None),
+        person("13", 2, email="late@example.com", status="active"),
+    ):
+        bus.publish(message)
+    bus.run_until_idle(max_batch=6)
+    assert [d["kind"] for d in deliveries(store, "11")] == ["activation", "welcome"]
+    assert store.user("12") is None and len(deliveries(store, "12")) == 1
+    assert store.user("13")["status"] == "active"
+    assert [d["to_email"] for d in deliveries(store, "13")] == ["late@example.com"]
+
+
+def test_a_bad_event_rolls_its_batch_back_and_is_dead_lettered_alone(view, store):
+    bad = Envelope.new(
+        entity="person",
+        entity_id="15",
+        change="created",
+        entity_version=1,
+        data={"cpf": "15", "name": 15},
+        producer="person",
+    )
+    with pytest.raises(PermanentError):
+        view.batch([person("14", 1, "created"), bad])
+    assert store.user("14") is None and deliveries(store, "14") == []
+
+    topology = Topology("notifier", "test", (1.0,))
+    bus = InMemoryBus()
+    bus.subscribe(topology, view, view.batch)
+    bus.publish(person("14", 1, "created"))
+    bus.publish(bad)
+    bus.publish(person("16", 1, "created"))
+    bus.run_until_idle(max_batch=3)
+    assert [m.message_id for m in bus.dead_letters(topology.queue)] == [str(bad.event_id)]
+    assert store.user("14") is not None and store.user("16") is not None
+    assert len(deliveries(store, "14")) == len(deliveries(store, "16")) == 1

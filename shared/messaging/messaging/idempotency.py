@@ -36,23 +36,29 @@ def upsert_if_newer(
     A deletion is written the same way, as a tombstone row, so that a late event of the
     deleted entity cannot bring it back.
     """
-    columns = list(row)
+    cur.execute(upsert_if_newer_query(table, key, list(row), version_column), dict(row))
+    return cur.rowcount == 1
+
+
+def upsert_if_newer_query(
+    table: str, key: Sequence[str], columns: Sequence[str], version_column: str = "version"
+) -> sql.Composed:
+    """The statement of `upsert_if_newer`, with a named placeholder per column, for callers that
+    extend it (`... RETURNING` in a CTE) or queue it in a pipeline without reading its result."""
     updates = [c for c in columns if c not in key]
-    query = sql.SQL(
+    return sql.SQL(
         "INSERT INTO {table} ({cols}) VALUES ({vals}) ON CONFLICT ({key}) "
         "DO UPDATE SET {sets} WHERE {table}.{ver} < EXCLUDED.{ver}"
     ).format(
         table=sql.Identifier(table),
         cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
-        vals=sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+        vals=sql.SQL(", ").join(map(sql.Placeholder, columns)),
         key=sql.SQL(", ").join(map(sql.Identifier, key)),
         sets=sql.SQL(", ").join(
             sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in updates
         ),
         ver=sql.Identifier(version_column),
     )
-    cur.execute(query, [row[c] for c in columns])
-    return cur.rowcount == 1
 
 
 class Inbox:
