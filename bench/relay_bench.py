@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import logging
 import os
 import signal
@@ -25,9 +24,9 @@ import psycopg
 import redis
 from messaging import Envelope, Relay, RelaySettings
 from messaging.outbox import install
+from messaging.publisher import ConfirmedPublisher, Outgoing, PublishError
 from messaging.testing import running
 from pika.adapters.select_connection import SelectConnection
-from pika.spec import Basic
 from psycopg import sql
 
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -168,90 +167,28 @@ def measure_pg_commits(db_url: str, seconds: float = PG_COMMIT_SECONDS) -> float
 
 
 # -- raw_publish_confirmed_msg_s -------------------------------------------------------------
-class RawPublisher:
-    """Publishes pre-built messages on a SelectConnection with a window of pipelined confirms."""
-
-    def __init__(self, exchange: str, envelopes: list[Envelope], window: int = WINDOW) -> None:
-        self.exchange, self.window = exchange, window
-        self.messages = [(str(e.event_id), e.event_type, e.to_json()) for e in envelopes]
-        self.sent = self.confirmed = 0
-        self.pending: dict[int, None] = {}  # unconfirmed delivery tags, in publish order
-        self.problems: list[str] = []
-        self.started = self.finished = 0.0
-        self.conn: SelectConnection | None = None
-        self.channel: Any = None
-
-    def run(self, timeout: float = RAW_TIMEOUT) -> float:
-        """Publish everything and return messages per second, first publish to last confirm."""
-        self.conn = SelectConnection(
-            pika.URLParameters(AMQP_URL),
-            on_open_callback=lambda conn: conn.channel(on_open_callback=self._on_channel),
-            on_open_error_callback=lambda _c, exc: self._fail(f"connect failed: {exc}"),
-            on_close_callback=lambda _c, _reason: self.conn.ioloop.stop(),
+def measure_raw_publish(exchange: str, envelopes: list[Envelope]) -> float:
+    """Pre-built messages to the fanout exchange, WINDOW confirms in flight: messages per second
+    from the first publish to the last confirm (the library's ConfirmedPublisher, plain pika)."""
+    messages = [
+        Outgoing(
+            "",
+            e.to_json(),
+            pika.BasicProperties(
+                message_id=str(e.event_id),
+                type=e.event_type,
+                content_type="application/json",
+                delivery_mode=pika.DeliveryMode.Persistent,
+            ),
         )
-        self.conn.ioloop.call_later(timeout, lambda: self._fail(f"timed out after {timeout}s"))
-        self.conn.ioloop.start()
-        if self.confirmed < len(self.messages) and not self.problems:
-            self.problems.append(f"connection closed after {self.confirmed} confirms")
-        if self.problems:
-            raise MeasureError("; ".join(self.problems))
-        return len(self.messages) / (self.finished - self.started)
-
-    def _on_channel(self, channel: Any) -> None:
-        """Enable confirms, then start the clock and fill the window."""
-        self.channel = channel
-        channel.add_on_return_callback(lambda *_: self.problems.append("message returned"))
-        channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._start)
-
-    def _start(self, _frame: Any) -> None:
-        """Start the clock at the first publish."""
-        self.started = time.perf_counter()
-        self._top_up()
-
-    def _top_up(self) -> None:
-        """Publish until the window is full or every message is out."""
-        while self.sent < len(self.messages) and len(self.pending) < self.window:
-            event_id, event_type, body = self.messages[self.sent]
-            self.channel.basic_publish(
-                exchange=self.exchange,
-                routing_key="",
-                body=body,
-                properties=pika.BasicProperties(
-                    message_id=event_id,
-                    type=event_type,
-                    content_type="application/json",
-                    delivery_mode=pika.DeliveryMode.Persistent,
-                ),
-                mandatory=True,
-            )
-            self.sent += 1
-            self.pending[self.sent] = None
-
-    def _on_confirm(self, frame: Any) -> None:
-        """Count acks (a multiple ack covers every pending tag up to its own)."""
-        method = frame.method
-        if not isinstance(method, Basic.Ack):
-            self.problems.append(f"nack for delivery tag {method.delivery_tag}")
-        tags = [method.delivery_tag]
-        if method.multiple:
-            tags = list(itertools.takewhile(lambda t: t <= method.delivery_tag, self.pending))
-        for tag in tags:
-            if tag in self.pending:
-                del self.pending[tag]
-                self.confirmed += 1
-        if self.confirmed == len(self.messages):
-            self.finished = time.perf_counter()
-            self.conn.close()
-        else:
-            self._top_up()
-
-    def _fail(self, why: str) -> None:
-        """Record a problem and stop the I/O loop."""
-        self.problems.append(why)
-        if self.conn.is_open:
-            self.conn.close()
-        else:
-            self.conn.ioloop.stop()
+        for e in envelopes
+    ]
+    publisher = ConfirmedPublisher(AMQP_URL, exchange, "bench-raw-publish", window=WINDOW)
+    try:
+        done = publisher.publish_all(messages, timeout=RAW_TIMEOUT)
+    except PublishError as exc:
+        raise MeasureError(str(exc)) from exc
+    return done.confirmed / done.seconds
 
 
 # -- raw_consume_msg_s ----------------------------------------------------------------------
@@ -442,7 +379,7 @@ def run(n: int) -> dict[str, float]:
         with fanout_to_quorum(f"bench-raw-{run_id}") as exchange:
             measure(
                 "raw_publish_confirmed_msg_s",
-                lambda: RawPublisher(exchange, envelopes).run(),
+                lambda: measure_raw_publish(exchange, envelopes),
                 figures,
             )
             measure("raw_consume_msg_s", lambda: measure_consume(exchange, n), figures)

@@ -112,7 +112,21 @@ class ScoreStore:
         self._read = client.register_script(_READ)
 
     def apply(self, changes: Sequence[Change]) -> list[bool]:
-        """Apply changes in order, in one round trip; True for each that was newer."""
+        """Apply changes in order, in one round trip; True for each that was newer.
+
+        The scripts are called by their SHA (a pipeline of Script objects would first ask
+        SCRIPT EXISTS, one more round trip per batch). If Redis does not know them (first use,
+        a restart, SCRIPT FLUSH) they are loaded and the whole batch is sent again: the scripts
+        are version-gated, so a change that did run is not applied twice.
+        """
+        try:
+            return self._apply(changes)
+        except redis.exceptions.NoScriptError:
+            for script in (self._person, self._item):
+                script.sha = self.client.script_load(script.script)
+            return self._apply(changes)
+
+    def _apply(self, changes: Sequence[Change]) -> list[bool]:
         pipe = self.client.pipeline(transaction=False)
         for change in changes:
             self._call(change, pipe)
@@ -121,24 +135,21 @@ class ScoreStore:
     def _call(self, change: Change, pipe: Any) -> None:
         p = self.prefix
         if isinstance(change, PersonChange):
-            self._person(
-                keys=[f"{p}person:{change.cpf}"],
-                args=[change.version, int(change.deleted)],
-                client=pipe,
+            pipe.evalsha(
+                self._person.sha, 1, f"{p}person:{change.cpf}", change.version, int(change.deleted)
             )
         else:
-            self._item(
-                keys=[f"{p}item:{change.item_id}"],
-                args=[
-                    change.version,
-                    int(change.deleted),
-                    change.item_id,
-                    change.cpf or "",
-                    change.kind or "",
-                    str(change.value or ""),
-                    p,
-                ],
-                client=pipe,
+            pipe.evalsha(
+                self._item.sha,
+                1,
+                f"{p}item:{change.item_id}",
+                change.version,
+                int(change.deleted),
+                change.item_id,
+                change.cpf or "",
+                change.kind or "",
+                str(change.value or ""),
+                p,
             )
 
     def read(self, cpf: str) -> PersonScore | None:

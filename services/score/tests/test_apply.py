@@ -116,3 +116,12 @@ def test_an_item_event_without_a_value_is_dead_lettered_and_the_rest_flows(score
     dead = bus.dead_letters(TOPOLOGY.queue)
     assert [m.headers["x-exception-type"] for m in dead] == ["PermanentError", "DecodeError"]
     assert score_store.read("5").score == 0
+
+
+def test_scripts_lost_by_redis_are_loaded_again_and_each_change_applies_once(score_store):
+    applier = Applier(score_store)
+    applier.batch([event("person", "7", 1, {"cpf": "7"}), item("income", "i7", "7", "1000.00")])
+    score_store.client.script_flush()  # as after a Redis restart
+    applier.batch([item("income", "i7", "7", "1000.00"), item("asset", "a7", "7", "500.00")])
+    found = score_store.read("7")
+    assert (found.incomes, found.assets) == (Decimal("1000.00"), Decimal("500.00"))

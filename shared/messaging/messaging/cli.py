@@ -28,6 +28,7 @@ import psycopg
 from pika.adapters.blocking_connection import BlockingChannel
 
 from .connection import amqp_parameters
+from .publisher import ConfirmedPublisher, Outgoing, PublishError
 
 # Headers the failure path adds; a replayed message starts again without them.
 FAILURE_HEADERS = (
@@ -212,7 +213,8 @@ ORDER BY id
 
 
 def replay(queue: str, entity: str | None, since: datetime | None) -> int:
-    """Publish the producer's events straight to one subscriber's queue, with confirms.
+    """Publish the producer's events straight to one subscriber's queue, with pipelined
+    confirms: it returns once the broker confirmed every one of them.
 
     Without --since: the latest event of every entity (deletions included), enough to rebuild a
     read model; with it, every event since then. Consumers apply by version, so events they
@@ -226,35 +228,34 @@ def replay(queue: str, entity: str | None, since: datetime | None) -> int:
             {"entity": entity},
         )
     )
-    conn = pika.BlockingConnection(amqp_parameters(_amqp_url(), "messaging-cli"))
-    published = 0
-    try:
-        channel = conn.channel()
+    with _channel() as channel:
         channel.queue_declare(queue, passive=True)  # a typo must not publish into the void
-        channel.confirm_delivery()
-        with psycopg.connect(_database_url()) as db, db.cursor(name="replay") as cursor:
-            cursor.itersize = 2000
-            cursor.execute(sql, params)
-            for body, event_id, event_type, correlation_id in cursor:
-                channel.basic_publish(
-                    "",
-                    queue,
-                    body.encode(),
-                    pika.BasicProperties(
-                        message_id=event_id,
-                        type=event_type,
-                        correlation_id=correlation_id,
-                        content_type="application/json",
-                        delivery_mode=pika.DeliveryMode.Persistent,
-                        headers={"x-replayed-at": datetime.now(UTC).isoformat()},
-                    ),
-                    mandatory=True,
-                )
-                published += 1
-    finally:
-        if conn.is_open:
-            conn.close()
-    print(f"replayed {published} event(s) to {queue}")
+    replayed_at = datetime.now(UTC).isoformat()
+    publisher = ConfirmedPublisher(_amqp_url(), "", "messaging-cli")
+    with psycopg.connect(_database_url()) as db, db.cursor(name="replay") as cursor:
+        cursor.itersize = 2000
+        cursor.execute(sql, params)
+        messages = (
+            Outgoing(
+                queue,
+                body.encode(),
+                pika.BasicProperties(
+                    message_id=event_id,
+                    type=event_type,
+                    correlation_id=correlation_id,
+                    content_type="application/json",
+                    delivery_mode=pika.DeliveryMode.Persistent,
+                    headers={"x-replayed-at": replayed_at},
+                ),
+            )
+            for body, event_id, event_type, correlation_id in cursor
+        )
+        try:
+            done = publisher.publish_all(messages)
+        except PublishError as exc:
+            print(f"messaging: replay interrupted: {exc}; run it again", file=sys.stderr)
+            return 1
+    print(f"replayed {done.confirmed} event(s) to {queue}")
     return 0
 
 

@@ -38,8 +38,8 @@ BatchHandler = Callable[[Sequence[Envelope]], None]
 class ConsumerSettings:
     amqp_url: str
     topology: Topology
-    prefetch: int = 256
-    max_batch: int = 100
+    prefetch: int = 1000
+    max_batch: int = 500
     shutdown_timeout: float = 10.0
     heartbeat: int = HEARTBEAT_SECONDS
 

@@ -1,0 +1,151 @@
+"""Publish a stream of messages with pipelined publisher confirms, for one-shot tools.
+
+A blocking channel in confirm mode waits for each message's confirm before sending the next:
+one round trip per message. Here up to `window` messages are unconfirmed at a time, so the
+broker's confirms (often one `multiple` ack for many) flow while more messages go out. The
+call returns only when every message was confirmed, and raises if any was nacked, returned
+as unroutable, or left unconfirmed when the connection failed: then the caller knows that
+the last `confirmed` messages in order may or may not have arrived, and publishes again
+(consumers are idempotent).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+from pika import SelectConnection
+from pika.spec import Basic
+
+from .connection import amqp_parameters
+
+
+class PublishError(RuntimeError):
+    """Some messages were not confirmed; `confirmed` of them were, in order, before that."""
+
+    def __init__(self, why: str, confirmed: int) -> None:
+        super().__init__(f"{why} ({confirmed} message(s) confirmed before)")
+        self.confirmed = confirmed
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    routing_key: str
+    body: bytes
+    properties: pika.BasicProperties
+
+
+@dataclass(frozen=True)
+class Published:
+    confirmed: int
+    seconds: float  # from the first publish to the last confirm
+
+
+class ConfirmedPublisher:
+    """Publishes every message of an iterable to one exchange; see the module docstring."""
+
+    def __init__(self, amqp_url: str, exchange: str, client_name: str, window: int = 1000) -> None:
+        self.params = amqp_parameters(amqp_url, client_name)
+        self.exchange, self.window = exchange, window
+
+    def publish_all(self, messages: Iterable[Outgoing], timeout: float | None = None) -> Published:
+        run = _Run(self, iter(messages))
+        return run.start(timeout)
+
+
+class _Run:
+    def __init__(self, owner: ConfirmedPublisher, messages: Iterator[Outgoing]) -> None:
+        self.owner, self.messages = owner, messages
+        self.exhausted = False
+        self.sent = self.confirmed = 0
+        self.pending: dict[int, None] = {}  # unconfirmed delivery tags, in publish order
+        self.problem: str | None = None
+        self.started = self.finished = 0.0
+        self.channel: Any = None
+        self.conn = SelectConnection(
+            owner.params,
+            on_open_callback=lambda conn: conn.channel(on_open_callback=self._on_channel),
+            on_open_error_callback=lambda _c, exc: self._fail(f"could not connect: {exc}"),
+            on_close_callback=self._on_closed,
+        )
+
+    def start(self, timeout: float | None) -> Published:
+        if timeout is not None:
+            self.conn.ioloop.call_later(timeout, lambda: self._fail(f"timed out after {timeout}s"))
+        self.conn.ioloop.start()
+        if self.problem is None and not self._done():
+            self.problem = "the connection closed"
+        if self.problem is not None:
+            raise PublishError(self.problem, self.confirmed)
+        return Published(self.confirmed, max(0.0, self.finished - self.started))
+
+    def _on_channel(self, channel: Any) -> None:
+        self.channel = channel
+        channel.add_on_return_callback(self._on_return)
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._begin)
+
+    def _begin(self, _frame: Any) -> None:
+        self.started = time.perf_counter()
+        self._top_up()
+
+    def _top_up(self) -> None:
+        """Publish until the window is full or the messages run out; close once all confirmed."""
+        while not self.exhausted and len(self.pending) < self.owner.window:
+            message = next(self.messages, None)
+            if message is None:
+                self.exhausted = True
+                break
+            self.channel.basic_publish(
+                exchange=self.owner.exchange,
+                routing_key=message.routing_key,
+                body=message.body,
+                properties=message.properties,
+                mandatory=True,
+            )
+            self.sent += 1
+            self.pending[self.sent] = None
+        if self._done():
+            self.finished = time.perf_counter()
+            self.conn.close()
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        if not isinstance(method, Basic.Ack):
+            self._fail(f"the broker refused delivery tag {method.delivery_tag}")
+            return
+        tags = [method.delivery_tag]
+        if method.multiple:
+            tags = list(itertools.takewhile(lambda t: t <= method.delivery_tag, self.pending))
+        for tag in tags:
+            if self.pending.pop(tag, False) is None:
+                self.confirmed += 1
+        if self.problem is None:
+            self._top_up()
+
+    def _on_channel_closed(self, _channel: Any, reason: BaseException) -> None:
+        if not self._done():
+            self._fail(f"the channel closed: {reason}")
+
+    def _done(self) -> bool:
+        return self.exhausted and not self.pending
+
+    def _on_return(self, _channel: Any, _method: Any, props: Any, _body: bytes) -> None:
+        self._fail(f"message {props.message_id} was unroutable")
+
+    def _fail(self, why: str) -> None:
+        if self.problem is None:
+            self.problem = why
+        if self.conn.is_open:
+            self.conn.close()
+        elif not self.conn.is_closing:
+            self.conn.ioloop.stop()
+
+    def _on_closed(self, _conn: Any, reason: BaseException) -> None:
+        if self.problem is None and not self._done():
+            self.problem = f"the connection closed: {reason}"
+        self.conn.ioloop.stop()
