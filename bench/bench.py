@@ -19,7 +19,7 @@ import stack_bench
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--events", type=int, default=20000, help="events per relay_bench phase (default 20000)"
+        "--events", type=int, default=50000, help="events per relay_bench phase (default 50000)"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -33,10 +33,10 @@ DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 WINDOW = 2000  # unconfirmed messages in flight, as the relay's default window
-PREFETCH = 256  # the consumer runtime's default prefetch
-ACK_EVERY = 100  # one multiple ack per this many deliveries (the runtime's default max batch)
+PREFETCH = 1000  # the consumer runtime's default prefetch
+ACK_EVERY = 500  # one multiple ack per this many deliveries (the runtime's default max batch)
 REDIS_OPS = 50_000
-REDIS_BATCH = 100  # commands per pipeline (the runtime's default max batch)
+REDIS_BATCH = 500  # commands per pipeline (the runtime's default max batch)
 PG_COMMIT_SECONDS = 3.0
 RAW_TIMEOUT = 30.0
 RELAY_TIMEOUT = 60.0
@@ -402,7 +402,7 @@ def interrupted(signum: int, _frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run the benchmark, print the ratio; 1 if anything went unmeasured."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=20000, help="events per phase")
+    parser.add_argument("--events", type=int, default=50000, help="events per phase")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # its failures surface as exceptions
