@@ -40,9 +40,16 @@ class Composer:
     def __init__(self, secret: str, person_url: str, ttl_seconds: int) -> None:
         self._tokens = URLSafeTimedSerializer(secret, salt=TOKEN_SALT)
         self.person_url, self.ttl_seconds = person_url, ttl_seconds
-        self._html = Environment(
-            loader=PackageLoader("notifier"), autoescape=select_autoescape(["html"])
+        env = Environment(  # templates ship with the package: loaded once, never re-checked
+            loader=PackageLoader("notifier"),
+            autoescape=select_autoescape(["html"]),
+            auto_reload=False,
         )
+        self._templates = {
+            (kind, ext): env.get_template(f"{kind}.{ext}")
+            for kind in SUBJECTS
+            for ext in ("html", "txt")
+        }
 
     def link(self, cpf: str, email: str) -> str:
         token = self._tokens.dumps({"cpf": cpf, "email": email})
@@ -53,8 +60,8 @@ class Composer:
         values = {"name": name, "link": link, "ttl_hours": self.ttl_seconds // 3600}
         return Composed(
             SUBJECTS[kind],
-            self._html.get_template(f"{kind}.html").render(values),
-            self._html.get_template(f"{kind}.txt").render(values),
+            self._templates[kind, "html"].render(values),
+            self._templates[kind, "txt"].render(values),
             link,
         )
 

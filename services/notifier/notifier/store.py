@@ -10,7 +10,6 @@ from typing import Any
 
 import psycopg
 from messaging.idempotency import upsert_if_newer_query
-from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
@@ -32,15 +31,15 @@ _USER_COLUMNS = (
     "registered_at",
     "updated_at",
 )
-_UPSERT_USER = upsert_if_newer_query("users", ["cpf"], _USER_COLUMNS)
+_UPSERT_USER = upsert_if_newer_query("users", ("cpf",), _USER_COLUMNS)
 # Applied (RETURNING a row) → the welcome, unless the unique index on (cpf, registered_at)
 # says this registration has one already.
-_UPSERT_USER_THEN_WELCOME = sql.SQL(
-    "WITH applied AS ({upsert} RETURNING cpf) "
-    "INSERT INTO deliveries ({columns}) "
+_UPSERT_USER_THEN_WELCOME = (
+    f"WITH applied AS ({_UPSERT_USER} RETURNING cpf) "
+    f"INSERT INTO deliveries ({_INTENT_COLUMNS}) "
     "SELECT 'welcome', cpf, %(registered_at)s, %(event_id)s, %(to_email)s, %(subject)s, "
     "%(html)s, %(text)s FROM applied ON CONFLICT DO NOTHING"
-).format(upsert=_UPSERT_USER, columns=sql.SQL(_INTENT_COLUMNS))
+)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,28 +37,37 @@ def upsert_if_newer(
     A deletion is written the same way, as a tombstone row, so that a late event of the
     deleted entity cannot bring it back.
     """
-    cur.execute(upsert_if_newer_query(table, key, list(row), version_column), dict(row))
+    query = upsert_if_newer_query(table, tuple(key), tuple(row), version_column)
+    cur.execute(query, dict(row))
     return cur.rowcount == 1
 
 
+@functools.lru_cache(maxsize=64)
 def upsert_if_newer_query(
-    table: str, key: Sequence[str], columns: Sequence[str], version_column: str = "version"
-) -> sql.Composed:
+    table: str, key: tuple[str, ...], columns: tuple[str, ...], version_column: str = "version"
+) -> str:
     """The statement of `upsert_if_newer`, with a named placeholder per column, for callers that
-    extend it (`... RETURNING` in a CTE) or queue it in a pipeline without reading its result."""
+    extend it (`... RETURNING` in a CTE) or queue it in a pipeline without reading its result.
+
+    Rendered to text once: psycopg would otherwise compose the identifiers on every execute.
+    """
     updates = [c for c in columns if c not in key]
-    return sql.SQL(
-        "INSERT INTO {table} ({cols}) VALUES ({vals}) ON CONFLICT ({key}) "
-        "DO UPDATE SET {sets} WHERE {table}.{ver} < EXCLUDED.{ver}"
-    ).format(
-        table=sql.Identifier(table),
-        cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
-        vals=sql.SQL(", ").join(map(sql.Placeholder, columns)),
-        key=sql.SQL(", ").join(map(sql.Identifier, key)),
-        sets=sql.SQL(", ").join(
-            sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in updates
-        ),
-        ver=sql.Identifier(version_column),
+    return (
+        sql.SQL(
+            "INSERT INTO {table} ({cols}) VALUES ({vals}) ON CONFLICT ({key}) "
+            "DO UPDATE SET {sets} WHERE {table}.{ver} < EXCLUDED.{ver}"
+        )
+        .format(
+            table=sql.Identifier(table),
+            cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
+            vals=sql.SQL(", ").join(map(sql.Placeholder, columns)),
+            key=sql.SQL(", ").join(map(sql.Identifier, key)),
+            sets=sql.SQL(", ").join(
+                sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in updates
+            ),
+            ver=sql.Identifier(version_column),
+        )
+        .as_string(None)
     )
 
 
