@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import pika
 import psycopg
 import pytest
+from messaging import Envelope
 from messaging.topology import Topology
 from psycopg import sql
 
@@ -113,6 +115,31 @@ class BrokerSpace:
         self.topologies.append(made)
         return made
 
+    def publish(self, *envelopes: Envelope) -> None:
+        """Publish to the exchange as the relay does (persistent, mandatory), with confirms."""
+        conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        try:
+            channel = conn.channel()
+            channel.confirm_delivery()
+            for envelope in envelopes:
+                channel.basic_publish(
+                    self.exchange,
+                    "",
+                    envelope.to_json(),
+                    pika.BasicProperties(message_id=str(envelope.event_id), delivery_mode=2),
+                    mandatory=True,
+                )
+        finally:
+            conn.close()
+
+    def depth(self, queue: str) -> int:
+        """Messages ready in a queue."""
+        conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        try:
+            return conn.channel().queue_declare(queue, passive=True).method.message_count
+        finally:
+            conn.close()
+
 
 @pytest.fixture
 def broker(servers: Servers) -> Iterator[BrokerSpace]:
@@ -126,3 +153,42 @@ def broker(servers: Servers) -> Iterator[BrokerSpace]:
         channel.exchange_delete(space.exchange)
     finally:
         conn.close()
+
+
+@pytest.fixture
+def person_event() -> Callable[..., Envelope]:
+    """Builds the person service's person events as the notifier and score receive them."""
+
+    def build(
+        cpf: str,
+        version: int = 1,
+        change: str = "created",
+        *,
+        name: str = "Ana",
+        email: str | None = "ana@example.com",
+        status: str = "pending",
+        created_at: str | None = None,
+    ) -> Envelope:
+        at = created_at or datetime.now(UTC).isoformat()
+        data = None
+        if change != "deleted":
+            data = {
+                "cpf": cpf,
+                "name": name,
+                "address": "Rua da Aurora, 1, Recife",
+                "date_of_birth": "1990-01-01",
+                "email": email,
+                "status": status,
+                "created_at": at,
+                "updated_at": at,
+            }
+        return Envelope.new(
+            entity="person",
+            entity_id=cpf,
+            change=change,
+            entity_version=version,
+            data=data,
+            producer="person",
+        )
+
+    return build

@@ -29,7 +29,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -43,6 +42,9 @@ from messaging.topology import DEFAULT_RETRY_DELAYS, Topology
 from person.events import PRODUCER, item_state, person_state
 from psycopg import sql
 from score.store import ScoreStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from processes import Gateway, Processes, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -79,26 +81,17 @@ class MeasureError(RuntimeError):
 
 
 # -- the stack -------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def with_dbname(url: str, name: str) -> str:
     base, _, _ = url.rpartition("/")
     return f"{base}/{name}"
 
 
-@dataclass
-class Stack:
-    """The Procfile's processes, each in a process group of its own, with one environment."""
+class Stack(Processes):
+    """The Procfile's processes (scripts/processes.py) with this run's environment."""
 
-    run_id: str
-    env: dict[str, str]
-    log_dir: Path
-    commands: dict[str, str] = field(default_factory=dict)
-    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    def __init__(self, run_id: str, env: dict[str, str], log_dir: Path) -> None:
+        super().__init__(env, log_dir)
+        self.run_id = run_id
 
     @property
     def exchange(self) -> str:
@@ -127,37 +120,15 @@ class Stack:
     def topologies(self) -> list[Topology]:
         return [Topology(s, self.exchange, self.retry_delays) for s in ("score", "notifier")]
 
-    def start(self, name: str) -> None:
-        with (self.log_dir / f"{name}.log").open("ab") as out:
-            self.processes[name] = subprocess.Popen(
-                ["sh", "-c", f"exec {self.commands[name]}"],
-                env=self.env,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
     def check_alive(self) -> None:
         """Raise if a process this run started has exited."""
-        gone = {n: p.returncode for n, p in self.processes.items() if p.poll() is not None}
+        gone = self.exited()
         if gone:
             raise MeasureError(f"process(es) exited: {gone}; logs in {self.log_dir}")
 
-    def stop_all(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for name, process in self.processes.items():
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %ss; killing it", name, STOP_TIMEOUT)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+    def stop_everything(self) -> None:
+        for name, why in self.stop_all(STOP_TIMEOUT).items():
+            log.warning("%s %s; killed it", name, why)
 
 
 def stack_environment(run_id: str) -> dict[str, str]:
@@ -184,11 +155,6 @@ def stack_environment(run_id: str) -> dict[str, str]:
     return env
 
 
-def procfile() -> dict[str, str]:
-    lines = (ROOT / "Procfile").read_text().splitlines()
-    return dict(line.split(": ", 1) for line in lines if line.strip() and line[0] != "#")
-
-
 @contextlib.contextmanager
 def running_stack(run_id: str) -> Iterator[Stack]:
     """Create and migrate the databases, declare the queues, start every process but the relay.
@@ -196,7 +162,7 @@ def running_stack(run_id: str) -> Iterator[Stack]:
     Everything made is removed on the way out, whatever happened.
     """
     log_dir = Path(tempfile.mkdtemp(prefix=f"stack-bench-{run_id}-"))
-    stack = Stack(run_id, stack_environment(run_id), log_dir, procfile())
+    stack = Stack(run_id, stack_environment(run_id), log_dir)
     ok = False
     try:
         for step in (
@@ -209,14 +175,12 @@ def running_stack(run_id: str) -> Iterator[Stack]:
             )
             if done.returncode != 0:
                 raise MeasureError(f"{' '.join(step)} failed: {done.stderr.strip()[-2000:]}")
-        for name in stack.commands:
-            if name != RELAY:
-                stack.start(name)
+        stack.start_all(but=(RELAY,))
         wait_ready(stack)
         yield stack
         ok = True
     finally:
-        stack.stop_all()
+        stack.stop_everything()
         cleanup(stack)
         if ok:
             shutil.rmtree(log_dir, ignore_errors=True)
@@ -661,34 +625,6 @@ def wait_import_done(conn: http.client.HTTPConnection, location: str, start: flo
 
 
 # -- latency ---------------------------------------------------------------------------------
-class Gateway:
-    """Keep-alive HTTP through Traefik, one connection per thread."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.local = threading.local()
-
-    def post(self, host: str, path: str, body: dict) -> tuple[int, bytes]:
-        payload = json.dumps(body)
-        headers = {"Host": f"{host}.localhost", "Content-Type": "application/json"}
-        for attempt in range(2):  # a keep-alive connection the gateway closed is opened again
-            conn = getattr(self.local, "conn", None)
-            if conn is None:
-                conn = self.local.conn = http.client.HTTPConnection(
-                    "127.0.0.1", self.port, timeout=30
-                )
-            try:
-                conn.request("POST", path, body=payload, headers=headers)
-                response = conn.getresponse()
-                return response.status, response.read()
-            except (http.client.HTTPException, ConnectionError):
-                conn.close()
-                self.local.conn = None
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
-
-
 class VisibilityPoller(threading.Thread):
     """Polls one read model for pending writes; records HTTP 201 → visible, in milliseconds.
 

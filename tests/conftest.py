@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pika
 import pytest
@@ -14,6 +15,11 @@ import redis
 from messaging.topology import Topology
 from notifier.migrate import migrate_database as migrate_notifier
 from person.migrate import migrate_database as migrate_person
+
+# scripts/: the stack command (stack.py) and the process supervisor (processes.py) the
+# end-to-end tests drive the Procfile's processes with.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from processes import free_port
 
 
 @pytest.fixture
@@ -28,12 +34,6 @@ def notifier_db(make_database) -> str:
     url = make_database("notifier")
     migrate_notifier(url)
     return url
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,12 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 import pytest
 from flask.testing import FlaskClient
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
-from messaging import Envelope
 from messaging.runner import configure_logging
 from messaging.testing import running, wait_until
 from notifier.app import create_app as notifier_app
@@ -272,31 +270,9 @@ def notifier_store(notifier_db) -> Iterator[NotifierStore]:
         yield NotifierStore(pool)
 
 
-def registered(view: UserView, cpf: str, email: str, name: str = "Ana") -> None:
-    """What the consumer does with the person service's person.created event."""
-    now = datetime.now(UTC).isoformat()
-    view(
-        Envelope.new(
-            entity="person",
-            entity_id=cpf,
-            change="created",
-            entity_version=1,
-            producer="person",
-            data={
-                "cpf": cpf,
-                "name": name,
-                "email": email,
-                "status": "pending",
-                "created_at": now,
-                "updated_at": now,
-            },
-        )
-    )
-
-
 @pytest.fixture
-def failed_delivery(notifier_store, notifier_config) -> int:
-    registered(UserView(notifier_store, composer_for(notifier_config)), ANA, "ana@example.com")
+def failed_delivery(notifier_store, notifier_config, person_event) -> int:
+    UserView(notifier_store, composer_for(notifier_config))(person_event(ANA))
     (claimed,) = notifier_store.claim_due(1, 300)
     notifier_store.mark_failed(claimed["id"], "HTTP 400: invalid address")
     return claimed["id"]
@@ -347,9 +323,11 @@ def test_admin_routes_answer_with_the_bearer_token(notifier, notifier_store, fai
 
 
 def test_the_welcome_email_escapes_a_script_in_the_name_in_html_only(
-    notifier_store, notifier_config
+    notifier_store, notifier_config, person_event
 ):
-    registered(UserView(notifier_store, composer_for(notifier_config)), ANA, "a@x.org", SCRIPT)
+    UserView(notifier_store, composer_for(notifier_config))(
+        person_event(ANA, email="a@x.org", name=SCRIPT)
+    )
     (welcome,) = notifier_store.claim_due(1, 300)
     assert welcome["kind"] == "welcome"
     assert ESCAPED_SCRIPT in welcome["html"]
@@ -370,12 +348,14 @@ def logging_as_configured() -> Iterator[None]:
         logging.getLogger(name).setLevel(level)
 
 
-def send_three_emails(store: NotifierStore, config: NotifierConfig, fake: FakeSendGrid) -> None:
+def send_three_emails(
+    store: NotifierStore, config: NotifierConfig, fake: FakeSendGrid, person_event: Callable
+) -> None:
     """Compose (signing links with the secret) and send: one accepted, one refused, one again."""
     fake.then("202", "400", "202")
     view = UserView(store, composer_for(config))
     for cpf, email in ((ANA, "ana@example.com"), (BEA, "bea@example.com"), ("3", "c@x.org")):
-        registered(view, cpf, email)
+        view(person_event(cpf, email=email))
     with running(Sender(store, config, transport_for(config))):
         wait_until(
             lambda: (
@@ -387,10 +367,10 @@ def send_three_emails(store: NotifierStore, config: NotifierConfig, fake: FakeSe
 
 
 def test_neither_the_sendgrid_key_nor_the_activation_secret_reaches_the_logs(
-    notifier_store, notifier_config, fake_sendgrid, logging_as_configured, caplog
+    notifier_store, notifier_config, fake_sendgrid, logging_as_configured, caplog, person_event
 ):
     caplog.set_level(logging.DEBUG)
-    send_three_emails(notifier_store, notifier_config, fake_sendgrid)
+    send_three_emails(notifier_store, notifier_config, fake_sendgrid, person_event)
     assert fake_sendgrid.authorizations == [f"Bearer {SENDGRID_KEY}"] * 3  # the key was used
     assert any(r.levelno == logging.ERROR for r in caplog.records)  # the refusal was logged
     assert SENDGRID_KEY not in caplog.text
@@ -398,10 +378,10 @@ def test_neither_the_sendgrid_key_nor_the_activation_secret_reaches_the_logs(
 
 
 def test_without_the_guard_the_sendgrid_client_would_log_the_key(
-    notifier_store, notifier_config, fake_sendgrid, logging_as_configured, caplog
+    notifier_store, notifier_config, fake_sendgrid, logging_as_configured, caplog, person_event
 ):
     """Why configure_logging holds python_http_client at WARNING: proof the test above can fail."""
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger="python_http_client")
-    send_three_emails(notifier_store, notifier_config, fake_sendgrid)
+    send_three_emails(notifier_store, notifier_config, fake_sendgrid, person_event)
     assert SENDGRID_KEY in caplog.text

@@ -15,12 +15,9 @@ nothing else.
 from __future__ import annotations
 
 import collections
-import http.client
-import importlib.util
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -34,9 +31,11 @@ import pika
 import psycopg
 import pytest
 import redis
+import stack
 from messaging.testing import wait_until
 from messaging.topology import Topology
 from notifier.fake_sendgrid import FakeSendGrid
+from processes import Gateway, Processes
 from score.store import ScoreStore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
@@ -60,103 +59,6 @@ def poison_reason(n: int) -> str:
     if n < 90:
         return "entity_version"
     return "byte limit"
-
-
-def _load_stack_script():
-    spec = importlib.util.spec_from_file_location("stack_script", ROOT / "scripts" / "stack.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-stack_script = _load_stack_script()
-
-
-class Supervisor:
-    """The Procfile's processes, each in a process group of its own."""
-
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.env, self.log_dir = env, log_dir
-        lines = (ROOT / "Procfile").read_text().splitlines()
-        self.commands = dict(line.split(": ", 1) for line in lines if line and line[0] != "#")
-        self.processes: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str) -> None:
-        with (self.log_dir / f"{name}.log").open("ab") as log:
-            self.processes[name] = subprocess.Popen(
-                ["sh", "-c", f"exec {self.commands[name]}"],
-                env=self.env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def start_all(self) -> None:
-        for name in self.commands:
-            self.start(name)
-
-    def kill(self, name: str) -> None:
-        process = self.processes[name]
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-
-    def restart(self, name: str) -> None:
-        self.kill(name)
-        self.start(name)
-
-    def exited(self) -> dict[str, int]:
-        return {n: p.returncode for n, p in self.processes.items() if p.poll() is not None}
-
-    def stop_all(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-
-    def log_tails(self, lines: int = 15) -> str:
-        parts = []
-        for name in self.commands:
-            path = self.log_dir / f"{name}.log"
-            text = path.read_text(errors="replace").splitlines() if path.exists() else []
-            parts.append(f"--- {name}\n" + "\n".join(text[-lines:]))
-        return "\n".join(parts)
-
-
-class Gateway:
-    """Keep-alive HTTP through Traefik, one connection per thread."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.local = threading.local()
-
-    def call(self, method: str, host: str, path: str, body: object = None) -> tuple[int, bytes]:
-        for attempt in range(2):  # a keep-alive connection the gateway closed is opened again
-            conn = getattr(self.local, "conn", None)
-            if conn is None:
-                conn = self.local.conn = http.client.HTTPConnection(
-                    "127.0.0.1", self.port, timeout=30
-                )
-            try:
-                conn.request(
-                    method,
-                    path,
-                    body=None if body is None else json.dumps(body),
-                    headers={"Host": f"{host}.localhost", "Content-Type": "application/json"},
-                )
-                response = conn.getresponse()
-                return response.status, response.read()
-            except (http.client.HTTPException, ConnectionError):
-                conn.close()
-                self.local.conn = None
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
 
 
 @dataclass
@@ -287,8 +189,8 @@ def test_every_guarantee_holds_through_a_storm_of_faults(stack_env, fake_sendgri
     }
     exchange, amqp = env["EVENTS_EXCHANGE"], env["AMQP_URL"]
     person_db, notifier_db = env["PERSON_DATABASE_URL"], env["NOTIFIER_DATABASE_URL"]
-    stack_script.prepare(env)
-    supervisor = Supervisor(env, tmp_path)
+    stack.prepare(env)
+    supervisor = Processes(env, tmp_path)
     gateway = Gateway(int(env["GATEWAY_PORT"]))
     poison = poison_bodies(exchange)
     broker_down = threading.Event()
@@ -422,7 +324,7 @@ def test_every_guarantee_holds_through_a_storm_of_faults(stack_env, fake_sendgri
         supervisor.start_all()
         for host in ("person", "score", "notifier"):
             wait_until(
-                lambda h=host: stack_script.healthy(h, env["GATEWAY_PORT"]),
+                lambda h=host: stack.healthy(h, env["GATEWAY_PORT"]),
                 timeout=90,
                 what=f"{host} healthy",
             )

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
-from messaging import Envelope
 from notifier.app import create_app
 
 pytestmark = pytest.mark.integration
@@ -17,42 +14,23 @@ def client(config, store):
     return create_app(config.model_copy(update={"sendgrid_api_key": None}), store).test_client()
 
 
-def register(view, cpf: str, email: str | None = "ana@example.com") -> None:
-    now = datetime.now(UTC).isoformat()
-    view(
-        Envelope.new(
-            entity="person",
-            entity_id=cpf,
-            change="created",
-            entity_version=1,
-            producer="person",
-            data={
-                "cpf": cpf,
-                "name": "Ana <b>",
-                "email": email,
-                "status": "pending",
-                "created_at": now,
-                "updated_at": now,
-            },
-        )
-    )
-
-
-def test_user_view_shows_the_welcome_email_state(client, view):
-    register(view, "1")
+def test_user_view_shows_the_welcome_email_state(person_event, client, view):
+    view(person_event("1", name="Ana <b>"))
     body = client.get("/users/1").json
     assert body["name"] == "Ana <b>" and body["status"] == "pending"
     assert body["welcome_email"]["status"] == "pending"
 
 
-def test_user_without_email_has_no_welcome_and_unknown_user_is_404(client, view):
-    register(view, "2", email=None)
+def test_user_without_email_has_no_welcome_and_unknown_user_is_404(person_event, client, view):
+    view(person_event("2", name="Ana <b>", email=None))
     assert client.get("/users/2").json["welcome_email"] is None
     assert client.get("/users/404").status_code == 404
 
 
-def test_mailbox_lists_emails_with_their_links_and_serves_the_html(client, view, store, config):
-    register(view, "3")
+def test_mailbox_lists_emails_with_their_links_and_serves_the_html(
+    person_event, client, view, store, config
+):
+    view(person_event("3", name="Ana <b>"))
     store.deliver_to_mailbox(store.claim_due(1, 300)[0], config.email_from)
     messages = client.get("/mailbox").json["messages"]
     assert len(messages) == 1
@@ -78,8 +56,8 @@ def test_admin_endpoints_need_the_bearer_token(client, headers):
     assert client.post("/deliveries/1/retry", headers=headers).status_code == 401
 
 
-def test_failed_deliveries_can_be_listed_and_retried(client, view, store):
-    register(view, "4")
+def test_failed_deliveries_can_be_listed_and_retried(person_event, client, view, store):
+    view(person_event("4", name="Ana <b>"))
     claimed = store.claim_due(1, 300)[0]
     store.mark_failed(claimed["id"], "HTTP 400: bad sender")
     listed = client.get("/deliveries?status=failed", headers=ADMIN).json["deliveries"]

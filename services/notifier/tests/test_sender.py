@@ -4,36 +4,13 @@ from __future__ import annotations
 
 import logging
 import socket
-from datetime import UTC, datetime
 
 import psycopg
 import pytest
-from messaging import Envelope
 from messaging.testing import running, wait_until
 from notifier.sender import Sender, transport_for
 
 pytestmark = pytest.mark.integration
-
-
-def register(view, cpf: str, email: str) -> None:
-    now = datetime.now(UTC).isoformat()
-    view(
-        Envelope.new(
-            entity="person",
-            entity_id=cpf,
-            change="created",
-            entity_version=1,
-            producer="person",
-            data={
-                "cpf": cpf,
-                "name": f"P{cpf}",
-                "email": email,
-                "status": "pending",
-                "created_at": now,
-                "updated_at": now,
-            },
-        )
-    )
 
 
 def delivery(store, cpf: str) -> dict:
@@ -45,9 +22,9 @@ def sender_for(store, config) -> Sender:
 
 
 def test_accepted_email_is_marked_sent_with_sendgrids_message_id(
-    view, store, config, fake_sendgrid
+    person_event, view, store, config, fake_sendgrid
 ):
-    register(view, "1", "a@example.com")
+    view(person_event("1", name="P1", email="a@example.com"))
     with running(sender_for(store, config)):
         wait_until(lambda: delivery(store, "1")["status"] == "sent", what="the e-mail sent")
     sent = delivery(store, "1")
@@ -60,9 +37,11 @@ def test_accepted_email_is_marked_sent_with_sendgrids_message_id(
     assert fake_sendgrid.authorizations == [f"Bearer {config.sendgrid_api_key}"]
 
 
-def test_429_waits_until_the_rate_limit_resets_then_sends_once(view, store, config, fake_sendgrid):
+def test_429_waits_until_the_rate_limit_resets_then_sends_once(
+    person_event, view, store, config, fake_sendgrid
+):
     fake_sendgrid.then("429")
-    register(view, "2", "b@example.com")
+    view(person_event("2", name="P2", email="b@example.com"))
     with running(sender_for(store, config)):
         wait_until(
             lambda: delivery(store, "2")["status"] == "sent",
@@ -76,10 +55,10 @@ def test_429_waits_until_the_rate_limit_resets_then_sends_once(view, store, conf
 
 @pytest.mark.parametrize("failure", ["500", "hang"])
 def test_server_errors_and_timeouts_are_retried_with_backoff(
-    view, store, config, fake_sendgrid, failure
+    person_event, view, store, config, fake_sendgrid, failure
 ):
     fake_sendgrid.then(failure, failure)
-    register(view, "3", "c@example.com")
+    view(person_event("3", name="P3", email="c@example.com"))
     with running(sender_for(store, config)):
         wait_until(
             lambda: delivery(store, "3")["status"] == "sent",
@@ -91,10 +70,10 @@ def test_server_errors_and_timeouts_are_retried_with_backoff(
 
 
 def test_a_400_fails_the_delivery_with_sendgrids_error_and_it_can_be_retried(
-    view, store, config, fake_sendgrid
+    person_event, view, store, config, fake_sendgrid
 ):
     fake_sendgrid.then("400")
-    register(view, "4", "d@example.com")
+    view(person_event("4", name="P4", email="d@example.com"))
     with running(sender_for(store, config)):
         wait_until(lambda: delivery(store, "4")["status"] == "failed", what="a failed delivery")
         failed = delivery(store, "4")
@@ -105,11 +84,13 @@ def test_a_400_fails_the_delivery_with_sendgrids_error_and_it_can_be_retried(
     assert fake_sendgrid.accepted_to("d@example.com") == 1
 
 
-def test_a_refused_connection_is_retried_later_not_failed(view, store, config, fake_sendgrid):
+def test_a_refused_connection_is_retried_later_not_failed(
+    person_event, view, store, config, fake_sendgrid
+):
     with socket.socket() as sock:  # a port nothing listens on once closed
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    register(view, "10", "j@example.com")
+    view(person_event("10", name="P10", email="j@example.com"))
     with running(sender_for(store, config.model_copy(update={"sendgrid_host": closed}))):
         wait_until(lambda: delivery(store, "10")["attempts"] >= 1, what="a refused attempt")
     refused = delivery(store, "10")
@@ -126,7 +107,7 @@ def test_a_refused_connection_is_retried_later_not_failed(view, store, config, f
 
 
 def test_connections_killed_between_acceptance_and_mark_do_not_send_twice(
-    view, store, config, fake_sendgrid, notifier_db
+    person_event, view, store, config, fake_sendgrid, notifier_db
 ):
     """pg_terminate_backend right after SendGrid's 202: the mark is retried, not the e-mail."""
     real = transport_for(config)
@@ -151,7 +132,7 @@ def test_connections_killed_between_acceptance_and_mark_do_not_send_twice(
             ).fetchone()
 
     config = config.model_copy(update={"sender_lease_seconds": 1.0})
-    register(view, "11", "k@example.com")
+    view(person_event("11", name="P11", email="k@example.com"))
     with running(Sender(store, config, TerminatingTransport())):
         wait_until(lambda: state()[0] == "sent", what="the marked e-mail")
     # A lost mark would have shown: after the lease (1 s) the e-mail would have gone out again.
@@ -159,10 +140,12 @@ def test_connections_killed_between_acceptance_and_mark_do_not_send_twice(
     assert state() == ("sent", 1)
 
 
-def test_one_hanging_call_does_not_hold_back_the_others(view, store, config, fake_sendgrid):
+def test_one_hanging_call_does_not_hold_back_the_others(
+    person_event, view, store, config, fake_sendgrid
+):
     fake_sendgrid.then("hang")
     for n in range(6):
-        register(view, f"2{n}", f"h{n}@example.com")
+        view(person_event(f"2{n}", name=f"P2{n}", email=f"h{n}@example.com"))
     with running(sender_for(store, config.model_copy(update={"sendgrid_timeout_seconds": 5}))):
         wait_until(lambda: fake_sendgrid.hanging == 1, what="one call held")
         # The five others go out while the first call is still held by SendGrid.
@@ -176,10 +159,10 @@ def test_one_hanging_call_does_not_hold_back_the_others(view, store, config, fak
         )
 
 
-def test_retries_stop_at_the_attempt_limit(view, store, config, fake_sendgrid):
+def test_retries_stop_at_the_attempt_limit(person_event, view, store, config, fake_sendgrid):
     config = config.model_copy(update={"sender_max_attempts": 2})
     fake_sendgrid.then("500", "500", "500")
-    register(view, "5", "e@example.com")
+    view(person_event("5", name="P5", email="e@example.com"))
     with running(sender_for(store, config)):
         wait_until(
             lambda: delivery(store, "5")["status"] == "failed",
@@ -190,10 +173,12 @@ def test_retries_stop_at_the_attempt_limit(view, store, config, fake_sendgrid):
     assert "HTTP 500" in delivery(store, "5")["last_error"]
 
 
-def test_two_senders_deliver_each_email_exactly_once(view, store, config, fake_sendgrid):
+def test_two_senders_deliver_each_email_exactly_once(
+    person_event, view, store, config, fake_sendgrid
+):
     emails = [f"p{n}@example.com" for n in range(40)]
     for n, email in enumerate(emails):
-        register(view, f"9{n}", email)
+        view(person_event(f"9{n}", name=f"P9{n}", email=email))
     with running(sender_for(store, config)), running(sender_for(store, config)):
         wait_until(
             lambda: len(fake_sendgrid.accepted) >= len(emails),
@@ -210,9 +195,9 @@ def test_two_senders_deliver_each_email_exactly_once(view, store, config, fake_s
 
 
 def test_a_claim_left_by_a_dead_sender_is_taken_again_after_the_lease(
-    view, store, config, fake_sendgrid
+    person_event, view, store, config, fake_sendgrid
 ):
-    register(view, "6", "f@example.com")
+    view(person_event("6", name="P6", email="f@example.com"))
     claimed = store.claim_due(10, lease_seconds=300)  # a sender that dies right after this
     assert [d["cpf"] for d in claimed] == ["6"]
     config = config.model_copy(update={"sender_lease_seconds": 0.5})
@@ -222,10 +207,10 @@ def test_a_claim_left_by_a_dead_sender_is_taken_again_after_the_lease(
 
 
 def test_without_an_api_key_emails_go_to_the_development_mailbox(
-    view, store, config, fake_sendgrid
+    person_event, view, store, config, fake_sendgrid
 ):
     config = config.model_copy(update={"sendgrid_api_key": None})
-    register(view, "7", "g@example.com")
+    view(person_event("7", name="P7", email="g@example.com"))
     with running(sender_for(store, config)):
         wait_until(lambda: store.mailbox(10), what="an e-mail in the mailbox")
     mail = store.mailbox(10)[0]
@@ -233,20 +218,22 @@ def test_without_an_api_key_emails_go_to_the_development_mailbox(
     assert fake_sendgrid.requests == 0
 
 
-def test_the_api_key_never_reaches_the_logs(view, store, config, fake_sendgrid, caplog):
+def test_the_api_key_never_reaches_the_logs(
+    person_event, view, store, config, fake_sendgrid, caplog
+):
     from messaging.runner import configure_logging
 
     configure_logging("DEBUG")
     caplog.set_level(logging.DEBUG)
     fake_sendgrid.then("400")
-    register(view, "8", "h@example.com")
+    view(person_event("8", name="P8", email="h@example.com"))
     with running(sender_for(store, config)):
         wait_until(lambda: delivery(store, "8")["status"] == "failed", what="a logged failure")
     assert caplog.records
     assert config.sendgrid_api_key not in caplog.text
 
 
-def test_only_a_pending_delivery_wakes_the_senders(view, store, notifier_db):
+def test_only_a_pending_delivery_wakes_the_senders(person_event, view, store, notifier_db):
     """A claim (matching nothing, or taking a delivery) must not wake the senders again."""
     with psycopg.connect(notifier_db, autocommit=True) as listener:
         listener.execute("LISTEN deliveries")
@@ -256,7 +243,7 @@ def test_only_a_pending_delivery_wakes_the_senders(view, store, notifier_db):
 
         assert store.claim_due(10, lease_seconds=60) == []
         assert not woken(0.3)
-        register(view, "12", "l@example.com")
+        view(person_event("12", name="P12", email="l@example.com"))
         assert woken(5)
         assert [d["cpf"] for d in store.claim_due(10, lease_seconds=60)] == ["12"]
         assert not woken(0.3)

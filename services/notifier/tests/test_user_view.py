@@ -15,44 +15,22 @@ pytestmark = pytest.mark.integration
 REGISTERED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC).isoformat()
 
 
-def person(
-    cpf: str,
-    version: int,
-    change: str = "updated",
-    email: str | None = "ana@example.com",
-    status: str = "pending",
-    created_at: str = REGISTERED,
-    name: str = "Ana",
-) -> Envelope:
-    data = (
-        None
-        if change == "deleted"
-        else {
-            "cpf": cpf,
-            "name": name,
-            "address": "x",
-            "date_of_birth": "1990-01-01",
-            "email": email,
-            "status": status,
-            "created_at": created_at,
-            "updated_at": created_at,
-        }
-    )
-    return Envelope.new(
-        entity="person",
-        entity_id=cpf,
-        change=change,
-        entity_version=version,
-        data=data,
-        producer="person",
-    )
+@pytest.fixture
+def person(person_event):
+    """person_event with this module's defaults: an update, of the registration REGISTERED."""
+
+    def build(cpf: str, version: int, change: str = "updated", **fields) -> Envelope:
+        fields.setdefault("created_at", REGISTERED)
+        return person_event(cpf, version, change, **fields)
+
+    return build
 
 
 def deliveries(store, cpf: str) -> list[dict]:
     return [d for d in store.deliveries(None, 500) if d["cpf"] == cpf]
 
 
-def test_the_same_person_created_three_times_records_one_welcome(view, store):
+def test_the_same_person_created_three_times_records_one_welcome(person, view, store):
     created = person("1", 1, "created")
     for _ in range(3):
         view(created)
@@ -62,7 +40,7 @@ def test_the_same_person_created_three_times_records_one_welcome(view, store):
     ]
 
 
-def test_the_welcome_carries_a_signed_link_for_this_person_and_address(view, store, config):
+def test_the_welcome_carries_a_signed_link_for_this_person_and_address(person, view, store, config):
     view(person("2", 1, "created"))
     mail = store.deliveries(None, 10)[0]
     with store.pool.connection() as conn:
@@ -77,7 +55,7 @@ def test_the_welcome_carries_a_signed_link_for_this_person_and_address(view, sto
     assert payload == {"cpf": "2", "email": "ana@example.com"}
 
 
-def test_an_email_added_later_triggers_the_welcome_once(view, store):
+def test_an_email_added_later_triggers_the_welcome_once(person, view, store):
     view(person("3", 1, "created", email=None))
     assert deliveries(store, "3") == []
     view(person("3", 2, email="first@example.com"))
@@ -85,14 +63,14 @@ def test_an_email_added_later_triggers_the_welcome_once(view, store):
     assert [d["to_email"] for d in deliveries(store, "3")] == ["first@example.com"]
 
 
-def test_reordered_events_still_record_one_welcome(view, store):
+def test_reordered_events_still_record_one_welcome(person, view, store):
     view(person("4", 2, email="ana@example.com"))
     view(person("4", 1, "created", email=None))
     assert len(deliveries(store, "4")) == 1
     assert store.user("4")["version"] == 2
 
 
-def test_a_new_registration_after_deletion_gets_its_own_welcome(view, store):
+def test_a_new_registration_after_deletion_gets_its_own_welcome(person, view, store):
     view(person("5", 1, "created"))
     view(person("5", 2, "deleted"))
     assert store.user("5") is None
@@ -101,14 +79,14 @@ def test_a_new_registration_after_deletion_gets_its_own_welcome(view, store):
     assert [d["kind"] for d in deliveries(store, "5")] == ["welcome", "welcome"]
 
 
-def test_a_late_event_does_not_resurrect_a_deleted_user(view, store):
+def test_a_late_event_does_not_resurrect_a_deleted_user(person, view, store):
     view(person("6", 1, "created"))
     view(person("6", 3, "deleted"))
     view(person("6", 2))
     assert store.user("6") is None
 
 
-def test_activation_requested_records_a_fresh_link_once_per_request(view, store):
+def test_activation_requested_records_a_fresh_link_once_per_request(person, view, store):
     view(person("7", 1, "created"))
     request = person("7", 2, "activation_requested")
     view(request)
@@ -117,13 +95,13 @@ def test_activation_requested_records_a_fresh_link_once_per_request(view, store)
     assert [d["kind"] for d in deliveries(store, "7")] == ["activation", "activation", "welcome"]
 
 
-def test_status_changes_update_the_view(view, store):
+def test_status_changes_update_the_view(person, view, store):
     view(person("8", 1, "created"))
     view(person("8", 2, status="active"))
     assert store.user("8")["status"] == "active"
 
 
-def test_item_events_are_ignored_and_bad_person_data_is_dead_lettered(view, store):
+def test_item_events_are_ignored_and_bad_person_data_is_dead_lettered(person, view, store):
     topology = Topology("notifier", "test", (1.0,))
     bus = InMemoryBus()
     bus.subscribe(topology, view)
@@ -155,7 +133,7 @@ def test_item_events_are_ignored_and_bad_person_data_is_dead_lettered(view, stor
     assert store.user("10") is not None
 
 
-def test_a_batch_applies_its_events_in_order_in_one_transaction(view, store):
+def test_a_batch_applies_its_events_in_order_in_one_transaction(person, view, store):
     topology = Topology("notifier", "test", (1.0,))
     bus = InMemoryBus()
     bus.subscribe(topology, view, view.batch)
@@ -175,7 +153,7 @@ def test_a_batch_applies_its_events_in_order_in_one_transaction(view, store):
     assert [d["to_email"] for d in deliveries(store, "13")] == ["late@example.com"]
 
 
-def test_a_bad_event_rolls_its_batch_back_and_is_dead_lettered_alone(view, store):
+def test_a_bad_event_rolls_its_batch_back_and_is_dead_lettered_alone(person, view, store):
     bad = Envelope.new(
         entity="person",
         entity_id="15",

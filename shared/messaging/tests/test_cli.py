@@ -31,31 +31,6 @@ class Buggy:
             self.applied.append((envelope.entity_id, envelope.entity_version))
 
 
-def publish(broker, *envelopes: Envelope) -> None:
-    conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
-    try:
-        channel = conn.channel()
-        channel.confirm_delivery()
-        for envelope in envelopes:
-            channel.basic_publish(
-                broker.exchange,
-                "",
-                envelope.to_json(),
-                pika.BasicProperties(message_id=str(envelope.event_id), delivery_mode=2),
-                mandatory=True,
-            )
-    finally:
-        conn.close()
-
-
-def depth(broker, queue: str) -> int:
-    conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
-    try:
-        return conn.channel().queue_declare(queue, passive=True).method.message_count
-    finally:
-        conn.close()
-
-
 def event(entity_id: str, odd: bool) -> Envelope:
     return Envelope.new(
         entity="thing",
@@ -88,8 +63,8 @@ def test_a_message_dead_by_a_bug_is_listed_shown_and_replayed_once_after_the_fix
     handler = Buggy()
     first, second, fine = event("a", True), event("b", True), event("c", False)
     with attached(Consumer(ConsumerSettings(broker.amqp_url, topology), handler)):
-        publish(broker, first, second, fine)
-        wait_until(lambda: depth(broker, topology.dead_queue) == 2, what="two dead messages")
+        broker.publish(first, second, fine)
+        wait_until(lambda: broker.depth(topology.dead_queue) == 2, what="two dead messages")
         assert handler.applied == [("c", 1)]
 
         assert main(["dlq", "list", topology.queue]) == 0
@@ -102,16 +77,16 @@ def test_a_message_dead_by_a_bug_is_listed_shown_and_replayed_once_after_the_fix
         assert f"message_id: {first.event_id}" in shown
         assert "x-dead-reason: PermanentError: cannot handle odd things yet" in shown
         assert '"entity_id": "a"' in shown
-        assert depth(broker, topology.dead_queue) == 2  # looking takes nothing away
+        assert broker.depth(topology.dead_queue) == 2  # looking takes nothing away
 
         handler.fixed = True  # the fix is deployed
         assert main(["dlq", "replay", topology.dead_queue, "--id", str(first.event_id)]) == 0
         wait_until(lambda: ("a", 1) in handler.applied, what="the replayed message applied")
-        assert depth(broker, topology.dead_queue) == 1  # the other one waits for its turn
+        assert broker.depth(topology.dead_queue) == 1  # the other one waits for its turn
 
         assert main(["dlq", "replay", topology.queue, "--all"]) == 0
         wait_until(lambda: ("b", 1) in handler.applied, what="the rest applied")
-        assert depth(broker, topology.dead_queue) == 0
+        assert broker.depth(topology.dead_queue) == 0
     assert sorted(handler.applied) == [("a", 1), ("b", 1), ("c", 1)]  # each exactly once
 
 
@@ -127,14 +102,14 @@ def test_purge_needs_yes_and_empties_the_dead_queue(amqp_env, capsys):
     broker = amqp_env
     topology = broker.topology("cli")
     with attached(Consumer(ConsumerSettings(broker.amqp_url, topology), Buggy())):
-        publish(broker, event("x", True))
-        wait_until(lambda: depth(broker, topology.dead_queue) == 1, what="a dead message")
+        broker.publish(event("x", True))
+        wait_until(lambda: broker.depth(topology.dead_queue) == 1, what="a dead message")
     with pytest.raises(SystemExit):
         main(["dlq", "purge", topology.dead_queue])
-    assert depth(broker, topology.dead_queue) == 1
+    assert broker.depth(topology.dead_queue) == 1
     assert main(["dlq", "purge", topology.dead_queue, "--yes"]) == 0
     assert "purged 1 message(s)" in capsys.readouterr().out
-    assert depth(broker, topology.dead_queue) == 0
+    assert broker.depth(topology.dead_queue) == 0
 
 
 def test_outbox_status_and_replay_of_the_latest_state(producer_db, amqp_env, monkeypatch, capsys):
@@ -176,7 +151,7 @@ def test_show_prints_undecodable_bodies_without_failing(amqp_env, capsys):
         conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
         conn.channel().basic_publish(broker.exchange, "", b"\xff not json")
         conn.close()
-        wait_until(lambda: depth(broker, topology.dead_queue) == 1, what="a dead message")
+        wait_until(lambda: broker.depth(topology.dead_queue) == 1, what="a dead message")
     assert main(["dlq", "show", topology.dead_queue]) == 0
     out = capsys.readouterr().out
     assert "DecodeError" in out and "not json" in out

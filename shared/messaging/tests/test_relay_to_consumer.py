@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pika
 import psycopg
 import pytest
 from messaging import Consumer, ConsumerSettings, Envelope, Outbox, Relay, RelaySettings
@@ -104,8 +103,7 @@ def test_heartbeats_keep_the_connection_through_a_long_handler(broker):
     consumer = Consumer(settings, slow)
     with running(consumer):
         wait_until(consumer.attached.is_set, what="consumer attached")
-        publish(
-            broker,
+        broker.publish(
             Envelope.new(
                 entity="thing",
                 entity_id="long",
@@ -116,31 +114,6 @@ def test_heartbeats_keep_the_connection_through_a_long_handler(broker):
             ),
         )
         wait_until(lambda: handled, timeout=30, what="the slow handler")
-    assert queue_depth(broker, topology.queue) == 0  # acked: nothing came back on close
+    assert broker.depth(topology.queue) == 0  # acked: nothing came back on close
     assert handled == ["long"]
     assert consumer.stats.connections == 1
-
-
-def publish(broker, envelope: Envelope) -> None:
-    conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
-    try:
-        channel = conn.channel()
-        channel.confirm_delivery()
-        channel.basic_publish(
-            broker.exchange,
-            "",
-            envelope.to_json(),
-            pika.BasicProperties(message_id=str(envelope.event_id), delivery_mode=2),
-            mandatory=True,
-        )
-    finally:
-        conn.close()
-
-
-def queue_depth(broker, queue: str) -> int:
-    """Messages ready or unacknowledged in a queue."""
-    conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
-    try:
-        return conn.channel().queue_declare(queue, passive=True).method.message_count
-    finally:
-        conn.close()
