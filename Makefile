@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install up down logs status test unit lint format bench clean
 
-$(STAMP): requirements.txt shared/messaging/pyproject.toml services/*/pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt shared/messaging/pyproject.toml services/*/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q -r requirements-dev.txt
 	$(VENV)/bin/pip install -q --no-deps -e shared/messaging -e services/person -e services/score -e services/notifier
 	touch $(STAMP)
 
