@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from flask import Flask
 from messaging import web
 from messaging.connection import BrokerProbe
-from messaging.metrics import ConsumerCollector
+from messaging.metrics import ScrapeCollector, consumer_metrics
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from psycopg_pool import ConnectionPool
 
 from . import api
@@ -38,8 +40,8 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
             raise RuntimeError("the notifier consumer is not attached")
 
     registry = CollectorRegistry()
-    registry.register(ConsumerCollector(lambda: store.stats(HEARTBEAT)))
-    registry.register(_DeliveryCollector(store))
+    registry.register(ScrapeCollector(lambda: store.stats(HEARTBEAT), consumer_metrics))
+    registry.register(ScrapeCollector(store.delivery_counts, _email_metrics))
     openapi = web.OpenApi("notifier")
     api.describe(openapi)
     document = openapi.document()
@@ -60,18 +62,9 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
     return app
 
 
-class _DeliveryCollector:
+def _email_metrics(counts: dict[str, int]) -> Iterator[Metric]:
     """E-mail deliveries by status, read from the ledger at scrape time."""
-
-    def __init__(self, store: NotifierStore) -> None:
-        self.store = store
-
-    def collect(self):
-        try:
-            counts = self.store.delivery_counts()
-        except Exception:  # the database is down: /ready says so
-            return
-        family = GaugeMetricFamily("emails", "E-mail deliveries by status", labels=["status"])
-        for status in ("pending", "sending", "sent", "failed"):
-            family.add_metric([status], counts.get(status, 0))
-        yield family
+    family = GaugeMetricFamily("emails", "E-mail deliveries by status", labels=["status"])
+    for status in ("pending", "sending", "sent", "failed"):
+        family.add_metric([status], counts.get(status, 0))
+    yield family

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from flask import Flask
 from messaging import web
 from messaging.connection import BrokerProbe
+from messaging.metrics import ScrapeCollector
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from psycopg_pool import ConnectionPool
 
 from . import api
@@ -40,7 +43,8 @@ def create_app(config: PersonConfig | None = None, store: Store | None = None) -
     )
 
     registry = CollectorRegistry()
-    registry.register(_OutboxCollector(store))
+    registry.register(ScrapeCollector(store.outbox_backlog, _backlog_metrics))
+    registry.register(ScrapeCollector(store.outbox_published, _published_metrics))
     openapi = web.OpenApi("person")
     api.describe(openapi)
     web.install(
@@ -55,29 +59,22 @@ def create_app(config: PersonConfig | None = None, store: Store | None = None) -
     return app
 
 
-class _OutboxCollector:
-    """Outbox backlog and the age of its oldest event, read from the database at scrape time."""
+def _backlog_metrics(values: tuple[int, float]) -> Iterator[Metric]:
+    """Outbox backlog and the age of its oldest event, read at scrape time."""
+    backlog, oldest = values
+    yield GaugeMetricFamily("outbox_backlog", "Events not yet published", value=backlog)
+    yield GaugeMetricFamily(
+        "outbox_oldest_age_seconds", "Age of the oldest unpublished event", value=oldest
+    )
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
 
-    def collect(self):
-        try:
-            backlog, oldest = self.store.outbox_backlog()
-        except Exception:
-            return
-        yield GaugeMetricFamily("outbox_backlog", "Events not yet published", value=backlog)
+def _published_metrics(values: tuple[int, float | None]) -> Iterator[Metric]:
+    """What the relay published (its mark statement counts), read at scrape time."""
+    published, last = values
+    yield CounterMetricFamily(
+        "outbox_published", "Events the relay published (confirmed)", value=published
+    )
+    if last is not None:
         yield GaugeMetricFamily(
-            "outbox_oldest_age_seconds", "Age of the oldest unpublished event", value=oldest
+            "outbox_last_published_timestamp_seconds", "When the relay last published", last
         )
-        try:
-            published, last = self.store.outbox_published()
-        except Exception:
-            return
-        yield CounterMetricFamily(
-            "outbox_published", "Events the relay published (confirmed)", value=published
-        )
-        if last is not None:
-            yield GaugeMetricFamily(
-                "outbox_last_published_timestamp_seconds", "When the relay last published", last
-            )

@@ -8,7 +8,7 @@ import redis
 from flask import Flask
 from messaging import web
 from messaging.connection import BrokerProbe
-from messaging.metrics import ConsumerCollector
+from messaging.metrics import ScrapeCollector, consumer_metrics
 from prometheus_client import CollectorRegistry
 
 from . import api
@@ -33,7 +33,7 @@ def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = Non
         return json.loads(raw) if raw else None
 
     registry = CollectorRegistry()
-    registry.register(ConsumerCollector(consumer_stats))
+    registry.register(ScrapeCollector(consumer_stats, consumer_metrics))
     openapi = web.OpenApi("score")
     api.describe(openapi)
     web.install(
