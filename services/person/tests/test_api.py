@@ -860,6 +860,30 @@ def test_tokens_with_a_negative_ttl_read_a_fresh_token_as_expired(config):
     assert (claim.cpf, claim.email, claim.expired) == (CPF, EMAIL, True)
 
 
+def signed_ahead(tokens: Tokens, seconds: int, monkeypatch) -> str:
+    """A token signed by a host whose clock is `seconds` ahead of ours."""
+    with monkeypatch.context() as patch:
+        now = int(time.time())
+        patch.setattr(TimestampSigner, "get_timestamp", lambda _self: now + seconds)
+        return tokens.issue(CPF, EMAIL)
+
+
+def test_a_link_signed_by_a_clock_a_little_ahead_activates(
+    client, tokens, person_with_email, monkeypatch
+):
+    token = signed_ahead(tokens, 60, monkeypatch)
+    response = client.get(f"/person/{CPF}/activate", query_string={"token": token})
+    assert response.status_code == 200
+    assert client.get(f"/person/{CPF}").get_json()["status"] == "active"
+
+
+def test_a_link_signed_far_in_the_future_is_refused(client, tokens, person_with_email, monkeypatch):
+    token = signed_ahead(tokens, 3600, monkeypatch)
+    response = client.get(f"/person/{CPF}/activate", query_string={"token": token})
+    assert response.status_code == 400
+    assert client.get(f"/person/{CPF}").get_json()["status"] == "pending"
+
+
 def test_asking_for_a_new_activation_email_is_accepted(client, memory_store, person_with_email):
     before = len(memory_store.events)
     response = client.post(f"/person/{CPF}/activation")
