@@ -48,7 +48,7 @@ class UserView:
         if not people:
             return
         try:
-            with self.store.transaction() as cur, cur.connection.pipeline():
+            with self.store.pipelined_transaction() as cur:
                 for envelope in people:
                     self._apply(cur, envelope)
         except (psycopg.OperationalError, psycopg.errors.SerializationFailure) as exc:
@@ -67,6 +67,8 @@ class UserView:
             if mail:
                 self.store.record_activation(cur, cpf, self._intent("activation", envelope))
         else:
+            # Composed for every event with an e-mail, whether or not it turns out to call for
+            # a welcome (the SQL decides): the price of deciding without a round trip.
             welcome = self._intent("welcome", envelope) if mail else None
             self.store.apply_person(cur, cpf, envelope.entity_version, state, welcome)
 

@@ -77,6 +77,18 @@ class NotifierStore:
         ):
             yield cur
 
+    @contextlib.contextmanager
+    def pipelined_transaction(self) -> Iterator[psycopg.Cursor]:
+        """`transaction` in pipeline mode: BEGIN, the statements and COMMIT go out together,
+        so their results cannot be read; an error surfaces at the latest on leaving."""
+        with (
+            self.pool.connection() as conn,
+            conn.pipeline(),
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
+            yield cur
+
     # -- consumer side (called inside the handler's transaction) -------------------------------
     # Each event becomes statements whose results nobody reads, so a batch of events can be
     # queued in one pipeline and cost one round trip: the conditions live in the SQL.

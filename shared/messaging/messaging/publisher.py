@@ -3,10 +3,11 @@
 A blocking channel in confirm mode waits for each message's confirm before sending the next:
 one round trip per message. Here up to `window` messages are unconfirmed at a time, so the
 broker's confirms (often one `multiple` ack for many) flow while more messages go out. The
-call returns only when every message was confirmed, and raises if any was nacked, returned
-as unroutable, or left unconfirmed when the connection failed: then the caller knows that
-the last `confirmed` messages in order may or may not have arrived, and publishes again
-(consumers are idempotent).
+call returns only when every message was confirmed. It raises PublishError if any was nacked
+or returned as unroutable, if the connection or channel closed with messages unconfirmed, if
+reading the messages failed, or if the broker confirmed nothing for `stall_timeout` seconds
+while messages were waiting (a queue without a quorum holds its confirms back). The caller then
+publishes again: consumers apply by version, so what did arrive is harmless.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .connection import amqp_parameters
 
 
 class PublishError(RuntimeError):
-    """Some messages were not confirmed; `confirmed` of them were, in order, before that."""
+    """Not every message was confirmed; `confirmed` of them were before the run failed."""
 
     def __init__(self, why: str, confirmed: int) -> None:
         super().__init__(f"{why} ({confirmed} message(s) confirmed before)")
@@ -52,14 +53,24 @@ class ConfirmedPublisher:
         self.params = amqp_parameters(amqp_url, client_name)
         self.exchange, self.window = exchange, window
 
-    def publish_all(self, messages: Iterable[Outgoing], timeout: float | None = None) -> Published:
-        run = _Run(self, iter(messages))
+    def publish_all(
+        self,
+        messages: Iterable[Outgoing],
+        timeout: float | None = None,
+        stall_timeout: float = 60.0,
+    ) -> Published:
+        """Publish every message; `timeout` bounds the whole run, `stall_timeout` the wait for
+        the next confirm."""
+        run = _Run(self, iter(messages), stall_timeout)
         return run.start(timeout)
 
 
 class _Run:
-    def __init__(self, owner: ConfirmedPublisher, messages: Iterator[Outgoing]) -> None:
-        self.owner, self.messages = owner, messages
+    def __init__(
+        self, owner: ConfirmedPublisher, messages: Iterator[Outgoing], stall_timeout: float
+    ) -> None:
+        self.owner, self.messages, self.stall_timeout = owner, messages, stall_timeout
+        self.progress_at = time.monotonic()
         self.exhausted = False
         self.sent = self.confirmed = 0
         self.pending: dict[int, None] = {}  # unconfirmed delivery tags, in publish order
@@ -76,6 +87,7 @@ class _Run:
     def start(self, timeout: float | None) -> Published:
         if timeout is not None:
             self.conn.ioloop.call_later(timeout, lambda: self._fail(f"timed out after {timeout}s"))
+        self.conn.ioloop.call_later(1.0, self._watch)
         self.conn.ioloop.start()
         if self.problem is None and not self._done():
             self.problem = "the connection closed"
@@ -91,22 +103,36 @@ class _Run:
 
     def _begin(self, _frame: Any) -> None:
         self.started = time.perf_counter()
+        self.progress_at = time.monotonic()
         self._top_up()
+
+    def _watch(self) -> None:
+        """Every second: fail if messages have waited stall_timeout for a confirm."""
+        if self.problem is not None or self._done():
+            return
+        if self.pending and time.monotonic() - self.progress_at > self.stall_timeout:
+            self._fail(f"no confirm from the broker for {self.stall_timeout:.0f}s")
+            return
+        self.conn.ioloop.call_later(1.0, self._watch)
 
     def _top_up(self) -> None:
         """Publish until the window is full or the messages run out; close once all confirmed."""
         while not self.exhausted and len(self.pending) < self.owner.window:
-            message = next(self.messages, None)
-            if message is None:
-                self.exhausted = True
-                break
-            self.channel.basic_publish(
-                exchange=self.owner.exchange,
-                routing_key=message.routing_key,
-                body=message.body,
-                properties=message.properties,
-                mandatory=True,
-            )
+            try:
+                message = next(self.messages, None)
+                if message is None:
+                    self.exhausted = True
+                    break
+                self.channel.basic_publish(
+                    exchange=self.owner.exchange,
+                    routing_key=message.routing_key,
+                    body=message.body,
+                    properties=message.properties,
+                    mandatory=True,
+                )
+            except Exception as exc:  # reading the messages failed (a database error, say)
+                self._fail(f"{type(exc).__name__}: {exc}")
+                return
             self.sent += 1
             self.pending[self.sent] = None
         if self._done():
@@ -114,6 +140,9 @@ class _Run:
             self.conn.close()
 
     def _on_confirm(self, frame: Any) -> None:
+        if self.problem is not None:
+            return  # failed already: what is confirmed from now on is not counted
+        self.progress_at = time.monotonic()
         method = frame.method
         if not isinstance(method, Basic.Ack):
             self._fail(f"the broker refused delivery tag {method.delivery_tag}")
@@ -138,6 +167,8 @@ class _Run:
         self._fail(f"message {props.message_id} was unroutable")
 
     def _fail(self, why: str) -> None:
+        if self.problem is None and self._done():
+            return  # every message is confirmed: a timer firing while closing changes nothing
         if self.problem is None:
             self.problem = why
         if self.conn.is_open:

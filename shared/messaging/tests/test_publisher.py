@@ -75,6 +75,23 @@ def test_messages_the_broker_refuses_are_an_error(servers, channel):
         channel.queue_delete(full)
 
 
+def test_a_failing_message_source_is_an_error(servers, queue):
+    def source() -> Iterator[Outgoing]:
+        yield from messages(queue, 10)
+        raise RuntimeError("the database went away")
+
+    publisher = ConfirmedPublisher(servers.amqp, "", "test-publisher")
+    with pytest.raises(PublishError, match="the database went away"):
+        publisher.publish_all(source())
+
+
+def test_confirms_that_stop_coming_are_an_error(servers, queue):
+    # stall_timeout=0: the first check (after a second) finds messages waiting for a confirm.
+    publisher = ConfirmedPublisher(servers.amqp, "", "test-publisher", window=100_000)
+    with pytest.raises(PublishError, match="no confirm from the broker"):
+        publisher.publish_all(messages(queue, 1_000_000), stall_timeout=0)
+
+
 def test_an_unreachable_broker_is_an_error():
     publisher = ConfirmedPublisher("amqp://guest:guest@127.0.0.1:1/%2F", "", "test-publisher")
     with pytest.raises(PublishError, match="could not connect"):
