@@ -2,12 +2,19 @@
 
 It answers POST /v3/mail/send with a scripted sequence of behaviours ("202", "429", "500",
 "400", "hang"), then with a default one, and records every message it accepted.
+
+A request whose client has already hung up (it timed out while the request waited for a busy
+fake) is dropped unanswered rather than accepted, as a server aborts a request whose connection
+closed: the tests count acceptances, and a message accepted for a client that never heard of it
+would be an artifact of the fake's own slowness, not of the sender.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import select
+import socket
 import sys
 import threading
 import time
@@ -33,6 +40,8 @@ class FakeSendGrid:
         self.accepted: list[dict[str, Any]] = []
         self.requests = 0
         self.hanging = 0  # requests being held right now ("hang")
+        self.abandoned = 0  # requests whose client hung up before they were handled
+        self.answering = 0  # requests past the stall gate, not yet answered (hangs excluded)
         self.held = 0  # requests being held by a stall
         self.authorizations: list[str] = []
         self.lock = threading.Lock()
@@ -57,8 +66,11 @@ class FakeSendGrid:
         self.server.server_close()
 
     def stall(self) -> None:
-        """Hold every call from now on, unanswered, until resume(): SendGrid stops responding."""
-        self.flowing.clear()
+        """Hold every call from now on, unanswered, until resume(): SendGrid stops responding.
+
+        Calls that got past the gate before are still answered: `answering` counts them."""
+        with self.lock:
+            self.flowing.clear()
 
     def resume(self) -> None:
         self.flowing.set()
@@ -97,16 +109,31 @@ class FakeSendGrid:
                     return self._answer(404, {"errors": [{"message": "not found"}]})
                 with fake.lock:
                     fake.authorizations.append(self.headers.get("Authorization", ""))
-                if not fake.flowing.is_set():
-                    with fake.lock:
+                with fake.lock:  # atomic with stall(): a call is either held or answering
+                    flowing = fake.flowing.is_set()
+                    if flowing:
+                        fake.answering += 1
+                    else:
                         fake.held += 1
+                if not flowing:
                     fake.flowing.wait(30)
                     with fake.lock:
                         fake.held -= 1
                     return None  # the client gave up long ago: no answer
+                answering = [True]
+                try:
+                    return self._behave(body, answering)
+                finally:
+                    if answering[0]:
+                        with fake.lock:
+                            fake.answering -= 1
+
+            def _behave(self, body: bytes, answering: list[bool]) -> None:
                 behaviour = fake._next()
                 if behaviour == "hang":
                     with fake.lock:
+                        fake.answering -= 1
+                        answering[0] = False
                         fake.hanging += 1
                     fake.release.wait(30)  # longer than any client timeout in the tests
                     with fake.lock:
@@ -139,9 +166,23 @@ class FakeSendGrid:
                         },
                     )
                 message = json.loads(body)
+                if self._client_gone():
+                    with fake.lock:
+                        fake.abandoned += 1
+                    return None
                 with fake.lock:
                     fake.accepted.append(message)
                 return self._answer(202, None, {"X-Message-Id": uuid.uuid4().hex})
+
+            def _client_gone(self) -> bool:
+                """The client closed its connection: readable, and nothing but the end."""
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                if not readable:
+                    return False
+                try:
+                    return self.connection.recv(1, socket.MSG_PEEK) == b""
+                except OSError:
+                    return True
 
             def _answer(self, status: int, payload: Any, headers: dict | None = None) -> None:
                 data = b"" if payload is None else json.dumps(payload).encode()
