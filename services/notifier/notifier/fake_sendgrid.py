@@ -107,9 +107,8 @@ class FakeSendGrid:
                 body = self.rfile.read(length)
                 if self.path != "/v3/mail/send":
                     return self._answer(404, {"errors": [{"message": "not found"}]})
-                with fake.lock:
-                    fake.authorizations.append(self.headers.get("Authorization", ""))
                 with fake.lock:  # atomic with stall(): a call is either held or answering
+                    fake.authorizations.append(self.headers.get("Authorization", ""))
                     flowing = fake.flowing.is_set()
                     if flowing:
                         fake.answering += 1
@@ -120,25 +119,22 @@ class FakeSendGrid:
                     with fake.lock:
                         fake.held -= 1
                     return None  # the client gave up long ago: no answer
-                answering = [True]
-                try:
-                    return self._behave(body, answering)
-                finally:
-                    if answering[0]:
-                        with fake.lock:
-                            fake.answering -= 1
-
-            def _behave(self, body: bytes, answering: list[bool]) -> None:
                 behaviour = fake._next()
                 if behaviour == "hang":
                     with fake.lock:
-                        fake.answering -= 1
-                        answering[0] = False
+                        fake.answering -= 1  # never answered: not waited for
                         fake.hanging += 1
                     fake.release.wait(30)  # longer than any client timeout in the tests
                     with fake.lock:
                         fake.hanging -= 1
                     return None
+                try:
+                    return self._behave(behaviour, body)
+                finally:
+                    with fake.lock:
+                        fake.answering -= 1
+
+            def _behave(self, behaviour: str, body: bytes) -> None:
                 if behaviour == "429":
                     reset = str(int(time.time()) + 1)
                     return self._answer(

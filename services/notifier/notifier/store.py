@@ -68,24 +68,17 @@ class NotifierStore:
         self.pool = pool
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[psycopg.Cursor]:
-        """One transaction on a pooled connection: commit on success, roll back on error."""
+    def transaction(self, pipelined: bool = False) -> Iterator[psycopg.Cursor]:
+        """One transaction on a pooled connection: commit on success, roll back on error.
+
+        `pipelined`: BEGIN, the statements and COMMIT go out together (psycopg pipeline mode),
+        so results are not for reading; an error surfaces at the latest on leaving.
+        """
         with (
             self.pool.connection() as conn,
+            conn.pipeline() if pipelined else contextlib.nullcontext(),
             conn.transaction(),
             conn.cursor(row_factory=dict_row) as cur,
-        ):
-            yield cur
-
-    @contextlib.contextmanager
-    def pipelined_transaction(self) -> Iterator[psycopg.Cursor]:
-        """`transaction` in pipeline mode: BEGIN, the statements and COMMIT go out together,
-        so their results cannot be read; an error surfaces at the latest on leaving."""
-        with (
-            self.pool.connection() as conn,
-            conn.pipeline(),
-            conn.transaction(),
-            conn.cursor() as cur,
         ):
             yield cur
 

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 import pytest
 from notifier.config import NotifierConfig
 from notifier.consumer import UserView, composer_for
-from notifier.fake_sendgrid import FakeSendGrid
 from notifier.migrate import migrate_database
 from notifier.store import NotifierStore
 from psycopg_pool import ConnectionPool
@@ -18,13 +17,6 @@ def notifier_db(make_database) -> str:
     url = make_database("notifier")
     migrate_database(url)
     return url
-
-
-@pytest.fixture
-def fake_sendgrid() -> Iterator[FakeSendGrid]:
-    fake = FakeSendGrid().start()
-    yield fake
-    fake.stop()
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from .connection import amqp_parameters
 from .publisher import ConfirmedPublisher, Outgoing, PublishError
+from .retry import resent_properties
 
 # Headers the failure path adds; a replayed message starts again without them.
 FAILURE_HEADERS = (
@@ -156,14 +157,7 @@ def dlq_replay(queue: str, ids: list[str] | None) -> int:
                 "",
                 target,
                 body,
-                pika.BasicProperties(
-                    message_id=properties.message_id,
-                    type=properties.type,
-                    correlation_id=properties.correlation_id,
-                    content_type=properties.content_type,
-                    delivery_mode=pika.DeliveryMode.Persistent,
-                    headers=fresh,
-                ),
+                resent_properties(properties, fresh),
                 mandatory=True,
             )
             channel.basic_ack(method.delivery_tag)

@@ -25,7 +25,7 @@ from .connection import HEARTBEAT_SECONDS, Backoff, StopFlag, amqp_parameters
 from .envelope import DecodeError, Envelope, decode
 from .errors import PermanentError, RetryableError
 from .logs import bound
-from .retry import Decision, decide
+from .retry import Decision, decide, resent_properties
 from .topology import Topology
 
 log = logging.getLogger("messaging.consumer")
@@ -207,14 +207,7 @@ class Consumer:
             exchange="",
             routing_key=decision.queue,
             body=delivery.body,
-            properties=pika.BasicProperties(
-                message_id=props.message_id,
-                type=props.type,
-                correlation_id=props.correlation_id,
-                content_type=props.content_type,
-                delivery_mode=pika.DeliveryMode.Persistent,
-                headers=headers,
-            ),
+            properties=resent_properties(props, headers),
             mandatory=True,
         )
         if decision.dead:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import pika
+
 from .topology import Topology
 
 MAX_REASON = 1000
@@ -65,3 +67,16 @@ def _text(value: Any) -> str | None:
     if isinstance(value, bytes):
         return value.decode(errors="replace")
     return value if isinstance(value, str) else None
+
+
+def resent_properties(properties: Any, headers: dict[str, Any]) -> pika.BasicProperties:
+    """The properties of a message sent again (to a retry or dead queue, or back from the dead
+    queue): the original's identity and type, persistent, with these headers."""
+    return pika.BasicProperties(
+        message_id=properties.message_id,
+        type=properties.type,
+        correlation_id=properties.correlation_id,
+        content_type=properties.content_type,
+        delivery_mode=pika.DeliveryMode.Persistent,
+        headers=headers,
+    )

@@ -6,7 +6,6 @@ import json
 import logging
 from collections.abc import Iterator
 
-import pika
 import pytest
 from flask import Flask
 from messaging import Consumer, ConsumerSettings, Envelope
@@ -77,7 +76,6 @@ def test_consumer_lines_about_a_change_carry_its_correlation_id(broker, lines):
     with running(consumer):
         wait_until(consumer.attached.is_set, what="attached")
 
-        conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
         envelope = Envelope.new(
             entity="thing",
             entity_id="t1",
@@ -87,8 +85,7 @@ def test_consumer_lines_about_a_change_carry_its_correlation_id(broker, lines):
             producer="test",
             correlation_id="req-from-http",
         )
-        conn.channel().basic_publish(broker.exchange, "", envelope.to_json())
-        conn.close()
+        broker.publish(envelope)
         wait_until(
             lambda: [x for x in lines.lines if x["message"] == "applying t1"], what="the line"
         )

@@ -92,6 +92,13 @@ def test_confirms_that_stop_coming_are_an_error(servers, queue):
         publisher.publish_all(messages(queue, 1_000_000), stall_timeout=0)
 
 
+def test_a_channel_the_broker_closes_is_an_error(servers):
+    # Publishing to an exchange that does not exist makes the broker close the channel (404).
+    publisher = ConfirmedPublisher(servers.amqp, f"no-such-exchange-{uuid.uuid4().hex}", "test")
+    with pytest.raises(PublishError, match="channel closed"):
+        publisher.publish_all(messages("q", 3))
+
+
 def test_an_unreachable_broker_is_an_error():
     publisher = ConfirmedPublisher("amqp://guest:guest@127.0.0.1:1/%2F", "", "test-publisher")
     with pytest.raises(PublishError, match="could not connect"):

@@ -1,0 +1,50 @@
+"""ScrapeCollector and the consumer's metrics, through a real prometheus registry."""
+
+from __future__ import annotations
+
+import pytest
+from messaging.consumer import ConsumerStats
+from messaging.metrics import ScrapeCollector, consumer_metrics
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+pytestmark = pytest.mark.unit
+
+
+def scrape(collector: ScrapeCollector) -> str:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return generate_latest(registry).decode()
+
+
+def gauge(value: int):
+    yield GaugeMetricFamily("things", "Things", value=value)
+
+
+def test_values_are_read_at_each_scrape():
+    values = iter([1, 2])
+    collector = ScrapeCollector(lambda: next(values), gauge)
+    assert "things 1.0" in scrape(collector)
+    assert "things 2.0" in scrape(collector)
+
+
+def test_a_store_that_does_not_answer_makes_the_metrics_go_quiet_not_fail():
+    def down() -> int:
+        raise ConnectionError("the database is down")
+
+    assert "things" not in scrape(ScrapeCollector(down, gauge))
+    assert "things" not in scrape(ScrapeCollector(lambda: None, gauge))
+
+
+def test_a_consumer_snapshot_becomes_counters_and_a_cumulative_histogram():
+    stats = ConsumerStats()
+    stats.observe(0.002, 10)
+    stats.observe(0.2, 500)
+    stats.retried = 3
+    text = scrape(ScrapeCollector(stats.snapshot, consumer_metrics))
+    assert 'consumer_messages_total{outcome="applied"} 510.0' in text
+    assert 'consumer_messages_total{outcome="retried"} 3.0' in text
+    assert 'consumer_handler_seconds_bucket{le="0.0025"} 1.0' in text
+    assert 'consumer_handler_seconds_bucket{le="0.25"} 2.0' in text
+    assert 'consumer_handler_seconds_bucket{le="+Inf"} 2.0' in text
+    assert "read_model_lag_seconds" not in text  # nothing applied with a time yet
