@@ -251,7 +251,7 @@ def seed_notifier(store: NotifierStore, config: NotifierConfig) -> None:
         )
     delivered, failed = store.claim_due(2, 300)
     store.deliver_to_mailbox(delivered, config.email_from)
-    store.mark_failed(failed["id"], "HTTP 400: bad address")
+    store.mark_failed(failed, "HTTP 400: bad address")
     assert (failed["id"], store.mailbox(1)[0]["id"]) == (FAILED_DELIVERY, MAIL)
 
 

@@ -72,6 +72,11 @@ def register(client: FlaskClient, cpf: str, email: str | None, name: str = "Ana"
         },
     )
     assert response.status_code == 201, response.get_data(as_text=True)
+    REGISTERED[cpf] = response.get_json()["created_at"]
+
+
+# When each CPF of the running test registered: activation links are bound to the registration.
+REGISTERED: dict[str, str] = {}
 
 
 def status_of(client: FlaskClient, cpf: str) -> str:
@@ -84,7 +89,7 @@ def follow(client: FlaskClient, cpf: str, token: str):
 
 def genuine(cpf: str, email: str) -> str:
     """A token as the notifier signs it into the welcome e-mail's link."""
-    link = Composer(SECRET, PERSON_URL, TTL).link(cpf, email)
+    link = Composer(SECRET, PERSON_URL, TTL).link(cpf, email, REGISTERED.get(cpf, "2026-01-01"))
     return link.split("?token=", 1)[1]
 
 
@@ -95,7 +100,7 @@ class _TwoTtlsAgo(TimestampSigner):
 
 def expired(cpf: str, email: str) -> str:
     signer = URLSafeTimedSerializer(SECRET, salt=TOKEN_SALT, signer=_TwoTtlsAgo)
-    return signer.dumps({"cpf": cpf, "email": email})
+    return signer.dumps({"cpf": cpf, "email": email, "registered_at": REGISTERED[cpf]})
 
 
 def signed_with_another_secret(cpf: str, email: str) -> str:
@@ -267,7 +272,7 @@ def notifier_store(notifier_db) -> Iterator[NotifierStore]:
 def failed_delivery(notifier_store, notifier_config, person_event) -> int:
     UserView(notifier_store, composer_for(notifier_config))(person_event(ANA))
     (claimed,) = notifier_store.claim_due(1, 300)
-    notifier_store.mark_failed(claimed["id"], "HTTP 400: invalid address")
+    notifier_store.mark_failed(claimed, "HTTP 400: invalid address")
     return claimed["id"]
 
 

@@ -1,4 +1,4 @@
-"""Operations on the running stack: rebuild a wiped read model with `messaging replay`."""
+"""Operations on the running stack: rebuild or heal a read model, replay by hand, metrics."""
 
 from __future__ import annotations
 
@@ -33,50 +33,102 @@ def expected_scores(person_db: str) -> dict[str, int]:
     return scores
 
 
-def test_a_wiped_score_model_is_rebuilt_by_replay_while_writes_continue(stack):
-    for n in range(PEOPLE):
-        cpf = str(70_000 + n)
+def register(stack, first: int, count: int) -> None:
+    for n in range(first, first + count):
+        cpf = str(n)
         person = {"cpf": cpf, "name": "R", "address": "a", "date_of_birth": "1990-01-01"}
         assert stack.call("POST", "person", "/person", person)[0] == 201
-        body = {"type": "rent", "value": 100 + n}
+        body = {"type": "rent", "value": 100 + n % 1000}
         assert stack.call("POST", "person", f"/person/{cpf}/income", body)[0] == 201
+
+
+def score_store(stack) -> ScoreStore:
     env = stack.env
-    store = ScoreStore(redis.Redis.from_url(env["SCORE_REDIS_URL"]), env["SCORE_KEY_PREFIX"])
+    return ScoreStore(redis.Redis.from_url(env["SCORE_REDIS_URL"]), env["SCORE_KEY_PREFIX"])
 
-    def matches() -> bool:
-        expected = expected_scores(env["PERSON_DATABASE_URL"])
-        return all((got := store.read(cpf)) and got.score == s for cpf, s in expected.items())
 
-    wait_until(matches, what="the scores before the wipe")
-    assert store.wipe() > 0
-    assert store.read("70000") is None
+def scores_match(stack, store: ScoreStore) -> bool:
+    expected = expected_scores(stack.env["PERSON_DATABASE_URL"])
+    return all((got := store.read(cpf)) and got.score == s for cpf, s in expected.items())
 
-    stop = threading.Event()
 
-    def keep_writing() -> None:  # live traffic during the rebuild
-        n = 0
-        while not stop.is_set():
-            body = {"value": 20}
-            stack.call("POST", "person", f"/person/{70_000 + n % PEOPLE}/debt", body)
-            n += 1
+def says(stack, status: str) -> bool:
+    return stack.call("GET", "score", "/ready")[1]["status"] == status
 
-    writer = threading.Thread(target=keep_writing)
-    writer.start()
-    try:
-        queue = Topology("score", env["EVENTS_EXCHANGE"]).queue
-        replay = subprocess.run(
-            [str(Path(sys.executable).parent / "messaging"), "replay", "--to", queue],
-            env=env,
+
+class LiveWrites:
+    """Debts added to the given people from a thread, while a block runs."""
+
+    def __init__(self, stack, first: int, count: int) -> None:
+        self.stack, self.first, self.count = stack, first, count
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._write)
+        self.written = 0
+
+    def _write(self) -> None:
+        while not self.stop.is_set():
+            cpf = self.first + self.written % self.count
+            self.stack.call("POST", "person", f"/person/{cpf}/debt", {"value": 20})
+            self.written += 1
+
+    def __enter__(self) -> LiveWrites:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
+def test_score_rebuild_wipes_and_rebuilds_the_model_while_writes_continue(stack):
+    register(stack, 70_000, PEOPLE)
+    store = score_store(stack)
+    wait_until(lambda: scores_match(stack, store), what="the scores before the rebuild")
+    with LiveWrites(stack, 70_000, PEOPLE) as writes:
+        rebuild = subprocess.run(
+            [str(Path(sys.executable).parent / "score-rebuild"), "--timeout", "120"],
+            env=stack.env,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=180,
         )
-        assert replay.returncode == 0, replay.stderr
-        assert "replayed" in replay.stdout
-    finally:
-        stop.set()
-        writer.join(timeout=30)
-    wait_until(matches, what="every score rebuilt, the writes during the replay included")
+        assert rebuild.returncode == 0, rebuild.stdout + rebuild.stderr
+        assert "wiped" in rebuild.stdout and "rebuilt" in rebuild.stdout
+    assert writes.written > 0
+    wait_until(lambda: scores_match(stack, store), what="every score, the live writes included")
+    wait_until(lambda: says(stack, "ready"), what="/ready once the beacon saw the rebuild end")
+
+
+def test_a_score_model_whose_redis_lost_its_data_heals_itself(stack):
+    register(stack, 72_000, PEOPLE)
+    store = score_store(stack)
+    wait_until(lambda: scores_match(stack, store), what="the scores before the loss")
+    client = store.client
+    lost = 0
+    for key in client.scan_iter(match=f"{stack.env['SCORE_KEY_PREFIX']}*", count=1000):
+        lost += client.unlink(key)  # what a FLUSHDB or a restart without persistence does
+    assert lost > 0 and store.read("72000") is None
+
+    wait_until(lambda: says(stack, "rebuilding"), what="/ready saying rebuilding")
+    wait_until(lambda: scores_match(stack, store), timeout=60, what="every score back")
+    wait_until(lambda: says(stack, "ready"), what="the model ready again")
+
+
+def test_messaging_replay_sends_the_latest_events_to_one_queue(stack):
+    register(stack, 74_000, 5)
+    env = {**stack.env, "DATABASE_URL": stack.env["PERSON_DATABASE_URL"]}
+    queue = Topology("score", env["EVENTS_EXCHANGE"]).queue
+    replay = subprocess.run(
+        [str(Path(sys.executable).parent / "messaging"), "replay", "--to", queue],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert replay.returncode == 0, replay.stderr
+    assert "replayed" in replay.stdout
+    store = score_store(stack)
+    wait_until(lambda: scores_match(stack, store), what="the scores after the replay")
 
 
 def metric(stack, host: str, name: str, **labels: str) -> float:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from .store import NotifierStore
 
 bp = Blueprint("notifier", __name__)
-STATUSES = ("pending", "sending", "sent", "failed")
+STATUSES = ("pending", "sending", "sent", "failed", "cancelled")
 _LINK = re.compile(r"https?://\S+")
 
 

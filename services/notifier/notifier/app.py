@@ -15,6 +15,7 @@ from psycopg_pool import ConnectionPool
 from . import api
 from .config import NotifierConfig
 from .consumer import HEARTBEAT, HEARTBEAT_SECONDS
+from .sender import HEARTBEAT as SENDER_HEARTBEAT
 from .store import NotifierStore
 
 
@@ -35,9 +36,13 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
         store = NotifierStore(pool)
     app.extensions["notifier.store"] = store
 
-    def consumer_attached() -> None:
-        if not store.alive(HEARTBEAT, within_seconds=HEARTBEAT_SECONDS * 5):
-            raise RuntimeError("the notifier consumer is not attached")
+    def beating(name: str, what: str) -> None:
+        """A process beats every few seconds with its health: missing or unwell is not ready."""
+        health = store.health(name, within_seconds=HEARTBEAT_SECONDS * 5)
+        if health is None:
+            raise web.NotReady(f"the {what} is not running")
+        if health != "ok":
+            raise web.NotReady(health)
 
     registry = CollectorRegistry()
     registry.register(ScrapeCollector(lambda: store.stats(HEARTBEAT), consumer_metrics))
@@ -52,7 +57,8 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
         readiness={
             "database": store.ping,
             "broker": BrokerProbe(config.amqp_url),
-            "consumer": consumer_attached,
+            "consumer": lambda: beating(HEARTBEAT, "notifier consumer (or is not attached)"),
+            "sender": lambda: beating(SENDER_HEARTBEAT, "e-mail sender"),
         },
         openapi=document,
         registry=registry,
@@ -65,6 +71,6 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
 def _email_metrics(counts: dict[str, int]) -> Iterator[Metric]:
     """E-mail deliveries by status, read from the ledger at scrape time."""
     family = GaugeMetricFamily("emails", "E-mail deliveries by status", labels=["status"])
-    for status in ("pending", "sending", "sent", "failed"):
+    for status in ("pending", "sending", "sent", "failed", "cancelled"):
         family.add_metric([status], counts.get(status, 0))
     yield family

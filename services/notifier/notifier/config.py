@@ -19,7 +19,6 @@ class NotifierConfig(ServiceSettings):
     activation_secret: str = DEVELOPMENT_SECRET
     activation_ttl_seconds: int = 172_800
     admin_token: str = DEVELOPMENT_ADMIN_TOKEN
-    retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0)
     sender_poll_seconds: float = 1.0
     sender_max_attempts: int = 8
     sender_lease_seconds: float = 300.0

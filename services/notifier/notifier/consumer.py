@@ -9,20 +9,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg
-from messaging import (
-    Consumer,
-    ConsumerSettings,
-    Envelope,
-    PermanentError,
-    RetryableError,
-    Topology,
-)
+from messaging import Consumer, ConsumerSettings, Envelope, PermanentError
 from messaging.runner import AttachedBeacon, configure_logging, run_until_signalled
 from psycopg_pool import ConnectionPool
 
 from .config import NotifierConfig
 from .email import Composer
-from .store import Intent, NotifierStore
+from .store import Intent, NotifierStore, translated
 
 SERVICE = "notifier"
 HEARTBEAT = "notifier-consumer"
@@ -47,14 +40,9 @@ class UserView:
         people = [e for e in envelopes if e.entity == "person"]  # items do not concern us
         if not people:
             return
-        try:
-            with self.store.transaction(pipelined=True) as cur:
-                for envelope in people:
-                    self._apply(cur, envelope)
-        except (psycopg.OperationalError, psycopg.errors.SerializationFailure) as exc:
-            raise RetryableError(f"database: {exc}") from exc
-        except psycopg.DataError as exc:
-            raise PermanentError(f"the event does not fit the view: {exc}") from exc
+        with translated(), self.store.transaction(pipelined=True) as cur:
+            for envelope in people:
+                self._apply(cur, envelope)
 
     def _apply(self, cur: psycopg.Cursor, envelope: Envelope) -> None:
         """Queue the statements of one event; none of their results is read."""
@@ -63,9 +51,8 @@ class UserView:
             _check(state)
         mail = state is not None and bool(state.get("email"))
         if envelope.change == "activation_requested":
-            self.store.apply_person(cur, cpf, envelope.entity_version, state)
-            if mail:
-                self.store.record_activation(cur, cpf, self._intent("activation", envelope))
+            activation = self._intent("activation", envelope) if mail else None
+            self.store.apply_person(cur, cpf, envelope.entity_version, state, None, activation)
         else:
             # Composed for every event with an e-mail, whether or not it turns out to call for
             # a welcome (the SQL decides): the price of deciding without a round trip.
@@ -74,7 +61,9 @@ class UserView:
 
     def _intent(self, kind: str, envelope: Envelope) -> Intent:
         state = envelope.data
-        mail = self.composer.compose(kind, envelope.entity_id, state["name"], state["email"])
+        mail = self.composer.compose(
+            kind, envelope.entity_id, state["name"], state["email"], state["created_at"]
+        )
         return Intent(envelope.event_id, state["email"], mail.subject, mail.html, mail.text)
 
 
@@ -93,9 +82,13 @@ def composer_for(config: NotifierConfig) -> Composer:
 def build(config: NotifierConfig, pool: ConnectionPool) -> tuple[Consumer, NotifierStore]:
     """Composition root of the consumer process."""
     store = NotifierStore(pool)
-    topology = Topology(SERVICE, config.events_exchange, config.retry_delays)
     view = UserView(store, composer_for(config))
-    consumer = Consumer(ConsumerSettings(config.amqp_url, topology), view, batch_handler=view.batch)
+    consumer = Consumer(
+        ConsumerSettings(config.amqp_url, config.topology(SERVICE)),
+        view,
+        batch_handler=view.batch,
+        probe=store.ping,
+    )
     return consumer, store
 
 
@@ -106,7 +99,9 @@ def main() -> int:
         consumer, store = build(config, pool)
         heartbeat = AttachedBeacon(
             consumer,
-            lambda: store.beat(HEARTBEAT, consumer.stats.snapshot()),
+            lambda: store.beat(
+                HEARTBEAT, {**consumer.stats.snapshot(), "health": consumer.health() or "ok"}
+            ),
             every=HEARTBEAT_SECONDS,
         )
         heartbeat.start()

@@ -21,7 +21,9 @@ from sendgrid import SendGridAPIClient
 log = logging.getLogger("notifier.email")
 
 # The activation token format is the contract with the person service, which verifies it:
-# same secret, same salt, payload {"cpf", "email"} (tests/test_activation_contract.py).
+# same secret, same salt, payload {"cpf", "email", "registered_at"} (the registration's
+# created_at, so a link of a deleted registration cannot activate a later one with the same CPF
+# and address; tests/test_activation_contract.py).
 TOKEN_SALT = "person-activation"
 SUBJECTS = {"welcome": "Welcome! Activate your account", "activation": "Your activation link"}
 
@@ -51,12 +53,12 @@ class Composer:
             for ext in ("html", "txt")
         }
 
-    def link(self, cpf: str, email: str) -> str:
-        token = self._tokens.dumps({"cpf": cpf, "email": email})
+    def link(self, cpf: str, email: str, registered_at: str) -> str:
+        token = self._tokens.dumps({"cpf": cpf, "email": email, "registered_at": registered_at})
         return f"{self.person_url}/person/{cpf}/activate?token={token}"
 
-    def compose(self, kind: str, cpf: str, name: str, email: str) -> Composed:
-        link = self.link(cpf, email)
+    def compose(self, kind: str, cpf: str, name: str, email: str, registered_at: str) -> Composed:
+        link = self.link(cpf, email, registered_at)
         values = {"name": name, "link": link, "ttl_hours": self.ttl_seconds // 3600}
         return Composed(
             SUBJECTS[kind],

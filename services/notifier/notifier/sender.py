@@ -5,7 +5,12 @@ never send the same e-mail and a crash before the call is retried after the leas
 that can still duplicate an e-mail: the sender dies after SendGrid accepted it and before the
 'sent' mark commits (the duration of one local UPDATE, milliseconds); after the lease the
 delivery is sent again. A database blip in that window does not duplicate: the mark is retried
-on a fresh connection (see `_record`).
+on a fresh connection (see `_record`). A result is recorded only by the claim that is still
+current, so a worker whose lease ran out cannot undo another worker's `sent`.
+
+No exception ends a worker: an unforeseen error from the transport is one attempt with its
+reason, and one anywhere else is logged and the loop goes on. The sender reports its liveness
+(every worker alive, none stuck in one call) to the notifier's /ready through a heartbeat row.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ class Transport(Protocol):
     def send(self, delivery: dict[str, Any]) -> Outcome: ...
 
 
+HEARTBEAT = "notifier-sender"
+HEARTBEAT_SECONDS = 2.0
+
+
 class Sender:
     """SENDER_CONCURRENCY workers, each claiming one due delivery at a time and sending it.
 
@@ -49,7 +58,8 @@ class Sender:
         self._stop = threading.Event()
         self._wake = threading.Condition()
         self._wakes = 0  # counts wake-ups, so one that comes while a worker looks is not lost
-        self.sent = self.failed = 0
+        self.workers: list[threading.Thread] = []
+        self._calls: dict[str, float] = {}  # worker name -> when its current call began
 
     def stop(self) -> None:
         self._stop.set()
@@ -65,15 +75,37 @@ class Sender:
         listener.start()
         # The development mailbox is one local INSERT: a single worker is plenty.
         count = self.config.sender_concurrency if self.transport is not None else 1
-        workers = [
+        self.workers = [
             threading.Thread(target=self._work, name=f"sender-{n}", daemon=True)
             for n in range(count)
         ]
-        for worker in workers:
+        beacon = threading.Thread(target=self._report, name="sender-beacon", daemon=True)
+        beacon.start()
+        for worker in self.workers:
             worker.start()
-        for worker in workers:
+        for worker in self.workers:
             worker.join()
         listener.join(timeout=2)
+
+    def health(self) -> str | None:
+        """None while every worker is alive and none is stuck in one call; else why not."""
+        dead = [w.name for w in self.workers if not w.is_alive()]
+        if dead and not self._stop.is_set():
+            return f"sender workers not running: {', '.join(dead)}"
+        stuck_after = self.config.sendgrid_timeout_seconds * 3
+        now = time.monotonic()
+        stuck = [name for name, began in list(self._calls.items()) if now - began > stuck_after]
+        if stuck:
+            return f"sender workers stuck in a call for over {stuck_after:.0f}s: {len(stuck)}"
+        return None
+
+    def _report(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.store.beat(HEARTBEAT, {"health": self.health() or "ok"})
+            except Exception as exc:  # readiness reports the missing beat
+                log.warning("sender heartbeat failed: %s", exc)
+            self._stop.wait(HEARTBEAT_SECONDS)
 
     def _work(self) -> None:
         backoff = Backoff(cap=10.0)
@@ -85,6 +117,9 @@ class Sender:
             except psycopg.Error as exc:
                 pause = backoff.next()
                 log.warning("sender lost the database (%s); retrying in %.1fs", exc, pause)
+            except Exception:  # a bug of ours: log it, keep the worker
+                pause = backoff.next()
+                log.exception("sender worker failed; going on in %.1fs", pause)
             if pause > 0 and not self._stop.is_set():
                 with self._wake:
                     if self._wakes == seen:
@@ -101,33 +136,42 @@ class Sender:
 
     def _deliver(self, delivery: dict[str, Any]) -> None:
         if self.transport is None:
-            self.store.deliver_to_mailbox(delivery, self.config.email_from)
-            self.sent += 1
+            self._record(lambda: self.store.deliver_to_mailbox(delivery, self.config.email_from))
             return
-        outcome = self.transport.send(delivery)
+        outcome = self._send(delivery)
         if outcome.status == "sent":
             name, message_id = self.transport.name, outcome.message_id
-            self._record(lambda: self.store.mark_sent(delivery["id"], name, message_id))
-            self.sent += 1
+            self._record(lambda: self.store.mark_sent(delivery, name, message_id))
         elif outcome.status == "retry" and outcome.retry_after is not None:
             # Rate limited: this e-mail waits until X-RateLimit-Reset, and it is not one of its
             # attempts. Other workers learn of the limit from their own next call (one wasted
             # request each per window), rather than from a guess shared between processes.
             wait = outcome.retry_after
             self._record(
-                lambda: self.store.mark_retry(delivery["id"], wait, outcome.detail, counts=False)
+                lambda: self.store.mark_retry(delivery, wait, outcome.detail, counts=False)
             )
             log.warning("rate limited; delivery %s again in %.1fs", delivery["id"], wait)
         elif outcome.status == "retry" and delivery["attempts"] < self.config.sender_max_attempts:
             wait = backoff_seconds(delivery["attempts"], self.config.sender_backoff_cap_seconds)
-            self._record(lambda: self.store.mark_retry(delivery["id"], wait, outcome.detail))
+            self._record(lambda: self.store.mark_retry(delivery, wait, outcome.detail))
             log.warning("delivery %s to retry in %.1fs: %s", delivery["id"], wait, outcome.detail)
         else:
-            self._record(lambda: self.store.mark_failed(delivery["id"], outcome.detail))
-            self.failed += 1
+            self._record(lambda: self.store.mark_failed(delivery, outcome.detail))
             log.error("delivery %s failed: %s", delivery["id"], outcome.detail)
 
-    def _record(self, action: Callable[[], None]) -> None:
+    def _send(self, delivery: dict[str, Any]) -> Outcome:
+        """One call to the transport; whatever it raises is an attempt that failed, with why."""
+        me = threading.current_thread().name
+        self._calls[me] = time.monotonic()
+        try:
+            return self.transport.send(delivery)
+        except Exception as exc:
+            log.warning("delivery %s: the transport raised", delivery["id"], exc_info=True)
+            return Outcome("retry", f"{type(exc).__name__}: {exc}"[:2000])
+        finally:
+            self._calls.pop(me, None)
+
+    def _record(self, action: Callable[[], bool]) -> None:
         """Record what SendGrid answered, riding out database blips.
 
         An accepted e-mail whose 'sent' mark is lost would be sent again once its lease expires,
@@ -138,7 +182,8 @@ class Sender:
         deadline = time.monotonic() + self.config.sender_lease_seconds / 2
         while True:
             try:
-                action()
+                if not action():
+                    log.warning("a delivery's claim was taken over meanwhile: result not recorded")
                 return
             except psycopg.Error as exc:
                 if time.monotonic() >= deadline:

@@ -9,14 +9,15 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from messaging import PermanentError, RetryableError, StoreUnavailable
 from messaging.idempotency import upsert_if_newer_query
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 DELIVERY_COLUMNS = (
     "id, kind, cpf, to_email, subject, html, text, status, attempts, next_attempt_at, "
-    "last_error, provider, provider_message_id, created_at, sent_at"
+    "last_error, provider, provider_message_id, created_at, sent_at, claim_token"
 )
 
 
@@ -32,14 +33,44 @@ _USER_COLUMNS = (
     "updated_at",
 )
 _UPSERT_USER = upsert_if_newer_query("users", ("cpf",), _USER_COLUMNS)
-# Applied (RETURNING a row) → the welcome, unless the unique index on (cpf, registered_at)
-# says this registration has one already.
+# Each e-mail decision happens only if the event was applied (the version-gated upsert RETURNING
+# a row): a late, duplicated or replayed event mails no one.
+_APPLIED = f"WITH applied AS ({_UPSERT_USER} RETURNING cpf) "
+# The welcome, unless the unique index on (cpf, registered_at) says this registration has one.
 _UPSERT_USER_THEN_WELCOME = (
-    f"WITH applied AS ({_UPSERT_USER} RETURNING cpf) "
-    f"INSERT INTO deliveries ({_INTENT_COLUMNS}) "
+    f"{_APPLIED}INSERT INTO deliveries ({_INTENT_COLUMNS}) "
     "SELECT 'welcome', cpf, %(registered_at)s, %(event_id)s, %(to_email)s, %(subject)s, "
     "%(html)s, %(text)s FROM applied ON CONFLICT DO NOTHING"
 )
+# A new activation link, to the address the applied event carries (the current one).
+_UPSERT_USER_THEN_ACTIVATION = (
+    f"{_APPLIED}INSERT INTO deliveries ({_INTENT_COLUMNS}) "
+    "SELECT 'activation', cpf, %(registered_at)s, %(event_id)s, %(to_email)s, %(subject)s, "
+    "%(html)s, %(text)s FROM applied ON CONFLICT DO NOTHING"
+)
+# A deletion cancels the person's e-mails not yet on their way.
+_UPSERT_USER_THEN_CANCEL = (
+    f"{_APPLIED}UPDATE deliveries d SET status = 'cancelled', "
+    "last_error = 'cancelled: the person was deleted' "
+    "FROM applied WHERE d.cpf = applied.cpf AND d.status = 'pending'"
+)
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """Database errors as the consumer runtime reads them (habit: translate at the adapter)."""
+    try:
+        yield
+    except PoolTimeout as exc:
+        raise StoreUnavailable(f"database: {exc}") from exc
+    except psycopg.errors.TransactionRollback as exc:  # serialization failure, deadlock
+        raise RetryableError(f"database: {exc}") from exc
+    except psycopg.OperationalError as exc:
+        if exc.sqlstate is None or exc.sqlstate[:2] in ("08", "57", "53"):
+            raise StoreUnavailable(f"database: {exc}") from exc
+        raise RetryableError(f"database: {exc}") from exc
+    except psycopg.DataError as exc:
+        raise PermanentError(f"the event does not fit the view: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -92,9 +123,11 @@ class NotifierStore:
         version: int,
         state: dict | None,
         welcome: Intent | None = None,
+        activation: Intent | None = None,
     ) -> None:
-        """Version-gated upsert of the view (a deletion is kept as a tombstone); if the event
-        was applied and `welcome` is given, record it unless this registration has one."""
+        """Version-gated upsert of the view (a deletion is kept as a tombstone). If the event
+        was applied: record `welcome` unless this registration has one, record `activation`,
+        and on a deletion cancel the person's pending e-mails."""
         row = {
             "cpf": cpf,
             "version": version,
@@ -112,20 +145,14 @@ class NotifierStore:
                 registered_at=state.get("created_at"),
             )
         row["updated_at"] = datetime.now().astimezone()
-        if welcome is None:
-            cur.execute(_UPSERT_USER, row)
-        else:
+        if state is None:
+            cur.execute(_UPSERT_USER_THEN_CANCEL, row)
+        elif activation is not None:
+            cur.execute(_UPSERT_USER_THEN_ACTIVATION, {**row, **_intent_params(activation)})
+        elif welcome is not None:
             cur.execute(_UPSERT_USER_THEN_WELCOME, {**row, **_intent_params(welcome)})
-
-    @staticmethod
-    def record_activation(cur: psycopg.Cursor, cpf: str, intent: Intent) -> None:
-        """Record an activation e-mail (once per event) if the person is in the view, alive."""
-        cur.execute(
-            f"INSERT INTO deliveries ({_INTENT_COLUMNS}) "
-            "SELECT 'activation', cpf, NULL, %(event_id)s, %(to_email)s, %(subject)s, %(html)s, "
-            "%(text)s FROM users WHERE cpf = %(cpf)s AND NOT deleted ON CONFLICT DO NOTHING",
-            {**_intent_params(intent), "cpf": cpf},
-        )
+        else:
+            cur.execute(_UPSERT_USER, row)
 
     # -- sender side ---------------------------------------------------------------------------
     def claim_due(self, limit: int, lease_seconds: float) -> list[dict]:
@@ -137,7 +164,7 @@ class NotifierStore:
             cur.execute(
                 f"""
                 UPDATE deliveries SET status = 'sending', claimed_at = now(),
-                                      attempts = attempts + 1
+                                      claim_token = gen_random_uuid(), attempts = attempts + 1
                 WHERE id IN (
                     SELECT id FROM deliveries
                     WHERE (status = 'pending' AND next_attempt_at <= now())
@@ -149,36 +176,58 @@ class NotifierStore:
             )
             return sorted(cur.fetchall(), key=lambda d: d["id"])
 
-    def mark_sent(self, delivery_id: int, provider: str, message_id: str | None) -> None:
-        with self.transaction() as cur:
-            cur.execute(
-                "UPDATE deliveries SET status = 'sent', sent_at = now(), provider = %s, "
-                "provider_message_id = %s, last_error = NULL WHERE id = %s",
-                (provider, message_id, delivery_id),
-            )
+    # Each result is recorded only by the claim that is still current (same token, still
+    # 'sending'): a worker whose lease ran out and whose delivery another worker took cannot
+    # overwrite that worker's result. Each returns whether it recorded anything.
+    _OWNED = "WHERE id = %(id)s AND claim_token = %(token)s AND status = 'sending'"
+
+    def mark_sent(self, delivery: dict, provider: str, message_id: str | None) -> bool:
+        return self._record(
+            "UPDATE deliveries SET status = 'sent', sent_at = now(), provider = %(provider)s, "
+            f"provider_message_id = %(message_id)s, last_error = NULL {self._OWNED}",
+            delivery,
+            provider=provider,
+            message_id=message_id,
+        )
 
     def mark_retry(
-        self, delivery_id: int, after_seconds: float, error: str, counts: bool = True
-    ) -> None:
+        self, delivery: dict, after_seconds: float, error: str, counts: bool = True
+    ) -> bool:
         """Back to pending after a delay; `counts=False` gives the claim's attempt back."""
+        return self._record(
+            "UPDATE deliveries SET status = 'pending', last_error = %(error)s, "
+            "attempts = attempts - %(back)s, claim_token = NULL, "
+            f"next_attempt_at = now() + %(after)s * interval '1 second' {self._OWNED}",
+            delivery,
+            error=error,
+            back=0 if counts else 1,
+            after=after_seconds,
+        )
+
+    def mark_failed(self, delivery: dict, error: str) -> bool:
+        return self._record(
+            f"UPDATE deliveries SET status = 'failed', last_error = %(error)s {self._OWNED}",
+            delivery,
+            error=error,
+        )
+
+    def _record(self, statement: str, delivery: dict, **values: Any) -> bool:
         with self.transaction() as cur:
             cur.execute(
-                "UPDATE deliveries SET status = 'pending', last_error = %s, "
-                "attempts = attempts - %s, "
-                "next_attempt_at = now() + %s * interval '1 second' WHERE id = %s",
-                (error, 0 if counts else 1, after_seconds, delivery_id),
+                statement, {"id": delivery["id"], "token": delivery["claim_token"], **values}
             )
+            return cur.rowcount == 1
 
-    def mark_failed(self, delivery_id: int, error: str) -> None:
-        with self.transaction() as cur:
-            cur.execute(
-                "UPDATE deliveries SET status = 'failed', last_error = %s WHERE id = %s",
-                (error, delivery_id),
-            )
-
-    def deliver_to_mailbox(self, delivery: dict, from_email: str) -> None:
+    def deliver_to_mailbox(self, delivery: dict, from_email: str) -> bool:
         """The development transport: the e-mail lands in the mailbox table, marked sent."""
         with self.transaction() as cur:
+            cur.execute(
+                "UPDATE deliveries SET status = 'sent', sent_at = now(), provider = 'mailbox', "
+                f"last_error = NULL {self._OWNED}",
+                {"id": delivery["id"], "token": delivery["claim_token"]},
+            )
+            if cur.rowcount != 1:
+                return False
             cur.execute(
                 "INSERT INTO mailbox (delivery_id, to_email, from_email, subject, html, text) "
                 "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (delivery_id) DO NOTHING",
@@ -191,11 +240,7 @@ class NotifierStore:
                     delivery["text"],
                 ),
             )
-            cur.execute(
-                "UPDATE deliveries SET status = 'sent', sent_at = now(), provider = 'mailbox', "
-                "last_error = NULL WHERE id = %s",
-                (delivery["id"],),
-            )
+            return True
 
     def next_due_in(self) -> float | None:
         """Seconds until the earliest pending delivery is due (None if there is none)."""
@@ -280,19 +325,22 @@ class NotifierStore:
         return row[0] if row else None
 
     def delivery_counts(self) -> dict[str, int]:
-        """E-mail deliveries by status (pending, sending, sent, failed)."""
+        """E-mail deliveries by status (pending, sending, sent, failed, cancelled)."""
         with self.pool.connection() as conn:
             return dict(
                 conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status").fetchall()
             )
 
-    def alive(self, name: str, within_seconds: float) -> bool:
+    def health(self, name: str, within_seconds: float) -> str | None:
+        """What the named process last said of its health ("ok" or why not), if it beat within
+        the last `within_seconds`; None if it did not."""
         with self.pool.connection() as conn:
             row = conn.execute(
-                "SELECT seen_at > now() - %s * interval '1 second' FROM heartbeats WHERE name = %s",
-                (within_seconds, name),
+                "SELECT coalesce(stats->>'health', 'ok') FROM heartbeats "
+                "WHERE name = %s AND seen_at > now() - %s * interval '1 second'",
+                (name, within_seconds),
             ).fetchone()
-        return bool(row and row[0])
+        return row[0] if row else None
 
     def ping(self) -> None:
         with self.pool.connection() as conn:

@@ -59,7 +59,7 @@ def test_admin_endpoints_need_the_bearer_token(client, headers):
 def test_failed_deliveries_can_be_listed_and_retried(person_event, client, view, store):
     view(person_event("4", name="Ana <b>"))
     claimed = store.claim_due(1, 300)[0]
-    store.mark_failed(claimed["id"], "HTTP 400: bad sender")
+    assert store.mark_failed(claimed, "HTTP 400: bad sender")
     listed = client.get("/deliveries?status=failed", headers=ADMIN).json["deliveries"]
     assert [(d["id"], d["last_error"]) for d in listed] == [(claimed["id"], "HTTP 400: bad sender")]
     assert client.post(f"/deliveries/{claimed['id']}/retry", headers=ADMIN).status_code == 202
@@ -76,10 +76,22 @@ def test_bad_query_values_are_422(client):
     assert client.get("/mailbox?limit=0").status_code == 422
 
 
-def test_ready_needs_the_consumer_heartbeat(client, store):
+def test_ready_needs_the_consumer_and_sender_heartbeats(client, store):
     assert client.get("/ready").status_code == 503
-    store.beat("notifier-consumer")
+    store.beat("notifier-consumer", {"health": "ok"})
+    response = client.get("/ready")
+    assert response.status_code == 503
+    assert response.json["checks"]["sender"] == "failing: the e-mail sender is not running"
+    store.beat("notifier-sender", {"health": "ok"})
     assert client.get("/ready").status_code == 200
+
+
+def test_ready_reports_a_consumer_that_stopped_making_progress(client, store):
+    store.beat("notifier-sender", {"health": "ok"})
+    store.beat("notifier-consumer", {"health": "stalled: messages wait and nothing was settled"})
+    response = client.get("/ready")
+    assert response.status_code == 503
+    assert response.json["checks"]["consumer"].startswith("failing: stalled")
 
 
 def test_standard_routes(client):

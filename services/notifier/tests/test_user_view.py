@@ -52,7 +52,7 @@ def test_the_welcome_carries_a_signed_link_for_this_person_and_address(person, v
     assert link.replace("&", "&amp;") in html and "Ana" in html
     token = link.split("token=")[1]
     payload = URLSafeTimedSerializer("test-secret", salt=TOKEN_SALT).loads(token, max_age=60)
-    assert payload == {"cpf": "2", "email": "ana@example.com"}
+    assert payload == {"cpf": "2", "email": "ana@example.com", "registered_at": REGISTERED}
 
 
 def test_an_email_added_later_triggers_the_welcome_once(person, view, store):
@@ -93,6 +93,45 @@ def test_activation_requested_records_a_fresh_link_once_per_request(person, view
     view(request)
     view(person("7", 3, "activation_requested"))
     assert [d["kind"] for d in deliveries(store, "7")] == ["activation", "activation", "welcome"]
+
+
+def test_a_late_activation_request_mails_no_one_after_an_email_change(person, view, store):
+    view(person("71", 1, "created", email="old@example.com"))
+    late = person("71", 2, "activation_requested", email="old@example.com")
+    view(person("71", 3, email="new@example.com"))
+    view(late)
+    assert [(d["kind"], d["to_email"]) for d in deliveries(store, "71")] == [
+        ("welcome", "old@example.com")
+    ]
+
+
+def test_a_late_activation_request_of_a_deleted_registration_mails_no_one(person, view, store):
+    view(person("72", 1, "created"))
+    late = person("72", 2, "activation_requested")
+    view(person("72", 3, "deleted"))
+    later = (datetime.fromisoformat(REGISTERED) + timedelta(days=1)).isoformat()
+    view(person("72", 4, "created", created_at=later))
+    view(late)
+    kinds = [(d["kind"], d["status"]) for d in deliveries(store, "72")]
+    assert sorted(kinds) == [("welcome", "cancelled"), ("welcome", "pending")]
+
+
+def test_a_deletion_cancels_the_pending_emails_of_the_person(person, view, store):
+    view(person("73", 1, "created"))
+    view(person("73", 2, "activation_requested"))
+    view(person("73", 3, "deleted"))
+    assert {(d["kind"], d["status"]) for d in deliveries(store, "73")} == {
+        ("welcome", "cancelled"),
+        ("activation", "cancelled"),
+    }
+    assert store.claim_due(10, 300) == []
+
+
+def test_a_late_deletion_cancels_nothing(person, view, store):
+    view(person("74", 1, "created"))
+    view(person("74", 3, email="ana@example.com"))
+    view(person("74", 2, "deleted"))  # older than what the view holds: not applied
+    assert [d["status"] for d in deliveries(store, "74")] == ["pending"]
 
 
 def test_status_changes_update_the_view(person, view, store):

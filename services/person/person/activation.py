@@ -23,6 +23,7 @@ CLOCK_SKEW_SECONDS = 300
 class Claim:
     cpf: str
     email: str
+    registered_at: datetime
     expired: bool = False
 
 
@@ -31,8 +32,10 @@ class Tokens:
         self._serializer = URLSafeTimedSerializer(secret, salt=SALT)
         self.ttl_seconds = ttl_seconds
 
-    def issue(self, cpf: str, email: str) -> str:
-        return self._serializer.dumps({"cpf": cpf, "email": email})
+    def issue(self, cpf: str, email: str, registered_at: datetime) -> str:
+        return self._serializer.dumps(
+            {"cpf": cpf, "email": email, "registered_at": registered_at.isoformat()}
+        )
 
     def read(self, token: str, cpf: str) -> Claim:
         """Verify the signature and the CPF; an expired but genuine token is marked expired."""
@@ -48,10 +51,16 @@ class Tokens:
             raise BadToken("the activation link is not valid") from None
         if not isinstance(payload, dict) or payload.get("cpf") != cpf:
             raise BadToken("the activation link was issued for another person")
-        email = payload.get("email")
-        if not isinstance(email, str):
+        email, registered = payload.get("email"), payload.get("registered_at")
+        if not isinstance(email, str) or not isinstance(registered, str):
             raise BadToken("the activation link is not valid")
-        return Claim(cpf, email, expired)
+        try:
+            registered_at = datetime.fromisoformat(registered)
+        except ValueError:
+            raise BadToken("the activation link is not valid") from None
+        if registered_at.tzinfo is None:
+            raise BadToken("the activation link is not valid")
+        return Claim(cpf, email, registered_at, expired)
 
     @staticmethod
     def raise_if_expired(claim: Claim) -> None:

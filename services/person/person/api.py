@@ -164,10 +164,12 @@ def activate(cpf: str) -> Any:
         return _page(400, "Activation link incomplete", "The link has no token.")
     claim = tokens().read(token, key)
     person = store().get_person(key)
+    if person["created_at"] != claim.registered_at:
+        raise BadToken("the activation link was issued for an earlier registration")
     if person["status"] == "active" and (person["email"] or "").lower() == claim.email.lower():
         return _page(200, "Account already active", "Your account was already active.")
     Tokens.raise_if_expired(claim)
-    store().activate(key, claim.email, correlation_id())
+    store().activate(key, claim.email, claim.registered_at, correlation_id())
     return _page(200, "Account activated", f"Welcome, {person['name']}: your account is active.")
 
 

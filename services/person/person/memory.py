@@ -94,9 +94,13 @@ class MemoryStore:
             del self.items[item_id]
             self._event(kind, item_id, "deleted", None, correlation_id)
 
-    def activate(self, cpf: str, email: str, correlation_id: str | None) -> bool:
+    def activate(
+        self, cpf: str, email: str, registered_at: datetime, correlation_id: str | None
+    ) -> bool:
         with self._lock:
             person = self._person(cpf)
+            if person["created_at"] != registered_at:
+                raise BadToken("the link was issued for an earlier registration")
             if person["email"] is None or person["email"].lower() != email.lower():
                 raise BadToken("the link was issued for another e-mail address")
             if person["status"] == "active":

@@ -11,8 +11,13 @@ from .config import PersonConfig
 def migrate_database(url: str) -> list[str]:
     migrate.ensure_database(url)
     with psycopg.connect(url) as conn:
-        # install() only adds what is missing: 002 brings older databases the relay's stats.
-        steps = {"000_outbox": outbox.install, "002_relay_stats": outbox.install}
+        # install() only adds what is missing: 002 brings older databases the relay's stats,
+        # 004 the index on published_at.
+        steps = {
+            "000_outbox": outbox.install,
+            "002_relay_stats": outbox.install,
+            "004_outbox_published_at": outbox.install,
+        }
         return migrate.apply(conn, "person", steps)
 
 

@@ -1,8 +1,12 @@
-"""The person service's outbox relay process: python -m person.relay."""
+"""The person service's outbox relay process: python -m person.relay.
+
+Besides publishing the outbox, it serves read models' replay requests (messaging.replay).
+"""
 
 from __future__ import annotations
 
 from messaging import Relay, RelaySettings
+from messaging.replay import ReplayServer
 from messaging.runner import configure_logging, run_until_signalled
 
 from .config import PersonConfig
@@ -17,7 +21,12 @@ def main() -> int:
         exchange=config.events_exchange,
         producer="person",
     )
-    return run_until_signalled(Relay(settings))
+    server = ReplayServer(config.person_database_url, config.amqp_url, config.events_exchange)
+    server.start()
+    try:
+        return run_until_signalled(Relay(settings))
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -35,7 +36,9 @@ class Store(Protocol):
     def delete_item(
         self, cpf: str, kind: str, item_id: str, correlation_id: str | None
     ) -> None: ...
-    def activate(self, cpf: str, email: str, correlation_id: str | None) -> bool: ...
+    def activate(
+        self, cpf: str, email: str, registered_at: datetime, correlation_id: str | None
+    ) -> bool: ...
     def request_activation(self, cpf: str, correlation_id: str | None) -> dict: ...
     def ping(self) -> None: ...
     def outbox_backlog(self) -> tuple[int, float]: ...
@@ -138,10 +141,14 @@ class PgStore:
                 raise NotFound(f"no {kind} {item_id} for CPF {cpf}")
             self._event(cur, kind, item_id, "deleted", None, correlation_id)
 
-    def activate(self, cpf: str, email: str, correlation_id: str | None) -> bool:
+    def activate(
+        self, cpf: str, email: str, registered_at: datetime, correlation_id: str | None
+    ) -> bool:
         """Set the person active; False if already active. The token's e-mail must be current."""
         with self._tx() as cur:
             person = _fetch_person(cur, cpf, lock=True)
+            if person["created_at"] != registered_at:
+                raise BadToken("the link was issued for an earlier registration")
             if person["email"] is None or person["email"].lower() != email.lower():
                 raise BadToken("the link was issued for another e-mail address")
             if person["status"] == "active":

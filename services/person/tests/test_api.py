@@ -6,6 +6,7 @@ import json
 import re
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -99,20 +100,37 @@ def person_with_email(client) -> dict[str, Any]:
     return response.get_json()
 
 
-@pytest.fixture
-def tokens(config) -> Tokens:
-    return Tokens(config.activation_secret, config.activation_ttl_seconds)
+class Links(Tokens):
+    """Tokens as the notifier signs them, for the registration the store holds now (or for a
+    person who does not exist, a registration time of its own)."""
+
+    def __init__(self, secret: str, ttl: int, store) -> None:
+        super().__init__(secret, ttl)
+        self.store = store
+
+    def registered_at(self, cpf: Any) -> datetime:
+        person = self.store.people.get(str(cpf))
+        return person["created_at"] if person else datetime(2026, 1, 1, tzinfo=UTC)
+
+    def issue(self, cpf: Any, email: str, registered_at: datetime | None = None) -> str:
+        return super().issue(cpf, email, registered_at or self.registered_at(cpf))
 
 
 @pytest.fixture
-def expired_token(config):
+def tokens(config, memory_store) -> Links:
+    return Links(config.activation_secret, config.activation_ttl_seconds, memory_store)
+
+
+@pytest.fixture
+def expired_token(config, tokens):
     assert config.activation_ttl_seconds < 86_400
 
     def make(cpf: str, email: str) -> str:
         serializer = URLSafeTimedSerializer(
             config.activation_secret, salt=SALT, signer=_LongAgoSigner
         )
-        return serializer.dumps({"cpf": cpf, "email": email})
+        registered = tokens.registered_at(cpf).isoformat()
+        return serializer.dumps({"cpf": cpf, "email": email, "registered_at": registered})
 
     return make
 
@@ -776,7 +794,10 @@ def _tamper_signature(token: str) -> str:
         pytest.param(lambda t, cfg: t.issue(CPF, EMAIL) + "x", id="appended"),
         pytest.param(lambda t, cfg: "not-a-token", id="garbage"),
         pytest.param(lambda t, cfg: "a.b.c", id="three-parts"),
-        pytest.param(lambda t, cfg: Tokens("another-secret", 3600).issue(CPF, EMAIL), id="secret"),
+        pytest.param(
+            lambda t, cfg: Tokens("another-secret", 3600).issue(CPF, EMAIL, t.registered_at(CPF)),
+            id="secret",
+        ),
         pytest.param(
             lambda t, cfg: URLSafeTimedSerializer(cfg.activation_secret, salt="other").dumps(
                 {"cpf": CPF, "email": EMAIL}
@@ -821,6 +842,22 @@ def test_a_link_for_an_old_email_is_refused(client, tokens, person_with_email):
     assert client.get(f"/person/{CPF}").get_json()["status"] == "pending"
 
 
+def test_a_link_of_a_deleted_registration_does_not_activate_a_new_one_with_the_same_address(
+    client, tokens, person_with_email
+):
+    old_link = f"/person/{CPF}/activate?token={tokens.issue(CPF, EMAIL)}"
+    assert client.delete(f"/person/{CPF}").status_code == 204
+    time.sleep(0.001)  # the clock must move for created_at to differ (microseconds)
+    assert post_json(client, "/person", {**SEED_PERSON, "email": EMAIL}).status_code == 201
+
+    response = client.get(old_link)
+
+    assert response.status_code == 400
+    assert "earlier registration" in response.get_data(as_text=True)
+    assert client.get(f"/person/{CPF}").get_json()["status"] == "pending"
+    assert client.get(f"/person/{CPF}/activate?token={tokens.issue(CPF, EMAIL)}").status_code == 200
+
+
 def test_a_link_for_a_person_whose_email_was_removed_is_refused(client, tokens, person_with_email):
     link = f"/person/{CPF}/activate?token={tokens.issue(CPF, EMAIL)}"
     assert patch_json(client, f"/person/{CPF}", {"email": None}).status_code == 200
@@ -854,7 +891,7 @@ def test_an_expired_link_after_activation_still_says_already_active(
 def test_tokens_with_a_negative_ttl_read_a_fresh_token_as_expired(config):
     # itsdangerous expires when age > max_age; a token issued this second has age 0.
     issuer = Tokens(config.activation_secret, config.activation_ttl_seconds)
-    token = issuer.issue(CPF, EMAIL)
+    token = issuer.issue(CPF, EMAIL, datetime.now(UTC))
     assert issuer.read(token, CPF).expired is False
     claim = Tokens(config.activation_secret, ttl_seconds=-1).read(token, CPF)
     assert (claim.cpf, claim.email, claim.expired) == (CPF, EMAIL, True)

@@ -64,7 +64,7 @@ def test_the_seeds_four_writes_reach_a_bound_queue_in_order_through_the_relay_pr
     item_ids = [a.json["id"] for a in answers[1:]]
 
     watch = broker.topology("watch")
-    watch.declare(channel)  # bound before the relay runs: it publishes mandatory
+    watch.declare(channel.connection)  # bound before the relay runs: it publishes mandatory
     received: list[tuple[Any, bytes]] = []
 
     def four_received() -> bool:

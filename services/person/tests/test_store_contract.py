@@ -31,6 +31,11 @@ def fields(cpf: str = CPF, **overrides: Any) -> dict[str, Any]:
     }
 
 
+def registered(subject: Subject) -> Any:
+    """When the person with CPF registered (activation links are bound to it)."""
+    return subject.store.get_person(CPF)["created_at"]
+
+
 @dataclass
 class Subject:
     """A store under test and the events it produced so far, oldest first."""
@@ -257,7 +262,7 @@ def test_activating_with_another_email_raises_bad_token_and_emits_nothing(store:
     mark = store.mark()
 
     with pytest.raises(BadToken):
-        store.store.activate(CPF, "someone@example.com", None)
+        store.store.activate(CPF, "someone@example.com", registered(store), None)
 
     assert store.since(mark) == []
     assert store.store.get_person(CPF)["status"] == "pending"
@@ -266,7 +271,7 @@ def test_activating_with_another_email_raises_bad_token_and_emits_nothing(store:
 def test_activating_a_person_without_email_raises_bad_token(store: Subject):
     store.store.create_person(fields(email=None), None)
     with pytest.raises(BadToken):
-        store.store.activate(CPF, "ana@example.com", None)
+        store.store.activate(CPF, "ana@example.com", registered(store), None)
 
 
 def test_activating_with_the_right_email_emits_an_update_once_then_answers_false(
@@ -275,7 +280,7 @@ def test_activating_with_the_right_email_emits_an_update_once_then_answers_false
     store.store.create_person(fields(), None)
     mark = store.mark()
 
-    assert store.store.activate(CPF, "ana@example.com", None) is True
+    assert store.store.activate(CPF, "ana@example.com", registered(store), None) is True
 
     person = store.store.get_person(CPF)
     assert person["status"] == "active"
@@ -285,7 +290,7 @@ def test_activating_with_the_right_email_emits_an_update_once_then_answers_false
     assert event.data == person_state(person)
     assert event.data["status"] == "active"
 
-    assert store.store.activate(CPF, "ana@example.com", None) is False
+    assert store.store.activate(CPF, "ana@example.com", registered(store), None) is False
     assert store.since(mark + 1) == []
 
 
@@ -302,7 +307,7 @@ def test_requesting_activation_without_email_is_unprocessable(store: Subject):
 
 def test_requesting_activation_of_an_active_person_conflicts(store: Subject):
     store.store.create_person(fields(), None)
-    store.store.activate(CPF, "ana@example.com", None)
+    store.store.activate(CPF, "ana@example.com", registered(store), None)
     mark = store.mark()
 
     with pytest.raises(Conflict):
@@ -338,7 +343,7 @@ def test_every_event_carries_the_correlation_id_of_the_call_that_caused_it(store
     item = s.add_item(CPF, "income", "renting", Decimal("1000"), "add")
     s.delete_item(CPF, "income", str(item["id"]), "remove")
     s.request_activation(CPF, "request")
-    s.activate(CPF, "ana@example.com", "activate")
+    s.activate(CPF, "ana@example.com", registered(store), "activate")
     kept = s.add_item(CPF, "debt", None, Decimal("5"), "add-debt")
     s.delete_person(CPF, "delete")
 

@@ -25,8 +25,14 @@ def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = Non
     app.extensions["score.store"] = store
 
     def consumer_attached() -> None:
-        if not store.client.exists(f"{store.prefix}{HEARTBEAT_KEY}"):
-            raise RuntimeError("the score consumer is not attached")
+        """The consumer beats while attached, with its health or the model's rebuild state."""
+        health = store.client.get(f"{store.prefix}{HEARTBEAT_KEY}")
+        if health is None:
+            raise web.NotReady("the score consumer is not attached")
+        if health in (b"rebuilding", b"wiping"):
+            raise web.Rebuilding(health.decode())
+        if health != b"ok":
+            raise web.NotReady(health.decode(errors="replace"))
 
     def consumer_stats() -> dict | None:
         raw = store.client.get(f"{store.prefix}{STATS_KEY}")

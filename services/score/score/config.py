@@ -8,4 +8,3 @@ from messaging.settings import ServiceSettings
 class ScoreConfig(ServiceSettings):
     score_redis_url: str = "redis://127.0.0.1:6379/0"
     score_key_prefix: str = "score:"
-    retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0)

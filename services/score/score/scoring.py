@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from decimal import Decimal
 
-# Points per item: floor(value / divisor), negative for debts.
-DIVISORS = {"asset": (Decimal(20), 1), "income": (Decimal(50), 1), "debt": (Decimal(20), -1)}
+# Points per item: floor(value / divisor), negative for debts. The item kinds of this model.
+DIVISORS = {"income": (Decimal(50), 1), "asset": (Decimal(20), 1), "debt": (Decimal(20), -1)}
+KINDS = tuple(DIVISORS)
 
 
 def points(kind: str, value: Decimal) -> int:

@@ -6,23 +6,41 @@ Key layout (prefix `SCORE_KEY_PREFIX`, default `score:`):
                               `rev` (bumped by every applied change of the person or its items)
 - `score:item:<id>`           hash: `version`, `deleted`, `cpf`, `kind`, `value` (decimal string)
 - `score:person-items:<cpf>`  set of the ids of the person's live items
+- `score:generation`          hash: `state` (ready/rebuilding/wiping), `request`, `since`: the
+                              marker a store that lost its data is missing (healing.py)
 
 Each change is one script that compares `entity_version` with the stored one and applies only a
 newer one, atomically, so duplicates, reordering and replays converge. Deletions leave tombstones
-(the hash with `deleted` 1 and its version), so a late event cannot bring an entity back. The
-scripts derive some keys from the prefix: this layout is for a standalone Redis, not a cluster.
+(the hash with `deleted` 1 and its version), so a late event cannot bring an entity back. An
+item event the gate skips still repairs the item's membership in its person's set, so a wipe
+that removed the set but not the item (the wipe runs in passes, under live traffic) is mended by
+the replay that follows it. The scripts derive some keys from the prefix: this layout is for a
+standalone Redis, not a cluster.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 import redis
+from messaging import RetryableError, StoreUnavailable
+from messaging.healing import READY, REBUILDING, WIPING, Generation
 
-from .scoring import score
+from .scoring import KINDS, score
+
+GENERATION_KEY = "generation"
+
+# KEYS[1] the generation hash. ARGV: request id. Ready only if it is still that request's.
+_FINISH_REBUILD = """
+if redis.call('HGET', KEYS[1], 'request') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'state') ~= 'rebuilding' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'ready')
+return 1
+"""
 
 # KEYS[1] person hash. ARGV: version, deleted. A deletion does not cascade to the items: the
 # producer emits each item's own deletion first, and under reordering a cascade could remove an
@@ -41,8 +59,16 @@ return 1
 _APPLY_ITEM = """
 local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local version = tonumber(ARGV[1])
-if stored >= version then return 0 end
 local prefix = ARGV[7]
+if stored >= version then
+  local held = redis.call('HMGET', KEYS[1], 'deleted', 'cpf')
+  if held[2] and held[2] ~= '' then
+    local set = prefix .. 'person-items:' .. held[2]
+    if held[1] == '0' then redis.call('SADD', set, ARGV[3])
+    else redis.call('SREM', set, ARGV[3]) end
+  end
+  return 0
+end
 local cpf = ARGV[4]
 if cpf == '' then cpf = redis.call('HGET', KEYS[1], 'cpf') or '' end
 if ARGV[2] == '1' then
@@ -110,6 +136,8 @@ class ScoreStore:
         self._person = client.register_script(_APPLY_PERSON)
         self._item = client.register_script(_APPLY_ITEM)
         self._read = client.register_script(_READ)
+        self._finish = client.register_script(_FINISH_REBUILD)
+        self.generation_key = f"{prefix}{GENERATION_KEY}"
 
     def apply(self, changes: Sequence[Change]) -> list[bool]:
         """Apply changes in order, in one round trip; True for each that was newer.
@@ -119,12 +147,13 @@ class ScoreStore:
         a restart, SCRIPT FLUSH) they are loaded and the whole batch is sent again: the scripts
         are version-gated, so a change that did run is not applied twice.
         """
-        try:
-            return self._apply(changes)
-        except redis.exceptions.NoScriptError:
-            for script in (self._person, self._item):
-                script.sha = self.client.script_load(script.script)
-            return self._apply(changes)
+        with translated():
+            try:
+                return self._apply(changes)
+            except redis.exceptions.NoScriptError:
+                for script in (self._person, self._item):
+                    script.sha = self.client.script_load(script.script)
+                return self._apply(changes)
 
     def _apply(self, changes: Sequence[Change]) -> list[bool]:
         pipe = self.client.pipeline(transaction=False)
@@ -148,7 +177,7 @@ class ScoreStore:
                 change.item_id,
                 change.cpf or "",
                 change.kind or "",
-                str(change.value or ""),
+                "" if change.value is None else str(change.value),
                 p,
             )
 
@@ -162,24 +191,76 @@ class ScoreStore:
         version, deleted, rev = raw[0], raw[1], raw[2]
         if not version or deleted == "1":
             return None
-        items = [(raw[i], Decimal(raw[i + 1])) for i in range(3, len(raw), 2)]
-        totals = {
-            kind: sum((v for k, v in items if k == kind), Decimal("0.00"))
-            for kind in ("income", "asset", "debt")
-        }
+        items = [(raw[i], _stored_value(raw[i + 1])) for i in range(3, len(raw), 2)]
+        totals = {kind: sum((v for k, v in items if k == kind), Decimal("0.00")) for kind in KINDS}
         return PersonScore(
             cpf, score(items), totals["income"], totals["asset"], totals["debt"], int(rev)
         )
 
     def ping(self) -> None:
-        self.client.ping()
+        with translated():
+            self.client.ping()
 
     def wipe(self) -> int:
-        """Delete every key of this read model (before a rebuild); return how many."""
+        """Delete every key of this read model, its generation marker last; return how many.
+
+        While it runs the marker says `wiping`, so the consumer does not ask for a replay
+        before the wipe is over; once the marker is gone it asks for one (healing.py).
+        """
+        self.client.hset(self.generation_key, mapping={"state": WIPING, "request": "", "since": 0})
         deleted = 0
-        for batch in _chunks(self.client.scan_iter(match=f"{self.prefix}*", count=1000), 1000):
+        keys = self.client.scan_iter(match=f"{_glob_escape(self.prefix)}*", count=1000)
+        for batch in _chunks((k for k in keys if k != self.generation_key.encode()), 1000):
             deleted += self.client.unlink(*batch)
-        return deleted
+        return deleted + self.client.unlink(self.generation_key)
+
+    # -- the generation marker (messaging.healing.GenerationStore) -----------------------------
+    def generation(self) -> Generation | None:
+        with translated():
+            raw = self.client.hgetall(self.generation_key)
+        if not raw:
+            return None
+        values = {k.decode(): v.decode() for k, v in raw.items()}
+        try:
+            since = float(values.get("since", "0"))
+        except ValueError:
+            since = 0.0
+        return Generation(values.get("state", REBUILDING), values.get("request", ""), since)
+
+    def begin_rebuild(self, request_id: str, since: float) -> None:
+        with translated():
+            self.client.hset(
+                self.generation_key,
+                mapping={"state": REBUILDING, "request": request_id, "since": since},
+            )
+
+    def finish_rebuild(self, request_id: str) -> bool:
+        with translated():
+            return bool(self._finish(keys=[self.generation_key], args=[request_id]))
+
+    def mark_ready(self) -> None:
+        """A fresh store that needs no replay (tests): mark its generation ready."""
+        self.client.hset(self.generation_key, mapping={"state": READY, "request": "", "since": 0})
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """Redis errors as the consumer runtime reads them: Redis away, or this change refused."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError) as exc:
+        raise StoreUnavailable(f"redis: {exc}") from exc
+    except redis.RedisError as exc:
+        raise RetryableError(f"redis: {exc}") from exc
+
+
+def _stored_value(text: str) -> Decimal:
+    # An empty value is how versions before 2026-12 stored an item worth 0.
+    return Decimal(text) if text else Decimal("0.00")
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
 
 
 def _chunks(items: Any, size: int) -> Any:

@@ -54,8 +54,25 @@ def test_ready_fails_until_the_consumer_is_attached(client, score_store):
     response = client.get("/ready")
     assert response.status_code == 503
     assert response.json["checks"]["consumer"].startswith("failing")
-    score_store.client.set(f"{score_store.prefix}consumer-attached", "1", ex=10)
+    score_store.client.set(f"{score_store.prefix}consumer-attached", "ok", ex=10)
     assert client.get("/ready").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("beat", "status", "check"),
+    [
+        ("rebuilding", "rebuilding", "rebuilding: rebuilding"),
+        ("wiping", "rebuilding", "rebuilding: wiping"),
+        ("stalled: messages wait", "not ready", "failing: stalled: messages wait"),
+        ("the consumer's worker is not running", "not ready", "failing: the consumer's worker"),
+    ],
+)
+def test_ready_says_what_the_consumer_reports(client, score_store, beat, status, check):
+    score_store.client.set(f"{score_store.prefix}consumer-attached", beat, ex=10)
+    response = client.get("/ready")
+    assert response.status_code == 503
+    assert response.json["status"] == status
+    assert response.json["checks"]["consumer"].startswith(check)
 
 
 def test_standard_routes(client):

@@ -17,7 +17,7 @@ def publish_all(broker, topology, events) -> None:
     conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
     try:
         channel = conn.channel()
-        topology.declare(channel)
+        topology.declare(conn)
         channel.confirm_delivery()
         for envelope in events:
             channel.basic_publish(

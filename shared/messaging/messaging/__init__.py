@@ -2,7 +2,7 @@
 
 from .consumer import Consumer, ConsumerSettings
 from .envelope import DecodeError, Envelope, decode
-from .errors import PermanentError, RetryableError
+from .errors import PermanentError, RetryableError, StoreUnavailable
 from .outbox import Outbox
 from .relay import Relay, RelaySettings
 from .topology import DEFAULT_RETRY_DELAYS, Topology
@@ -18,6 +18,7 @@ __all__ = [
     "Relay",
     "RelaySettings",
     "RetryableError",
+    "StoreUnavailable",
     "Topology",
     "decode",
 ]

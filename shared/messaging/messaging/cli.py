@@ -7,8 +7,10 @@
     messaging outbox status                     backlog, oldest unpublished, last publish
     messaging replay --to <queue> [--entity E] [--since ISO]
 
-The broker is AMQP_URL; the producer's database is DATABASE_URL, else PERSON_DATABASE_URL.
-`<queue>` may be a dead queue's name or its work queue's (`.dead` is then added).
+The broker is AMQP_URL (one node, or several of a cluster, comma-separated); the producer's
+database is DATABASE_URL (or --database-url). `<queue>` may be a dead queue's name or its work
+queue's (`.dead` is then added). Listing and showing never consume a dead letter: the messages
+are read and returned at once, and dead queues have no delivery limit.
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ import pika
 import psycopg
 from pika.adapters.blocking_connection import BlockingChannel
 
-from .connection import amqp_parameters
-from .publisher import ConfirmedPublisher, Outgoing, PublishError
+from . import outbox
+from .connection import connect
+from .publisher import PublishError
+from .replay import replay as replay_events
 from .retry import resent_properties
+from .settings import DEFAULT_AMQP_URL
 
 # Headers the failure path adds; a replayed message starts again without them.
 FAILURE_HEADERS = (
@@ -46,14 +51,22 @@ FAILURE_HEADERS = (
 SHOW_BODY_LIMIT = 4000
 
 
+class Usage(Exception):
+    """The command cannot run as asked (exit status 2, with the message)."""
+
+
 def _amqp_url() -> str:
-    return os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+    return os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
+
+
+_DATABASE_URL: list[str] = []  # --database-url, when given
 
 
 def _database_url() -> str:
-    return os.environ.get("DATABASE_URL") or os.environ.get(
-        "PERSON_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/person"
-    )
+    url = (_DATABASE_URL or [os.environ.get("DATABASE_URL", "")])[0]
+    if not url:
+        raise Usage("this command reads the producer's outbox: set DATABASE_URL or --database-url")
+    return url
 
 
 def dead_queue_name(queue: str) -> str:
@@ -62,7 +75,7 @@ def dead_queue_name(queue: str) -> str:
 
 @contextmanager
 def _channel() -> Iterator[BlockingChannel]:
-    conn = pika.BlockingConnection(amqp_parameters(_amqp_url(), "messaging-cli"))
+    conn = connect(_amqp_url(), "messaging-cli")
     try:
         yield conn.channel()
     finally:
@@ -75,7 +88,8 @@ def _text(value: Any) -> str:
 
 
 def read_all(channel: BlockingChannel, queue: str) -> list[tuple[Any, Any, bytes]]:
-    """Every message of the queue, unacknowledged: they go back when the channel closes.
+    """Every message of the queue, unacknowledged: the caller acks what it removes and
+    `give_back` returns the rest.
 
     Reads at most the depth the broker reports when it starts, so a busy queue cannot keep it
     reading forever.
@@ -90,6 +104,30 @@ def read_all(channel: BlockingChannel, queue: str) -> list[tuple[Any, Any, bytes
     return messages
 
 
+def give_back(channel: BlockingChannel) -> None:
+    """Return every message read and not acknowledged to its queue, as it was.
+
+    basic.nack with requeue is a plain return (RabbitMQ 4.3 counts only basic.reject toward a
+    delivery limit); dead queues are declared without a limit anyway (topology.py).
+    """
+    if channel.is_open:
+        channel.basic_nack(delivery_tag=0, multiple=True, requeue=True)
+
+
+def dead_reason(headers: dict[str, Any]) -> str:
+    """Why a message is dead: our header, else what the broker's own dead-lettering recorded."""
+    if "x-dead-reason" in headers:
+        return _text(headers["x-dead-reason"])
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        reason = _text(deaths[0].get("reason", "?"))
+        queue = _text(deaths[0].get("queue", "?"))
+        if reason == "delivery_limit":
+            return f"delivery limit: {queue} delivered it too often without it being settled"
+        return f"dead-lettered by the broker from {queue}: {reason}"
+    return "(no reason recorded)"
+
+
 def _headers(properties: Any) -> dict[str, Any]:
     return dict(properties.headers or {})
 
@@ -98,11 +136,11 @@ def dlq_list(queue: str) -> int:
     queue = dead_queue_name(queue)
     with _channel() as channel:
         messages = read_all(channel, queue)
+        give_back(channel)
     groups: dict[str, list[str]] = collections.defaultdict(list)
     for _, properties, _ in messages:
         headers = _headers(properties)
-        reason = _text(headers.get("x-dead-reason", "(no reason recorded)"))
-        groups[reason].append(_text(headers.get("x-dead-at", "")))
+        groups[dead_reason(headers)].append(_text(headers.get("x-dead-at", "")))
     print(f"{queue}: {len(messages)} dead message(s)")
     for reason, times in sorted(groups.items(), key=lambda item: -len(item[1])):
         known = sorted(t for t in times if t)
@@ -115,6 +153,7 @@ def dlq_show(queue: str, event_id: str | None) -> int:
     queue = dead_queue_name(queue)
     with _channel() as channel:
         messages = read_all(channel, queue)
+        give_back(channel)
     shown = 0
     for _, properties, body in messages:
         if event_id is not None and properties.message_id != event_id:
@@ -140,7 +179,7 @@ def dlq_show(queue: str, event_id: str | None) -> int:
 def dlq_replay(queue: str, ids: list[str] | None) -> int:
     """Republish to the original queue with a confirm, then remove from the dead queue."""
     queue = dead_queue_name(queue)
-    conn = pika.BlockingConnection(amqp_parameters(_amqp_url(), "messaging-cli"))
+    conn = connect(_amqp_url(), "messaging-cli")
     replayed = 0
     try:
         channel = conn.channel()
@@ -162,9 +201,10 @@ def dlq_replay(queue: str, ids: list[str] | None) -> int:
             )
             channel.basic_ack(method.delivery_tag)
             replayed += 1
+        give_back(channel)  # what was not replayed stays in the dead queue
     finally:
         if conn.is_open:
-            conn.close()  # what was not replayed goes back to the dead queue
+            conn.close()
     print(f"replayed {replayed} message(s) from {queue}")
     return 0 if replayed or ids is None else 1
 
@@ -179,77 +219,26 @@ def dlq_purge(queue: str) -> int:
 
 def outbox_status() -> int:
     with psycopg.connect(_database_url(), connect_timeout=5) as conn:
-        backlog, oldest = conn.execute(
-            "SELECT count(*), min(occurred_at) FROM messaging_outbox WHERE published_at IS NULL"
-        ).fetchone()
-        (last,) = conn.execute("SELECT max(published_at) FROM messaging_outbox").fetchone()
-    now = datetime.now(UTC)
+        backlog, oldest_age = outbox.backlog(conn)
+        published, last = outbox.published(conn)
     print(f"unpublished: {backlog}")
-    age = f"{(now - oldest).total_seconds():.1f}s ({oldest.isoformat()})" if oldest else "-"
-    print(f"oldest unpublished: {age}")
-    print(f"last published: {last.isoformat() if last else 'never'}")
+    print(f"oldest unpublished: {f'{oldest_age:.1f}s ago' if backlog else '-'}")
+    print(f"published: {published}")
+    when = datetime.fromtimestamp(last, UTC).isoformat() if last is not None else "never"
+    print(f"last published: {when}")
     return 0
 
 
-LATEST_SQL = """
-SELECT body, event_id::text, event_type, correlation_id FROM (
-    SELECT DISTINCT ON (entity, entity_id) id, body, event_id, event_type, correlation_id
-    FROM messaging_outbox
-    WHERE %(entity)s::text IS NULL OR entity = %(entity)s
-    ORDER BY entity, entity_id, entity_version DESC
-) latest ORDER BY id
-"""
-SINCE_SQL = """
-SELECT body, event_id::text, event_type, correlation_id FROM messaging_outbox
-WHERE occurred_at >= %(since)s AND (%(entity)s::text IS NULL OR entity = %(entity)s)
-ORDER BY id
-"""
-
-
 def replay(queue: str, entity: str | None, since: datetime | None) -> int:
-    """Publish the producer's events straight to one subscriber's queue, with pipelined
-    confirms: it returns once the broker confirmed every one of them.
-
-    Without --since: the latest event of every entity (deletions included), enough to rebuild a
-    read model; with it, every event since then. Consumers apply by version, so events they
-    already hold and live traffic arriving meanwhile are harmless.
-    """
-    sql, params = (
-        (SINCE_SQL, {"since": since, "entity": entity})
-        if since
-        else (
-            LATEST_SQL,
-            {"entity": entity},
-        )
-    )
+    """Publish the producer's events straight to one subscriber's queue (replay.py)."""
     with _channel() as channel:
         channel.queue_declare(queue, passive=True)  # a typo must not publish into the void
-    replayed_at = datetime.now(UTC).isoformat()
-    publisher = ConfirmedPublisher(_amqp_url(), "", "messaging-cli")
-    with psycopg.connect(_database_url()) as db, db.cursor(name="replay") as cursor:
-        cursor.itersize = 2000
-        cursor.execute(sql, params)
-        messages = (
-            Outgoing(
-                queue,
-                body.encode(),
-                pika.BasicProperties(
-                    message_id=event_id,
-                    type=event_type,
-                    correlation_id=correlation_id,
-                    content_type="application/json",
-                    delivery_mode=pika.DeliveryMode.Persistent,
-                    headers={"x-replayed-at": replayed_at},
-                ),
-            )
-            for body, event_id, event_type, correlation_id in cursor
-        )
-        try:
-            done = publisher.publish_all(messages)
-        except PublishError as exc:
-            print(f"messaging: replay interrupted: {exc}; run it again", file=sys.stderr)
-            return 1
-    print(f"replayed {done.confirmed} event(s) to {queue}")
+    try:
+        count = replay_events(_database_url(), _amqp_url(), queue, entity=entity, since=since)
+    except PublishError as exc:
+        print(f"messaging: replay interrupted: {exc}; run it again", file=sys.stderr)
+        return 1
+    print(f"replayed {count} event(s) to {queue}")
     return 0
 
 
@@ -260,6 +249,7 @@ def _since(text: str) -> datetime:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="messaging", description=__doc__.split("\n", 1)[0])
+    top.add_argument("--database-url", help="the producer's database (else DATABASE_URL)")
     commands = top.add_subparsers(dest="command", required=True)
 
     dlq = commands.add_parser("dlq", help="inspect, replay or purge a dead-letter queue")
@@ -290,6 +280,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    _DATABASE_URL[:] = [args.database_url] if args.database_url else []
     try:
         if args.command == "dlq":
             if args.action == "list":
@@ -307,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (pika.exceptions.AMQPConnectionError, psycopg.OperationalError) as exc:
         print(f"messaging: cannot connect: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except Usage as exc:
+        print(f"messaging: {exc}", file=sys.stderr)
         return 2
 
 

@@ -1,4 +1,9 @@
-"""Broker connection parameters and the backoff every reconnect loop shares."""
+"""Broker connections and the backoff every reconnect loop shares.
+
+`AMQP_URL` may name several nodes of one cluster, comma-separated: a connection goes to the
+first node that answers, and a client whose node went away connects again the same way, so it
+lands on another node. pika tries a sequence of parameters in order.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,45 @@ import threading
 import time
 
 import pika
+from pika.adapters.blocking_connection import BlockingConnection
 
 HEARTBEAT_SECONDS = 15
 BLOCKED_TIMEOUT_SECONDS = 60
 
 
-def amqp_parameters(url: str, client_name: str) -> pika.URLParameters:
-    """Parameters for a connection that detects a dead broker within a few heartbeats."""
-    params = pika.URLParameters(url)
-    params.heartbeat = HEARTBEAT_SECONDS
-    params.blocked_connection_timeout = BLOCKED_TIMEOUT_SECONDS
-    params.connection_attempts = 1
-    params.socket_timeout = 5
-    params.client_properties = {"connection_name": client_name}
-    return params
+def node_urls(url: str) -> list[str]:
+    """The node URLs of an AMQP_URL ("amqp://a/%2F,amqp://b/%2F" names two nodes)."""
+    urls = [part.strip() for part in url.split(",") if part.strip()]
+    if not urls:
+        raise ValueError("AMQP_URL names no broker")
+    return urls
+
+
+def amqp_parameters(url: str, client_name: str) -> list[pika.URLParameters]:
+    """Parameters for each node: a dead broker is detected within a few heartbeats."""
+    every = []
+    for node in node_urls(url):
+        params = pika.URLParameters(node)
+        params.heartbeat = HEARTBEAT_SECONDS
+        params.blocked_connection_timeout = BLOCKED_TIMEOUT_SECONDS
+        params.connection_attempts = 1
+        params.socket_timeout = 5
+        params.client_properties = {"connection_name": client_name}
+        every.append(params)
+    return every
+
+
+def connect(
+    url: str, client_name: str, timeout: float | None = None, heartbeat: int | None = None
+) -> BlockingConnection:
+    """A blocking connection to the first node of `url` that answers."""
+    every = amqp_parameters(url, client_name)
+    for params in every:
+        if timeout is not None:
+            params.socket_timeout = params.blocked_connection_timeout = timeout
+        if heartbeat is not None:
+            params.heartbeat = heartbeat
+    return BlockingConnection(every)
 
 
 class Backoff:
@@ -68,7 +98,5 @@ class BrokerProbe:
         with self._lock:
             if time.monotonic() - self._ok_at < self.ttl:
                 return
-            params = amqp_parameters(self.url, "readiness-probe")
-            params.socket_timeout = params.blocked_connection_timeout = 2
-            pika.BlockingConnection(params).close()
+            connect(self.url, "readiness-probe", timeout=2).close()
             self._ok_at = time.monotonic()

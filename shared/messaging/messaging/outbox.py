@@ -38,6 +38,9 @@ CREATE TABLE IF NOT EXISTS messaging_outbox (
 CREATE INDEX IF NOT EXISTS messaging_outbox_unpublished
     ON messaging_outbox (id) WHERE published_at IS NULL;
 CREATE INDEX IF NOT EXISTS messaging_outbox_occurred_at ON messaging_outbox (occurred_at);
+-- The oldest unpublished event and the last publish, for /metrics and `messaging outbox status`.
+CREATE INDEX IF NOT EXISTS messaging_outbox_published_at
+    ON messaging_outbox (published_at) WHERE published_at IS NOT NULL;
 CREATE OR REPLACE FUNCTION messaging_outbox_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -194,3 +197,22 @@ def _next_versions(cur: psycopg.Cursor, entity: str, entity_ids: list[str]) -> d
         (entity, entity_ids),
     ).fetchall()
     return {entity_id: int(version) for entity_id, version in rows}
+
+
+def backlog(conn: psycopg.Connection) -> tuple[int, float]:
+    """Unpublished events and the age in seconds of the oldest one (0 when there is none)."""
+    row = conn.execute(
+        "SELECT count(*), coalesce(extract(epoch FROM now() - min(occurred_at)), 0) "
+        "FROM messaging_outbox WHERE published_at IS NULL"
+    ).fetchone()
+    return int(row[0]), float(row[1])
+
+
+def published(conn: psycopg.Connection) -> tuple[int, float | None]:
+    """Events the relay has published (its mark statement counts them), and when it last did
+    (epoch seconds)."""
+    row = conn.execute(
+        "SELECT published, extract(epoch FROM last_published_at) "
+        "FROM messaging_relay_stats WHERE name = 'relay'"
+    ).fetchone()
+    return (int(row[0]), float(row[1]) if row[1] is not None else None) if row else (0, None)

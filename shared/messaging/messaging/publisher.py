@@ -25,6 +25,23 @@ from pika.spec import Basic
 from .connection import amqp_parameters
 
 
+def event_properties(
+    event_id: str,
+    event_type: str,
+    correlation_id: str | None,
+    headers: dict[str, Any] | None = None,
+) -> pika.BasicProperties:
+    """The AMQP properties of an event (DESIGN §5): its id, its type, JSON, persistent."""
+    return pika.BasicProperties(
+        message_id=event_id,
+        type=event_type,
+        correlation_id=correlation_id,
+        content_type="application/json",
+        delivery_mode=pika.DeliveryMode.Persistent,
+        headers=headers,
+    )
+
+
 class PublishError(RuntimeError):
     """Not every message was confirmed; `confirmed` of them were before the run failed."""
 
@@ -50,7 +67,7 @@ class ConfirmedPublisher:
     """Publishes every message of an iterable to one exchange; see the module docstring."""
 
     def __init__(self, amqp_url: str, exchange: str, client_name: str, window: int = 1000) -> None:
-        self.params = amqp_parameters(amqp_url, client_name)
+        self.nodes = amqp_parameters(amqp_url, client_name)
         self.exchange, self.window = exchange, window
 
     def publish_all(
@@ -61,15 +78,28 @@ class ConfirmedPublisher:
     ) -> Published:
         """Publish every message; `timeout` bounds the whole run, `stall_timeout` the wait for
         the next confirm."""
-        run = _Run(self, iter(messages), stall_timeout)
-        return run.start(timeout)
+        messages = iter(messages)
+        for index, params in enumerate(self.nodes):
+            run = _Run(self, params, messages, stall_timeout)
+            try:
+                return run.start(timeout)
+            except PublishError:
+                # A node that refused the connection published nothing: try the next one.
+                if not run.unreachable or index == len(self.nodes) - 1:
+                    raise
+        raise AssertionError("unreachable")
 
 
 class _Run:
     def __init__(
-        self, owner: ConfirmedPublisher, messages: Iterator[Outgoing], stall_timeout: float
+        self,
+        owner: ConfirmedPublisher,
+        params: pika.URLParameters,
+        messages: Iterator[Outgoing],
+        stall_timeout: float,
     ) -> None:
         self.owner, self.messages, self.stall_timeout = owner, messages, stall_timeout
+        self.unreachable = False
         self.progress_at = time.monotonic()
         self.exhausted = False
         self.sent = self.confirmed = 0
@@ -78,9 +108,9 @@ class _Run:
         self.started = self.finished = 0.0
         self.channel: Any = None
         self.conn = SelectConnection(
-            owner.params,
+            params,
             on_open_callback=lambda conn: conn.channel(on_open_callback=self._on_channel),
-            on_open_error_callback=lambda _c, exc: self._fail(f"could not connect: {exc}"),
+            on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_closed,
         )
 
@@ -94,6 +124,10 @@ class _Run:
         if self.problem is not None:
             raise PublishError(self.problem, self.confirmed)
         return Published(self.confirmed, max(0.0, self.finished - self.started))
+
+    def _on_open_error(self, _conn: Any, exc: BaseException) -> None:
+        self.unreachable = True
+        self._fail(f"could not connect: {exc}")
 
     def _on_channel(self, channel: Any) -> None:
         self.channel = channel

@@ -25,6 +25,7 @@ from pika.spec import Basic
 
 from .connection import Backoff, StopFlag, amqp_parameters
 from .outbox import NOTIFY_CHANNEL
+from .publisher import event_properties
 
 log = logging.getLogger("messaging.relay")
 
@@ -49,17 +50,20 @@ SELECT 'relay', count(*), now() FROM marked
 ON CONFLICT (name) DO UPDATE
 SET published = s.published + EXCLUDED.published, last_published_at = EXCLUDED.last_published_at
 """
-# Keep the newest event of every entity forever (replay rebuilds read models from it); drop
-# older published events once they are past the retention.
-COMPACT_SQL = """
+# Compaction keeps the newest event of every entity forever (replay rebuilds read models from
+# it) and drops the older versions of an entity once a newer one is published and past the
+# retention. It walks the outbox in id order behind a cursor: a row is looked at once, when it
+# is old enough, and deletes the published older versions of its own entity (versions of one
+# entity are in id order: each is allocated under the lock of the one before).
+COMPACT_SCAN_SQL = """
+SELECT id, entity, entity_id, entity_version, published_at < now() - %s AS old_enough
+FROM messaging_outbox WHERE id > %s ORDER BY id LIMIT %s
+"""
+COMPACT_DELETE_SQL = """
 DELETE FROM messaging_outbox o
-WHERE o.id IN (
-    SELECT old.id FROM messaging_outbox old
-    WHERE old.published_at < now() - %s
-      AND EXISTS (SELECT 1 FROM messaging_outbox newer
-                  WHERE newer.entity = old.entity AND newer.entity_id = old.entity_id
-                    AND newer.entity_version > old.entity_version)
-    LIMIT 5000)
+USING unnest(%b::text[], %b::text[], %b::bigint[]) AS n(entity, entity_id, version)
+WHERE o.entity = n.entity AND o.entity_id = n.entity_id AND o.entity_version < n.version
+  AND o.published_at IS NOT NULL
 """
 
 
@@ -73,7 +77,8 @@ class RelaySettings:
     batch: int = 500
     poll_interval: float = 1.0
     retention: timedelta | None = timedelta(days=7)
-    compact_interval: float = 60.0
+    compact_interval: float = 10.0
+    compact_batch: int = 5000
     shutdown_timeout: float = 10.0
 
 
@@ -81,6 +86,7 @@ class RelaySettings:
 class RelayStats:
     published: int = 0
     failed: int = 0
+    compacted: int = 0
     last_published_at: float | None = None
 
 
@@ -99,6 +105,8 @@ class Relay:
         self._stop = StopFlag()
         self._session: _Session | None = None
         self.is_leader = threading.Event()
+        self._nodes = amqp_parameters(settings.amqp_url, f"{settings.producer}-relay")
+        self._node = 0  # the node to connect to; the next one after a failure
 
     def stop(self) -> None:
         """Ask the relay to finish in-flight confirms and return from run(); thread-safe."""
@@ -119,7 +127,7 @@ class Relay:
                         continue
                     self.is_leader.set()
                     log.info("relay elected; publishing to exchange %s", self.settings.exchange)
-                    self._session = _Session(self, db)
+                    self._session = _Session(self, db, self._nodes[self._node])
                     try:
                         self._session.run()
                     finally:
@@ -127,6 +135,8 @@ class Relay:
                         self.is_leader.clear()
                 backoff.reset()
             except (psycopg.Error, pika.exceptions.AMQPError, OSError) as exc:
+                if isinstance(exc, pika.exceptions.AMQPError):
+                    self._node = (self._node + 1) % len(self._nodes)
                 delay = backoff.next()
                 log.warning(
                     "relay interrupted (%s: %s); retrying in %.1fs", type(exc).__name__, exc, delay
@@ -143,8 +153,8 @@ def _try_lead(db: psycopg.Connection) -> bool:
 class _Session:
     """One broker connection's lifetime: all state lives on the pika I/O loop's thread."""
 
-    def __init__(self, relay: Relay, db: psycopg.Connection) -> None:
-        self.relay, self.settings, self.db = relay, relay.settings, db
+    def __init__(self, relay: Relay, db: psycopg.Connection, params: pika.URLParameters) -> None:
+        self.relay, self.settings, self.db, self.params = relay, relay.settings, db, params
         self.conn: SelectConnection | None = None
         self.channel: Any = None
         self.error: BaseException | None = None
@@ -161,12 +171,12 @@ class _Session:
         self.pump_scheduled = False
         self._listener: _Listener | None = None
         self._marker: _Marker | None = None
+        self._compactor: _Compactor | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def run(self) -> None:
-        params = amqp_parameters(self.settings.amqp_url, f"{self.settings.producer}-relay")
         self.conn = SelectConnection(
-            params,
+            self.params,
             on_open_callback=self._on_open,
             on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_closed,
@@ -174,7 +184,7 @@ class _Session:
         try:
             self.conn.ioloop.start()
         finally:
-            for helper in (self._listener, self._marker):
+            for helper in (self._listener, self._marker, self._compactor):
                 if helper is not None:
                     helper.stop()
         if self.error is not None:
@@ -220,7 +230,8 @@ class _Session:
         self._listener.start()
         self._schedule_poll()
         if self.settings.retention is not None:
-            self.conn.ioloop.call_later(1.0, self._compact)
+            self._compactor = _Compactor(self.settings, self.relay.stats)
+            self._compactor.start()
         self._pump()
 
     def _on_channel_closed(self, _channel: Any, reason: BaseException) -> None:
@@ -286,13 +297,7 @@ class _Session:
                     exchange=self.settings.exchange,
                     routing_key="",
                     body=body.encode(),
-                    properties=pika.BasicProperties(
-                        message_id=event_id,
-                        type=event_type,
-                        correlation_id=correlation_id,
-                        content_type="application/json",
-                        delivery_mode=pika.DeliveryMode.Persistent,
-                    ),
+                    properties=event_properties(event_id, event_type, correlation_id),
                     mandatory=True,
                 )
                 self.pending[self.next_tag] = _InFlight(row_id, event_id)
@@ -379,11 +384,57 @@ class _Session:
         if not self.closing:
             self._fail(exc)
 
-    def _compact(self) -> None:
-        if self.closing:
-            return
-        self._guard(lambda: self.db.execute(COMPACT_SQL, (self.settings.retention,)))
-        self.conn.ioloop.call_later(self.settings.compact_interval, self._compact)
+
+class _Compactor:
+    """Deletes superseded outbox rows on its own connection and thread, in batches.
+
+    It never touches the I/O loop, so a long pass cannot stall publishing; a database error
+    only pauses it (the next pass starts again from its cursor).
+    """
+
+    def __init__(self, settings: RelaySettings, stats: RelayStats) -> None:
+        self.settings, self.stats = settings, stats
+        self.cursor = 0
+        self._stop = StopFlag()
+        self._thread = threading.Thread(target=self._run, name="outbox-compactor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(
+                    self.settings.database_url, autocommit=True, application_name=APP_NAME
+                ) as db:
+                    while not self._stop.is_set():
+                        if not self.compact_once(db):
+                            self._stop.wait(self.settings.compact_interval)
+            except psycopg.Error as exc:
+                log.warning("outbox compaction interrupted: %s", exc)
+                self._stop.wait(self.settings.compact_interval)
+
+    def compact_once(self, db: psycopg.Connection) -> bool:
+        """One batch; True if the cursor moved a whole batch (more may be waiting)."""
+        rows = db.execute(
+            COMPACT_SCAN_SQL, (self.settings.retention, self.cursor, self.settings.compact_batch)
+        ).fetchall()
+        ready = []
+        for row in rows:
+            if not row[4]:  # unpublished or too young: the cursor waits here
+                break
+            ready.append(row)
+        if ready:
+            columns = list(zip(*(row[1:4] for row in ready), strict=True))
+            deleted = db.execute(COMPACT_DELETE_SQL, [list(c) for c in columns]).rowcount
+            self.stats.compacted += max(deleted, 0)
+            self.cursor = ready[-1][0]
+        return len(ready) == self.settings.compact_batch
 
 
 class _Marker:
@@ -486,20 +537,26 @@ class _Listener:
 
 
 def main() -> int:
-    """Run a relay configured from the environment (python -m messaging.relay)."""
-    import os
-
+    """python -m messaging.relay: a relay for any producer, configured from the environment
+    (DATABASE_URL, AMQP_URL, EVENTS_EXCHANGE; RELAY_POLL_INTERVAL)."""
     from .runner import configure_logging, run_until_signalled
+    from .settings import ServiceSettings
 
-    configure_logging()
-    settings = RelaySettings(
-        database_url=os.environ["DATABASE_URL"],
-        amqp_url=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
-        exchange=os.environ.get("EVENTS_EXCHANGE", "entity-changes"),
-        producer=os.environ.get("PRODUCER", "relay"),
-        poll_interval=float(os.environ.get("RELAY_POLL_INTERVAL", "1.0")),
+    class _Settings(ServiceSettings):
+        database_url: str
+        relay_poll_interval: float = 1.0
+
+    settings = _Settings()
+    configure_logging(settings.log_level)
+    relay = Relay(
+        RelaySettings(
+            database_url=settings.database_url,
+            amqp_url=settings.amqp_url,
+            exchange=settings.events_exchange,
+            poll_interval=settings.relay_poll_interval,
+        )
     )
-    return run_until_signalled(Relay(settings))
+    return run_until_signalled(relay)
 
 
 if __name__ == "__main__":

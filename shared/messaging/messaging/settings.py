@@ -2,20 +2,54 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .connection import node_urls
+from .topology import DEFAULT_RETRY_DELAYS, Topology
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
 class ServiceSettings(BaseSettings):
-    """Base of each service's frozen configuration object."""
+    """Base of each process's frozen configuration object: the one parser of these variables."""
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
-    app_env: str = "development"
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    app_env: Literal["development", "production"] = "development"
+    amqp_url: str = DEFAULT_AMQP_URL
     events_exchange: str = "entity-changes"
+    retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS
+    queue_group_size: int | None = None
     gateway_port: int = 8000
     log_level: str = "INFO"
 
     @property
     def production(self) -> bool:
         return self.app_env == "production"
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _nodes(cls, value: str) -> str:
+        node_urls(value)  # at least one URL
+        return value
+
+    @field_validator("retry_delays")
+    @classmethod
+    def _positive(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(delay <= 0 for delay in value):
+            raise ValueError("RETRY_DELAYS must be a JSON list of positive seconds")
+        return value
+
+    @field_validator("queue_group_size")
+    @classmethod
+    def _group(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("QUEUE_GROUP_SIZE must be at least 1")
+        return value
+
+    def topology(self, service: str) -> Topology:
+        """The queues of a consuming service on this exchange, with these retry steps."""
+        return Topology(service, self.events_exchange, self.retry_delays, self.queue_group_size)

@@ -1,17 +1,54 @@
-"""Names and declarations of the exchange, work, retry and dead queues."""
+"""Names and declarations of the exchange, work, retry and dead queues.
+
+Every queue is a quorum queue, and every hop a message makes between them by dead-lettering is
+at-least-once (`x-dead-letter-strategy: at-least-once` with `x-overflow: reject-publish`): the
+broker keeps a dead-lettered message in its source queue until the target queue confirmed it,
+so a retry that expires while the work queue is unavailable (a broker boot, a cluster minority)
+waits instead of being dropped.
+
+Queue arguments cannot be changed on an existing queue. A declaration the broker refuses as
+inequivalent (a queue made by an older version of this module) is migrated: the messages move to
+`<queue>.migrating`, the queue is declared again with the new arguments and they move back, with
+publisher confirms, so nothing it held is lost. A migration interrupted half way is finished by
+the next declaration.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
 from dataclasses import dataclass
+from typing import Any
 
-from pika.adapters.blocking_connection import BlockingChannel
+import pika
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+from pika.exceptions import ChannelClosedByBroker
+
+log = logging.getLogger("messaging.topology")
 
 DEFAULT_RETRY_DELAYS: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0)
+# Deliveries of one message the broker allows before it dead-letters it itself: the last
+# resort against a message that kills its consumer before it can be settled (the runtime
+# dead-letters such a message earlier, at MAX_REDELIVERIES; see consumer.py).
+DELIVERY_LIMIT = 20
+_PRECONDITION_FAILED, _NOT_FOUND, _RESOURCE_LOCKED = 406, 404, 405
+
+
+class MigrationBusy(pika.exceptions.AMQPError):
+    """A queue needs migrating but cannot be now (consumers attached, or another migrator)."""
 
 
 def declare_exchange(channel: BlockingChannel, exchange: str) -> None:
     """Declare the durable fanout exchange every producer publishes to."""
     channel.exchange_declare(exchange=exchange, exchange_type="fanout", durable=True)
+
+
+def broker_version(conn: BlockingConnection) -> tuple[int, ...]:
+    """The RabbitMQ version the connection's broker announced, e.g. (3, 10, 8)."""
+    raw = conn._impl.server_properties.get("version", b"0")  # pika keeps it there
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3]) or (0,)
 
 
 def _delay_label(seconds: float) -> str:
@@ -23,14 +60,17 @@ def _delay_label(seconds: float) -> str:
 class Topology:
     """One consuming service's queues on one exchange.
 
-    Work queue `<service>.<exchange>` (quorum); one retry queue per delay step, whose queue-level
-    TTL dead-letters the message back to the work queue (a per-message TTL would only expire at
-    the head of a shared queue); and `<queue>.dead` for what can never be processed.
+    Work queue `<service>.<exchange>`; one retry queue per delay step, whose queue-level TTL
+    dead-letters the message back to the work queue (a per-message TTL would only expire at the
+    head of a shared queue); and `<queue>.dead` for what can never be processed, which is also
+    where the broker dead-letters a message past DELIVERY_LIMIT deliveries. `group_size` is the
+    initial number of replicas of each queue in a cluster (None: the broker's default).
     """
 
     service: str
     exchange: str
     retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS
+    group_size: int | None = None
 
     @property
     def queue(self) -> str:
@@ -48,26 +88,176 @@ class Topology:
     def retry_queues(self) -> tuple[str, ...]:
         return tuple(self.retry_queue(step) for step in range(len(self.retry_delays)))
 
-    def declare(self, channel: BlockingChannel) -> None:
-        """Declare (idempotently) the exchange, the work queue and its retry and dead queues."""
-        declare_exchange(channel, self.exchange)
-        channel.queue_declare(queue=self.queue, durable=True, arguments={"x-queue-type": "quorum"})
-        channel.queue_bind(queue=self.queue, exchange=self.exchange)
-        channel.queue_declare(
-            queue=self.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
-        )
+    def arguments(self, version: tuple[int, ...] = (3,)) -> dict[str, dict[str, Any]]:
+        """Each queue's declaration arguments on a broker of this version, in declaring order:
+        retry queues first, so that their expiries are at-least-once before the work queue
+        could be briefly away (during its own migration)."""
+        base: dict[str, Any] = {"x-queue-type": "quorum"}
+        if self.group_size is not None:
+            base["x-quorum-initial-group-size"] = self.group_size
+        at_least_once = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+        queues: dict[str, dict[str, Any]] = {}
         for step, delay in enumerate(self.retry_delays):
-            channel.queue_declare(
-                queue=self.retry_queue(step),
-                durable=True,
-                arguments={
-                    "x-message-ttl": round(delay * 1000),
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": self.queue,
-                },
-            )
+            queues[self.retry_queue(step)] = {
+                **base,
+                "x-message-ttl": round(delay * 1000),
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": self.queue,
+                **at_least_once,
+            }
+        # RabbitMQ 4 gives quorum queues a delivery limit of 20 by default; a dead queue must
+        # keep its messages however often they are looked at (-1: no limit, from 4.0 on; on
+        # 3.x -1 would drop a message at its first return, and there is no default limit).
+        queues[self.dead_queue] = {**base, **({"x-delivery-limit": -1} if version >= (4,) else {})}
+        queues[self.queue] = {
+            **base,
+            "x-delivery-limit": DELIVERY_LIMIT,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": self.dead_queue,
+            **at_least_once,
+        }
+        return queues
+
+    def declare(self, conn: BlockingConnection) -> None:
+        """Declare (idempotently) the exchange and every queue, migrating old declarations."""
+        with _channel(conn) as channel:
+            declare_exchange(channel, self.exchange)
+        for name, arguments in self.arguments(broker_version(conn)).items():
+            bound = self.exchange if name == self.queue else None
+            _ensure_queue(conn, name, arguments, bound)
 
     def delete(self, channel: BlockingChannel) -> None:
         """Delete every queue of this topology (tests and teardown only)."""
         for name in (self.queue, self.dead_queue, *self.retry_queues):
             channel.queue_delete(queue=name)
+
+
+@contextlib.contextmanager
+def _channel(conn: BlockingConnection, confirm: bool = False) -> Any:
+    channel = conn.channel()
+    if confirm:
+        channel.confirm_delivery()
+    try:
+        yield channel
+    finally:
+        if channel.is_open:
+            channel.close()
+
+
+def _ensure_queue(
+    conn: BlockingConnection, name: str, arguments: dict[str, Any], exchange: str | None
+) -> None:
+    try:
+        with _channel(conn) as channel:
+            channel.queue_declare(name, durable=True, arguments=arguments)
+            if exchange is not None:
+                channel.queue_bind(name, exchange)
+    except ChannelClosedByBroker as exc:
+        if exc.reply_code != _PRECONDITION_FAILED:
+            raise
+        log.warning("queue %s was declared differently (%s); migrating it", name, exc.reply_text)
+        _migrate(conn, name, arguments, exchange)
+    _finish_interrupted(conn, name, exchange)
+
+
+def _holding(name: str) -> str:
+    return f"{name}.migrating"
+
+
+def _migrate(
+    conn: BlockingConnection, name: str, arguments: dict[str, Any], exchange: str | None
+) -> None:
+    """Re-declare `name` with new arguments, keeping every message it holds."""
+    holding = _holding(name)
+    with _migration_lock(conn, name), _channel(conn, confirm=True) as channel:
+        consumers = channel.queue_declare(name, passive=True).method.consumer_count
+        if consumers:
+            raise MigrationBusy(f"{name} must be migrated but has {consumers} consumer(s)")
+        channel.queue_declare(holding, durable=True, arguments={"x-queue-type": "quorum"})
+        if exchange is not None:  # new events wait in the holding queue meanwhile
+            channel.queue_bind(holding, exchange)
+            channel.queue_unbind(name, exchange)
+        moved = _move(channel, name, holding)
+        moved += _delete_when_empty(conn, name, holding)
+        channel.queue_declare(name, durable=True, arguments=arguments)
+        if exchange is not None:
+            channel.queue_bind(name, exchange)
+            channel.queue_unbind(holding, exchange)
+        moved_back = _move(channel, holding, name)
+        channel.queue_delete(holding)
+        log.warning("migrated queue %s (%d message(s) kept)", name, max(moved, moved_back))
+
+
+def _finish_interrupted(conn: BlockingConnection, name: str, exchange: str | None) -> None:
+    """Move back what a migration left in `<name>.migrating`, then delete that queue.
+
+    Deleting an empty or missing queue succeeds, so the common case costs no error; the broker
+    refuses only when the holding queue still has messages. Under the migration lock, so a
+    migration in progress elsewhere is left alone.
+    """
+    holding = _holding(name)
+    try:
+        with _migration_lock(conn, name):
+            try:
+                with _channel(conn) as channel:
+                    channel.queue_delete(holding, if_empty=True)
+                return
+            except ChannelClosedByBroker as exc:
+                if exc.reply_code != _PRECONDITION_FAILED:
+                    raise
+            with _channel(conn, confirm=True) as channel:
+                if exchange is not None:
+                    channel.queue_unbind(holding, exchange)
+                moved = _move(channel, holding, name)
+                channel.queue_delete(holding)
+            log.warning(
+                "finished an interrupted migration of %s: %d message(s) moved back", name, moved
+            )
+    except MigrationBusy:
+        pass  # a migration is running elsewhere: it finishes its own work
+
+
+def _delete_when_empty(conn: BlockingConnection, name: str, holding: str) -> int:
+    """Delete `name` once it is empty, moving to `holding` what arrives meanwhile."""
+    moved = 0
+    while True:
+        try:
+            with _channel(conn) as channel:
+                channel.queue_delete(name, if_empty=True)
+            return moved
+        except ChannelClosedByBroker as exc:
+            if exc.reply_code != _PRECONDITION_FAILED:
+                raise
+        with _channel(conn, confirm=True) as channel:
+            moved += _move(channel, name, holding)
+
+
+def _move(channel: BlockingChannel, source: str, target: str) -> int:
+    """Move every message from source to target: publish (confirmed), then ack the original."""
+    moved = 0
+    while True:
+        method, properties, body = channel.basic_get(source, auto_ack=False)
+        if method is None:
+            return moved
+        channel.basic_publish("", target, body, properties, mandatory=True)
+        channel.basic_ack(method.delivery_tag)
+        moved += 1
+
+
+@contextlib.contextmanager
+def _migration_lock(conn: BlockingConnection, name: str) -> Any:
+    """One migrator per queue: an exclusive queue, which the broker lets one connection hold."""
+    lock = f"{name}.migration-lock"
+    try:
+        with _channel(conn) as channel:
+            channel.queue_declare(lock, exclusive=True, auto_delete=True)
+    except ChannelClosedByBroker as exc:
+        if exc.reply_code == _RESOURCE_LOCKED:
+            raise MigrationBusy(f"another process is migrating {name}") from None
+        raise
+    try:
+        yield
+    finally:
+        if conn.is_open:
+            with contextlib.suppress(pika.exceptions.AMQPError), _channel(conn) as channel:
+                channel.queue_delete(lock)

@@ -41,6 +41,14 @@ class Invalid(Exception):
         self.message, self.errors = message, errors
 
 
+class NotReady(Exception):
+    """A readiness check that fails with a reason worth showing (/ready says it)."""
+
+
+class Rebuilding(NotReady):
+    """The read model is being rebuilt from a replay: /ready answers `rebuilding`."""
+
+
 def problem(status: int, message: str, errors: dict[str, list[str]] | None = None) -> Response:
     response = jsonify({"message": message, "errors": errors or {}})
     response.status_code = status
@@ -177,16 +185,22 @@ def install(
 
     @standard.get("/ready")
     def ready() -> Response:
-        checks, ok = {}, True
+        checks, status = {}, "ready"
         for name, check in readiness.items():
             try:
                 check()
                 checks[name] = "ok"
-            except Exception as exc:
-                ok = False
+            except Rebuilding as exc:
+                checks[name] = f"rebuilding: {exc}"
+                status = "rebuilding" if status == "ready" else status
+            except NotReady as exc:
+                checks[name] = f"failing: {exc}"
+                status = "not ready"
+            except Exception as exc:  # a store's own error: its type only, never its details
                 checks[name] = f"failing: {type(exc).__name__}"
-        response = jsonify({"status": "ready" if ok else "not ready", "checks": checks})
-        response.status_code = 200 if ok else 503
+                status = "not ready"
+        response = jsonify({"status": status, "checks": checks})
+        response.status_code = 200 if status == "ready" else 503
         return response
 
     @standard.get("/metrics")

@@ -264,7 +264,7 @@ def test_sigterm_mid_batch_loses_nothing(make_database, broker, servers):
     args = [sys.executable, script, db, broker.amqp_url, broker.exchange, "sig"]
     conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
     channel = conn.channel()
-    topology.declare(channel)
+    topology.declare(conn)
     channel.confirm_delivery()
     for n in range(500):
         body = Envelope.new(

@@ -75,7 +75,6 @@ def test_a_message_without_any_properties_headers_counts_as_never_failed():
         pytest.param(
             [death("other.entity-changes.retry.1s", 3)], 0, id="other-services-retry-not-counted"
         ),
-        pytest.param(["junk", death("score.entity-changes.retry.1s", 1)], 1, id="junk-entry"),
     ],
 )
 def test_attempts_are_counted_from_the_retry_queues_in_the_x_death_header(x_death, expected):
@@ -195,3 +194,40 @@ def test_retry_queues_are_labelled_with_their_delay(delay, label):
     topology = Topology(service="notifier", exchange="ex", retry_delays=(delay,))
 
     assert topology.retry_queue(0) == f"notifier.ex.retry.{label}"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"x-death": 5}, id="x-death-an-integer"),
+        pytest.param({"x-death": "expired"}, id="x-death-text"),
+        pytest.param({"x-death": ["junk"]}, id="an-entry-not-a-table"),
+        pytest.param({"x-death": [death("score.entity-changes.retry.1s", "3")]}, id="count-text"),
+        pytest.param({"x-death": [death("score.entity-changes.retry.1s", True)]}, id="count-bool"),
+        pytest.param({"x-death": [death("score.entity-changes.retry.1s", -1)]}, id="count-neg"),
+        pytest.param({"x-attempts": "5"}, id="x-attempts-text"),
+        pytest.param({"x-attempts": 10**12}, id="x-attempts-huge"),
+        pytest.param({"x-attempts": 2.5}, id="x-attempts-float"),
+    ],
+)
+def test_a_message_whose_failure_headers_cannot_be_read_is_dead_lettered_with_the_reason(headers):
+    decision = decide(TOPOLOGY, props(headers), RetryableError("store away"))
+
+    assert decision.dead
+    assert decision.queue == TOPOLOGY.dead_queue
+    reason = decision.headers["x-dead-reason"]
+    assert reason.startswith("cannot judge the message")
+    assert "RetryableError: store away" in reason
+    assert decision.headers["x-original-queue"] == TOPOLOGY.queue
+
+
+def test_deciding_never_raises_whatever_the_properties_are():
+    class Hostile:
+        @property
+        def headers(self):
+            raise RuntimeError("no headers for you")
+
+    decision = decide(TOPOLOGY, Hostile(), ValueError("bad"))
+
+    assert decision.dead
+    assert "no headers for you" in decision.headers["x-dead-reason"]
