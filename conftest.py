@@ -18,6 +18,7 @@ import pika
 import psycopg
 import pytest
 from messaging import Envelope
+from messaging.replay import requests_queue
 from messaging.topology import Topology
 from notifier.fake_sendgrid import FakeSendGrid
 from psycopg import sql
@@ -151,6 +152,7 @@ def broker(servers: Servers) -> Iterator[BrokerSpace]:
         channel = conn.channel()
         for topology in space.topologies:
             topology.delete(channel)
+        channel.queue_delete(requests_queue(space.exchange))
         channel.exchange_delete(space.exchange)
     finally:
         conn.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pika
 import pytest
 import redis
+from messaging.replay import requests_queue
 from messaging.topology import Topology
 from notifier.migrate import migrate_database as migrate_notifier
 from person.migrate import migrate_database as migrate_person
@@ -76,6 +77,7 @@ def stack_env(make_database, servers) -> Iterator[dict[str, str]]:
         channel = conn.channel()
         for service in ("score", "notifier"):
             Topology(service, exchange, delays).delete(channel)
+        channel.queue_delete(requests_queue(exchange))
         channel.exchange_delete(exchange)
     finally:
         conn.close()

@@ -123,6 +123,71 @@ def test_traefik_refuses_a_body_over_its_limit(stack):
         connection.close()
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [{"x-death": 5}, {"x-death": [{"count": "3"}]}, {"x-attempts": "five"}],
+    ids=["x-death-integer", "count-text", "x-attempts-text"],
+)
+def test_a_message_with_a_malformed_header_is_dead_lettered_and_writes_keep_flowing(stack, headers):
+    import pika
+    from messaging.topology import Topology
+
+    queue = Topology("score", stack.env["EVENTS_EXCHANGE"]).queue
+    conn = pika.BlockingConnection(pika.URLParameters(stack.env["AMQP_URL"]))
+    try:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(
+            "", queue, b"{garbage", pika.BasicProperties(delivery_mode=2, headers=headers)
+        )
+        dead = channel.queue_declare(f"{queue}.dead", passive=True).method.message_count
+    finally:
+        conn.close()
+    cpf = str(30_000 + len(str(headers)))
+    body = {"cpf": cpf, "name": "H", "address": "a", "date_of_birth": "1990-01-01"}
+    assert stack.call("POST", "person", "/person", body)[0] == 201
+    assert (
+        stack.call("POST", "person", f"/person/{cpf}/asset", {"type": "t", "value": 40})[0] == 201
+    )
+
+    def scored() -> bool:
+        status, found, _ = stack.call("GET", "score", f"/{cpf}/score")
+        return status == 200 and found["score"] == 2
+
+    wait_until(scored, what="the write after the malformed message")
+    assert stack.call("GET", "score", "/ready")[1]["status"] == "ready"
+
+    def dead_lettered() -> bool:
+        conn = pika.BlockingConnection(pika.URLParameters(stack.env["AMQP_URL"]))
+        try:
+            channel = conn.channel()
+            return channel.queue_declare(f"{queue}.dead", passive=True).method.message_count > dead
+        finally:
+            conn.close()
+
+    wait_until(dead_lettered, what="the malformed message in the dead queue")
+
+
+def test_an_item_worth_zero_scores_zero(stack):
+    body = {"cpf": "40404", "name": "Z", "address": "a", "date_of_birth": "1990-01-01"}
+    assert stack.call("POST", "person", "/person", body)[0] == 201
+    item = {"type": "gift", "value": 0}
+    assert stack.call("POST", "person", "/person/40404/income", item)[0] == 201
+
+    def score() -> dict | None:
+        status, found, _ = stack.call("GET", "score", "/40404/score")
+        return found if status == 200 and found["version"] >= 2 else None
+
+    assert wait_until(score, what="the score with the zero income") == {
+        "cpf": "40404",
+        "score": 0,
+        "incomes": "0.00",
+        "assets": "0.00",
+        "debts": "0.00",
+        "version": 2,
+    }
+
+
 def test_make_down_leaves_no_process_and_up_twice_is_harmless(stack):
     again = stack.control("up")
     assert again.returncode == 0 and "already running" in again.stdout

@@ -95,7 +95,7 @@ def build(config: NotifierConfig, pool: ConnectionPool) -> tuple[Consumer, Notif
 def main() -> int:
     config = NotifierConfig()
     configure_logging(config.log_level)
-    with ConnectionPool(config.notifier_database_url, min_size=1, max_size=3) as pool:
+    with ConnectionPool(config.notifier_database_url, min_size=1, max_size=3, timeout=5) as pool:
         consumer, store = build(config, pool)
         heartbeat = AttachedBeacon(
             consumer,

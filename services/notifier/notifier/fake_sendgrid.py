@@ -135,6 +135,19 @@ class FakeSendGrid:
                         fake.answering -= 1
 
             def _behave(self, behaviour: str, body: bytes) -> None:
+                # Broken answers: a body cut short (IncompleteRead), a status line that is not
+                # HTTP (BadStatusLine), the connection closed unanswered (RemoteDisconnected).
+                if behaviour == "incomplete":
+                    self.wfile.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 100\r\n\r\n{")
+                    self.close_connection = True
+                    return None
+                if behaviour == "garbage":
+                    self.wfile.write(b"SMTP is not HTTP\r\n\r\n")
+                    self.close_connection = True
+                    return None
+                if behaviour == "disconnect":
+                    self.close_connection = True
+                    return None
                 if behaviour == "429":
                     reset = str(int(time.time()) + 1)
                     return self._answer(

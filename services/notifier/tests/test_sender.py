@@ -247,3 +247,69 @@ def test_only_a_pending_delivery_wakes_the_senders(person_event, view, store, no
         assert woken(5)
         assert [d["cpf"] for d in store.claim_due(10, lease_seconds=60)] == ["12"]
         assert not woken(0.3)
+
+
+@pytest.mark.parametrize("broken", ["incomplete", "garbage", "disconnect"])
+def test_a_broken_answer_is_one_failed_attempt_and_the_worker_goes_on(
+    person_event, view, store, config, fake_sendgrid, broken
+):
+    """http.client's IncompleteRead, BadStatusLine and RemoteDisconnected are not OSErrors."""
+    fake_sendgrid.then(broken, broken)
+    view(person_event("31", name="P", email="broken@example.com"))
+    sender = sender_for(store, config.model_copy(update={"sender_concurrency": 1}))
+    with running(sender):
+        wait_until(
+            lambda: delivery(store, "31")["status"] == "sent",
+            timeout=30,
+            what="the e-mail sent on the third attempt",
+        )
+        assert sender.health() is None
+    sent = delivery(store, "31")
+    assert sent["attempts"] == 3
+    assert fake_sendgrid.accepted_to("broken@example.com") == 1
+
+
+def test_a_transport_that_raises_anything_costs_an_attempt_with_the_reason(
+    person_event, view, store, config
+):
+    class Exploding:
+        name = "exploding"
+        calls = 0
+
+        def send(self, _delivery):
+            self.calls += 1
+            raise RuntimeError("nobody saw this coming")
+
+    transport = Exploding()
+    view(person_event("32", name="P", email="x@example.com"))
+    sender = Sender(store, config.model_copy(update={"sender_concurrency": 1}), transport)
+    with running(sender):
+        wait_until(lambda: delivery(store, "32")["attempts"] >= 2, timeout=20, what="retried")
+        assert sender.health() is None
+    assert "RuntimeError: nobody saw this coming" in delivery(store, "32")["last_error"]
+
+
+def test_a_late_answer_cannot_undo_what_the_claim_that_took_over_recorded(
+    person_event, view, store
+):
+    view(person_event("33", name="P", email="late@example.com"))
+    [first] = store.claim_due(1, lease_seconds=300)
+    with store.pool.connection() as conn:  # the lease runs out: another worker claims it
+        conn.execute("UPDATE deliveries SET claimed_at = now() - interval '1 hour'")
+    [second] = store.claim_due(1, lease_seconds=300)
+    assert second["id"] == first["id"] and second["claim_token"] != first["claim_token"]
+
+    assert store.mark_sent(second, "sendgrid", "m-2")
+    assert not store.mark_retry(first, 10, "HTTP 500: the first worker's late answer")
+    assert not store.mark_failed(first, "late")
+
+    found = delivery(store, "33")
+    assert (found["status"], found["provider_message_id"]) == ("sent", "m-2")
+
+
+def test_the_sender_reports_its_health_through_a_heartbeat(person_event, view, store, config):
+    sender = sender_for(store, config)
+    with running(sender):
+        wait_until(
+            lambda: store.health("notifier-sender", within_seconds=10) == "ok", what="a beat"
+        )

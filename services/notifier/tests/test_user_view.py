@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 from itsdangerous import URLSafeTimedSerializer
 from messaging import Envelope, PermanentError, Topology
@@ -215,3 +217,46 @@ def test_a_bad_event_rolls_its_batch_back_and_is_dead_lettered_alone(person, vie
     assert [m.message_id for m in bus.dead_letters(topology.queue)] == [str(bad.event_id)]
     assert store.user("14") is not None and store.user("16") is not None
     assert len(deliveries(store, "14")) == len(deliveries(store, "16")) == 1
+
+
+def test_the_database_away_longer_than_the_retry_ladder_dead_letters_nothing(
+    notifier_db, broker, config, person_event
+):
+    from urllib.parse import urlsplit
+
+    from messaging import Consumer, ConsumerSettings
+    from messaging.testing import TcpProxy, running, wait_until
+    from notifier.consumer import UserView, composer_for
+    from notifier.store import NotifierStore
+    from psycopg_pool import ConnectionPool
+
+    target = urlsplit(notifier_db)
+    proxy = TcpProxy(target.hostname, target.port or 5432)
+    topology = broker.topology("pg-outage", retry_delays=(0.2, 0.4))
+    with ConnectionPool(proxy.url(notifier_db), min_size=1, max_size=3, timeout=2) as pool:
+        store = NotifierStore(pool)
+        view = UserView(store, composer_for(config))
+        consumer = Consumer(
+            ConsumerSettings(broker.amqp_url, topology),
+            view,
+            batch_handler=view.batch,
+            probe=store.ping,
+        )
+        try:
+            with running(consumer):
+                wait_until(consumer.attached.is_set, what="attached")
+                broker.publish(*[person_event(f"9{n:03d}") for n in range(50)])
+                wait_until(lambda: consumer.stats.consumed >= 50, what="the first fifty")
+                proxy.cut()
+                broker.publish(*[person_event(f"8{n:03d}") for n in range(50)])
+                wait_until(consumer.paused.is_set, timeout=30, what="the consumer paused")
+                ladder = time.monotonic() + 3 * sum(topology.retry_delays)
+                wait_until(lambda: time.monotonic() > ladder, what="longer than the retry ladder")
+                proxy.restore()
+                wait_until(lambda: consumer.stats.consumed >= 100, timeout=60, what="the rest")
+        finally:
+            proxy.close()
+    assert broker.depth(topology.dead_queue) == 0
+    assert consumer.stats.dead_lettered == 0
+    with psycopg.connect(notifier_db) as conn:
+        assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 100

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pika
 import pytest
+import redis
 from messaging import Consumer, ConsumerSettings
 from messaging.testing import running, wait_until
 from score.consumer import Applier
@@ -70,3 +72,43 @@ def test_thousand_events_twice_and_shuffled_give_the_scores_of_once_in_order(
     finally:
         once.wipe()
         twice.wipe()
+
+
+def test_redis_away_longer_than_the_retry_ladder_dead_letters_nothing(broker, servers, history):
+    from urllib.parse import urlsplit
+
+    from messaging.testing import TcpProxy
+    from score.store import ScoreStore
+
+    target = urlsplit(servers.redis)
+    proxy = TcpProxy(target.hostname, target.port or 6379)
+    client = redis.Redis.from_url(proxy.url(servers.redis), socket_timeout=2)
+    store = ScoreStore(client, prefix=f"{broker.exchange}-outage:")
+    topology = broker.topology("outage", retry_delays=(0.2, 0.4))
+    events = history.generate(400)
+    applier = Applier(store)
+    consumer = Consumer(
+        ConsumerSettings(broker.amqp_url, topology),
+        applier,
+        batch_handler=applier.batch,
+        probe=store.ping,
+    )
+    try:
+        with running(consumer):
+            wait_until(consumer.attached.is_set, what="attached")
+            publish_all(broker, topology, events[:200])
+            wait_until(lambda: consumer.stats.consumed >= 200, what="the first half applied")
+            proxy.cut()
+            publish_all(broker, topology, events[200:])
+            wait_until(consumer.paused.is_set, what="the consumer paused")
+            ladder = time.monotonic() + 3 * sum(topology.retry_delays)
+            wait_until(lambda: time.monotonic() > ladder, what="longer than the retry ladder")
+            proxy.restore()
+            wait_until(lambda: consumer.stats.consumed >= 400, timeout=60, what="the rest")
+        assert broker.depth(topology.dead_queue) == 0
+        assert consumer.stats.dead_lettered == 0
+        got = {cpf: (s.score if (s := store.read(cpf)) else None) for cpf in cpfs(events)}
+        assert got == {cpf: history.expected()[cpf] for cpf in got}
+    finally:
+        proxy.close()
+        ScoreStore(redis.Redis.from_url(servers.redis), store.prefix).wipe()

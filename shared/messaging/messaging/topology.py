@@ -164,52 +164,60 @@ def _holding(name: str) -> str:
     return f"{name}.migrating"
 
 
+def _declare_holding(channel: BlockingChannel, name: str) -> str:
+    """The queue that holds a queue's messages while it is declared again: a classic queue,
+    cheap to declare and delete, since the next declaration of any process looks for it."""
+    holding = _holding(name)
+    channel.queue_declare(holding, durable=True, arguments={"x-queue-type": "classic"})
+    return holding
+
+
 def _migrate(
     conn: BlockingConnection, name: str, arguments: dict[str, Any], exchange: str | None
 ) -> None:
     """Re-declare `name` with new arguments, keeping every message it holds."""
-    holding = _holding(name)
-    with _migration_lock(conn, name), _channel(conn, confirm=True) as channel:
-        consumers = channel.queue_declare(name, passive=True).method.consumer_count
-        if consumers:
-            raise MigrationBusy(f"{name} must be migrated but has {consumers} consumer(s)")
-        channel.queue_declare(holding, durable=True, arguments={"x-queue-type": "quorum"})
-        if exchange is not None:  # new events wait in the holding queue meanwhile
-            channel.queue_bind(holding, exchange)
-            channel.queue_unbind(name, exchange)
-        moved = _move(channel, name, holding)
+    with _migration_lock(conn, name):
+        with _channel(conn, confirm=True) as channel:
+            consumers = channel.queue_declare(name, passive=True).method.consumer_count
+            if consumers:
+                raise MigrationBusy(f"{name} must be migrated but has {consumers} consumer(s)")
+            holding = _declare_holding(channel, name)
+            if exchange is not None:  # new events wait in the holding queue meanwhile
+                channel.queue_bind(holding, exchange)
+                channel.queue_unbind(name, exchange)
+            moved = _move(channel, name, holding)
         moved += _delete_when_empty(conn, name, holding)
-        channel.queue_declare(name, durable=True, arguments=arguments)
-        if exchange is not None:
-            channel.queue_bind(name, exchange)
-            channel.queue_unbind(holding, exchange)
-        moved_back = _move(channel, holding, name)
-        channel.queue_delete(holding)
-        log.warning("migrated queue %s (%d message(s) kept)", name, max(moved, moved_back))
+        # A channel that used the old queue must not publish to the new one of the same name
+        # (RabbitMQ 3.10 keeps the old queue's type for it and closes the connection).
+        with _channel(conn, confirm=True) as channel:
+            channel.queue_declare(name, durable=True, arguments=arguments)
+            if exchange is not None:
+                channel.queue_bind(name, exchange)
+                channel.queue_unbind(holding, exchange)
+            _move(channel, holding, name)
+            channel.queue_delete(holding)
+        log.warning("migrated queue %s (%d message(s) kept)", name, moved)
 
 
 def _finish_interrupted(conn: BlockingConnection, name: str, exchange: str | None) -> None:
     """Move back what a migration left in `<name>.migrating`, then delete that queue.
 
-    Deleting an empty or missing queue succeeds, so the common case costs no error; the broker
-    refuses only when the holding queue still has messages. Under the migration lock, so a
-    migration in progress elsewhere is left alone.
+    The holding queue is declared (a cheap classic queue: it only ever holds messages for
+    the length of a migration) and deleted again if empty, so the common case costs no error.
+    Under the migration lock, so a migration in progress elsewhere is left alone.
     """
-    holding = _holding(name)
     try:
-        with _migration_lock(conn, name):
-            try:
-                with _channel(conn) as channel:
-                    channel.queue_delete(holding, if_empty=True)
+        with _migration_lock(conn, name), _channel(conn, confirm=True) as channel:
+            holding = _holding(name)
+            waiting = channel.queue_declare(
+                holding, durable=True, arguments={"x-queue-type": "classic"}
+            ).method.message_count
+            if exchange is not None:
+                channel.queue_unbind(holding, exchange)
+            moved = _move(channel, holding, name) if waiting else 0
+            channel.queue_delete(holding)
+            if not moved:
                 return
-            except ChannelClosedByBroker as exc:
-                if exc.reply_code != _PRECONDITION_FAILED:
-                    raise
-            with _channel(conn, confirm=True) as channel:
-                if exchange is not None:
-                    channel.queue_unbind(holding, exchange)
-                moved = _move(channel, holding, name)
-                channel.queue_delete(holding)
             log.warning(
                 "finished an interrupted migration of %s: %d message(s) moved back", name, moved
             )
@@ -218,18 +226,21 @@ def _finish_interrupted(conn: BlockingConnection, name: str, exchange: str | Non
 
 
 def _delete_when_empty(conn: BlockingConnection, name: str, holding: str) -> int:
-    """Delete `name` once it is empty, moving to `holding` what arrives meanwhile."""
+    """Delete `name` once it is empty, moving to `holding` what arrives meanwhile.
+
+    Quorum queues cannot be deleted "if empty", so this looks, then deletes: a message routed
+    to the queue by name (a retry expiring) in the instant between the two would be lost, and
+    is reported. Upgrade with the consumers stopped and no retries due to make that moot.
+    """
     moved = 0
-    while True:
-        try:
-            with _channel(conn) as channel:
-                channel.queue_delete(name, if_empty=True)
-            return moved
-        except ChannelClosedByBroker as exc:
-            if exc.reply_code != _PRECONDITION_FAILED:
-                raise
-        with _channel(conn, confirm=True) as channel:
+    with _channel(conn, confirm=True) as channel:
+        while channel.queue_declare(name, passive=True).method.message_count:
             moved += _move(channel, name, holding)
+    with _channel(conn) as channel:
+        lost = channel.queue_delete(name).method.message_count
+    if lost:
+        log.error("%d message(s) reached %s while it was being deleted for migration", lost, name)
+    return moved
 
 
 def _move(channel: BlockingChannel, source: str, target: str) -> int:

@@ -24,16 +24,6 @@ pytestmark = pytest.mark.integration
 HERE = Path(__file__).parent
 
 
-@pytest.fixture
-def local_broker(servers):
-    """The local RabbitMQ node, which tests may stop; it is always started again."""
-    if "127.0.0.1" not in servers.amqp and "localhost" not in servers.amqp:
-        pytest.skip("broker restarts need the local RabbitMQ node")
-    yield
-    subprocess.run(["rabbitmqctl", "-q", "start_app"], check=False, capture_output=True)
-    subprocess.run(["rabbitmqctl", "-q", "await_startup"], check=True, timeout=120)
-
-
 def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
 
@@ -301,3 +291,38 @@ def test_sigterm_mid_batch_loses_nothing(make_database, broker, servers):
     finally:
         second.send_signal(signal.SIGTERM)
         assert second.wait(20) == 0
+
+
+def test_compaction_deletes_thousands_of_superseded_rows_in_one_pass(producer_db):
+    from messaging.relay import RelayStats, _Compactor
+
+    with psycopg.connect(producer_db) as conn:
+        conn.execute(  # 3,000 entities with 5 published versions each, then 1 unpublished one
+            """
+            INSERT INTO messaging_outbox (event_id, event_type, entity, entity_id,
+                                          entity_version, occurred_at, body, published_at)
+            SELECT gen_random_uuid(), 'thing.updated', 'thing', 'e' || e, v, now(), '{}',
+                   CASE WHEN v <= 5 THEN now() - interval '1 hour' END
+            FROM generate_series(1, 3000) e, generate_series(1, 6) v ORDER BY v, e
+            """
+        )
+    stats = RelayStats()
+    settings = RelaySettings(
+        database_url=producer_db,
+        amqp_url="amqp://unused",
+        exchange="x",
+        retention=timedelta(minutes=1),
+        compact_batch=1000,
+    )
+    compactor = _Compactor(settings, stats)
+    with psycopg.connect(producer_db, autocommit=True) as db:
+        while compactor.compact_once(db):
+            pass
+        remaining = db.execute(
+            "SELECT entity_version, published_at IS NULL, count(*) FROM messaging_outbox "
+            "GROUP BY 1, 2 ORDER BY 1"
+        ).fetchall()
+    # Everything published before the cursor reached the first unpublished row: versions 1-4
+    # are superseded by a published version 5; version 5 waits for version 6 to be published.
+    assert remaining == [(5, False, 3000), (6, True, 3000)]
+    assert stats.compacted == 12_000

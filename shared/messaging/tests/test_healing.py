@@ -1,0 +1,137 @@
+"""Integration: a read model that lost its store asks the producer for a replay, through the
+broker, and the producer's ReplayServer answers it."""
+
+from __future__ import annotations
+
+import json
+
+import pika
+import psycopg
+import pytest
+from messaging import Consumer, ConsumerSettings, Envelope, Outbox
+from messaging.healing import READY, REBUILDING, Generation, Healing
+from messaging.replay import COMPLETED_TYPE, ReplayServer, requests_queue
+from messaging.testing import running, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+class MemoryGeneration:
+    """The GenerationStore a read model keeps beside its data, in a dictionary."""
+
+    def __init__(self) -> None:
+        self.marker: Generation | None = None
+
+    def generation(self) -> Generation | None:
+        return self.marker
+
+    def begin_rebuild(self, request_id: str, since: float) -> None:
+        self.marker = Generation(REBUILDING, request_id, since)
+
+    def finish_rebuild(self, request_id: str) -> bool:
+        if self.marker is None or self.marker.request_id != request_id:
+            return False
+        self.marker = Generation(READY, request_id, self.marker.since)
+        return True
+
+
+def requests(broker) -> list[dict]:
+    conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
+    try:
+        channel = conn.channel()
+        found = []
+        while True:
+            method, _, body = channel.basic_get(requests_queue(broker.exchange), auto_ack=True)
+            if method is None:
+                return found
+            found.append(json.loads(body))
+    finally:
+        conn.close()
+
+
+def test_a_store_without_a_marker_asks_once_and_is_ready_after_the_completion(broker):
+    store = MemoryGeneration()
+    healing = Healing(store, broker.amqp_url, broker.exchange, "model.q")
+
+    assert healing.check() == REBUILDING
+    assert healing.check() == REBUILDING  # asked already: not again before re_request_after
+
+    [request] = requests(broker)
+    assert request["queue"] == "model.q"
+    healing.completed("some other request")
+    assert store.marker.state == REBUILDING
+    healing.completed(request["request_id"])
+    assert healing.check() == READY
+
+
+def test_a_request_that_got_no_answer_is_sent_again(broker):
+    store = MemoryGeneration()
+    healing = Healing(store, broker.amqp_url, broker.exchange, "model.q", re_request_after=0)
+    healing.check()
+    healing.check()
+    first, second = requests(broker)
+    assert first["request_id"] == second["request_id"]
+
+
+def test_the_replay_server_sends_the_latest_events_and_then_the_completion(producer_db, broker):
+    outbox = Outbox("test")
+    with psycopg.connect(producer_db) as conn:
+        for entity_id in ("a", "a", "b"):
+            with conn.transaction(), conn.cursor() as cur:
+                outbox.add(cur, entity="thing", entity_id=entity_id, change="updated", data={})
+    seen: list[tuple[str, int]] = []
+    store = MemoryGeneration()
+    topology = broker.topology("healed")
+    healing = Healing(store, broker.amqp_url, broker.exchange, topology.queue)
+    consumer = Consumer(
+        ConsumerSettings(broker.amqp_url, topology),
+        lambda env: seen.append((env.entity_id, env.entity_version)),
+        healing=healing,
+    )
+    server = ReplayServer(producer_db, broker.amqp_url, broker.exchange)
+    with running(consumer), running(server):
+        wait_until(consumer.attached.is_set, what="attached")
+        assert healing.check() == REBUILDING
+        wait_until(lambda: store.marker.state == READY, timeout=30, what="the rebuild done")
+    assert sorted(seen) == [("a", 2), ("b", 1)]
+    assert consumer.stats.dead_lettered == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"[]", b'{"queue": 5, "request_id": "r"}', b'{"queue": "missing.q"}'],
+)
+def test_a_request_that_is_not_one_is_dropped_and_the_server_goes_on(producer_db, broker, body):
+    topology = broker.topology("after-bad")
+    conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
+    topology.declare(conn)
+    channel = conn.channel()
+    channel.queue_declare(
+        requests_queue(broker.exchange), durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    channel.basic_publish("", requests_queue(broker.exchange), body)
+    conn.close()
+    server = ReplayServer(producer_db, broker.amqp_url, broker.exchange)
+    store = MemoryGeneration()
+    healing = Healing(store, broker.amqp_url, broker.exchange, topology.queue)
+    consumer = Consumer(
+        ConsumerSettings(broker.amqp_url, topology), lambda env: None, healing=healing
+    )
+    with running(server), running(consumer):
+        healing.check()
+        wait_until(lambda: store.marker.state == READY, timeout=30, what="the good request served")
+
+
+def test_a_completion_message_never_reaches_the_handler(broker):
+    handled: list[Envelope] = []
+    topology = broker.topology("control")
+    consumer = Consumer(ConsumerSettings(broker.amqp_url, topology), handled.append)
+    with running(consumer):
+        wait_until(consumer.attached.is_set, what="attached")
+        conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
+        conn.channel().basic_publish(
+            "", topology.queue, b'{"request_id": "x"}', pika.BasicProperties(type=COMPLETED_TYPE)
+        )
+        conn.close()
+        wait_until(lambda: broker.depth(topology.queue) == 0, what="acknowledged")
+    assert handled == [] and consumer.stats.dead_lettered == 0
