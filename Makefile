@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install up down logs status test unit lint format bench clean
+.PHONY: install up down logs status test unit soak lint format bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt shared/messaging/pyproject.toml services/*/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,10 @@ test: install lint
 
 unit: install
 	$(PY) -m pytest -m unit
+
+## The generated tests with the long profile (thousands of histories and hostile messages).
+soak: install
+	HYPOTHESIS_PROFILE=soak $(PY) -m pytest -o timeout=0 tests/test_read_model_histories.py tests/test_hostile_messages.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -17,11 +17,28 @@ from datetime import UTC, datetime
 import pika
 import psycopg
 import pytest
+from hypothesis import HealthCheck, settings
 from messaging import Envelope
 from messaging.replay import requests_queue
 from messaging.topology import Topology
 from notifier.fake_sendgrid import FakeSendGrid
 from psycopg import sql
+
+# Generated tests (hypothesis): a bounded, reproducible number of examples in make test, many more
+# in make soak (HYPOTHESIS_PROFILE=soak), where each run explores new ones.
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile(
+    "suite",
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
+    derandomize=True,
+    report_multiple_bugs=False,
+    suppress_health_check=_SLOW_OK,
+)
+settings.register_profile(
+    "soak", max_examples=2000, stateful_step_count=80, deadline=None, suppress_health_check=_SLOW_OK
+)
 
 LOCAL = {
     "database": "postgresql://postgres@127.0.0.1:5432/postgres",

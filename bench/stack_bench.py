@@ -38,6 +38,7 @@ import pika
 import psycopg
 import redis
 from messaging import Envelope
+from messaging.replay import requests_queue
 from messaging.topology import DEFAULT_RETRY_DELAYS, Topology
 from person.events import PRODUCER, item_state, person_state
 from psycopg import sql
@@ -226,6 +227,7 @@ def cleanup(stack: Stack) -> None:
             with broker_channel() as channel:
                 for topology in stack.topologies():
                     topology.delete(channel)
+                channel.queue_delete(requests_queue(stack.exchange))
                 channel.exchange_delete(exchange=stack.exchange)
             break
         except (pika.exceptions.AMQPError, OSError) as exc:
@@ -532,13 +534,12 @@ def prepare_rebuild(
 
 
 def measure_rebuild(stack: Stack, models: ReadModels, cpfs: list[str]) -> float:
-    """Wipe the score read model, replay the producer's events to its queue, time until every
-    score is back: the README's "Rebuilding a read model" (`messaging replay --to <queue>`)."""
-    score = next(t for t in stack.topologies() if t.service == "score")
+    """The README's rebuild, `python -m score.rebuild`: it wipes the score read model, the
+    consumer asks the relay for a replay, and the command returns once the model is marked
+    rebuilt; time until every score is back."""
     start = time.perf_counter()
-    ScoreStore(models.redis, stack.prefix).wipe()
-    replay = subprocess.Popen(
-        [sys.executable, "-m", "messaging.cli", "replay", "--to", score.queue],
+    rebuild = subprocess.Popen(
+        [sys.executable, "-m", "score.rebuild", "--timeout", str(REBUILD_TIMEOUT)],
         env=stack.env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -548,9 +549,9 @@ def measure_rebuild(stack: Stack, models: ReadModels, cpfs: list[str]) -> float:
     try:
         score_s, _ = wait_caught_up(stack, models, cpfs, None, start, REBUILD_TIMEOUT)
     finally:
-        output, _ = replay.communicate(timeout=REBUILD_TIMEOUT)
-    if replay.returncode != 0:
-        raise MeasureError(f"messaging replay failed ({replay.returncode}): {output[-2000:]}")
+        output, _ = rebuild.communicate(timeout=REBUILD_TIMEOUT)
+    if rebuild.returncode != 0:
+        raise MeasureError(f"score.rebuild failed ({rebuild.returncode}): {output[-2000:]}")
     log.info("rebuild: %s", output.strip())
     return score_s
 

@@ -50,21 +50,23 @@ class UserView:
         if state is not None:
             _check(state)
         mail = state is not None and bool(state.get("email"))
-        if envelope.change == "activation_requested":
-            activation = self._intent("activation", envelope) if mail else None
-            self.store.apply_person(cur, cpf, envelope.entity_version, state, None, activation)
-        else:
-            # Composed for every event with an e-mail, whether or not it turns out to call for
-            # a welcome (the SQL decides): the price of deciding without a round trip.
-            welcome = self._intent("welcome", envelope) if mail else None
-            self.store.apply_person(cur, cpf, envelope.entity_version, state, welcome)
+        # The welcome is composed for every event with an e-mail, whether or not it turns out to
+        # call for one (the SQL decides): the price of deciding without a round trip. An
+        # activation request carries it too, for when it is applied before the registration.
+        welcome = self._intent("welcome", envelope) if mail else None
+        activation = None
+        if mail and envelope.change == "activation_requested":
+            activation = self._intent("activation", envelope)
+        self.store.apply_person(
+            cur, envelope.event_id, cpf, envelope.entity_version, state, welcome, activation
+        )
 
     def _intent(self, kind: str, envelope: Envelope) -> Intent:
         state = envelope.data
         mail = self.composer.compose(
             kind, envelope.entity_id, state["name"], state["email"], state["created_at"]
         )
-        return Intent(envelope.event_id, state["email"], mail.subject, mail.html, mail.text)
+        return Intent(state["email"], mail.subject, mail.html, mail.text)
 
 
 def _check(state: dict[str, Any]) -> None:

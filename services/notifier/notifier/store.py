@@ -33,27 +33,28 @@ _USER_COLUMNS = (
     "updated_at",
 )
 _UPSERT_USER = upsert_if_newer_query("users", ("cpf",), _USER_COLUMNS)
-# Each e-mail decision happens only if the event was applied (the version-gated upsert RETURNING
-# a row): a late, duplicated or replayed event mails no one.
-_APPLIED = f"WITH applied AS ({_UPSERT_USER} RETURNING cpf) "
-# The welcome, unless the unique index on (cpf, registered_at) says this registration has one.
-_UPSERT_USER_THEN_WELCOME = (
-    f"{_APPLIED}INSERT INTO deliveries ({_INTENT_COLUMNS}) "
-    "SELECT 'welcome', cpf, %(registered_at)s, %(event_id)s, %(to_email)s, %(subject)s, "
-    "%(html)s, %(text)s FROM applied ON CONFLICT DO NOTHING"
+# One statement per event, whose results nobody reads. Every e-mail decision happens only if the
+# event was applied (the version-gated upsert RETURNING a row): a late, duplicated or replayed
+# event mails no one. An applied event cancels the pending e-mails of the person's other
+# registrations (all of them, for a deletion, whose registered_at is NULL), records the welcome
+# unless this registration has one (the unique index on (cpf, registered_at)), and an activation
+# request records its link, to the address the event carries: the current one.
+_APPLY_PERSON = f"""
+WITH applied AS ({_UPSERT_USER} RETURNING cpf, registered_at),
+cancelled AS (
+    UPDATE deliveries d SET status = 'cancelled', last_error = 'cancelled: ' || %(why)s
+    FROM applied WHERE d.cpf = applied.cpf AND d.status = 'pending'
+      AND d.registered_at IS DISTINCT FROM applied.registered_at
+    RETURNING d.id
 )
-# A new activation link, to the address the applied event carries (the current one).
-_UPSERT_USER_THEN_ACTIVATION = (
-    f"{_APPLIED}INSERT INTO deliveries ({_INTENT_COLUMNS}) "
-    "SELECT 'activation', cpf, %(registered_at)s, %(event_id)s, %(to_email)s, %(subject)s, "
-    "%(html)s, %(text)s FROM applied ON CONFLICT DO NOTHING"
-)
-# A deletion cancels the person's e-mails not yet on their way.
-_UPSERT_USER_THEN_CANCEL = (
-    f"{_APPLIED}UPDATE deliveries d SET status = 'cancelled', "
-    "last_error = 'cancelled: the person was deleted' "
-    "FROM applied WHERE d.cpf = applied.cpf AND d.status = 'pending'"
-)
+INSERT INTO deliveries ({_INTENT_COLUMNS})
+SELECT 'welcome', cpf, registered_at, %(event_id)s, %(to_email)s, %(w_subject)s, %(w_html)s,
+       %(w_text)s FROM applied WHERE %(w_subject)s::text IS NOT NULL
+UNION ALL
+SELECT 'activation', cpf, registered_at, %(event_id)s, %(to_email)s, %(a_subject)s, %(a_html)s,
+       %(a_text)s FROM applied WHERE %(a_subject)s::text IS NOT NULL
+ON CONFLICT DO NOTHING
+"""
 
 
 @contextlib.contextmanager
@@ -77,20 +78,19 @@ def translated() -> Iterator[None]:
 class Intent:
     """An e-mail the consumer wants sent, composed from one event."""
 
-    event_id: Any
     to_email: str
     subject: str
     html: str
     text: str
 
 
-def _intent_params(intent: Intent) -> dict[str, Any]:
+def _intent_params(prefix: str, intent: Intent | None) -> dict[str, Any]:
+    if intent is None:
+        return {f"{prefix}_subject": None, f"{prefix}_html": None, f"{prefix}_text": None}
     return {
-        "event_id": intent.event_id,
-        "to_email": intent.to_email,
-        "subject": intent.subject,
-        "html": intent.html,
-        "text": intent.text,
+        f"{prefix}_subject": intent.subject,
+        f"{prefix}_html": intent.html,
+        f"{prefix}_text": intent.text,
     }
 
 
@@ -119,15 +119,15 @@ class NotifierStore:
     @staticmethod
     def apply_person(
         cur: psycopg.Cursor,
+        envelope_id: Any,
         cpf: str,
         version: int,
         state: dict | None,
         welcome: Intent | None = None,
         activation: Intent | None = None,
     ) -> None:
-        """Version-gated upsert of the view (a deletion is kept as a tombstone). If the event
-        was applied: record `welcome` unless this registration has one, record `activation`,
-        and on a deletion cancel the person's pending e-mails."""
+        """Version-gated upsert of the view (a deletion is kept as a tombstone) and, if the
+        event was applied, its e-mail decisions (see _APPLY_PERSON)."""
         row = {
             "cpf": cpf,
             "version": version,
@@ -145,14 +145,18 @@ class NotifierStore:
                 registered_at=state.get("created_at"),
             )
         row["updated_at"] = datetime.now().astimezone()
-        if state is None:
-            cur.execute(_UPSERT_USER_THEN_CANCEL, row)
-        elif activation is not None:
-            cur.execute(_UPSERT_USER_THEN_ACTIVATION, {**row, **_intent_params(activation)})
-        elif welcome is not None:
-            cur.execute(_UPSERT_USER_THEN_WELCOME, {**row, **_intent_params(welcome)})
-        else:
-            cur.execute(_UPSERT_USER, row)
+        mail = welcome or activation
+        cur.execute(
+            _APPLY_PERSON,
+            {
+                **row,
+                "why": "the person was deleted" if state is None else "a new registration",
+                "event_id": envelope_id,
+                "to_email": mail.to_email if mail else None,
+                **_intent_params("w", welcome),
+                **_intent_params("a", activation),
+            },
+        )
 
     # -- sender side ---------------------------------------------------------------------------
     def claim_due(self, limit: int, lease_seconds: float) -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -19,7 +20,8 @@ from .store import EDITABLE, _check_can_activate, _with_items
 class MemoryStore:
     """People, items and the events they produced, in dictionaries behind one lock."""
 
-    def __init__(self) -> None:
+    def __init__(self, new_id: Callable[[], uuid.UUID] = uuid.uuid4) -> None:
+        self.new_id = new_id  # item ids (a test can make them reproducible)
         self.people: dict[str, dict] = {}
         self.items: dict[str, dict] = {}
         self.events: list[Envelope] = []
@@ -76,7 +78,7 @@ class MemoryStore:
         with self._lock:
             self._person(cpf)
             item = {
-                "id": uuid.uuid4(),
+                "id": self.new_id(),
                 "cpf": cpf,
                 "kind": kind,
                 "type": type_,

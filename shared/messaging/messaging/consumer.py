@@ -429,8 +429,11 @@ class Consumer:
     def _judge(self, delivery: _Delivery) -> _Outcome | Envelope:
         """Before any handler: control messages, crash loops and undecodable bodies."""
         request_id = completed_request(delivery.properties, delivery.body)
+        if request_id == "":
+            why = "a replay-completed message without a request id"
+            return _Outcome(delivery, dead_letter(self.topology, why))
         if request_id is not None:
-            if self.healing is not None and request_id:
+            if self.healing is not None:
                 self.healing.completed(request_id)
             return _Outcome(delivery, None)
         if delivery.redelivered:

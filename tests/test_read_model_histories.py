@@ -1,0 +1,355 @@
+"""Generated histories against each read model (hypothesis stateful testing).
+
+The producer is the person service's own rules (the in-memory store); its events go through
+the in-memory bus, which runs the consumer runtime's decisions, into the real handler and the
+real store (Redis for the score, PostgreSQL for the notifier). Between the producer's changes
+the bus delivers some of what is in flight, in any order, duplicated, redelivered or replayed;
+the score's store is wiped (wholly or in part, as a wipe under live traffic leaves it) and
+rebuilt from a replay; poison and hostile-header messages are mixed in. After each history,
+once everything in flight has been delivered, the read model must equal what the producer's
+final state implies, the poison must be dead and nothing else.
+
+`make test` runs a bounded number of examples (HYPOTHESIS_PROFILE=suite); `make soak` runs the
+long profile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import random
+import uuid
+from datetime import date
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from messaging import Envelope, Topology
+from messaging.testing import InMemoryBus, Message
+from notifier.config import NotifierConfig
+from notifier.consumer import UserView, composer_for
+from notifier.store import NotifierStore
+from person.errors import Conflict, Unprocessable
+from person.memory import MemoryStore
+from psycopg_pool import ConnectionPool
+from score.consumer import Applier
+from score.scoring import score
+from score.store import ScoreStore
+
+pytestmark = pytest.mark.integration
+
+CPFS = st.sampled_from(["101", "102", "103"])  # few, so re-registrations happen
+EMAILS = st.sampled_from([None, "a@example.com", "b@example.com", "c@example.com"])
+VALUES = st.one_of(
+    st.sampled_from([Decimal("0"), Decimal("0.01"), Decimal("999999999999999.99")]),
+    st.decimals(min_value=0, max_value=10**6, places=2, allow_nan=False, allow_infinity=False),
+)
+POISON = st.one_of(
+    st.binary(max_size=64).map(lambda body: (body, {})),
+    st.sampled_from(
+        [
+            (b"{}", {"x-death": 5}),
+            (b"not json", {"x-death": [{"count": "3", "queue": "q"}]}),
+            (b'{"event_type": "person.created"}', {"x-attempts": "many"}),
+            (b"[]", {"x-death": ["junk"], "x-first-failure-at": 7}),
+        ]
+    ),
+)
+
+
+class History(RuleBasedStateMachine):
+    """The producer's changes and the broker's deliveries; subclasses bring the read model."""
+
+    topology = Topology("model", "histories", (1.0, 5.0))
+
+    def __init__(self) -> None:
+        super().__init__()
+        ids = itertools.count(1)
+        self.producer = MemoryStore(new_id=lambda: uuid.UUID(int=next(ids)))
+        self.bus = InMemoryBus()
+        self.bus.subscribe(self.topology, self.handler, batch_handler=self.batch_handler)
+        self.published = 0  # producer events handed to the bus so far
+        self.poisoned = 0
+        self.rng = random.Random(0)
+
+    # -- the read model (subclasses) -----------------------------------------------------------
+    def handler(self, envelope: Envelope) -> None:
+        raise NotImplementedError
+
+    def batch_handler(self, envelopes: list[Envelope]) -> None:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+    # -- the producer ------------------------------------------------------------------------
+    def _someone(self, data: st.DataObject) -> str:
+        return data.draw(st.sampled_from(sorted(self.producer.people)), label="cpf")
+
+    @rule(cpf=CPFS, email=EMAILS)
+    def register(self, cpf: str, email: str | None) -> None:
+        fields = {
+            "cpf": cpf,
+            "name": f"N{cpf}",
+            "address": "a",
+            "date_of_birth": date(1990, 1, 1),
+            "email": email,
+        }
+        with contextlib.suppress(Conflict):
+            self.producer.create_person(fields, "register")
+
+    @precondition(lambda self: self.producer.people)
+    @rule(data=st.data(), email=EMAILS, rename=st.booleans())
+    def update(self, data: st.DataObject, email: str | None, rename: bool) -> None:
+        changes: dict[str, Any] = {"email": email}
+        if rename:
+            changes["name"] = f"R{uuid.uuid4().hex[:4]}"
+        self.producer.update_person(self._someone(data), changes, "update")
+
+    @precondition(lambda self: self.producer.people)
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        self.producer.delete_person(self._someone(data), "delete")
+
+    @precondition(lambda self: self.producer.people)
+    @rule(data=st.data(), kind=st.sampled_from(["income", "asset", "debt"]), value=VALUES)
+    def add_item(self, data: st.DataObject, kind: str, value: Decimal) -> None:
+        self.producer.add_item(self._someone(data), kind, "t", value, "item")
+
+    @precondition(lambda self: self.producer.items)
+    @rule(data=st.data())
+    def delete_item(self, data: st.DataObject) -> None:
+        item_id = data.draw(st.sampled_from(sorted(self.producer.items)), label="item")
+        item = self.producer.items[item_id]
+        self.producer.delete_item(item["cpf"], item["kind"], item_id, "unitem")
+
+    @precondition(lambda self: self.producer.people)
+    @rule(data=st.data())
+    def request_activation(self, data: st.DataObject) -> None:
+        with contextlib.suppress(Conflict, Unprocessable):
+            self.producer.request_activation(self._someone(data), "again")
+
+    @precondition(lambda self: self.producer.people)
+    @rule(data=st.data())
+    def activate(self, data: st.DataObject) -> None:
+        person = self.producer.people[self._someone(data)]
+        if person["email"]:
+            self.producer.activate(person["cpf"], person["email"], person["created_at"], "activate")
+
+    # -- the broker --------------------------------------------------------------------------
+    @rule(data=st.data())
+    def deliver_some(self, data: st.DataObject) -> None:
+        """Publish what the producer committed (some of it twice), then deliver a random part
+        of the queue in a random order, in batches."""
+        new = self.producer.events[self.published :]
+        self.published = len(self.producer.events)
+        for envelope in new:
+            self.bus.publish(envelope)
+            if data.draw(st.booleans(), label="duplicate"):
+                self.bus.publish(envelope)
+        self._deliver(data.draw(st.integers(0, 2**32), label="order"), partial=True)
+
+    @precondition(lambda self: self.published > 0)
+    @rule(data=st.data())
+    def redeliver(self, data: st.DataObject) -> None:
+        sent = self.producer.events[: self.published]
+        picks = data.draw(st.lists(st.sampled_from(sent), max_size=5), label="redelivered")
+        for envelope in picks:
+            self.bus.publish(envelope)
+
+    @rule()
+    def replay(self) -> None:
+        """The latest event of every entity, as `messaging replay` or a heal sends them."""
+        for envelope in self._latest():
+            self.bus.publish(envelope)
+
+    @rule(poison=POISON)
+    def publish_poison(self, poison: tuple[bytes, dict]) -> None:
+        body, headers = poison
+        self.bus.publish(Message(body, f"poison-{self.poisoned}", headers=dict(headers)))
+        self.poisoned += 1
+
+    def _latest(self) -> list[Envelope]:
+        latest: dict[tuple[str, str], Envelope] = {}
+        for envelope in self.producer.events[: self.published]:
+            latest[(envelope.entity, envelope.entity_id)] = envelope
+        return list(latest.values())
+
+    def _deliver(self, seed: int, partial: bool) -> None:
+        rng = random.Random(seed)
+        for sub in self.bus._subscribers.values():
+            waiting = list(sub.ready)
+            rng.shuffle(waiting)
+            sub.ready.clear()
+            sub.ready.extend(waiting)
+        if partial:
+            keep = rng.randint(0, len(waiting))
+            held = [sub.ready.pop() for _ in range(keep)]
+            self.bus.deliver(max_batch=rng.choice((1, 3, 50)))
+            sub.ready.extend(held)
+        else:
+            self.bus.run_until_idle(max_batch=rng.choice((1, 3, 50)))
+
+    def teardown(self) -> None:
+        try:
+            for envelope in self.producer.events[self.published :]:
+                self.bus.publish(envelope)
+            self.published = len(self.producer.events)
+            self._deliver(self.rng.randrange(2**32), partial=False)
+            self.check()
+            dead = self.bus.dead_letters(self.topology.queue)
+            assert sorted(m.message_id for m in dead) == sorted(
+                f"poison-{n}" for n in range(self.poisoned)
+            ), [m.headers.get("x-dead-reason") for m in dead]
+            assert all(m.headers.get("x-dead-reason") for m in dead)
+        finally:
+            self.clean()
+
+    def clean(self) -> None:
+        pass
+
+
+# The profile of the root conftest: "suite" in make test (bounded, derandomized), "soak" in
+# make soak.
+history_settings = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
+
+
+# -- the score read model -----------------------------------------------------------------------
+SCORE: dict[str, Any] = {}
+
+
+class ScoreHistory(History):
+    def __init__(self) -> None:
+        self.store = ScoreStore(SCORE["client"], f"{SCORE['prefix']}{uuid.uuid4().hex[:8]}:")
+        self.applier = Applier(self.store)
+        super().__init__()
+
+    def handler(self, envelope: Envelope) -> None:
+        self.applier(envelope)
+
+    def batch_handler(self, envelopes: list[Envelope]) -> None:
+        self.applier.batch(envelopes)
+
+    @rule(data=st.data())
+    def wipe_and_rebuild(self, data: st.DataObject) -> None:
+        """A wipe, whole or as one that live traffic interleaved with (some keys left), then
+        the replay the healing consumer asks for."""
+        keys = sorted(self.store.client.scan_iter(match=f"{self.store.prefix}*"))
+        doomed = (
+            data.draw(st.lists(st.sampled_from(keys), unique=True), label="wiped")
+            if (keys and data.draw(st.booleans(), label="partial"))
+            else keys
+        )
+        if doomed:
+            self.store.client.unlink(*doomed)
+        self.replay()
+
+    def check(self) -> None:
+        for cpf in ("101", "102", "103"):
+            found = self.store.read(cpf)
+            if cpf not in self.producer.people:
+                assert found is None, cpf
+                continue
+            items = [i for i in self.producer.items.values() if i["cpf"] == cpf]
+            assert found is not None, cpf
+            assert found.score == score((i["kind"], i["value"]) for i in items), cpf
+            for kind, total in (("income", found.incomes), ("asset", found.assets)):
+                assert total == sum((i["value"] for i in items if i["kind"] == kind), Decimal(0))
+
+    def clean(self) -> None:
+        keys = list(self.store.client.scan_iter(match=f"{self.store.prefix}*"))
+        if keys:
+            self.store.client.unlink(*keys)
+
+
+def test_score_model_equals_the_producers_state_after_any_history(servers):
+    client = redis.Redis.from_url(servers.redis)
+    SCORE.update(client=client, prefix=f"history-{uuid.uuid4().hex[:6]}-")
+    try:
+        run_state_machine_as_test(ScoreHistory, settings=history_settings)
+    finally:
+        client.close()
+
+
+# -- the notifier read model --------------------------------------------------------------------
+NOTIFIER: dict[str, Any] = {}
+
+
+class NotifierHistory(History):
+    def __init__(self) -> None:
+        self.store: NotifierStore = NOTIFIER["store"]
+        with self.store.pool.connection() as conn:
+            conn.execute("TRUNCATE users, deliveries, mailbox")
+        self.view = UserView(self.store, composer_for(NOTIFIER["config"]))
+        super().__init__()
+
+    def handler(self, envelope: Envelope) -> None:
+        self.view(envelope)
+
+    def batch_handler(self, envelopes: list[Envelope]) -> None:
+        self.view.batch(envelopes)
+
+    @invariant()
+    def at_most_one_welcome_per_registration(self) -> None:
+        with self.store.pool.connection() as conn:
+            assert not conn.execute(
+                "SELECT cpf, registered_at FROM deliveries WHERE kind = 'welcome' "
+                "GROUP BY 1, 2 HAVING count(*) > 1"
+            ).fetchall()
+
+    def check(self) -> None:
+        with self.store.pool.connection() as conn:
+            deliveries = conn.execute(
+                "SELECT kind, cpf, registered_at, event_id::text, to_email, status FROM deliveries"
+            ).fetchall()
+        events = {str(e.event_id): e for e in self.producer.events}
+        current = {(cpf, p["created_at"]): p for cpf, p in self.producer.people.items()}
+        for cpf in ("101", "102", "103"):
+            user, person = self.store.user(cpf), self.producer.people.get(cpf)
+            if person is None:
+                assert user is None, cpf
+                continue
+            assert user is not None, cpf
+            assert (user["name"], user["email"], user["status"]) == (
+                person["name"],
+                person["email"],
+                person["status"],
+            ), cpf
+            welcomes = [
+                d
+                for d in deliveries
+                if d[0] == "welcome" and d[1] == cpf and d[2] == person["created_at"]
+            ]
+            assert len(welcomes) == (1 if person["email"] else len(welcomes)), (cpf, welcomes)
+        for kind, cpf, registered_at, event_id, to_email, status in deliveries:
+            event = events[event_id]
+            assert to_email == event.data["email"], "mail to an address the event did not carry"
+            if kind == "activation":
+                assert event.event_type == "person.activation_requested"
+            if (cpf, registered_at) not in current:  # a registration deleted since
+                assert status == "cancelled", (kind, cpf, registered_at, status)
+            else:
+                assert status == "pending", (kind, cpf, status)
+
+
+def test_notifier_view_and_ledger_after_any_history(notifier_db, servers):
+    config = NotifierConfig(
+        notifier_database_url=notifier_db,
+        amqp_url=servers.amqp,
+        activation_secret="history-secret",
+        public_person_url="http://person.test",
+    )
+    with ConnectionPool(notifier_db, min_size=1, max_size=2) as pool:
+        NOTIFIER.update(store=NotifierStore(pool), config=config)
+        run_state_machine_as_test(NotifierHistory, settings=history_settings)
