@@ -1,6 +1,7 @@
 # One image per service, built from this file with --build-arg SERVICE=person|score|notifier.
 # Slim, pinned, non-root; every process of the service runs from the same image.
-FROM python:3.11.11-slim-bookworm
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 
 ARG SERVICE
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 \

@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install up down logs status test unit soak lint format bench clean
+.PHONY: install up down logs status test unit soak lint format bench compose-env clean
 
 $(STAMP): requirements.txt requirements-dev.txt shared/messaging/pyproject.toml services/*/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -45,6 +45,10 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+## Secrets for the compose stack: writes the missing ones to .env (docker compose up -d --wait).
+compose-env: install
+	$(PY) scripts/compose_env.py
 
 ## The benchmark (bench/README.md): raw ceilings, relay, and the whole stack; a few minutes.
 bench: install

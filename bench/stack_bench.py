@@ -146,6 +146,9 @@ def stack_environment(run_id: str) -> dict[str, str]:
         "EVENTS_EXCHANGE": exchange,
         "RETRY_DELAYS": json.dumps(list(DEFAULT_RETRY_DELAYS)),
         "SENDGRID_API_KEY": "",  # blank, even if .env sets one: e-mails go to the mailbox
+        # Load from one address: Traefik's per-client rate limit must fit it (README: Security).
+        "RATE_LIMIT_AVERAGE": "1000000",
+        "RATE_LIMIT_BURST": "1000000",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONUNBUFFERED": "1",
     }

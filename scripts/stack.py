@@ -89,6 +89,12 @@ def up(env: dict[str, str]) -> int:
     port = env["GATEWAY_PORT"]
     for host in HOSTS:
         print(f"  http://{host}.localhost:{port}/")
+    if not env.get("API_KEYS"):
+        print(
+            "API_KEYS is not set: every route is open (development only). To close them:\n"
+            "  .venv/bin/messaging apikey new --scopes person:write,person:read,score:read\n"
+            "and put its API_KEYS entry in .env (README: Security)."
+        )
     return 0
 
 

@@ -62,7 +62,11 @@ def stack_env(make_database, servers) -> Iterator[dict[str, str]]:
         "EVENTS_EXCHANGE": exchange,
         "RETRY_DELAYS": json.dumps(delays),
         "ACTIVATION_SECRET": "stack-secret",
-        "ADMIN_TOKEN": "stack-admin",
+        # The tests send far more than a person would: limits that never get in their way
+        # (tests/e2e/test_security_production.py checks the limit itself).
+        "RATE_LIMIT_AVERAGE": "100000",
+        "RATE_LIMIT_BURST": "100000",
+        "ACTIVATION_RESEND_SECONDS": "0",
         "PERSON_WORKERS": "1",
         "SCORE_WORKERS": "1",
         "NOTIFIER_WORKERS": "1",

@@ -6,6 +6,7 @@ the document promises: a documented status code, its content type and its schema
 
 from __future__ import annotations
 
+import json
 import socket
 import uuid
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from flask import Flask
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from messaging import Envelope
+from messaging.auth import digest
 from notifier.app import create_app as notifier_app
 from notifier.config import NotifierConfig
 from notifier.consumer import UserView, composer_for
@@ -42,7 +44,12 @@ from score.store import ItemChange, PersonChange, ScoreStore
 
 pytestmark = pytest.mark.integration
 
-ADMIN_TOKEN = "fuzz-admin-token"
+# Every generated request carries a key with every scope, so the routes behind it are fuzzed
+# too (tests/e2e/test_security_production.py covers the keys themselves).
+FUZZ_KEY = "mk_fuzz-key-with-every-scope"
+SCOPES = ["person:write", "person:read", "score:read", "notifier:read", "metrics", "admin"]
+API_KEYS = json.dumps({digest(FUZZ_KEY): SCOPES})
+AUTH = {"Authorization": f"Bearer {FUZZ_KEY}"}
 KNOWN_CPF = "12345678909"
 FAILED_DELIVERY, MAIL = 2, 1  # what seed_notifier leaves in a fresh database
 KNOWN_PATH_VALUES = {"cpf": KNOWN_CPF, "delivery_id": FAILED_DELIVERY, "mail_id": MAIL}
@@ -123,7 +130,7 @@ def served_schema(app) -> schemathesis.BaseSchema:
 # never opened (the document does not depend on the data; nothing connects at import). Every
 # call then goes to the app a fixture builds over the real store (app=...), which serves the
 # same document (test_the_fuzzed_documents_are_the_ones_the_apps_serve).
-DEV = {"app_env": "development"}  # whatever the environment says: no secrets are needed here
+DEV = {"app_env": "development", "api_keys": API_KEYS}  # whatever the environment says
 PERSON = served_schema(
     person_app(PersonConfig(**DEV), store=PgStore(ConnectionPool("", open=False)))
 )
@@ -159,10 +166,12 @@ def person_on_postgres(make_database, refusing_broker) -> Iterator[Flask]:
     url = make_database("fuzz_person")
     migrate_person(url)
     config = PersonConfig(
+        **DEV,
         person_database_url=url,
         amqp_url=refusing_broker,
         activation_secret="fuzz-secret",
         max_body_bytes=16 * 1024,
+        activation_resend_seconds=0,
     )
     with ConnectionPool(url, min_size=1, max_size=4) as pool:
         yield person_app(config, store=PgStore(pool))
@@ -172,8 +181,8 @@ def person_on_postgres(make_database, refusing_broker) -> Iterator[Flask]:
 def person_api(person_on_postgres) -> Flask:
     """The app, with the known person registered again if an earlier operation deleted it."""
     client = person_on_postgres.test_client()
-    if client.get(f"/person/{KNOWN_CPF}").status_code == 404:
-        assert client.post("/person", json=KNOWN_PERSON).status_code == 201
+    if client.get(f"/person/{KNOWN_CPF}", headers=AUTH).status_code == 404:
+        assert client.post("/person", json=KNOWN_PERSON, headers=AUTH).status_code == 201
     return person_on_postgres
 
 
@@ -196,7 +205,7 @@ def score_api(servers, refusing_broker) -> Iterator[Flask]:
         ]
     )
     try:
-        yield score_app(ScoreConfig(amqp_url=refusing_broker), store=store)
+        yield score_app(ScoreConfig(**DEV, amqp_url=refusing_broker), store=store)
     finally:
         store.wipe()
         client.close()
@@ -214,12 +223,12 @@ def notifier_api(make_database, refusing_broker) -> Iterator[Flask]:
     url = make_database("fuzz_notifier")
     migrate_notifier(url)
     config = NotifierConfig(
+        **DEV,
         notifier_database_url=url,
         amqp_url=refusing_broker,
         sendgrid_api_key=None,
         activation_secret="fuzz-secret",
         public_person_url="http://person.test",
-        admin_token=ADMIN_TOKEN,
     )
     with ConnectionPool(url, min_size=1, max_size=4) as pool:
         store = NotifierStore(pool)
@@ -255,21 +264,43 @@ def seed_notifier(store: NotifierStore, config: NotifierConfig) -> None:
     assert (failed["id"], store.mailbox(1)[0]["id"]) == (FAILED_DELIVERY, MAIL)
 
 
-@NOTIFIER.auth()
-class AdminToken:
-    """The bearer token on every generated request, except where a case drops it on purpose."""
+class FuzzKey:
+    """The key on every generated request, except where a case drops it on purpose."""
 
     def get(self, _case, _context) -> str:
-        return ADMIN_TOKEN
+        return FUZZ_KEY
 
-    def set(self, case, token: str, _context) -> None:
-        case.headers = {**(case.headers or {}), "Authorization": f"Bearer {token}"}
+    def set(self, case, key: str, _context) -> None:
+        case.headers = {**(case.headers or {}), "Authorization": f"Bearer {key}"}
+
+
+for _schema in (PERSON, SCORE, NOTIFIER):
+    _schema.auth()(FuzzKey)
 
 
 @NOTIFIER.parametrize()
 @FUZZ
 def test_notifier_api_keeps_its_openapi_promises(case, notifier_api):
     case.call_and_validate(app=notifier_api, **checks_for(case))
+
+
+ODD_NUMBERS = ["²", "①", "٣", "\uff11", "1e3", "-1", " 5", "5 ", "0x10", "9" * 40, "", "1.5"]
+
+
+@pytest.mark.parametrize("value", ODD_NUMBERS)
+def test_odd_values_of_numeric_query_parameters_are_refused_with_4xx_never_5xx(
+    person_on_postgres, notifier_api, value
+):
+    """What schemathesis did not generate: Unicode digits that str.isdigit accepts and int()
+    may not, and other values of no integer's spelling."""
+    person, notifier = person_on_postgres.test_client(), notifier_api.test_client()
+    for client, path in (
+        (person, f"/imports/00000000-0000-0000-0000-000000000000?limit={value}"),
+        (notifier, f"/mailbox?limit={value}"),
+        (notifier, f"/deliveries?limit={value}"),
+    ):
+        answer = client.get(path, headers=AUTH)
+        assert 400 <= answer.status_code < 500, (path, answer.status_code)
 
 
 def test_the_fuzzed_documents_are_the_ones_the_apps_serve(

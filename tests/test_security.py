@@ -1,9 +1,9 @@
 """Security guarantees, in process over the real stores.
 
 Activation links that were forged, tampered with, expired, meant for someone else or for an old
-address activate nobody; the notifier's admin routes need the bearer token; hostile text is data,
-never SQL or markup; a body over the limit is refused; secrets stay out of the logs. (The image's
-non-root USER is checked in test_stack_files.py.)
+address activate nobody; the notifier's admin routes need a key with the admin scope; hostile
+text is data, never SQL or markup; a body over the limit is refused; secrets stay out of the
+logs. (The image's non-root USER is checked in test_stack_files.py.)
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from flask.testing import FlaskClient
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
+from messaging.auth import digest
 from messaging.runner import configure_logging
 from messaging.testing import running, wait_until
 from notifier.app import create_app as notifier_app
@@ -36,7 +37,9 @@ pytestmark = pytest.mark.integration
 
 SECRET = "security-activation-secret"
 TTL = 3600
-ADMIN_TOKEN = "security-admin-token"
+ADMIN_KEY = "mk_security-admin-key-for-the-tests"
+READER_KEY = "mk_security-reader-key-for-the-tests"
+API_KEYS = json.dumps({digest(ADMIN_KEY): ["admin"], digest(READER_KEY): ["notifier:read"]})
 SENDGRID_KEY = "SG.security-test-key.do-not-log"
 MAX_BODY = 4096
 PERSON_URL = "http://person.test"
@@ -257,7 +260,7 @@ def notifier_config(notifier_db, servers, fake_sendgrid) -> NotifierConfig:
         sendgrid_timeout_seconds=2,
         activation_secret=SECRET,
         public_person_url=PERSON_URL,
-        admin_token=ADMIN_TOKEN,
+        api_keys=API_KEYS,
         sender_poll_seconds=0.1,
     )
 
@@ -291,12 +294,13 @@ def delivery_status(store: NotifierStore, delivery_id: int) -> str:
         None,
         "Bearer wrong-token",
         "Bearer ",
-        f"Bearer {ADMIN_TOKEN[:-1]}",
-        f"Basic {ADMIN_TOKEN}",
-        ADMIN_TOKEN,
+        f"Bearer {ADMIN_KEY[:-1]}",
+        f"Basic {ADMIN_KEY}",
+        ADMIN_KEY,
+        f"Bearer {digest(ADMIN_KEY)}",  # the digest is not the key
     ],
 )
-def test_admin_routes_answer_401_without_the_bearer_token(
+def test_admin_routes_answer_401_without_an_admin_key(
     notifier, notifier_store, failed_delivery, authorization
 ):
     headers = {} if authorization is None else {"Authorization": authorization}
@@ -311,8 +315,19 @@ def test_admin_routes_answer_401_without_the_bearer_token(
     assert delivery_status(notifier_store, failed_delivery) == "failed"
 
 
-def test_admin_routes_answer_with_the_bearer_token(notifier, notifier_store, failed_delivery):
-    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+def test_admin_routes_answer_403_to_a_key_without_the_admin_scope(
+    notifier, notifier_store, failed_delivery
+):
+    headers = {"Authorization": f"Bearer {READER_KEY}"}
+    listing = notifier.get("/deliveries", headers=headers)
+    assert listing.status_code == 403
+    assert 'scope="admin"' in listing.headers["WWW-Authenticate"]
+    assert notifier.post(f"/deliveries/{failed_delivery}/retry", headers=headers).status_code == 403
+    assert delivery_status(notifier_store, failed_delivery) == "failed"
+
+
+def test_admin_routes_answer_with_an_admin_key(notifier, notifier_store, failed_delivery):
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     listing = notifier.get("/deliveries?status=failed", headers=headers)
     assert listing.status_code == 200
     assert [d["id"] for d in listing.get_json()["deliveries"]] == [failed_delivery]

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +49,9 @@ class Stack:
         )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, _decode(response.read()), dict(response.headers)
+                return response.status, _decode(response.read()), response.headers
         except urllib.error.HTTPError as exc:
-            return exc.code, _decode(exc.read()), dict(exc.headers)
+            return exc.code, _decode(exc.read()), exc.headers
 
     def control(self, command: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -72,14 +72,32 @@ def _decode(raw: bytes) -> Any:
 
 
 @pytest.fixture(scope="module")
-def stack(stack_env, tmp_path_factory) -> Iterator[Stack]:
-    env = {**stack_env, "STACK_RUN_DIR": str(tmp_path_factory.mktemp("stack"))}
-    stack = Stack(int(env["GATEWAY_PORT"]), env, Path(env["STACK_RUN_DIR"]))
-    started = stack.control("up")
-    if started.returncode != 0:
-        log = stack.run_dir / "stack.log"
-        tail = log.read_text()[-4000:] if log.exists() else ""
+def start_stack(stack_env, tmp_path_factory) -> Iterator[Callable[..., Stack]]:
+    """Start this module's stack with `make up`, its environment changed by the overrides
+    (a value of None removes a variable); stopped with `make down` after the module."""
+    started: list[Stack] = []
+
+    def start(**overrides: str | None) -> Stack:
+        env = {**stack_env, "STACK_RUN_DIR": str(tmp_path_factory.mktemp("stack"))}
+        for name, value in overrides.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+        stack = Stack(int(env["GATEWAY_PORT"]), env, Path(env["STACK_RUN_DIR"]))
+        started.append(stack)
+        up = stack.control("up")
+        if up.returncode != 0:
+            log = stack.run_dir / "stack.log"
+            tail = log.read_text()[-4000:] if log.exists() else ""
+            pytest.fail(f"make up failed:\n{up.stdout}\n{up.stderr}\n{tail}")
+        return stack
+
+    yield start
+    for stack in started:
         stack.control("down")
-        pytest.fail(f"make up failed:\n{started.stdout}\n{started.stderr}\n{tail}")
-    yield stack
-    stack.control("down")
+
+
+@pytest.fixture(scope="module")
+def stack(start_stack) -> Stack:
+    return start_stack()

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import hmac
 import re
 from datetime import datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
-from messaging.web import Invalid, OpenApi, path_parameter, problem
+from messaging.auth import requires
+from messaging.web import Invalid, OpenApi, Problem, path_parameter, problem, query_int
 from pydantic import BaseModel, Field
 
 from .store import NotifierStore
 
 bp = Blueprint("notifier", __name__)
-STATUSES = ("pending", "sending", "sent", "failed", "cancelled")
+STATUSES = ("pending", "sending", "sent", "failed", "cancelled", "suppressed")
 _LINK = re.compile(r"https?://\S+")
 
 
@@ -65,11 +65,6 @@ class DeliveriesOut(BaseModel):
     deliveries: list[DeliveryOut]
 
 
-class Problem(BaseModel):
-    message: str
-    errors: dict[str, list[str]] = Field(default_factory=dict)
-
-
 class Accepted(BaseModel):
     message: str
 
@@ -79,6 +74,7 @@ def store() -> NotifierStore:
 
 
 @bp.get("/users/<cpf>")
+@requires("notifier:read")
 def get_user(cpf: str) -> Any:
     user = store().user(cpf)
     if user is None:
@@ -100,11 +96,18 @@ def get_user(cpf: str) -> Any:
     }
 
 
+# The development mailbox holds every activation link: it exists only in development without a
+# SendGrid key, and where API keys are on it takes the admin scope.
 @bp.get("/mailbox")
+@requires("admin")
 def mailbox() -> Any:
-    if current_app.config["SENDGRID_ENABLED"]:
-        return problem(404, "the development mailbox is off: e-mails go through SendGrid")
+    if not current_app.config["MAILBOX_OPEN"]:
+        return problem(404, "the development mailbox is off (production, or SendGrid is on)")
     limit = _limit()
+    to = request.args.get("to")
+    if to is not None and not 1 <= len(to) <= 254:
+        raise Invalid({"to": ["must be an e-mail address"]})
+    base = current_app.config["NOTIFIER_URL"]
     return {
         "messages": [
             {
@@ -114,24 +117,25 @@ def mailbox() -> Any:
                 "received_at": m["received_at"].isoformat(),
                 "links": _LINK.findall(m["text"]),
                 "text": m["text"],
-                "html_url": f"{request.host_url}mailbox/{m['id']}",
+                "html_url": f"{base}/mailbox/{m['id']}",
             }
-            for m in store().mailbox(limit)
+            for m in store().mailbox(limit, to)
         ]
     }
 
 
 @bp.get("/mailbox/<int:mail_id>")
+@requires("admin")
 def mail(mail_id: int) -> Any:
-    found = None if current_app.config["SENDGRID_ENABLED"] else store().mail(mail_id)
+    found = store().mail(mail_id) if current_app.config["MAILBOX_OPEN"] else None
     if found is None:
         return problem(404, f"no e-mail {mail_id} in the mailbox")
     return Response(found["html"], content_type="text/html; charset=utf-8")
 
 
 @bp.get("/deliveries")
+@requires("admin")
 def deliveries() -> Any:
-    _require_admin()
     status = request.args.get("status")
     if status is not None and status not in STATUSES:
         raise Invalid({"status": [f"must be one of {', '.join(STATUSES)}"]})
@@ -156,8 +160,8 @@ def deliveries() -> Any:
 
 
 @bp.post("/deliveries/<int:delivery_id>/retry")
+@requires("admin")
 def retry(delivery_id: int) -> Any:
-    _require_admin()
     previous = store().retry(delivery_id)
     if previous is None:
         return problem(404, f"no delivery {delivery_id}")
@@ -166,29 +170,8 @@ def retry(delivery_id: int) -> Any:
     return {"message": "queued again"}, 202
 
 
-class Unauthorized(Exception):
-    pass
-
-
-def _require_admin() -> None:
-    expected = current_app.config["ADMIN_TOKEN"]
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
-        raise Unauthorized()
-
-
-def unauthorized(_exc: Unauthorized) -> Response:
-    response = problem(401, "a bearer token (ADMIN_TOKEN) is required")
-    response.headers["WWW-Authenticate"] = 'Bearer realm="notifier"'
-    return response
-
-
 def _limit() -> int:
-    raw = request.args.get("limit", "50")
-    if not raw.isdigit() or not 1 <= int(raw) <= 500:
-        raise Invalid({"limit": ["must be a whole number from 1 to 500"]})
-    return int(raw)
+    return query_int("limit", 50, 1, 500)
 
 
 def _integer(parameter: dict[str, Any]) -> dict[str, Any]:
@@ -197,7 +180,13 @@ def _integer(parameter: dict[str, Any]) -> dict[str, Any]:
 
 
 def describe(api: OpenApi) -> None:
-    admin = [{"bearer": []}]
+    to = {
+        "name": "to",
+        "in": "query",
+        "required": False,
+        "description": "only the e-mails to this address",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 254},
+    }
     limit = {
         "name": "limit",
         "in": "query",
@@ -214,8 +203,8 @@ def describe(api: OpenApi) -> None:
     api.route(
         "GET",
         "/mailbox",
-        "The development mailbox (no SENDGRID_API_KEY)",
-        parameters=[limit],
+        "The development mailbox (development without SENDGRID_API_KEY), newest first",
+        parameters=[limit, to],
         responses={200: MailboxOut, 404: Problem, 422: Problem},
     )
     api.route(
@@ -234,7 +223,7 @@ def describe(api: OpenApi) -> None:
     api.route(
         "GET",
         "/deliveries",
-        "E-mail deliveries by state (bearer ADMIN_TOKEN)",
+        "E-mail deliveries by state",
         parameters=[status, limit],
         responses={200: DeliveriesOut, 401: Problem, 422: Problem},
     )
@@ -245,6 +234,3 @@ def describe(api: OpenApi) -> None:
         parameters=[_integer(path_parameter("delivery_id", "the delivery's id"))],
         responses={202: Accepted, 401: Problem, 404: Problem, 409: Problem},
     )
-    for path in ("/deliveries", "/deliveries/{delivery_id}/retry"):
-        for operation in api.paths[path].values():
-            operation["security"] = admin

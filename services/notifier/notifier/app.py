@@ -21,10 +21,11 @@ from .store import NotifierStore
 
 def create_app(config: NotifierConfig | None = None, store: NotifierStore | None = None) -> Flask:
     config = config or NotifierConfig()
+    api_keys = config.api_key_store()  # refuses production without API_KEYS
     app = Flask("notifier")
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024
-    app.config["ADMIN_TOKEN"] = config.admin_token
-    app.config["SENDGRID_ENABLED"] = bool(config.sendgrid_api_key)
+    app.config["MAILBOX_OPEN"] = config.mailbox_open
+    app.config["NOTIFIER_URL"] = config.notifier_url
     if store is None:
         pool = ConnectionPool(
             config.notifier_database_url,
@@ -50,7 +51,7 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
     openapi = web.OpenApi("notifier")
     api.describe(openapi)
     document = openapi.document()
-    document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    app.register_blueprint(api.bp)
     web.install(
         app,
         service="notifier",
@@ -62,15 +63,14 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
         },
         openapi=document,
         registry=registry,
+        api_keys=api_keys,
     )
-    app.register_error_handler(api.Unauthorized, api.unauthorized)
-    app.register_blueprint(api.bp)
     return app
 
 
 def _email_metrics(counts: dict[str, int]) -> Iterator[Metric]:
     """E-mail deliveries by status, read from the ledger at scrape time."""
     family = GaugeMetricFamily("emails", "E-mail deliveries by status", labels=["status"])
-    for status in ("pending", "sending", "sent", "failed", "cancelled"):
+    for status in ("pending", "sending", "sent", "failed", "cancelled", "suppressed"):
         family.add_metric([status], counts.get(status, 0))
     yield family

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from messaging.settings import ServiceSettings
+from messaging.settings import DEVELOPMENT_SECRET, ServiceSettings, check_activation_secret
 from pydantic import model_validator
-
-DEVELOPMENT_SECRET = "development-activation-secret"
-DEVELOPMENT_ADMIN_TOKEN = "development-admin-token"
 
 
 class NotifierConfig(ServiceSettings):
@@ -18,7 +15,8 @@ class NotifierConfig(ServiceSettings):
     public_person_url: str | None = None
     activation_secret: str = DEVELOPMENT_SECRET
     activation_ttl_seconds: int = 172_800
-    admin_token: str = DEVELOPMENT_ADMIN_TOKEN
+    public_notifier_url: str | None = None
+    emails_per_address_per_day: int = 10
     sender_poll_seconds: float = 1.0
     sender_max_attempts: int = 8
     sender_lease_seconds: float = 300.0
@@ -36,15 +34,25 @@ class NotifierConfig(ServiceSettings):
         return self
 
     @model_validator(mode="after")
-    def _production_needs_secrets(self) -> NotifierConfig:
-        if self.production:
-            for name, default in (
-                ("activation_secret", DEVELOPMENT_SECRET),
-                ("admin_token", DEVELOPMENT_ADMIN_TOKEN),
-            ):
-                if getattr(self, name) == default:
-                    raise ValueError(f"{name.upper()} must be set when APP_ENV=production")
+    def _production_is_closed(self) -> NotifierConfig:
+        check_activation_secret(self, self.activation_secret)
+        if self.production and not self.sendgrid_api_key:
+            raise ValueError("SENDGRID_API_KEY must be set when APP_ENV=production")
+        if self.production and not self.public_person_url:
+            raise ValueError("PUBLIC_PERSON_URL must be set when APP_ENV=production")
         return self
+
+    @property
+    def mailbox_open(self) -> bool:
+        """The development mailbox: development only, and only without SendGrid."""
+        return not self.production and not self.sendgrid_api_key
+
+    @property
+    def notifier_url(self) -> str:
+        """Base of the mailbox's own links (PUBLIC_NOTIFIER_URL, else through the gateway)."""
+        return (
+            self.public_notifier_url or f"http://notifier.localhost:{self.gateway_port}"
+        ).rstrip("/")
 
     @property
     def person_url(self) -> str:

@@ -83,7 +83,7 @@ def composer_for(config: NotifierConfig) -> Composer:
 
 def build(config: NotifierConfig, pool: ConnectionPool) -> tuple[Consumer, NotifierStore]:
     """Composition root of the consumer process."""
-    store = NotifierStore(pool)
+    store = NotifierStore(pool, config.emails_per_address_per_day)
     view = UserView(store, composer_for(config))
     consumer = Consumer(
         ConsumerSettings(config.amqp_url, config.topology(SERVICE)),

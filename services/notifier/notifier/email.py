@@ -59,13 +59,20 @@ class Composer:
 
     def compose(self, kind: str, cpf: str, name: str, email: str, registered_at: str) -> Composed:
         link = self.link(cpf, email, registered_at)
-        values = {"name": name, "link": link, "ttl_hours": self.ttl_seconds // 3600}
+        values = {"name": one_line(name), "link": link, "ttl_hours": self.ttl_seconds // 3600}
         return Composed(
             SUBJECTS[kind],
             self._templates[kind, "html"].render(values),
             self._templates[kind, "txt"].render(values),
             link,
         )
+
+
+def one_line(text: str, most: int = 200) -> str:
+    """Text for an e-mail: control and line-breaking characters gone, spaces collapsed, so a
+    crafted name cannot add lines, paragraphs or links to the text part."""
+    kept = "".join(ch if ch.isprintable() else " " for ch in text)
+    return " ".join(kept.split())[:most]
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ _UPSERT_USER = upsert_if_newer_query("users", ("cpf",), _USER_COLUMNS)
 # event mails no one. An applied event cancels the pending e-mails of the person's other
 # registrations (all of them, for a deletion, whose registered_at is NULL), records the welcome
 # unless this registration has one (the unique index on (cpf, registered_at)), and an activation
-# request records its link, to the address the event carries: the current one.
+# request records its link, to the address the event carries: the current one. Past the day's
+# cap of e-mails to one address, what it records is suppressed instead of pending.
 _APPLY_PERSON = f"""
 WITH applied AS ({_UPSERT_USER} RETURNING cpf, registered_at),
 cancelled AS (
@@ -46,13 +47,22 @@ cancelled AS (
     FROM applied WHERE d.cpf = applied.cpf AND d.status = 'pending'
       AND d.registered_at IS DISTINCT FROM applied.registered_at
     RETURNING d.id
+),
+recent AS (
+    SELECT count(*) AS sent FROM deliveries
+    WHERE lower(to_email) = lower(%(to_email)s) AND created_at > now() - interval '1 day'
+      AND status NOT IN ('suppressed', 'cancelled')
 )
-INSERT INTO deliveries ({_INTENT_COLUMNS})
-SELECT 'welcome', cpf, registered_at, %(event_id)s, %(to_email)s, %(w_subject)s, %(w_html)s,
-       %(w_text)s FROM applied WHERE %(w_subject)s::text IS NOT NULL
-UNION ALL
-SELECT 'activation', cpf, registered_at, %(event_id)s, %(to_email)s, %(a_subject)s, %(a_html)s,
-       %(a_text)s FROM applied WHERE %(a_subject)s::text IS NOT NULL
+INSERT INTO deliveries ({_INTENT_COLUMNS}, status, last_error)
+SELECT kind, cpf, registered_at, %(event_id)s, %(to_email)s, subject, html, text,
+       CASE WHEN recent.sent >= %(daily_cap)s THEN 'suppressed' ELSE 'pending' END,
+       CASE WHEN recent.sent >= %(daily_cap)s
+            THEN 'suppressed: ' || %(daily_cap)s || ' e-mails to this address today' END
+FROM applied, recent, (VALUES
+    ('welcome', %(w_subject)s::text, %(w_html)s::text, %(w_text)s::text),
+    ('activation', %(a_subject)s::text, %(a_html)s::text, %(a_text)s::text)
+) AS mail (kind, subject, html, text)
+WHERE mail.subject IS NOT NULL
 ON CONFLICT DO NOTHING
 """
 
@@ -95,8 +105,8 @@ def _intent_params(prefix: str, intent: Intent | None) -> dict[str, Any]:
 
 
 class NotifierStore:
-    def __init__(self, pool: ConnectionPool) -> None:
-        self.pool = pool
+    def __init__(self, pool: ConnectionPool, emails_per_address_per_day: int = 10) -> None:
+        self.pool, self.daily_cap = pool, emails_per_address_per_day
 
     @contextlib.contextmanager
     def transaction(self, pipelined: bool = False) -> Iterator[psycopg.Cursor]:
@@ -116,8 +126,8 @@ class NotifierStore:
     # -- consumer side (called inside the handler's transaction) -------------------------------
     # Each event becomes statements whose results nobody reads, so a batch of events can be
     # queued in one pipeline and cost one round trip: the conditions live in the SQL.
-    @staticmethod
     def apply_person(
+        self,
         cur: psycopg.Cursor,
         envelope_id: Any,
         cpf: str,
@@ -153,6 +163,7 @@ class NotifierStore:
                 "why": "the person was deleted" if state is None else "a new registration",
                 "event_id": envelope_id,
                 "to_email": mail.to_email if mail else None,
+                "daily_cap": self.daily_cap,
                 **_intent_params("w", welcome),
                 **_intent_params("a", activation),
             },
@@ -274,12 +285,13 @@ class NotifierStore:
             user["welcome"] = cur.fetchone()
             return user
 
-    def mailbox(self, limit: int) -> list[dict]:
+    def mailbox(self, limit: int, to: str | None = None) -> list[dict]:
         with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             cur.execute(
                 "SELECT id, delivery_id, to_email, from_email, subject, html, text, "
-                "received_at FROM mailbox ORDER BY id DESC LIMIT %s",
-                (limit,),
+                "received_at FROM mailbox WHERE %(to)s::text IS NULL OR lower(to_email) = "
+                "lower(%(to)s) ORDER BY id DESC LIMIT %(limit)s",
+                {"to": to, "limit": limit},
             )
             return cur.fetchall()
 

@@ -29,7 +29,6 @@ def config(notifier_db, servers, fake_sendgrid) -> NotifierConfig:
         sendgrid_timeout_seconds=0.5,
         activation_secret="test-secret",
         public_person_url="http://person.test",
-        admin_token="admin-test-token",
         sender_poll_seconds=0.2,
     )
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from messaging.auth import digest
 from notifier.app import create_app
 
 pytestmark = pytest.mark.integration
-ADMIN = {"Authorization": "Bearer admin-test-token"}
+ADMIN: dict[str, str] = {}  # API keys are off here (tests/test_security.py covers them)
 
 
 @pytest.fixture
@@ -49,11 +52,38 @@ def test_mailbox_is_off_when_sendgrid_is_configured(config, store):
 @pytest.mark.parametrize(
     "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic YWRtaW4="}]
 )
-def test_admin_endpoints_need_the_bearer_token(client, headers):
+def test_with_api_keys_the_admin_endpoints_need_an_admin_key(config, store, headers):
+    keys = json.dumps({digest("mk_admin"): ["admin"]})
+    client = create_app(config.model_copy(update={"api_keys": keys}), store).test_client()
     response = client.get("/deliveries?status=failed", headers=headers)
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
     assert client.post("/deliveries/1/retry", headers=headers).status_code == 401
+    admin = {"Authorization": "Bearer mk_admin"}
+    assert client.get("/deliveries?status=failed", headers=admin).status_code == 200
+
+
+def test_the_mailbox_is_closed_in_production(config, store):
+    keys = json.dumps({digest("mk_admin"): ["admin"]})
+    production = config.model_copy(
+        update={"app_env": "production", "sendgrid_api_key": None, "api_keys": keys}
+    )
+    assert not production.mailbox_open
+    client = create_app(production, store).test_client()
+    assert client.get("/mailbox", headers={"Authorization": "Bearer mk_admin"}).status_code == 404
+
+
+def test_the_mailbox_filters_by_recipient_and_its_links_ignore_the_host_header(
+    person_event, client, view, store, config
+):
+    for cpf, email in (("61", "one@example.com"), ("62", "two@example.com")):
+        view(person_event(cpf, email=email))
+    for delivery in store.claim_due(10, 300):
+        store.deliver_to_mailbox(delivery, config.email_from)
+    box = client.get("/mailbox?to=TWO@example.com", headers={"Host": "evil.example"}).json
+    assert [m["to"] for m in box["messages"]] == ["two@example.com"]
+    assert box["messages"][0]["html_url"].startswith("http://notifier.localhost:")
+    assert "evil" not in json.dumps(box)
 
 
 def test_failed_deliveries_can_be_listed_and_retried(person_event, client, view, store):

@@ -260,3 +260,23 @@ def test_the_database_away_longer_than_the_retry_ladder_dead_letters_nothing(
     assert consumer.stats.dead_lettered == 0
     with psycopg.connect(notifier_db) as conn:
         assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 100
+
+
+def test_past_the_days_cap_e_mails_to_one_address_are_suppressed(person, store, config):
+    from notifier.consumer import UserView, composer_for
+    from notifier.store import NotifierStore
+
+    capped = UserView(NotifierStore(store.pool, emails_per_address_per_day=2), composer_for(config))
+    for cpf in ("81", "82", "83"):  # three registrations with the same address
+        capped(person(cpf, 1, "created", email="target@example.com"))
+    statuses = [d["status"] for d in sorted(store.deliveries(None, 10), key=lambda d: d["id"])]
+    assert statuses == ["pending", "pending", "suppressed"]
+    assert store.claim_due(10, 300)[-1]["cpf"] == "82"
+
+
+def test_a_crafted_name_cannot_add_lines_to_the_email(person, view, store):
+    view(person("84", 1, "created", name="Ana\n\nClick http://evil.example\r\n\u2028now"))
+    [mail] = store.claim_due(1, 300)
+    first_line = mail["text"].splitlines()[0]
+    assert first_line == "Welcome, Ana Click http://evil.example now!"
+    assert mail["text"].count("http") == 2  # the link itself, and the name's words on one line

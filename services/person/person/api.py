@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import uuid
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
-from messaging.web import Invalid, OpenApi, correlation_id, json_object, path_parameter, problem
+from messaging.auth import public, requires
+from messaging.web import (
+    Invalid,
+    OpenApi,
+    Problem,
+    correlation_id,
+    json_object,
+    path_parameter,
+    principal,
+    problem,
+    query_int,
+)
 from messaging.web import validate as validated
 
 from .activation import Tokens
-from .errors import BadToken, Conflict, ExpiredToken, NotFound, Unprocessable
-from .imports import ImportStore
+from .errors import BadToken, Conflict, ExpiredToken, NotFound, TooSoon, Unprocessable
+from .imports import ImportStore, TooManyImports
 from .schemas import (
     Accepted,
     BulkIn,
@@ -26,12 +38,12 @@ from .schemas import (
     PersonIn,
     PersonOut,
     PersonPatch,
-    Problem,
     normalise_cpf,
 )
 from .store import Store
 
 bp = Blueprint("person", __name__)
+# The item kinds, each with what its POST takes (the one list of them in this service).
 KINDS = {"income": ItemIn, "asset": ItemIn, "debt": DebtIn}
 
 
@@ -74,6 +86,7 @@ def person_json(person: dict[str, Any]) -> dict[str, Any]:
 
 
 @bp.post("/person")
+@requires("person:write")
 def create_person() -> Any:
     fields = validated(PersonIn, json_object()).model_dump()
     person = store().create_person(fields, correlation_id())
@@ -81,24 +94,24 @@ def create_person() -> Any:
 
 
 @bp.post("/person/bulk")
+@requires("person:write")
 def create_import() -> Any:
     key = request.headers.get(IDEMPOTENCY_KEY)
     if key is not None and not 1 <= len(key) <= 200:
         raise _BulkRefused(400, f"the {IDEMPOTENCY_KEY} header must have 1 to 200 characters")
-    row, _created = imports().create(_bulk_items(), key)
+    row, _created = imports().create(_bulk_items(), key, principal().key_digest)
     body = {"id": row["id"], "status": row["status"], "total": row["total"]}
     return body, 202, {"Location": f"/imports/{row['id']}"}
 
 
 @bp.get("/imports/<import_id>")
+@requires("person:read")
 def get_import(import_id: str) -> Any:
     canonical = _canonical_uuid(import_id)
     if canonical is None:
         raise NotFound(f"no import {import_id}")
-    limit = request.args.get("limit", str(FAILURES_SHOWN))
-    if not limit.isascii() or not limit.isdigit() or int(limit) > MAX_FAILURES_SHOWN:
-        raise _BulkRefused(400, f"limit must be an integer from 0 to {MAX_FAILURES_SHOWN}")
-    row = imports().get(canonical, int(limit))
+    limit = query_int("limit", FAILURES_SHOWN, 0, MAX_FAILURES_SHOWN)
+    row = imports().get(canonical, limit, principal().key_digest)
     if row is None:
         raise NotFound(f"no import {import_id}")
     counts = ("id", "status", "total", "processed", "succeeded", "failed", "failures")
@@ -110,11 +123,13 @@ def get_import(import_id: str) -> Any:
 
 
 @bp.get("/person/<cpf>")
+@requires("person:read")
 def get_person(cpf: str) -> Any:
     return person_json(store().get_person(path_cpf(cpf)))
 
 
 @bp.patch("/person/<cpf>")
+@requires("person:write")
 def update_person(cpf: str) -> Any:
     key = path_cpf(cpf)
     body = json_object()
@@ -125,12 +140,14 @@ def update_person(cpf: str) -> Any:
 
 
 @bp.delete("/person/<cpf>")
+@requires("person:write")
 def delete_person(cpf: str) -> Any:
     store().delete_person(path_cpf(cpf), correlation_id())
     return "", 204
 
 
 @bp.post("/person/<cpf>/<kind>")
+@requires("person:write")
 def add_item(cpf: str, kind: str) -> Any:
     if kind not in KINDS:
         raise NotFound(f"no such collection: {kind}")
@@ -148,6 +165,7 @@ def add_item(cpf: str, kind: str) -> Any:
 
 
 @bp.delete("/person/<cpf>/<kind>/<item_id>")
+@requires("person:write")
 def delete_item(cpf: str, kind: str, item_id: str) -> Any:
     canonical = _canonical_uuid(item_id)
     if kind not in KINDS or canonical is None:
@@ -157,6 +175,7 @@ def delete_item(cpf: str, kind: str, item_id: str) -> Any:
 
 
 @bp.get("/person/<cpf>/activate")
+@public  # the token is the credential
 def activate(cpf: str) -> Any:
     key = path_cpf(cpf)
     token = request.args.get("token", "")
@@ -174,13 +193,15 @@ def activate(cpf: str) -> Any:
 
 
 @bp.post("/person/<cpf>/activation")
+@requires("person:write")
 def request_activation(cpf: str) -> Any:
-    store().request_activation(path_cpf(cpf), correlation_id())
+    resend = current_app.config["ACTIVATION_RESEND_SECONDS"]
+    store().request_activation(path_cpf(cpf), correlation_id(), resend)
     return {"message": "a new activation e-mail is on its way"}, 202
 
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
-FAILURES_SHOWN, MAX_FAILURES_SHOWN = 1000, 100_000
+FAILURES_SHOWN, MAX_FAILURES_SHOWN = 1000, 10_000
 NDJSON = "application/x-ndjson"
 
 
@@ -192,38 +213,26 @@ class _BulkRefused(Exception):
 
 def _bulk_items() -> list[Any]:
     """The items of a bulk body (a JSON array, or NDJSON), each an object; checked, not
-    validated: the importer validates each one as POST /person does."""
+    validated: the importer validates each one as POST /person does. An over-size body is
+    refused before it is read (413), an over-count one as soon as the count is passed."""
     request.max_content_length = current_app.config["BULK_MAX_BYTES"]  # Flask >= 3.1
     mimetype = request.mimetype or ""
+    raw = request.get_data(cache=True)  # 413 past BULK_MAX_BYTES, from Content-Length first
+    if not raw.strip():
+        raise _BulkRefused(400, "the body is empty; a JSON array of people was expected")
     if mimetype != NDJSON and mimetype != "application/json" and not mimetype.endswith("+json"):
         raise _BulkRefused(
             415, f"the body must be a JSON array (application/json) or NDJSON ({NDJSON})"
         )
-    raw = request.get_data(cache=True)  # 413 past BULK_MAX_BYTES
-    if not raw.strip():
-        raise _BulkRefused(400, "the body is empty; a JSON array of people was expected")
+    most = current_app.config["BULK_MAX_ITEMS"]
     try:
-        if mimetype == NDJSON:
-            items = []
-            for number, line in enumerate(raw.splitlines(), start=1):
-                if line.strip():
-                    try:
-                        items.append(json.loads(line, parse_constant=_reject_constant))
-                    except ValueError as exc:
-                        raise ValueError(f"line {number}: {exc}") from None
-        else:
-            items = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
+        items = _ndjson(raw, most) if mimetype == NDJSON else _json_array(raw, most)
+    except UnicodeDecodeError as exc:
         raise _BulkRefused(400, f"the body is not valid JSON: {exc}") from None
     except RecursionError:
         raise _BulkRefused(400, "the body is nested too deeply") from None
-    if not isinstance(items, list):
-        raise _BulkRefused(400, "the body must be a JSON array of people")
     if not items:
         raise _BulkRefused(422, "the body has no people", {"body": ["must not be empty"]})
-    most = current_app.config["BULK_MAX_ITEMS"]
-    if len(items) > most:
-        raise _BulkRefused(413, f"too many people: {len(items)}, at most {most} per import")
     not_objects = [index for index, item in enumerate(items) if not isinstance(item, dict)]
     if not_objects:
         errors = {str(index): ["must be a JSON object"] for index in not_objects[:20]}
@@ -231,8 +240,74 @@ def _bulk_items() -> list[Any]:
     return items
 
 
+def _too_many(most: int) -> _BulkRefused:
+    return _BulkRefused(413, f"too many people: more than {most} per import")
+
+
+def _ndjson(raw: bytes, most: int) -> list[Any]:
+    lines = [(n, line) for n, line in enumerate(raw.splitlines(), start=1) if line.strip()]
+    if len(lines) > most:  # counted before a single item is parsed
+        raise _too_many(most)
+    items = []
+    for number, line in lines:
+        try:
+            items.append(json.loads(line, parse_constant=_reject_constant))
+        except ValueError as exc:
+            raise _BulkRefused(400, f"the body is not valid JSON: line {number}: {exc}") from None
+    return items
+
+
+_WHITESPACE = " \t\n\r"
+
+
+def _json_array(raw: bytes, most: int) -> list[Any]:
+    """Parse a JSON array element by element, stopping as soon as it has too many."""
+    text = raw.decode()
+    at = len(text) - len(text.lstrip(_WHITESPACE))
+    if not text.startswith("[", at):
+        try:
+            json.loads(text, parse_constant=_reject_constant)
+        except ValueError as exc:
+            raise _BulkRefused(400, f"the body is not valid JSON: {exc}") from None
+        raise _BulkRefused(400, "the body must be a JSON array of people")
+    items: list[Any] = []
+    at += 1
+    try:
+        while True:
+            at = _skip(text, at)
+            if text.startswith("]", at) and not items:
+                at += 1
+                break
+            item, at = _ARRAY_DECODER.raw_decode(text, at)
+            items.append(item)
+            if len(items) > most:
+                raise _too_many(most)
+            at = _skip(text, at)
+            if text.startswith(",", at):
+                at += 1
+                continue
+            if text.startswith("]", at):
+                at += 1
+                break
+            raise ValueError(f"Expecting ',' delimiter: char {at}")
+        if _skip(text, at) != len(text):
+            raise ValueError(f"Extra data: char {at}")
+    except ValueError as exc:
+        raise _BulkRefused(400, f"the body is not valid JSON: {exc}") from None
+    return items
+
+
+def _skip(text: str, at: int) -> int:
+    while at < len(text) and text[at] in _WHITESPACE:
+        at += 1
+    return at
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
+
+
+_ARRAY_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _canonical_uuid(text: str) -> str | None:
@@ -266,6 +341,18 @@ def install_error_mapping(app: Flask) -> None:
     @app.errorhandler(Unprocessable)
     def _unprocessable(exc: Unprocessable) -> Response:
         return problem(422, "invalid fields", {exc.field: [exc.reason]})
+
+    @app.errorhandler(TooSoon)
+    def _too_soon(exc: TooSoon) -> Response:
+        response = problem(429, str(exc))
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        return response
+
+    @app.errorhandler(TooManyImports)
+    def _too_many(exc: TooManyImports) -> Response:
+        response = problem(429, str(exc))
+        response.headers["Retry-After"] = "60"
+        return response
 
     @app.errorhandler(_BulkRefused)
     def _bulk_refused(exc: _BulkRefused) -> Response:
@@ -313,13 +400,14 @@ def describe(api: OpenApi) -> None:
         "Content-Type: application/x-ndjson); each item is validated as POST /person",
         body=BulkIn,
         parameters=[idempotency_key],
-        responses={202: ImportAccepted, **errors, 503: Problem},
+        responses={202: ImportAccepted, **errors, 429: Problem, 503: Problem},
     )
     limit = {
         "name": "limit",
         "in": "query",
         "required": False,
-        "description": "how many failed items to list (by index); 1000 unless given",
+        "description": "how many failed items to list (by index); 1000 unless given (an import "
+        "keeps at most 10,000)",
         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_FAILURES_SHOWN},
     }
     api.route(
@@ -327,7 +415,7 @@ def describe(api: OpenApi) -> None:
         "/imports/{import_id}",
         "An import's progress and its failed items with their reasons",
         parameters=[path_parameter("import_id", "the import's id (a UUID)"), limit],
-        responses={200: ImportOut, 400: Problem, 404: Problem, 503: Problem},
+        responses={200: ImportOut, 404: Problem, 422: Problem, 503: Problem},
     )
     api.route(
         "GET",
@@ -379,5 +467,5 @@ def describe(api: OpenApi) -> None:
         "/person/{cpf}/activation",
         "Send a new activation e-mail",
         parameters=[cpf],
-        responses={202: Accepted, 404: Problem, 409: Problem, 422: Problem},
+        responses={202: Accepted, 404: Problem, 409: Problem, 422: Problem, 429: Problem},
     )

@@ -22,10 +22,12 @@ from .store import PgStore, Store
 def create_app(config: PersonConfig | None = None, store: Store | None = None) -> Flask:
     """Build the app; tests pass their own config and store (memory.MemoryStore)."""
     config = config or PersonConfig()
+    api_keys = config.api_key_store()  # refuses production without API_KEYS
     app = Flask("person")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.config["BULK_MAX_BYTES"] = config.bulk_max_bytes  # POST /person/bulk's own limit
     app.config["BULK_MAX_ITEMS"] = config.bulk_max_items
+    app.config["ACTIVATION_RESEND_SECONDS"] = config.activation_resend_seconds
     if store is None:
         pool = ConnectionPool(
             config.person_database_url,
@@ -37,7 +39,7 @@ def create_app(config: PersonConfig | None = None, store: Store | None = None) -
         store = PgStore(pool)
     app.extensions["person.store"] = store
     if isinstance(store, PgStore):  # bulk registration lives in PostgreSQL only
-        app.extensions["person.imports"] = ImportStore(store.pool)
+        app.extensions["person.imports"] = ImportStore(store.pool, config.imports_queued_per_key)
     app.extensions["person.tokens"] = Tokens(
         config.activation_secret, config.activation_ttl_seconds
     )
@@ -47,15 +49,16 @@ def create_app(config: PersonConfig | None = None, store: Store | None = None) -
     registry.register(ScrapeCollector(store.outbox_published, _published_metrics))
     openapi = web.OpenApi("person")
     api.describe(openapi)
+    app.register_blueprint(api.bp)
     web.install(
         app,
         service="person",
         readiness={"database": store.ping, "broker": BrokerProbe(config.amqp_url)},
         openapi=openapi.document(),
         registry=registry,
+        api_keys=api_keys,
     )
     api.install_error_mapping(app)
-    app.register_blueprint(api.bp)
     return app
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from messaging.settings import ServiceSettings
+from messaging.settings import DEVELOPMENT_SECRET, ServiceSettings, check_activation_secret
 from pydantic import model_validator
-
-DEVELOPMENT_SECRET = "development-activation-secret"
 
 
 class PersonConfig(ServiceSettings):
@@ -18,9 +16,10 @@ class PersonConfig(ServiceSettings):
     import_batch_size: int = 500
     import_poll_seconds: float = 1.0
     db_pool_size: int = 10
+    activation_resend_seconds: float = 60.0
+    imports_queued_per_key: int = 3
 
     @model_validator(mode="after")
     def _production_needs_a_secret(self) -> PersonConfig:
-        if self.production and self.activation_secret == DEVELOPMENT_SECRET:
-            raise ValueError("ACTIVATION_SECRET must be set when APP_ENV=production")
+        check_activation_secret(self, self.activation_secret)
         return self

@@ -23,3 +23,11 @@ class BadToken(Exception):
 
 class ExpiredToken(Exception):
     """An activation token past its time to live (410)."""
+
+
+class TooSoon(Exception):
+    """Asked again too soon (429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

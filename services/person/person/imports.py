@@ -36,31 +36,61 @@ APP_NAME = "person-importer"  # shows in pg_stat_activity
 IMPORT_COLUMNS = "id::text, status, total, processed, succeeded, failed, created_at, finished_at"
 
 
+class TooManyImports(Exception):
+    """The key has as many imports queued as it may (429)."""
+
+
 class ImportStore:
-    """The API's side: store an import, read its progress."""
+    """The API's side: store an import, read its progress. Each import belongs to its owner
+    (the digest of the API key that made it): idempotency keys and reads are per owner."""
 
-    def __init__(self, pool: ConnectionPool) -> None:
-        self.pool = pool
+    def __init__(self, pool: ConnectionPool, max_queued: int = 3) -> None:
+        self.pool, self.max_queued = pool, max_queued
 
-    def create(self, items: list[Any], idempotency_key: str | None) -> tuple[dict, bool]:
+    def create(
+        self, items: list[Any], idempotency_key: str | None, owner: str = ""
+    ) -> tuple[dict, bool]:
         """Store an import of `items`; (its row, True), or (the existing one, False) when an
-        import with this idempotency key exists already (its items are not compared)."""
+        import with this idempotency key exists already (its items are not compared).
+        TooManyImports when the owner has `max_queued` imports not done yet."""
         import_id = uuid.uuid4()
         with (
             self.pool.connection() as conn,
             conn.transaction(),
             conn.cursor(row_factory=dict_row) as cur,
         ):
+            if idempotency_key is not None:
+                cur.execute(
+                    f"SELECT {IMPORT_COLUMNS} FROM imports "
+                    "WHERE owner = %s AND idempotency_key = %s",
+                    (owner, idempotency_key),
+                )
+                existing = cur.fetchone()
+                if existing is not None:
+                    return existing, False
+            # One owner's imports queue one at a time through this lock, so the count holds.
             cur.execute(
-                f"INSERT INTO imports (id, idempotency_key, total) VALUES (%s, %s, %s) "
-                f"ON CONFLICT (idempotency_key) DO NOTHING RETURNING {IMPORT_COLUMNS}",
-                (import_id, idempotency_key, len(items)),
+                "SELECT pg_advisory_xact_lock(hashtextextended('imports:' || %s, 0))", (owner,)
+            )
+            cur.execute(
+                "SELECT count(*) AS queued FROM imports WHERE owner = %s AND status <> 'done'",
+                (owner,),
+            )
+            if cur.fetchone()["queued"] >= self.max_queued:
+                raise TooManyImports(
+                    f"{self.max_queued} imports of this key are not done yet: wait for one"
+                )
+            cur.execute(
+                f"INSERT INTO imports (id, owner, idempotency_key, total) VALUES (%s, %s, %s, %s) "
+                f"ON CONFLICT (owner, idempotency_key) DO NOTHING RETURNING {IMPORT_COLUMNS}",
+                (import_id, owner, idempotency_key, len(items)),
             )
             row = cur.fetchone()
-            if row is None:  # the key is taken (ON CONFLICT waited for its transaction)
+            if row is None:  # the key was taken meanwhile (ON CONFLICT waited for it)
                 cur.execute(
-                    f"SELECT {IMPORT_COLUMNS} FROM imports WHERE idempotency_key = %s",
-                    (idempotency_key,),
+                    f"SELECT {IMPORT_COLUMNS} FROM imports "
+                    "WHERE owner = %s AND idempotency_key = %s",
+                    (owner, idempotency_key),
                 )
                 return cur.fetchone(), False
             with cur.copy("COPY import_items (import_id, idx, item) FROM STDIN") as copy:
@@ -69,10 +99,13 @@ class ImportStore:
             cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(import_id)))
             return row, True
 
-    def get(self, import_id: str, limit: int) -> dict | None:
-        """The import with its first `limit` failures (by index), or None."""
+    def get(self, import_id: str, limit: int, owner: str = "") -> dict | None:
+        """The owner's import with its first `limit` failures (by index), or None."""
         with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(f"SELECT {IMPORT_COLUMNS} FROM imports WHERE id = %s", (import_id,))
+            cur.execute(
+                f"SELECT {IMPORT_COLUMNS} FROM imports WHERE id = %s AND owner = %s",
+                (import_id, owner),
+            )
             row = cur.fetchone()
             if row is None:
                 return None
@@ -85,6 +118,11 @@ class ImportStore:
                 {"index": f["idx"], "errors": json.loads(f["errors"])} for f in cur.fetchall()
             ]
             return row
+
+
+# Failed items kept per import (all are counted): a payload of 100,000 bad items stores no
+# more than this many reasons.
+MAX_FAILURES_KEPT = 10_000
 
 
 @dataclass(frozen=True)
@@ -151,7 +189,7 @@ class Importer:
     def _batch(self, conn: psycopg.Connection, careful: bool) -> bool:
         with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
             cur.execute(
-                "SELECT id, total, processed FROM imports WHERE status <> 'done' "
+                "SELECT id, total, processed, failed FROM imports WHERE status <> 'done' "
                 "ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED"
             )
             claimed = cur.fetchone()
@@ -168,11 +206,12 @@ class Importer:
                 items = cur.fetchall()
                 errors = self._register(cur, items, str(import_id), careful)
                 failures = [(import_id, idx, json.dumps(reasons)) for idx, reasons in errors]
-                if failures:
+                room = max(0, MAX_FAILURES_KEPT - claimed["failed"])
+                if failures[:room]:
                     cur.executemany(
                         "INSERT INTO import_failures (import_id, idx, errors) "
                         "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                        failures,
+                        failures[:room],
                     )
                 processed = claimed["processed"] + len(items)
                 done = not items or processed >= claimed["total"]

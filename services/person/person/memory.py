@@ -14,7 +14,7 @@ from messaging import Envelope
 
 from .errors import BadToken, Conflict, NotFound
 from .events import PRODUCER, item_state, person_state
-from .store import EDITABLE, _check_can_activate, _with_items
+from .store import EDITABLE, _check_can_activate, _check_resend, _with_items
 
 
 class MemoryStore:
@@ -25,6 +25,7 @@ class MemoryStore:
         self.people: dict[str, dict] = {}
         self.items: dict[str, dict] = {}
         self.events: list[Envelope] = []
+        self.activation_requested_at: dict[str, datetime] = {}
         self._versions: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
 
@@ -70,6 +71,7 @@ class MemoryStore:
                     del self.items[item_id]
                     self._event(item["kind"], item_id, "deleted", None, correlation_id)
             del self.people[cpf]
+            self.activation_requested_at.pop(cpf, None)
             self._event("person", cpf, "deleted", None, correlation_id)
 
     def add_item(
@@ -111,10 +113,16 @@ class MemoryStore:
             self._event("person", cpf, "updated", person_state(person), correlation_id)
             return True
 
-    def request_activation(self, cpf: str, correlation_id: str | None) -> dict:
+    def request_activation(
+        self, cpf: str, correlation_id: str | None, resend_seconds: float = 0.0
+    ) -> dict:
         with self._lock:
             person = self._person(cpf)
             _check_can_activate(person)
+            now = datetime.now(UTC)
+            last = self.activation_requested_at.get(cpf, person["created_at"])
+            _check_resend((now - last).total_seconds(), resend_seconds)
+            self.activation_requested_at[cpf] = now
             self._event("person", cpf, "activation_requested", person_state(person), correlation_id)
             return dict(person)
 

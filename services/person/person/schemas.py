@@ -18,7 +18,6 @@ from pydantic import (
     StringConstraints,
 )
 
-ITEM_KINDS = ("income", "asset", "debt")
 _CPF_NOISE = re.compile(r"[.\-\s]")
 _CPF = re.compile(r"^[0-9]{1,14}$")
 
@@ -168,11 +167,6 @@ class ItemCreated(ItemOut):
     message: Literal["created"]
     cpf: str
     kind: Literal["income", "asset", "debt"]
-
-
-class Problem(BaseModel):
-    message: str
-    errors: dict[str, list[str]] = Field(default_factory=dict)
 
 
 class Accepted(BaseModel):

@@ -14,7 +14,7 @@ from messaging import Outbox
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from .errors import BadToken, Conflict, NotFound, Unprocessable
+from .errors import BadToken, Conflict, NotFound, TooSoon, Unprocessable
 from .events import PRODUCER, item_state, person_state
 
 PERSON_COLUMNS = "cpf, name, address, date_of_birth, email, status, created_at, updated_at"
@@ -39,7 +39,9 @@ class Store(Protocol):
     def activate(
         self, cpf: str, email: str, registered_at: datetime, correlation_id: str | None
     ) -> bool: ...
-    def request_activation(self, cpf: str, correlation_id: str | None) -> dict: ...
+    def request_activation(
+        self, cpf: str, correlation_id: str | None, resend_seconds: float = 0.0
+    ) -> dict: ...
     def ping(self) -> None: ...
     def outbox_backlog(self) -> tuple[int, float]: ...
     def outbox_published(self) -> tuple[int, float | None]: ...
@@ -161,10 +163,19 @@ class PgStore:
             self._event(cur, "person", cpf, "updated", person_state(cur.fetchone()), correlation_id)
             return True
 
-    def request_activation(self, cpf: str, correlation_id: str | None) -> dict:
+    def request_activation(
+        self, cpf: str, correlation_id: str | None, resend_seconds: float = 0.0
+    ) -> dict:
         with self._tx() as cur:
             person = _fetch_person(cur, cpf, lock=True)
             _check_can_activate(person)
+            cur.execute(
+                "SELECT extract(epoch FROM now() - coalesce(activation_requested_at, created_at))"
+                " AS since FROM person WHERE cpf = %s",
+                (cpf,),
+            )
+            _check_resend(float(cur.fetchone()["since"]), resend_seconds)
+            cur.execute("UPDATE person SET activation_requested_at = now() WHERE cpf = %s", (cpf,))
             self._event(
                 cur, "person", cpf, "activation_requested", person_state(person), correlation_id
             )
@@ -261,6 +272,16 @@ def _check_can_activate(person: dict) -> None:
         raise Unprocessable("email", "the person has no e-mail address to send a link to")
     if person["status"] == "active":
         raise Conflict("the account is already active")
+
+
+def _check_resend(since: float, resend_seconds: float) -> None:
+    """A new activation e-mail only `resend_seconds` after the registration or the last one."""
+    if since < resend_seconds:
+        raise TooSoon(
+            f"an activation e-mail was sent {since:.0f}s ago: ask again in "
+            f"{resend_seconds - since:.0f}s",
+            resend_seconds - since,
+        )
 
 
 def _with_items(person: dict, items: list[dict]) -> dict:

@@ -42,6 +42,9 @@ def config(servers) -> PersonConfig:
         activation_secret="test-secret",
         activation_ttl_seconds=3600,
         max_body_bytes=16 * 1024,
+        # Limits of their own tests (test_api.py, test_imports.py), not in everyone's way.
+        activation_resend_seconds=0,
+        imports_queued_per_key=100,
     )
 
 

@@ -6,7 +6,7 @@ import json
 import re
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -929,6 +929,27 @@ def test_asking_for_a_new_activation_email_is_accepted(client, memory_store, per
     (event,) = new_events(memory_store, before)
     assert event.event_type == "person.activation_requested"
     assert event.data["email"] == EMAIL
+
+
+def test_a_new_activation_email_is_refused_within_the_resend_interval(config, memory_store):
+    from person.app import create_app
+
+    client = create_app(
+        config.model_copy(update={"activation_resend_seconds": 60}), store=memory_store
+    ).test_client()
+    assert post_json(client, "/person", {**SEED_PERSON, "email": EMAIL}).status_code == 201
+    before = len(memory_store.events)
+
+    soon = client.post(f"/person/{CPF}/activation")  # right after the registration
+
+    assert soon.status_code == 429
+    assert 55 <= int(soon.headers["Retry-After"]) <= 60
+    assert new_events(memory_store, before) == []
+    memory_store.people[CPF]["created_at"] -= timedelta(seconds=61)
+    assert client.post(f"/person/{CPF}/activation").status_code == 202
+    again = client.post(f"/person/{CPF}/activation")  # right after the last accepted one
+    assert again.status_code == 429
+    assert len(new_events(memory_store, before)) == 1
 
 
 def test_asking_for_an_activation_email_without_an_email_is_unprocessable(client, person):

@@ -219,7 +219,7 @@ BIG = [person(1, address="x" * BULK_MAX_BYTES)]
         ({"json": []}, 422, "no people"),
         ({"json": [person(1), 5, [], "x"]}, 422, "3 items are not objects"),
         ({"json": BIG}, 413, "the body is too large"),
-        ({"json": [{}] * (BULK_MAX_ITEMS + 1)}, 413, "too many people: 5001"),
+        ({"json": [{}] * (BULK_MAX_ITEMS + 1)}, 413, "too many people: more than 5000"),
         ({"json": [person(1)], "headers": {"Idempotency-Key": "k" * 201}}, 400, "1 to 200"),
     ],
     ids=[
@@ -260,7 +260,51 @@ def test_an_unknown_or_malformed_import_id_is_404(client):
         assert answer.status_code == 404
         assert set(answer.json) == {"message", "errors"}
     created = post_bulk(client, [person(1)]).json["id"]
-    assert client.get(f"/imports/{created}", query_string={"limit": "-1"}).status_code == 400
+    for limit in ("-1", "²", "٣", "10001"):
+        answer = client.get(f"/imports/{created}", query_string={"limit": limit})
+        assert answer.status_code == 422, limit
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "message"),
+    [
+        ("\n".join(["{}"] * (BULK_MAX_ITEMS + 1)), "application/x-ndjson", "too many people"),
+        ("[" + ",".join(["{}"] * (BULK_MAX_ITEMS + 1)) + "]", "application/json", "too many"),
+        ('[{"cpf": 1}] trailing', "application/json", "Extra data"),
+        ('[{"cpf": 1},]', "application/json", "not valid JSON"),
+        ('[{"cpf": 1} {"cpf": 2}]', "application/json", "delimiter"),
+    ],
+    ids=["ndjson-over-count", "array-over-count", "trailing", "trailing-comma", "no-comma"],
+)
+def test_a_bulk_body_is_refused_as_soon_as_it_is_known_to_be_wrong(
+    client, person_db, data, content_type, message
+):
+    answer = client.post("/person/bulk", data=data, content_type=content_type)
+    assert 400 <= answer.status_code < 500 and message in answer.json["message"], answer.json
+    assert query(person_db, "SELECT count(*) FROM imports") == [(0,)]
+
+
+def test_one_key_cannot_queue_more_than_a_few_imports(bulk_config, person_db):
+    with ConnectionPool(person_db, min_size=1, max_size=4) as pool:
+        app = create_app(
+            bulk_config.model_copy(update={"imports_queued_per_key": 2}), PgStore(pool)
+        )
+        client = app.test_client()
+        assert [post_bulk(client, [person(n)]).status_code for n in range(3)] == [202, 202, 429]
+        refused = post_bulk(client, [person(9)])
+        assert refused.headers["Retry-After"] and "not done yet" in refused.json["message"]
+
+
+def test_an_import_keeps_a_bounded_number_of_failures_but_counts_them_all(
+    client, importer, monkeypatch
+):
+    from person import imports
+
+    monkeypatch.setattr(imports, "MAX_FAILURES_KEPT", 7)
+    created = post_bulk(client, [{"cpf": "x"}] * 20).json["id"]
+    with running(importer):
+        report = wait_until(lambda: done(client, created), what="the import done")
+    assert (report["failed"], len(report["failures"])) == (20, 7)
 
 
 def test_the_api_answers_202_at_once_without_a_worker(client, person_db):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, current_app
-from messaging.web import OpenApi, path_parameter, problem
+from messaging.auth import requires
+from messaging.web import OpenApi, Problem, path_parameter, problem
 from pydantic import BaseModel, Field
 
 from .store import ScoreStore
@@ -22,12 +23,8 @@ class ScoreOut(BaseModel):
     version: int = Field(description="revision of this read-model entry; grows with each change")
 
 
-class Problem(BaseModel):
-    message: str
-    errors: dict[str, list[str]] = Field(default_factory=dict)
-
-
 @bp.get("/<cpf>/score")
+@requires("score:read")
 def get_score(cpf: str) -> Any:
     store: ScoreStore = current_app.extensions["score.store"]
     found = store.read(cpf)

@@ -19,6 +19,7 @@ from .store import ScoreStore
 
 def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = None) -> Flask:
     config = config or ScoreConfig()
+    api_keys = config.api_key_store()  # refuses production without API_KEYS
     app = Flask("score")
     if store is None:
         store = ScoreStore(redis.Redis.from_url(config.score_redis_url), config.score_key_prefix)
@@ -42,6 +43,7 @@ def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = Non
     registry.register(ScrapeCollector(consumer_stats, consumer_metrics))
     openapi = web.OpenApi("score")
     api.describe(openapi)
+    app.register_blueprint(api.bp)
     web.install(
         app,
         service="score",
@@ -52,6 +54,6 @@ def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = Non
         },
         openapi=openapi.document(),
         registry=registry,
+        api_keys=api_keys,
     )
-    app.register_blueprint(api.bp)
     return app

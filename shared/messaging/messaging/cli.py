@@ -6,6 +6,7 @@
     messaging dlq purge <queue> --yes
     messaging outbox status                     backlog, oldest unpublished, last publish
     messaging replay --to <queue> [--entity E] [--since ISO]
+    messaging apikey new --scopes a,b           a fresh API key and its API_KEYS entry
 
 The broker is AMQP_URL (one node, or several of a cluster, comma-separated); the producer's
 database is DATABASE_URL (or --database-url). `<queue>` may be a dead queue's name or its work
@@ -242,6 +243,24 @@ def replay(queue: str, entity: str | None, since: datetime | None) -> int:
     return 0
 
 
+def apikey_new(scopes: str) -> int:
+    """Print a fresh key (to hand to its client, once) and the API_KEYS entry to configure."""
+    from .auth import new_key
+
+    names = [name.strip() for name in scopes.split(",") if name.strip()]
+    if not names:
+        raise Usage("--scopes needs at least one scope, e.g. person:write,person:read")
+    try:
+        key, entry = new_key(names)
+    except ValueError as exc:
+        raise Usage(str(exc)) from None
+    print(f"key: {key}")
+    print(f"API_KEYS entry: {json.dumps(entry)}")
+    print("Keep the key secret: only its SHA-256 digest goes into API_KEYS (merge the entry into")
+    print("the JSON object there); send it as Authorization: Bearer <key>.")
+    return 0
+
+
 def _since(text: str) -> datetime:
     value = datetime.fromisoformat(text)
     return value if value.tzinfo else value.replace(tzinfo=UTC)
@@ -271,6 +290,10 @@ def parser() -> argparse.ArgumentParser:
     outbox = commands.add_parser("outbox", help="the producer's outbox")
     outbox.add_argument("action", choices=["status"])
 
+    keys = commands.add_parser("apikey", help="API keys")
+    keys.add_argument("action", choices=["new"])
+    keys.add_argument("--scopes", required=True, help="comma-separated, e.g. person:read")
+
     rebuild = commands.add_parser("replay", help="publish the producer's events to one queue")
     rebuild.add_argument("--to", required=True, dest="queue")
     rebuild.add_argument("--entity")
@@ -292,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             return dlq_purge(args.queue)
         if args.command == "outbox":
             return outbox_status()
+        if args.command == "apikey":
+            return apikey_new(args.scopes)
         return replay(args.queue, args.entity, args.since)
     except pika.exceptions.ChannelClosedByBroker as exc:
         print(f"messaging: the broker refused: {exc.reply_text}", file=sys.stderr)

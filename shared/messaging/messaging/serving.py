@@ -27,7 +27,10 @@ def gunicorn_settings(prefix: str, default_port: int) -> dict[str, Any]:
         "worker_class": "gthread",
         "graceful_timeout": 20,
         "accesslog": "-",
-        "access_log_format": ('%(h)s "%(r)s" %(s)s %(b)s %(L)ss request_id=%({x-request-id}o)s'),
+        # The path without its query string: activation links carry their token there.
+        "access_log_format": (
+            '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss request_id=%({x-request-id}o)s'
+        ),
         "logconfig_dict": {
             "version": 1,
             "disable_existing_loggers": False,

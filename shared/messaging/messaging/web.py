@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -22,11 +23,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 from werkzeug.exceptions import HTTPException
 
 from . import logs
+from .auth import ANONYMOUS, PUBLIC, ApiKeys, Principal, declared_scope, public, requires
 
 log = logging.getLogger("messaging.web")
 
@@ -57,12 +59,12 @@ def problem(status: int, message: str, errors: dict[str, list[str]] | None = Non
 
 def json_body() -> Any:
     """The request's JSON body, with decimals kept exact; 415, 400 or 413 when it is not."""
+    raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
+    if not raw.strip():  # empty is malformed, whatever the Content-Type says (or not)
+        raise _Status(400, "the body is empty; a JSON object was expected")
     mimetype = request.mimetype or ""
     if mimetype != "application/json" and not mimetype.endswith("+json"):
         raise _Status(415, "the body must be JSON (Content-Type: application/json)")
-    raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
-    if not raw.strip():
-        raise _Status(400, "the body is empty; a JSON object was expected")
     try:
         return json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -101,6 +103,24 @@ def correlation_id() -> str:
     return g.get("correlation_id") or "-"
 
 
+def principal() -> Principal:
+    """Who is calling (ANONYMOUS where API keys are off or the route is public)."""
+    return g.get("principal") or ANONYMOUS
+
+
+def query_int(name: str, default: int, minimum: int, maximum: int) -> int:
+    """An integer query parameter in plain ASCII digits; Invalid (422) for anything else
+    (Unicode digits such as '²' or '٣' included, which str.isdigit would let through)."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 12) or not (
+        minimum <= int(raw) <= maximum
+    ):
+        raise Invalid({name: [f"must be a whole number from {minimum} to {maximum}"]})
+    return int(raw)
+
+
 class _Status(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -118,9 +138,14 @@ def install(
     readiness: dict[str, Callable[[], None]],
     openapi: dict[str, Any],
     registry: CollectorRegistry,
+    api_keys: ApiKeys | None = None,
 ) -> None:
-    """Add the shared error handling, correlation ids, request metrics and standard routes."""
+    """Add the shared error handling, correlation ids, API keys, request metrics and the
+    standard routes. Call it after the service's own routes are registered: every route must
+    declare its scope (auth.requires or auth.public), or the app refuses to start."""
     app.json.sort_keys = False
+    if api_keys is None:
+        log.warning("%s: API_KEYS is not set: every route is open (development only)", service)
     duration = Histogram(
         "http_request_duration_seconds",
         "HTTP request duration",
@@ -137,6 +162,27 @@ def install(
             incoming[:200] if incoming.isprintable() and incoming else str(uuid.uuid4())
         )
         g.log_binding = logs.correlation_id.set(g.correlation_id)  # on every log line
+        g.principal = ANONYMOUS
+
+    @app.before_request
+    def _authorize() -> Response | None:
+        view = app.view_functions.get(request.endpoint or "")
+        scope = declared_scope(view)
+        if api_keys is None or view is None or scope == PUBLIC:
+            return None  # keys off, a 404 or 405 to come, or an open route
+        found = api_keys.verify(request.headers.get("Authorization"))
+        if found is None:
+            response = problem(401, "a valid API key is required (Authorization: Bearer <key>)")
+            response.headers["WWW-Authenticate"] = f'Bearer realm="{service}"'
+            return response
+        if scope not in found.scopes:
+            response = problem(403, f"this API key lacks the {scope} scope")
+            response.headers["WWW-Authenticate"] = (
+                f'Bearer realm="{service}", error="insufficient_scope", scope="{scope}"'
+            )
+            return response
+        g.principal = found
+        return None
 
     @app.teardown_request
     def _unbind(_exc: BaseException | None) -> None:
@@ -180,10 +226,12 @@ def install(
     standard = Blueprint("standard", __name__)
 
     @standard.get("/health")
+    @public
     def health() -> Response:
         return jsonify({"status": "ok", "service": service})
 
     @standard.get("/ready")
+    @public
     def ready() -> Response:
         checks, status = {}, "ready"
         for name, check in readiness.items():
@@ -204,14 +252,65 @@ def install(
         return response
 
     @standard.get("/metrics")
+    @requires("metrics")
     def metrics() -> Response:
         return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
     @standard.get("/openapi.json")
+    @public
     def openapi_document() -> Response:
         return jsonify(openapi)
 
     app.register_blueprint(standard)
+    _document_security(app, openapi)
+
+
+def _document_security(app: Flask, openapi: dict[str, Any]) -> None:
+    """Write each route's declared scope into the OpenAPI document; refuse undeclared routes."""
+    undeclared = []
+    schemas = openapi.setdefault("components", {}).setdefault("schemas", {})
+    schemas.setdefault(
+        "Problem", Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    )
+    problem_body = {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    openapi["components"]["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "an API key (API_KEYS)"}
+    }
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        scope = declared_scope(app.view_functions[rule.endpoint])
+        if scope is None:
+            undeclared.append(rule.rule)
+            continue
+        path = _PARAMETER.sub(r"{\1}", rule.rule)
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            operation = openapi.get("paths", {}).get(path, {}).get(method.lower())
+            if operation is not None:
+                operation["security"] = [] if scope == PUBLIC else [{"bearer": [scope]}]
+                if scope != PUBLIC:
+                    operation["responses"].setdefault(
+                        "401", {"description": "no or unknown API key", "content": problem_body}
+                    )
+                    operation["responses"].setdefault(
+                        "403",
+                        {
+                            "description": f"the API key lacks the {scope} scope",
+                            "content": problem_body,
+                        },
+                    )
+    if undeclared:
+        raise RuntimeError(f"routes without a declared scope: {', '.join(sorted(undeclared))}")
+
+
+_PARAMETER = re.compile(r"<(?:[a-z]+:)?([a-z_]+)>")
+
+
+class Problem(BaseModel):
+    """The one error shape of every service."""
+
+    message: str
+    errors: dict[str, list[str]] = Field(default_factory=dict)
 
 
 class Health(BaseModel):

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 from flask import Flask
 from messaging import Consumer, ConsumerSettings, Envelope
+from messaging.auth import public
 from messaging.logs import JsonFormatter, bound
 from messaging.testing import running, wait_until
 from messaging.web import install
@@ -55,6 +56,7 @@ def test_every_line_of_a_request_carries_its_request_id(lines):
     app = Flask("t")
 
     @app.get("/work")
+    @public
     def work():
         logging.getLogger("t.api").info("working")
         return {"ok": True}
