@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install up down logs status test unit soak lint format bench compose-env clean
 
-$(STAMP): requirements.txt requirements-dev.txt shared/messaging/pyproject.toml services/*/pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt shared/messaging/pyproject.toml services/*/pyproject.toml tests/asyncapi/package-lock.json
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -r requirements-dev.txt
 	$(VENV)/bin/pip install -q --no-deps -e shared/messaging -e services/person -e services/score -e services/notifier
+	npm ci --prefix tests/asyncapi --no-audit --no-fund --silent  # the AsyncAPI parser (make test)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -203,9 +203,8 @@ def person_event() -> Callable[..., Envelope]:
                 "updated_at": at,
             }
         return Envelope.new(
-            entity="person",
+            event_type=f"person.{change}",
             entity_id=cpf,
-            change=change,
             entity_version=version,
             data=data,
             producer="person",

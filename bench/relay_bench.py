@@ -85,9 +85,8 @@ def make_envelopes(n: int) -> list[Envelope]:
     """The N `person.created` events both phases publish, as Outbox.add would build them."""
     return [
         Envelope.new(
-            entity="person",
+            event_type="person.created",
             entity_id=str(i),
-            change="created",
             entity_version=1,
             data=person(i),
             producer="bench",

@@ -40,7 +40,7 @@ import redis
 from messaging import Envelope
 from messaging.replay import requests_queue
 from messaging.topology import DEFAULT_RETRY_DELAYS, Topology
-from person.events import PRODUCER, item_state, person_state
+from person.catalogue import PRODUCER, item_data, person_data
 from psycopg import sql
 from score.store import ScoreStore
 
@@ -318,8 +318,12 @@ def prefill(db_url: str, first: int, count: int) -> list[str]:
                 }
                 people.append(person)
                 items.append(item)
-                events.append(event("person", person["cpf"], person_state(person)))
-                events.append(event("income", str(item["id"]), item_state(item)))
+                events.append(
+                    event("person", person["cpf"], person_data(person).model_dump(mode="json"))
+                )
+                events.append(
+                    event("income", str(item["id"]), item_data(item).model_dump(mode="json"))
+                )
                 cpfs.append(person["cpf"])
             copy_rows(cur, "person", people)
             copy_rows(cur, "item", items)
@@ -354,9 +358,8 @@ def prefill(db_url: str, first: int, count: int) -> list[str]:
 def event(entity: str, entity_id: str, data: dict) -> Envelope:
     """A `created` event as Outbox.add builds it (version 1; the API's correlation id)."""
     return Envelope.new(
-        entity=entity,
+        event_type=f"{entity}.created",
         entity_id=entity_id,
-        change="created",
         entity_version=1,
         data=data,
         producer=PRODUCER,

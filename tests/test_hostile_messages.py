@@ -95,9 +95,8 @@ def hostile(draw: Callable) -> dict[str, Any]:
 def person_created(cpf: str) -> Envelope:
     now = datetime.now(UTC).isoformat()
     return Envelope.new(
-        entity="person",
+        event_type="person.created",
         entity_id=cpf,
-        change="created",
         entity_version=1,
         data={
             "cpf": cpf,

@@ -243,9 +243,8 @@ def seed_notifier(store: NotifierStore, config: NotifierConfig) -> None:
     for cpf, email in ((KNOWN_CPF, "maria@example.com"), ("22222", "joao@example.com")):
         view(
             Envelope.new(
-                entity="person",
+                event_type="person.created",
                 entity_id=cpf,
-                change="created",
                 entity_version=1,
                 producer="person",
                 data={

@@ -6,12 +6,12 @@ python -m notifier.consumer runs it as a process. Sending is the sender's job (s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import psycopg
 from messaging import Consumer, ConsumerSettings, Envelope, PermanentError
 from messaging.runner import AttachedBeacon, configure_logging, run_until_signalled
 from psycopg_pool import ConnectionPool
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import NotifierConfig
 from .email import Composer
@@ -20,6 +20,26 @@ from .store import Intent, NotifierStore, translated
 SERVICE = "notifier"
 HEARTBEAT = "notifier-consumer"
 HEARTBEAT_SECONDS = 2.0
+
+
+class PersonFields(BaseModel):
+    """What the notifier reads of a person's data (a tolerant reader: the rest is ignored)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str
+    email: str | None = None
+    status: str | None = None
+    created_at: str = Field(description="the registration's time, which links are bound to")
+
+
+# The person service's event types this view reads (its catalogue is published at
+# person.localhost/asyncapi.json); an activation request also sends a new link. Any other type
+# (items, a type added later) is acknowledged and counted by the runtime, never handled.
+HANDLES = frozenset(
+    {"person.created", "person.updated", "person.activation_requested", "person.deleted"}
+)
+SENDS_ACTIVATION = "person.activation_requested"
 
 
 class UserView:
@@ -37,7 +57,7 @@ class UserView:
         A batch that fails is rolled back; the runtime then applies its events one by one, so
         one bad event is retried or dead-lettered alone.
         """
-        people = [e for e in envelopes if e.entity == "person"]  # items do not concern us
+        people = [e for e in envelopes if e.event_type in HANDLES]
         if not people:
             return
         with translated(), self.store.transaction(pipelined=True) as cur:
@@ -45,36 +65,40 @@ class UserView:
                 self._apply(cur, envelope)
 
     def _apply(self, cur: psycopg.Cursor, envelope: Envelope) -> None:
-        """Queue the statements of one event; none of their results is read."""
-        cpf, state = envelope.entity_id, envelope.data
-        if state is not None:
-            _check(state)
-        mail = state is not None and bool(state.get("email"))
+        """Queue the statement of one event; its result is not read."""
+        person = _fields(envelope)
+        state = None if person is None else {**envelope.data, **person.model_dump()}
+        mail = person is not None and bool(person.email)
         # The welcome is composed for every event with an e-mail, whether or not it turns out to
         # call for one (the SQL decides): the price of deciding without a round trip. An
         # activation request carries it too, for when it is applied before the registration.
-        welcome = self._intent("welcome", envelope) if mail else None
+        welcome = self._intent("welcome", envelope.entity_id, person) if mail else None
         activation = None
-        if mail and envelope.change == "activation_requested":
-            activation = self._intent("activation", envelope)
+        if mail and envelope.event_type == SENDS_ACTIVATION:
+            activation = self._intent("activation", envelope.entity_id, person)
         self.store.apply_person(
-            cur, envelope.event_id, cpf, envelope.entity_version, state, welcome, activation
+            cur,
+            envelope.event_id,
+            envelope.entity_id,
+            envelope.entity_version,
+            state,
+            welcome,
+            activation,
         )
 
-    def _intent(self, kind: str, envelope: Envelope) -> Intent:
-        state = envelope.data
-        mail = self.composer.compose(
-            kind, envelope.entity_id, state["name"], state["email"], state["created_at"]
-        )
-        return Intent(state["email"], mail.subject, mail.html, mail.text)
+    def _intent(self, kind: str, cpf: str, person: PersonFields) -> Intent:
+        mail = self.composer.compose(kind, cpf, person.name, person.email, person.created_at)
+        return Intent(person.email, mail.subject, mail.html, mail.text)
 
 
-def _check(state: dict[str, Any]) -> None:
-    for field in ("name", "created_at"):
-        if not isinstance(state.get(field), str):
-            raise PermanentError(f"person data lacks {field}")
-    if state.get("email") is not None and not isinstance(state["email"], str):
-        raise PermanentError("person data has a non-text email")
+def _fields(envelope: Envelope) -> PersonFields | None:
+    if envelope.data is None:
+        return None
+    try:
+        return PersonFields.model_validate(envelope.data)
+    except ValidationError as exc:
+        reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise PermanentError(f"person data: {reasons[:300]}") from None
 
 
 def composer_for(config: NotifierConfig) -> Composer:
@@ -90,6 +114,7 @@ def build(config: NotifierConfig, pool: ConnectionPool) -> tuple[Consumer, Notif
         view,
         batch_handler=view.batch,
         probe=store.ping,
+        handles=HANDLES,
     )
     return consumer, store
 

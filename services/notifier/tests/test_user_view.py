@@ -148,9 +148,8 @@ def test_item_events_are_ignored_and_bad_person_data_is_dead_lettered(person, vi
     bus.subscribe(topology, view)
     bus.publish(
         Envelope.new(
-            entity="income",
+            event_type="income.created",
             entity_id="i",
-            change="created",
             entity_version=1,
             data={"cpf": "9", "value": "1"},
             producer="person",
@@ -158,9 +157,8 @@ def test_item_events_are_ignored_and_bad_person_data_is_dead_lettered(person, vi
     )
     bus.publish(
         Envelope.new(
-            entity="person",
+            event_type="person.created",
             entity_id="9",
-            change="created",
             entity_version=1,
             data={"cpf": "9"},
             producer="person",
@@ -196,9 +194,8 @@ def test_a_batch_applies_its_events_in_order_in_one_transaction(person, view, st
 
 def test_a_bad_event_rolls_its_batch_back_and_is_dead_lettered_alone(person, view, store):
     bad = Envelope.new(
-        entity="person",
+        event_type="person.created",
         entity_id="15",
-        change="created",
         entity_version=1,
         data={"cpf": "15", "name": 15},
         producer="person",

@@ -40,7 +40,7 @@ from .schemas import (
     PersonPatch,
     normalise_cpf,
 )
-from .store import Store
+from .service import Store
 
 bp = Blueprint("person", __name__)
 # The item kinds, each with what its POST takes (the one list of them in this service).
@@ -83,6 +83,13 @@ def person_json(person: dict[str, Any]) -> dict[str, Any]:
         "assets": person["assets"],
         "debts": person["debts"],
     }
+
+
+@bp.get("/asyncapi.json")
+@public
+def asyncapi_document() -> Any:
+    """The event catalogue, as an AsyncAPI 3 document."""
+    return current_app.extensions["person.asyncapi"]
 
 
 @bp.post("/person")
@@ -379,6 +386,12 @@ def describe(api: OpenApi) -> None:
     }
     item_id = path_parameter("item_id", "the item's id (a UUID)")
     errors = {400: Problem, 413: Problem, 415: Problem, 422: Problem}
+    api.route(
+        "GET",
+        "/asyncapi.json",
+        "The events this service publishes (AsyncAPI 3)",
+        responses={200: "application/json"},
+    )
     api.route(
         "POST",
         "/person",

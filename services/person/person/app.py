@@ -12,11 +12,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from psycopg_pool import ConnectionPool
 
-from . import api
+from . import api, catalogue
 from .activation import Tokens
 from .config import PersonConfig
 from .imports import ImportStore
-from .store import PgStore, Store
+from .service import Store
+from .store import PgStore
 
 
 def create_app(config: PersonConfig | None = None, store: Store | None = None) -> Flask:
@@ -40,6 +41,7 @@ def create_app(config: PersonConfig | None = None, store: Store | None = None) -
     app.extensions["person.store"] = store
     if isinstance(store, PgStore):  # bulk registration lives in PostgreSQL only
         app.extensions["person.imports"] = ImportStore(store.pool, config.imports_queued_per_key)
+    app.extensions["person.asyncapi"] = catalogue.document(config.events_exchange)
     app.extensions["person.tokens"] = Tokens(
         config.activation_secret, config.activation_ttl_seconds
     )

@@ -24,7 +24,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
 
-from .events import PRODUCER
+from .catalogue import PRODUCER
 from .schemas import PersonIn
 from .store import insert_people
 

@@ -1,23 +1,26 @@
-"""An in-memory person store for unit tests; passes the same contract tests as PgStore."""
+"""An in-memory person store for unit tests: the person rules (service.py) over dictionaries.
+
+It passes the same contract tests as the PostgreSQL store (tests/test_store_contract.py).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 from messaging import Envelope
 
-from .errors import BadToken, Conflict, NotFound
-from .events import PRODUCER, item_state, person_state
-from .store import EDITABLE, _check_can_activate, _check_resend, _with_items
+from .catalogue import PRODUCER, Event
+from .service import Lock, PersonService
 
 
-class MemoryStore:
+class MemoryStore(PersonService):
     """People, items and the events they produced, in dictionaries behind one lock."""
 
     def __init__(self, new_id: Callable[[], uuid.UUID] = uuid.uuid4) -> None:
@@ -26,14 +29,28 @@ class MemoryStore:
         self.items: dict[str, dict] = {}
         self.events: list[Envelope] = []
         self.activation_requested_at: dict[str, datetime] = {}
-        self._versions: dict[tuple[str, str], int] = {}
+        self.versions: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
+        super().__init__(self._transaction)
 
-    def get_person(self, cpf: str) -> dict:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[MemoryUnitOfWork]:
+        """All of it or nothing: the dictionaries are put back if the work raises."""
         with self._lock:
-            person = self._person(cpf)
-            items = [i for i in self.items.values() if i["cpf"] == cpf]
-            return _with_items(copy.deepcopy(person), items)
+            saved = copy.deepcopy(
+                (self.people, self.items, self.events, self.activation_requested_at, self.versions)
+            )
+            try:
+                yield MemoryUnitOfWork(self)
+            except BaseException:
+                (
+                    self.people,
+                    self.items,
+                    self.events,
+                    self.activation_requested_at,
+                    self.versions,
+                ) = saved
+                raise
 
     def ping(self) -> None:
         pass
@@ -44,111 +61,79 @@ class MemoryStore:
     def outbox_published(self) -> tuple[int, float | None]:
         return 0, None
 
-    def create_person(self, fields: dict[str, Any], correlation_id: str | None) -> dict:
-        with self._lock:
-            if fields["cpf"] in self.people:
-                raise Conflict(f"a person with CPF {fields['cpf']} already exists")
-            now = datetime.now(UTC)
-            person = {**fields, "status": "pending", "created_at": now, "updated_at": now}
-            self.people[fields["cpf"]] = person
-            self._event("person", person["cpf"], "created", person_state(person), correlation_id)
-            return _with_items(dict(person), [])
 
-    def update_person(self, cpf: str, changes: dict[str, Any], correlation_id: str | None) -> dict:
-        with self._lock:
-            person = self._person(cpf)
-            changed = {k: v for k, v in changes.items() if k in EDITABLE and person[k] != v}
-            if changed:
-                person.update(changed, updated_at=datetime.now(UTC))
-                self._event("person", cpf, "updated", person_state(person), correlation_id)
-        return self.get_person(cpf)
+class MemoryUnitOfWork:
+    """service.UnitOfWork over the store's dictionaries (the store's lock is held)."""
 
-    def delete_person(self, cpf: str, correlation_id: str | None) -> None:
-        with self._lock:
-            self._person(cpf)
-            for item_id, item in list(self.items.items()):
-                if item["cpf"] == cpf:
-                    del self.items[item_id]
-                    self._event(item["kind"], item_id, "deleted", None, correlation_id)
-            del self.people[cpf]
-            self.activation_requested_at.pop(cpf, None)
-            self._event("person", cpf, "deleted", None, correlation_id)
+    def __init__(self, store: MemoryStore) -> None:
+        self.s = store
 
-    def add_item(
-        self, cpf: str, kind: str, type_: str | None, value: Decimal, correlation_id: str | None
-    ) -> dict:
-        with self._lock:
-            self._person(cpf)
-            item = {
-                "id": self.new_id(),
-                "cpf": cpf,
-                "kind": kind,
-                "type": type_,
-                "value": value.quantize(Decimal("0.01")),
-            }
-            self.items[str(item["id"])] = item
-            self._event(kind, str(item["id"]), "created", item_state(item), correlation_id)
-            return dict(item)
+    def person(self, cpf: str, lock: Lock = None) -> dict | None:
+        found = self.s.people.get(cpf)
+        return copy.deepcopy(found) if found else None
 
-    def delete_item(self, cpf: str, kind: str, item_id: str, correlation_id: str | None) -> None:
-        with self._lock:
-            item = self.items.get(item_id)
-            if item is None or item["cpf"] != cpf or item["kind"] != kind:
-                raise NotFound(f"no {kind} {item_id} for CPF {cpf}")
-            del self.items[item_id]
-            self._event(kind, item_id, "deleted", None, correlation_id)
+    def items(self, cpf: str) -> list[dict]:
+        return [dict(i) for i in self.s.items.values() if i["cpf"] == cpf]
 
-    def activate(
-        self, cpf: str, email: str, registered_at: datetime, correlation_id: str | None
-    ) -> bool:
-        with self._lock:
-            person = self._person(cpf)
-            if person["created_at"] != registered_at:
-                raise BadToken("the link was issued for an earlier registration")
-            if person["email"] is None or person["email"].lower() != email.lower():
-                raise BadToken("the link was issued for another e-mail address")
-            if person["status"] == "active":
-                return False
-            person.update(status="active", updated_at=datetime.now(UTC))
-            self._event("person", cpf, "updated", person_state(person), correlation_id)
-            return True
+    def gate(self, cpf: str, exclusive: bool) -> None:
+        pass  # the store's lock serialises everything
 
-    def request_activation(
-        self, cpf: str, correlation_id: str | None, resend_seconds: float = 0.0
-    ) -> dict:
-        with self._lock:
-            person = self._person(cpf)
-            _check_can_activate(person)
-            now = datetime.now(UTC)
-            last = self.activation_requested_at.get(cpf, person["created_at"])
-            _check_resend((now - last).total_seconds(), resend_seconds)
-            self.activation_requested_at[cpf] = now
-            self._event("person", cpf, "activation_requested", person_state(person), correlation_id)
-            return dict(person)
+    def insert_person(self, fields: dict[str, Any]) -> dict | None:
+        if fields["cpf"] in self.s.people:
+            return None
+        now = datetime.now(UTC)
+        person = {**fields, "status": "pending", "created_at": now, "updated_at": now}
+        self.s.people[fields["cpf"]] = person
+        return dict(person)
 
-    def _person(self, cpf: str) -> dict:
-        person = self.people.get(cpf)
-        if person is None:
-            raise NotFound(f"no person with CPF {cpf}")
-        return person
+    def update_person(self, cpf: str, changes: dict[str, Any]) -> dict:
+        self.s.people[cpf].update(changes, updated_at=datetime.now(UTC))
+        return dict(self.s.people[cpf])
 
-    def _event(
-        self,
-        entity: str,
-        entity_id: str,
-        change: str,
-        data: dict | None,
-        correlation_id: str | None,
-    ) -> None:
-        key = (entity, entity_id)
-        self._versions[key] = self._versions.get(key, 0) + 1
-        self.events.append(
+    def delete_items(self, cpf: str) -> list[dict]:
+        gone = [item for item in self.s.items.values() if item["cpf"] == cpf]
+        for item in gone:
+            del self.s.items[str(item["id"])]
+        return gone
+
+    def delete_person(self, cpf: str) -> None:
+        del self.s.people[cpf]
+        self.s.activation_requested_at.pop(cpf, None)
+
+    def insert_item(self, cpf: str, kind: str, type_: str | None, value: Decimal) -> dict:
+        item = {
+            "id": self.s.new_id(),
+            "cpf": cpf,
+            "kind": kind,
+            "type": type_,
+            "value": value.quantize(Decimal("0.01")),
+        }
+        self.s.items[str(item["id"])] = item
+        return dict(item)
+
+    def delete_item(self, cpf: str, kind: str, item_id: str) -> bool:
+        item = self.s.items.get(item_id)
+        if item is None or item["cpf"] != cpf or item["kind"] != kind:
+            return False
+        del self.s.items[item_id]
+        return True
+
+    def seconds_since_activation_mail(self, cpf: str) -> float:
+        last = self.s.activation_requested_at.get(cpf, self.s.people[cpf]["created_at"])
+        return (datetime.now(UTC) - last).total_seconds()
+
+    def mark_activation_requested(self, cpf: str) -> None:
+        self.s.activation_requested_at[cpf] = datetime.now(UTC)
+
+    def emit(self, event: Event, correlation_id: str | None) -> None:
+        key = (event.type.value.partition(".")[0], event.entity_id)
+        self.s.versions[key] = self.s.versions.get(key, 0) + 1
+        self.s.events.append(
             Envelope.new(
-                entity=entity,
-                entity_id=entity_id,
-                change=change,
-                entity_version=self._versions[key],
-                data=data,
+                event_type=event.type,
+                entity_id=event.entity_id,
+                entity_version=self.s.versions[key],
+                data=event.payload(),
                 producer=PRODUCER,
                 correlation_id=correlation_id,
             )

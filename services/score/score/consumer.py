@@ -6,14 +6,14 @@ python -m score.consumer runs it as a process.
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 
 import redis
 from messaging import Consumer, ConsumerSettings, Envelope, PermanentError
 from messaging.healing import READY, Healing
 from messaging.runner import AttachedBeacon, configure_logging, run_until_signalled
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import ScoreConfig
 from .scoring import KINDS
@@ -23,32 +23,58 @@ SERVICE = "score"
 HEARTBEAT_KEY = "consumer-attached"
 STATS_KEY = "consumer-stats"  # the consumer's ConsumerStats snapshot, for the API's /metrics
 HEARTBEAT_SECONDS = 2.0
-# What the producer's numeric(17, 2) column prints: at most 15 digits, then up to 2 decimals.
-_VALUE = re.compile(r"[0-9]{1,15}(\.[0-9]{1,2})?")
-_CPF = re.compile(r"[0-9]{1,14}")
 
 
-def to_change(envelope: Envelope) -> Change | None:
-    """The read-model change an event asks for; None for events this model ignores."""
-    deleted = envelope.data is None
-    if envelope.entity == "person":
-        return PersonChange(envelope.entity_id, envelope.entity_version, deleted)
-    if envelope.entity not in KINDS:
-        return None  # another producer's entity: not part of this read model
-    if deleted:
-        return ItemChange(envelope.entity_id, envelope.entity_version, True)
-    data = envelope.data
-    value, cpf = data.get("value"), data.get("cpf")
-    if not isinstance(value, str) or not _VALUE.fullmatch(value):
-        raise PermanentError(
-            f"{envelope.event_type} value must be a decimal string with at most 15 digits and "
-            f"2 decimals, not {str(value)[:40]!r}"
-        )
-    if not isinstance(cpf, str) or not _CPF.fullmatch(cpf):
-        raise PermanentError(f"{envelope.event_type} cpf must be 1 to 14 digits")
+class ItemFields(BaseModel):
+    """What the score reads of an item's data (a tolerant reader: the rest is not its business),
+    as strictly as the producer writes it."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    cpf: str = Field(pattern=r"^[0-9]{1,14}$")
+    # The producer's numeric(17, 2) printed: at most 15 digits, then up to 2 decimals.
+    value: str = Field(pattern=r"^[0-9]{1,15}(\.[0-9]{1,2})?$")
+
+
+def person_change(envelope: Envelope) -> Change:
+    return PersonChange(envelope.entity_id, envelope.entity_version, envelope.data is None)
+
+
+def item_created(envelope: Envelope) -> Change:
+    try:
+        item = ItemFields.model_validate(envelope.data)
+    except ValidationError as exc:
+        reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise PermanentError(f"{envelope.event_type} data: {reasons[:300]}") from None
     return ItemChange(
-        envelope.entity_id, envelope.entity_version, False, cpf, envelope.entity, Decimal(value)
+        envelope.entity_id,
+        envelope.entity_version,
+        False,
+        item.cpf,
+        envelope.entity,
+        Decimal(item.value),
     )
+
+
+def item_deleted(envelope: Envelope) -> Change:
+    return ItemChange(envelope.entity_id, envelope.entity_version, True)
+
+
+# The person service's event types this model reads, and what each becomes (its catalogue is
+# published at person.localhost/asyncapi.json; tests/test_catalogue.py checks these against it).
+HANDLERS: dict[str, Callable[[Envelope], Change]] = {
+    "person.created": person_change,
+    "person.updated": person_change,
+    "person.activation_requested": person_change,
+    "person.deleted": person_change,
+    **{f"{kind}.created": item_created for kind in KINDS},
+    **{f"{kind}.deleted": item_deleted for kind in KINDS},
+}
+
+
+def to_change(envelope: Envelope) -> Change:
+    """The read-model change an event asks for (the runtime hands over only HANDLERS' types)."""
+    return HANDLERS[envelope.event_type](envelope)
 
 
 class Applier:
@@ -61,7 +87,7 @@ class Applier:
         self.batch([envelope])
 
     def batch(self, envelopes: Sequence[Envelope]) -> None:
-        changes = [c for c in map(to_change, envelopes) if c is not None]
+        changes = [to_change(e) for e in envelopes if e.event_type in HANDLERS]
         if changes:
             self.store.apply(changes)  # raises StoreUnavailable or RetryableError
 
@@ -78,6 +104,7 @@ def build(config: ScoreConfig) -> tuple[Consumer, ScoreStore]:
         batch_handler=applier.batch,
         probe=store.ping,
         healing=healing,
+        handles=frozenset(HANDLERS),
     )
     return consumer, store
 

@@ -44,9 +44,8 @@ class History:
         self.versions[key] = self.versions.get(key, 0) + 1
         self.events.append(
             Envelope.new(
-                entity=entity,
+                event_type=f"{entity}.{change}",
                 entity_id=entity_id,
-                change=change,
                 entity_version=self.versions[key],
                 data=data,
                 producer="person",

@@ -32,9 +32,8 @@ def event(
 ) -> Envelope:
     change = change or ("deleted" if data is None else "created" if version == 1 else "updated")
     return Envelope.new(
-        entity=entity,
+        event_type=f"{entity}.{change}",
         entity_id=entity_id,
-        change=change,
         entity_version=version,
         data=data,
         producer="person",
@@ -158,7 +157,7 @@ def test_an_item_value_the_producer_could_not_have_written_is_dead_lettered(scor
     bus.publish(item("income", "fine", "12", "100.00"))
     bus.run_until_idle()
     [dead] = bus.dead_letters(TOPOLOGY.queue)
-    assert "value must be a decimal string" in dead.headers["x-dead-reason"]
+    assert "data: value: String should match pattern" in dead.headers["x-dead-reason"]
     assert score_store.read("12").incomes == Decimal("100.00")
 
 

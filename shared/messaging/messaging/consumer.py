@@ -68,6 +68,7 @@ class ConsumerStats:
     consumed: int = 0
     retried: int = 0
     dead_lettered: int = 0
+    ignored: int = 0
     paused: int = 0
     last_occurred_at: datetime | None = None
     handler_counts: list[int] = field(default_factory=lambda: [0] * (len(HANDLER_BUCKETS) + 1))
@@ -86,6 +87,7 @@ class ConsumerStats:
             "consumed": self.consumed,
             "retried": self.retried,
             "dead_lettered": self.dead_lettered,
+            "ignored": self.ignored,
             "paused": self.paused,
             "connections": self.connections,
             "last_occurred_at": self.last_occurred_at.isoformat()
@@ -127,6 +129,7 @@ class Consumer:
         *,
         probe: Callable[[], None] | None = None,
         healing: Healing | None = None,
+        handles: frozenset[str] | None = None,
     ) -> None:
         self.settings = settings
         self.topology = settings.topology
@@ -134,6 +137,9 @@ class Consumer:
         self.batch_handler = batch_handler
         self.probe = probe
         self.healing = healing
+        # The event types the handler is for (None: all): any other is acknowledged and
+        # counted as ignored, never handed to a handler that would mistake it for another.
+        self.handles = handles
         self.stats = ConsumerStats()
         self.attached = threading.Event()
         self.paused = threading.Event()  # the store does not answer: not taking messages

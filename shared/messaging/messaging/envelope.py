@@ -19,7 +19,6 @@ from pydantic import (
 )
 
 SCHEMA_VERSION = 1
-CHANGE_KINDS = ("created", "updated", "deleted")
 _EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$")
 
 
@@ -62,9 +61,8 @@ class Envelope(BaseModel):
     def new(
         cls,
         *,
-        entity: str,
+        event_type: str,
         entity_id: str,
-        change: str,
         entity_version: int,
         data: dict[str, Any] | None,
         producer: str,
@@ -72,11 +70,12 @@ class Envelope(BaseModel):
         occurred_at: datetime | None = None,
         event_id: uuid.UUID | None = None,
     ) -> Envelope:
-        """Build an envelope for a change, filling in the id and the time."""
+        """Build an envelope for an event of a type the producer's catalogue names (its entity is
+        the part before the dot), filling in the id and the time."""
         return cls(
             event_id=event_id or uuid.uuid4(),
-            event_type=f"{entity}.{change}",
-            entity=entity,
+            event_type=str(event_type),
+            entity=str(event_type).partition(".")[0],
             entity_id=str(entity_id),
             entity_version=entity_version,
             occurred_at=occurred_at or datetime.now(UTC),

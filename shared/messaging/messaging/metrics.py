@@ -47,6 +47,7 @@ def consumer_metrics(snap: dict[str, Any]) -> Iterator[Metric]:
     messages.add_metric(["applied"], snap["consumed"])
     messages.add_metric(["retried"], snap["retried"])
     messages.add_metric(["dead_lettered"], snap["dead_lettered"])
+    messages.add_metric(["ignored"], snap.get("ignored", 0))
     yield messages
     yield CounterMetricFamily(
         "consumer_connections", "Broker connections made", value=snap["connections"]

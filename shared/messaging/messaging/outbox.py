@@ -101,17 +101,16 @@ class Outbox:
         self,
         cur: psycopg.Cursor,
         *,
-        entity: str,
+        event_type: str,
         entity_id: str,
-        change: str,
         data: dict[str, Any] | None,
         correlation_id: str | None = None,
     ) -> Envelope:
-        """Record one change of an entity; it is published only if the transaction commits."""
+        """Record one event of an entity; it is published only if the transaction commits."""
+        entity = str(event_type).partition(".")[0]
         envelope = Envelope.new(
-            entity=entity,
+            event_type=event_type,
             entity_id=str(entity_id),
-            change=change,
             entity_version=next_version(cur, entity, str(entity_id)),
             data=data,
             producer=self.producer,
@@ -140,22 +139,20 @@ class Outbox:
         self,
         cur: psycopg.Cursor,
         *,
-        entity: str,
-        change: str,
+        event_type: str,
         data: dict[str, dict[str, Any] | None],
         correlation_id: str | None = None,
     ) -> list[Envelope]:
-        """`add` for many entities of one kind at once (bulk writes): same versions, same rows,
+        """`add` for many entities of one type at once (bulk writes): same versions, same rows,
         one statement each, so the relay is notified once. `data` maps entity id to its state."""
         ids = sorted(data)
         if not ids:
             return []
-        versions = _next_versions(cur, entity, ids)
+        versions = _next_versions(cur, str(event_type).partition(".")[0], ids)
         envelopes = [
             Envelope.new(
-                entity=entity,
+                event_type=event_type,
                 entity_id=entity_id,
-                change=change,
                 entity_version=versions[entity_id],
                 data=data[entity_id],
                 producer=self.producer,

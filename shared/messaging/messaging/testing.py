@@ -48,9 +48,11 @@ class _Subscriber:
     topology: Topology
     handler: Handler
     batch_handler: BatchHandler | None
+    handles: frozenset[str] | None = None
     ready: deque[Message] = field(default_factory=deque)
     dead: list[Message] = field(default_factory=list)
     applied: int = 0
+    ignored: int = 0
 
 
 class InMemoryBus:
@@ -63,9 +65,13 @@ class InMemoryBus:
         self._seq = itertools.count()
 
     def subscribe(
-        self, topology: Topology, handler: Handler, batch_handler: BatchHandler | None = None
+        self,
+        topology: Topology,
+        handler: Handler,
+        batch_handler: BatchHandler | None = None,
+        handles: frozenset[str] | None = None,
     ) -> None:
-        self._subscribers[topology.queue] = _Subscriber(topology, handler, batch_handler)
+        self._subscribers[topology.queue] = _Subscriber(topology, handler, batch_handler, handles)
 
     def publish(self, message: Envelope | Message) -> None:
         """Fan a message out to every subscribed queue (an Envelope is encoded first)."""
@@ -121,9 +127,14 @@ class InMemoryBus:
         decoded = []
         for msg in batch:
             try:
-                decoded.append((msg, decode(msg.body)))
+                envelope = decode(msg.body)
             except DecodeError as exc:
                 self._fail(sub, msg, exc, permanent=True)
+                continue
+            if sub.handles is not None and envelope.event_type not in sub.handles:
+                sub.ignored += 1  # like the runtime: acknowledged, counted, not handled
+                continue
+            decoded.append((msg, envelope))
         if sub.batch_handler is not None and len(decoded) > 1:
             try:
                 sub.batch_handler([env for _, env in decoded])

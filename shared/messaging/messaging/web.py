@@ -375,10 +375,11 @@ class OpenApi:
                     "description": model.__name__,
                     "content": content,
                 }
-            elif isinstance(model, str):
+            elif isinstance(model, str):  # a content type: a document, a page, plain text
+                shape = {"type": "object"} if model.endswith("json") else {"type": "string"}
                 operation["responses"][str(status)] = {
                     "description": model,
-                    "content": {model: {"schema": {"type": "string"}}},
+                    "content": {model: {"schema": shape}},
                 }
             else:
                 operation["responses"][str(status)] = {"description": "no content"}

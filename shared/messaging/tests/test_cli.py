@@ -33,9 +33,8 @@ class Buggy:
 
 def event(entity_id: str, odd: bool) -> Envelope:
     return Envelope.new(
-        entity="thing",
+        event_type="thing.updated",
         entity_id=entity_id,
-        change="updated",
         entity_version=1,
         data={"odd": odd},
         producer="test",
@@ -120,7 +119,7 @@ def test_outbox_status_and_replay_of_the_latest_state(producer_db, amqp_env, mon
         for entity_id, changes in (("p", ("created", "updated", "updated")), ("q", ("created",))):
             for change in changes:
                 with conn.transaction(), conn.cursor() as cur:
-                    outbox.add(cur, entity="thing", entity_id=entity_id, change=change, data={})
+                    outbox.add(cur, event_type=f"thing.{change}", entity_id=entity_id, data={})
     assert main(["outbox", "status"]) == 0
     status = capsys.readouterr().out
     assert "unpublished: 4" in status and "last published: never" in status

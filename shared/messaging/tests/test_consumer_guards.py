@@ -18,9 +18,8 @@ pytestmark = pytest.mark.integration
 
 def envelope(entity_id: str, version: int = 1) -> Envelope:
     return Envelope.new(
-        entity="thing",
+        event_type="thing.created",
         entity_id=entity_id,
-        change="created",
         entity_version=version,
         data={},
         producer="test",

@@ -158,9 +158,8 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
 # -- helpers -----------------------------------------------------------------------------------
 def envelope(entity_id: str = "t-1", version: int = 1, **data: Any) -> Envelope:
     return Envelope.new(
-        entity="thing",
+        event_type="thing.updated",
         entity_id=entity_id,
-        change="updated",
         entity_version=version,
         data={"entity_id": entity_id, "version": version, **data},
         producer="test",

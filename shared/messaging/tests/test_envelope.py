@@ -29,9 +29,8 @@ def valid_fields(**overrides: Any) -> dict[str, Any]:
     """The JSON fields of a valid `thing.updated` envelope, with some replaced."""
     fields = json.loads(
         Envelope.new(
-            entity="thing",
+            event_type="thing.updated",
             entity_id="t-1",
-            change="updated",
             entity_version=3,
             data={"name": "a thing", "amount": "12.50"},
             producer="test",
@@ -54,9 +53,8 @@ def without(name: str) -> bytes:
 
 def test_a_valid_envelope_survives_encoding_and_decoding_unchanged():
     sent = Envelope.new(
-        entity="thing",
+        event_type="thing.updated",
         entity_id="t-1",
-        change="updated",
         entity_version=7,
         data={"name": "a thing", "nested": {"list": [1, 2, 3]}, "amount": "12.50"},
         producer="test",
@@ -75,7 +73,7 @@ def test_a_valid_envelope_survives_encoding_and_decoding_unchanged():
 
 def test_a_deletion_with_null_data_survives_encoding_and_decoding():
     sent = Envelope.new(
-        entity="thing", entity_id="t-1", change="deleted", entity_version=9, data=None, producer="t"
+        event_type="thing.deleted", entity_id="t-1", entity_version=9, data=None, producer="t"
     )
 
     assert decode(sent.to_json()) == sent
@@ -83,7 +81,7 @@ def test_a_deletion_with_null_data_survives_encoding_and_decoding():
 
 def test_a_body_given_as_text_decodes_like_the_same_bytes():
     sent = Envelope.new(
-        entity="thing", entity_id="t-1", change="created", entity_version=1, data={}, producer="t"
+        event_type="thing.created", entity_id="t-1", entity_version=1, data={}, producer="t"
     )
 
     assert decode(sent.to_json().decode()) == sent

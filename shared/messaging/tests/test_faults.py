@@ -68,7 +68,7 @@ def add_events(db: str, entity_ids: list[str], change: str = "updated") -> None:
     with psycopg.connect(db) as conn:
         for entity_id in entity_ids:
             with conn.transaction(), conn.cursor() as cur:
-                outbox.add(cur, entity="thing", entity_id=entity_id, change=change, data={})
+                outbox.add(cur, event_type=f"thing.{change}", entity_id=entity_id, data={})
 
 
 def unpublished(db: str) -> int:
@@ -94,9 +94,7 @@ def test_versions_of_one_entity_have_no_gap_or_duplicate_under_concurrent_writer
         with psycopg.connect(producer_db) as conn:
             try:
                 with conn.transaction(), conn.cursor() as cur:
-                    outbox.add(
-                        cur, entity="thing", entity_id="hot", change="updated", data={"n": n}
-                    )
+                    outbox.add(cur, event_type="thing.updated", entity_id="hot", data={"n": n})
                     if n % 5 == 0:
                         raise RuntimeError("this writer rolls back")
             except RuntimeError:
@@ -130,9 +128,9 @@ def test_event_committed_after_a_later_one_is_published_without_waiting_for_a_po
             slow.cursor() as cur,
         ):
             # The slow transaction takes the lower id, then commits after the fast one.
-            outbox.add(cur, entity="thing", entity_id="early-id", change="created", data={})
+            outbox.add(cur, event_type="thing.created", entity_id="early-id", data={})
             with fast.transaction(), fast.cursor() as cur2:
-                outbox.add(cur2, entity="thing", entity_id="late-id", change="created", data={})
+                outbox.add(cur2, event_type="thing.created", entity_id="late-id", data={})
             wait_until(lambda: ("late-id", 1) in seen.distinct(), what="the later id")
         wait_until(
             lambda: ("early-id", 1) in seen.distinct(),
@@ -258,9 +256,8 @@ def test_sigterm_mid_batch_loses_nothing(make_database, broker, servers):
     channel.confirm_delivery()
     for n in range(500):
         body = Envelope.new(
-            entity="thing",
+            event_type="thing.created",
             entity_id=f"s{n}",
-            change="created",
             entity_version=1,
             data={},
             producer="test",

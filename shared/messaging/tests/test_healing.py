@@ -78,7 +78,7 @@ def test_the_replay_server_sends_the_latest_events_and_then_the_completion(produ
     with psycopg.connect(producer_db) as conn:
         for entity_id in ("a", "a", "b"):
             with conn.transaction(), conn.cursor() as cur:
-                outbox.add(cur, entity="thing", entity_id=entity_id, change="updated", data={})
+                outbox.add(cur, event_type="thing.updated", entity_id=entity_id, data={})
     seen: list[tuple[str, int]] = []
     store = MemoryGeneration()
     topology = broker.topology("healed")

@@ -79,9 +79,8 @@ def test_consumer_lines_about_a_change_carry_its_correlation_id(broker, lines):
         wait_until(consumer.attached.is_set, what="attached")
 
         envelope = Envelope.new(
-            entity="thing",
+            event_type="thing.created",
             entity_id="t1",
-            change="created",
             entity_version=1,
             data={},
             producer="test",

@@ -13,18 +13,17 @@ def test_add_many_continues_versions_and_writes_one_row_per_entity(producer_db):
     outbox = Outbox("test")
     with psycopg.connect(producer_db) as conn:
         with conn.transaction(), conn.cursor() as cur:
-            outbox.add(cur, entity="thing", entity_id="b", change="created", data={"n": 0})
+            outbox.add(cur, event_type="thing.created", entity_id="b", data={"n": 0})
         with conn.transaction(), conn.cursor() as cur:
             made = outbox.add_many(
                 cur,
-                entity="thing",
-                change="updated",
+                event_type="thing.updated",
                 data={"b": {"n": 1}, "a": {"n": 2}},
                 correlation_id="bulk-1",
             )
         assert [(e.entity_id, e.entity_version) for e in made] == [("a", 1), ("b", 2)]
         with conn.transaction(), conn.cursor() as cur:
-            assert outbox.add_many(cur, entity="thing", change="updated", data={}) == []
+            assert outbox.add_many(cur, event_type="thing.updated", data={}) == []
         rows = conn.execute(
             "SELECT entity_id, entity_version, correlation_id, body FROM messaging_outbox "
             "ORDER BY id"
@@ -41,9 +40,9 @@ def test_add_many_rolls_back_with_its_transaction(producer_db):
     outbox = Outbox("test")
     with psycopg.connect(producer_db) as conn:
         with pytest.raises(RuntimeError), conn.transaction(), conn.cursor() as cur:
-            outbox.add_many(cur, entity="thing", change="created", data={"x": {}})
+            outbox.add_many(cur, event_type="thing.created", data={"x": {}})
             raise RuntimeError("the write failed")
         with conn.transaction(), conn.cursor() as cur:
-            made = outbox.add_many(cur, entity="thing", change="created", data={"x": {}})
+            made = outbox.add_many(cur, event_type="thing.created", data={"x": {}})
         assert made[0].entity_version == 1  # the rolled-back number was given back
         assert conn.execute("SELECT count(*) FROM messaging_outbox").fetchone()[0] == 1

@@ -48,9 +48,7 @@ def write_changes(db: str, entity_id: str, count: int, per_tx: int = 1) -> None:
         for start in range(0, count, per_tx):
             with conn.transaction(), conn.cursor() as cur:
                 for n in range(start, min(start + per_tx, count)):
-                    outbox.add(
-                        cur, entity="thing", entity_id=entity_id, change="updated", data={"n": n}
-                    )
+                    outbox.add(cur, event_type="thing.updated", entity_id=entity_id, data={"n": n})
 
 
 def unpublished(db: str) -> int:
@@ -80,10 +78,10 @@ def test_relay_publishes_nothing_for_a_rolled_back_write(producer_db, broker):
         outbox = Outbox("test")
         with psycopg.connect(producer_db) as conn:
             with pytest.raises(RuntimeError), conn.transaction(), conn.cursor() as cur:
-                outbox.add(cur, entity="thing", entity_id="gone", change="created", data={})
+                outbox.add(cur, event_type="thing.created", entity_id="gone", data={})
                 raise RuntimeError("the write fails after the event was added")
             with conn.transaction(), conn.cursor() as cur:
-                outbox.add(cur, entity="thing", entity_id="kept", change="created", data={})
+                outbox.add(cur, event_type="thing.created", entity_id="kept", data={})
         wait_until(lambda: recorder.versions("kept"), what="the committed event")
     assert recorder.versions("gone") == []
     assert recorder.versions("kept") == [1]
@@ -105,9 +103,8 @@ def test_heartbeats_keep_the_connection_through_a_long_handler(broker):
         wait_until(consumer.attached.is_set, what="consumer attached")
         broker.publish(
             Envelope.new(
-                entity="thing",
+                event_type="thing.created",
                 entity_id="long",
-                change="created",
                 entity_version=1,
                 data={},
                 producer="test",

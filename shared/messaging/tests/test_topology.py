@@ -154,9 +154,8 @@ def test_a_broker_restart_while_messages_wait_in_a_retry_queue_loses_none(broker
         broker.publish(
             *[
                 Envelope.new(
-                    entity="thing",
+                    event_type="thing.created",
                     entity_id=i,
-                    change="created",
                     entity_version=1,
                     data={},
                     producer="test",

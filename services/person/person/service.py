@@ -1,0 +1,170 @@
+"""The person rules, once: what each write may do, and which events it emits.
+
+Each operation runs in one unit of work (a transaction): the PostgreSQL adapter (store.py) holds
+the SQL and the locks, the in-memory one (memory.py) holds dictionaries; both pass the same
+contract tests (tests/test_store_contract.py). Every change and its events commit together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal, Protocol
+
+from .catalogue import (
+    ITEM_KINDS,
+    Event,
+    EventType,
+    item_created,
+    item_data,
+    item_deleted,
+    person_data,
+)
+from .errors import BadToken, Conflict, NotFound, TooSoon, Unprocessable
+
+EDITABLE = ("name", "address", "date_of_birth", "email")
+Lock = Literal["update", "key share"] | None
+
+
+class UnitOfWork(Protocol):
+    """One transaction's view of the person store."""
+
+    def person(self, cpf: str, lock: Lock = None) -> dict | None: ...
+    def items(self, cpf: str) -> list[dict]: ...
+    def gate(self, cpf: str, exclusive: bool) -> None: ...
+    def insert_person(self, fields: dict[str, Any]) -> dict | None: ...
+    def update_person(self, cpf: str, changes: dict[str, Any]) -> dict: ...
+    def delete_items(self, cpf: str) -> list[dict]: ...
+    def delete_person(self, cpf: str) -> None: ...
+    def insert_item(self, cpf: str, kind: str, type_: str | None, value: Decimal) -> dict: ...
+    def delete_item(self, cpf: str, kind: str, item_id: str) -> bool: ...
+    def seconds_since_activation_mail(self, cpf: str) -> float: ...
+    def mark_activation_requested(self, cpf: str) -> None: ...
+    def emit(self, event: Event, correlation_id: str | None) -> None: ...
+
+
+class PersonService:
+    """The person API's operations over a unit of work (`begin()` opens one)."""
+
+    def __init__(self, begin: Callable[[], contextlib.AbstractContextManager[UnitOfWork]]):
+        self.begin = begin
+
+    @contextlib.contextmanager
+    def _work(self) -> Iterator[UnitOfWork]:
+        with self.begin() as uow:
+            yield uow
+
+    def get_person(self, cpf: str) -> dict:
+        with self._work() as uow:
+            return with_items(_found(uow.person(cpf), cpf), uow.items(cpf))
+
+    def create_person(self, fields: dict[str, Any], correlation_id: str | None) -> dict:
+        with self._work() as uow:
+            person = uow.insert_person(fields)
+            if person is None:
+                raise Conflict(f"a person with CPF {fields['cpf']} already exists")
+            uow.emit(
+                Event(EventType.PERSON_CREATED, person["cpf"], person_data(person)), correlation_id
+            )
+        return with_items(person, [])
+
+    def update_person(self, cpf: str, changes: dict[str, Any], correlation_id: str | None) -> dict:
+        with self._work() as uow:
+            current = _found(uow.person(cpf, lock="update"), cpf)
+            changed = {k: v for k, v in changes.items() if k in EDITABLE and current[k] != v}
+            if changed:
+                current = uow.update_person(cpf, changed)
+                uow.emit(Event(EventType.PERSON_UPDATED, cpf, person_data(current)), correlation_id)
+            return with_items(current, uow.items(cpf))  # this write's state, not a later one
+
+    def delete_person(self, cpf: str, correlation_id: str | None) -> None:
+        with self._work() as uow:
+            # Item writes to one person go in parallel; a deletion waits for them and they for
+            # it, through a gate that queues fairly (see the PostgreSQL adapter).
+            uow.gate(cpf, exclusive=True)
+            _found(uow.person(cpf, lock="update"), cpf)
+            for item in uow.delete_items(cpf):  # each item's deletion, before the person's
+                uow.emit(Event(item_deleted(item["kind"]), str(item["id"]), None), correlation_id)
+            uow.delete_person(cpf)
+            uow.emit(Event(EventType.PERSON_DELETED, cpf, None), correlation_id)
+
+    def add_item(
+        self, cpf: str, kind: str, type_: str | None, value: Decimal, correlation_id: str | None
+    ) -> dict:
+        with self._work() as uow:
+            uow.gate(cpf, exclusive=False)
+            _found(uow.person(cpf, lock="key share"), cpf)
+            item = uow.insert_item(cpf, kind, type_, value)
+            uow.emit(Event(item_created(kind), str(item["id"]), item_data(item)), correlation_id)
+        return item
+
+    def delete_item(self, cpf: str, kind: str, item_id: str, correlation_id: str | None) -> None:
+        with self._work() as uow:
+            if not uow.delete_item(cpf, kind, item_id):
+                raise NotFound(f"no {kind} {item_id} for CPF {cpf}")
+            uow.emit(Event(item_deleted(kind), item_id, None), correlation_id)
+
+    def activate(
+        self, cpf: str, email: str, registered_at: datetime, correlation_id: str | None
+    ) -> bool:
+        """Set the person active; False if already active. The link must be for this
+        registration and the person's current e-mail."""
+        with self._work() as uow:
+            person = _found(uow.person(cpf, lock="update"), cpf)
+            if person["created_at"] != registered_at:
+                raise BadToken("the link was issued for an earlier registration")
+            if person["email"] is None or person["email"].lower() != email.lower():
+                raise BadToken("the link was issued for another e-mail address")
+            if person["status"] == "active":
+                return False
+            person = uow.update_person(cpf, {"status": "active"})
+            uow.emit(Event(EventType.PERSON_UPDATED, cpf, person_data(person)), correlation_id)
+            return True
+
+    def request_activation(
+        self, cpf: str, correlation_id: str | None, resend_seconds: float = 0.0
+    ) -> dict:
+        """A new activation e-mail; not before `resend_seconds` after the registration or the
+        last one."""
+        with self._work() as uow:
+            person = _found(uow.person(cpf, lock="update"), cpf)
+            if person["email"] is None:
+                raise Unprocessable("email", "the person has no e-mail address to send a link to")
+            if person["status"] == "active":
+                raise Conflict("the account is already active")
+            since = uow.seconds_since_activation_mail(cpf)
+            if since < resend_seconds:
+                raise TooSoon(
+                    f"an activation e-mail was sent {since:.0f}s ago: ask again in "
+                    f"{resend_seconds - since:.0f}s",
+                    resend_seconds - since,
+                )
+            uow.mark_activation_requested(cpf)
+            uow.emit(
+                Event(EventType.PERSON_ACTIVATION_REQUESTED, cpf, person_data(person)),
+                correlation_id,
+            )
+            return person
+
+
+def _found(person: dict | None, cpf: str) -> dict:
+    if person is None:
+        raise NotFound(f"no person with CPF {cpf}")
+    return person
+
+
+def with_items(person: dict, items: list[dict]) -> dict:
+    """The person with their incomes, assets and debts, as GET /person/<cpf> shows them."""
+    out = dict(person)
+    for kind in ITEM_KINDS:
+        out[f"{kind}s"] = [
+            {"id": str(i["id"]), "type": i["type"], "value": str(i["value"])}
+            for i in items
+            if i["kind"] == kind
+        ]
+    return out
+
+
+Store = PersonService  # what the API needs: PgStore and memory.MemoryStore both are one
