@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pika
 import psycopg
@@ -21,8 +23,11 @@ from hypothesis import HealthCheck, settings
 from messaging import Envelope
 from messaging.replay import requests_queue
 from messaging.topology import Topology
-from notifier.fake_sendgrid import FakeSendGrid
 from psycopg import sql
+
+# Test doubles that are no part of any service (the fake SendGrid): importable by every test.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tests" / "support"))
+from fake_sendgrid import FakeSendGrid
 
 # Generated tests (hypothesis): a bounded, reproducible number of examples in make test, many more
 # in make soak (HYPOTHESIS_PROFILE=soak), where each run explores new ones.
@@ -219,3 +224,18 @@ def fake_sendgrid() -> Iterator[FakeSendGrid]:
     fake = FakeSendGrid().start()
     yield fake
     fake.stop()
+
+
+SPEED_MARKERS = {"unit", "integration", "e2e", "faults", "cluster"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test says how fast it is (make unit selects by it): refuse to run one that does not."""
+    unmarked = [
+        item.nodeid for item in items if not SPEED_MARKERS & {m.name for m in item.iter_markers()}
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            f"tests without a speed marker ({', '.join(sorted(SPEED_MARKERS))}): "
+            + ", ".join(unmarked[:20])
+        )

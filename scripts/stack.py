@@ -3,7 +3,7 @@
 `up` checks PostgreSQL, RabbitMQ and Redis, creates the databases and applies migrations,
 declares the consumers' queues, starts every process of the Procfile (honcho) in the background
 and returns once each API's /health answers through Traefik. It is safe to run twice.
-Configuration: the environment first, then `.env`, then the defaults of DESIGN §3.
+Configuration: the environment first, then `.env`, then the defaults (README: Configuration).
 """
 
 from __future__ import annotations
@@ -53,13 +53,37 @@ def running_pid(env: dict[str, str]) -> int | None:
     return pid
 
 
+# The services whose consumers get queues on the exchange, and the servers each part needs:
+# the composition names them, the shared library names none.
+CONSUMERS = ("score", "notifier")
+
+
+def server_checks(env: dict[str, str]) -> list[str]:
+    """NAME=URL of every server, as each service's configuration reads it (its defaults
+    included), for messaging.check_servers."""
+    code = (
+        "from notifier.config import NotifierConfig; from person.config import PersonConfig; "
+        "from score.config import ScoreConfig; p, s, n = PersonConfig(), ScoreConfig(), "
+        "NotifierConfig(); print(f'PERSON_DATABASE_URL={p.person_database_url}'); "
+        "print(f'NOTIFIER_DATABASE_URL={n.notifier_database_url}'); "
+        "print(f'AMQP_URL={p.amqp_url}'); print(f'SCORE_REDIS_URL={s.score_redis_url}')"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    if found.returncode != 0:
+        print(found.stderr.strip().splitlines()[-1] if found.stderr else "bad configuration")
+        raise SystemExit(1)
+    return found.stdout.split()
+
+
 def prepare(env: dict[str, str]) -> None:
     """Servers answer, databases exist and are migrated, queues are declared."""
     steps = [
-        [sys.executable, "-m", "messaging.check_servers"],
+        [sys.executable, "-m", "messaging.check_servers", *server_checks(env)],
         [sys.executable, "-m", "person.migrate"],
         [sys.executable, "-m", "notifier.migrate"],
-        [sys.executable, "-m", "messaging.declare", "score", "notifier"],
+        [sys.executable, "-m", "messaging.declare", *CONSUMERS],
     ]
     for step in steps:
         if subprocess.run(step, env=env, cwd=ROOT).returncode != 0:

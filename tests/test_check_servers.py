@@ -19,9 +19,10 @@ def closed_port() -> int:
 
 
 def check(**urls: str) -> subprocess.CompletedProcess:
+    """The checks as the stack script passes them: NAME=URL, the kind from the scheme."""
     return subprocess.run(
-        [sys.executable, "-m", "messaging.check_servers"],
-        env={**os.environ, **urls},
+        [sys.executable, "-m", "messaging.check_servers", *(f"{k}={v}" for k, v in urls.items())],
+        env=os.environ,
         capture_output=True,
         text=True,
         timeout=60,
@@ -54,3 +55,14 @@ def test_a_missing_server_is_named_with_its_url_and_how_to_start_it(servers):
     ]
     assert "rabbitmq-server -detached" in result.stdout
     assert "s3cret-password" not in result.stdout + result.stderr
+
+
+def test_the_stack_script_checks_what_each_service_is_configured_with(monkeypatch):
+    import stack
+
+    env = {**os.environ, "SCORE_REDIS_URL": "redis://127.0.0.1:1/0", "AMQP_URL": "amqp://a/%2F"}
+    env.pop("PERSON_DATABASE_URL", None)
+    checks = stack.server_checks(env)
+    assert "SCORE_REDIS_URL=redis://127.0.0.1:1/0" in checks
+    assert "AMQP_URL=amqp://a/%2F" in checks
+    assert "PERSON_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/person" in checks

@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from fake_sendgrid import FakeSendGrid
 from flask.testing import FlaskClient
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from messaging.auth import digest
@@ -25,7 +26,6 @@ from notifier.app import create_app as notifier_app
 from notifier.config import NotifierConfig
 from notifier.consumer import UserView, composer_for
 from notifier.email import TOKEN_SALT, Composer
-from notifier.fake_sendgrid import FakeSendGrid
 from notifier.sender import Sender, transport_for
 from notifier.store import NotifierStore
 from person.app import create_app as person_app

@@ -263,3 +263,58 @@ def test_the_images_get_every_distribution_the_services_import_and_no_dev_tool()
     assert not runtime & dev_only
     assert "-r requirements.txt" in (ROOT / "requirements-dev.txt").read_text()
     assert not runtime & pinned(ROOT / "requirements-dev.txt"), "pinned twice"
+
+
+PACKAGES = {
+    "shared/messaging": "messaging",
+    "services/person": "person",
+    "services/score": "score",
+    "services/notifier": "notifier",
+}
+
+
+@pytest.mark.parametrize("folder", PACKAGES)
+def test_each_package_declares_what_it_imports(folder):
+    import importlib.metadata
+    import sys
+    import tomllib
+
+    project = tomllib.loads((ROOT / folder / "pyproject.toml").read_text())["project"]
+    declared = {
+        re.split(r"[=\[<>~ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        for requirement in [
+            *project["dependencies"],
+            *(r for extra in project.get("optional-dependencies", {}).values() for r in extra),
+        ]
+    }
+    import ast
+
+    package = ROOT / folder / PACKAGES[folder]
+    modules = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):  # function-level imports too
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    ours = set(PACKAGES.values())
+    third_party = modules - ours - set(sys.stdlib_module_names) - {"__future__"}
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = {
+        module: distributions[module]
+        for module in third_party
+        if not {d.lower().replace("_", "-") for d in distributions[module]} & declared
+    }
+    assert not undeclared, f"{folder} imports {undeclared} without declaring it"
+    assert ("messaging" in {d.split("[")[0] for d in declared}) == (folder != "shared/messaging")
+
+
+def test_the_shared_library_names_no_service():
+    """A library knows no application: the composition (stack script, compose, bench) names
+    the services and passes them in."""
+    named = []
+    for path in (ROOT / "shared/messaging/messaging").glob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if re.search(r"\b(person|score|notifier)\b", line, re.IGNORECASE):
+                named.append(f"{path.name}:{number}: {line.strip()}")
+    assert not named, "\n".join(named)

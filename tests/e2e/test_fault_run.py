@@ -1,4 +1,4 @@
-"""The fault run: the whole stack under load while everything that can fail does (DESIGN §6).
+"""The fault run: the whole stack under load while everything that can fail does.
 
 Every process of the Procfile runs in its own process group, so each can be SIGKILLed and started
 again alone. 2,000 registrations with e-mails and 6,000 item writes go through Traefik while
@@ -32,9 +32,9 @@ import psycopg
 import pytest
 import redis
 import stack
+from fake_sendgrid import FakeSendGrid
 from messaging.testing import wait_until
 from messaging.topology import Topology
-from notifier.fake_sendgrid import FakeSendGrid
 from processes import Gateway, Processes
 from score.store import ScoreStore
 

@@ -98,6 +98,14 @@ def test_deleting_a_person_removes_it_from_both_read_models(stack):
     wait_until(lambda: stack.call("GET", "notifier", "/users/33333")[0] == 404, what="view gone")
 
 
+@pytest.mark.parametrize("host", ["person", "score", "notifier"])
+def test_each_services_root_url_documents_its_api_for_a_person(stack, host):
+    status, page, headers = stack.call("GET", host, "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    for path in stack.call("GET", host, "/openapi.json")[1]["paths"]:
+        assert f"<code>{path}</code>" in page, path
+
+
 def test_every_service_is_ready_and_unknown_hosts_are_not_routed(stack):
     for host in ("person", "score", "notifier"):
         # /ready includes "is my consumer attached", which the consumer reports once it is.

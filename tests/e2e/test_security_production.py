@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_sendgrid import FakeSendGrid
 from messaging.auth import new_key
 from messaging.testing import wait_until
-from notifier.fake_sendgrid import FakeSendGrid
 
 pytestmark = pytest.mark.e2e
 
@@ -72,7 +72,7 @@ def call(stack: Any, method: str, host: str, path: str, key: str | None, body=No
 
 
 PERSON = {"name": "Prod", "address": "Recife", "date_of_birth": "1990-04-12"}
-# Every business route with the scope it needs (DESIGN §4); {cpf} and {item} are filled in.
+# Every business route with the scope it needs (README: Security); {cpf} and {item} are filled in.
 ROUTES = [
     ("POST", "person", "/person", "person:write", {"cpf": "{new}", **PERSON}),
     ("GET", "person", "/person/{cpf}", "person:read", None),
@@ -146,8 +146,10 @@ def test_every_business_route_needs_a_key_with_its_scope(
 
 @pytest.mark.parametrize("host", ["person", "score", "notifier"])
 def test_health_ready_and_the_documents_are_open(prod, host):
-    for path in ("/health", "/openapi.json"):
+    for path in ("/health", "/openapi.json", "/"):
         assert call(prod, "GET", host, path, None)[0] == 200
+    if host == "person":
+        assert call(prod, "GET", host, "/asyncapi.json", None)[1]["asyncapi"] == "3.0.0"
     assert call(prod, "GET", host, "/ready", None)[0] in (200, 503)
     document = call(prod, "GET", host, "/openapi.json", None)[1]
     operations = [op for item in document["paths"].values() for op in item.values()]

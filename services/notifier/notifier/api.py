@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 from messaging.auth import requires
-from messaging.web import Invalid, OpenApi, Problem, path_parameter, problem, query_int
+from messaging.web import (
+    Invalid,
+    IsoDateTime,
+    OpenApi,
+    Problem,
+    body,
+    path_parameter,
+    problem,
+    query_int,
+)
 from pydantic import BaseModel, Field
 
 from .store import NotifierStore
@@ -22,7 +30,7 @@ class WelcomeOut(BaseModel):
     status: str
     attempts: int
     last_error: str | None
-    sent_at: datetime | None
+    sent_at: IsoDateTime | None
 
 
 class UserOut(BaseModel):
@@ -37,7 +45,7 @@ class MailOut(BaseModel):
     id: int
     to: str
     subject: str
-    received_at: datetime
+    received_at: IsoDateTime
     links: list[str]
     text: str
     html_url: str
@@ -57,8 +65,8 @@ class DeliveryOut(BaseModel):
     last_error: str | None
     provider: str | None
     provider_message_id: str | None
-    created_at: datetime
-    sent_at: datetime | None
+    created_at: IsoDateTime
+    sent_at: IsoDateTime | None
 
 
 class DeliveriesOut(BaseModel):
@@ -80,20 +88,11 @@ def get_user(cpf: str) -> Any:
     if user is None:
         return problem(404, f"no user with CPF {cpf}")
     welcome = user["welcome"]
-    return {
-        "cpf": user["cpf"],
-        "name": user["name"],
-        "email": user["email"],
-        "status": user["status"],
-        "welcome_email": None
-        if welcome is None
-        else {
-            "status": welcome["status"],
-            "attempts": welcome["attempts"],
-            "last_error": welcome["last_error"],
-            "sent_at": welcome["sent_at"].isoformat() if welcome["sent_at"] else None,
-        },
-    }
+    return body(
+        UserOut,
+        **{name: user[name] for name in ("cpf", "name", "email", "status")},
+        welcome_email=None if welcome is None else {k: welcome[k] for k in WelcomeOut.model_fields},
+    )
 
 
 # The development mailbox holds every activation link: it exists only in development without a
@@ -108,20 +107,21 @@ def mailbox() -> Any:
     if to is not None and not 1 <= len(to) <= 254:
         raise Invalid({"to": ["must be an e-mail address"]})
     base = current_app.config["NOTIFIER_URL"]
-    return {
-        "messages": [
+    return body(
+        MailboxOut,
+        messages=[
             {
                 "id": m["id"],
                 "to": m["to_email"],
                 "subject": m["subject"],
-                "received_at": m["received_at"].isoformat(),
+                "received_at": m["received_at"],
                 "links": _LINK.findall(m["text"]),
                 "text": m["text"],
                 "html_url": f"{base}/mailbox/{m['id']}",
             }
             for m in store().mailbox(limit, to)
-        ]
-    }
+        ],
+    )
 
 
 @bp.get("/mailbox/<int:mail_id>")
@@ -139,24 +139,10 @@ def deliveries() -> Any:
     status = request.args.get("status")
     if status is not None and status not in STATUSES:
         raise Invalid({"status": [f"must be one of {', '.join(STATUSES)}"]})
-    return {
-        "deliveries": [
-            {
-                "id": d["id"],
-                "kind": d["kind"],
-                "cpf": d["cpf"],
-                "to": d["to_email"],
-                "status": d["status"],
-                "attempts": d["attempts"],
-                "last_error": d["last_error"],
-                "provider": d["provider"],
-                "provider_message_id": d["provider_message_id"],
-                "created_at": d["created_at"].isoformat(),
-                "sent_at": d["sent_at"].isoformat() if d["sent_at"] else None,
-            }
-            for d in store().deliveries(status, _limit())
-        ]
-    }
+    return body(
+        DeliveriesOut,
+        deliveries=[{**d, "to": d["to_email"]} for d in store().deliveries(status, _limit())],
+    )
 
 
 @bp.post("/deliveries/<int:delivery_id>/retry")
@@ -167,7 +153,7 @@ def retry(delivery_id: int) -> Any:
         return problem(404, f"no delivery {delivery_id}")
     if previous != "failed":
         return problem(409, f"delivery {delivery_id} is {previous}, not failed")
-    return {"message": "queued again"}, 202
+    return body(Accepted, message="queued again"), 202
 
 
 def _limit() -> int:

@@ -14,6 +14,7 @@ from messaging.web import (
     Invalid,
     OpenApi,
     Problem,
+    body,
     correlation_id,
     json_object,
     path_parameter,
@@ -69,20 +70,9 @@ def path_cpf(cpf: str) -> str:
         raise NotFound(f"no person with CPF {cpf}") from None
 
 
-def person_json(person: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "cpf": person["cpf"],
-        "name": person["name"],
-        "address": person["address"],
-        "date_of_birth": person["date_of_birth"].isoformat(),
-        "email": person["email"],
-        "status": person["status"],
-        "created_at": person["created_at"].isoformat(),
-        "updated_at": person["updated_at"].isoformat(),
-        "incomes": person["incomes"],
-        "assets": person["assets"],
-        "debts": person["debts"],
-    }
+def person_json(person: dict[str, Any], model: type[PersonOut] = PersonOut, **extra: Any) -> dict:
+    fields = {name: person[name] for name in PersonOut.model_fields}
+    return body(model, **fields, **extra)
 
 
 @bp.get("/asyncapi.json")
@@ -97,7 +87,7 @@ def asyncapi_document() -> Any:
 def create_person() -> Any:
     fields = validated(PersonIn, json_object()).model_dump()
     person = store().create_person(fields, correlation_id())
-    return {"message": "created", **person_json(person)}, 201
+    return person_json(person, PersonCreated, message="created"), 201
 
 
 @bp.post("/person/bulk")
@@ -107,8 +97,8 @@ def create_import() -> Any:
     if key is not None and not 1 <= len(key) <= 200:
         raise _BulkRefused(400, f"the {IDEMPOTENCY_KEY} header must have 1 to 200 characters")
     row, _created = imports().create(_bulk_items(), key, principal().key_digest)
-    body = {"id": row["id"], "status": row["status"], "total": row["total"]}
-    return body, 202, {"Location": f"/imports/{row['id']}"}
+    accepted = body(ImportAccepted, id=row["id"], status=row["status"], total=row["total"])
+    return accepted, 202, {"Location": f"/imports/{row['id']}"}
 
 
 @bp.get("/imports/<import_id>")
@@ -121,12 +111,7 @@ def get_import(import_id: str) -> Any:
     row = imports().get(canonical, limit, principal().key_digest)
     if row is None:
         raise NotFound(f"no import {import_id}")
-    counts = ("id", "status", "total", "processed", "succeeded", "failed", "failures")
-    return {
-        **{key: row[key] for key in counts},
-        "created_at": row["created_at"].isoformat(),
-        "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
-    }
+    return body(ImportOut, **{key: row[key] for key in ImportOut.model_fields})
 
 
 @bp.get("/person/<cpf>")
@@ -161,14 +146,15 @@ def add_item(cpf: str, kind: str) -> Any:
     key = path_cpf(cpf)
     item = validated(KINDS[kind], json_object())
     created = store().add_item(key, kind, item.type, item.value, correlation_id())
-    return {
-        "message": "created",
-        "id": str(created["id"]),
-        "cpf": key,
-        "kind": kind,
-        "type": created["type"],
-        "value": str(created["value"]),
-    }, 201
+    return body(
+        ItemCreated,
+        message="created",
+        id=str(created["id"]),
+        cpf=key,
+        kind=kind,
+        type=created["type"],
+        value=str(created["value"]),
+    ), 201
 
 
 @bp.delete("/person/<cpf>/<kind>/<item_id>")
@@ -204,7 +190,7 @@ def activate(cpf: str) -> Any:
 def request_activation(cpf: str) -> Any:
     resend = current_app.config["ACTIVATION_RESEND_SECONDS"]
     store().request_activation(path_cpf(cpf), correlation_id(), resend)
-    return {"message": "a new activation e-mail is on its way"}, 202
+    return body(Accepted, message="a new activation e-mail is on its way"), 202
 
 
 IDEMPOTENCY_KEY = "Idempotency-Key"

@@ -7,6 +7,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
+from messaging.web import IsoDateTime
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -152,8 +153,8 @@ class PersonOut(BaseModel):
     date_of_birth: date
     email: str | None
     status: Literal["pending", "active"]
-    created_at: datetime
-    updated_at: datetime
+    created_at: IsoDateTime
+    updated_at: IsoDateTime
     incomes: list[ItemOut]
     assets: list[ItemOut]
     debts: list[ItemOut]
@@ -196,5 +197,5 @@ class ImportOut(ImportAccepted):
     succeeded: int
     failed: int
     failures: list[ImportFailure]
-    created_at: datetime
-    finished_at: datetime | None
+    created_at: IsoDateTime
+    finished_at: IsoDateTime | None

@@ -1,4 +1,4 @@
-"""The person service's HTTP contract (DESIGN §4) over the in-memory store: every status code."""
+"""The person service's HTTP contract over the in-memory store: every status code."""
 
 from __future__ import annotations
 

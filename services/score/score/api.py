@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Blueprint, current_app
 from messaging.auth import requires
-from messaging.web import OpenApi, Problem, path_parameter, problem
+from messaging.web import OpenApi, Problem, body, path_parameter, problem
 from pydantic import BaseModel, Field
 
 from .store import ScoreStore
@@ -30,14 +30,15 @@ def get_score(cpf: str) -> Any:
     found = store.read(cpf)
     if found is None:
         return problem(404, f"no score for CPF {cpf}: unknown person")
-    return {
-        "cpf": found.cpf,
-        "score": found.score,
-        "incomes": str(found.incomes),
-        "assets": str(found.assets),
-        "debts": str(found.debts),
-        "version": found.version,
-    }
+    return body(
+        ScoreOut,
+        cpf=found.cpf,
+        score=found.score,
+        incomes=str(found.incomes),
+        assets=str(found.assets),
+        debts=str(found.debts),
+        version=found.version,
+    )
 
 
 def describe(api: OpenApi) -> None:

@@ -31,7 +31,7 @@ class Published:
 
 
 def _key(event_type: str) -> str:
-    """A component key: person.activation_requested → personActivationRequested."""
+    """A component key: thing.size_changed → thingSizeChanged."""
     words = re.split(r"[._]", event_type)
     return words[0] + "".join(w.capitalize() for w in words[1:])
 

@@ -1,28 +1,19 @@
-"""Check that PostgreSQL, RabbitMQ and Redis answer; say which URL did not and how to start it."""
+"""Check that the servers a stack needs answer: python -m messaging.check_servers NAME=URL...
+
+The caller names the checks (the stack script passes each service's configured URL under the
+variable that sets it); the kind of server comes from the URL's scheme. For each one that does
+not answer, it says which variable, the URL with its password hidden, and how to start it.
+"""
 
 from __future__ import annotations
 
-import os
 import sys
+from collections.abc import Callable
 
-import pika
 import psycopg
-import redis
 from psycopg.conninfo import make_conninfo
 
-DEFAULTS = {
-    "PERSON_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/person",
-    "NOTIFIER_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/notifier",
-    "AMQP_URL": "amqp://guest:guest@127.0.0.1:5672/%2F",
-    "SCORE_REDIS_URL": "redis://127.0.0.1:6379/0",
-}
-POSTGRES_HINT = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
-HINTS = {
-    "PERSON_DATABASE_URL": POSTGRES_HINT,
-    "NOTIFIER_DATABASE_URL": POSTGRES_HINT,
-    "AMQP_URL": "rabbitmq-server -detached",
-    "SCORE_REDIS_URL": "redis-server --daemonize yes --port 6379",
-}
+from .connection import connect, node_urls
 
 
 def _postgres(url: str) -> None:
@@ -31,35 +22,47 @@ def _postgres(url: str) -> None:
 
 
 def _rabbitmq(url: str) -> None:
-    params = pika.URLParameters(url)
-    params.socket_timeout = params.blocked_connection_timeout = 3
-    params.connection_attempts = 1
-    pika.BlockingConnection(params).close()
+    connect(url, "check-servers", timeout=3).close()
 
 
 def _redis(url: str) -> None:
+    import redis  # only where a Redis is named
+
     redis.Redis.from_url(url, socket_connect_timeout=3).ping()
 
 
-CHECKS = {
-    "PERSON_DATABASE_URL": _postgres,
-    "NOTIFIER_DATABASE_URL": _postgres,
-    "AMQP_URL": _rabbitmq,
-    "SCORE_REDIS_URL": _redis,
+KINDS: dict[str, tuple[Callable[[str], None], str]] = {
+    "postgresql": (
+        _postgres,
+        "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+    ),
+    "postgres": (
+        _postgres,
+        "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+    ),
+    "amqp": (_rabbitmq, "rabbitmq-server -detached"),
+    "amqps": (_rabbitmq, "rabbitmq-server -detached"),
+    "redis": (_redis, "redis-server --daemonize yes --port 6379"),
 }
 
 
-def main() -> int:
+def check(checks: list[tuple[str, str]]) -> int:
+    """(variable, URL) pairs; print a line for each; 1 if any did not answer."""
     failed = 0
-    for variable, check in CHECKS.items():
-        url = os.environ.get(variable, DEFAULTS[variable])
-        shown = _hide_password(url)
+    for variable, url in checks:
+        shown = ",".join(_hide_password(node) for node in node_urls(url))
+        scheme = url.partition("://")[0]
+        if scheme not in KINDS:
+            failed += 1
+            print(f"✗ {variable}={shown}: no check for {scheme}:// URLs.")
+            continue
+        probe, hint = KINDS[scheme]
         try:
-            check(url)
+            probe(url)
         except Exception as exc:
             failed += 1
             print(f"✗ {variable}={shown} did not answer ({type(exc).__name__}).")
-            print(f"  Start it (for example: {HINTS[variable]}) or point {variable} at it.")
+            print(f"  Start it (for example: {hint}) or point {variable} at it.")
         else:
             print(f"✓ {variable}={shown}")
     return 1 if failed else 0
@@ -71,6 +74,14 @@ def _hide_password(url: str) -> str:
     if not at or ":" not in creds:
         return url
     return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    pairs = argv if argv is not None else sys.argv[1:]
+    if not pairs or not all("=" in pair for pair in pairs):
+        print("usage: python -m messaging.check_servers NAME=URL...", file=sys.stderr)
+        return 2
+    return check([tuple(pair.split("=", 1)) for pair in pairs])
 
 
 if __name__ == "__main__":

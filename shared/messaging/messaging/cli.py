@@ -249,7 +249,7 @@ def apikey_new(scopes: str) -> int:
 
     names = [name.strip() for name in scopes.split(",") if name.strip()]
     if not names:
-        raise Usage("--scopes needs at least one scope, e.g. person:write,person:read")
+        raise Usage("--scopes needs at least one scope, e.g. orders:write,orders:read")
     try:
         key, entry = new_key(names)
     except ValueError as exc:
@@ -292,7 +292,7 @@ def parser() -> argparse.ArgumentParser:
 
     keys = commands.add_parser("apikey", help="API keys")
     keys.add_argument("action", choices=["new"])
-    keys.add_argument("--scopes", required=True, help="comma-separated, e.g. person:read")
+    keys.add_argument("--scopes", required=True, help="comma-separated, e.g. orders:read")
 
     rebuild = commands.add_parser("replay", help="publish the producer's events to one queue")
     rebuild.add_argument("--to", required=True, dest="queue")

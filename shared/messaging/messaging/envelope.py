@@ -1,4 +1,4 @@
-"""The event envelope of DESIGN §5 and its strict codec."""
+"""The event envelope (README: Events) and its strict codec."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class Envelope(BaseModel):
         return self.model_dump_json().encode()
 
 
-# The largest body worth decoding. An entity's full state is a few KiB (the person API takes at
+# The largest body worth decoding. An entity's full state is a few KiB (a producer's API takes at
 # most 64 KiB per request); anything near this size is a producer's bug or an attack, not data.
 MAX_BODY_BYTES = 256 * 1024
 

@@ -12,7 +12,6 @@ publishes again: consumers apply by version, so what did arrive is harmless.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -20,8 +19,8 @@ from typing import Any
 
 import pika
 from pika import SelectConnection
-from pika.spec import Basic
 
+from .confirms import ConfirmWindow
 from .connection import amqp_parameters
 
 
@@ -31,7 +30,7 @@ def event_properties(
     correlation_id: str | None,
     headers: dict[str, Any] | None = None,
 ) -> pika.BasicProperties:
-    """The AMQP properties of an event (DESIGN §5): its id, its type, JSON, persistent."""
+    """The AMQP properties of an event (README: Events): its id, its type, JSON, persistent."""
     return pika.BasicProperties(
         message_id=event_id,
         type=event_type,
@@ -103,7 +102,7 @@ class _Run:
         self.progress_at = time.monotonic()
         self.exhausted = False
         self.sent = self.confirmed = 0
-        self.pending: dict[int, None] = {}  # unconfirmed delivery tags, in publish order
+        self.pending: ConfirmWindow[None] = ConfirmWindow()
         self.problem: str | None = None
         self.started = self.finished = 0.0
         self.channel: Any = None
@@ -168,7 +167,7 @@ class _Run:
                 self._fail(f"{type(exc).__name__}: {exc}")
                 return
             self.sent += 1
-            self.pending[self.sent] = None
+            self.pending.published(None)
         if self._done():
             self.finished = time.perf_counter()
             self.conn.close()
@@ -177,16 +176,11 @@ class _Run:
         if self.problem is not None:
             return  # failed already: what is confirmed from now on is not counted
         self.progress_at = time.monotonic()
-        method = frame.method
-        if not isinstance(method, Basic.Ack):
-            self._fail(f"the broker refused delivery tag {method.delivery_tag}")
+        acked, items = self.pending.confirmed(frame.method)
+        if not acked:
+            self._fail(f"the broker refused delivery tag {frame.method.delivery_tag}")
             return
-        tags = [method.delivery_tag]
-        if method.multiple:
-            tags = list(itertools.takewhile(lambda t: t <= method.delivery_tag, self.pending))
-        for tag in tags:
-            if self.pending.pop(tag, False) is None:
-                self.confirmed += 1
+        self.confirmed += len(items)
         if self.problem is None:
             self._top_up()
 

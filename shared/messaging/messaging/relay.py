@@ -21,8 +21,8 @@ from typing import Any
 import pika
 import psycopg
 from pika.adapters.select_connection import SelectConnection
-from pika.spec import Basic
 
+from .confirms import ConfirmWindow
 from .connection import Backoff, StopFlag, amqp_parameters
 from .outbox import NOTIFY_CHANNEL
 from .publisher import event_properties
@@ -161,8 +161,7 @@ class _Session:
         self.ready = False
         self.closing = False
         self.cursor = 0  # fetch rows with id > cursor; moves back for late commits and rescans
-        self.next_tag = 1
-        self.pending: dict[int, _InFlight] = {}  # delivery tag -> row, in publish order
+        self.pending: ConfirmWindow[_InFlight] = ConfirmWindow()
         self.inflight_ids: set[int] = set()
         self.returned: set[str] = set()
         self.held: set[int] = set()  # nacked or returned rows waiting for their backoff
@@ -300,9 +299,8 @@ class _Session:
                     properties=event_properties(event_id, event_type, correlation_id),
                     mandatory=True,
                 )
-                self.pending[self.next_tag] = _InFlight(row_id, event_id)
+                self.pending.published(_InFlight(row_id, event_id))
                 self.inflight_ids.add(row_id)
-                self.next_tag += 1
             if rows:
                 self.cursor = rows[-1][0]
             if len(rows) < limit:
@@ -328,20 +326,9 @@ class _Session:
         self.returned.add(props.message_id)
 
     def _on_confirm(self, frame: Any) -> None:
-        method = frame.method
-        acked = isinstance(method, Basic.Ack)
-        tags = [method.delivery_tag]
-        if method.multiple:  # pending is in tag order: take the prefix up to this tag
-            tags = []
-            for tag in self.pending:
-                if tag > method.delivery_tag:
-                    break
-                tags.append(tag)
+        acked, items = self.pending.confirmed(frame.method)
         failed, confirmed = [], []
-        for tag in tags:
-            item = self.pending.pop(tag, None)
-            if item is None:
-                continue
+        for item in items:
             self.inflight_ids.discard(item.row_id)
             if acked and item.event_id not in self.returned:
                 confirmed.append(item.row_id)
@@ -350,7 +337,7 @@ class _Session:
                 failed.append(item.row_id)
         if failed:
             self._hold(failed, "nacked" if not acked else "returned as unroutable")
-        elif tags:
+        elif items:
             self.failure_backoff.reset()
         if confirmed:
             self.marking.update(confirmed)

@@ -12,10 +12,11 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 
-from flask import Blueprint, Flask, Response, g, jsonify, request
+from flask import Blueprint, Flask, Response, g, jsonify, render_template_string, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -23,7 +24,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, PlainSerializer, ValidationError
 from pydantic.json_schema import models_json_schema
 from werkzeug.exceptions import HTTPException
 
@@ -261,8 +262,34 @@ def install(
     def openapi_document() -> Response:
         return jsonify(openapi)
 
+    @standard.get("/")
+    @public
+    def documentation() -> Response:
+        """The API's documentation, for people: rendered from the OpenAPI document."""
+        page = render_template_string(_DOCUMENTATION, api=openapi, service=service)
+        return Response(page, content_type="text/html; charset=utf-8")
+
     app.register_blueprint(standard)
     _document_security(app, openapi)
+
+
+_DOCUMENTATION = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ service }} API</title>
+<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}
+code{background:#f3f3f3;padding:0 .2em}td,th{text-align:left;padding:.3em .6em;vertical-align:top}
+tr:nth-child(even){background:#fafafa}.m{font-weight:bold;font-family:monospace}</style></head>
+<body><h1>{{ api.info.title }} API</h1>
+<p>JSON in and out; errors are <code>{"message", "errors"}</code>. Machine-readable:
+{% for path in api.paths if path.endswith(".json") %}<a href="{{ path }}">{{ path }}</a>
+({{ api.paths[path].get.summary }}){% if not loop.last %}, {% endif %}{% endfor %}.
+Routes with a scope take <code>Authorization: Bearer &lt;key&gt;</code>.</p>
+<table><tr><th>method</th><th>path</th><th>what</th><th>scope</th><th>answers</th></tr>
+{% for path, methods in api.paths.items() %}{% for method, op in methods.items() %}
+<tr><td class="m">{{ method | upper }}</td><td><code>{{ path }}</code></td><td>{{ op.summary }}</td>
+<td>{% for requirement in op.get("security", []) %}{{ requirement.bearer | join(", ") }}
+{% else %}open{% endfor %}</td><td>{{ op.responses | join(" ") }}</td></tr>
+{% endfor %}{% endfor %}</table></body></html>
+"""
 
 
 def _document_security(app: Flask, openapi: dict[str, Any]) -> None:
@@ -306,6 +333,15 @@ def _document_security(app: Flask, openapi: dict[str, Any]) -> None:
 _PARAMETER = re.compile(r"<(?:[a-z]+:)?([a-z_]+)>")
 
 
+# Date-times in answers as Python writes them (2026-11-23T10:59:35.869687+00:00), as events do.
+IsoDateTime = Annotated[datetime, PlainSerializer(datetime.isoformat, return_type=str)]
+
+
+def body(model: type[BaseModel], **fields: Any) -> dict[str, Any]:
+    """An answer built from the model that documents it in OpenAPI: it cannot say otherwise."""
+    return model.model_validate(fields).model_dump(mode="json")
+
+
 class Problem(BaseModel):
     """The one error shape of every service."""
 
@@ -344,6 +380,7 @@ class OpenApi:
             responses={200: "text/plain; version=0.0.4; charset=utf-8"},
         )
         self.route("GET", "/openapi.json", "This document", responses={200: "application/json"})
+        self.route("GET", "/", "This API's documentation, for people", responses={200: "text/html"})
 
     def route(
         self,

@@ -6,8 +6,11 @@ import threading
 import time
 from types import SimpleNamespace
 
+import pytest
 from messaging.runner import AttachedBeacon
 from messaging.testing import wait_until
+
+pytestmark = pytest.mark.unit
 
 
 def test_beats_as_soon_as_attached_and_survives_a_failing_beat():

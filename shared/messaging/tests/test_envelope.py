@@ -1,4 +1,4 @@
-"""Unit: the envelope of DESIGN §5 decodes strictly; anything else is one typed DecodeError."""
+"""Unit: the event envelope decodes strictly; anything else is one typed DecodeError."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Integration: the idempotent apply helpers against the real PostgreSQL and Redis.
 
-Duplicates, replays and reordering must converge to the state of in-order delivery (DESIGN §5).
+Duplicates, replays and reordering must converge to the state of in-order delivery.
 """
 
 from __future__ import annotations
