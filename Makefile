@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): requirements.txt requirements-dev.txt shared/messaging/pyproject.toml services/*/pyproject.toml tests/asyncapi/package-lock.json
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -r requirements-dev.txt
-	$(VENV)/bin/pip install -q --no-deps -e shared/messaging -e services/person -e services/score -e services/notifier
+	$(VENV)/bin/pip install -q --no-deps -e shared/messaging -e services/person -e services/score -e services/notifier -e services/console
 	npm ci --prefix tests/asyncapi --no-audit --no-fund --silent  # the AsyncAPI parser (make test)
 	touch $(STAMP)
 

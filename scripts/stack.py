@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-HOSTS = ("person", "score", "notifier")
+HOSTS = ("person", "score", "notifier", "console")
 HEALTH_TIMEOUT = 90.0
 STOP_TIMEOUT = 25.0
 
@@ -32,6 +32,10 @@ def environment() -> dict[str, str]:
         if value is not None:
             env.setdefault(key, value)
     env.setdefault("GATEWAY_PORT", "8000")
+    # The console calls each API directly, as any client would, on the ports make up gives them.
+    for name, port in (("PERSON", 8101), ("SCORE", 8102), ("NOTIFIER", 8103)):
+        own = env.get(f"{name}_PORT", str(port))
+        env.setdefault(f"{name}_API_URL", f"http://127.0.0.1:{own}")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env

@@ -54,8 +54,10 @@ def stack_env(make_database, servers) -> Iterator[dict[str, str]]:
         "PERSON_PORT": str(free_port()),
         "SCORE_PORT": str(free_port()),
         "NOTIFIER_PORT": str(free_port()),
+        "CONSOLE_PORT": str(free_port()),
         "PERSON_DATABASE_URL": make_database("stack_person"),
         "NOTIFIER_DATABASE_URL": make_database("stack_notifier"),
+        "CONSOLE_DATABASE_URL": make_database("stack_console"),
         "SCORE_REDIS_URL": servers.redis,
         "SCORE_KEY_PREFIX": f"{exchange}:",
         "AMQP_URL": servers.amqp,
@@ -70,6 +72,7 @@ def stack_env(make_database, servers) -> Iterator[dict[str, str]]:
         "PERSON_WORKERS": "1",
         "SCORE_WORKERS": "1",
         "NOTIFIER_WORKERS": "1",
+        "CONSOLE_WORKERS": "1",
     }
     env.pop("SENDGRID_API_KEY", None)
     yield env

@@ -193,6 +193,7 @@ def test_an_item_worth_zero_scores_zero(stack):
         "assets": "0.00",
         "debts": "0.00",
         "version": 2,
+        "person_version": 1,
     }
 
 

@@ -35,6 +35,7 @@ class WelcomeOut(BaseModel):
 
 class UserOut(BaseModel):
     cpf: str
+    version: int = Field(description="the person's entity_version this view holds")
     name: str | None
     email: str | None
     status: str | None
@@ -90,7 +91,7 @@ def get_user(cpf: str) -> Any:
     welcome = user["welcome"]
     return body(
         UserOut,
-        **{name: user[name] for name in ("cpf", "name", "email", "status")},
+        **{name: user[name] for name in ("cpf", "version", "name", "email", "status")},
         welcome_email=None if welcome is None else {k: welcome[k] for k in WelcomeOut.model_fields},
     )
 
@@ -141,7 +142,9 @@ def deliveries() -> Any:
         raise Invalid({"status": [f"must be one of {', '.join(STATUSES)}"]})
     return body(
         DeliveriesOut,
-        deliveries=[{**d, "to": d["to_email"]} for d in store().deliveries(status, _limit())],
+        deliveries=[
+            {**d, "to": d["to_email"]} for d in store().deliveries(status, _limit(), _cpf())
+        ],
     )
 
 
@@ -154,6 +157,13 @@ def retry(delivery_id: int) -> Any:
     if previous != "failed":
         return problem(409, f"delivery {delivery_id} is {previous}, not failed")
     return body(Accepted, message="queued again"), 202
+
+
+def _cpf() -> str | None:
+    cpf = request.args.get("cpf")
+    if cpf is not None and len(cpf) > 20:
+        raise Invalid({"cpf": ["must have at most 20 characters"]})
+    return cpf
 
 
 def _limit() -> int:
@@ -206,11 +216,18 @@ def describe(api: OpenApi) -> None:
         "required": False,
         "schema": {"type": "string", "enum": list(STATUSES)},
     }
+    by_person = {
+        "name": "cpf",
+        "in": "query",
+        "required": False,
+        "description": "only this person's e-mails",
+        "schema": {"type": "string", "maxLength": 20},
+    }
     api.route(
         "GET",
         "/deliveries",
         "E-mail deliveries by state",
-        parameters=[status, limit],
+        parameters=[status, limit, by_person],
         responses={200: DeliveriesOut, 401: Problem, 422: Problem},
     )
     api.route(

@@ -300,14 +300,14 @@ class NotifierStore:
             cur.execute("SELECT id, to_email, subject, html FROM mailbox WHERE id = %s", (mail_id,))
             return cur.fetchone()
 
-    def deliveries(self, status: str | None, limit: int) -> list[dict]:
+    def deliveries(self, status: str | None, limit: int, cpf: str | None = None) -> list[dict]:
         with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             cur.execute(
                 "SELECT id, kind, cpf, to_email, subject, status, attempts, next_attempt_at, "
                 "last_error, provider, provider_message_id, created_at, sent_at FROM deliveries "
-                "WHERE %(status)s::text IS NULL OR status = %(status)s ORDER BY id DESC "
-                "LIMIT %(limit)s",
-                {"status": status, "limit": limit},
+                "WHERE (%(status)s::text IS NULL OR status = %(status)s) "
+                "AND (%(cpf)s::text IS NULL OR cpf = %(cpf)s) ORDER BY id DESC LIMIT %(limit)s",
+                {"status": status, "limit": limit, "cpf": cpf},
             )
             return cur.fetchall()
 

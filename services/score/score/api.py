@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from flask import Blueprint, current_app
@@ -21,6 +22,13 @@ class ScoreOut(BaseModel):
     assets: str = Field(description="total of the person's assets, decimal string")
     debts: str = Field(description="total of the person's debts, decimal string")
     version: int = Field(description="revision of this read-model entry; grows with each change")
+    person_version: int = Field(description="the person's entity_version this model holds")
+
+
+class RebuildOut(BaseModel):
+    state: str = Field(description="ready, rebuilding, wiping, or missing (the model lost it)")
+    request_id: str | None
+    wiped: int | None = Field(description="keys the last rebuild started here wiped")
 
 
 @bp.get("/<cpf>/score")
@@ -38,6 +46,39 @@ def get_score(cpf: str) -> Any:
         assets=str(found.assets),
         debts=str(found.debts),
         version=found.version,
+        person_version=found.person_version,
+    )
+
+
+_WIPES: dict[str, int] = {}
+
+
+@bp.post("/rebuild")
+@requires("admin")
+def rebuild() -> Any:
+    """Start the safe rebuild: wipe the model in the background; the consumer then heals it
+    through a replay (score.rebuild's way, for operators without a shell)."""
+    store: ScoreStore = current_app.extensions["score.store"]
+    generation = store.generation()
+    if generation is not None and generation.state in ("wiping", "rebuilding"):
+        return problem(409, f"a rebuild is under way ({generation.state})")
+
+    def wipe() -> None:
+        _WIPES["last"] = store.wipe()
+
+    threading.Thread(target=wipe, name="score-wipe", daemon=True).start()
+    return body(RebuildOut, state="wiping", request_id=None, wiped=None), 202
+
+
+@bp.get("/rebuild")
+@requires("admin")
+def rebuild_state() -> Any:
+    generation = current_app.extensions["score.store"].generation()
+    return body(
+        RebuildOut,
+        state=generation.state if generation else "missing",
+        request_id=generation.request_id if generation else None,
+        wiped=_WIPES.get("last"),
     )
 
 
@@ -49,3 +90,10 @@ def describe(api: OpenApi) -> None:
         parameters=[path_parameter("cpf", "the person's CPF, digits")],
         responses={200: ScoreOut, 404: Problem},
     )
+    api.route(
+        "POST",
+        "/rebuild",
+        "Rebuild the model: wipe it, then the consumer replays the person service's events",
+        responses={202: RebuildOut, 409: Problem},
+    )
+    api.route("GET", "/rebuild", "Where a rebuild is", responses={200: RebuildOut})

@@ -126,6 +126,7 @@ class PersonScore:
     assets: Decimal
     debts: Decimal
     version: int
+    person_version: int  # the person's entity_version the model holds
 
 
 class ScoreStore:
@@ -194,7 +195,13 @@ class ScoreStore:
         items = [(raw[i], _stored_value(raw[i + 1])) for i in range(3, len(raw), 2)]
         totals = {kind: sum((v for k, v in items if k == kind), Decimal("0.00")) for kind in KINDS}
         return PersonScore(
-            cpf, score(items), totals["income"], totals["asset"], totals["debt"], int(rev)
+            cpf,
+            score(items),
+            totals["income"],
+            totals["asset"],
+            totals["debt"],
+            int(rev),
+            int(version),
         )
 
     def ping(self) -> None:

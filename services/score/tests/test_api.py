@@ -36,6 +36,7 @@ def test_score_of_the_seed_person(client, score_store):
         "assets": "100000.00",
         "debts": "1000.00",
         "version": 4,
+        "person_version": 1,
     }
 
 

@@ -91,6 +91,14 @@ class ApiKeys:
             keys[key_digest] = frozenset(scopes)
         return cls(keys)
 
+    def scopes_of(self, key_digest: str) -> frozenset[str] | None:
+        """The scopes of the key with this digest (a session that signed in with it)."""
+        found = None
+        for stored, scopes in self._keys:
+            if hmac.compare_digest(key_digest.encode(), stored.encode()):
+                found = scopes
+        return found
+
     def verify(self, authorization: str | None) -> Principal | None:
         """The principal of an `Authorization: Bearer <key>` header, or None."""
         scheme, _, key = (authorization or "").partition(" ")

@@ -30,25 +30,14 @@ import pika
 import psycopg
 from pika.adapters.blocking_connection import BlockingChannel
 
-from . import outbox
+from . import deadletters, outbox
 from .connection import connect
+from .deadletters import dead_queue_name, dead_reason, give_back, read_all
+from .deadletters import text as _text
 from .publisher import PublishError
 from .replay import replay as replay_events
-from .retry import resent_properties
 from .settings import DEFAULT_AMQP_URL
 
-# Headers the failure path adds; a replayed message starts again without them.
-FAILURE_HEADERS = (
-    "x-death",
-    "x-attempts",
-    "x-first-failure-at",
-    "x-exception-type",
-    "x-last-error",
-    "x-dead-reason",
-    "x-dead-at",
-    "x-original-queue",
-    "x-delivery-count",  # quorum queues count our looks at the dead queue
-)
 SHOW_BODY_LIMIT = 4000
 
 
@@ -70,10 +59,6 @@ def _database_url() -> str:
     return url
 
 
-def dead_queue_name(queue: str) -> str:
-    return queue if queue.endswith(".dead") else f"{queue}.dead"
-
-
 @contextmanager
 def _channel() -> Iterator[BlockingChannel]:
     conn = connect(_amqp_url(), "messaging-cli")
@@ -82,51 +67,6 @@ def _channel() -> Iterator[BlockingChannel]:
     finally:
         if conn.is_open:
             conn.close()
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def read_all(channel: BlockingChannel, queue: str) -> list[tuple[Any, Any, bytes]]:
-    """Every message of the queue, unacknowledged: the caller acks what it removes and
-    `give_back` returns the rest.
-
-    Reads at most the depth the broker reports when it starts, so a busy queue cannot keep it
-    reading forever.
-    """
-    depth = channel.queue_declare(queue, passive=True).method.message_count
-    messages = []
-    for _ in range(depth):
-        method, properties, body = channel.basic_get(queue, auto_ack=False)
-        if method is None:
-            break
-        messages.append((method, properties, body))
-    return messages
-
-
-def give_back(channel: BlockingChannel) -> None:
-    """Return every message read and not acknowledged to its queue, as it was.
-
-    basic.nack with requeue is a plain return (RabbitMQ 4.3 counts only basic.reject toward a
-    delivery limit); dead queues are declared without a limit anyway (topology.py).
-    """
-    if channel.is_open:
-        channel.basic_nack(delivery_tag=0, multiple=True, requeue=True)
-
-
-def dead_reason(headers: dict[str, Any]) -> str:
-    """Why a message is dead: our header, else what the broker's own dead-lettering recorded."""
-    if "x-dead-reason" in headers:
-        return _text(headers["x-dead-reason"])
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-        reason = _text(deaths[0].get("reason", "?"))
-        queue = _text(deaths[0].get("queue", "?"))
-        if reason == "delivery_limit":
-            return f"delivery limit: {queue} delivered it too often without it being settled"
-        return f"dead-lettered by the broker from {queue}: {reason}"
-    return "(no reason recorded)"
 
 
 def _headers(properties: Any) -> dict[str, Any]:
@@ -181,28 +121,8 @@ def dlq_replay(queue: str, ids: list[str] | None) -> int:
     """Republish to the original queue with a confirm, then remove from the dead queue."""
     queue = dead_queue_name(queue)
     conn = connect(_amqp_url(), "messaging-cli")
-    replayed = 0
     try:
-        channel = conn.channel()
-        channel.confirm_delivery()
-        for method, properties, body in read_all(channel, queue):
-            if ids is not None and properties.message_id not in ids:
-                continue
-            headers = _headers(properties)
-            target = _text(headers.get("x-original-queue") or queue.removesuffix(".dead"))
-            fresh = {k: v for k, v in headers.items() if k not in FAILURE_HEADERS}
-            fresh["x-replayed-at"] = datetime.now(UTC).isoformat()
-            # Raises if the broker does not confirm: the dead copy is then left where it is.
-            channel.basic_publish(
-                "",
-                target,
-                body,
-                resent_properties(properties, fresh),
-                mandatory=True,
-            )
-            channel.basic_ack(method.delivery_tag)
-            replayed += 1
-        give_back(channel)  # what was not replayed stays in the dead queue
+        replayed = deadletters.replay(conn, queue, ids)
     finally:
         if conn.is_open:
             conn.close()

@@ -213,3 +213,39 @@ def published(conn: psycopg.Connection) -> tuple[int, float | None]:
         "FROM messaging_relay_stats WHERE name = 'relay'"
     ).fetchone()
     return (int(row[0]), float(row[1]) if row[1] is not None else None) if row else (0, None)
+
+
+HISTORY_COLUMNS = (
+    "id, event_id::text, event_type, entity, entity_id, entity_version, occurred_at, "
+    "published_at, correlation_id"
+)
+
+
+def history(
+    conn: psycopg.Connection,
+    *,
+    entity_ids: list[str] | None = None,
+    correlation_id: str | None = None,
+    data_field: tuple[str, str] | None = None,
+    limit: int = 500,
+) -> list[dict[str, Any]]:
+    """The events still in the outbox (the latest of every entity, and every one younger than
+    the retention) about these entities, with this correlation id, or whose data has this
+    field equal to this value (a person's items by their `cpf`), oldest first."""
+    from psycopg.rows import dict_row
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            f"SELECT {HISTORY_COLUMNS} FROM messaging_outbox "
+            "WHERE entity_id = ANY(%(ids)s) OR correlation_id = %(cid)s "
+            "OR (%(field)s::text IS NOT NULL AND body::jsonb -> 'data' ->> %(field)s = %(value)s) "
+            "ORDER BY id LIMIT %(limit)s",
+            {
+                "ids": entity_ids or [],
+                "cid": correlation_id,
+                "field": data_field[0] if data_field else None,
+                "value": data_field[1] if data_field else None,
+                "limit": limit,
+            },
+        )
+        return cur.fetchall()

@@ -140,6 +140,7 @@ def install(
     openapi: dict[str, Any],
     registry: CollectorRegistry,
     api_keys: ApiKeys | None = None,
+    documentation_page: bool = True,
 ) -> None:
     """Add the shared error handling, correlation ids, API keys, request metrics and the
     standard routes. Call it after the service's own routes are registered: every route must
@@ -262,12 +263,14 @@ def install(
     def openapi_document() -> Response:
         return jsonify(openapi)
 
-    @standard.get("/")
-    @public
-    def documentation() -> Response:
-        """The API's documentation, for people: rendered from the OpenAPI document."""
-        page = render_template_string(_DOCUMENTATION, api=openapi, service=service)
-        return Response(page, content_type="text/html; charset=utf-8")
+    if documentation_page:  # a service with pages of its own puts them at its root instead
+
+        @standard.get("/")
+        @public
+        def documentation() -> Response:
+            """The API's documentation, for people: rendered from the OpenAPI document."""
+            page = render_template_string(_DOCUMENTATION, api=openapi, service=service)
+            return Response(page, content_type="text/html; charset=utf-8")
 
     app.register_blueprint(standard)
     _document_security(app, openapi)

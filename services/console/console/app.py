@@ -1,0 +1,366 @@
+"""The operators' console (console.localhost): overview, failures, one change's journey,
+rebuilds and the audit log, server-rendered.
+
+Signing in: the operator pastes an API key with the `admin` scope once; the session is a
+signed, HttpOnly, SameSite=Strict cookie holding the key's digest (never the key) and a CSRF
+token that every state-changing POST must carry. A bearer key with the scope works too. Where
+API keys are off (development), the pages are open, but POSTs still need the CSRF token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    abort,
+    current_app,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from messaging import web
+from messaging.auth import ApiKeys, digest, public
+from messaging.connection import BrokerProbe
+from prometheus_client import CollectorRegistry
+from psycopg_pool import ConnectionPool
+
+from .audit import AuditLog
+from .config import ConsoleConfig
+from .sources import Sources, Unreachable, body_view
+
+bp = Blueprint("console", __name__)
+ADMIN = "admin"
+
+
+def sources() -> Sources:
+    return current_app.extensions["console.sources"]
+
+
+def audit() -> AuditLog:
+    return current_app.extensions["console.audit"]
+
+
+def keys() -> ApiKeys | None:
+    return current_app.extensions["console.keys"]
+
+
+# -- who is there ------------------------------------------------------------------------------
+@bp.before_app_request
+def _who() -> Any:
+    g.operator = None
+    if request.endpoint in (None, "static") or request.blueprint != "console":
+        return None
+    if request.endpoint in ("console.signin", "console.signin_post"):
+        return None
+    found = keys()
+    if found is None:
+        g.operator = "anonymous (API keys off)"
+        return None
+    bearer = found.verify(request.headers.get("Authorization"))
+    if bearer is not None and ADMIN in bearer.scopes:
+        g.operator = f"key {bearer.key_digest[:12]}"
+        return None
+    signed = session.get("key_digest")
+    if isinstance(signed, str) and ADMIN in (found.scopes_of(signed) or ()):
+        g.operator = f"key {signed[:12]}"
+        return None
+    if request.method == "GET":
+        return redirect(url_for("console.signin", next=request.full_path))
+    abort(401)
+
+
+def csrf_token() -> str:
+    if "csrf" not in session:
+        session["csrf"] = secrets.token_urlsafe(24)
+    return session["csrf"]
+
+
+def _check_csrf() -> None:
+    sent = request.form.get("csrf", "")
+    if not sent or not hmac.compare_digest(sent, session.get("csrf", "")):
+        abort(400, "the form is stale or forged (CSRF token): reload the page")
+
+
+@bp.get("/signin")
+def signin() -> Any:
+    return render_template("signin.html", next=_safe_next(), error=None, csrf=csrf_token())
+
+
+@bp.post("/signin")
+def signin_post() -> Any:
+    _check_csrf()
+    key = request.form.get("key", "").strip()
+    found = keys()
+    principal = found.verify(f"Bearer {key}") if found else None
+    if principal is None or ADMIN not in principal.scopes:
+        page = render_template(
+            "signin.html",
+            next=_safe_next(),
+            error="not a key with the admin scope",
+            csrf=csrf_token(),
+        )
+        return page, 401
+    session.clear()
+    session["key_digest"] = digest(key)
+    session["csrf"] = secrets.token_urlsafe(24)
+    audit().record(f"key {principal.key_digest[:12]}", "sign in", "console", 0)
+    return redirect(_safe_next())
+
+
+@bp.post("/signout")
+def signout() -> Any:
+    _check_csrf()
+    session.clear()
+    return redirect(url_for("console.signin"))
+
+
+def _safe_next() -> str:
+    target = request.args.get("next") or request.form.get("next") or "/"
+    return target if target.startswith("/") and not target.startswith("//") else "/"
+
+
+# -- pages -------------------------------------------------------------------------------------
+@bp.get("/")
+def overview() -> Any:
+    return render_template("overview.html", csrf=csrf_token())
+
+
+@bp.get("/overview/live")
+def overview_live() -> Any:
+    """The part of the overview the page fetches again every two seconds."""
+    return render_template("overview_live.html", view=sources().overview(), now=_now())
+
+
+@bp.get("/failures")
+def failures() -> Any:
+    groups: dict[tuple[str, str], list] = defaultdict(list)
+    for queue in sources().dead_queues:
+        for letter in sources().dead_letters(queue):
+            groups[(queue, letter.group)].append(letter)
+    rows = [
+        {
+            "queue": queue,
+            "group": group,
+            "count": len(letters),
+            "first": min((x.dead_at for x in letters if x.dead_at), default=""),
+            "last": max((x.dead_at for x in letters if x.dead_at), default=""),
+        }
+        for (queue, group), letters in sorted(groups.items(), key=lambda item: -len(item[1]))
+    ]
+    return render_template("failures.html", rows=rows, csrf=csrf_token())
+
+
+@bp.get("/failures/group")
+def failure_group() -> Any:
+    queue, group = request.args.get("queue", ""), request.args.get("group", "")
+    if queue not in sources().dead_queues:
+        abort(404)
+    reveal = request.args.get("reveal") == "1"
+    letters = [x for x in sources().dead_letters(queue) if x.group == group]
+    if reveal:
+        audit().record(g.operator, "reveal", f"{queue}: {group}", len(letters))
+    shown = [
+        {
+            "letter": x,
+            "body": body_view(x.body, reveal),
+            "headers": {k: v for k, v in sorted(x.headers.items()) if k != "x-death"},
+        }
+        for x in letters
+    ]
+    return render_template(
+        "group.html", queue=queue, group=group, letters=shown, reveal=reveal, csrf=csrf_token()
+    )
+
+
+@bp.post("/failures/<action>")
+def failure_action(action: str) -> Any:
+    _check_csrf()
+    queue = request.form.get("queue", "")
+    ids = request.form.getlist("id")
+    if queue not in sources().dead_queues or action not in ("replay", "discard") or not ids:
+        abort(400, "choose a dead queue, an action and at least one message")
+    done = (sources().replay if action == "replay" else sources().discard)(queue, ids)
+    audit().record(g.operator, action, queue, done, f"{len(ids)} listed: {', '.join(ids)[:1500]}")
+    return redirect(url_for("console.failures", done=f"{action}: {done} of {len(ids)}"))
+
+
+@bp.get("/journey")
+def journey() -> Any:
+    query = request.args.get("q", "").strip()
+    found = _journey(query) if query else None
+    return render_template("journey.html", q=query, found=found, csrf=csrf_token())
+
+
+def _journey(query: str) -> dict[str, Any]:
+    s = sources()
+    digits = "".join(ch for ch in query if ch.isdigit())
+    is_cpf = query.replace(".", "").replace("-", "").isdigit()
+    cpf = digits if is_cpf else None
+    events = s.history(cpf, None if is_cpf else query)
+    if cpf is None:
+        cpf = next((e["entity_id"] for e in events if e["entity"] == "person"), None)
+        if cpf is not None:
+            events = s.history(cpf, None)
+    latest_person = max(
+        (e["entity_version"] for e in events if e["entity"] == "person"), default=None
+    )
+    models: dict[str, Any] = {}
+    emails: list[dict] = []
+    if cpf:
+        for service, path in (("score", f"/{cpf}/score"), ("notifier", f"/users/{cpf}")):
+            try:
+                status, answer = s.call(service, "GET", path)
+            except Unreachable as exc:
+                models[service] = {"state": "unreachable", "detail": str(exc)}
+                continue
+            held = answer.get("person_version", answer.get("version")) if status == 200 else None
+            models[service] = _model_state(held, latest_person, status)
+        try:
+            status, answer = s.call("notifier", "GET", f"/deliveries?cpf={cpf}&limit=50")
+            emails = answer.get("deliveries", []) if status == 200 else []
+        except Unreachable:
+            emails = []
+    dead = []
+    ids = {e["event_id"] for e in events}
+    for queue in s.dead_queues:
+        for letter in s.dead_letters(queue):
+            if letter.message_id in ids or (cpf and cpf.encode() in letter.body):
+                dead.append({"queue": queue, "letter": letter})
+    for service, state in models.items():
+        if any(d["queue"].startswith(f"{service}.") for d in dead):
+            state["state"] = "dead-lettered"
+    stuck = [e for e in events if e["published_at"] is None]
+    return {
+        "cpf": cpf,
+        "events": events,
+        "models": models,
+        "emails": emails,
+        "dead": dead,
+        "unpublished": stuck,
+        "latest": latest_person,
+    }
+
+
+def _model_state(held: int | None, latest: int | None, status: int) -> dict[str, Any]:
+    if latest is None:
+        return {"state": "no events", "held": held}
+    if held is None:
+        return {
+            "state": "not in the model" if status == 404 else f"answered {status}",
+            "held": None,
+        }
+    if held >= latest:
+        return {"state": "applied", "held": held}
+    return {"state": "behind (retrying, or still on its way)", "held": held}
+
+
+@bp.post("/emails/<int:delivery_id>/retry")
+def retry_email(delivery_id: int) -> Any:
+    _check_csrf()
+    status, answer = sources().call("notifier", "POST", f"/deliveries/{delivery_id}/retry")
+    audit().record(
+        g.operator,
+        "retry e-mail",
+        f"delivery {delivery_id}",
+        int(status == 202),
+        str(answer.get("message", "")) if isinstance(answer, dict) else "",
+    )
+    return redirect(request.form.get("back") or url_for("console.journey"))
+
+
+@bp.get("/rebuild")
+def rebuild() -> Any:
+    status, state = sources().call("score", "GET", "/rebuild")
+    return render_template(
+        "rebuild.html", state=state if status == 200 else None, csrf=csrf_token()
+    )
+
+
+@bp.get("/rebuild/state")
+def rebuild_state() -> Any:
+    status, state = sources().call("score", "GET", "/rebuild")
+    return render_template("rebuild_state.html", state=state if status == 200 else None)
+
+
+@bp.post("/rebuild")
+def rebuild_start() -> Any:
+    _check_csrf()
+    status, answer = sources().call("score", "POST", "/rebuild")
+    audit().record(
+        g.operator,
+        "rebuild",
+        "score",
+        int(status == 202),
+        str(answer.get("message", answer.get("state", ""))),
+    )
+    return redirect(url_for("console.rebuild"))
+
+
+@bp.get("/audit")
+def audit_log() -> Any:
+    return render_template("audit.html", rows=audit().recent())
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# -- composition -------------------------------------------------------------------------------
+def create_app(config: ConsoleConfig | None = None) -> Flask:
+    config = config or ConsoleConfig()
+    api_keys = config.api_key_store()
+    from .migrate import migrate_database
+
+    migrate_database(config.console_database_url)  # its own audit log: idempotent, locked
+    app = Flask("console")
+    app.secret_key = config.console_secret
+    app.config.update(
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        SESSION_COOKIE_SECURE=config.production,
+        SESSION_COOKIE_NAME="console",
+        MAX_CONTENT_LENGTH=64 * 1024,
+    )
+    pool = ConnectionPool(
+        config.console_database_url, min_size=1, max_size=4, open=True, name="console"
+    )
+    app.extensions["console.sources"] = Sources(config)
+    app.extensions["console.audit"] = AuditLog(pool)
+    app.extensions["console.keys"] = api_keys
+    app.register_blueprint(bp)
+    for view in app.view_functions.values():  # the pages check the admin scope (_who)
+        if getattr(view, "required_scope", None) is None:
+            public(view)
+    openapi = web.OpenApi("console")
+    web.install(
+        app,
+        service="console",
+        readiness={
+            "audit log": app.extensions["console.audit"].ping,
+            "broker": BrokerProbe(config.amqp_url),
+        },
+        openapi=openapi.document(),
+        registry=CollectorRegistry(),
+        api_keys=api_keys,  # /metrics; the pages check the admin scope themselves (sessions)
+        documentation_page=False,
+    )
+
+    @app.errorhandler(401)
+    def _unauthorized(_exc: Exception) -> Response:
+        return Response(
+            "sign in with a key that has the admin scope",
+            401,
+            {"WWW-Authenticate": 'Bearer realm="console"'},
+        )
+
+    return app

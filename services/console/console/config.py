@@ -1,0 +1,33 @@
+"""The console's configuration, read once into a frozen object."""
+
+from __future__ import annotations
+
+from messaging.settings import MIN_SECRET_LENGTH, ServiceSettings
+from pydantic import model_validator
+
+DEVELOPMENT_SECRET = "development-console-secret"
+
+
+class ConsoleConfig(ServiceSettings):
+    console_database_url: str = "postgresql://postgres@127.0.0.1:5432/console"  # the audit log
+    # The producer's outbox, read through the library (backlog, each change's events).
+    person_database_url: str = "postgresql://postgres@127.0.0.1:5432/person"
+    # Each service's own API, called as any client does, with the console's key.
+    person_api_url: str = "http://127.0.0.1:8101"
+    score_api_url: str = "http://127.0.0.1:8102"
+    notifier_api_url: str = "http://127.0.0.1:8103"
+    console_api_key: str | None = None  # person:read, score:read, notifier:read, metrics, admin
+    console_secret: str = DEVELOPMENT_SECRET  # signs the session cookie
+    console_consumers: tuple[str, ...] = ("score", "notifier")  # whose queues it shows
+
+    @model_validator(mode="after")
+    def _production_is_closed(self) -> ConsoleConfig:
+        if self.production and (
+            self.console_secret == DEVELOPMENT_SECRET
+            or len(self.console_secret) < MIN_SECRET_LENGTH
+        ):
+            raise ValueError(
+                f"CONSOLE_SECRET must be set, {MIN_SECRET_LENGTH} characters or more, "
+                "when APP_ENV=production"
+            )
+        return self

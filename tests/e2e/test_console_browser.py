@@ -1,0 +1,189 @@
+"""The operators' console in a real browser (Debian's Chromium, driven by Playwright), on a stack
+of this module's own with API keys on: sign in, each page, a registration's journey, a group of
+dead letters replayed, the score model rebuilt. Screenshots go to test-artifacts/console/."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pika
+import pytest
+from messaging.auth import new_key
+from messaging.testing import wait_until
+from messaging.topology import Topology
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOTS = ROOT / "test-artifacts" / "console"
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, str]:
+    return {}
+
+
+@pytest.fixture(scope="module")
+def console_stack(start_stack, keys):
+    entries: dict[str, list[str]] = {}
+    keys["admin"], entry = new_key(["admin"])
+    entries.update(entry)
+    keys["reader"], entry = new_key(["person:read"])
+    entries.update(entry)
+    keys["console"], entry = new_key(
+        ["person:read", "person:write", "score:read", "notifier:read", "metrics", "admin"]
+    )
+    entries.update(entry)
+    return start_stack(API_KEYS=json.dumps(entries), CONSOLE_API_KEY=keys["console"])
+
+
+@pytest.fixture(scope="module")
+def page(console_stack) -> Iterator:
+    if not CHROMIUM.exists():
+        pytest.fail("the browser tests need Debian's chromium: apt-get install chromium")
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        # The console is console.localhost on the stack's gateway; Chromium resolves
+        # *.localhost to this machine by itself.
+        context = browser.new_context(base_url=f"http://console.localhost:{console_stack.port}")
+        yield context.new_page()
+        browser.close()
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def register(stack, key: str, cpf: str, email: str) -> str:
+    request_id = f"console-{uuid.uuid4().hex[:8]}"
+    body = {
+        "cpf": cpf,
+        "name": "Ana Console",
+        "address": "Recife",
+        "date_of_birth": "1990-04-12",
+        "email": email,
+    }
+    headers = {"Authorization": f"Bearer {key}", "X-Request-Id": request_id}
+    assert stack.call("POST", "person", "/person", body, headers)[0] == 201
+    item = {"type": "salary", "value": 1000}
+    assert stack.call("POST", "person", f"/person/{cpf}/income", item, headers)[0] == 201
+    return request_id
+
+
+def test_signing_in_needs_a_key_with_the_admin_scope(page, keys):
+    page.goto("/")
+    assert "/signin" in page.url
+    page.fill("input[name=key]", keys["reader"])
+    page.click("button:has-text('Sign in')")
+    assert "not a key with the admin scope" in page.content()
+    page.fill("input[name=key]", keys["admin"])
+    page.click("button:has-text('Sign in')")
+    page.wait_for_selector("#backlog")
+    cookie = next(c for c in page.context.cookies() if c["name"] == "console")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert keys["admin"] not in json.dumps(page.context.cookies())
+    shot(page, "overview")
+
+
+def test_a_post_without_the_forms_csrf_token_is_refused(page, console_stack):
+    status = page.evaluate(
+        "fetch('/rebuild', {method: 'POST', body: new URLSearchParams({csrf: 'forged'})})"
+        ".then(r => r.status)"
+    )
+    assert status == 400
+
+
+def test_the_journey_of_a_registration(page, console_stack, keys):
+    cpf = "61000000001"
+    request_id = register(console_stack, keys["console"], cpf, "journey@example.com")
+
+    def both_applied() -> bool:
+        page.goto(f"/journey?q={cpf}")
+        return all(page.inner_text(f"#model-{m}") == "applied" for m in ("score", "notifier"))
+
+    wait_until(both_applied, timeout=30, what="both read models applied in the journey")
+    text = page.inner_text("main")
+    assert "person.created" in text and "income.created" in text and request_id in text
+    assert "welcome" in text
+    shot(page, "journey")
+    page.click(f"a:has-text('{request_id}')")  # the request that made the change
+    assert "person.created" in page.inner_text("main")
+
+
+def test_a_group_of_dead_letters_is_replayed_and_the_audit_log_says_so(page, console_stack, keys):
+    queue = Topology("score", console_stack.env["EVENTS_EXCHANGE"]).queue
+    conn = pika.BlockingConnection(pika.URLParameters(console_stack.env["AMQP_URL"]))
+    try:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        for n in range(3):  # three events no model can take: dead, with one reason
+            channel.basic_publish(
+                "",
+                queue,
+                json.dumps({"event_type": "person.created", "n": n}).encode(),
+                pika.BasicProperties(message_id=f"bad-{n}-{uuid.uuid4().hex[:6]}"),
+            )
+    finally:
+        conn.close()
+
+    def listed() -> bool:
+        page.goto("/failures")
+        return "DecodeError" in page.inner_text("main")
+
+    wait_until(listed, timeout=30, what="the dead letters listed")
+    shot(page, "failures")
+    page.click("a.open")
+    assert "Personal data masked" in page.inner_text("main")
+    count = int(re.search(r"(\d+) message\(s\)", page.inner_text("main")).group(1))
+    assert count >= 3
+    page.click("#replay-group")
+    assert f"replay: {count} of {count}" in page.inner_text("main")
+    page.goto("/audit")
+    row = page.inner_text("table")
+    assert "replay" in row and queue in row
+    shot(page, "audit")
+
+
+def test_the_score_model_is_rebuilt_from_the_console(page, console_stack, keys):
+    register(console_stack, keys["console"], "61000000002", "rebuild@example.com")
+    page.goto("/rebuild")
+    page.click("#rebuild")
+
+    def rebuilt() -> bool:
+        page.goto("/rebuild")
+        return page.inner_text("#rebuild-state") == "ready" and "keys wiped" in page.content()
+
+    wait_until(rebuilt, timeout=60, what="the score model ready again")
+    shot(page, "rebuild")
+    status, score, _ = console_stack.call(
+        "GET", "score", "/61000000002/score", headers={"Authorization": f"Bearer {keys['console']}"}
+    )
+    assert status == 200 and score["score"] == 20
+    page.goto("/audit")
+    assert "rebuild" in page.inner_text("table")
+
+
+def test_the_overview_shows_every_queue_and_process(page, console_stack):
+    page.goto("/")
+    page.wait_for_selector("#backlog")
+    text = page.inner_text("main")
+    for service in ("person", "score", "notifier"):
+        assert service in text
+    assert Topology("score", console_stack.env["EVENTS_EXCHANGE"]).dead_queue in text
