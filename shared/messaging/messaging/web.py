@@ -225,6 +225,7 @@ def install(
         )
         return problem(500, "internal error; the request id is in the X-Request-Id header")
 
+    registry.register(_ReadinessCollector(readiness))
     standard = Blueprint("standard", __name__)
 
     @standard.get("/health")
@@ -293,6 +294,28 @@ Routes with a scope take <code>Authorization: Bearer &lt;key&gt;</code>.</p>
 {% else %}open{% endfor %}</td><td>{{ op.responses | join(" ") }}</td></tr>
 {% endfor %}{% endfor %}</table></body></html>
 """
+
+
+class _ReadinessCollector:
+    """`service_ready{check}` (1 or 0) at scrape time, so alerts can page on a consumer or a
+    sender that is not ready (the same checks as /ready)."""
+
+    def __init__(self, readiness: dict[str, Callable[[], None]]) -> None:
+        self.readiness = readiness
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(
+            "service_ready", "1 when the /ready check passes", labels=["check"]
+        )
+        for name, check in self.readiness.items():
+            try:
+                check()
+                family.add_metric([name], 1)
+            except Exception:
+                family.add_metric([name], 0)
+        yield family
 
 
 def _document_security(app: Flask, openapi: dict[str, Any]) -> None:
