@@ -17,7 +17,7 @@ import yaml
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
-APIS = ("person", "score", "notifier")
+APIS = ("person", "score", "notifier", "console")
 INFRASTRUCTURE = ("postgres", "rabbitmq", "redis", "traefik")
 ONE_SHOTS = ("migrate", "migrate-person")
 
@@ -30,6 +30,7 @@ COMPOSE_SECRETS = {
         "RABBITMQ_PASSWORD",
         "RABBITMQ_ADMIN_PASSWORD",
         "ACTIVATION_SECRET",
+        "CONSOLE_SECRET",
     )
 }
 

@@ -63,6 +63,7 @@ def prod(start_stack, stack_env, keys, sendgrid) -> Any:
         RATE_LIMIT_AVERAGE="50",
         RATE_LIMIT_BURST="100",
         ACTIVATION_RESEND_SECONDS="60",
+        CONSOLE_SECRET="a-production-console-secret-of-40-characters",
     )
 
 
@@ -224,6 +225,7 @@ REFUSALS = [
     ("notifier", {"SENDGRID_API_KEY": None}, "SENDGRID_API_KEY"),
     ("notifier", {"PUBLIC_PERSON_URL": None}, "PUBLIC_PERSON_URL"),
     ("notifier", {"APP_ENV": "staging"}, "app_env"),
+    ("console", {"CONSOLE_SECRET": "too-short"}, "CONSOLE_SECRET"),
 ]
 
 

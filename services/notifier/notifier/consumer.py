@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import psycopg
-from messaging import Consumer, ConsumerSettings, Envelope, PermanentError
+from messaging import Consumer, ConsumerSettings, Envelope, PermanentError, tracing
 from messaging.runner import AttachedBeacon, configure_logging, run_until_signalled
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -122,6 +122,7 @@ def build(config: NotifierConfig, pool: ConnectionPool) -> tuple[Consumer, Notif
 def main() -> int:
     config = NotifierConfig()
     configure_logging(config.log_level)
+    tracing.configure("notifier-consumer")
     with ConnectionPool(config.notifier_database_url, min_size=1, max_size=3, timeout=5) as pool:
         consumer, store = build(config, pool)
         heartbeat = AttachedBeacon(

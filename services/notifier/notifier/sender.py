@@ -22,8 +22,10 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import psycopg
+from messaging import tracing
 from messaging.connection import Backoff
 from messaging.runner import configure_logging, run_until_signalled
+from opentelemetry.trace import SpanKind
 from psycopg_pool import ConnectionPool
 
 from .config import NotifierConfig
@@ -135,6 +137,10 @@ class Sender:
         return max(0.01, min(self.config.sender_poll_seconds, due if due is not None else 3600))
 
     def _deliver(self, delivery: dict[str, Any]) -> None:
+        with tracing.continued("send e-mail", [delivery.get("trace_context")], SpanKind.CLIENT):
+            self._deliver_traced(delivery)
+
+    def _deliver_traced(self, delivery: dict[str, Any]) -> None:
         if self.transport is None:
             self._record(lambda: self.store.deliver_to_mailbox(delivery, self.config.email_from))
             return
@@ -220,6 +226,7 @@ def transport_for(config: NotifierConfig) -> Transport | None:
 def main() -> int:
     config = NotifierConfig()
     configure_logging(config.log_level)
+    tracing.configure("notifier-sender")
     pool_size = config.sender_concurrency + 1
     with ConnectionPool(config.notifier_database_url, min_size=1, max_size=pool_size) as pool:
         transport = transport_for(config)

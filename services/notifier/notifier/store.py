@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from messaging import PermanentError, RetryableError, StoreUnavailable
+from messaging import PermanentError, RetryableError, StoreUnavailable, tracing
 from messaging.idempotency import upsert_if_newer_query
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -17,11 +17,11 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 DELIVERY_COLUMNS = (
     "id, kind, cpf, to_email, subject, html, text, status, attempts, next_attempt_at, "
-    "last_error, provider, provider_message_id, created_at, sent_at, claim_token"
+    "last_error, provider, provider_message_id, created_at, sent_at, claim_token, trace_context"
 )
 
 
-_INTENT_COLUMNS = "kind, cpf, registered_at, event_id, to_email, subject, html, text"
+_INTENT_COLUMNS = "kind, cpf, registered_at, event_id, to_email, subject, html, text, trace_context"
 _USER_COLUMNS = (
     "cpf",
     "version",
@@ -55,6 +55,7 @@ recent AS (
 )
 INSERT INTO deliveries ({_INTENT_COLUMNS}, status, last_error)
 SELECT kind, cpf, registered_at, %(event_id)s, %(to_email)s, subject, html, text,
+       %(trace_context)s,
        CASE WHEN recent.sent >= %(daily_cap)s THEN 'suppressed' ELSE 'pending' END,
        CASE WHEN recent.sent >= %(daily_cap)s
             THEN 'suppressed: ' || %(daily_cap)s || ' e-mails to this address today' END
@@ -164,6 +165,7 @@ class NotifierStore:
                 "event_id": envelope_id,
                 "to_email": mail.to_email if mail else None,
                 "daily_cap": self.daily_cap,
+                "trace_context": tracing.captured(),
                 **_intent_params("w", welcome),
                 **_intent_params("a", activation),
             },

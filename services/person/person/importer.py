@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from messaging import tracing
 from messaging.runner import configure_logging, run_until_signalled
 
 from .config import PersonConfig
@@ -11,6 +12,7 @@ from .imports import Importer, ImporterSettings
 def main() -> int:
     config = PersonConfig()
     configure_logging(config.log_level)
+    tracing.configure("person-importer")
     settings = ImporterSettings(
         database_url=config.person_database_url,
         batch_size=config.import_batch_size,

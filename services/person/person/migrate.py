@@ -12,11 +12,12 @@ def migrate_database(url: str) -> list[str]:
     migrate.ensure_database(url)
     with psycopg.connect(url) as conn:
         # install() only adds what is missing: 002 brings older databases the relay's stats,
-        # 004 the index on published_at.
+        # 004 the index on published_at, 006 the rows' trace context.
         steps = {
             "000_outbox": outbox.install,
             "002_relay_stats": outbox.install,
             "004_outbox_published_at": outbox.install,
+            "006_outbox_trace_context": outbox.install,
         }
         return migrate.apply(conn, "person", steps)
 

@@ -5,7 +5,7 @@ Besides publishing the outbox, it serves read models' replay requests (messaging
 
 from __future__ import annotations
 
-from messaging import Relay, RelaySettings
+from messaging import Relay, RelaySettings, tracing
 from messaging.replay import ReplayServer
 from messaging.runner import configure_logging, run_until_signalled
 
@@ -15,6 +15,7 @@ from .config import PersonConfig
 def main() -> int:
     config = PersonConfig()
     configure_logging(config.log_level)
+    tracing.configure("person-relay")
     settings = RelaySettings(
         database_url=config.person_database_url,
         amqp_url=config.amqp_url,

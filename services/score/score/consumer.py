@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal
 
 import redis
-from messaging import Consumer, ConsumerSettings, Envelope, PermanentError
+from messaging import Consumer, ConsumerSettings, Envelope, PermanentError, tracing
 from messaging.healing import READY, Healing
 from messaging.runner import AttachedBeacon, configure_logging, run_until_signalled
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -122,6 +122,7 @@ def beat(consumer: Consumer, store: ScoreStore) -> None:
 def main() -> int:
     config = ScoreConfig()
     configure_logging(config.log_level)
+    tracing.configure("score-consumer")
     consumer, store = build(config)
     heartbeat = AttachedBeacon(consumer, lambda: beat(consumer, store), every=HEARTBEAT_SECONDS)
     heartbeat.start()

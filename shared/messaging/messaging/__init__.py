@@ -1,5 +1,6 @@
 """Shared messaging: envelope, outbox, relay, consumer runtime, idempotent apply helpers."""
 
+from . import tracing
 from .consumer import Consumer, ConsumerSettings
 from .envelope import DecodeError, Envelope, decode
 from .errors import PermanentError, RetryableError, StoreUnavailable
@@ -21,4 +22,5 @@ __all__ = [
     "StoreUnavailable",
     "Topology",
     "decode",
+    "tracing",
 ]

@@ -28,6 +28,7 @@ from typing import Any
 import pika
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
+from . import tracing
 from .connection import HEARTBEAT_SECONDS, Backoff, StopFlag, connect
 from .envelope import DecodeError, Envelope, decode
 from .errors import PermanentError, RetryableError, StoreUnavailable
@@ -219,7 +220,7 @@ class Consumer:
             log.info("consumer attached to %s", self.topology.queue)
             while not self._stop.is_set():
                 conn.process_data_events(time_limit=0.2)
-                if self._worker is None or not self._worker.is_alive():
+                if not self._stop.is_set() and not (self._worker and self._worker.is_alive()):
                     log.critical("the consumer's worker died; starting a new one")
                     self._start_worker()
             self._drain(channel)
@@ -418,7 +419,8 @@ class Consumer:
         if self.batch_handler is not None and len(decoded) > 1:
             started = time.perf_counter()
             try:
-                self.batch_handler([env for _, env in decoded])
+                with tracing.continued(self._span, [d.properties.headers for d, _ in decoded]):
+                    self.batch_handler([env for _, env in decoded])
             except StoreUnavailable:
                 raise
             except Exception:
@@ -458,8 +460,15 @@ class Consumer:
             )
 
     def _apply_one(self, delivery: _Delivery, envelope: Envelope) -> _Outcome:
-        with bound(envelope.correlation_id):
+        with (
+            bound(envelope.correlation_id),
+            tracing.continued(self._span, [delivery.properties.headers]),
+        ):
             return self._apply_bound(delivery, envelope)
+
+    @property
+    def _span(self) -> str:
+        return f"apply {self.topology.queue}"
 
     def _apply_bound(self, delivery: _Delivery, envelope: Envelope) -> _Outcome:
         started = time.perf_counter()

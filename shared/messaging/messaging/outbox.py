@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 
+from . import tracing
 from .envelope import Envelope
 
 NOTIFY_CHANNEL = "messaging_outbox"
@@ -35,6 +36,8 @@ CREATE TABLE IF NOT EXISTS messaging_outbox (
     published_at    timestamptz,
     UNIQUE (entity, entity_id, entity_version)
 );
+-- The trace context of the request that wrote the row (tracing.py), when tracing is on.
+ALTER TABLE messaging_outbox ADD COLUMN IF NOT EXISTS trace_context text;
 CREATE INDEX IF NOT EXISTS messaging_outbox_unpublished
     ON messaging_outbox (id) WHERE published_at IS NULL;
 CREATE INDEX IF NOT EXISTS messaging_outbox_occurred_at ON messaging_outbox (occurred_at);
@@ -119,8 +122,8 @@ class Outbox:
         cur.execute(
             """
             INSERT INTO messaging_outbox (event_id, event_type, entity, entity_id, entity_version,
-                                          occurred_at, correlation_id, body)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+                                          occurred_at, correlation_id, body, trace_context)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
             """,
             (
                 envelope.event_id,
@@ -131,6 +134,7 @@ class Outbox:
                 envelope.occurred_at,
                 envelope.correlation_id,
                 envelope.to_json().decode(),
+                tracing.captured(),
             ),
         )
         return envelope
@@ -163,11 +167,12 @@ class Outbox:
         cur.execute(
             """
             INSERT INTO messaging_outbox (event_id, event_type, entity, entity_id, entity_version,
-                                          occurred_at, correlation_id, body)
-            SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::bigint[],
-                                 %b::timestamptz[], %b::text[], %b::text[])
+                                          occurred_at, correlation_id, body, trace_context)
+            SELECT *, %b::text FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[],
+                                           %b::bigint[], %b::timestamptz[], %b::text[], %b::text[])
             """,
             [
+                tracing.captured(),
                 [e.event_id for e in envelopes],
                 [e.event_type for e in envelopes],
                 [e.entity for e in envelopes],
@@ -231,7 +236,7 @@ def history(
 ) -> list[dict[str, Any]]:
     """The events still in the outbox (the latest of every entity, and every one younger than
     the retention) about these entities, with this correlation id, or whose data has this
-    field equal to this value (a person's items by their `cpf`), oldest first."""
+    field equal to this value (a parent's children by its id), oldest first."""
     from psycopg.rows import dict_row
 
     with conn.cursor(row_factory=dict_row) as cur:

@@ -22,6 +22,7 @@ import pika
 import psycopg
 from pika.adapters.select_connection import SelectConnection
 
+from . import tracing
 from .confirms import ConfirmWindow
 from .connection import Backoff, StopFlag, amqp_parameters
 from .outbox import NOTIFY_CHANNEL
@@ -33,7 +34,7 @@ APP_NAME = "messaging-relay"  # shows in pg_stat_activity
 LEADER_LOCK = 0x6D737201  # advisory lock id held by the active relay
 
 FETCH_SQL = """
-SELECT id, event_id::text, event_type, correlation_id, body
+SELECT id, event_id::text, event_type, correlation_id, body, trace_context
 FROM messaging_outbox
 WHERE published_at IS NULL AND id > %s
 ORDER BY id
@@ -289,14 +290,22 @@ class _Session:
         while self.ready and not self.closing and len(self.pending) < window:
             limit = min(batch, window - len(self.pending))
             rows = self.db.execute(FETCH_SQL, (self.cursor, limit)).fetchall()
-            for row_id, event_id, event_type, correlation_id, body in rows:
+            for row_id, event_id, event_type, correlation_id, body, trace_context in rows:
                 if row_id in self.inflight_ids or row_id in self.held or row_id in self.marking:
                     continue
                 self.channel.basic_publish(
                     exchange=self.settings.exchange,
                     routing_key="",
                     body=body.encode(),
-                    properties=event_properties(event_id, event_type, correlation_id),
+                    properties=event_properties(
+                        event_id,
+                        event_type,
+                        correlation_id,
+                        # None unless the request was traced (tracing.py)
+                        tracing.headers_for(trace_context, self.settings.exchange)
+                        if trace_context
+                        else None,
+                    ),
                     mandatory=True,
                 )
                 self.pending.published(_InFlight(row_id, event_id))
@@ -535,6 +544,7 @@ def main() -> int:
 
     settings = _Settings()
     configure_logging(settings.log_level)
+    tracing.configure("relay")
     relay = Relay(
         RelaySettings(
             database_url=settings.database_url,

@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field, PlainSerializer, ValidationError
 from pydantic.json_schema import models_json_schema
 from werkzeug.exceptions import HTTPException
 
-from . import logs
+from . import logs, tracing
 from .auth import ANONYMOUS, PUBLIC, ApiKeys, Principal, declared_scope, public, requires
 
 log = logging.getLogger("messaging.web")
@@ -146,6 +146,8 @@ def install(
     standard routes. Call it after the service's own routes are registered: every route must
     declare its scope (auth.requires or auth.public), or the app refuses to start."""
     app.json.sort_keys = False
+    if tracing.configure(service):
+        tracing.instrument_flask(app)
     if api_keys is None:
         log.warning("%s: API_KEYS is not set: every route is open (development only)", service)
     duration = Histogram(
