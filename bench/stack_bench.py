@@ -38,6 +38,7 @@ import pika
 import psycopg
 import redis
 from messaging import Envelope
+from messaging.connection import connect
 from messaging.replay import requests_queue
 from messaging.topology import DEFAULT_RETRY_DELAYS, Topology
 from person.catalogue import PRODUCER, item_data, person_data
@@ -46,7 +47,7 @@ from score.store import ScoreStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from processes import Gateway, Processes, free_port
-from relay_bench import AMQP_URL, DATABASE_URL, REDIS_URL, broker_channel
+from relay_bench import AMQP_URL, DATABASE_URL, REDIS_URL
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,6 +120,16 @@ class Stack(Processes):
     def topologies(self) -> list[Topology]:
         return [Topology(s, self.exchange, self.retry_delays) for s in ("score", "notifier")]
 
+    @contextlib.contextmanager
+    def channel(self) -> Iterator[Any]:
+        """A short-lived channel on this stack's broker (a node of AMQP_URL that answers)."""
+        conn = connect(self.env["AMQP_URL"], "stack-bench")
+        try:
+            yield conn.channel()
+        finally:
+            if conn.is_open:
+                conn.close()
+
     def check_alive(self) -> None:
         """Raise if a process this run started has exited."""
         gone = self.exited()
@@ -158,13 +169,14 @@ def stack_environment(run_id: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running_stack(run_id: str) -> Iterator[Stack]:
-    """Create and migrate the databases, declare the queues, start every process but the relay.
+def running_stack(run_id: str, overrides: dict[str, str] | None = None) -> Iterator[Stack]:
+    """Create and migrate the databases, declare the queues, start every process but the relay
+    (or relays: the environment, with `overrides`, says how many copies of each process run).
 
     Everything made is removed on the way out, whatever happened.
     """
     log_dir = Path(tempfile.mkdtemp(prefix=f"stack-bench-{run_id}-"))
-    stack = Stack(run_id, stack_environment(run_id), log_dir)
+    stack = Stack(run_id, {**stack_environment(run_id), **(overrides or {})}, log_dir)
     ok = False
     try:
         for step in (
@@ -177,6 +189,12 @@ def running_stack(run_id: str) -> Iterator[Stack]:
             )
             if done.returncode != 0:
                 raise MeasureError(f"{' '.join(step)} failed: {done.stderr.strip()[-2000:]}")
+        # A new score model over a new outbox has nothing to heal from; without its marker the
+        # consumers would ask for a replay that only the relay, started later, serves, and /ready
+        # would say `rebuilding` until then.
+        client = redis.Redis.from_url(REDIS_URL)
+        ScoreStore(client, stack.prefix).mark_ready()
+        client.close()
         stack.start_all(but=(RELAY,))
         wait_ready(stack)
         yield stack
@@ -227,7 +245,7 @@ def cleanup(stack: Stack) -> None:
     deadline = time.monotonic() + 90
     while True:  # the broker may be stopped for a while (fault tests on the same machine)
         try:
-            with broker_channel() as channel:
+            with stack.channel() as channel:
                 for topology in stack.topologies():
                     topology.delete(channel)
                 channel.queue_delete(requests_queue(stack.exchange))
@@ -498,7 +516,7 @@ def tidy_databases(stack: Stack) -> None:
 def queue_depths(stack: Stack) -> list[int]:
     """Messages ready in each work queue (-1 while the broker does not answer)."""
     try:
-        with broker_channel() as channel:
+        with stack.channel() as channel:
             return [
                 channel.queue_declare(queue=t.queue, passive=True).method.message_count
                 for t in stack.topologies()
@@ -989,7 +1007,7 @@ def measure_memory(stack: Stack) -> dict[str, float]:
                 for p in pids
             ),
         )
-        figures[f"rss_{name.replace('-', '_')}_mb"] = max(rss.values())
+        figures[f"rss_{name.replace('-', '_').replace('.', '_')}_mb"] = max(rss.values())
     figures["max_rss_mb"] = max(figures.values())
     return figures
 
@@ -1011,8 +1029,11 @@ NAMES = {  # the figures each step must print
 
 
 def show(name: str, value: float) -> None:
-    """Rates and megabytes as integers, milliseconds and the rebuild's seconds to 0.1."""
+    """Rates and megabytes as integers, milliseconds and the rebuild's seconds to 0.1, a
+    stall's seconds to 0.01."""
     decimals = 1 if name.endswith("_ms") or name in ("rebuild_50k_s", "bulk_100k_s") else 0
+    if name.endswith("_stall_s"):
+        decimals = 2
     print(f"{name}: {value:.{decimals}f}", flush=True)
 
 
@@ -1058,7 +1079,7 @@ def run(steps: tuple[str, ...] = STEPS) -> dict[str, float]:
             if "e2e" in steps:
                 people = timed("prefill", lambda: prefill(stack.person_db, 0, E2E_PEOPLE))
                 measure(figures, lambda: measure_e2e(stack, models, people), "e2e_events_s", watch)
-            if RELAY not in stack.processes:
+            if not set(stack.copies(RELAY)) & set(stack.processes):
                 stack.start(RELAY)
             settle(stack)
             if "rebuild" in steps:
@@ -1102,8 +1123,9 @@ def interrupted(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the stack benchmark; 1 if any figure went unmeasured."""
+def main(argv: list[str] | None = None, figures: dict[str, float] | None = None) -> int:
+    """Run the stack benchmark; 1 if any figure went unmeasured. `figures`, if given, receives
+    what was measured (bench.py shows the cluster's figures beside them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--steps",
@@ -1121,11 +1143,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupted)  # run the clean-ups, as on Ctrl-C
     try:
-        figures = run(steps)
+        measured = run(steps)
     except (Exception, KeyboardInterrupt) as exc:
         log.error("stack benchmark aborted: %s: %s", type(exc).__name__, exc)
         return 1
-    missing = [name for step in steps for name in NAMES[step] if name not in figures]
+    if figures is not None:
+        figures.update(measured)
+    missing = [name for step in steps for name in NAMES[step] if name not in measured]
     if missing:
         log.error("not measured: %s", ", ".join(missing))
         return 1

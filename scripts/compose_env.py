@@ -21,6 +21,7 @@ SECRETS = (
     "RABBITMQ_ADMIN_PASSWORD",
     "ACTIVATION_SECRET",
     "CONSOLE_SECRET",
+    "RABBITMQ_ERLANG_COOKIE",  # the nodes of docker-compose.cluster.yml share it
 )
 
 

@@ -5,6 +5,11 @@ process exits. The fault run has to kill single processes and start them again, 
 has to start the relay late and read each process's memory: both use `Processes`, which starts
 each Procfile command in a process group of its own (so a signal reaches its children too, as
 gunicorn's workers), and `Gateway`, keep-alive HTTP through Traefik.
+
+Consumers, senders and the relay can run as several replicas (`replicas()`: SCORE_CONSUMERS,
+NOTIFIER_CONSUMERS, NOTIFIER_SENDERS, PERSON_RELAYS; `make up` passes the same counts to
+honcho). A process that runs once keeps its Procfile name; copies are named as honcho names
+them, `score-consumer.1`, `score-consumer.2`, ...
 """
 
 from __future__ import annotations
@@ -35,15 +40,69 @@ def procfile_commands() -> dict[str, str]:
     return dict(line.split(": ", 1) for line in lines if line.strip() and line[0] != "#")
 
 
-class Processes:
-    """Procfile processes, each in a process group of its own, logging to log_dir/<name>.log."""
+# The Procfile entries that can run as several copies, and the variable that says how many.
+# Consumers share their work queue, senders claim each delivery, and of several relays the
+# advisory lock makes one active while the others wait as standbys.
+REPLICA_VARIABLES = {
+    "person-relay": "PERSON_RELAYS",
+    "score-consumer": "SCORE_CONSUMERS",
+    "notifier-consumer": "NOTIFIER_CONSUMERS",
+    "notifier-sender": "NOTIFIER_SENDERS",
+}
 
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+
+def replicas(env: dict[str, str]) -> dict[str, int]:
+    """Copies of each Procfile entry the environment asks for (1 where it says nothing)."""
+    counts = dict.fromkeys(procfile_commands(), 1)
+    for name, variable in REPLICA_VARIABLES.items():
+        raw = env.get(variable, "").strip() or "1"
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"{variable} must be a whole number of at least 1, not {raw!r}")
+        counts[name] = int(raw)
+    return counts
+
+
+def copy_names(name: str, count: int) -> list[str]:
+    """The names of a Procfile entry's copies: its own name if it runs once."""
+    return [name] if count == 1 else [f"{name}.{n}" for n in range(1, count + 1)]
+
+
+def entry(name: str) -> str:
+    """The Procfile entry a copy's name belongs to (score-consumer.2 → score-consumer)."""
+    return name.partition(".")[0]
+
+
+class Processes:
+    """Procfile processes, each in a process group of its own, logging to log_dir/<name>.log;
+    as many copies of each as `counts` (by default the environment's, `replicas(env)`) says."""
+
+    def __init__(
+        self, env: dict[str, str], log_dir: Path, counts: dict[str, int] | None = None
+    ) -> None:
         self.env, self.log_dir = env, log_dir
-        self.commands = procfile_commands()
+        counts = counts if counts is not None else replicas(env)
+        self.commands = {
+            copy: command
+            for name, command in procfile_commands().items()
+            for copy in copy_names(name, counts.get(name, 1))
+        }
         self.processes: dict[str, subprocess.Popen] = {}
 
+    def copies(self, name: str) -> list[str]:
+        """The running names of a Procfile entry (or of one copy: itself)."""
+        if name in self.commands:
+            return [name]
+        return [copy for copy in self.commands if entry(copy) == name]
+
     def start(self, name: str) -> None:
+        """Start a process: one copy by its name, or every copy of a Procfile entry."""
+        names = self.copies(name)
+        if not names:
+            raise KeyError(f"no process {name!r} in the Procfile")
+        for copy in names:
+            self._start(copy)
+
+    def _start(self, name: str) -> None:
         with (self.log_dir / f"{name}.log").open("ab") as log:
             self.processes[name] = subprocess.Popen(
                 ["sh", "-c", f"exec {self.commands[name]}"],
@@ -55,9 +114,10 @@ class Processes:
             )
 
     def start_all(self, but: tuple[str, ...] = ()) -> None:
+        """Start every process but those named (entries, or single copies)."""
         for name in self.commands:
-            if name not in but:
-                self.start(name)
+            if name not in but and entry(name) not in but:
+                self._start(name)
 
     def kill(self, name: str) -> None:
         process = self.processes[name]

@@ -3,7 +3,9 @@
 `up` checks PostgreSQL, RabbitMQ and Redis, creates the databases and applies migrations,
 declares the consumers' queues, starts every process of the Procfile (honcho) in the background
 and returns once each API's /health answers through Traefik. It is safe to run twice.
-Configuration: the environment first, then `.env`, then the defaults (README: Configuration).
+Configuration: the environment first, then `.env`, then the defaults (README: Configuration);
+the copies of consumers, senders and relays from SCORE_CONSUMERS, NOTIFIER_CONSUMERS,
+NOTIFIER_SENDERS and PERSON_RELAYS (processes.replicas), as honcho's concurrency.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from processes import replicas
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTS = ("person", "score", "notifier", "console")
@@ -100,9 +104,23 @@ def up(env: dict[str, str]) -> int:
     if pid is not None:
         print(f"the stack is already running (honcho pid {pid})")
     else:
+        try:
+            counts = replicas(env)
+        except ValueError as exc:
+            print(exc)
+            return 2
+        concurrency = ",".join(f"{name}={n}" for name, n in counts.items() if n > 1)
         log = open(run_dir(env) / "stack.log", "ab")  # noqa: SIM115 - honcho keeps it
         process = subprocess.Popen(
-            ["honcho", "start", "-f", str(ROOT / "Procfile"), "-d", str(ROOT)],
+            [
+                "honcho",
+                "start",
+                "-f",
+                str(ROOT / "Procfile"),
+                "-d",
+                str(ROOT),
+                *(["-c", concurrency] if concurrency else []),
+            ],
             env=env,
             cwd=ROOT,
             stdout=log,
@@ -110,7 +128,11 @@ def up(env: dict[str, str]) -> int:
             start_new_session=True,
         )
         (run_dir(env) / "honcho.pid").write_text(str(process.pid))
-        print(f"started the stack (honcho pid {process.pid}); logs: make logs")
+        copies = ", ".join(f"{n} {name}" for name, n in counts.items() if n > 1)
+        print(
+            f"started the stack (honcho pid {process.pid}"
+            f"{'; ' + copies if copies else ''}); logs: make logs"
+        )
     if not wait_healthy(env):
         print(f"the stack did not become healthy; see {run_dir(env) / 'stack.log'}")
         return 1

@@ -55,7 +55,7 @@ def test_the_rules_use_metrics_the_services_export():
         "handler_counts": [1, 0],
         "handler_seconds": 0.1,
     }
-    exported |= {family.name for family in consumer_metrics(snapshot)}
+    exported |= {family.name for family in consumer_metrics({"host:1": snapshot})}
     registry = CollectorRegistry()
     registry.register(web._ReadinessCollector({"consumer": lambda: None}))
     exported |= set(re.findall(r"^(\w+)\{", generate_latest(registry).decode(), re.MULTILINE))

@@ -66,3 +66,29 @@ def test_the_stack_script_checks_what_each_service_is_configured_with(monkeypatc
     assert "SCORE_REDIS_URL=redis://127.0.0.1:1/0" in checks
     assert "AMQP_URL=amqp://a/%2F" in checks
     assert "PERSON_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/person" in checks
+
+
+def test_a_cluster_answers_when_one_of_its_nodes_does(servers):
+    dead = f"amqp://app:s3cret-password@127.0.0.1:{closed_port()}/%2F"
+    result = check(
+        PERSON_DATABASE_URL=servers.database,
+        NOTIFIER_DATABASE_URL=servers.database,
+        AMQP_URL=f"{dead},{servers.amqp}",
+        SCORE_REDIS_URL=servers.redis,
+    )
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.count("✓") == 4
+
+
+def test_a_cluster_with_no_node_answering_names_every_node_without_passwords(servers):
+    ports = closed_port(), closed_port()
+    result = check(
+        PERSON_DATABASE_URL=servers.database,
+        NOTIFIER_DATABASE_URL=servers.database,
+        AMQP_URL=",".join(f"amqp://app:s3cret-password@127.0.0.1:{p}/%2F" for p in ports),
+        SCORE_REDIS_URL=servers.redis,
+    )
+    assert result.returncode == 1
+    shown = ",".join(f"amqp://app:***@127.0.0.1:{p}/%2F" for p in ports)
+    assert f"✗ AMQP_URL={shown} did not answer" in result.stdout
+    assert "s3cret-password" not in result.stdout + result.stderr

@@ -145,10 +145,11 @@ def test_a_message_with_a_malformed_header_is_dead_lettered_and_writes_keep_flow
     try:
         channel = conn.channel()
         channel.confirm_delivery()
+        # Counted before publishing: the consumer may dead-letter it at once.
+        dead = channel.queue_declare(f"{queue}.dead", passive=True).method.message_count
         channel.basic_publish(
             "", queue, b"{garbage", pika.BasicProperties(delivery_mode=2, headers=headers)
         )
-        dead = channel.queue_declare(f"{queue}.dead", passive=True).method.message_count
     finally:
         conn.close()
     cpf = str(30_000 + len(str(headers)))

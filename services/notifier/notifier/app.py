@@ -37,16 +37,17 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
         store = NotifierStore(pool)
     app.extensions["notifier.store"] = store
 
-    def beating(name: str, what: str) -> None:
-        """A process beats every few seconds with its health: missing or unwell is not ready."""
-        health = store.health(name, within_seconds=HEARTBEAT_SECONDS * 5)
-        if health is None:
-            raise web.NotReady(f"the {what} is not running")
-        if health != "ok":
-            raise web.NotReady(health)
+    def reports(process: str) -> dict[str, dict]:
+        """What each replica of a process reported with its last beat, if within 5 beats."""
+        return store.reports(process, within_seconds=HEARTBEAT_SECONDS * 5)
+
+    def beating(process: str, none: str) -> None:
+        """Replicas beat every few seconds with their health (web.replicas_ready adds them up)."""
+        healths = {r: str(report.get("health", "ok")) for r, report in reports(process).items()}
+        web.replicas_ready(healths, none=none)
 
     registry = CollectorRegistry()
-    registry.register(ScrapeCollector(lambda: store.stats(HEARTBEAT), consumer_metrics))
+    registry.register(ScrapeCollector(lambda: reports(HEARTBEAT), consumer_metrics))
     registry.register(ScrapeCollector(store.delivery_counts, _email_metrics))
     openapi = web.OpenApi("notifier")
     api.describe(openapi)
@@ -58,8 +59,10 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
         readiness={
             "database": store.ping,
             "broker": BrokerProbe(config.amqp_url),
-            "consumer": lambda: beating(HEARTBEAT, "notifier consumer (or is not attached)"),
-            "sender": lambda: beating(SENDER_HEARTBEAT, "e-mail sender"),
+            "consumer": lambda: beating(
+                HEARTBEAT, "the notifier consumer is not running (or not attached)"
+            ),
+            "sender": lambda: beating(SENDER_HEARTBEAT, "the e-mail sender is not running"),
         },
         openapi=document,
         registry=registry,

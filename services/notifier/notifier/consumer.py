@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import psycopg
 from messaging import Consumer, ConsumerSettings, Envelope, PermanentError, tracing
-from messaging.runner import AttachedBeacon, configure_logging, run_until_signalled
+from messaging.runner import AttachedBeacon, configure_logging, replica_id, run_until_signalled
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -18,7 +18,7 @@ from .email import Composer
 from .store import Intent, NotifierStore, translated
 
 SERVICE = "notifier"
-HEARTBEAT = "notifier-consumer"
+HEARTBEAT = "notifier-consumer"  # each replica beats as notifier-consumer@<host>:<pid>
 HEARTBEAT_SECONDS = 2.0
 
 
@@ -125,10 +125,11 @@ def main() -> int:
     tracing.configure("notifier-consumer")
     with ConnectionPool(config.notifier_database_url, min_size=1, max_size=3, timeout=5) as pool:
         consumer, store = build(config, pool)
+        name = f"{HEARTBEAT}@{replica_id()}"
         heartbeat = AttachedBeacon(
             consumer,
             lambda: store.beat(
-                HEARTBEAT, {**consumer.stats.snapshot(), "health": consumer.health() or "ok"}
+                name, {**consumer.stats.snapshot(), "health": consumer.health() or "ok"}
             ),
             every=HEARTBEAT_SECONDS,
         )

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import psycopg
 from messaging import tracing
 from messaging.connection import Backoff
-from messaging.runner import configure_logging, run_until_signalled
+from messaging.runner import configure_logging, replica_id, run_until_signalled
 from opentelemetry.trace import SpanKind
 from psycopg_pool import ConnectionPool
 
@@ -41,7 +41,7 @@ class Transport(Protocol):
     def send(self, delivery: dict[str, Any]) -> Outcome: ...
 
 
-HEARTBEAT = "notifier-sender"
+HEARTBEAT = "notifier-sender"  # each replica beats as notifier-sender@<host>:<pid>
 HEARTBEAT_SECONDS = 2.0
 
 
@@ -62,6 +62,7 @@ class Sender:
         self._wakes = 0  # counts wake-ups, so one that comes while a worker looks is not lost
         self.workers: list[threading.Thread] = []
         self._calls: dict[str, float] = {}  # worker name -> when its current call began
+        self.heartbeat = f"{HEARTBEAT}@{replica_id()}"
 
     def stop(self) -> None:
         self._stop.set()
@@ -104,7 +105,7 @@ class Sender:
     def _report(self) -> None:
         while not self._stop.is_set():
             try:
-                self.store.beat(HEARTBEAT, {"health": self.health() or "ok"})
+                self.store.beat(self.heartbeat, {"health": self.health() or "ok"})
             except Exception as exc:  # readiness reports the missing beat
                 log.warning("sender heartbeat failed: %s", exc)
             self._stop.wait(HEARTBEAT_SECONDS)

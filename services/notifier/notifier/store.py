@@ -15,6 +15,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+HEARTBEAT_FORGET_SECONDS = 3600  # a replica's heartbeat row is deleted this long after its last
+
 DELIVERY_COLUMNS = (
     "id, kind, cpf, to_email, subject, html, text, status, attempts, next_attempt_at, "
     "last_error, provider, provider_message_id, created_at, sent_at, claim_token, trace_context"
@@ -329,18 +331,30 @@ class NotifierStore:
             return row["status"]
 
     def beat(self, name: str, stats: dict | None = None) -> None:
+        """Record a process's heartbeat; `name` is `<process>@<replica>` for a replica."""
         with self.transaction() as cur:
             cur.execute(
                 "INSERT INTO heartbeats (name, seen_at, stats) VALUES (%s, now(), %s) "
                 "ON CONFLICT (name) DO UPDATE SET seen_at = now(), stats = EXCLUDED.stats",
                 (name, Jsonb(stats) if stats is not None else None),
             )
+            # Every start of a replica is a new name: forget the ones long gone.
+            cur.execute(
+                "DELETE FROM heartbeats WHERE seen_at < now() - %s * interval '1 second'",
+                (HEARTBEAT_FORGET_SECONDS,),
+            )
 
-    def stats(self, name: str) -> dict | None:
-        """What the named process last reported with its heartbeat."""
+    def reports(self, process: str, within_seconds: float) -> dict[str, dict]:
+        """replica → what it last reported, for each replica of `process` (heartbeat names
+        `<process>@<replica>`, or the bare process name) that beat within `within_seconds`."""
         with self.pool.connection() as conn:
-            row = conn.execute("SELECT stats FROM heartbeats WHERE name = %s", (name,)).fetchone()
-        return row[0] if row else None
+            rows = conn.execute(
+                "SELECT name, coalesce(stats, '{}'::jsonb) FROM heartbeats "
+                "WHERE (name = %s OR starts_with(name, %s)) "
+                "AND seen_at > now() - %s * interval '1 second'",
+                (process, f"{process}@", within_seconds),
+            ).fetchall()
+        return {name.partition("@")[2] or name: stats for name, stats in rows}
 
     def delivery_counts(self) -> dict[str, int]:
         """E-mail deliveries by status (pending, sending, sent, failed, cancelled)."""
@@ -348,17 +362,6 @@ class NotifierStore:
             return dict(
                 conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status").fetchall()
             )
-
-    def health(self, name: str, within_seconds: float) -> str | None:
-        """What the named process last said of its health ("ok" or why not), if it beat within
-        the last `within_seconds`; None if it did not."""
-        with self.pool.connection() as conn:
-            row = conn.execute(
-                "SELECT coalesce(stats->>'health', 'ok') FROM heartbeats "
-                "WHERE name = %s AND seen_at > now() - %s * interval '1 second'",
-                (name, within_seconds),
-            ).fetchone()
-        return row[0] if row else None
 
     def ping(self) -> None:
         with self.pool.connection() as conn:

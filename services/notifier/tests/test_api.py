@@ -6,6 +6,7 @@ import json
 
 import pytest
 from messaging.auth import digest
+from messaging.consumer import ConsumerStats
 from notifier.app import create_app
 
 pytestmark = pytest.mark.integration
@@ -122,6 +123,44 @@ def test_ready_reports_a_consumer_that_stopped_making_progress(client, store):
     response = client.get("/ready")
     assert response.status_code == 503
     assert response.json["checks"]["consumer"].startswith("failing: stalled")
+
+
+def test_ready_with_replicas_needs_every_beating_one_healthy(client, store):
+    store.beat("notifier-sender@h:1", {"health": "ok"})
+    store.beat("notifier-sender@h:2", {"health": "ok"})
+    store.beat("notifier-consumer@h:3", {"health": "ok"})
+    store.beat("notifier-consumer@h:4", {"health": "paused: the store does not answer"})
+    response = client.get("/ready")
+    assert response.json["checks"]["sender"] == "ok"
+    assert response.json["checks"]["consumer"] == (
+        "failing: paused: the store does not answer (h:4)"
+    )
+    with store.transaction() as cur:  # h:4 stopped beating a minute ago
+        cur.execute(
+            "UPDATE heartbeats SET seen_at = now() - interval '1 minute' "
+            "WHERE name = 'notifier-consumer@h:4'"
+        )
+    assert client.get("/ready").status_code == 200
+
+
+def test_metrics_have_a_series_per_consumer_replica(client, store):
+    for replica, applied in (("h:1", 2), ("h:2", 9)):
+        stats = ConsumerStats()
+        stats.observe(0.001, applied)
+        store.beat(f"notifier-consumer@{replica}", {**stats.snapshot(), "health": "ok"})
+    text = client.get("/metrics", headers=ADMIN).data.decode()
+    assert 'consumer_messages_total{outcome="applied",replica="h:1"} 2.0' in text
+    assert 'consumer_messages_total{outcome="applied",replica="h:2"} 9.0' in text
+
+
+def test_heartbeats_of_replicas_gone_for_an_hour_are_forgotten(store):
+    store.beat("notifier-sender@h:old", {"health": "ok"})
+    with store.transaction() as cur:
+        cur.execute("UPDATE heartbeats SET seen_at = now() - interval '2 hours'")
+    store.beat("notifier-sender@h:new", {"health": "ok"})
+    with store.transaction() as cur:
+        cur.execute("SELECT name FROM heartbeats")
+        assert [row["name"] for row in cur.fetchall()] == ["notifier-sender@h:new"]
 
 
 def test_standard_routes(client):

@@ -7,6 +7,7 @@ import socket
 
 import psycopg
 import pytest
+from messaging.runner import replica_id
 from messaging.testing import running, wait_until
 from notifier.sender import Sender, transport_for
 
@@ -311,5 +312,9 @@ def test_the_sender_reports_its_health_through_a_heartbeat(person_event, view, s
     sender = sender_for(store, config)
     with running(sender):
         wait_until(
-            lambda: store.health("notifier-sender", within_seconds=10) == "ok", what="a beat"
+            lambda: (
+                store.reports("notifier-sender", within_seconds=10)
+                == {replica_id(): {"health": "ok"}}
+            ),
+            what="a beat",
         )

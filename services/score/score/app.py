@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import redis
 from flask import Flask
 from messaging import web
@@ -13,7 +11,6 @@ from prometheus_client import CollectorRegistry
 
 from . import api
 from .config import ScoreConfig
-from .consumer import HEARTBEAT_KEY, STATS_KEY
 from .store import ScoreStore
 
 
@@ -25,19 +22,17 @@ def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = Non
         store = ScoreStore(redis.Redis.from_url(config.score_redis_url), config.score_key_prefix)
     app.extensions["score.store"] = store
 
-    def consumer_attached() -> None:
-        """The consumer beats while attached, with its health or the model's rebuild state."""
-        health = store.client.get(f"{store.prefix}{HEARTBEAT_KEY}")
-        if health is None:
-            raise web.NotReady("the score consumer is not attached")
-        if health in (b"rebuilding", b"wiping"):
-            raise web.Rebuilding(health.decode())
-        if health != b"ok":
-            raise web.NotReady(health.decode(errors="replace"))
+    def consumers_attached() -> None:
+        """Each consumer replica beats while attached, with its health or the model's rebuild
+        state (web.replicas_ready says how they add up)."""
+        reports = store.beacons()
+        web.replicas_ready(
+            {replica: str(report.get("health")) for replica, report in reports.items()},
+            none="the score consumer is not attached",
+        )
 
-    def consumer_stats() -> dict | None:
-        raw = store.client.get(f"{store.prefix}{STATS_KEY}")
-        return json.loads(raw) if raw else None
+    def consumer_stats() -> dict:
+        return {replica: report.get("stats") for replica, report in store.beacons().items()}
 
     registry = CollectorRegistry()
     registry.register(ScrapeCollector(consumer_stats, consumer_metrics))
@@ -50,7 +45,7 @@ def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = Non
         readiness={
             "redis": store.ping,
             "broker": BrokerProbe(config.amqp_url),
-            "consumer": consumer_attached,
+            "consumer": consumers_attached,
         },
         openapi=openapi.document(),
         registry=registry,

@@ -5,14 +5,13 @@ python -m score.consumer runs it as a process.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 
 import redis
 from messaging import Consumer, ConsumerSettings, Envelope, PermanentError, tracing
 from messaging.healing import READY, Healing
-from messaging.runner import AttachedBeacon, configure_logging, run_until_signalled
+from messaging.runner import AttachedBeacon, configure_logging, replica_id, run_until_signalled
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import ScoreConfig
@@ -20,9 +19,9 @@ from .scoring import KINDS
 from .store import Change, ItemChange, PersonChange, ScoreStore
 
 SERVICE = "score"
-HEARTBEAT_KEY = "consumer-attached"
-STATS_KEY = "consumer-stats"  # the consumer's ConsumerStats snapshot, for the API's /metrics
 HEARTBEAT_SECONDS = 2.0
+# A replica that missed this many seconds of beats is not attached (or is gone).
+BEAT_TTL_SECONDS = HEARTBEAT_SECONDS * 5
 
 
 class ItemFields(BaseModel):
@@ -109,14 +108,12 @@ def build(config: ScoreConfig) -> tuple[Consumer, ScoreStore]:
     return consumer, store
 
 
-def beat(consumer: Consumer, store: ScoreStore) -> None:
-    """The beacon's beat: heal a lost store, then report health and statistics for the API."""
+def beat(consumer: Consumer, store: ScoreStore, replica: str) -> None:
+    """The beacon's beat: heal a lost store, then report this replica's health and statistics
+    for the API."""
     state = consumer.healing.check() if consumer.healing is not None else READY
     health = consumer.health() or ("ok" if state == READY else state)
-    pipe = store.client.pipeline(transaction=False)
-    pipe.set(f"{store.prefix}{HEARTBEAT_KEY}", health, ex=int(HEARTBEAT_SECONDS * 5))
-    pipe.set(f"{store.prefix}{STATS_KEY}", json.dumps(consumer.stats.snapshot()))
-    pipe.execute()
+    store.beat(replica, {"health": health, "stats": consumer.stats.snapshot()}, BEAT_TTL_SECONDS)
 
 
 def main() -> int:
@@ -124,7 +121,10 @@ def main() -> int:
     configure_logging(config.log_level)
     tracing.configure("score-consumer")
     consumer, store = build(config)
-    heartbeat = AttachedBeacon(consumer, lambda: beat(consumer, store), every=HEARTBEAT_SECONDS)
+    replica = replica_id()
+    heartbeat = AttachedBeacon(
+        consumer, lambda: beat(consumer, store, replica), every=HEARTBEAT_SECONDS
+    )
     heartbeat.start()
     try:
         return run_until_signalled(consumer)

@@ -8,6 +8,10 @@ Key layout (prefix `SCORE_KEY_PREFIX`, default `score:`):
 - `score:person-items:<cpf>`  set of the ids of the person's live items
 - `score:generation`          hash: `state` (ready/rebuilding/wiping), `request`, `since`: the
                               marker a store that lost its data is missing (healing.py)
+- `score:consumer:<replica>`  what one consumer replica last reported (JSON: `health`,
+                              `stats`), expiring unless beaten again
+- `score:consumers`           sorted set of the replicas that beat, by last beat (epoch seconds):
+                              the index of the keys above, without a SCAN
 
 Each change is one script that compares `entity_version` with the stored one and applies only a
 newer one, atomically, so duplicates, reordering and replays converge. Deletions leave tombstones
@@ -21,6 +25,9 @@ standalone Redis, not a cluster.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -33,6 +40,16 @@ from messaging.healing import READY, REBUILDING, WIPING, Generation
 from .scoring import KINDS, score
 
 GENERATION_KEY = "generation"
+BEACON_KEY = "consumer:"  # + replica id
+BEACONS_KEY = "consumers"
+BEACON_FORGET_SECONDS = 3600.0  # a replica that has not beaten for this long leaves the index
+
+# KEYS[1] the generation hash. ARGV: request id. Only where there is no marker at all.
+_CLAIM_REBUILD = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'rebuilding', 'request', ARGV[1], 'since', 0)
+return 1
+"""
 
 # KEYS[1] the generation hash. ARGV: request id. Ready only if it is still that request's.
 _FINISH_REBUILD = """
@@ -138,6 +155,7 @@ class ScoreStore:
         self._item = client.register_script(_APPLY_ITEM)
         self._read = client.register_script(_READ)
         self._finish = client.register_script(_FINISH_REBUILD)
+        self._claim = client.register_script(_CLAIM_REBUILD)
         self.generation_key = f"{prefix}{GENERATION_KEY}"
 
     def apply(self, changes: Sequence[Change]) -> list[bool]:
@@ -234,6 +252,10 @@ class ScoreStore:
             since = 0.0
         return Generation(values.get("state", REBUILDING), values.get("request", ""), since)
 
+    def claim_rebuild(self, request_id: str) -> bool:
+        with translated():
+            return bool(self._claim(keys=[self.generation_key], args=[request_id]))
+
     def begin_rebuild(self, request_id: str, since: float) -> None:
         with translated():
             self.client.hset(
@@ -248,6 +270,25 @@ class ScoreStore:
     def mark_ready(self) -> None:
         """A fresh store that needs no replay (tests): mark its generation ready."""
         self.client.hset(self.generation_key, mapping={"state": READY, "request": "", "since": 0})
+
+    # -- consumer replicas' beacons (the API's /ready and /metrics) ----------------------------
+    def beat(self, replica: str, report: dict[str, Any], ttl: float) -> None:
+        """Record what one consumer replica reports; it expires after `ttl` seconds."""
+        now = time.time()
+        index = f"{self.prefix}{BEACONS_KEY}"
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(f"{self.prefix}{BEACON_KEY}{replica}", json.dumps(report), ex=math.ceil(ttl))
+        pipe.zadd(index, {replica: now})
+        pipe.zremrangebyscore(index, "-inf", now - BEACON_FORGET_SECONDS)
+        pipe.execute()
+
+    def beacons(self) -> dict[str, dict[str, Any]]:
+        """replica → its last report, for every replica whose report has not expired."""
+        replicas = [r.decode() for r in self.client.zrange(f"{self.prefix}{BEACONS_KEY}", 0, -1)]
+        if not replicas:
+            return {}
+        reports = self.client.mget([f"{self.prefix}{BEACON_KEY}{r}" for r in replicas])
+        return {r: json.loads(raw) for r, raw in zip(replicas, reports, strict=True) if raw}
 
 
 @contextlib.contextmanager

@@ -5,6 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from messaging.consumer import ConsumerStats
+from messaging.testing import wait_until
 from score.app import create_app
 from score.config import ScoreConfig
 from score.store import ItemChange, PersonChange
@@ -54,8 +56,8 @@ def test_deleted_person_is_404(client, score_store):
 def test_ready_fails_until_the_consumer_is_attached(client, score_store):
     response = client.get("/ready")
     assert response.status_code == 503
-    assert response.json["checks"]["consumer"].startswith("failing")
-    score_store.client.set(f"{score_store.prefix}consumer-attached", "ok", ex=10)
+    assert response.json["checks"]["consumer"] == "failing: the score consumer is not attached"
+    score_store.beat("host:1", {"health": "ok", "stats": {}}, ttl=10)
     assert client.get("/ready").status_code == 200
 
 
@@ -69,11 +71,39 @@ def test_ready_fails_until_the_consumer_is_attached(client, score_store):
     ],
 )
 def test_ready_says_what_the_consumer_reports(client, score_store, beat, status, check):
-    score_store.client.set(f"{score_store.prefix}consumer-attached", beat, ex=10)
+    score_store.beat("host:1", {"health": beat, "stats": {}}, ttl=10)
     response = client.get("/ready")
     assert response.status_code == 503
     assert response.json["status"] == status
     assert response.json["checks"]["consumer"].startswith(check)
+
+
+def test_ready_with_replicas_needs_every_reporting_one_healthy(client, score_store):
+    score_store.beat("host:1", {"health": "ok", "stats": {}}, ttl=10)
+    score_store.beat("host:2", {"health": "stalled: messages wait", "stats": {}}, ttl=10)
+    response = client.get("/ready")
+    assert response.status_code == 503
+    assert response.json["checks"]["consumer"] == "failing: stalled: messages wait (host:2)"
+    score_store.beat("host:2", {"health": "ok", "stats": {}}, ttl=10)
+    assert client.get("/ready").status_code == 200
+
+
+def test_a_replica_that_stopped_beating_no_longer_counts(client, score_store):
+    score_store.beat("host:1", {"health": "ok", "stats": {}}, ttl=10)
+    score_store.beat("host:2", {"health": "paused: the store does not answer", "stats": {}}, ttl=1)
+    assert client.get("/ready").status_code == 503
+    wait_until(lambda: client.get("/ready").status_code == 200, what="host:2's beat expired")
+    assert set(score_store.beacons()) == {"host:1"}
+
+
+def test_metrics_have_a_series_per_replica(client, score_store):
+    for replica, applied in (("host:1", 3), ("host:2", 4)):
+        stats = ConsumerStats()
+        stats.observe(0.001, applied)
+        score_store.beat(replica, {"health": "ok", "stats": stats.snapshot()}, ttl=10)
+    text = client.get("/metrics").data.decode()
+    assert 'consumer_messages_total{outcome="applied",replica="host:1"} 3.0' in text
+    assert 'consumer_messages_total{outcome="applied",replica="host:2"} 4.0' in text
 
 
 def test_standard_routes(client):

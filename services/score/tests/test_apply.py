@@ -192,3 +192,11 @@ def test_a_replayed_deletion_removes_an_entry_the_wipe_left_behind(score_store):
     score_store.client.sadd(f"{score_store.prefix}person-items:15", "gone")  # stale entry
     applier.batch([deleted])
     assert score_store.client.smembers(f"{score_store.prefix}person-items:15") == set()
+
+
+def test_only_the_first_replica_to_find_no_generation_marker_claims_the_rebuild(score_store):
+    assert score_store.generation() is None
+    assert score_store.claim_rebuild("first")
+    assert not score_store.claim_rebuild("second")
+    marker = score_store.generation()
+    assert (marker.state, marker.request_id, marker.since) == ("rebuilding", "first", 0.0)

@@ -22,6 +22,7 @@ def _postgres(url: str) -> None:
 
 
 def _rabbitmq(url: str) -> None:
+    # One node of a cluster answering is enough: the clients connect to the first that does.
     connect(url, "check-servers", timeout=3).close()
 
 
@@ -69,6 +70,9 @@ def check(checks: list[tuple[str, str]]) -> int:
 
 
 def _hide_password(url: str) -> str:
+    """The URL with `***` for its password; each node's of a comma-separated list."""
+    if "," in url:
+        return ",".join(_hide_password(part) for part in url.split(","))
     scheme, sep, rest = url.partition("://")
     creds, at, host = rest.rpartition("@")
     if not at or ":" not in creds:

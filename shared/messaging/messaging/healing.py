@@ -7,7 +7,8 @@ The producer replays the latest event of every entity to the model's queue and e
 completion message; the consumer runtime hands it to `completed()`, which marks the generation
 `ready`. A request that got no answer is sent again after `re_request_after` seconds. An operator's
 rebuild (wipe, then let the model heal) sets the state `wiping` first, so no replay is asked for
-before the wipe is over.
+before the wipe is over. Replicas of one consumer share the store: the marker is written only
+where there is none, so one of them asks.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ class GenerationStore(Protocol):
     """What a read model's store keeps for healing: one marker beside its data."""
 
     def generation(self) -> Generation | None: ...
+
+    def claim_rebuild(self, request_id: str) -> bool:
+        """Write a `rebuilding` marker (not sent yet) only if there is none: True if written."""
+        ...
+
     def begin_rebuild(self, request_id: str, since: float) -> None: ...
     def finish_rebuild(self, request_id: str) -> bool: ...
 
@@ -58,10 +64,14 @@ class Healing:
         now = time.time()
         if generation is None:
             request_id = str(uuid.uuid4())
+            # Replicas of the consumer check the same store: the one that writes the marker
+            # asks; the others find it written and wait with it.
+            if not self.store.claim_rebuild(request_id):
+                claimed = self.store.generation()
+                return claimed.state if claimed is not None else REBUILDING
             log.warning(
                 "read model of %s has no generation marker: asking for a replay", self.queue
             )
-            self.store.begin_rebuild(request_id, 0.0)
             self._request(request_id, now)
             return REBUILDING
         if generation.state == REBUILDING and now - generation.since > self.re_request_after:

@@ -1,14 +1,17 @@
 """Prometheus metrics an API process exports for the consumer of its service.
 
-The consumer runs in its own process; its beacon (runner.AttachedBeacon) writes
-`ConsumerStats.snapshot()` where the API can read it (a Redis key, a table row), and
-`ScrapeCollector(read, consumer_metrics)` turns the latest snapshot into metrics at scrape time;
-`ScrapeCollector` serves any other figure an API reads from its store when scraped.
+The consumer runs in processes of its own, possibly several replicas; each one's beacon
+(runner.AttachedBeacon) writes its `ConsumerStats.snapshot()` where the API can read it (a Redis
+key, a table row), and `ScrapeCollector(read, consumer_metrics)` turns the latest snapshot of
+every replica into metrics at scrape time, one series per replica (label `replica`: a replica's
+counters start at 0 when it starts, which Prometheus reads as a counter reset; a sum over
+replicas would drop when one goes away). `ScrapeCollector` also serves any other figure an API
+reads from its store when scraped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,37 +40,46 @@ class ScrapeCollector:
             yield from self.build(values)
 
 
-def consumer_metrics(snap: dict[str, Any]) -> Iterator[Metric]:
-    """The metric families of one ConsumerStats snapshot."""
-    if not snap:
+def consumer_metrics(snaps: Mapping[str, dict[str, Any]]) -> Iterator[Metric]:
+    """The metric families of the ConsumerStats snapshots of each replica (replica → snapshot)."""
+    snaps = {replica: snap for replica, snap in snaps.items() if snap}
+    if not snaps:
         return
     messages = CounterMetricFamily(
-        "consumer_messages", "Messages the consumer settled, by outcome", labels=["outcome"]
+        "consumer_messages",
+        "Messages the consumer settled, by outcome",
+        labels=["outcome", "replica"],
     )
-    messages.add_metric(["applied"], snap["consumed"])
-    messages.add_metric(["retried"], snap["retried"])
-    messages.add_metric(["dead_lettered"], snap["dead_lettered"])
-    messages.add_metric(["ignored"], snap.get("ignored", 0))
-    yield messages
-    yield CounterMetricFamily(
-        "consumer_connections", "Broker connections made", value=snap["connections"]
+    connections = CounterMetricFamily(
+        "consumer_connections", "Broker connections made", labels=["replica"]
     )
-    cumulative, buckets = 0, []
-    for bound, count in zip(
-        [*snap["handler_buckets"], float("inf")], snap["handler_counts"], strict=True
-    ):
-        cumulative += count
-        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-    yield HistogramMetricFamily(
+    handler = HistogramMetricFamily(
         "consumer_handler_seconds",
         "Time in the handler per call (one message, or a batch)",
-        buckets=buckets,
-        sum_value=snap["handler_seconds"],
+        labels=["replica"],
     )
-    if snap.get("last_occurred_at"):
-        last = datetime.fromisoformat(snap["last_occurred_at"])
-        yield GaugeMetricFamily(
-            "read_model_lag_seconds",
-            "Now minus occurred_at of the last event applied",
-            value=max(0.0, (datetime.now(UTC) - last).total_seconds()),
-        )
+    lag = GaugeMetricFamily(
+        "read_model_lag_seconds",
+        "Now minus occurred_at of the last event the replica applied",
+        labels=["replica"],
+    )
+    now = datetime.now(UTC)
+    for replica, snap in sorted(snaps.items()):
+        messages.add_metric(["applied", replica], snap["consumed"])
+        messages.add_metric(["retried", replica], snap["retried"])
+        messages.add_metric(["dead_lettered", replica], snap["dead_lettered"])
+        messages.add_metric(["ignored", replica], snap.get("ignored", 0))
+        connections.add_metric([replica], snap["connections"])
+        cumulative, buckets = 0, []
+        for bound, count in zip(
+            [*snap["handler_buckets"], float("inf")], snap["handler_counts"], strict=True
+        ):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        handler.add_metric([replica], buckets, snap["handler_seconds"])
+        if snap.get("last_occurred_at"):
+            last = datetime.fromisoformat(snap["last_occurred_at"])
+            lag.add_metric([replica], max(0.0, (now - last).total_seconds()))
+    yield from (messages, connections, handler)
+    if lag.samples:
+        yield lag

@@ -27,6 +27,7 @@ from .confirms import ConfirmWindow
 from .connection import Backoff, StopFlag, amqp_parameters
 from .outbox import NOTIFY_CHANNEL
 from .publisher import event_properties
+from .runner import replica_id
 
 log = logging.getLogger("messaging.relay")
 
@@ -120,8 +121,12 @@ class Relay:
         backoff = Backoff()
         while not self._stop.is_set():
             try:
+                # The session that holds the leader lock names its replica (pg_stat_activity
+                # says which relay is active).
                 with psycopg.connect(
-                    self.settings.database_url, autocommit=True, application_name=APP_NAME
+                    self.settings.database_url,
+                    autocommit=True,
+                    application_name=f"{APP_NAME}@{replica_id()}"[:63],
                 ) as db:
                     if not _try_lead(db):
                         self._stop.wait(self.settings.poll_interval)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,16 @@ def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
     # at DEBUG: never let it below WARNING.
     logging.getLogger("pika").setLevel(logging.WARNING)
     logging.getLogger("python_http_client").setLevel(logging.WARNING)
+
+
+def replica_id() -> str:
+    """This process among the replicas of one process type: `<host>:<pid>`.
+
+    The host tells containers and machines apart (each container has its own hostname, where
+    the pid is often 1), the pid the copies a supervisor runs on one host. A restarted replica
+    is a new one: what the old one reported expires.
+    """
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def run_until_signalled(component: Any) -> int:

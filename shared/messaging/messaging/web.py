@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
@@ -50,6 +50,35 @@ class NotReady(Exception):
 
 class Rebuilding(NotReady):
     """The read model is being rebuilt from a replay: /ready answers `rebuilding`."""
+
+
+HEALTHY = "ok"
+# What a consumer reports while its read model is rebuilt (healing.REBUILDING, healing.WIPING).
+REBUILD_STATES = ("rebuilding", "wiping")
+
+
+def replicas_ready(healths: Mapping[str, str], none: str) -> None:
+    """Readiness of one process type run as several replicas, from each one's last report.
+
+    Ready when at least one replica reports and every replica that reports is healthy: a
+    stalled or paused replica holds its prefetched messages back from the others, so it is
+    reported (with its id) until it recovers or dies. A replica that stopped reporting (gone,
+    or reconnecting to the broker) does not count. A rebuild, which concerns the read model
+    all replicas share, answers Rebuilding. `none` is the reason given when no replica reports.
+    """
+    if not healths:
+        raise NotReady(none)
+    unwell = sorted(
+        (health, replica)
+        for replica, health in healths.items()
+        if health != HEALTHY and health not in REBUILD_STATES
+    )
+    if unwell:
+        raise NotReady("; ".join(f"{health} ({replica})" for health, replica in unwell))
+    states = set(healths.values())
+    for state in ("wiping", "rebuilding"):  # the earlier step of a rebuild first
+        if state in states:
+            raise Rebuilding(state)
 
 
 def problem(status: int, message: str, errors: dict[str, list[str]] | None = None) -> Response:

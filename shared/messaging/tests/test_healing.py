@@ -25,6 +25,12 @@ class MemoryGeneration:
     def generation(self) -> Generation | None:
         return self.marker
 
+    def claim_rebuild(self, request_id: str) -> bool:
+        if self.marker is not None:
+            return False
+        self.marker = Generation(REBUILDING, request_id, 0.0)
+        return True
+
     def begin_rebuild(self, request_id: str, since: float) -> None:
         self.marker = Generation(REBUILDING, request_id, since)
 
@@ -62,6 +68,29 @@ def test_a_store_without_a_marker_asks_once_and_is_ready_after_the_completion(br
     assert store.marker.state == REBUILDING
     healing.completed(request["request_id"])
     assert healing.check() == READY
+
+
+class Racing(MemoryGeneration):
+    """A store whose marker the replicas all read as missing before any of them writes it."""
+
+    def __init__(self, unseen: int) -> None:
+        super().__init__()
+        self.unseen = unseen
+
+    def generation(self) -> Generation | None:
+        if self.unseen:
+            self.unseen -= 1
+            return None
+        return self.marker
+
+
+def test_replicas_that_all_find_the_marker_missing_ask_once(broker):
+    store = Racing(unseen=3)
+    replicas = [Healing(store, broker.amqp_url, broker.exchange, "model.q") for _ in range(3)]
+    assert [healing.check() for healing in replicas] == [REBUILDING] * 3
+    [request] = requests(broker)
+    replicas[2].completed(request["request_id"])
+    assert [healing.check() for healing in replicas] == [READY] * 3
 
 
 def test_a_request_that_got_no_answer_is_sent_again(broker):
