@@ -42,7 +42,10 @@ def listening_ports(pid: int) -> set[int]:
     """TCP ports the process listens on: its socket inodes, looked up in its net tables."""
     inodes = set()
     for fd in (Path(f"/proc/{pid}/fd")).iterdir():
-        target = os.readlink(fd)
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:  # closed since the listing: a connection that ended
+            continue
         if target.startswith("socket:["):
             inodes.add(target[len("socket:[") : -1])
     ports = set()
