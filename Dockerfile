@@ -3,7 +3,6 @@
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
-ARG SERVICE
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -12,6 +11,9 @@ WORKDIR /app
 
 COPY requirements.txt ./
 RUN pip install -r requirements.txt
+
+# Declared after the requirements, so the four service images share the layers above.
+ARG SERVICE
 
 COPY shared/messaging ./shared/messaging
 COPY services/${SERVICE} ./services/${SERVICE}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ COMPOSE_SECRETS = {
         "RABBITMQ_ADMIN_PASSWORD",
         "ACTIVATION_SECRET",
         "CONSOLE_SECRET",
+        "RABBITMQ_ERLANG_COOKIE",  # docker-compose.cluster.yml's nodes share it
     )
 }
 
@@ -47,19 +49,35 @@ def compose_command() -> list[str]:
     )
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict:
-    rendered = subprocess.run(
-        [*compose_command(), "--file", str(ROOT / "docker-compose.yml"), "config"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        # The defaults, not this shell's variables, and the secrets compose requires.
-        env={"PATH": "/usr/local/bin:/usr/bin:/bin", **COMPOSE_SECRETS},
-        check=False,
-    )
+def render(*files: str, **variables: str) -> dict:
+    """`docker-compose config` of these files, with the secrets compose requires."""
+    with tempfile.NamedTemporaryFile(suffix=".env") as empty:  # not a developer's .env
+        rendered = subprocess.run(
+            [
+                *compose_command(),
+                f"--env-file={empty.name}",
+                *(f"--file={ROOT / name}" for name in files),
+                "config",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            # The defaults, not this shell's variables, and the secrets compose requires.
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", **COMPOSE_SECRETS, **variables},
+            check=False,
+        )
     assert rendered.returncode == 0, rendered.stderr
     return yaml.safe_load(rendered.stdout)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return render("docker-compose.yml")
+
+
+@pytest.fixture(scope="module")
+def compose_cluster() -> dict:
+    return render("docker-compose.yml", "docker-compose.cluster.yml")
 
 
 def procfile() -> dict[str, str]:
@@ -67,11 +85,19 @@ def procfile() -> dict[str, str]:
     return dict(line.split(": ", 1) for line in lines if line and not line.startswith("#"))
 
 
-def native_routes() -> dict:
-    text = (ROOT / "traefik" / "dynamic" / "routes.yml").read_text()
+def dynamic(name: str) -> dict:
+    """A file of traefik/dynamic/ (the native stack's file provider folder), as Traefik reads it."""
+    text = (ROOT / "traefik" / "dynamic" / name).read_text()
     # Traefik renders its Go templates before parsing; render the defaults the same way.
     text = re.sub(r'\{\{ env "\w+" \| default "(\d+)" \}\}', r"\1", text)
     return yaml.safe_load(text)
+
+
+def native_routes() -> dict:
+    """Everything the native Traefik loads: routers and services, and the middlewares."""
+    routes = dynamic("routes.yml")
+    routes["http"].update(dynamic("middlewares.yml")["http"])
+    return routes
 
 
 def labels(service: dict) -> dict[str, str]:
@@ -103,7 +129,7 @@ def test_every_api_is_routed_as_in_the_native_routes(compose):
         assert tags[f"traefik.http.services.{api}.loadbalancer.server.port"] == "8000"
         assert native["routers"][api]["rule"] == f"Host(`{api}.localhost`)"
     # Every native router, and no other, is declared by the labels of the API it routes to,
-    # with the same rule, priority and body-limit middlewares.
+    # with the same rule, priority and middlewares (the gateway's own file, mounted in both).
     labelled = set()
     for name, router in native["routers"].items():
         tags = labels(compose["services"][router["service"]])
@@ -114,7 +140,7 @@ def test_every_api_is_routed_as_in_the_native_routes(compose):
         assert tags.get(f"{prefix}.priority") == (
             str(router["priority"]) if "priority" in router else None
         ), name
-        middlewares = ",".join(f"{m}@docker" for m in router["middlewares"])
+        middlewares = ",".join(f"{m}@file" for m in router["middlewares"])
         assert tags[f"{prefix}.middlewares"] == middlewares, name
         if len(routers_in(tags)) > 1:  # the Docker provider links a router alone implicitly
             assert tags[f"{prefix}.service"] == router["service"], name
@@ -126,23 +152,9 @@ def test_every_api_is_routed_as_in_the_native_routes(compose):
                 == str(router["observability"]["accessLogs"]).lower()
             ), name
     assert labelled == set(native["routers"])
-    rate = native["middlewares"]["rate-limit"]["rateLimit"]
-    tags = labels(compose["services"]["person"])
-    for field in ("average", "burst"):
-        assert tags[f"traefik.http.middlewares.rate-limit.ratelimit.{field}"] == str(rate[field])
-    # The body limits: the same middlewares with the same sizes.
-    limits = {
-        key.split(".")[3]: value
-        for api in APIS
-        for key, value in labels(compose["services"][api]).items()
-        if key.startswith("traefik.http.middlewares.") and key.endswith(".maxRequestBodyBytes")
-    }
-    assert limits == {
-        name: str(middleware["buffering"]["maxRequestBodyBytes"])
-        for name, middleware in native["middlewares"].items()
-        if "buffering" in middleware
-    }
     for name, service in compose["services"].items():
+        # Middlewares live in the gateway's file: a label's would vanish with its container.
+        assert not any(key.startswith("traefik.http.middlewares.") for key in labels(service))
         if name not in APIS:
             assert labels(service).get("traefik.enable") != "true", name
 
@@ -178,6 +190,13 @@ def test_traefik_exposes_only_labelled_containers_and_logs_request_ids(compose):
     assert "--accessLog=true" in flags
     assert "--accessLog.fields.headers.names.X-Request-Id=keep" in flags
     assert not any(flag.startswith("--api") for flag in flags)  # no dashboard
+    # The middlewares every router names: the native stack's file, mounted.
+    assert "--providers.file.filename=/etc/traefik/middlewares.yml" in flags
+    mounts = [str(volume) for volume in traefik["volumes"]]
+    assert any(
+        "traefik/dynamic/middlewares.yml:/etc/traefik/middlewares.yml:ro" in m for m in mounts
+    )
+    assert set(traefik["environment"]) == {"RATE_LIMIT_AVERAGE", "RATE_LIMIT_BURST"}
     assert "--api" not in procfile()["traefik"]
 
 
@@ -319,3 +338,106 @@ def test_the_shared_library_names_no_service():
             if re.search(r"\b(person|score|notifier)\b", line, re.IGNORECASE):
                 named.append(f"{path.name}:{number}: {line.strip()}")
     assert not named, "\n".join(named)
+
+
+# -- replicas: the copies of each process make up and the fault runs start -------------------
+def test_replica_counts_come_from_the_environment_and_default_to_one():
+    from processes import REPLICA_VARIABLES, copy_names, replicas
+
+    counts = replicas({"SCORE_CONSUMERS": "3", "PERSON_RELAYS": "2"})
+    assert counts["score-consumer"] == 3 and counts["person-relay"] == 2
+    assert counts["notifier-consumer"] == counts["person"] == counts["traefik"] == 1
+    assert set(REPLICA_VARIABLES) <= set(procfile())
+    assert copy_names("score-consumer", 1) == ["score-consumer"]
+    assert copy_names("score-consumer", 3) == [f"score-consumer.{n}" for n in (1, 2, 3)]
+    for wrong in ("0", "-1", "two", "1.5"):
+        with pytest.raises(ValueError, match="SCORE_CONSUMERS"):
+            replicas({"SCORE_CONSUMERS": wrong})
+
+
+def test_the_supervisor_names_copies_as_honcho_does(tmp_path):
+    from processes import Processes
+
+    supervisor = Processes({"NOTIFIER_SENDERS": "2"}, tmp_path)
+    assert supervisor.copies("notifier-sender") == ["notifier-sender.1", "notifier-sender.2"]
+    assert supervisor.copies("notifier-sender.2") == ["notifier-sender.2"]
+    assert supervisor.copies("score-consumer") == ["score-consumer"]
+    assert list(supervisor.commands).count("person") == 1
+
+
+# -- docker-compose.cluster.yml: three RabbitMQ nodes and replicas --------------------------------
+NODES = ("rabbitmq", "rabbitmq-2", "rabbitmq-3")
+COPIES = ("person-relay", "score-consumer", "notifier-consumer", "notifier-sender")
+
+
+def cluster_conf() -> dict[str, str]:
+    lines = (ROOT / "rabbitmq" / "cluster.conf").read_text().splitlines()
+    pairs = (line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def test_the_cluster_file_adds_two_nodes_that_join_the_first(compose_cluster):
+    services = compose_cluster["services"]
+    conf = cluster_conf()
+    assert conf["cluster_formation.peer_discovery_backend"] == "classic_config"
+    listed = {v for k, v in conf.items() if k.startswith("cluster_formation.classic_config.nodes.")}
+    assert listed == {f"rabbit@{services[name]['hostname']}" for name in NODES}
+    assert {services[name]["hostname"] for name in NODES} == set(NODES)
+    volumes = set()
+    for name in NODES:
+        node = services[name]
+        assert node["image"] == services["rabbitmq"]["image"], name
+        cookie = node["environment"]["RABBITMQ_ERLANG_COOKIE"]
+        assert cookie == COMPOSE_SECRETS["RABBITMQ_ERLANG_COOKIE"], name
+        assert "healthcheck" in node, name
+        mounts = dict(volume.split(":")[:2] for volume in node["volumes"])
+        assert mounts[str(ROOT / "rabbitmq" / "cluster.conf")].startswith("/etc/rabbitmq/conf.d/")
+        volumes |= {source for source, target in mounts.items() if target == "/var/lib/rabbitmq"}
+    assert len(volumes) == 3  # each node its own data
+    for name in NODES[1:]:  # they boot once the first runs, and join it
+        assert services[name]["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+
+
+def test_every_process_on_the_cluster_is_given_every_node(compose_cluster):
+    from messaging.connection import node_urls
+
+    services = compose_cluster["services"]
+    for name, service in services.items():
+        if name in INFRASTRUCTURE or name in NODES:
+            continue
+        env = service["environment"]
+        hosts = [url.split("@", 1)[1].split(":")[0] for url in node_urls(env["AMQP_URL"])]
+        assert hosts == list(NODES), name
+        assert env["QUEUE_GROUP_SIZE"] == "3", name
+    # Queues are declared (by migrate) only once every node runs: a member on each.
+    depends = services["migrate"]["depends_on"]
+    assert all(depends[node]["condition"] == "service_healthy" for node in NODES)
+
+
+def test_copies_of_consumers_sender_and_relay_in_both_files(compose, compose_cluster):
+    assert {
+        name: compose["services"][name]["deploy"]["replicas"] for name in COPIES
+    } == dict.fromkeys(COPIES, 1)
+    assert {name: compose_cluster["services"][name]["deploy"]["replicas"] for name in COPIES} == {
+        "person-relay": 2,
+        "score-consumer": 3,
+        "notifier-consumer": 2,
+        "notifier-sender": 2,
+    }
+    asked = render("docker-compose.yml", "docker-compose.cluster.yml", SCORE_CONSUMERS="5")
+    assert asked["services"]["score-consumer"]["deploy"]["replicas"] == 5
+    for name in set(compose["services"]) - set(COPIES):
+        assert "deploy" not in compose["services"][name], name  # the APIs scale by workers
+
+
+def test_the_apis_keep_idle_connections_longer_than_traefik_reuses_them():
+    """A POST Traefik sends on a pooled connection that gunicorn closes at that moment gets a 502
+    (Traefik retries no POST): gunicorn must keep idle connections longer than Traefik does (90 s
+    by default; neither stack's Traefik changes it)."""
+    from messaging.serving import gunicorn_settings
+
+    assert gunicorn_settings("PERSON", 8101)["keepalive"] > 90
+    flags = procfile()["traefik"].split() + [
+        str(f) for f in render("docker-compose.yml")["services"]["traefik"]["command"]
+    ]
+    assert not any("idleconntimeout" in flag.lower() for flag in flags)

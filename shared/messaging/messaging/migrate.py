@@ -23,13 +23,14 @@ def ensure_database(url: str) -> None:
         raise ValueError("the database URL names no database")
     admin = make_conninfo(url, dbname="postgres")
     with psycopg.connect(admin, autocommit=True) as conn:
+        # Processes that start together (gunicorn's workers, compose's services) create it once:
+        # two concurrent CREATE DATABASE of one name fail on pg_database's unique index instead
+        # of with DuplicateDatabase. The lock is the session's, released with the connection.
+        conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK,))
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if not exists:
-            try:
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-                log.info("created database %s", name)
-            except psycopg.errors.DuplicateDatabase:
-                pass  # another process created it meanwhile
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            log.info("created database %s", name)
 
 
 def apply(

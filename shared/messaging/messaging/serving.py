@@ -26,6 +26,13 @@ def gunicorn_settings(prefix: str, default_port: int) -> dict[str, Any]:
         "threads": int(os.environ.get(f"{prefix}_THREADS", "4")),
         "worker_class": "gthread",
         "graceful_timeout": 20,
+        # Traefik keeps idle connections to a service open for 90 s and reuses them: gunicorn
+        # must not close one first (its default is 2 s), or a POST sent on it as it closes gets
+        # a 502, which Traefik does not retry.
+        "keepalive": 120,
+        # gunicorn's runtime control socket (gunicornc) is not used: every master on a machine
+        # would share one path in $HOME, which a container's non-root user cannot even create.
+        "control_socket_disable": True,
         "accesslog": "-",
         # The path without its query string: activation links carry their token there.
         "access_log_format": (
