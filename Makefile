@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install up down logs status test unit soak lint format bench compose-env clean
+.PHONY: install up down logs status test unit soak lint format bench compose-env images-offline clean
 
 $(STAMP): requirements.txt requirements-dev.txt shared/messaging/pyproject.toml services/*/pyproject.toml tests/asyncapi/package-lock.json
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -50,6 +50,10 @@ format: install
 ## Secrets for the compose stack: writes the missing ones to .env (docker compose up -d --wait).
 compose-env: install
 	$(PY) scripts/compose_env.py
+
+## Stand-in images built from Debian packages, for a Docker engine with no registry (README: Containers).
+images-offline: install
+	$(PY) scripts/images_offline.py
 
 ## The benchmark (bench/README.md): raw ceilings, relay, and the whole stack; a few minutes.
 bench: install

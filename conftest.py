@@ -2,13 +2,12 @@
 
 When a Docker engine answers, PostgreSQL, RabbitMQ and Redis run in throwaway containers
 (testcontainers); otherwise the tests use the local servers at TEST_DATABASE_URL, TEST_AMQP_URL
-and TEST_REDIS_URL. Each test gets its own database, exchange and queue names, or Redis database.
+and TEST_REDIS_URL (tests/support/backing_servers.py). Each test gets its own database, exchange
+and queue names, or Redis key prefix.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,13 +20,19 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, settings
 from messaging import Envelope
+from messaging.connection import connect
 from messaging.replay import requests_queue
 from messaging.topology import Topology
 from psycopg import sql
 
-# Test doubles that are no part of any service (the fake SendGrid): importable by every test.
-sys.path.insert(0, str(Path(__file__).resolve().parent / "tests" / "support"))
-from fake_sendgrid import FakeSendGrid
+# What tests need that is no part of any service (tests/support: the servers of the run, the fake
+# SendGrid) and
+# scripts/cluster.py (the three-node RabbitMQ cluster the cluster tests start and remove).
+_HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(_HERE / "tests" / "support"), str(_HERE / "scripts")]
+from backing_servers import Servers, container_servers, local_servers, use_containers  # noqa: E402
+from cluster import SCRIPTS, Cluster  # noqa: E402
+from fake_sendgrid import FakeSendGrid  # noqa: E402
 
 # Generated tests (hypothesis): a bounded, reproducible number of examples in make test, many more
 # in make soak (HYPOTHESIS_PROFILE=soak), where each run explores new ones.
@@ -45,60 +50,16 @@ settings.register_profile(
     "soak", max_examples=2000, stateful_step_count=80, deadline=None, suppress_health_check=_SLOW_OK
 )
 
-LOCAL = {
-    "database": "postgresql://postgres@127.0.0.1:5432/postgres",
-    "amqp": "amqp://guest:guest@127.0.0.1:5672/%2F",
-    "redis": "redis://127.0.0.1:6379/0",
-}
-
-
-@dataclass(frozen=True)
-class Servers:
-    database: str  # an admin URL; tests create their own databases through it
-    amqp: str
-    redis: str
-
-
-def _docker_answers() -> bool:
-    try:
-        import docker
-
-        docker.from_env(timeout=2).ping()
-        return True
-    except Exception:
-        return False
-
-
-@contextlib.contextmanager
-def _containers() -> Iterator[Servers]:
-    from testcontainers.postgres import PostgresContainer
-    from testcontainers.rabbitmq import RabbitMqContainer
-    from testcontainers.redis import RedisContainer
-
-    with (
-        PostgresContainer("postgres:15-alpine", driver=None) as pg,
-        RabbitMqContainer("rabbitmq:3.13-management-alpine") as mq,
-        RedisContainer("redis:7-alpine") as rd,
-    ):
-        host, port = mq.get_container_host_ip(), mq.get_exposed_port(5672)
-        yield Servers(
-            database=pg.get_connection_url(),
-            amqp=f"amqp://guest:guest@{host}:{port}/%2F",
-            redis=f"redis://{rd.get_container_host_ip()}:{rd.get_exposed_port(6379)}/0",
-        )
-
 
 @pytest.fixture(scope="session")
 def servers() -> Iterator[Servers]:
-    if os.environ.get("TEST_USE_CONTAINERS", "auto") != "no" and _docker_answers():
-        with _containers() as found:
-            yield found
-        return
-    yield Servers(
-        database=os.environ.get("TEST_DATABASE_URL", LOCAL["database"]),
-        amqp=os.environ.get("TEST_AMQP_URL", LOCAL["amqp"]),
-        redis=os.environ.get("TEST_REDIS_URL", LOCAL["redis"]),
-    )
+    """The run's PostgreSQL, RabbitMQ and Redis: containers when an engine answers (and
+    TEST_USE_CONTAINERS is not `no`), the local servers otherwise (support/backing_servers.py)."""
+    if use_containers():
+        with container_servers() as started:
+            yield started
+    else:
+        yield local_servers()
 
 
 def _with_dbname(url: str, name: str) -> str:
@@ -141,7 +102,7 @@ class BrokerSpace:
 
     def publish(self, *envelopes: Envelope) -> None:
         """Publish to the exchange as the relay does (persistent, mandatory), with confirms."""
-        conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        conn = connect(self.amqp_url, "test-publish")
         try:
             channel = conn.channel()
             channel.confirm_delivery()
@@ -158,18 +119,15 @@ class BrokerSpace:
 
     def depth(self, queue: str) -> int:
         """Messages ready in a queue."""
-        conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        conn = connect(self.amqp_url, "test-depth")
         try:
             return conn.channel().queue_declare(queue, passive=True).method.message_count
         finally:
             conn.close()
 
 
-@pytest.fixture
-def broker(servers: Servers) -> Iterator[BrokerSpace]:
-    space = BrokerSpace(servers.amqp, f"test-{uuid.uuid4().hex[:10]}")
-    yield space
-    conn = pika.BlockingConnection(pika.URLParameters(servers.amqp))
+def _remove(space: BrokerSpace) -> None:
+    conn = connect(space.amqp_url, "test-cleanup")
     try:
         channel = conn.channel()
         for topology in space.topologies:
@@ -178,6 +136,45 @@ def broker(servers: Servers) -> Iterator[BrokerSpace]:
         channel.exchange_delete(space.exchange)
     finally:
         conn.close()
+
+
+@pytest.fixture
+def broker(servers: Servers) -> Iterator[BrokerSpace]:
+    space = BrokerSpace(servers.amqp, f"test-{uuid.uuid4().hex[:10]}")
+    yield space
+    _remove(space)
+
+
+@pytest.fixture(scope="session")
+def cluster_session(request: pytest.FixtureRequest, servers: Servers) -> Iterator[Cluster]:
+    """Three clustered RabbitMQ nodes of this run's own (scripts/cluster.py), started by the
+    first test that asks and removed at the end of the session: no node is left running and
+    their directory is deleted, whatever the tests did."""
+    if not (SCRIPTS / "rabbitmq-server").exists():
+        pytest.skip(f"the cluster tests start RabbitMQ nodes from {SCRIPTS}: not installed here")
+    if servers.where == "containers" and "cluster" not in (request.config.option.markexpr or ""):
+        # Their broker is their own nodes, never the run's: a containers pass would only repeat
+        # them (about 3 minutes). The local-servers pass runs them, as does `pytest -m cluster`.
+        pytest.skip("the cluster tests run against the local servers (TEST_USE_CONTAINERS=no)")
+    with Cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def rabbit_cluster(cluster_session: Cluster) -> Iterator[Cluster]:
+    """The cluster; every node a test killed or stopped runs again after it."""
+    yield cluster_session
+    cluster_session.heal()
+
+
+@pytest.fixture
+def cluster_broker(rabbit_cluster: Cluster) -> Iterator[BrokerSpace]:
+    """An exchange of this test's own on the cluster (AMQP_URL lists the three nodes)."""
+    space = BrokerSpace(rabbit_cluster.amqp_url, f"test-{uuid.uuid4().hex[:10]}")
+    yield space
+    # Every node first: deleting a quorum queue waits seconds for each member that is down.
+    rabbit_cluster.heal()
+    _remove(space)
 
 
 @pytest.fixture
@@ -220,7 +217,7 @@ def person_event() -> Callable[..., Envelope]:
 
 @pytest.fixture
 def fake_sendgrid() -> Iterator[FakeSendGrid]:
-    """A fake SendGrid API on a free port (notifier.fake_sendgrid), accepting every message."""
+    """A fake SendGrid API on a free port (tests/support), accepting every message."""
     fake = FakeSendGrid().start()
     yield fake
     fake.stop()

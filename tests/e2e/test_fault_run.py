@@ -18,7 +18,6 @@ import collections
 import json
 import os
 import random
-import subprocess
 import sys
 import threading
 import uuid
@@ -72,10 +71,6 @@ class Step:
     pause: bool = True
     reached: threading.Event = field(default_factory=threading.Event)
     applied: threading.Event = field(default_factory=threading.Event)
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
 
 
 def poison_bodies(exchange: str) -> list[tuple[str, bytes]]:
@@ -174,7 +169,9 @@ def fake_sendgrid() -> Iterator[FakeSendGrid]:
 
 
 @pytest.mark.timeout(900)  # a few minutes; more on a loaded machine
-def test_every_guarantee_holds_through_a_storm_of_faults(stack_env, fake_sendgrid, tmp_path):
+def test_every_guarantee_holds_through_a_storm_of_faults(
+    stack_env, servers, fake_sendgrid, tmp_path
+):
     env = {
         **stack_env,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -204,12 +201,11 @@ def test_every_guarantee_holds_through_a_storm_of_faults(stack_env, fake_sendgri
         assert killed > 0, "no notifier connection to terminate"
 
     def stop_broker() -> None:
-        rabbitmqctl("stop_app")
+        servers.broker.stop()
         broker_down.set()
 
     def start_broker() -> None:
-        rabbitmqctl("start_app")
-        rabbitmqctl("await_startup")
+        servers.broker.start()
         broker_down.clear()
 
     def kill_sender_while_sendgrid_stalls() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import psycopg
 import pytest
 from messaging.outbox import install
@@ -19,10 +17,7 @@ def producer_db(make_database) -> str:
 
 
 @pytest.fixture
-def local_broker(servers):
-    """The local RabbitMQ node, which tests may stop; it is always started again."""
-    if "127.0.0.1" not in servers.amqp and "localhost" not in servers.amqp:
-        pytest.skip("broker restarts need the local RabbitMQ node")
-    yield
-    subprocess.run(["rabbitmqctl", "-q", "start_app"], check=False, capture_output=True)
-    subprocess.run(["rabbitmqctl", "-q", "await_startup"], check=True, timeout=120)
+def restartable_broker(servers):
+    """The run's RabbitMQ, which the test may stop (servers.broker); it runs again afterwards."""
+    yield servers.broker
+    servers.broker.ensure_running()

@@ -3,8 +3,6 @@ declarations are migrated without losing a message. Against the real RabbitMQ.""
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
 
 import pika
@@ -20,32 +18,20 @@ def connection(broker) -> pika.BlockingConnection:
     return pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
 
 
-def queue_arguments(names: set[str]) -> dict[str, tuple[str, dict]]:
-    """name → (type, arguments) as the local node lists them."""
-    out = subprocess.run(
-        ["rabbitmqctl", "-q", "list_queues", "name", "type", "arguments", "--formatter", "json"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    found = {}
-    for row in json.loads(out):
-        if row["name"] in names:
-            arguments = row["arguments"]
-            if isinstance(arguments, list):  # [[key, type, value], ...]
-                arguments = {key: value for key, _type, value in arguments}
-            found[row["name"]] = (row["type"], arguments)
-    return found
-
-
 @pytest.fixture
-def local_only(servers):
-    if "127.0.0.1" not in servers.amqp and "localhost" not in servers.amqp:
-        pytest.skip("lists queues with the local node's rabbitmqctl")
+def queue_arguments(servers):
+    """name → (type, arguments) of the named queues, as the run's RabbitMQ node lists them."""
+
+    def listed(names: set[str]) -> dict[str, tuple[str, dict]]:
+        rows = servers.broker.queues()
+        return {
+            row["name"]: (row["type"], row["arguments"]) for row in rows if row["name"] in names
+        }
+
+    return listed
 
 
-def test_every_queue_is_quorum_and_every_hop_between_them_at_least_once(broker, local_only):
+def test_every_queue_is_quorum_and_every_hop_between_them_at_least_once(broker, queue_arguments):
     topology = broker.topology("decl", retry_delays=(1.0, 30.0))
     conn = connection(broker)
     topology.declare(conn)
@@ -85,7 +71,7 @@ def declare_as_before(channel, topology) -> None:
         )
 
 
-def test_old_declarations_are_migrated_and_keep_every_message(broker, local_only):
+def test_old_declarations_are_migrated_and_keep_every_message(broker, queue_arguments):
     topology = broker.topology("old", retry_delays=(600.0,))
     before = connection(broker)
     channel = before.channel()
@@ -116,7 +102,9 @@ def test_old_declarations_are_migrated_and_keep_every_message(broker, local_only
     conn.close()
 
 
-def test_a_migration_interrupted_half_way_is_finished_by_the_next_declaration(broker, local_only):
+def test_a_migration_interrupted_half_way_is_finished_by_the_next_declaration(
+    broker, queue_arguments
+):
     topology = broker.topology("half")
     conn = connection(broker)
     topology.declare(conn)
@@ -136,7 +124,9 @@ def test_a_migration_interrupted_half_way_is_finished_by_the_next_declaration(br
 
 
 @pytest.mark.faults
-def test_a_broker_restart_while_messages_wait_in_a_retry_queue_loses_none(broker, local_broker):
+def test_a_broker_restart_while_messages_wait_in_a_retry_queue_loses_none(
+    broker, restartable_broker
+):
     failed_once: set[str] = set()
     applied: set[str] = set()
 
@@ -164,10 +154,10 @@ def test_a_broker_restart_while_messages_wait_in_a_retry_queue_loses_none(broker
             ]
         )
         wait_until(lambda: len(failed_once) == len(ids), what="every first attempt failed")
-        subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
+        restartable_broker.stop()
         # Their delay runs out while the broker is down: they expire as it boots, before or
         # after the work queue is back.
         time.sleep(3)
-        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
+        restartable_broker.start()
         wait_until(lambda: applied == set(ids), timeout=240, what="every message applied")
     assert broker.depth(topology.dead_queue) == 0
