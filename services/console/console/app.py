@@ -28,7 +28,7 @@ from flask import (
     session,
     url_for,
 )
-from messaging import web
+from messaging import tracing, web
 from messaging.auth import ApiKeys, digest, public
 from messaging.connection import BrokerProbe
 from prometheus_client import CollectorRegistry
@@ -317,6 +317,7 @@ def _now() -> str:
 
 # -- composition -------------------------------------------------------------------------------
 def create_app(config: ConsoleConfig | None = None) -> Flask:
+    tracing.configure("console")  # before any pool connects: its connections are traced
     config = config or ConsoleConfig()
     api_keys = config.api_key_store()
     from .migrate import migrate_database

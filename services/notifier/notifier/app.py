@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from flask import Flask
-from messaging import web
+from messaging import tracing, web
 from messaging.connection import BrokerProbe
 from messaging.metrics import ScrapeCollector, consumer_metrics
 from prometheus_client import CollectorRegistry
@@ -20,6 +20,7 @@ from .store import NotifierStore
 
 
 def create_app(config: NotifierConfig | None = None, store: NotifierStore | None = None) -> Flask:
+    tracing.configure("notifier")  # before any pool connects: its connections are traced
     config = config or NotifierConfig()
     api_keys = config.api_key_store()  # refuses production without API_KEYS
     app = Flask("notifier")

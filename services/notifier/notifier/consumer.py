@@ -60,7 +60,13 @@ class UserView:
         people = [e for e in envelopes if e.event_type in HANDLES]
         if not people:
             return
-        with translated(), self.store.transaction(pipelined=True) as cur:
+        # One event is one statement, its own transaction; several go out in one pipeline.
+        with (
+            translated(),
+            self.store.single_statement()
+            if len(people) == 1
+            else self.store.transaction(pipelined=True) as cur,
+        ):
             for envelope in people:
                 self._apply(cur, envelope)
 

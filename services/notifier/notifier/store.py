@@ -126,6 +126,18 @@ class NotifierStore:
         ):
             yield cur
 
+    @contextlib.contextmanager
+    def single_statement(self) -> Iterator[psycopg.Cursor]:
+        """A cursor for one statement that is its own transaction (autocommit): one round trip
+        where BEGIN, the statement and COMMIT would take three."""
+        with self.pool.connection() as conn:
+            conn.autocommit = True
+            try:
+                with conn.cursor(row_factory=dict_row) as cur:
+                    yield cur
+            finally:
+                conn.autocommit = False
+
     # -- consumer side (called inside the handler's transaction) -------------------------------
     # Each event becomes statements whose results nobody reads, so a batch of events can be
     # queued in one pipeline and cost one round trip: the conditions live in the SQL.
@@ -179,7 +191,7 @@ class NotifierStore:
 
         A claim older than the lease belongs to a sender that died: it is claimed again.
         """
-        with self.transaction() as cur:
+        with self.single_statement() as cur:
             cur.execute(
                 f"""
                 UPDATE deliveries SET status = 'sending', claimed_at = now(),
@@ -231,35 +243,44 @@ class NotifierStore:
         )
 
     def _record(self, statement: str, delivery: dict, **values: Any) -> bool:
-        with self.transaction() as cur:
+        with self.single_statement() as cur:
             cur.execute(
                 statement, {"id": delivery["id"], "token": delivery["claim_token"], **values}
             )
             return cur.rowcount == 1
 
-    def deliver_to_mailbox(self, delivery: dict, from_email: str) -> bool:
-        """The development transport: the e-mail lands in the mailbox table, marked sent."""
-        with self.transaction() as cur:
+    def deliver_due_to_mailbox(
+        self, limit: int, lease_seconds: float, from_email: str
+    ) -> list[dict]:
+        """The development transport: up to `limit` due e-mails land in the mailbox, marked
+        sent, in one statement (one transaction: nothing is sent outside it, so no claim is
+        needed). Returns the deliveries' ids and trace contexts."""
+        with self.single_statement() as cur:
             cur.execute(
-                "UPDATE deliveries SET status = 'sent', sent_at = now(), provider = 'mailbox', "
-                f"last_error = NULL {self._OWNED}",
-                {"id": delivery["id"], "token": delivery["claim_token"]},
+                """
+                WITH due AS (
+                    SELECT id FROM deliveries
+                    WHERE (status = 'pending' AND next_attempt_at <= now())
+                       OR (status = 'sending'
+                           AND claimed_at < now() - %(lease)s * interval '1 second')
+                    ORDER BY id FOR UPDATE SKIP LOCKED LIMIT %(limit)s
+                ), sent AS (
+                    UPDATE deliveries d
+                    SET status = 'sent', sent_at = now(), claimed_at = now(),
+                        provider = 'mailbox', attempts = attempts + 1, claim_token = NULL,
+                        last_error = NULL
+                    FROM due WHERE d.id = due.id
+                    RETURNING d.id, d.to_email, d.subject, d.html, d.text, d.trace_context
+                ), boxed AS (
+                    INSERT INTO mailbox (delivery_id, to_email, from_email, subject, html, text)
+                    SELECT id, to_email, %(sender)s, subject, html, text FROM sent
+                    ON CONFLICT (delivery_id) DO NOTHING
+                )
+                SELECT id, trace_context FROM sent ORDER BY id
+                """,
+                {"lease": lease_seconds, "limit": limit, "sender": from_email},
             )
-            if cur.rowcount != 1:
-                return False
-            cur.execute(
-                "INSERT INTO mailbox (delivery_id, to_email, from_email, subject, html, text) "
-                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (delivery_id) DO NOTHING",
-                (
-                    delivery["id"],
-                    delivery["to_email"],
-                    from_email,
-                    delivery["subject"],
-                    delivery["html"],
-                    delivery["text"],
-                ),
-            )
-            return True
+            return cur.fetchall()
 
     def next_due_in(self) -> float | None:
         """Seconds until the earliest pending delivery is due (None if there is none)."""

@@ -318,3 +318,17 @@ def test_the_sender_reports_its_health_through_a_heartbeat(person_event, view, s
             ),
             what="a beat",
         )
+
+
+def test_the_mailbox_takes_due_emails_in_batches_once_each(person_event, view, store, config):
+    for n in range(5):
+        view(person_event(f"30{n}", name=f"P{n}", email=f"m{n}@example.com"))
+    first = store.deliver_due_to_mailbox(3, 300, config.email_from)
+    second = store.deliver_due_to_mailbox(3, 300, config.email_from)
+    assert (len(first), len(second)) == (3, 2)
+    assert store.deliver_due_to_mailbox(3, 300, config.email_from) == []
+    assert sorted(m["to_email"] for m in store.mailbox(10)) == [
+        f"m{n}@example.com" for n in range(5)
+    ]
+    assert {delivery(store, f"30{n}")["status"] for n in range(5)} == {"sent"}
+    assert {delivery(store, f"30{n}")["attempts"] for n in range(5)} == {1}

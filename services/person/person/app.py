@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from flask import Flask
-from messaging import web
+from messaging import tracing, web
 from messaging.connection import BrokerProbe
 from messaging.metrics import ScrapeCollector
 from prometheus_client import CollectorRegistry
@@ -22,6 +22,7 @@ from .store import PgStore
 
 def create_app(config: PersonConfig | None = None, store: Store | None = None) -> Flask:
     """Build the app; tests pass their own config and store (memory.MemoryStore)."""
+    tracing.configure("person")  # before any pool connects: its connections are traced
     config = config or PersonConfig()
     api_keys = config.api_key_store()  # refuses production without API_KEYS
     app = Flask("person")

@@ -133,3 +133,12 @@ def continued(name: str, carriers: list[Any], kind: SpanKind = SpanKind.CONSUMER
     links = [Link(trace.get_current_span(c).get_span_context()) for c in contexts[1:128]]
     with tracer().start_as_current_span(name, context=parent, kind=kind, links=links):
         yield
+
+
+def record(name: str, carrier: Any, start_ns: int, kind: SpanKind = SpanKind.CLIENT) -> None:
+    """A span that began at `start_ns` and ends now, in the carrier's trace: work done for a
+    batch, whose members' traces are known only once it is done."""
+    if not enabled():
+        return
+    span = tracer().start_span(name, context=extracted(carrier), kind=kind, start_time=start_ns)
+    span.end()
