@@ -16,6 +16,7 @@ import time
 import cluster_bench
 import relay_bench
 import stack_bench
+from post_bench import need_wrk
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    need_wrk()  # before anything is measured
     started = time.monotonic()
     try:
         relay = relay_bench.main(["--events", str(args.events)])

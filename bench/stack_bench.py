@@ -46,6 +46,15 @@ from psycopg import sql
 from score.store import ScoreStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from post_bench import (
+    CpuMeter,
+    measure_alone,
+    need_wrk,
+    open_loop,
+    percentile,
+    wait_for,
+    wrk_post,
+)
 from processes import Gateway, Processes, free_port
 from relay_bench import AMQP_URL, DATABASE_URL, REDIS_URL
 
@@ -63,6 +72,8 @@ POLL_INTERVAL = 0.005  # seconds between two visibility polls while a write is p
 VISIBLE_TIMEOUT = 30.0  # a write not visible by then is lost: the figure is not measured
 POST_CLIENTS = 16
 POST_SECONDS = 10.0
+COST_RATE = 200.0  # registrations per second, open loop
+COST_SECONDS = 15.0
 READY_TIMEOUT = 90.0
 REPLICATE_TIMEOUT = 180.0
 REBUILD_TIMEOUT = 180.0
@@ -707,12 +718,6 @@ class VisibilityPoller(threading.Thread):
         return 0
 
 
-def percentile(samples: list[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(samples)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
 def measure_latency(stack: Stack, known: list[str]) -> dict[str, float]:
     """LATENCY_RATE writes/s for LATENCY_SECONDS through Traefik, alternating a registration and
     an income of a known person; per write, HTTP 201 → visible in Redis and in `users`."""
@@ -837,115 +842,62 @@ def new_person(cpf: str, n: int) -> dict[str, Any]:
     }
 
 
-# -- post_person_rps / post_person_p99_ms ----------------------------------------------------
-WRK_SCRIPT = """
--- POST /person with a CPF no other request of this run uses: the prefix given after `--`
--- (4 and the number of this POST phase), the wrk thread, a counter.
-local threads = 0
-function setup(thread)
-  thread:set("tid", threads)
-  threads = threads + 1
-end
-function init(args)
-  prefix = args[1]
-  n = 0
-end
-function request()
-  n = n + 1
-  local cpf = string.format("%s%d%07d", prefix, tid, n)
-  local body = string.format(
-    '{"cpf":"%s","name":"Bench Person %d","address":"Rua da Aurora, %d, Recife",'
-    .. '"date_of_birth":"1990-04-12","email":"p%s@bench.example"}', cpf, n, n % 2000 + 1, cpf)
-  return wrk.format("POST", "/person", nil, body)
-end
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "BENCH requests=%d duration_us=%d status_errors=%d socket_errors=%d p99_us=%d\\n",
-    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
-    latency:percentile(99)))
-end
-"""
+# -- what a registration costs; POST /person at 200/s and at saturation -----------------------
+def measure_cost(stack: Stack) -> dict[str, float]:
+    """COST_RATE registrations a second, each with an e-mail, for COST_SECONDS, open loop through
+    Traefik: the latency of each from its due time, and the CPU every process of the stack spent
+    from the first request until every welcome e-mail is sent, per registration."""
+    phase = next(POST_PHASES)
+    prefix = f"5{phase:02d}"
+    bodies = [new_person(f"{prefix}{n:08d}", n) for n in range(int(COST_RATE * COST_SECONDS))]
+    meter = CpuMeter(stack)
+    before = meter.snapshot()
+    latencies, failures = open_loop(stack.gateway_port, "person", "/person", bodies, COST_RATE)
+    if failures > len(bodies) // 100:
+        raise MeasureError(f"{failures} of {len(bodies)} registrations failed")
+    with psycopg.connect(stack.notifier_db, autocommit=True) as notifier:
+
+        def sent() -> bool:
+            stack.check_alive()
+            return notifier.execute(
+                "SELECT count(*) FROM deliveries WHERE kind = 'welcome' AND status = 'sent' "
+                "AND cpf LIKE %s",
+                (f"{prefix}%",),
+            ).fetchone()[0] >= len(latencies)
+
+        wait_for(sent, SETTLE_TIMEOUT, "every welcome e-mail sent")
+    spent = CpuMeter.spent(before, meter.snapshot())
+    log.info(
+        "cost: %d registrations, CPU seconds %s",
+        len(latencies),
+        ", ".join(f"{k} {v:.2f}" for k, v in sorted(spent.items(), key=lambda kv: -kv[1])),
+    )
+    figures = {
+        "post_person_p50_ms": percentile(latencies, 50),
+        "post_person_p99_ms": percentile(latencies, 99),
+        "cpu_ms_per_registration": sum(spent.values()) * 1000 / len(latencies),
+    }
+    for name, seconds in sorted(spent.items()):
+        figures[f"cpu_ms_per_registration_{name.replace('-', '_')}"] = (
+            seconds * 1000 / len(latencies)
+        )
+    return figures
 
 
 def measure_post(stack: Stack) -> dict[str, float]:
-    """POST /person through Traefik from POST_CLIENTS keep-alive connections for POST_SECONDS."""
-    if shutil.which("wrk"):
-        return post_with_wrk(stack)
-    log.warning("wrk is not installed (apt-get install wrk): POST /person load from Python threads")
-    return post_with_threads(stack)
+    """POST /person through Traefik at saturation: wrk, POST_CLIENTS connections, POST_SECONDS."""
+    got = wrk_post(
+        stack.gateway_port, f"4{next(POST_PHASES):02d}", stack.log_dir, POST_CLIENTS, POST_SECONDS
+    )
+    return {"post_person_rps": got["rps"], "post_person_saturated_p99_ms": got["p99_ms"]}
 
 
-def post_with_wrk(stack: Stack) -> dict[str, float]:
-    script = stack.log_dir / "post_person.lua"
-    script.write_text(WRK_SCRIPT)
-    command = [
-        "wrk",
-        "-t2",
-        f"-c{POST_CLIENTS}",
-        f"-d{POST_SECONDS:.0f}s",
-        "--timeout",
-        "10s",
-        "-H",
-        "Host: person.localhost",
-        "-H",
-        "Content-Type: application/json",
-        "-s",
-        str(script),
-        f"http://127.0.0.1:{stack.gateway_port}/person",
-        "--",
-        f"4{next(POST_PHASES):02d}",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=POST_SECONDS + 60)
-    line = next((x for x in done.stdout.splitlines() if x.startswith("BENCH ")), None)
-    if done.returncode != 0 or line is None:
-        raise MeasureError(f"wrk failed ({done.returncode}): {done.stdout} {done.stderr}")
-    got = {k: int(v) for k, v in (pair.split("=") for pair in line.split()[1:])}
-    failed = got["status_errors"] + got["socket_errors"]
-    log.info("post: wrk, %d requests, %d failed", got["requests"], failed)
-    if failed > got["requests"] // 100:
-        raise MeasureError(f"{failed} of {got['requests']} requests failed")
+def measure_alone_figures() -> dict[str, float]:
+    """The ceiling and the naive design, each alone behind the stack's Traefik."""
+    env = stack_environment(f"alone-{uuid.uuid4().hex[:6]}")
     return {
-        "post_person_rps": (got["requests"] - failed) / (got["duration_us"] / 1e6),
-        "post_person_p99_ms": got["p99_us"] / 1000,
-    }
-
-
-def post_with_threads(stack: Stack) -> dict[str, float]:
-    gateway = Gateway(stack.gateway_port)
-    phase = next(POST_PHASES)
-    latencies: list[list[float]] = [[] for _ in range(POST_CLIENTS)]
-    failures = [0] * POST_CLIENTS
-    start = time.perf_counter()
-    stop_at = start + POST_SECONDS
-
-    def client(k: int) -> None:
-        n = 0
-        while time.perf_counter() < stop_at:
-            n += 1
-            cpf = f"4{phase:02d}{k:02d}{n:07d}"
-            sent = time.perf_counter()
-            try:
-                status, _ = gateway.post("person", "/person", new_person(cpf, n))
-            except (OSError, http.client.HTTPException):
-                status = 0
-            if status == 201:
-                latencies[k].append((time.perf_counter() - sent) * 1000)
-            else:
-                failures[k] += 1
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(POST_CLIENTS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - start
-    samples = [x for per in latencies for x in per]
-    if not samples or sum(failures) > len(samples) // 100:
-        raise MeasureError(f"{sum(failures)} requests failed, {len(samples)} succeeded")
-    return {
-        "post_person_rps": len(samples) / elapsed,
-        "post_person_p99_ms": percentile(samples, 99),
+        f"post_{kind}_rps": measure_alone(kind, env, DATABASE_URL, POST_CLIENTS, POST_SECONDS)
+        for kind in ("ceiling", "naive")
     }
 
 
@@ -1022,7 +974,9 @@ NAMES = {  # the figures each step must print
         "latency_notifier_p50_ms",
         "latency_notifier_p99_ms",
     ),
-    "post": ("post_person_rps", "post_person_p99_ms"),
+    "alone": ("post_ceiling_rps", "post_naive_rps"),
+    "cost": ("cpu_ms_per_registration", "post_person_p50_ms", "post_person_p99_ms"),
+    "post": ("post_person_rps", "post_person_saturated_p99_ms"),
     "bulk": ("bulk_100k_s",),
     "memory": ("max_rss_mb",),
 }
@@ -1030,9 +984,9 @@ NAMES = {  # the figures each step must print
 
 def show(name: str, value: float) -> None:
     """Rates and megabytes as integers, milliseconds and the rebuild's seconds to 0.1, a
-    stall's seconds to 0.01."""
+    stall's seconds, CPU milliseconds and the POST ratio to 0.01."""
     decimals = 1 if name.endswith("_ms") or name in ("rebuild_50k_s", "bulk_100k_s") else 0
-    if name.endswith("_stall_s"):
+    if name.endswith("_stall_s") or name.startswith("cpu_ms") or name == "post_vs_ceiling":
         decimals = 2
     print(f"{name}: {value:.{decimals}f}", flush=True)
 
@@ -1061,7 +1015,7 @@ def measure(
     log.info("%s took %.1fs", name, time.monotonic() - started)
 
 
-STEPS = ("e2e", "rebuild", "latency", "post", "bulk", "memory")
+STEPS = ("alone", "e2e", "rebuild", "latency", "cost", "post", "bulk", "memory")
 
 
 def run(steps: tuple[str, ...] = STEPS) -> dict[str, float]:
@@ -1071,6 +1025,8 @@ def run(steps: tuple[str, ...] = STEPS) -> dict[str, float]:
     started = time.monotonic()
     watch = BrokerWatch()
     watch.start()
+    if "alone" in steps:  # before the stack starts: nothing else of it runs
+        measure(figures, measure_alone_figures, "post_alone", watch)
     with running_stack(run_id) as stack:
         log.info("stack up in %.1fs (logs in %s)", time.monotonic() - started, stack.log_dir)
         models = ReadModels(stack)
@@ -1097,6 +1053,9 @@ def run(steps: tuple[str, ...] = STEPS) -> dict[str, float]:
                 timed("vacuum and checkpoint", lambda: tidy_databases(stack))
                 measure(figures, lambda: measure_latency(stack, people), "latency", watch)
                 settle(stack)
+            if "cost" in steps:
+                measure(figures, lambda: measure_cost(stack), "cost", watch)
+                settle(stack)
             if "post" in steps:
                 measure(figures, lambda: measure_post(stack), "post_person", watch)
                 settle(stack, emails=False)
@@ -1107,6 +1066,9 @@ def run(steps: tuple[str, ...] = STEPS) -> dict[str, float]:
         finally:
             models.close()
     watch.stopping.set()
+    if "post_person_rps" in figures and "post_ceiling_rps" in figures:
+        figures["post_vs_ceiling"] = figures["post_person_rps"] / figures["post_ceiling_rps"]
+        show("post_vs_ceiling", figures["post_vs_ceiling"])
     log.info("stack benchmark took %.0fs", time.monotonic() - started)
     return figures
 
@@ -1137,6 +1099,8 @@ def main(argv: list[str] | None = None, figures: dict[str, float] | None = None)
     unknown = set(steps) - set(STEPS)
     if unknown:
         parser.error(f"unknown step(s): {', '.join(sorted(unknown))}")
+    if {"alone", "post"} & set(steps):
+        need_wrk()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s %(message)s")
     log.setLevel(logging.INFO)  # also when relay_bench configured logging first (bench.py)
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # failures surface as exceptions
