@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import redis
 import stack_bench
 from stack_bench import (
@@ -118,7 +119,7 @@ def measure_failover(stack: Stack, cluster: Cluster) -> float:
         visible = writer.after(0)
         if not visible or not client.sismember(f"{items}{cpf}", visible[0]):
             raise MeasureError("incomes were not replicating before the kill")
-        killed_at = time.perf_counter()
+        killed_at, killed_wall = time.perf_counter(), time.time()
         cluster.kill(leader)
         log.info("failover: SIGKILLed %s, which led %s", leader, queue)
         while True:
@@ -138,6 +139,16 @@ def measure_failover(stack: Stack, cluster: Cluster) -> float:
             "failover: the score applied a write made after the kill %.2fs after it; new leader %s",
             stall,
             cluster.leader(queue),
+        )
+        with psycopg.connect(stack.person_db) as conn:  # where the stall was: before or after
+            published = conn.execute(
+                "SELECT extract(epoch FROM min(published_at)) - %s FROM messaging_outbox "
+                "WHERE occurred_at > to_timestamp(%s)",
+                (killed_wall, killed_wall),
+            ).fetchone()[0]
+        log.info(
+            "failover: the relay published the first write made after the kill %ss after it",
+            f"{published:.2f}" if published is not None else "?",
         )
     finally:
         writer.stopping.set()
