@@ -195,7 +195,7 @@ def rds(servers) -> Iterator[tuple[redis.Redis, str]]:
     try:
         yield client, prefix
     finally:
-        keys = list(client.scan_iter(match=f"{prefix}*"))
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
         if keys:
             client.delete(*keys)
         client.close()
