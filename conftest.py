@@ -25,9 +25,10 @@ from messaging.replay import requests_queue
 from messaging.topology import Topology
 from psycopg import sql
 
-# What tests need that is no part of any service (tests/support: the servers of the run, the fake
-# SendGrid) and
-# scripts/cluster.py (the three-node RabbitMQ cluster the cluster tests start and remove).
+# What tests need that is no part of any service, importable from every test folder: tests/support
+# (the servers of the run, the fake SendGrid, the fault runs' load and verdict, what the library's
+# tests record) and scripts/ (the three-node RabbitMQ cluster the cluster tests start and remove,
+# the Procfile's processes, the compose secrets).
 _HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE / "tests" / "support"), str(_HERE / "scripts")]
 from backing_servers import Servers, container_servers, local_servers, use_containers  # noqa: E402

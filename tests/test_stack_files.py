@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from compose_env import SECRETS
 
 pytestmark = pytest.mark.unit
 
@@ -23,18 +24,7 @@ INFRASTRUCTURE = ("postgres", "rabbitmq", "redis", "traefik")
 ONE_SHOTS = ("migrate", "migrate-person")
 
 
-COMPOSE_SECRETS = {
-    name: f"test-{name.lower()}"
-    for name in (
-        "POSTGRES_PASSWORD",
-        "REDIS_PASSWORD",
-        "RABBITMQ_PASSWORD",
-        "RABBITMQ_ADMIN_PASSWORD",
-        "ACTIVATION_SECRET",
-        "CONSOLE_SECRET",
-        "RABBITMQ_ERLANG_COOKIE",  # docker-compose.cluster.yml's nodes share it
-    )
-}
+COMPOSE_SECRETS = {name: f"test-{name.lower()}" for name in SECRETS}
 
 
 def compose_command() -> list[str]:

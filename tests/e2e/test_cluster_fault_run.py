@@ -21,21 +21,17 @@ from __future__ import annotations
 import collections
 import json
 import os
-import random
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from decimal import ROUND_FLOOR, Decimal
+from collections.abc import Iterator
 from pathlib import Path
 
-import pika
 import psycopg
 import pytest
 import redis
 import stack
 from fake_sendgrid import FakeSendGrid
+from fault_load import Load, Step, Verdict, drain, publish
 from messaging.connection import connect
 from messaging.relay import LEADER_LOCK
 from messaging.replay import requests_queue
@@ -47,7 +43,6 @@ from score.store import ScoreStore
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 
 PEOPLE = 2000
-KINDS = ("income", "asset", "debt")
 WRITERS = 8
 POISON = 10
 CONVERGE_SECONDS = 90.0
@@ -58,37 +53,6 @@ REPLICAS = {
     "PERSON_RELAYS": "2",
 }
 KILLED_CONSUMER = "score-consumer.2"
-
-
-@dataclass
-class Step:
-    """A fault applied when the load reaches person number `at`; the load waits until it is,
-    unless the fault takes a while and the load should go on meanwhile (pause=False)."""
-
-    at: int
-    name: str
-    apply: Callable[[], None]
-    pause: bool = True
-    reached: threading.Event = field(default_factory=threading.Event)
-    applied: threading.Event = field(default_factory=threading.Event)
-
-
-def expected_state(person_db: str) -> tuple[dict[str, str], dict[str, tuple]]:
-    """From the person database: e-mail per CPF, and (score, incomes, assets, debts) per CPF."""
-
-    def floor(value: Decimal, step: int) -> int:
-        return int((value / step).to_integral_value(rounding=ROUND_FLOOR))
-
-    with psycopg.connect(person_db) as conn:
-        emails = dict(conn.execute("SELECT cpf, email FROM person").fetchall())
-        totals = {cpf: {k: Decimal("0.00") for k in KINDS} for cpf in emails}
-        points = dict.fromkeys(emails, 0)
-        for cpf, kind, value in conn.execute("SELECT cpf, kind, value FROM item"):
-            totals[cpf][kind] += value
-            step = {"income": 50, "asset": 20, "debt": 20}[kind]
-            points[cpf] += -floor(value, step) if kind == "debt" else floor(value, step)
-    scores = {cpf: (points[cpf], t["income"], t["asset"], t["debt"]) for cpf, t in totals.items()}
-    return emails, scores
 
 
 def active_relay(supervisor: Processes, person_db: str) -> str | None:
@@ -108,38 +72,6 @@ def active_relay(supervisor: Processes, person_db: str) -> str | None:
         if process.pid == pid and process.poll() is None:
             return name
     return None
-
-
-def publish(amqp_url: str, exchange: str, messages: list[tuple[str, bytes]]) -> None:
-    conn = connect(amqp_url, "cluster-fault-run")
-    try:
-        channel = conn.channel()
-        channel.confirm_delivery()
-        for message_id, body in messages:
-            channel.basic_publish(
-                exchange,
-                "",
-                body,
-                pika.BasicProperties(message_id=message_id, delivery_mode=2),
-                mandatory=True,
-            )
-    finally:
-        conn.close()
-
-
-def drain(amqp_url: str, queue: str) -> list[tuple[str, dict]]:
-    """Every message of a queue: (message_id, headers)."""
-    conn = connect(amqp_url, "cluster-fault-run")
-    found = []
-    try:
-        channel = conn.channel()
-        while True:
-            method, properties, _ = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                return found
-            found.append((properties.message_id, properties.headers or {}))
-    finally:
-        conn.close()
 
 
 @pytest.fixture
@@ -241,59 +173,15 @@ def test_every_guarantee_holds_on_a_cluster_losing_nodes_and_replicas(
         Step(1150, "second node started", start_second, pause=False),
         Step(1400, "consumer replica killed", kill_consumer_replica),
     ]
-    gates = {step.at: step for step in steps}
-    rng = random.Random(19)
-    items = [
-        [(kind, str(Decimal(rng.randint(0, 5_000_000)) / 100)) for kind in KINDS]
-        for _ in range(PEOPLE)
-    ]
-    failures: list[str] = []
-    next_person = iter(range(PEOPLE))
-    lock = threading.Lock()
-
-    def writer() -> None:
-        while True:
-            with lock:
-                n = next(next_person, None)
-                step = gates.get(n)
-                if step is not None:
-                    step.reached.set()
-                    if step.pause:
-                        step.applied.wait(180)
-            if n is None:
-                return
-            cpf = f"{80_000_000_000 + n}"
-            status, body = gateway.call(
-                "POST",
-                "person",
-                "/person",
-                {
-                    "cpf": cpf,
-                    "name": f"Person {n}",
-                    "address": "Rua da Aurora",
-                    "date_of_birth": "1990-01-01",
-                    "email": f"p{n}@cluster.example",
-                },
-            )
-            if status != 201:
-                failures.append(f"register {cpf}: {status} {body[:200]!r}")
-                continue
-            for kind, value in items[n]:
-                status, body = gateway.call(
-                    "POST", "person", f"/person/{cpf}/{kind}", {"type": "x", "value": value}
-                )
-                if status != 201:
-                    failures.append(f"{kind} {cpf}: {status} {body[:200]!r}")
-
-    def chaos() -> None:
-        for step in steps:
-            step.reached.wait(600)
-            try:
-                step.apply()
-            except BaseException as exc:  # the run goes on; the failure is reported below
-                failures.append(f"fault {step.name!r} could not be applied: {exc!r}")
-            finally:
-                step.applied.set()
+    load = Load(
+        gateway,
+        steps,
+        people=PEOPLE,
+        writers=WRITERS,
+        seed=19,
+        cpf_base=80_000_000_000,
+        domain="cluster.example",
+    )
 
     def replicas_reporting() -> bool:
         with psycopg.connect(notifier_db) as conn:
@@ -319,65 +207,16 @@ def test_every_guarantee_holds_on_a_cluster_losing_nodes_and_replicas(
         wait_until(replicas_reporting, timeout=60, interval=0.5, what="every replica beating")
         wait_until(lambda: active_relay(supervisor, person_db), what="one relay active")
         note("3 score consumers, 2 notifier consumers, 2 senders and 2 relays running")
-        workers = [threading.Thread(target=writer) for _ in range(WRITERS)]
-        chaos_thread = threading.Thread(target=chaos)
-        for thread in (*workers, chaos_thread):
-            thread.start()
-        for thread in (*workers, chaos_thread):
-            thread.join(timeout=400)
-        assert not failures, failures[:10]
-        assert not any(t.is_alive() for t in (*workers, chaos_thread)), "the load did not finish"
+        load.run(timeout=400)
         note("load done")
 
-        emails, scores = expected_state(person_db)
-        assert len(emails) == PEOPLE
-
-        def score_mismatches() -> list[str]:
-            wrong = []
-            for cpf, (points, incomes, assets, debts) in scores.items():
-                got = score_store.read(cpf)
-                if got is None or (got.score, got.incomes, got.assets, got.debts) != (
-                    points,
-                    incomes,
-                    assets,
-                    debts,
-                ):
-                    wrong.append(cpf)
-            return wrong
-
-        def view_mismatches() -> list[str]:
-            with psycopg.connect(notifier_db) as conn:
-                view = dict(conn.execute("SELECT cpf, email FROM users WHERE NOT deleted"))
-            return [cpf for cpf, email in emails.items() if view.get(cpf) != email] + [
-                cpf for cpf in view if cpf not in emails
-            ]
-
-        def unsent() -> list[str]:
-            accepted = collections.Counter(
-                m["personalizations"][0]["to"][0]["email"] for m in list(fake_sendgrid.accepted)
-            )
-            return [email for email in emails.values() if accepted[email] == 0]
-
-        def converged() -> bool:
-            return not score_mismatches() and not view_mismatches() and not unsent()
-
-        try:
-            wait_until(converged, timeout=CONVERGE_SECONDS, interval=0.5, what="convergence")
-        except AssertionError:
-            detail = (
-                f"scores wrong: {len(score_mismatches())}, views wrong: {len(view_mismatches())}, "
-                f"e-mails missing: {len(unsent())}\n{chr(10).join(timeline)}\n"
-                f"{supervisor.log_tails()}"
-            )
-            raise AssertionError(f"no convergence within {CONVERGE_SECONDS}s: {detail}") from None
-        note("both read models equal the person database, every welcome accepted")
-
-        accepted = collections.Counter(
-            m["personalizations"][0]["to"][0]["email"] for m in list(fake_sendgrid.accepted)
+        verdict = Verdict(person_db, notifier_db, score_store, fake_sendgrid)
+        assert len(verdict.emails) == PEOPLE
+        verdict.wait_converged(
+            CONVERGE_SECONDS, lambda: "\n".join([*timeline, supervisor.log_tails()])
         )
-        duplicates = {email: n for email, n in accepted.items() if n != 1}
-        assert not duplicates, f"welcome e-mails sent more than once: {duplicates}"
-        assert set(accepted) == set(emails.values())
+        note("both read models equal the person database, every welcome accepted")
+        verdict.assert_one_welcome_each()
 
         def retries_waiting() -> dict[str, int]:
             queues = cluster.queues()
@@ -399,8 +238,7 @@ def test_every_guarantee_holds_on_a_cluster_losing_nodes_and_replicas(
         note("retry queues empty, dead queues hold the poison only")
         print("\n".join(timeline))
     finally:
-        for step in steps:  # never leave a writer waiting
-            step.applied.set()
+        load.release()  # never leave a writer waiting
         supervisor.stop_all()
         remove_queues(cluster, topologies, exchange)
 

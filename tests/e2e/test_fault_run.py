@@ -14,24 +14,20 @@ nothing else.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
-import random
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from decimal import ROUND_FLOOR, Decimal
+from collections.abc import Iterator
 from pathlib import Path
 
-import pika
 import psycopg
 import pytest
 import redis
 import stack
 from fake_sendgrid import FakeSendGrid
+from fault_load import Load, Step, Verdict, drain, publish
 from messaging.testing import wait_until
 from messaging.topology import Topology
 from processes import Gateway, Processes
@@ -39,9 +35,7 @@ from score.store import ScoreStore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
-ROOT = Path(__file__).resolve().parents[2]
 PEOPLE = 2000
-KINDS = ("income", "asset", "debt")
 WRITERS = 8
 POISON = 100
 CONVERGE_SECONDS = 60.0
@@ -58,19 +52,6 @@ def poison_reason(n: int) -> str:
     if n < 90:
         return "entity_version"
     return "byte limit"
-
-
-@dataclass
-class Step:
-    """A fault applied when the load reaches person number `at`; the load waits until it is,
-    unless the fault needs the load to go on (pause=False)."""
-
-    at: int
-    name: str
-    apply: Callable[[], None]
-    pause: bool = True
-    reached: threading.Event = field(default_factory=threading.Event)
-    applied: threading.Event = field(default_factory=threading.Event)
 
 
 def poison_bodies(exchange: str) -> list[tuple[str, bytes]]:
@@ -109,56 +90,6 @@ def poison_bodies(exchange: str) -> list[tuple[str, bytes]]:
     ]
     assert len(bodies) == POISON
     return [(f"poison-{exchange}-{n}", body) for n, body in enumerate(bodies)]
-
-
-def publish(amqp_url: str, exchange: str, messages: list[tuple[str, bytes]]) -> None:
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        channel = conn.channel()
-        channel.confirm_delivery()
-        for message_id, body in messages:
-            channel.basic_publish(
-                exchange,
-                "",
-                body,
-                pika.BasicProperties(message_id=message_id, delivery_mode=2),
-                mandatory=True,
-            )
-    finally:
-        conn.close()
-
-
-def drain(amqp_url: str, queue: str) -> list[tuple[str, dict]]:
-    """Every message of a queue: (message_id, headers)."""
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    found = []
-    try:
-        channel = conn.channel()
-        while True:
-            method, properties, _ = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                return found
-            found.append((properties.message_id, properties.headers or {}))
-    finally:
-        conn.close()
-
-
-def expected_state(person_db: str) -> tuple[dict[str, str], dict[str, tuple]]:
-    """From the person database: e-mail per CPF, and (score, incomes, assets, debts) per CPF."""
-
-    def floor(value: Decimal, step: int) -> int:
-        return int((value / step).to_integral_value(rounding=ROUND_FLOOR))
-
-    with psycopg.connect(person_db) as conn:
-        emails = dict(conn.execute("SELECT cpf, email FROM person").fetchall())
-        totals = {cpf: {k: Decimal("0.00") for k in KINDS} for cpf in emails}
-        points = dict.fromkeys(emails, 0)
-        for cpf, kind, value in conn.execute("SELECT cpf, kind, value FROM item"):
-            totals[cpf][kind] += value
-            step = {"income": 50, "asset": 20, "debt": 20}[kind]
-            points[cpf] += -floor(value, step) if kind == "debt" else floor(value, step)
-    scores = {cpf: (points[cpf], t["income"], t["asset"], t["debt"]) for cpf, t in totals.items()}
-    return emails, scores
 
 
 @pytest.fixture
@@ -263,59 +194,15 @@ def test_every_guarantee_holds_through_a_storm_of_faults(
             ],
         ),
     ]
-    gates = {step.at: step for step in steps}
-    rng = random.Random(7)
-    items = [
-        [(kind, str(Decimal(rng.randint(0, 5_000_000)) / 100)) for kind in KINDS]
-        for _ in range(PEOPLE)
-    ]
-    failures: list[str] = []
-    next_person = iter(range(PEOPLE))
-    lock = threading.Lock()
-
-    def writer() -> None:
-        while True:
-            with lock:
-                n = next(next_person, None)
-                step = gates.get(n)
-                if step is not None:
-                    step.reached.set()
-                    if step.pause:
-                        step.applied.wait(180)
-            if n is None:
-                return
-            cpf = f"{90_000_000_000 + n}"
-            status, body = gateway.call(
-                "POST",
-                "person",
-                "/person",
-                {
-                    "cpf": cpf,
-                    "name": f"Person {n}",
-                    "address": "Rua da Aurora",
-                    "date_of_birth": "1990-01-01",
-                    "email": f"p{n}@fault.example",
-                },
-            )
-            if status != 201:
-                failures.append(f"register {cpf}: {status} {body[:200]!r}")
-                continue
-            for kind, value in items[n]:
-                status, body = gateway.call(
-                    "POST", "person", f"/person/{cpf}/{kind}", {"type": "x", "value": value}
-                )
-                if status != 201:
-                    failures.append(f"{kind} {cpf}: {status} {body[:200]!r}")
-
-    def chaos() -> None:
-        for step in steps:
-            step.reached.wait(600)
-            try:
-                step.apply()
-            except BaseException as exc:  # the run goes on; the failure is reported below
-                failures.append(f"fault {step.name!r} could not be applied: {exc!r}")
-            finally:
-                step.applied.set()
+    load = Load(
+        gateway,
+        steps,
+        people=PEOPLE,
+        writers=WRITERS,
+        seed=7,
+        cpf_base=90_000_000_000,
+        domain="fault.example",
+    )
 
     try:
         supervisor.start_all()
@@ -325,67 +212,14 @@ def test_every_guarantee_holds_through_a_storm_of_faults(
                 timeout=90,
                 what=f"{host} healthy",
             )
-        workers = [threading.Thread(target=writer) for _ in range(WRITERS)]
-        chaos_thread = threading.Thread(target=chaos)
-        for thread in (*workers, chaos_thread):
-            thread.start()
-        for thread in (*workers, chaos_thread):
-            thread.join(timeout=600)
-        assert not failures, failures[:10]
-        assert not any(t.is_alive() for t in (*workers, chaos_thread)), "the load did not finish"
+        load.run(timeout=600)
         assert not broker_down.is_set()
 
-        emails, scores = expected_state(person_db)
-        assert len(emails) == PEOPLE
         score_store = ScoreStore(redis.Redis.from_url(env["SCORE_REDIS_URL"]), exchange + ":")
-
-        def score_mismatches() -> list[str]:
-            wrong = []
-            for cpf, (points, incomes, assets, debts) in scores.items():
-                got = score_store.read(cpf)
-                if got is None or (got.score, got.incomes, got.assets, got.debts) != (
-                    points,
-                    incomes,
-                    assets,
-                    debts,
-                ):
-                    wrong.append(cpf)
-            return wrong
-
-        def view_mismatches() -> list[str]:
-            with psycopg.connect(notifier_db) as conn:
-                view = dict(conn.execute("SELECT cpf, email FROM users WHERE NOT deleted"))
-            return [cpf for cpf, email in emails.items() if view.get(cpf) != email] + [
-                cpf for cpf in view if cpf not in emails
-            ]
-
-        def unsent() -> list[str]:
-            accepted = collections.Counter(
-                m["personalizations"][0]["to"][0]["email"] for m in list(fake_sendgrid.accepted)
-            )
-            return [email for email in emails.values() if accepted[email] == 0]
-
-        def converged() -> bool:
-            return not score_mismatches() and not view_mismatches() and not unsent()
-
-        try:
-            wait_until(converged, timeout=CONVERGE_SECONDS, interval=0.5, what="convergence")
-        except AssertionError:
-            detail = (
-                f"scores wrong: {len(score_mismatches())}, views wrong: {len(view_mismatches())}, "
-                f"e-mails missing: {len(unsent())}\n{supervisor.log_tails()}"
-            )
-            raise AssertionError(f"no convergence within {CONVERGE_SECONDS}s: {detail}") from None
-
-        accepted = collections.Counter(
-            m["personalizations"][0]["to"][0]["email"] for m in list(fake_sendgrid.accepted)
-        )
-        duplicates = {email: n for email, n in accepted.items() if n != 1}
-        assert not duplicates, (
-            f"welcome e-mails sent more than once: {duplicates} "
-            f"({fake_sendgrid.abandoned} calls abandoned by their client)"
-        )
-        assert set(accepted) == set(emails.values())
+        verdict = Verdict(person_db, notifier_db, score_store, fake_sendgrid)
+        assert len(verdict.emails) == PEOPLE
+        verdict.wait_converged(CONVERGE_SECONDS, supervisor.log_tails)
+        verdict.assert_one_welcome_each()
 
         poison_ids = {message_id for message_id, _ in poison}
         for service in ("score", "notifier"):
@@ -399,8 +233,7 @@ def test_every_guarantee_holds_through_a_storm_of_faults(
                 assert poison_reason(n) in reason, (n, reason)
         assert supervisor.exited() == {}, supervisor.log_tails()
     finally:
-        for step in steps:  # never leave a writer waiting, nor the broker stopped
-            step.applied.set()
+        load.release()  # never leave a writer waiting, nor the broker stopped
         if broker_down.is_set():
             start_broker()
         supervisor.stop_all()

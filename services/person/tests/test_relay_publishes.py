@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pika
-import psycopg
 import pytest
+from delivered import unpublished
 from messaging import decode
 from messaging.testing import wait_until
 from person.app import create_app
@@ -42,14 +42,6 @@ def channel(broker) -> Iterator[Any]:
     finally:
         if conn.is_open:
             conn.close()
-
-
-def unpublished(database_url: str) -> int:
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM messaging_outbox WHERE published_at IS NULL"
-        ).fetchone()
-    return int(row[0])
 
 
 def test_the_seeds_four_writes_reach_a_bound_queue_in_order_through_the_relay_process(

@@ -11,7 +11,8 @@ import threading
 
 import psycopg
 import pytest
-from messaging import Consumer, ConsumerSettings, Envelope, Outbox, Relay, RelaySettings
+from delivered import Seen, unpublished
+from messaging import Consumer, ConsumerSettings, Outbox, Relay, RelaySettings
 from messaging.cli import main as cli
 from messaging.connection import BrokerProbe, connect
 from messaging.testing import running, wait_until
@@ -20,22 +21,6 @@ from messaging.topology import Topology
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
 NODES = {"c1@localhost", "c2@localhost", "c3@localhost"}
-
-
-class Seen:
-    """Thread-safe record of delivered (entity_id, version) pairs, duplicates included."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[str, int]] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, envelope: Envelope) -> None:
-        with self.lock:
-            self.items.append((envelope.entity_id, envelope.entity_version))
-
-    def distinct(self) -> set[tuple[str, int]]:
-        with self.lock:
-            return set(self.items)
 
 
 def declared(space, service: str) -> Topology:
@@ -78,13 +63,6 @@ class Writer(threading.Thread):
 
     def expected(self) -> set[tuple[str, int]]:
         return {(f"e{e}", v) for e in range(self.entities) for v in range(1, self.rounds + 1)}
-
-
-def unpublished(db: str) -> int:
-    with psycopg.connect(db) as conn:
-        return conn.execute(
-            "SELECT count(*) FROM messaging_outbox WHERE published_at IS NULL"
-        ).fetchone()[0]
 
 
 def test_every_queue_of_a_topology_has_a_member_on_every_node(rabbit_cluster, cluster_broker):

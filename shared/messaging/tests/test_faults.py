@@ -15,6 +15,7 @@ from pathlib import Path
 import pika
 import psycopg
 import pytest
+from delivered import Seen, unpublished
 from messaging import Consumer, ConsumerSettings, Envelope, Outbox, Relay, RelaySettings
 from messaging.relay import APP_NAME
 from messaging.testing import running, wait_until
@@ -22,26 +23,6 @@ from messaging.testing import running, wait_until
 pytestmark = pytest.mark.integration
 
 HERE = Path(__file__).parent
-
-
-class Seen:
-    """Thread-safe record of delivered (entity_id, version) pairs, duplicates included."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[str, int]] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, envelope: Envelope) -> None:
-        with self.lock:
-            self.items.append((envelope.entity_id, envelope.entity_version))
-
-    def distinct(self) -> set[tuple[str, int]]:
-        with self.lock:
-            return set(self.items)
-
-    def count(self) -> int:
-        with self.lock:
-            return len(self.items)
 
 
 def relay_settings(db: str, broker, **overrides) -> RelaySettings:
@@ -65,13 +46,6 @@ def add_events(db: str, entity_ids: list[str], change: str = "updated") -> None:
         for entity_id in entity_ids:
             with conn.transaction(), conn.cursor() as cur:
                 outbox.add(cur, event_type=f"thing.{change}", entity_id=entity_id, data={})
-
-
-def unpublished(db: str) -> int:
-    with psycopg.connect(db) as conn:
-        return conn.execute(
-            "SELECT count(*) FROM messaging_outbox WHERE published_at IS NULL"
-        ).fetchone()[0]
 
 
 def expected(entity_ids: list[str]) -> set[tuple[str, int]]:

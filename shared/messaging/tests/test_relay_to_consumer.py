@@ -7,6 +7,7 @@ import time
 
 import psycopg
 import pytest
+from delivered import unpublished
 from messaging import Consumer, ConsumerSettings, Envelope, Outbox, Relay, RelaySettings
 from messaging.testing import running, wait_until
 
@@ -49,13 +50,6 @@ def write_changes(db: str, entity_id: str, count: int, per_tx: int = 1) -> None:
             with conn.transaction(), conn.cursor() as cur:
                 for n in range(start, min(start + per_tx, count)):
                     outbox.add(cur, event_type="thing.updated", entity_id=entity_id, data={"n": n})
-
-
-def unpublished(db: str) -> int:
-    with psycopg.connect(db) as conn:
-        return conn.execute(
-            "SELECT count(*) FROM messaging_outbox WHERE published_at IS NULL"
-        ).fetchone()[0]
 
 
 def test_thousand_changes_of_one_entity_arrive_in_version_order(producer_db, broker):
