@@ -30,6 +30,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import logs, tracing
 from .auth import ANONYMOUS, PUBLIC, ApiKeys, Principal, declared_scope, public, requires
+from .healing import REBUILDING, WIPING
 
 log = logging.getLogger("messaging.web")
 
@@ -53,8 +54,7 @@ class Rebuilding(NotReady):
 
 
 HEALTHY = "ok"
-# What a consumer reports while its read model is rebuilt (healing.REBUILDING, healing.WIPING).
-REBUILD_STATES = ("rebuilding", "wiping")
+REBUILD_STATES = (REBUILDING, WIPING)  # what a consumer reports while its read model is rebuilt
 
 
 def replicas_ready(healths: Mapping[str, str], none: str) -> None:
@@ -76,7 +76,7 @@ def replicas_ready(healths: Mapping[str, str], none: str) -> None:
     if unwell:
         raise NotReady("; ".join(f"{health} ({replica})" for health, replica in unwell))
     states = set(healths.values())
-    for state in ("wiping", "rebuilding"):  # the earlier step of a rebuild first
+    for state in (WIPING, REBUILDING):  # the earlier step of a rebuild first
         if state in states:
             raise Rebuilding(state)
 
