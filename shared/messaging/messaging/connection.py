@@ -23,6 +23,15 @@ def node_urls(url: str) -> list[str]:
     urls = [part.strip() for part in url.split(",") if part.strip()]
     if not urls:
         raise ValueError("AMQP_URL names no broker")
+    for n, node in enumerate(urls, 1):
+        scheme, found, _ = node.partition("://")
+        if not found or scheme.lower() not in ("amqp", "amqps"):
+            # The URL itself is not repeated: it may hold a password.
+            what = f"{scheme}://" if found else "no scheme"
+            raise ValueError(
+                f"AMQP_URL: node {n} is not an amqp:// or amqps:// URL ({what}); "
+                "several nodes are separated by commas"
+            )
     return urls
 
 

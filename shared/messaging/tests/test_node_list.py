@@ -10,6 +10,7 @@ that die while the clients are connected.
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 
 import pika
@@ -20,6 +21,7 @@ from messaging.cli import main as cli
 from messaging.connection import BrokerProbe, connect, node_urls
 from messaging.publisher import ConfirmedPublisher, Outgoing, event_properties
 from messaging.replay import replay, request_replay, requests_queue
+from messaging.settings import ServiceSettings
 from messaging.testing import running, wait_until
 
 pytestmark = pytest.mark.integration
@@ -49,6 +51,33 @@ class Seen:
 
     def __call__(self, envelope: Envelope) -> None:
         self.versions.append(envelope.entity_version)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("", "names no broker"),
+        (" , ", "names no broker"),
+        ("http://guest:secret@host/", "node 1 is not an amqp:// or amqps:// URL (http://)"),
+        (
+            "amqp://a/%2F,guest:secret@b:5672",
+            "node 2 is not an amqp:// or amqps:// URL (no scheme)",
+        ),
+    ],
+)
+def test_an_amqp_url_that_names_no_broker_node_is_refused_without_repeating_it(url, reason):
+    with pytest.raises(ValueError, match=re.escape(reason)) as refused:
+        node_urls(url)
+    assert "secret" not in str(refused.value)
+    with pytest.raises(ValueError, match=re.escape(reason)) as refused:  # a process won't start
+        ServiceSettings(amqp_url=url)
+    assert "secret" not in str(refused.value)
+
+
+@pytest.mark.unit
+def test_amqp_url_lists_keep_their_nodes_in_order():
+    assert node_urls(" amqp://a/%2F , AMQPS://b/%2F,") == ["amqp://a/%2F", "AMQPS://b/%2F"]
 
 
 def test_a_connection_goes_to_the_first_node_that_answers(dead_first, dead_url):
