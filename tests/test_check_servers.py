@@ -92,3 +92,18 @@ def test_a_cluster_with_no_node_answering_names_every_node_without_passwords(ser
     shown = ",".join(f"amqp://app:***@127.0.0.1:{p}/%2F" for p in ports)
     assert f"✗ AMQP_URL={shown} did not answer" in result.stdout
     assert "s3cret-password" not in result.stdout + result.stderr
+
+
+def test_an_amqp_url_with_a_node_of_another_scheme_is_refused_with_the_reason(servers):
+    result = check(
+        PERSON_DATABASE_URL=servers.database,
+        NOTIFIER_DATABASE_URL=servers.database,
+        AMQP_URL=f"{servers.amqp},http://app:s3cret-password@127.0.0.1:1/",
+        SCORE_REDIS_URL=servers.redis,
+    )
+    assert result.returncode == 1
+    failed = [line for line in result.stdout.splitlines() if line.startswith("✗")]
+    assert len(failed) == 1 and failed[0].startswith("✗ AMQP_URL="), result.stdout
+    assert "node 2 is not an amqp:// or amqps:// URL (http://)" in failed[0]
+    assert "s3cret-password" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr

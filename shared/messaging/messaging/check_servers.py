@@ -13,7 +13,7 @@ from collections.abc import Callable
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from .connection import connect, node_urls
+from .connection import connect
 
 
 def _postgres(url: str) -> None:
@@ -51,7 +51,7 @@ def check(checks: list[tuple[str, str]]) -> int:
     """(variable, URL) pairs; print a line for each; 1 if any did not answer."""
     failed = 0
     for variable, url in checks:
-        shown = ",".join(_hide_password(node) for node in node_urls(url))
+        shown = _hide_password(url)
         scheme = url.partition("://")[0]
         if scheme not in KINDS:
             failed += 1
@@ -60,6 +60,9 @@ def check(checks: list[tuple[str, str]]) -> int:
         probe, hint = KINDS[scheme]
         try:
             probe(url)
+        except ValueError as exc:  # the URL itself is wrong (its messages repeat no password)
+            failed += 1
+            print(f"✗ {variable}={shown}: {exc}")
         except Exception as exc:
             failed += 1
             print(f"✗ {variable}={shown} did not answer ({type(exc).__name__}).")
