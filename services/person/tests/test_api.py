@@ -371,16 +371,32 @@ def test_a_request_without_an_id_gets_one_that_the_event_carries(client, memory_
     assert memory_store.events[-1].correlation_id == generated
 
 
-def test_an_unprintable_request_id_is_replaced(client):
-    response = client.get("/health", headers={"X-Request-Id": "bad\x01id"})
-    assert uuid.UUID(response.headers["X-Request-Id"])
-
-
-def test_a_long_request_id_is_cut_to_200_characters(client, memory_store):
-    response = post_json(client, "/person", SEED_PERSON, headers={"X-Request-Id": "r" * 500})
+@pytest.mark.parametrize(
+    "incoming",
+    [
+        pytest.param("bad\x01id", id="unprintable"),
+        pytest.param("r" * 129, id="over-128"),
+        pytest.param("é" * 180, id="non-ascii"),
+        pytest.param("a b", id="a-space"),
+        pytest.param("", id="empty"),
+    ],
+)
+def test_a_request_id_outside_the_kept_shape_is_replaced_by_a_generated_one(
+    client, memory_store, incoming
+):
+    response = post_json(client, "/person", SEED_PERSON, headers={"X-Request-Id": incoming})
     assert response.status_code == 201
-    assert response.headers["X-Request-Id"] == "r" * 200
-    assert memory_store.events[-1].correlation_id == "r" * 200
+    generated = response.headers["X-Request-Id"]
+    assert uuid.UUID(generated)
+    assert memory_store.events[-1].correlation_id == generated
+
+
+def test_a_request_id_of_128_allowed_characters_is_kept(client, memory_store):
+    kept = "Aa0._:-" * 18 + "xy"
+    assert len(kept) == 128
+    response = post_json(client, "/person", SEED_PERSON, headers={"X-Request-Id": kept})
+    assert response.headers["X-Request-Id"] == kept
+    assert memory_store.events[-1].correlation_id == kept
 
 
 # -- 400 ---------------------------------------------------------------------------------------

@@ -1,15 +1,20 @@
 """Broker connections and the backoff every reconnect loop shares.
 
-`AMQP_URL` may name several nodes of one cluster, comma-separated: a connection goes to the
-first node that answers, and a client whose node went away connects again the same way, so it
-lands on another node. pika tries a sequence of parameters in order.
+`AMQP_URL` may name several nodes of one cluster, comma-separated. A connection tries the nodes
+one at a time, starting from a position that moves on with every attempt in the process, and
+any failure of one node (refused, a name that does not resolve, TLS, a timeout) moves on to the
+next; only when every node failed does it raise. A client whose node went away connects again
+the same way, so it lands on another node. (pika's own workflow over a list of parameters gives
+up on the whole list when one name does not resolve, hence one node per attempt here.)
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
+from collections.abc import Iterator
 
 import pika
 from pika.adapters.blocking_connection import BlockingConnection
@@ -49,17 +54,37 @@ def amqp_parameters(url: str, client_name: str) -> list[pika.URLParameters]:
     return every
 
 
+_ROTATION = itertools.count()
+
+
+def rotated(nodes: list[pika.URLParameters]) -> Iterator[pika.URLParameters]:
+    """Every node once, starting from the next position of this process's rotation."""
+    start = next(_ROTATION) % len(nodes)
+    for offset in range(len(nodes)):
+        yield nodes[(start + offset) % len(nodes)]
+
+
+def where(params: pika.URLParameters) -> str:
+    """A node as logs may show it: host and port, never the credentials."""
+    return f"{params.host}:{params.port}"
+
+
 def connect(
     url: str, client_name: str, timeout: float | None = None, heartbeat: int | None = None
 ) -> BlockingConnection:
-    """A blocking connection to the first node of `url` that answers."""
+    """A blocking connection to a node of `url` that answers (see the module docstring)."""
     every = amqp_parameters(url, client_name)
-    for params in every:
+    failures = []
+    for params in rotated(every):
         if timeout is not None:
             params.socket_timeout = params.blocked_connection_timeout = timeout
         if heartbeat is not None:
             params.heartbeat = heartbeat
-    return BlockingConnection(every)
+        try:
+            return BlockingConnection(params)
+        except Exception as exc:  # any failure of one node: the next one
+            failures.append(f"{where(params)}: {type(exc).__name__}: {exc or '-'}"[:300])
+    raise pika.exceptions.AMQPConnectionError(f"no broker node answered ({'; '.join(failures)})")
 
 
 class Backoff:

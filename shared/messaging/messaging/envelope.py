@@ -15,6 +15,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -42,6 +43,17 @@ class Envelope(BaseModel):
     schema_version: StrictInt = Field(ge=SCHEMA_VERSION, le=SCHEMA_VERSION)
     correlation_id: StrictStr | None = Field(max_length=200)
     data: dict[str, Any] | None
+
+    @field_validator("correlation_id")
+    @classmethod
+    def _travels(cls, value: str | None) -> str | None:
+        # It becomes the message's correlation-id property, an AMQP short string: at most 255
+        # bytes. One that cannot travel would be refused at publish time, far from its cause.
+        if value is not None and (
+            len(value.encode(errors="replace")) > 255 or not value.isprintable()
+        ):
+            raise ValueError("correlation_id must be printable and at most 255 bytes in UTF-8")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Envelope:

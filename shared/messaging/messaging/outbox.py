@@ -55,6 +55,12 @@ END $$;
 CREATE OR REPLACE TRIGGER messaging_outbox_notify
     AFTER INSERT ON messaging_outbox REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION messaging_outbox_notify();
+-- A row the broker cannot take (relay.py) is parked with its reason instead of holding back the
+-- rows behind it: the outbox's own dead letter, listed and sent again by `messaging outbox`.
+ALTER TABLE messaging_outbox ADD COLUMN IF NOT EXISTS parked_at timestamptz;
+ALTER TABLE messaging_outbox ADD COLUMN IF NOT EXISTS parked_reason text;
+CREATE INDEX IF NOT EXISTS messaging_outbox_parked
+    ON messaging_outbox (id) WHERE parked_at IS NOT NULL;
 -- What the relay has published, for /metrics (the outbox itself is compacted).
 CREATE TABLE IF NOT EXISTS messaging_relay_stats (
     name               text        PRIMARY KEY,
@@ -202,12 +208,58 @@ def _next_versions(cur: psycopg.Cursor, entity: str, entity_ids: list[str]) -> d
 
 
 def backlog(conn: psycopg.Connection) -> tuple[int, float]:
-    """Unpublished events and the age in seconds of the oldest one (0 when there is none)."""
+    """Events waiting to be published and the age in seconds of the oldest one (0 when there is
+    none); parked rows are not waiting (see `parked`)."""
     row = conn.execute(
         "SELECT count(*), coalesce(extract(epoch FROM now() - min(occurred_at)), 0) "
-        "FROM messaging_outbox WHERE published_at IS NULL"
+        "FROM messaging_outbox WHERE published_at IS NULL AND parked_at IS NULL"
     ).fetchone()
     return int(row[0]), float(row[1])
+
+
+def parked_count(conn: psycopg.Connection) -> int:
+    """How many rows the relay parked (for /metrics)."""
+    return int(conn.execute(PARKED_COUNT_SQL).fetchone()[0])
+
+
+PARKED_COUNT_SQL = "SELECT count(*) FROM messaging_outbox WHERE parked_at IS NOT NULL"
+
+
+def parked(conn: psycopg.Connection, limit: int = 100) -> list[dict[str, Any]]:
+    """The rows the relay parked, oldest first, each with its reason and the newest version of
+    its entity published since (`superseded_by`, None if none): the consumers already hold that
+    newer state, and their version gate skips the parked one if it is sent again."""
+    from psycopg.rows import dict_row
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            """
+            SELECT o.id, o.event_id::text, o.event_type, o.entity, o.entity_id,
+                   o.entity_version, o.occurred_at, o.parked_at, o.parked_reason,
+                   (SELECT max(n.entity_version) FROM messaging_outbox n
+                    WHERE n.entity = o.entity AND n.entity_id = o.entity_id
+                      AND n.entity_version > o.entity_version
+                      AND n.published_at IS NOT NULL) AS superseded_by
+            FROM messaging_outbox o WHERE o.parked_at IS NOT NULL ORDER BY o.id LIMIT %s
+            """,
+            (limit,),
+        )
+        return cur.fetchall()
+
+
+def unpark(conn: psycopg.Connection, ids: list[int] | None) -> int:
+    """Give parked rows back to the relay (all of them for None), after a fix; how many.
+
+    The relay publishes them at its next look (it is woken at once)."""
+    with conn.transaction():
+        rows = conn.execute(
+            "UPDATE messaging_outbox SET parked_at = NULL, parked_reason = NULL "
+            "WHERE parked_at IS NOT NULL AND (%(all)s OR id = ANY(%(ids)s)) RETURNING id",
+            {"all": ids is None, "ids": ids or []},
+        ).fetchall()
+        if rows:
+            conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(min(r[0] for r in rows))))
+    return len(rows)
 
 
 def published(conn: psycopg.Connection) -> tuple[int, float | None]:

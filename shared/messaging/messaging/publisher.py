@@ -21,7 +21,7 @@ import pika
 from pika import SelectConnection
 
 from .confirms import ConfirmWindow
-from .connection import amqp_parameters
+from .connection import amqp_parameters, rotated
 
 
 def event_properties(
@@ -39,6 +39,29 @@ def event_properties(
         delivery_mode=pika.DeliveryMode.Persistent,
         headers=headers,
     )
+
+
+# A message's properties travel in one frame, which must fit the connection's frame size (128 KiB
+# by default): far more than an event's properties, whose largest field is a 255-byte string.
+MAX_PROPERTIES_BYTES = 64 * 1024
+
+
+def unpublishable(body: bytes, properties: pika.BasicProperties, max_body: int) -> str | None:
+    """Why the broker could not take this message as it is, or None if it can.
+
+    Properties that cannot be encoded as AMQP (a short string over 255 bytes, a header value of
+    a type AMQP lacks) make pika raise inside basic_publish; a body past `max_body` would be
+    refused by every consumer. Neither is worth publishing again unchanged.
+    """
+    if len(body) > max_body:
+        return f"the body is {len(body)} bytes, over the {max_body}-byte limit"
+    try:
+        size = sum(len(chunk) for chunk in properties.encode())
+    except Exception as exc:
+        return f"its AMQP properties cannot be encoded ({type(exc).__name__}: {exc})"[:500]
+    if size > MAX_PROPERTIES_BYTES:
+        return f"its AMQP properties take {size} bytes, over {MAX_PROPERTIES_BYTES}"
+    return None
 
 
 class PublishError(RuntimeError):
@@ -78,13 +101,15 @@ class ConfirmedPublisher:
         """Publish every message; `timeout` bounds the whole run, `stall_timeout` the wait for
         the next confirm."""
         messages = iter(messages)
-        for index, params in enumerate(self.nodes):
+        nodes = list(rotated(self.nodes))
+        for index, params in enumerate(nodes):
             run = _Run(self, params, messages, stall_timeout)
             try:
                 return run.start(timeout)
             except PublishError:
-                # A node that refused the connection published nothing: try the next one.
-                if not run.unreachable or index == len(self.nodes) - 1:
+                # A node that could not be reached (refused, its name unresolvable) published
+                # nothing: try the next one.
+                if not run.unreachable or index == len(nodes) - 1:
                     raise
         raise AssertionError("unreachable")
 

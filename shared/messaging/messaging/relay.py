@@ -4,7 +4,18 @@ One active relay per database (a PostgreSQL advisory lock elects it; a second on
 standby). Rows are published in id order on one channel with a window of unconfirmed messages
 (pipelined publisher confirms), `mandatory` and persistent. An ack marks the row published; a nack
 or a return (no queue bound) leaves it unpublished, to be published again after a backoff. The
-relay wakes on LISTEN/NOTIFY and also polls, and it survives broker and database restarts.
+relay wakes on LISTEN/NOTIFY and also polls, and it survives broker and database restarts: no
+exception of any class ends it (each is logged with its reason, and it starts over after a
+backoff, on the next node of AMQP_URL).
+
+No row holds back the rows behind it. A row the broker cannot take as it is (properties that do
+not encode as AMQP, a correlation id over 255 bytes say, or a body past the limit consumers
+accept), or one the broker closed the channel on `park_after_closures` times in a row, is
+*parked*: marked with its reason and skipped, the outbox's own
+dead letter. `messaging outbox status` lists parked rows, `messaging outbox retry` gives them
+back after a fix. Later rows of the parked row's entity are published meanwhile: each event
+carries the entity's whole state, so they supersede it, the listing says so, and a parked row
+sent again is skipped by the consumers' version gate wherever a newer version was applied.
 """
 
 from __future__ import annotations
@@ -24,9 +35,10 @@ from pika.adapters.select_connection import SelectConnection
 
 from . import tracing
 from .confirms import ConfirmWindow
-from .connection import Backoff, StopFlag, amqp_parameters
+from .connection import Backoff, StopFlag, amqp_parameters, where
+from .envelope import MAX_BODY_BYTES
 from .outbox import NOTIFY_CHANNEL
-from .publisher import event_properties
+from .publisher import event_properties, unpublishable
 from .runner import replica_id
 
 log = logging.getLogger("messaging.relay")
@@ -37,7 +49,7 @@ LEADER_LOCK = 0x6D737201  # advisory lock id held by the active relay
 FETCH_SQL = """
 SELECT id, event_id::text, event_type, correlation_id, body, trace_context
 FROM messaging_outbox
-WHERE published_at IS NULL AND id > %s
+WHERE published_at IS NULL AND parked_at IS NULL AND id > %s
 ORDER BY id
 LIMIT %s
 """
@@ -52,13 +64,18 @@ SELECT 'relay', count(*), now() FROM marked
 ON CONFLICT (name) DO UPDATE
 SET published = s.published + EXCLUDED.published, last_published_at = EXCLUDED.last_published_at
 """
+PARK_SQL = """
+UPDATE messaging_outbox SET parked_at = now(), parked_reason = %s
+WHERE id = %s AND published_at IS NULL AND parked_at IS NULL
+"""
 # Compaction keeps the newest event of every entity forever (replay rebuilds read models from
 # it) and drops the older versions of an entity once a newer one is published and past the
 # retention. It walks the outbox in id order behind a cursor: a row is looked at once, when it
 # is old enough, and deletes the published older versions of its own entity (versions of one
 # entity are in id order: each is allocated under the lock of the one before).
 COMPACT_SCAN_SQL = """
-SELECT id, entity, entity_id, entity_version, published_at < now() - %s AS old_enough
+SELECT id, entity, entity_id, entity_version,
+       coalesce(published_at, parked_at) < now() - %s AS old_enough
 FROM messaging_outbox WHERE id > %s ORDER BY id LIMIT %s
 """
 COMPACT_DELETE_SQL = """
@@ -82,6 +99,8 @@ class RelaySettings:
     compact_interval: float = 10.0
     compact_batch: int = 5000
     shutdown_timeout: float = 10.0
+    max_body_bytes: int = MAX_BODY_BYTES  # consumers refuse larger bodies (envelope.decode)
+    park_after_closures: int = 3
 
 
 @dataclass
@@ -89,6 +108,7 @@ class RelayStats:
     published: int = 0
     failed: int = 0
     compacted: int = 0
+    parked: int = 0
     last_published_at: float | None = None
 
 
@@ -109,6 +129,10 @@ class Relay:
         self.is_leader = threading.Event()
         self._nodes = amqp_parameters(settings.amqp_url, f"{settings.producer}-relay")
         self._node = 0  # the node to connect to; the next one after a failure
+        # After the broker closed on rows in flight, the rows up to this id are published one at
+        # a time, so that a row it closes on again is known for sure (None: the full window).
+        self.careful_until: int | None = None
+        self.suspects: dict[int, int] = {}  # row id -> closures while it was alone in flight
 
     def stop(self) -> None:
         """Ask the relay to finish in-flight confirms and return from run(); thread-safe."""
@@ -140,12 +164,18 @@ class Relay:
                         self._session = None
                         self.is_leader.clear()
                 backoff.reset()
-            except (psycopg.Error, pika.exceptions.AMQPError, OSError) as exc:
-                if isinstance(exc, pika.exceptions.AMQPError):
+            except Exception as exc:  # nothing ends the relay: log, back off, start over
+                if not isinstance(exc, psycopg.Error):  # the broker's side: try another node
                     self._node = (self._node + 1) % len(self._nodes)
                 delay = backoff.next()
+                foreseen = isinstance(exc, psycopg.Error | pika.exceptions.AMQPError | OSError)
                 log.warning(
-                    "relay interrupted (%s: %s); retrying in %.1fs", type(exc).__name__, exc, delay
+                    "relay interrupted (%s: %s); retrying in %.1fs on %s",
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                    where(self._nodes[self._node]),
+                    exc_info=not foreseen,
                 )
                 self._stop.wait(delay)
         log.info("relay stopped")
@@ -210,6 +240,7 @@ class _Session:
     def _on_closed(self, _conn: SelectConnection, reason: BaseException) -> None:
         if not self.closing:
             self.error = pika.exceptions.AMQPConnectionError(f"connection lost: {reason}")
+            self._suspect(reason)
         self.conn.ioloop.stop()
 
     def _on_channel(self, channel: Any) -> None:
@@ -242,6 +273,7 @@ class _Session:
     def _on_channel_closed(self, _channel: Any, reason: BaseException) -> None:
         if not self.closing:
             self.error = pika.exceptions.AMQPChannelError(f"channel closed: {reason}")
+            self._suspect(reason)
             self.closing = True
             if self.conn.is_open:
                 self.conn.close()
@@ -280,6 +312,24 @@ class _Session:
         else:
             self.conn.ioloop.stop()
 
+    def _suspect(self, reason: BaseException) -> None:
+        """The broker closed on us with an error while rows were in flight: the next sessions
+        publish those rows one at a time, and a row it closes on while alone in flight is
+        counted (and parked after `park_after_closures`)."""
+        closed_by_broker = (
+            pika.exceptions.ChannelClosedByBroker,
+            pika.exceptions.ConnectionClosedByBroker,
+        )
+        if not isinstance(reason, closed_by_broker) or reason.reply_code in (200, 320):
+            return  # a clean close, or the broker shutting down: nobody's fault
+        if not self.inflight_ids:
+            return
+        relay = self.relay
+        if relay.careful_until is not None and len(self.inflight_ids) == 1:
+            [row_id] = self.inflight_ids
+            relay.suspects = {row_id: relay.suspects.get(row_id, 0) + 1}
+        relay.careful_until = max(self.inflight_ids | {relay.careful_until or 0})
+
     # -- publishing --------------------------------------------------------------------------
     def _schedule_pump(self) -> None:
         if not self.pump_scheduled and self.ready:
@@ -291,34 +341,71 @@ class _Session:
         self._guard(self._pump_rows)
 
     def _pump_rows(self) -> None:
-        window, batch = self.settings.window, self.settings.batch
-        while self.ready and not self.closing and len(self.pending) < window:
-            limit = min(batch, window - len(self.pending))
+        while self.ready and not self.closing:
+            careful = self.relay.careful_until
+            if careful is None:
+                limit = min(self.settings.batch, self.settings.window - len(self.pending))
+            else:
+                limit = 0 if self.pending else 1  # rows in doubt go one at a time
+            if limit <= 0:
+                break
             rows = self.db.execute(FETCH_SQL, (self.cursor, limit)).fetchall()
-            for row_id, event_id, event_type, correlation_id, body, trace_context in rows:
-                if row_id in self.inflight_ids or row_id in self.held or row_id in self.marking:
-                    continue
-                self.channel.basic_publish(
-                    exchange=self.settings.exchange,
-                    routing_key="",
-                    body=body.encode(),
-                    properties=event_properties(
-                        event_id,
-                        event_type,
-                        correlation_id,
-                        # None unless the request was traced (tracing.py)
-                        tracing.headers_for(trace_context, self.settings.exchange)
-                        if trace_context
-                        else None,
-                    ),
-                    mandatory=True,
-                )
-                self.pending.published(_InFlight(row_id, event_id))
-                self.inflight_ids.add(row_id)
+            if careful is not None and (not rows or rows[0][0] > careful):
+                self.relay.careful_until = None  # past the rows in doubt: the full window
+                continue
+            for row in rows:
+                self._publish_row(*row)
             if rows:
                 self.cursor = rows[-1][0]
             if len(rows) < limit:
                 break
+
+    def _publish_row(
+        self,
+        row_id: int,
+        event_id: str,
+        event_type: str,
+        correlation_id: str | None,
+        body: str,
+        trace_context: str | None,
+    ) -> None:
+        if row_id in self.inflight_ids or row_id in self.held or row_id in self.marking:
+            return
+        payload = body.encode()
+        properties = event_properties(
+            event_id,
+            event_type,
+            correlation_id,
+            # None unless the request was traced (tracing.py)
+            tracing.headers_for(trace_context, self.settings.exchange) if trace_context else None,
+        )
+        why = self._why_park(row_id, payload, properties)
+        if why is not None:
+            self._park(row_id, event_id, why)
+            return
+        self.channel.basic_publish(
+            exchange=self.settings.exchange,
+            routing_key="",
+            body=payload,
+            properties=properties,
+            mandatory=True,
+        )
+        self.pending.published(_InFlight(row_id, event_id))
+        self.inflight_ids.add(row_id)
+
+    def _why_park(self, row_id: int, body: bytes, properties: Any) -> str | None:
+        why = unpublishable(body, properties, self.settings.max_body_bytes)
+        closures = self.relay.suspects.get(row_id, 0)
+        if why is None and closures >= self.settings.park_after_closures:
+            why = f"the broker closed the channel {closures} times in a row on it"
+        return why
+
+    def _park(self, row_id: int, event_id: str, why: str) -> None:
+        """Set a row aside with its reason (the module docstring says what follows)."""
+        self.db.execute(PARK_SQL, (why, row_id))
+        self.relay.suspects.pop(row_id, None)
+        self.relay.stats.parked += 1
+        log.error("parked outbox row %d (event %s): %s", row_id, event_id, why)
 
     def _on_notify(self, min_id: int) -> None:
         # A transaction that committed late may hold ids below the cursor: look again from there.
@@ -346,6 +433,7 @@ class _Session:
             self.inflight_ids.discard(item.row_id)
             if acked and item.event_id not in self.returned:
                 confirmed.append(item.row_id)
+                self.relay.suspects.pop(item.row_id, None)
             else:
                 self.returned.discard(item.event_id)
                 failed.append(item.row_id)

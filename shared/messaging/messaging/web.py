@@ -35,6 +35,9 @@ from .healing import REBUILDING, WIPING
 log = logging.getLogger("messaging.web")
 
 REQUEST_ID_HEADER = "X-Request-Id"
+# A client's request id is kept only in this shape: it becomes the events' correlation id, an
+# AMQP short string, and shows in logs; anything else is replaced by a generated one.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class Invalid(Exception):
@@ -191,9 +194,7 @@ def install(
     def _start() -> None:
         g.started = time.perf_counter()
         incoming = request.headers.get(REQUEST_ID_HEADER, "")
-        g.correlation_id = (
-            incoming[:200] if incoming.isprintable() and incoming else str(uuid.uuid4())
-        )
+        g.correlation_id = incoming if _REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
         g.log_binding = logs.correlation_id.set(g.correlation_id)  # on every log line
         g.principal = ANONYMOUS
 

@@ -1,9 +1,10 @@
 """AMQP_URL naming several nodes: a client whose first node is dead works through the second.
 
-The first node here is a closed port (a dead node refuses connections the same way) and the
-second the local broker, so every client of the library is shown to skip a dead node: the relay,
-the consumer runtime, the confirmed publisher with the replay, replay requests, the readiness
-probe and the operator's command. The cluster tests (test_cluster.py) do the same against nodes
+The first node here is a closed port (a dead node refuses connections the same way) or a name
+that does not resolve (a stopped container's name, in compose), and the second the local
+broker, so every client of the library is shown to skip a dead node: the relay, the consumer
+runtime, the confirmed publisher with the replay, replay requests, the readiness probe and the
+operator's command. The cluster tests (test_cluster.py) do the same against nodes
 that die while the clients are connected.
 """
 
@@ -33,9 +34,11 @@ def closed_port() -> int:
         return sock.getsockname()[1]  # nothing listens once the socket is closed
 
 
-@pytest.fixture
-def dead_url() -> str:
-    return f"amqp://guest:guest@127.0.0.1:{closed_port()}/%2F"
+@pytest.fixture(params=["refused", "unresolvable"])
+def dead_url(request) -> str:
+    if request.param == "refused":
+        return f"amqp://guest:guest@127.0.0.1:{closed_port()}/%2F"
+    return "amqp://guest:guest@rabbit-gone.invalid:5672/%2F"  # .invalid never resolves
 
 
 @pytest.fixture
