@@ -34,6 +34,7 @@ sys.path[:0] = [str(_HERE / "tests" / "support"), str(_HERE / "scripts")]
 from backing_servers import Servers, container_servers, local_servers, use_containers  # noqa: E402
 from cluster import SCRIPTS, Cluster  # noqa: E402
 from fake_sendgrid import FakeSendGrid  # noqa: E402
+from own_servers import own_redis  # noqa: E402
 
 # Generated tests (hypothesis): a bounded, reproducible number of examples in make test, many more
 # in make soak (HYPOTHESIS_PROFILE=soak), where each run explores new ones.
@@ -214,6 +215,14 @@ def person_event() -> Callable[..., Envelope]:
         )
 
     return build
+
+
+@pytest.fixture
+def private_redis() -> Iterator[str]:
+    """A Redis of this test's own (its URL), for tests that reconfigure it: the shared one is
+    never touched."""
+    with own_redis() as url:
+        yield url
 
 
 @pytest.fixture

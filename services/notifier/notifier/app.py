@@ -58,7 +58,7 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
         app,
         service="notifier",
         readiness={
-            "database": store.ping,
+            "database": store.write_probe,
             "broker": BrokerProbe(config.amqp_url),
             "consumer": lambda: beating(
                 HEARTBEAT, "the notifier consumer is not running (or not attached)"

@@ -119,7 +119,7 @@ def build(config: NotifierConfig, pool: ConnectionPool) -> tuple[Consumer, Notif
         ConsumerSettings(config.amqp_url, config.topology(SERVICE)),
         view,
         batch_handler=view.batch,
-        probe=store.ping,
+        probe=store.consumer_probe,
         handles=HANDLES,
     )
     return consumer, store

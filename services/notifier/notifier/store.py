@@ -70,21 +70,33 @@ ON CONFLICT DO NOTHING
 """
 
 
+# SQLSTATEs of a database that is away or answers but cannot take writes now (none is the
+# event's fault): classes 08 connection, 53 resources (disk full, too many connections), 57
+# operator intervention (shutdown, a statement timeout), 58 system errors; and 25006, a
+# read-only transaction (a standby, default_transaction_read_only).
+_OUTAGE_CLASSES = ("08", "53", "57", "58")
+_READ_ONLY = "25006"
+
+
 @contextlib.contextmanager
 def translated() -> Iterator[None]:
-    """Database errors as the consumer runtime reads them (habit: translate at the adapter)."""
+    """Database errors as the consumer runtime reads them (habit: translate at the adapter):
+    an outage pauses consuming, a transient conflict is retried, a bad event dead-lettered."""
     try:
         yield
-    except PoolTimeout as exc:
+    except (PoolTimeout, psycopg.InterfaceError) as exc:
         raise StoreUnavailable(f"database: {exc}") from exc
     except psycopg.errors.TransactionRollback as exc:  # serialization failure, deadlock
         raise RetryableError(f"database: {exc}") from exc
-    except psycopg.OperationalError as exc:
-        if exc.sqlstate is None or exc.sqlstate[:2] in ("08", "57", "53"):
+    except psycopg.Error as exc:
+        state = exc.sqlstate
+        if state is None and isinstance(exc, psycopg.OperationalError):
             raise StoreUnavailable(f"database: {exc}") from exc
+        if state is not None and (state[:2] in _OUTAGE_CLASSES or state == _READ_ONLY):
+            raise StoreUnavailable(f"database refuses writes or is away: {exc}") from exc
+        if isinstance(exc, psycopg.DataError):
+            raise PermanentError(f"the event does not fit the view: {exc}") from exc
         raise RetryableError(f"database: {exc}") from exc
-    except psycopg.DataError as exc:
-        raise PermanentError(f"the event does not fit the view: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -387,3 +399,17 @@ class NotifierStore:
     def ping(self) -> None:
         with self.pool.connection() as conn:
             conn.execute("SELECT 1")
+
+    def write_probe(self) -> None:
+        """Prove the database takes writes (one that answers may refuse them: read-only, disk
+        full); the driver's error if it does not."""
+        with self.single_statement() as cur:
+            cur.execute(
+                "INSERT INTO heartbeats (name, seen_at) VALUES ('write-probe', now()) "
+                "ON CONFLICT (name) DO UPDATE SET seen_at = now()"
+            )
+
+    def consumer_probe(self) -> None:
+        """write_probe as the consumer runtime reads it (StoreUnavailable)."""
+        with translated():
+            self.write_probe()

@@ -166,3 +166,16 @@ def test_standard_routes(client):
     assert client.get("/health").json["status"] == "ok"
     paths = client.get("/openapi.json").json["paths"]
     assert {"/users/{cpf}", "/mailbox", "/deliveries"} <= set(paths)
+
+
+def test_ready_fails_when_the_database_answers_but_refuses_writes(notifier_db, config):
+    import psycopg
+    from notifier.app import create_app
+
+    name = psycopg.conninfo.conninfo_to_dict(notifier_db)["dbname"]
+    admin_db = psycopg.conninfo.make_conninfo(notifier_db, dbname="postgres")
+    with psycopg.connect(admin_db, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    answer = create_app(config).test_client().get("/ready")
+    assert answer.status_code == 503
+    assert answer.json["checks"]["database"] == "failing: ReadOnlySqlTransaction"

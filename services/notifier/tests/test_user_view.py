@@ -277,3 +277,52 @@ def test_a_crafted_name_cannot_add_lines_to_the_email(person, view, store):
     first_line = mail["text"].splitlines()[0]
     assert first_line == "Welcome, Ana Click http://evil.example now!"
     assert mail["text"].count("http") == 2  # the link itself, and the name's words on one line
+
+
+def test_a_read_only_database_for_longer_than_the_retry_ladder_dead_letters_nothing(
+    notifier_db, broker, config, person_event
+):
+    """The database answers but refuses writes (a standby, default_transaction_read_only): an
+    outage, not the events' fault. The consumer is built as its process builds it."""
+    from messaging.testing import running, wait_until
+    from notifier.consumer import build
+    from psycopg_pool import ConnectionPool
+
+    settings = config.model_copy(
+        update={"events_exchange": broker.exchange, "retry_delays": (0.2, 0.4)}
+    )
+    name = psycopg.conninfo.conninfo_to_dict(notifier_db)["dbname"]
+
+    def read_only(on: bool) -> None:
+        admin_db = psycopg.conninfo.make_conninfo(notifier_db, dbname="postgres")
+        with psycopg.connect(admin_db, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = {on}')
+            admin.execute(  # the pool's sessions start again with the new default
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+
+    with ConnectionPool(notifier_db, min_size=1, max_size=3, timeout=2) as pool:
+        consumer, _ = build(settings, pool)
+        broker.topologies.append(consumer.topology)
+        try:
+            with running(consumer):
+                wait_until(consumer.attached.is_set, what="attached")
+                broker.publish(*[person_event(f"7{n:03d}") for n in range(30)])
+                wait_until(lambda: consumer.stats.consumed >= 30, what="the first thirty")
+                read_only(True)
+                broker.publish(*[person_event(f"6{n:03d}") for n in range(30)])
+                wait_until(
+                    lambda: "read-only" in (consumer.health() or ""), what="paused, saying why"
+                )
+                over = time.monotonic() + 5 * sum(consumer.topology.retry_delays)
+                wait_until(lambda: time.monotonic() > over, what="longer than the retry ladder")
+                assert broker.depth(consumer.topology.dead_queue) == 0
+                read_only(False)
+                wait_until(lambda: consumer.stats.consumed >= 60, timeout=60, what="the rest")
+        finally:
+            read_only(False)
+    assert broker.depth(consumer.topology.dead_queue) == 0
+    with psycopg.connect(notifier_db) as conn:
+        assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 60

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from typing import Any
 
+import redis
 from flask import Blueprint, current_app
 from messaging.auth import requires
+from messaging.connection import Backoff
+from messaging.healing import REBUILDING, STALE_WIPE_SECONDS, WIPING
 from messaging.web import OpenApi, Problem, body, path_parameter, problem
 from pydantic import BaseModel, Field
 
-from .store import ScoreStore
+from .store import ScoreStore, StaleWipe
 
 bp = Blueprint("score", __name__)
+log = logging.getLogger("score.api")
 
 
 class ScoreOut(BaseModel):
@@ -57,17 +63,31 @@ _WIPES: dict[str, int] = {}
 @requires("admin")
 def rebuild() -> Any:
     """Start the safe rebuild: wipe the model in the background; the consumer then heals it
-    through a replay (score.rebuild's way, for operators without a shell)."""
+    through a replay (score.rebuild's way, for operators without a shell). A wipe that stopped
+    making progress (its process restarted, say) is taken over."""
     store: ScoreStore = current_app.extensions["score.store"]
     generation = store.generation()
-    if generation is not None and generation.state in ("wiping", "rebuilding"):
-        return problem(409, f"a rebuild is under way ({generation.state})")
-
-    def wipe() -> None:
-        _WIPES["last"] = store.wipe()
-
-    threading.Thread(target=wipe, name="score-wipe", daemon=True).start()
+    if generation is not None and generation.state in (WIPING, REBUILDING):
+        stale = time.time() - generation.since > STALE_WIPE_SECONDS
+        if generation.state == REBUILDING or not stale:
+            return problem(409, f"a rebuild is under way ({generation.state})")
+    threading.Thread(target=_wipe, args=(store,), name="score-wipe", daemon=True).start()
     return body(RebuildOut, state="wiping", request_id=None, wiped=None), 202
+
+
+def _wipe(store: ScoreStore, attempts: int = 5) -> None:
+    """Wipe, starting again after a Redis blip; a wipe that gives up leaves a marker that goes
+    stale, and healing takes it over."""
+    backoff = Backoff(first=1.0, cap=10.0)
+    for attempt in range(1, attempts + 1):
+        try:
+            _WIPES["last"] = store.wipe()
+            return
+        except StaleWipe:
+            return
+        except redis.RedisError as exc:
+            log.warning("the wipe failed (attempt %d of %d): %s", attempt, attempts, exc)
+            time.sleep(backoff.next())
 
 
 @bp.get("/rebuild")

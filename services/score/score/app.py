@@ -43,7 +43,7 @@ def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = Non
         app,
         service="score",
         readiness={
-            "redis": store.ping,
+            "redis": store.write_probe,
             "broker": BrokerProbe(config.amqp_url),
             "consumer": consumers_attached,
         },

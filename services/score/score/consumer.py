@@ -101,7 +101,7 @@ def build(config: ScoreConfig) -> tuple[Consumer, ScoreStore]:
         ConsumerSettings(config.amqp_url, topology),
         applier,
         batch_handler=applier.batch,
-        probe=store.ping,
+        probe=store.consumer_probe,
         healing=healing,
         handles=frozenset(HANDLERS),
     )

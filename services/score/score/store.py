@@ -6,8 +6,11 @@ Key layout (prefix `SCORE_KEY_PREFIX`, default `score:`):
                               `rev` (bumped by every applied change of the person or its items)
 - `score:item:<id>`           hash: `version`, `deleted`, `cpf`, `kind`, `value` (decimal string)
 - `score:person-items:<cpf>`  set of the ids of the person's live items
-- `score:generation`          hash: `state` (ready/rebuilding/wiping), `request`, `since`: the
-                              marker a store that lost its data is missing (healing.py)
+- `score:generation`          hash: `state` (ready/rebuilding/wiping), `request`, `since`,
+                              `expected` and `settled` (replayed events the completion announced
+                              and the consumers counted): the marker a store that lost its data
+                              is missing (healing.py)
+- `score:probe`               the consumer's write probe: written while a pause waits
 - `score:consumer:<replica>`  what one consumer replica last reported (JSON: `health`,
                               `stats`), expiring unless beaten again
 - `score:consumers`           sorted set of the replicas that beat, by last beat (epoch seconds):
@@ -28,6 +31,7 @@ import contextlib
 import json
 import math
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -47,15 +51,35 @@ BEACON_FORGET_SECONDS = 3600.0  # a replica that has not beaten for this long le
 # KEYS[1] the generation hash. ARGV: request id. Only where there is no marker at all.
 _CLAIM_REBUILD = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'rebuilding', 'request', ARGV[1], 'since', 0)
+redis.call('HSET', KEYS[1], 'state', 'rebuilding', 'request', ARGV[1], 'since', 0,
+           'expected', -1, 'settled', 0)
 return 1
 """
 
-# KEYS[1] the generation hash. ARGV: request id. Ready only if it is still that request's.
-_FINISH_REBUILD = """
+# KEYS[1] the generation hash. ARGV: request id, then either 'expected' and the completion's
+# event count, or 'settled' and a number of replayed events settled. Only while it is that
+# request's rebuild; ready once as many were settled as the completion announced.
+_REBUILD_PROGRESS = """
 if redis.call('HGET', KEYS[1], 'request') ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[1], 'state') ~= 'rebuilding' then return 0 end
+if ARGV[2] == 'expected' then
+  redis.call('HSET', KEYS[1], 'expected', ARGV[3])
+else
+  redis.call('HINCRBY', KEYS[1], 'settled', ARGV[3])
+end
+local expected = tonumber(redis.call('HGET', KEYS[1], 'expected') or '-1')
+local settled = tonumber(redis.call('HGET', KEYS[1], 'settled') or '0')
+if expected < 0 or settled < expected then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'ready')
+return 1
+"""
+
+# KEYS[1] the generation hash. ARGV: request id, then 'renew' and the time, or 'abandon'. A wipe
+# renews its marker while it is still its own; a stale one is removed by whoever takes over.
+_WIPE_MARKER = """
+if redis.call('HGET', KEYS[1], 'request') ~= ARGV[1] then return 0 end
+if ARGV[2] == 'renew' then redis.call('HSET', KEYS[1], 'since', ARGV[3])
+else redis.call('DEL', KEYS[1]) end
 return 1
 """
 
@@ -154,7 +178,8 @@ class ScoreStore:
         self._person = client.register_script(_APPLY_PERSON)
         self._item = client.register_script(_APPLY_ITEM)
         self._read = client.register_script(_READ)
-        self._finish = client.register_script(_FINISH_REBUILD)
+        self._progress = client.register_script(_REBUILD_PROGRESS)
+        self._wipe_marker = client.register_script(_WIPE_MARKER)
         self._claim = client.register_script(_CLAIM_REBUILD)
         self.generation_key = f"{prefix}{GENERATION_KEY}"
 
@@ -226,18 +251,38 @@ class ScoreStore:
         with translated():
             self.client.ping()
 
+    def write_probe(self) -> None:
+        """Prove Redis takes writes (an answering Redis may refuse them: out of memory, a
+        read-only replica, a failed snapshot); the driver's error if it does not."""
+        self.client.set(f"{self.prefix}probe", str(time.time()), ex=60)
+
+    def consumer_probe(self) -> None:
+        """write_probe as the consumer runtime reads it (StoreUnavailable)."""
+        with translated():
+            self.write_probe()
+
     def wipe(self) -> int:
         """Delete every key of this read model, its generation marker last; return how many.
 
-        While it runs the marker says `wiping`, so the consumer does not ask for a replay
-        before the wipe is over; once the marker is gone it asks for one (healing.py).
+        While it runs the marker says `wiping` (renewed as it goes), so the consumer does not ask
+        for a replay before the wipe is over; once the marker is gone it asks for one
+        (healing.py). A wipe whose marker was taken over (it went stale) stops, raising Stale.
         """
-        self.client.hset(self.generation_key, mapping={"state": WIPING, "request": "", "since": 0})
+        wipe_id = f"wipe-{uuid.uuid4()}"
+        self.client.hset(
+            self.generation_key, mapping={"state": WIPING, "request": wipe_id, "since": time.time()}
+        )
         deleted = 0
         keys = self.client.scan_iter(match=f"{_glob_escape(self.prefix)}*", count=1000)
         for batch in _chunks((k for k in keys if k != self.generation_key.encode()), 1000):
+            if not self._wipe_marker(
+                keys=[self.generation_key], args=[wipe_id, "renew", time.time()]
+            ):
+                raise StaleWipe("another process took this wipe over: it stopped")
             deleted += self.client.unlink(*batch)
-        return deleted + self.client.unlink(self.generation_key)
+        if not self._wipe_marker(keys=[self.generation_key], args=[wipe_id, "abandon"]):
+            raise StaleWipe("another process took this wipe over: it stopped")
+        return deleted + 1
 
     # -- the generation marker (messaging.healing.GenerationStore) -----------------------------
     def generation(self) -> Generation | None:
@@ -260,12 +305,30 @@ class ScoreStore:
         with translated():
             self.client.hset(
                 self.generation_key,
-                mapping={"state": REBUILDING, "request": request_id, "since": since},
+                mapping={
+                    "state": REBUILDING,
+                    "request": request_id,
+                    "since": since,
+                    "expected": -1,
+                    "settled": 0,
+                },
             )
 
-    def finish_rebuild(self, request_id: str) -> bool:
+    def finish_rebuild(self, request_id: str, events: int) -> bool:
         with translated():
-            return bool(self._finish(keys=[self.generation_key], args=[request_id]))
+            return bool(
+                self._progress(keys=[self.generation_key], args=[request_id, "expected", events])
+            )
+
+    def count_replayed(self, request_id: str, settled: int) -> bool:
+        with translated():
+            return bool(
+                self._progress(keys=[self.generation_key], args=[request_id, "settled", settled])
+            )
+
+    def abandon(self, request_id: str) -> bool:
+        with translated():
+            return bool(self._wipe_marker(keys=[self.generation_key], args=[request_id, "abandon"]))
 
     def mark_ready(self) -> None:
         """A fresh store that needs no replay (tests): mark its generation ready."""
@@ -291,13 +354,28 @@ class ScoreStore:
         return {r: json.loads(raw) for r, raw in zip(replicas, reports, strict=True) if raw}
 
 
+class StaleWipe(RuntimeError):
+    """A wipe found its marker taken over: another process declared it stale."""
+
+
+# Error replies of a Redis that answers but cannot take writes now: none is the change's fault.
+_REFUSALS = ("OOM", "READONLY", "MISCONF", "NOREPLICAS", "MASTERDOWN", "LOADING", "BUSY")
+
+
 @contextlib.contextmanager
 def translated() -> Iterator[None]:
-    """Redis errors as the consumer runtime reads them: Redis away, or this change refused."""
+    """Redis errors as the consumer runtime reads them: Redis away or refusing writes (an
+    outage: consuming pauses), or this change refused (retried, then dead-lettered)."""
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError) as exc:
         raise StoreUnavailable(f"redis: {exc}") from exc
+    except redis.exceptions.ResponseError as exc:
+        if str(exc).split(" ", 1)[0].upper() in _REFUSALS or isinstance(
+            exc, redis.exceptions.OutOfMemoryError | redis.exceptions.ReadOnlyError
+        ):
+            raise StoreUnavailable(f"redis refuses writes: {exc}") from exc
+        raise RetryableError(f"redis: {exc}") from exc
     except redis.RedisError as exc:
         raise RetryableError(f"redis: {exc}") from exc
 

@@ -110,3 +110,28 @@ def test_standard_routes(client):
     assert client.get("/health").json["status"] == "ok"
     assert "/{cpf}/score" in client.get("/openapi.json").json["paths"]
     assert b"http_request_duration_seconds" in client.get("/metrics").data
+
+
+def test_a_rebuild_takes_over_a_wipe_that_stopped_making_progress(client, score_store):
+    import time
+
+    marker = score_store.generation_key
+    score_store.client.hset(
+        marker, mapping={"state": "wiping", "request": "w", "since": time.time()}
+    )
+    assert client.post("/rebuild").status_code == 409  # a live wipe is not disturbed
+    score_store.client.hset(marker, mapping={"since": 0})  # its process went away long ago
+    assert client.post("/rebuild").status_code == 202
+    wait_until(lambda: score_store.generation() is None, what="the new wipe done")
+
+
+def test_ready_fails_when_redis_answers_but_refuses_writes(private_redis, servers):
+    import redis
+    from score.store import ScoreStore
+
+    client = redis.Redis.from_url(private_redis)
+    app = create_app(ScoreConfig(amqp_url=servers.amqp), store=ScoreStore(client, "r:"))
+    client.config_set("maxmemory", 1)
+    answer = app.test_client().get("/ready")
+    assert answer.status_code == 503
+    assert answer.json["checks"]["redis"] == "failing: OutOfMemoryError"

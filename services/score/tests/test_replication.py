@@ -112,3 +112,63 @@ def test_redis_away_longer_than_the_retry_ladder_dead_letters_nothing(broker, se
     finally:
         proxy.close()
         ScoreStore(redis.Redis.from_url(servers.redis), store.prefix).wipe()
+
+
+def test_redis_refusing_writes_longer_than_the_retry_ladder_dead_letters_nothing(
+    broker, private_redis, history
+):
+    """Redis answers but refuses writes (maxmemory reached under noeviction): an outage, not the
+    events' fault. The consumer is built as its process builds it."""
+    from score.config import ScoreConfig
+    from score.consumer import build
+
+    config = ScoreConfig(
+        score_redis_url=private_redis,
+        amqp_url=broker.amqp_url,
+        events_exchange=broker.exchange,
+        retry_delays=(0.2, 0.4),
+    )
+    consumer, store = build(config)
+    broker.topologies.append(consumer.topology)
+    admin = redis.Redis.from_url(private_redis)
+    events = history.generate(300)
+    with running(consumer):
+        wait_until(consumer.attached.is_set, what="attached")
+        publish_all(broker, consumer.topology, events[:100])
+        wait_until(lambda: consumer.stats.consumed >= 100, what="the first hundred applied")
+        admin.config_set("maxmemory", 1)  # every write now answers OOM
+        publish_all(broker, consumer.topology, events[100:])
+        wait_until(consumer.paused.is_set, what="the consumer paused")
+        assert "maxmemory" in consumer.health()
+        over = time.monotonic() + 5 * sum(consumer.topology.retry_delays)
+        wait_until(lambda: time.monotonic() > over, what="longer than the retry ladder")
+        assert broker.depth(consumer.topology.dead_queue) == 0
+        admin.config_set("maxmemory", 0)
+        wait_until(lambda: consumer.stats.consumed >= 300, timeout=60, what="the rest applied")
+        wait_until(lambda: consumer.health() is None, what="healthy again")
+    assert broker.depth(consumer.topology.dead_queue) == 0
+    got = {cpf: (s.score if (s := store.read(cpf)) else None) for cpf in cpfs(events)}
+    assert got == {cpf: history.expected()[cpf] for cpf in got}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("reply", "outage"),
+    [
+        ("OOM command not allowed when used memory > 'maxmemory'.", True),
+        ("READONLY You can't write against a read only replica.", True),
+        ("MISCONF Redis is configured to save RDB snapshots, but it's currently unable", True),
+        ("NOREPLICAS Not enough good replicas to write.", True),
+        ("BUSY Redis is busy running a script.", True),
+        ("WRONGTYPE Operation against a key holding the wrong kind of value", False),
+    ],
+)
+def test_write_refusals_are_outages_and_other_errors_the_changes_own(reply, outage):
+    from messaging import RetryableError, StoreUnavailable
+    from redis._parsers import _RESP2Parser
+    from score.store import translated
+
+    parsed = _RESP2Parser(65536).parse_error(reply)  # the error redis-py raises for that reply
+    expected = StoreUnavailable if outage else RetryableError
+    with pytest.raises(expected), translated():
+        raise parsed

@@ -7,10 +7,24 @@ between can duplicate a message (the handlers are idempotent) but never lose one
 
 Nothing a message carries can end the worker: a message whose headers cannot be judged is
 dead-lettered with the reason, an exception anywhere in judging or settling is contained, and
-the I/O thread starts a new worker if one ever dies. A handler whose store does not answer raises
-StoreUnavailable: the runtime then stops taking messages, returns those in hand without counting
-an attempt, and resumes once `probe()` answers. `health()` says whether messages are being
-applied; the process's beacon reports it to /ready.
+the I/O thread starts a new worker if one ever dies. A handler's failure of any class, even
+SystemExit, is its message's failure (retried, then dead-lettered). A batch a worker failed on
+otherwise is never settled by a later acknowledgement: the channel is closed, so the broker
+gives it back.
+
+Only the event types in `handles` reach the handler: any other is acknowledged and counted as
+ignored.
+
+A handler whose store does not answer, or answers but refuses writes, raises StoreUnavailable:
+that is no message's fault. The runtime then *holds* what it has in hand (prefetch bounds it; the
+broker sends no more), so no delivery is counted against the limit, waits with exponential
+backoff, and applies the held batch again once `probe()` passes (the probe should prove a
+write; without one, the held batch itself is the probe). Pausing never cancels the
+subscription, so there is no resume to lose. A pause longer than `hold_limit` (below the
+broker's consumer timeout, 30 minutes by default, after which it would take the deliveries back
+and count them) republishes what is held to the work queue, confirmed, and acknowledges the
+originals: a new copy whose count starts again. `health()` says whether messages are being
+applied, or why not; the process's beacon reports it to /ready.
 """
 
 from __future__ import annotations
@@ -32,9 +46,8 @@ from . import tracing
 from .connection import HEARTBEAT_SECONDS, Backoff, StopFlag, connect
 from .envelope import DecodeError, Envelope, decode
 from .errors import PermanentError, RetryableError, StoreUnavailable
-from .healing import Healing
+from .healing import Healing, replay_completion, replay_request_of
 from .logs import bound
-from .replay import completed_request
 from .retry import Decision, dead_letter, decide, resent_properties
 from .topology import Topology
 
@@ -57,6 +70,9 @@ class ConsumerSettings:
     shutdown_timeout: float = 10.0
     stall_after: float = 60.0  # messages waiting this long with nothing settled: not healthy
     heartbeat: int = HEARTBEAT_SECONDS
+    hold_limit: float = 900.0  # a pause this long gives back what it holds (module docstring)
+    max_redeliveries: int = MAX_REDELIVERIES
+    pause_backoff_cap: float = 30.0  # the longest wait between two tries of a held batch
 
 
 # Upper bounds (seconds) of the handler-duration histogram the API processes export.
@@ -122,6 +138,9 @@ class _Broken(pika.exceptions.AMQPError):
 class Consumer:
     """Consume one service's work queue until stop(); reconnects after any broker failure."""
 
+    # The header of a copy sent back to its own queue that the broker would count with.
+    _COUNTED = "x-delivery-count"
+
     def __init__(
         self,
         settings: ConsumerSettings,
@@ -143,7 +162,11 @@ class Consumer:
         self.handles = handles
         self.stats = ConsumerStats()
         self.attached = threading.Event()
-        self.paused = threading.Event()  # the store does not answer: not taking messages
+        self.paused = threading.Event()  # the store is away or refuses writes: holding
+        self._pause_reason = ""
+        self._held: list[_Delivery] = []  # the batch a pause holds, applied again after it
+        self._held_since = 0.0
+        self._pause_backoff = Backoff(first=0.5, cap=settings.pause_backoff_cap)
         self._stop = StopFlag()
         self._inbox: queue.Queue[_Delivery] = queue.Queue()
         self._lease = 0
@@ -164,7 +187,7 @@ class Consumer:
         if worker is None or not worker.is_alive():
             return "the consumer's worker is not running"
         if self.paused.is_set():
-            return "paused: the store does not answer"
+            return f"paused: {self._pause_reason}"
         waiting = self._inbox.qsize() + (1 if self._busy.is_set() else 0)
         idle_for = time.monotonic() - self._progress_at
         if waiting and idle_for > self.settings.stall_after:
@@ -214,15 +237,17 @@ class Consumer:
             publisher.confirm_delivery()
             channel.basic_qos(prefetch_count=self.settings.prefetch)
             self._channel, self._publisher = channel, publisher
-            if not self.paused.is_set():
-                self._consume()
+            self._consume()
             self.attached.set()
             log.info("consumer attached to %s", self.topology.queue)
             while not self._stop.is_set():
                 conn.process_data_events(time_limit=0.2)
                 if not self._stop.is_set() and not (self._worker and self._worker.is_alive()):
+                    # What it held was never applied: the broker must give it back, and no
+                    # later acknowledgement (they are cumulative) may settle it.
                     log.critical("the consumer's worker died; starting a new one")
                     self._start_worker()
+                    raise _Broken("the worker died holding messages")
             self._drain(channel)
         finally:
             self.attached.clear()
@@ -254,25 +279,36 @@ class Consumer:
             self._conn.process_data_events(time_limit=0.05)
         self._conn.process_data_events(time_limit=0)
 
-    def _pause(self) -> None:
-        """Runs on the I/O thread: the store is away. Stop deliveries, return what we hold."""
+    def _give_back(self, held: list[_Delivery]) -> None:
+        """Runs on the I/O thread: a long pause returns what it holds without the broker
+        counting a delivery: a confirmed copy to the work queue, then the originals acked."""
+        held = [d for d in held if d.lease == self._lease]
+        if not held:
+            return
         try:
-            if self._consumer_tag is not None:
-                self._channel.basic_cancel(self._consumer_tag)
-                self._consumer_tag = None
-            # Every unacked delivery of the channel, back to the queue; basic.nack is a plain
-            # return (RabbitMQ 4.3 counts only basic.reject toward the delivery limit).
-            self._channel.basic_nack(delivery_tag=0, multiple=True, requeue=True)
-            self._new_lease()  # what is still in the inbox belongs to no one now
-        finally:
-            self._busy.clear()
+            for delivery in held:
+                props = delivery.properties
+                headers = props.headers if isinstance(props.headers, dict) else {}
+                self._publisher.basic_publish(
+                    exchange="",
+                    routing_key=self.topology.queue,
+                    body=delivery.body,
+                    properties=resent_properties(
+                        props, {k: v for k, v in headers.items() if k != self._COUNTED}
+                    ),
+                    mandatory=True,
+                )
+            self._channel.basic_ack(max(d.tag for d in held), multiple=True)
+        except pika.exceptions.AMQPError:
+            raise
+        except Exception as exc:
+            raise _Broken(f"giving back held messages failed: {type(exc).__name__}") from exc
+        log.info(
+            "gave %d held message(s) back to %s during a long pause", len(held), self.topology.queue
+        )
 
-    def _resume(self) -> None:
-        if self._conn is not None and self._consumer_tag is None and self.paused.is_set():
-            self.paused.clear()
-            self._new_lease()
-            self._consume()
-            log.info("the store answers again: consuming %s", self.topology.queue)
+    def _break(self) -> None:
+        raise _Broken("a worker failed on a batch: it goes back to the queue")
 
     def _settle(self, outcomes: list[_Outcome]) -> None:
         """Runs on the I/O thread: copy retries and dead letters (confirmed), then ack all."""
@@ -352,57 +388,139 @@ class Consumer:
         while not (self._stop.is_set() and self._inbox.empty()):
             try:
                 self._work_once()
-            except Exception:  # a bug of ours: the batch comes back with the next session
-                log.exception("consumer worker failed on a batch; carrying on")
+            except Exception:  # a bug of ours: never let a later ack settle the dropped batch
+                log.exception("consumer worker failed on a batch; it returns to the queue")
+                self._held = []
                 self._busy.clear()
+                self._post(self._break)
 
     def _work_once(self) -> None:
+        if self._stop.is_set():  # stopping: what is in hand stays unacked, the broker returns it
+            self._held = []
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._inbox.get_nowait()
+            self._busy.clear()
+            return
+        batch = [d for d in self._held if d.lease == self._lease] or self._next_batch()
+        self._held = []
+        if not batch:
+            if self.paused.is_set():
+                self._idle_while_paused()
+            return
+        lease = batch[0].lease
+        self._busy.set()
+        try:
+            outcomes = self._process(batch)
+            self._count_replayed(batch, outcomes)
+        except StoreUnavailable as exc:
+            self._held = batch
+            self._pause(exc, lease)
+            return
+        if self.paused.is_set():
+            self._resumed()
+        self._pause_backoff.reset()
+        if not self._post(lambda o=outcomes: self._settle(o)):
+            self._busy.clear()
+
+    def _next_batch(self) -> list[_Delivery]:
         try:
             first = self._inbox.get(timeout=0.2)
         except queue.Empty:
             if not self._busy.is_set():
                 self._progress_at = time.monotonic()  # idle is not stalled
-            return
-        if self._stop.is_set():
-            return  # stopping: leave it unacked, the broker returns it to the queue
+            return []
         batch = [first]
         while len(batch) < self.settings.max_batch:
             try:
                 batch.append(self._inbox.get_nowait())
             except queue.Empty:
                 break
-        lease = self._lease
-        batch = [d for d in batch if d.lease == lease]
-        if not batch:
-            return
-        self._busy.set()
-        try:
-            outcomes = self._process(batch)
-        except StoreUnavailable as exc:
-            self._wait_for_store(exc)
-            return
-        if not self._post(lambda o=outcomes: self._settle(o)):
-            self._busy.clear()
+        lease = self._lease  # read after the wait: a session may have started meanwhile
+        return [d for d in batch if d.lease == lease]
 
-    def _wait_for_store(self, exc: StoreUnavailable) -> None:
-        """Return what we hold, then probe the store until it answers and consume again."""
-        self.paused.set()
-        self.stats.paused += 1
-        log.warning("the store of %s does not answer (%s); pausing", self.topology.queue, exc)
-        if not self._post(self._pause):
-            self._busy.clear()
-        backoff = Backoff(first=0.5, cap=10.0)
-        while not self._stop.is_set():
+    def _pause(self, exc: StoreUnavailable, lease: int) -> None:
+        """Hold the batch, wait (longer each time the first batch after a pause fails again),
+        then wait for the probe; the caller applies the held batch again afterwards."""
+        self._pause_reason = f"the store is away or refuses writes ({exc})"[:300]
+        if not self.paused.is_set():
+            self.paused.set()
+            self._held_since = time.monotonic()
+            self.stats.paused += 1
+            log.warning("%s: %s; pausing", self.topology.queue, self._pause_reason)
+        delay = self._pause_backoff.next()
+        if self._wait_holding(delay, lease):
+            return
+        probe_backoff = Backoff(first=0.5, cap=self.settings.pause_backoff_cap)
+        while self.probe is not None and not self._stop.is_set() and self._lease == lease:
             try:
-                if self.probe is not None:
-                    self.probe()
-                break
+                self.probe()
+                return
             except Exception as again:
-                delay = backoff.next()
-                log.info("store still away (%s); probing again in %.1fs", again, delay)
-                self._stop.wait(delay)
-        if not self._post(self._resume):
-            self.paused.clear()  # no connection now: the next session consumes at once
+                self._pause_reason = f"the store is away or refuses writes ({again})"[:300]
+                delay = probe_backoff.next()
+                log.info(
+                    "store of %s still away (%s); probing in %.1fs",
+                    self.topology.queue,
+                    again,
+                    delay,
+                )
+                if self._wait_holding(delay, lease):
+                    return
+
+    def _wait_holding(self, seconds: float, lease: int) -> bool:
+        """Wait while holding; give the held messages back if the pause grew too long. True
+        when waiting is over for another reason (stopping, or the channel went away)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self._stop.wait(min(left, 1.0)) or self._lease != lease:
+                return True
+            if time.monotonic() - self._held_since > self.settings.hold_limit:
+                self._give_back_held(lease)
+        return False
+
+    def _give_back_held(self, lease: int) -> None:
+        held = [d for d in self._held if d.lease == lease]
+        while True:
+            try:
+                held.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        self._held = []
+        self._held_since = time.monotonic()
+        self._busy.clear()
+        if held and not self._post(lambda h=held: self._give_back(h)):
+            return  # no connection: the broker has them back already
+
+    def _idle_while_paused(self) -> None:
+        """Nothing held (it went back with its channel): paused only until the store answers."""
+        try:
+            if self.probe is not None:
+                self.probe()
+        except Exception as exc:
+            self._pause_reason = f"the store is away or refuses writes ({exc})"[:300]
+            self._stop.wait(self._pause_backoff.next())
+        else:
+            self._resumed()
+
+    def _resumed(self) -> None:
+        self.paused.clear()
+        self._pause_reason = ""
+        log.info("the store of %s answers again: consuming", self.topology.queue)
+
+    def _count_replayed(self, batch: list[_Delivery], outcomes: list[_Outcome]) -> None:
+        """Tell healing how many replayed events this batch settled for good (applied,
+        ignored or dead: not retried), so a rebuild is declared over only once all were."""
+        if self.healing is None:
+            return
+        counts: dict[str, int] = {}
+        for outcome in outcomes:
+            if outcome.decision is None or outcome.decision.dead:
+                request_id = replay_request_of(outcome.delivery.properties)  # not completions
+                if request_id:
+                    counts[request_id] = counts.get(request_id, 0) + 1
+        for request_id, settled in counts.items():
+            self.healing.replayed(request_id, settled)
 
     def _process(self, batch: list[_Delivery]) -> list[_Outcome]:
         outcomes: dict[int, _Outcome] = {}
@@ -410,6 +528,8 @@ class Consumer:
         for delivery in batch:
             try:
                 early = self._judge(delivery)
+            except StoreUnavailable:
+                raise  # a completion met a store blip: the batch waits, nothing is dead
             except Exception as exc:  # judging must never stop the batch
                 early = _Outcome(delivery, dead_letter(self.topology, "judging failed:", exc))
             if isinstance(early, _Outcome):
@@ -423,8 +543,15 @@ class Consumer:
                     self.batch_handler([env for _, env in decoded])
             except StoreUnavailable:
                 raise
-            except Exception:
-                log.warning("batch of %d failed; applying one by one", len(decoded), exc_info=True)
+            except BaseException as exc:  # SystemExit, CancelledError: still the batch's failure
+                # Each event on its own finds the one at fault (its failure is logged there);
+                # the batch's round trip is paid again, once per event.
+                log.warning(
+                    "a batch of %d failed (%s: %s); applying its events one by one",
+                    len(decoded),
+                    type(exc).__name__,
+                    str(exc)[:200],
+                )
             else:
                 self._record(decoded, time.perf_counter() - started)
                 for delivery, _ in decoded:
@@ -435,29 +562,33 @@ class Consumer:
         return [outcomes[d.tag] for d in batch]
 
     def _judge(self, delivery: _Delivery) -> _Outcome | Envelope:
-        """Before any handler: control messages, crash loops and undecodable bodies."""
-        request_id = completed_request(delivery.properties, delivery.body)
-        if request_id == "":
-            why = "a replay-completed message without a request id"
-            return _Outcome(delivery, dead_letter(self.topology, why))
-        if request_id is not None:
+        """Before any handler: control messages, crash loops, undecodable bodies and types
+        this consumer does not handle."""
+        completion = replay_completion(delivery.properties, delivery.body)
+        if isinstance(completion, str):
+            return _Outcome(delivery, dead_letter(self.topology, completion))
+        if completion is not None:
             if self.healing is not None:
-                self.healing.completed(request_id)
+                self.healing.completed(*completion)
             return _Outcome(delivery, None)
         if delivery.redelivered:
             count = _redeliveries(delivery.properties)
-            if count >= MAX_REDELIVERIES:
+            if count >= self.settings.max_redeliveries:
                 why = (
                     f"delivered {count + 1} times without being settled: it stops or kills "
                     "its consumer"
                 )
                 return _Outcome(delivery, dead_letter(self.topology, why))
         try:
-            return decode(delivery.body)
+            envelope = decode(delivery.body)
         except DecodeError as exc:
             return _Outcome(
                 delivery, decide(self.topology, delivery.properties, exc, permanent=True)
             )
+        if self.handles is not None and envelope.event_type not in self.handles:
+            self.stats.ignored += 1
+            return _Outcome(delivery, None)
+        return envelope
 
     def _apply_one(self, delivery: _Delivery, envelope: Envelope) -> _Outcome:
         with (
@@ -480,7 +611,9 @@ class Consumer:
             return _Outcome(
                 delivery, decide(self.topology, delivery.properties, exc, permanent=True)
             )
-        except Exception as exc:  # RetryableError and the unforeseen: retry on the schedule
+        except BaseException as exc:  # RetryableError and the unforeseen: retry on the schedule
+            # (even SystemExit or CancelledError: a handler ending the worker would take its
+            # batch-mates down with it, delivery after delivery)
             log.warning(
                 "handler failed on %s %s v%d: %s",
                 envelope.event_type,

@@ -3,27 +3,64 @@
 The read model's store keeps a generation marker next to its data. A store that lost its data
 (a Redis restarted without persistence, a FLUSHDB) or a brand-new one has no marker: `check()`
 then writes one in state `rebuilding` and sends a replay request through the broker (replay.py).
-The producer replays the latest event of every entity to the model's queue and ends with a
-completion message; the consumer runtime hands it to `completed()`, which marks the generation
-`ready`. A request that got no answer is sent again after `re_request_after` seconds. An operator's
-rebuild (wipe, then let the model heal) sets the state `wiping` first, so no replay is asked for
-before the wipe is over. Replicas of one consumer share the store: the marker is written only
-where there is none, so one of them asks.
+The producer replays the latest event of every entity to the model's queue, each carrying the
+request's id, and ends with a completion message that says how many it sent. The consumer
+runtime counts the replayed events it settled for good (`replayed()`) and hands the completion
+to `completed()`: the generation turns `ready` only once both agree, so replicas that still hold
+replayed events, or a replayed event waiting in a retry queue, keep the model `rebuilding`. A
+request that got no answer is sent again after `re_request_after` seconds.
+
+An operator's rebuild (wipe, then let the model heal) sets the state `wiping` first, so no
+replay is asked for before the wipe is over; the wipe renews the marker's time as it goes. A
+wipe that stopped renewing it for `stale_wipe_after` seconds was interrupted (a restart, a
+store blip): the marker is taken over and the model heals, since nothing else would ever clear
+it. Replicas of one consumer share the store: the marker is written only where there is none,
+so one of them asks.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from .replay import request_replay
+from .replay import COMPLETED_TYPE, request_replay
 
 log = logging.getLogger("messaging.healing")
 
 READY, REBUILDING, WIPING = "ready", "rebuilding", "wiping"
+REPLAY_HEADER = "x-replay-request"  # on every replayed event: the request it answers
+STALE_WIPE_SECONDS = 120.0  # a wipe renews its marker far more often than this
+
+
+def replay_request_of(properties: Any) -> str | None:
+    """The replay request a delivered event answers, if it is a replayed one (a completion
+    message is not an event)."""
+    if getattr(properties, "type", None) == COMPLETED_TYPE:
+        return None
+    headers = getattr(properties, "headers", None)
+    value = headers.get(REPLAY_HEADER) if isinstance(headers, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def replay_completion(properties: Any, body: bytes) -> tuple[str, int] | str | None:
+    """A replay-completed message's request id and event count; a reason (text) if it is one
+    that cannot be read; None for any other message."""
+    if getattr(properties, "type", None) != COMPLETED_TYPE:
+        return None
+    try:
+        content = json.loads(body)
+        request_id, events = content["request_id"], content.get("events", 0)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return "a replay-completed message that cannot be read"
+    if not isinstance(request_id, str) or not request_id:
+        return "a replay-completed message without a request id"
+    if isinstance(events, bool) or not isinstance(events, int) or events < 0:
+        return "a replay-completed message whose event count is not a count"
+    return request_id, events
 
 
 @dataclass(frozen=True)
@@ -42,8 +79,24 @@ class GenerationStore(Protocol):
         """Write a `rebuilding` marker (not sent yet) only if there is none: True if written."""
         ...
 
-    def begin_rebuild(self, request_id: str, since: float) -> None: ...
-    def finish_rebuild(self, request_id: str) -> bool: ...
+    def begin_rebuild(self, request_id: str, since: float) -> None:
+        """The marker `rebuilding` for this request, sent at `since` (0: not sent), with no
+        replayed event counted yet."""
+        ...
+
+    def finish_rebuild(self, request_id: str, events: int) -> bool:
+        """The completion of this request, which sent `events`: `ready` if that many were
+        counted already. True if it turned the model ready."""
+        ...
+
+    def count_replayed(self, request_id: str, settled: int) -> bool:
+        """Count settled replayed events of this request (only while it is the current one);
+        `ready` once the completion's number is reached. True if it turned the model ready."""
+        ...
+
+    def abandon(self, request_id: str) -> bool:
+        """Remove the marker if it is still this request's (a stale wipe): True if removed."""
+        ...
 
 
 class Healing:
@@ -54,14 +107,28 @@ class Healing:
         exchange: str,
         queue: str,
         re_request_after: float = 600.0,
+        stale_wipe_after: float = STALE_WIPE_SECONDS,
     ) -> None:
         self.store, self.amqp_url, self.exchange, self.queue = store, amqp_url, exchange, queue
         self.re_request_after = re_request_after
+        self.stale_wipe_after = stale_wipe_after
 
     def check(self) -> str:
         """Look at the marker, ask for a replay if the store lost its data; return the state."""
         generation = self.store.generation()
         now = time.time()
+        if (
+            generation is not None
+            and generation.state == WIPING
+            and now - generation.since > self.stale_wipe_after
+            and self.store.abandon(generation.request_id)
+        ):
+            log.warning(
+                "read model of %s: a wipe made no progress for %.0fs; taking over, healing",
+                self.queue,
+                now - generation.since,
+            )
+            generation = None
         if generation is None:
             request_id = str(uuid.uuid4())
             # Replicas of the consumer check the same store: the one that writes the marker
@@ -78,12 +145,21 @@ class Healing:
             self._request(generation.request_id, now)
         return generation.state
 
-    def completed(self, request_id: str) -> None:
-        """The producer finished replaying for this request."""
-        if self.store.finish_rebuild(request_id):
+    def completed(self, request_id: str, events: int) -> None:
+        """The producer finished replaying `events` events for this request."""
+        if self.store.finish_rebuild(request_id, events):
             log.info("read model of %s rebuilt (request %s)", self.queue, request_id)
         else:
-            log.info("ignored the completion of replay request %s: not the current one", request_id)
+            log.info(
+                "replay request %s completed with %d event(s); ready once all are applied",
+                request_id,
+                events,
+            )
+
+    def replayed(self, request_id: str, settled: int) -> None:
+        """The consumer settled `settled` replayed events of this request for good."""
+        if self.store.count_replayed(request_id, settled):
+            log.info("read model of %s rebuilt (request %s)", self.queue, request_id)
 
     def _request(self, request_id: str, now: float) -> None:
         # Marked as sent before sending: a completion can never find the marker missing. If

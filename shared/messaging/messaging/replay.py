@@ -105,6 +105,8 @@ def replay(
         )
     )
     headers = {"x-replayed-at": datetime.now(UTC).isoformat()}
+    if request_id is not None:  # consumers count the replayed events they settle (healing.py)
+        headers["x-replay-request"] = request_id
     publisher = ConfirmedPublisher(amqp_url, "", "messaging-replay")
     with psycopg.connect(database_url) as db, db.cursor(name="replay") as cursor:
         cursor.itersize = 2000

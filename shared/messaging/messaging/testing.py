@@ -21,6 +21,7 @@ from typing import Any
 from .consumer import BatchHandler, Handler
 from .envelope import DecodeError, Envelope, decode
 from .errors import PermanentError
+from .healing import READY, REBUILDING, Generation
 from .retry import decide
 from .topology import Topology
 
@@ -184,6 +185,54 @@ def _record_expiry(msg: Message, retry_queue: str) -> None:
     else:
         deaths.insert(0, {"queue": retry_queue, "reason": "expired", "count": 1})
     msg.headers["x-death"] = deaths
+
+
+class MemoryGeneration:
+    """A read model's generation marker (healing.GenerationStore) in memory, for tests."""
+
+    def __init__(self) -> None:
+        self.marker: Generation | None = None
+        self.expected, self.settled = -1, 0
+        self._lock = threading.Lock()
+
+    def generation(self) -> Generation | None:
+        return self.marker
+
+    def claim_rebuild(self, request_id: str) -> bool:
+        with self._lock:
+            if self.marker is not None:
+                return False
+            self.begin_rebuild(request_id, 0.0)
+            return True
+
+    def begin_rebuild(self, request_id: str, since: float) -> None:
+        self.marker = Generation(REBUILDING, request_id, since)
+        self.expected, self.settled = -1, 0
+
+    def finish_rebuild(self, request_id: str, events: int) -> bool:
+        return self._progress(request_id, expected=events)
+
+    def count_replayed(self, request_id: str, settled: int) -> bool:
+        return self._progress(request_id, settled=settled)
+
+    def abandon(self, request_id: str) -> bool:
+        with self._lock:
+            if self.marker is None or self.marker.request_id != request_id:
+                return False
+            self.marker = None
+            return True
+
+    def _progress(self, request_id: str, expected: int | None = None, settled: int = 0) -> bool:
+        with self._lock:
+            marker = self.marker
+            if marker is None or marker.request_id != request_id or marker.state != REBUILDING:
+                return False
+            self.expected = self.expected if expected is None else expected
+            self.settled += settled
+            if self.expected < 0 or self.settled < self.expected:
+                return False
+            self.marker = Generation(READY, request_id, marker.since)
+            return True
 
 
 def wait_until(

@@ -11,34 +11,9 @@ import pytest
 from messaging import Consumer, ConsumerSettings, Envelope, Outbox
 from messaging.healing import READY, REBUILDING, Generation, Healing
 from messaging.replay import COMPLETED_TYPE, ReplayServer, requests_queue
-from messaging.testing import running, wait_until
+from messaging.testing import MemoryGeneration, running, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-class MemoryGeneration:
-    """The GenerationStore a read model keeps beside its data, in a dictionary."""
-
-    def __init__(self) -> None:
-        self.marker: Generation | None = None
-
-    def generation(self) -> Generation | None:
-        return self.marker
-
-    def claim_rebuild(self, request_id: str) -> bool:
-        if self.marker is not None:
-            return False
-        self.marker = Generation(REBUILDING, request_id, 0.0)
-        return True
-
-    def begin_rebuild(self, request_id: str, since: float) -> None:
-        self.marker = Generation(REBUILDING, request_id, since)
-
-    def finish_rebuild(self, request_id: str) -> bool:
-        if self.marker is None or self.marker.request_id != request_id:
-            return False
-        self.marker = Generation(READY, request_id, self.marker.since)
-        return True
 
 
 def requests(broker) -> list[dict]:
@@ -64,9 +39,9 @@ def test_a_store_without_a_marker_asks_once_and_is_ready_after_the_completion(br
 
     [request] = requests(broker)
     assert request["queue"] == "model.q"
-    healing.completed("some other request")
+    healing.completed("some other request", 0)
     assert store.marker.state == REBUILDING
-    healing.completed(request["request_id"])
+    healing.completed(request["request_id"], 0)
     assert healing.check() == READY
 
 
@@ -89,7 +64,7 @@ def test_replicas_that_all_find_the_marker_missing_ask_once(broker):
     replicas = [Healing(store, broker.amqp_url, broker.exchange, "model.q") for _ in range(3)]
     assert [healing.check() for healing in replicas] == [REBUILDING] * 3
     [request] = requests(broker)
-    replicas[2].completed(request["request_id"])
+    replicas[2].completed(request["request_id"], 0)
     assert [healing.check() for healing in replicas] == [READY] * 3
 
 
