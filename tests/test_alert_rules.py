@@ -62,6 +62,7 @@ def test_the_rules_use_metrics_the_services_export():
     exported |= {
         "outbox_backlog",
         "outbox_oldest_age_seconds",
+        "outbox_parked",
         "emails",
         "up",
         "consumer_messages_total",

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from .config import ConsoleConfig
 
 TIMEOUT = 5.0
+PARKED_SHOWN = 10  # parked outbox rows listed on the overview (messaging outbox status: all)
 # Fields of an event's data that say who a person is: masked until the operator reveals them.
 PERSONAL = {"cpf", "name", "address", "email", "date_of_birth", "entity_id"}
 
@@ -149,7 +150,16 @@ class Sources:
         with psycopg.connect(self.config.person_database_url, connect_timeout=3) as conn:
             backlog, oldest = outbox.backlog(conn)
             published, last = outbox.published(conn)
-        return {"backlog": backlog, "oldest_age": oldest, "published": published, "last": last}
+            parked = outbox.parked(conn, limit=PARKED_SHOWN)
+            parked_count = outbox.parked_count(conn) if len(parked) == PARKED_SHOWN else len(parked)
+        return {
+            "backlog": backlog,
+            "oldest_age": oldest,
+            "published": published,
+            "last": last,
+            "parked": parked,
+            "parked_count": parked_count,
+        }
 
     def history(self, cpf: str | None, correlation_id: str | None) -> list[dict[str, Any]]:
         with psycopg.connect(self.config.person_database_url, connect_timeout=3) as conn:

@@ -65,12 +65,15 @@ def create_app(config: PersonConfig | None = None, store: Store | None = None) -
     return app
 
 
-def _backlog_metrics(values: tuple[int, float]) -> Iterator[Metric]:
-    """Outbox backlog and the age of its oldest event, read at scrape time."""
-    backlog, oldest = values
+def _backlog_metrics(values: tuple[int, float, int]) -> Iterator[Metric]:
+    """Outbox backlog, the age of its oldest event and the parked rows, read at scrape time."""
+    backlog, oldest, parked = values
     yield GaugeMetricFamily("outbox_backlog", "Events not yet published", value=backlog)
     yield GaugeMetricFamily(
         "outbox_oldest_age_seconds", "Age of the oldest unpublished event", value=oldest
+    )
+    yield GaugeMetricFamily(
+        "outbox_parked", "Outbox rows the broker could not take, set aside", value=parked
     )
 
 

@@ -55,8 +55,8 @@ class MemoryStore(PersonService):
     def ping(self) -> None:
         pass
 
-    def outbox_backlog(self) -> tuple[int, float]:
-        return 0, 0.0
+    def outbox_backlog(self) -> tuple[int, float, int]:
+        return 0, 0.0, 0
 
     def outbox_published(self) -> tuple[int, float | None]:
         return 0, None

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 from messaging import Outbox
-from messaging.outbox import backlog, published
+from messaging.outbox import backlog, parked_count, published
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -135,9 +135,10 @@ class PgStore(PersonService):
         with self.pool.connection() as conn:
             conn.execute("SELECT 1")
 
-    def outbox_backlog(self) -> tuple[int, float]:
+    def outbox_backlog(self) -> tuple[int, float, int]:
+        """Events waiting, the age of the oldest, and the rows the relay parked."""
         with self.pool.connection() as conn:
-            return backlog(conn)
+            return (*backlog(conn), parked_count(conn))
 
     def outbox_published(self) -> tuple[int, float | None]:
         with self.pool.connection() as conn:

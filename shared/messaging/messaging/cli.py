@@ -4,7 +4,9 @@
     messaging dlq show <queue> [--id EVENT_ID]  headers and body
     messaging dlq replay <queue> (--id ID ... | --all)
     messaging dlq purge <queue> --yes
-    messaging outbox status                     backlog, oldest unpublished, last publish
+    messaging outbox status                     backlog, oldest unpublished, last publish, and the
+                                                rows the relay parked, each with its reason
+    messaging outbox retry (ID ... | --all)     give parked rows back to the relay (after a fix)
     messaging replay --to <queue> [--entity E] [--since ISO]
     messaging apikey new --scopes a,b           a fresh API key and its API_KEYS entry
 
@@ -138,16 +140,44 @@ def dlq_purge(queue: str) -> int:
     return 0
 
 
+PARKED_SHOWN = 100
+
+
 def outbox_status() -> int:
     with psycopg.connect(_database_url(), connect_timeout=5) as conn:
         backlog, oldest_age = outbox.backlog(conn)
         published, last = outbox.published(conn)
+        parked_count = outbox.parked_count(conn)
+        parked = outbox.parked(conn, limit=PARKED_SHOWN)
     print(f"unpublished: {backlog}")
     print(f"oldest unpublished: {f'{oldest_age:.1f}s ago' if backlog else '-'}")
     print(f"published: {published}")
     when = datetime.fromtimestamp(last, UTC).isoformat() if last is not None else "never"
     print(f"last published: {when}")
+    print(f"parked: {parked_count}")
+    for row in parked:
+        newer = (
+            f"; version {row['superseded_by']} published since"
+            if row["superseded_by"] is not None
+            else ""
+        )
+        print(
+            f"  #{row['id']} {row['event_type']} {row['entity_id']} v{row['entity_version']} "
+            f"parked {row['parked_at'].isoformat()}: {row['parked_reason']}{newer}"
+        )
+    if parked_count > len(parked):
+        print(f"  ... and {parked_count - len(parked)} more")
+    if parked_count:
+        print("fix the cause, then: messaging outbox retry <id> ... (or --all)")
     return 0
+
+
+def outbox_retry(ids: list[int] | None) -> int:
+    """Give parked rows back to the relay, which publishes them at once."""
+    with psycopg.connect(_database_url(), connect_timeout=5) as conn:
+        count = outbox.unpark(conn, ids)
+    print(f"gave {count} parked row(s) back to the relay")
+    return 0 if count or ids is None else 1
 
 
 def replay(queue: str, entity: str | None, since: datetime | None) -> int:
@@ -208,7 +238,12 @@ def parser() -> argparse.ArgumentParser:
     purge.add_argument("--yes", action="store_true", required=True, help="yes, delete them")
 
     outbox = commands.add_parser("outbox", help="the producer's outbox")
-    outbox.add_argument("action", choices=["status"])
+    outbox_commands = outbox.add_subparsers(dest="action", required=True)
+    outbox_commands.add_parser("status", help="backlog, last publish and parked rows")
+    retry = outbox_commands.add_parser("retry", help="give parked rows back to the relay")
+    chosen = retry.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("ids", nargs="*", type=int, default=[], metavar="ID")
+    chosen.add_argument("--all", action="store_true")
 
     keys = commands.add_parser("apikey", help="API keys")
     keys.add_argument("action", choices=["new"])
@@ -234,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                 return dlq_replay(args.queue, None if args.all else args.ids)
             return dlq_purge(args.queue)
         if args.command == "outbox":
+            if args.action == "retry":
+                return outbox_retry(None if args.all else args.ids)
             return outbox_status()
         if args.command == "apikey":
             return apikey_new(args.scopes)

@@ -22,7 +22,7 @@ from typing import Any
 import pika
 import psycopg
 
-from .connection import Backoff, StopFlag, amqp_parameters, connect
+from .connection import Backoff, StopFlag, connect
 from .publisher import ConfirmedPublisher, Outgoing, event_properties
 
 log = logging.getLogger("messaging.replay")
@@ -181,8 +181,7 @@ class ReplayServer:
                 self._stop.wait(delay)
 
     def _session(self) -> None:
-        params = amqp_parameters(self.amqp_url, "replay-server")
-        conn = pika.BlockingConnection(params)
+        conn = connect(self.amqp_url, "replay-server")
         try:
             channel = conn.channel()
             queue = declare_requests(channel, self.exchange)

@@ -177,3 +177,24 @@ def test_the_envelope_refuses_a_correlation_id_that_could_not_travel():
         occurred_at=datetime.now(UTC),
     )
     assert travels.correlation_id
+
+
+def test_the_operators_command_lists_parked_rows_and_gives_them_back(
+    producer_db, broker, consumer, capsys
+):
+    from messaging.cli import main
+
+    bad = add(producer_db, "bad", correlation_id=UNTRAVELLED)
+    with running(relay_for(producer_db, broker)):
+        wait_until(lambda: parked(producer_db), what="the parked row")
+        assert main(["--database-url", producer_db, "outbox", "status"]) == 0
+        out = capsys.readouterr().out
+        assert "parked: 1" in out
+        assert f"#{bad} thing.updated bad v1" in out and "ShortStringTooLong" in out
+        with psycopg.connect(producer_db) as conn:
+            conn.execute("UPDATE messaging_outbox SET correlation_id = NULL WHERE id = %s", (bad,))
+        assert main(["--database-url", producer_db, "outbox", "retry", str(bad)]) == 0
+        assert "gave 1 parked row(s) back" in capsys.readouterr().out
+        wait_until(lambda: consumer.has(("bad", 1)), what="published after the retry")
+    assert main(["--database-url", producer_db, "outbox", "retry", "--all"]) == 0
+    assert "gave 0 parked row(s) back" in capsys.readouterr().out
