@@ -166,7 +166,14 @@ class Gateway:
         self.port = port
         self.local = threading.local()
 
-    def call(self, method: str, host: str, path: str, body: object = None) -> tuple[int, bytes]:
+    def call(
+        self,
+        method: str,
+        host: str,
+        path: str,
+        body: object = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, bytes]:
         for attempt in range(2):  # a keep-alive connection the gateway closed is opened again
             conn = getattr(self.local, "conn", None)
             if conn is None:
@@ -178,7 +185,11 @@ class Gateway:
                     method,
                     path,
                     body=None if body is None else json.dumps(body),
-                    headers={"Host": f"{host}.localhost", "Content-Type": "application/json"},
+                    headers={
+                        "Host": f"{host}.localhost",
+                        "Content-Type": "application/json",
+                        **(headers or {}),
+                    },
                 )
                 response = conn.getresponse()
                 return response.status, response.read()

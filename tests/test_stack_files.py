@@ -222,6 +222,12 @@ def test_everything_long_running_is_health_checked_and_waits_for_health(compose)
     assert "networks" not in compose or set(compose["networks"]) <= {"default"}
 
 
+def test_every_long_running_service_comes_back_if_it_dies_and_one_shots_do_not(compose):
+    for name, service in compose["services"].items():
+        expected = None if name in ONE_SHOTS else "unless-stopped"
+        assert service.get("restart") == expected, name
+
+
 def test_the_image_is_slim_pinned_and_runs_as_a_user():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM \$\{PYTHON_IMAGE\}", dockerfile, re.MULTILINE)
