@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import psycopg
 from flask import Flask
 from messaging import tracing, web
 from messaging.connection import BrokerProbe
 from messaging.metrics import ScrapeCollector, consumer_metrics
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import api
 from .config import NotifierConfig
@@ -34,6 +35,7 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
             max_size=config.db_pool_size,
             open=True,
             name="notifier",
+            timeout=5,  # a database that does not answer is a 503 in 5 s, not a hung request
         )
         store = NotifierStore(pool)
     app.extensions["notifier.store"] = store
@@ -68,6 +70,7 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
         openapi=document,
         registry=registry,
         api_keys=api_keys,
+        unavailable=(psycopg.OperationalError, PoolTimeout),
     )
     return app
 

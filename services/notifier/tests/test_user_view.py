@@ -326,3 +326,26 @@ def test_a_read_only_database_for_longer_than_the_retry_ladder_dead_letters_noth
     assert broker.depth(consumer.topology.dead_queue) == 0
     with psycopg.connect(notifier_db) as conn:
         assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 60
+
+
+def test_a_database_whose_name_does_not_resolve_is_an_outage_not_the_events_fault(
+    broker, config, person_event
+):
+    from messaging.testing import running, wait_until
+    from notifier.consumer import build
+    from psycopg_pool import ConnectionPool
+
+    settings = config.model_copy(
+        update={"events_exchange": broker.exchange, "retry_delays": (0.2, 0.4)}
+    )
+    gone = "postgresql://postgres@db-gone.invalid:5432/notifier"  # .invalid never resolves
+    with ConnectionPool(gone, min_size=0, max_size=3, timeout=1, open=True) as pool:
+        consumer, _ = build(settings, pool)
+        broker.topologies.append(consumer.topology)
+        with running(consumer):
+            wait_until(consumer.attached.is_set, what="attached")
+            broker.publish(*[person_event(f"5{n:03d}") for n in range(10)])
+            wait_until(consumer.paused.is_set, timeout=30, what="paused")
+            over = time.monotonic() + 3 * sum(settings.retry_delays)
+            wait_until(lambda: time.monotonic() > over, what="longer than the retry ladder")
+    assert broker.depth(consumer.topology.dead_queue) == 0 and consumer.stats.retried == 0

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import psycopg
 from flask import Flask
 from messaging import tracing, web
 from messaging.connection import BrokerProbe
 from messaging.metrics import ScrapeCollector
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import api, catalogue
 from .activation import Tokens
@@ -37,6 +38,7 @@ def create_app(config: PersonConfig | None = None, store: Store | None = None) -
             max_size=config.db_pool_size,
             open=True,
             name="person",
+            timeout=5,  # a database that does not answer is a 503 in 5 s, not a hung request
         )
         store = PgStore(pool)
     app.extensions["person.store"] = store
@@ -60,6 +62,7 @@ def create_app(config: PersonConfig | None = None, store: Store | None = None) -
         openapi=openapi.document(),
         registry=registry,
         api_keys=api_keys,
+        unavailable=(psycopg.OperationalError, PoolTimeout),
     )
     api.install_error_mapping(app)
     return app

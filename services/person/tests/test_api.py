@@ -1105,3 +1105,23 @@ def test_odd_json_values_never_cause_a_server_error(
     whole = getattr(client, method)(path, data=json.dumps(value), content_type="application/json")
     assert whole.status_code < 500
     assert whole.status_code >= 400 or isinstance(value, dict)
+
+
+def test_a_database_that_does_not_answer_is_a_503_to_try_again_not_a_500():
+    import socket
+
+    from person.app import create_app
+    from person.config import PersonConfig
+    from person.store import PgStore
+    from psycopg_pool import ConnectionPool
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]  # nothing listens once the socket is closed
+    url = f"postgresql://postgres@127.0.0.1:{closed}/person"
+    with ConnectionPool(url, min_size=0, max_size=1, timeout=0.5, open=True) as pool:
+        app = create_app(PersonConfig(person_database_url=url), store=PgStore(pool))
+        response = post_json(app.test_client(), "/person", SEED_PERSON)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "5"
+    assert response.json["message"] == "a store this service needs does not answer; try again"

@@ -50,5 +50,6 @@ def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = Non
         openapi=openapi.document(),
         registry=registry,
         api_keys=api_keys,
+        unavailable=(redis.ConnectionError, redis.TimeoutError),
     )
     return app

@@ -135,3 +135,19 @@ def test_ready_fails_when_redis_answers_but_refuses_writes(private_redis, server
     answer = app.test_client().get("/ready")
     assert answer.status_code == 503
     assert answer.json["checks"]["redis"] == "failing: OutOfMemoryError"
+
+
+def test_a_redis_that_does_not_answer_is_a_503_to_try_again(servers):
+    import socket
+
+    import redis
+    from score.store import ScoreStore
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    store = ScoreStore(redis.Redis(port=closed, socket_connect_timeout=0.5), "x:")
+    response = (
+        create_app(ScoreConfig(amqp_url=servers.amqp), store=store).test_client().get("/1/score")
+    )
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"

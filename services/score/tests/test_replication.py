@@ -172,3 +172,25 @@ def test_write_refusals_are_outages_and_other_errors_the_changes_own(reply, outa
     expected = StoreUnavailable if outage else RetryableError
     with pytest.raises(expected), translated():
         raise parsed
+
+
+def test_a_redis_whose_name_does_not_resolve_is_an_outage_not_the_events_fault(broker, history):
+    from score.config import ScoreConfig
+    from score.consumer import build
+
+    config = ScoreConfig(
+        score_redis_url="redis://redis-gone.invalid:6379/0",  # .invalid never resolves
+        amqp_url=broker.amqp_url,
+        events_exchange=broker.exchange,
+        retry_delays=(0.2, 0.4),
+    )
+    consumer, _ = build(config)
+    broker.topologies.append(consumer.topology)
+    with running(consumer):
+        wait_until(consumer.attached.is_set, what="attached")
+        publish_all(broker, consumer.topology, history.generate(20))
+        wait_until(consumer.paused.is_set, what="paused")
+        over = time.monotonic() + 3 * sum(config.retry_delays)
+        wait_until(lambda: time.monotonic() > over, what="longer than the retry ladder")
+        assert consumer.health().startswith("paused: the store is away")
+    assert broker.depth(consumer.topology.dead_queue) == 0 and consumer.stats.retried == 0

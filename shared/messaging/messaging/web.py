@@ -173,10 +173,12 @@ def install(
     registry: CollectorRegistry,
     api_keys: ApiKeys | None = None,
     documentation_page: bool = True,
+    unavailable: tuple[type[Exception], ...] = (),
 ) -> None:
     """Add the shared error handling, correlation ids, API keys, request metrics and the
     standard routes. Call it after the service's own routes are registered: every route must
-    declare its scope (auth.requires or auth.public), or the app refuses to start."""
+    declare its scope (auth.requires or auth.public), or the app refuses to start. The
+    `unavailable` exceptions (a store's driver saying it cannot reach it) answer 503."""
     app.json.sort_keys = False
     if tracing.configure(service):
         tracing.instrument_flask(app)
@@ -249,6 +251,15 @@ def install(
             if name.lower() != "content-type":  # e.g. Allow on a 405
                 response.headers[name] = value
         return response
+
+    for kind in unavailable:  # a store that does not answer: try again, not a bug (500)
+
+        @app.errorhandler(kind)
+        def _unavailable(exc: Exception) -> Response:
+            log.warning("a store does not answer (%s) [%s]", type(exc).__name__, correlation_id())
+            response = problem(503, "a store this service needs does not answer; try again")
+            response.headers["Retry-After"] = "5"
+            return response
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

@@ -198,3 +198,20 @@ def test_the_operators_command_lists_parked_rows_and_gives_them_back(
         wait_until(lambda: consumer.has(("bad", 1)), what="published after the retry")
     assert main(["--database-url", producer_db, "outbox", "retry", "--all"]) == 0
     assert "gave 0 parked row(s) back" in capsys.readouterr().out
+
+
+def test_a_relay_whose_database_name_does_not_resolve_waits_and_then_publishes(
+    producer_db, broker, consumer
+):
+    """The database's name gone (a failed-over primary's, say): the relay backs off and tries
+    again, it does not end; with the name back it publishes what waited."""
+    gone = psycopg.conninfo.make_conninfo(producer_db, host="db-gone.invalid")
+    relay = relay_for(gone, broker)
+    add(producer_db, "waited")
+    with running(relay) as thread:
+        over = threading.Event()
+        threading.Timer(2.0, over.set).start()
+        wait_until(over.is_set, what="two seconds of a name that does not resolve")
+        assert thread.is_alive() and not relay.is_leader.is_set()
+    with running(relay_for(producer_db, broker)):
+        wait_until(lambda: consumer.has(("waited", 1)), what="published once it resolves")
