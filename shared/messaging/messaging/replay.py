@@ -30,6 +30,7 @@ log = logging.getLogger("messaging.replay")
 COMPLETED_TYPE = "messaging.replay-completed"
 REQUEST_TYPE = "messaging.replay-requested"
 MAX_REQUEST_BYTES = 4096
+REQUEST_HEADER = "x-replay-request"  # the request a replayed event or completion answers
 
 LATEST_SQL = """
 SELECT body, event_id::text, event_type, correlation_id FROM (
@@ -93,8 +94,10 @@ def replay(
     """Publish the producer's events to `queue` with confirms; return how many.
 
     Without `since`: the latest event of every entity (deletions included), enough to rebuild
-    a read model; with it, every event since then. With `request_id`, a completion message
-    follows the events. Raises publisher.PublishError if the broker did not confirm them all.
+    a read model; with it, every event since then. With `request_id`, every event carries it
+    in `x-replay-request` (so a consumer can count the applies a replay caused) and a completion
+    message follows the events. Raises publisher.PublishError if the broker did not confirm
+    them all.
     """
     sql, params = (
         (SINCE_SQL, {"since": since, "entity": entity})
@@ -105,6 +108,8 @@ def replay(
         )
     )
     headers = {"x-replayed-at": datetime.now(UTC).isoformat()}
+    if request_id is not None:
+        headers[REQUEST_HEADER] = request_id
     publisher = ConfirmedPublisher(amqp_url, "", "messaging-replay")
     with psycopg.connect(database_url) as db, db.cursor(name="replay") as cursor:
         cursor.itersize = 2000
@@ -123,7 +128,7 @@ def replay(
                 message_id=f"{request_id}:completed",
                 content_type="application/json",
                 delivery_mode=pika.DeliveryMode.Persistent,
-                headers={"x-replay-request": request_id},
+                headers={REQUEST_HEADER: request_id},
             ),
         )
         publisher.publish_all([completed])
