@@ -11,7 +11,14 @@ import pytest
 from messaging import Consumer, ConsumerSettings, Envelope, Outbox
 from messaging.connection import connect
 from messaging.healing import READY, REBUILDING, Generation, Healing
-from messaging.replay import COMPLETED_TYPE, REQUEST_HEADER, ReplayServer, replay, requests_queue
+from messaging.replay import (
+    COMPLETED_TYPE,
+    REQUEST_HEADER,
+    declare_requests,
+    replay,
+    requests_queue,
+)
+from messaging.replay_server import ReplayServer
 from messaging.testing import running, wait_until
 
 pytestmark = pytest.mark.integration
@@ -118,7 +125,7 @@ def test_the_replay_server_sends_the_latest_events_and_then_the_completion(produ
         lambda env: seen.append((env.entity_id, env.entity_version)),
         healing=healing,
     )
-    server = ReplayServer(producer_db, broker.amqp_url, broker.exchange)
+    server = ReplayServer(producer_db, broker.amqp_url, broker.exchange, [topology.queue])
     with running(consumer), running(server):
         wait_until(consumer.attached.is_set, what="attached")
         assert healing.check() == REBUILDING
@@ -135,13 +142,11 @@ def test_a_request_that_is_not_one_is_dropped_and_the_server_goes_on(producer_db
     topology = broker.topology("after-bad")
     conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
     topology.declare(conn)
-    channel = conn.channel()
-    channel.queue_declare(
-        requests_queue(broker.exchange), durable=True, arguments={"x-queue-type": "quorum"}
-    )
-    channel.basic_publish("", requests_queue(broker.exchange), body)
+    conn.channel().basic_publish("", declare_requests(conn, broker.exchange), body)
     conn.close()
-    server = ReplayServer(producer_db, broker.amqp_url, broker.exchange)
+    server = ReplayServer(
+        producer_db, broker.amqp_url, broker.exchange, [topology.queue, "missing.q"]
+    )
     store = MemoryGeneration()
     healing = Healing(store, broker.amqp_url, broker.exchange, topology.queue)
     consumer = Consumer(
