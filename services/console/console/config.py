@@ -19,6 +19,8 @@ class ConsoleConfig(ServiceSettings):
     console_api_key: str | None = None  # person:read, score:read, notifier:read, metrics, admin
     console_secret: str = DEVELOPMENT_SECRET  # signs the session cookie
     console_consumers: tuple[str, ...] = ("score", "notifier")  # whose queues it shows
+    # Dead letters a page reads (and holds unacknowledged, briefly) from each dead queue at most.
+    console_dlq_window: int = 500
 
     @model_validator(mode="after")
     def _production_is_closed(self) -> ConsoleConfig:
