@@ -5,8 +5,8 @@
     messaging dlq replay <queue> (--id ID ... | --all)
                                                 (list, show, replay: [--window N])
     messaging dlq purge <queue> --yes
-    messaging outbox status                     backlog, oldest unpublished, last publish
-    messaging replay --to <queue> [--entity E] [--since ISO]
+    messaging outbox status                     backlog, last publish, the outbox's position
+    messaging replay --to <queue> [--entity E] [--after-id POSITION | --since ISO]
     messaging apikey new --scopes a,b           a fresh API key and its API_KEYS entry
 
 The broker is AMQP_URL (one node, or several of a cluster, comma-separated); the producer's
@@ -172,23 +172,36 @@ def dlq_purge(queue: str) -> int:
 
 
 def outbox_status() -> int:
-    with psycopg.connect(_database_url(), connect_timeout=5) as conn:
+    with psycopg.connect(_database_url(), connect_timeout=5, autocommit=True) as conn:
         backlog, oldest_age = outbox.backlog(conn)
         published, last = outbox.published(conn)
+        at = _position(conn)
     print(f"unpublished: {backlog}")
     print(f"oldest unpublished: {f'{oldest_age:.1f}s ago' if backlog else '-'}")
     print(f"published: {published}")
     when = datetime.fromtimestamp(last, UTC).isoformat() if last is not None else "never"
     print(f"last published: {when}")
+    print(f"position: {at}  (messaging replay --after-id {at} sends what is written from now on)")
     return 0
 
 
-def replay(queue: str, entity: str | None, since: datetime | None) -> int:
+def _position(conn: psycopg.Connection) -> str:
+    try:
+        return str(outbox.position(conn))
+    except outbox.OutboxBusy as exc:
+        return f"unknown ({exc})"
+    except psycopg.errors.InsufficientPrivilege:
+        return "unknown (taking it locks the outbox table: a role that may write it can)"
+
+
+def replay(queue: str, entity: str | None, after_id: int | None, since: datetime | None) -> int:
     """Publish the producer's events straight to one subscriber's queue (replay.py)."""
     with _channel() as channel:
         channel.queue_declare(queue, passive=True)  # a typo must not publish into the void
     try:
-        count = replay_events(_database_url(), _amqp_url(), queue, entity=entity, since=since)
+        count = replay_events(
+            _database_url(), _amqp_url(), queue, entity=entity, after_id=after_id, since=since
+        )
     except PublishError as exc:
         print(f"messaging: replay interrupted: {exc}; run it again", file=sys.stderr)
         return 1
@@ -264,7 +277,19 @@ def parser() -> argparse.ArgumentParser:
     rebuild = commands.add_parser("replay", help="publish the producer's events to one queue")
     rebuild.add_argument("--to", required=True, dest="queue")
     rebuild.add_argument("--entity")
-    rebuild.add_argument("--since", type=_since, help="ISO time: every event since then")
+    start = rebuild.add_mutually_exclusive_group()
+    start.add_argument(
+        "--after-id",
+        type=int,
+        metavar="POSITION",
+        help="every event after this outbox position (`messaging outbox status` prints it)",
+    )
+    start.add_argument(
+        "--since",
+        type=_since,
+        metavar="ISO",
+        help="every event published since then, on the database's clock",
+    )
     return top
 
 
@@ -284,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             return outbox_status()
         if args.command == "apikey":
             return apikey_new(args.scopes)
-        return replay(args.queue, args.entity, args.since)
+        return replay(args.queue, args.entity, args.after_id, args.since)
     except pika.exceptions.ChannelClosedByBroker as exc:
         print(f"messaging: the broker refused: {exc.reply_text}", file=sys.stderr)
         return 2

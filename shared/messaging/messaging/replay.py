@@ -53,9 +53,21 @@ SELECT body, event_id::text, event_type, correlation_id FROM (
     ORDER BY entity, entity_id, entity_version DESC
 ) latest ORDER BY id
 """
+# Every event after a position (outbox.position): ids are only compared with one the outbox
+# gave out while no write was open, so none committed later is below it.
+AFTER_SQL = """
+SELECT body, event_id::text, event_type, correlation_id FROM messaging_outbox
+WHERE id > %(after)s AND (%(entity)s::text IS NULL OR entity = %(entity)s)
+ORDER BY id
+"""
+# Every event published since a time on the database's clock (or not published yet). Not
+# occurred_at: that is the writer's clock, before its commit, so a transaction open at the
+# time, or a writer whose clock is behind, would be missed; a row is published only after it
+# committed, and published_at is the database's now() then.
 SINCE_SQL = """
 SELECT body, event_id::text, event_type, correlation_id FROM messaging_outbox
-WHERE occurred_at >= %(since)s AND (%(entity)s::text IS NULL OR entity = %(entity)s)
+WHERE (published_at >= %(since)s OR published_at IS NULL)
+AND (%(entity)s::text IS NULL OR entity = %(entity)s)
 ORDER BY id
 """
 
@@ -151,26 +163,29 @@ def replay(
     queue: str,
     *,
     entity: str | None = None,
+    after_id: int | None = None,
     since: datetime | None = None,
     request_id: str | None = None,
     also_completes: Collection[str] = (),
 ) -> int:
     """Publish the producer's events to `queue` with confirms; return how many.
 
-    Without `since`: the latest event of every entity (deletions included), enough to rebuild
-    a read model; with it, every event since then. With `request_id`, every event carries it
+    By default the latest event of every entity (deletions included), enough to rebuild a read
+    model; with `after_id`, every event after that outbox position (outbox.position); with
+    `since`, every event the relay published since then (the database's clock) or has not yet
+    published. With `request_id`, every event carries it
     in `x-replay-request` (so a consumer can count the applies a replay caused) and a completion
     message follows the events, and one for each of `also_completes` (requests this one replay
     answers too). Raises publisher.PublishError if the broker did not confirm them all.
     """
-    sql, params = (
-        (SINCE_SQL, {"since": since, "entity": entity})
-        if since
-        else (
-            LATEST_SQL,
-            {"entity": entity},
-        )
-    )
+    if after_id is not None and since is not None:
+        raise ValueError("replay after a position or since a time, not both")
+    if after_id is not None:
+        sql, params = AFTER_SQL, {"after": after_id, "entity": entity}
+    elif since is not None:
+        sql, params = SINCE_SQL, {"since": since, "entity": entity}
+    else:
+        sql, params = LATEST_SQL, {"entity": entity}
     headers = {"x-replayed-at": datetime.now(UTC).isoformat()}
     if request_id is not None:
         headers[REQUEST_HEADER] = request_id
