@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from messaging.settings import DEVELOPMENT_SECRET, ServiceSettings, check_activation_secret
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 
@@ -23,7 +23,7 @@ class PersonConfig(ServiceSettings):
     imports_queued_per_key: int = 3
     # The consuming services whose work queues the relay replays to on request (no other).
     replay_targets: Annotated[tuple[str, ...], NoDecode] = ("score", "notifier")
-    replay_min_interval_seconds: float = 30.0  # between two replays to one of them
+    replay_min_interval_seconds: float = Field(30.0, ge=0)  # between two replays to one
 
     @field_validator("replay_targets", mode="before")
     @classmethod
