@@ -67,6 +67,8 @@ def stack_env(make_database, servers) -> Iterator[dict[str, str]]:
         "RATE_LIMIT_AVERAGE": "100000",
         "RATE_LIMIT_BURST": "100000",
         "ACTIVATION_RESEND_SECONDS": "0",
+        # Tests rebuild and heal a model again and again, seconds apart.
+        "REPLAY_MIN_INTERVAL_SECONDS": "1",
         "PERSON_WORKERS": "1",
         "SCORE_WORKERS": "1",
         "NOTIFIER_WORKERS": "1",

@@ -21,7 +21,7 @@ import redis
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from messaging import Consumer, ConsumerSettings, Envelope
-from messaging.cli import dead_reason
+from messaging.deadletters import dead_reason
 from messaging.envelope import MAX_BODY_BYTES
 from messaging.testing import running, wait_until
 from notifier.config import NotifierConfig

@@ -144,8 +144,11 @@ def overview_live() -> Any:
 @bp.get("/failures")
 def failures() -> Any:
     groups: dict[tuple[str, str], list] = defaultdict(list)
+    windows = []
     for queue in sources().dead_queues:
-        for letter in sources().dead_letters(queue):
+        look = sources().dead_letters(queue)  # headers only: groups need no body
+        windows.append(_window(queue, look))
+        for letter in look.letters:
             groups[(queue, letter.group)].append(letter)
     rows = [
         {
@@ -157,7 +160,12 @@ def failures() -> Any:
         }
         for (queue, group), letters in sorted(groups.items(), key=lambda item: -len(item[1]))
     ]
-    return render_template("failures.html", rows=rows, csrf=csrf_token())
+    return render_template("failures.html", rows=rows, windows=windows, csrf=csrf_token())
+
+
+def _window(queue: str, look: Any) -> dict[str, Any]:
+    """How much of a dead queue a page saw: the first `seen` of `depth`."""
+    return {"queue": queue, "seen": len(look.letters), "depth": look.depth, "partial": look.partial}
 
 
 @bp.get("/failures/group")
@@ -166,19 +174,26 @@ def failure_group() -> Any:
     if queue not in sources().dead_queues:
         abort(404)
     reveal = request.args.get("reveal") == "1"
-    letters = [x for x in sources().dead_letters(queue) if x.group == group]
+    look = sources().dead_letters(queue, keep_body=lambda letter, _body: letter.group == group)
+    letters = [x for x in look.letters if x.group == group]
     if reveal:
         audit().record(g.operator, "reveal", f"{queue}: {group}", len(letters))
     shown = [
         {
             "letter": x,
-            "body": body_view(x.body, reveal),
+            "body": body_view(x.body or b"", reveal),
             "headers": {k: v for k, v in sorted(x.headers.items()) if k != "x-death"},
         }
         for x in letters
     ]
     return render_template(
-        "group.html", queue=queue, group=group, letters=shown, reveal=reveal, csrf=csrf_token()
+        "group.html",
+        queue=queue,
+        group=group,
+        letters=shown,
+        window=_window(queue, look),
+        reveal=reveal,
+        csrf=csrf_token(),
     )
 
 
@@ -189,9 +204,21 @@ def failure_action(action: str) -> Any:
     ids = request.form.getlist("id")
     if queue not in sources().dead_queues or action not in ("replay", "discard") or not ids:
         abort(400, "choose a dead queue, an action and at least one message")
-    done = (sources().replay if action == "replay" else sources().discard)(queue, ids)
-    audit().record(g.operator, action, queue, done, f"{len(ids)} listed: {', '.join(ids)[:1500]}")
-    return redirect(url_for("console.failures", done=f"{action}: {done} of {len(ids)}"))
+    outcome = (sources().replay if action == "replay" else sources().discard)(queue, ids)
+    audit().record(
+        g.operator, action, queue, outcome.done, f"{len(ids)} listed: {', '.join(ids)[:1500]}"
+    )
+    return redirect(url_for("console.failures", done=_done(action, len(ids), outcome)))
+
+
+def _done(action: str, listed: int, outcome: Any) -> str:
+    """What an action did, in numbers, and why it did less than asked."""
+    said = f"{action}: {outcome.done} of {listed}"
+    if outcome.missing:
+        said += f"; {len(outcome.missing)} not found among the {outcome.scanned} scanned"
+    if outcome.other_readers:
+        said += "; another reader held messages meanwhile"
+    return said
 
 
 @bp.get("/journey")
@@ -230,12 +257,16 @@ def _journey(query: str) -> dict[str, Any]:
             emails = answer.get("deliveries", []) if status == 200 else []
         except Unreachable:
             emails = []
-    dead = []
+    dead, windows = [], []
     ids = {e["event_id"] for e in events}
+
+    def about(letter: Any, body: bytes) -> bool:
+        return letter.message_id in ids or bool(cpf and cpf.encode() in body)
+
     for queue in s.dead_queues:
-        for letter in s.dead_letters(queue):
-            if letter.message_id in ids or (cpf and cpf.encode() in letter.body):
-                dead.append({"queue": queue, "letter": letter})
+        look = s.dead_letters(queue, keep_body=about)  # bodies of its own letters only
+        windows.append(_window(queue, look))
+        dead += [{"queue": queue, "letter": x} for x in look.letters if x.body is not None]
     for service, state in models.items():
         if any(d["queue"].startswith(f"{service}.") for d in dead):
             state["state"] = "dead-lettered"
@@ -246,6 +277,7 @@ def _journey(query: str) -> dict[str, Any]:
         "models": models,
         "emails": emails,
         "dead": dead,
+        "dead_windows": windows,
         "unpublished": stuck,
         "latest": latest_person,
     }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from messaging.settings import MIN_SECRET_LENGTH, ServiceSettings
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 DEVELOPMENT_SECRET = "development-console-secret"
 
@@ -19,6 +19,8 @@ class ConsoleConfig(ServiceSettings):
     console_api_key: str | None = None  # person:read, score:read, notifier:read, metrics, admin
     console_secret: str = DEVELOPMENT_SECRET  # signs the session cookie
     console_consumers: tuple[str, ...] = ("score", "notifier")  # whose queues it shows
+    # Dead letters a page reads (and holds unacknowledged, briefly) from each dead queue at most.
+    console_dlq_window: int = Field(500, ge=1)
 
     @model_validator(mode="after")
     def _production_is_closed(self) -> ConsoleConfig:

@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +17,14 @@ import psycopg
 from messaging import deadletters, outbox
 from messaging.connection import connect
 from messaging.topology import Topology
+from pika.exceptions import ChannelClosedByBroker
 from prometheus_client.parser import text_string_to_metric_families
 
 from .config import ConsoleConfig
 
 TIMEOUT = 5.0
 PARKED_SHOWN = 10  # parked outbox rows listed on the overview (messaging outbox status: all)
+NOT_FOUND = 404  # AMQP: no such queue
 # Fields of an event's data that say who a person is: masked until the operator reveals them.
 PERSONAL = {"cpf", "name", "address", "email", "date_of_birth", "entity_id"}
 
@@ -117,29 +120,30 @@ class Sources:
                 conn.close()
         return rows
 
-    def dead_letters(self, queue: str) -> list[deadletters.Letter]:
-        conn = connect(self.config.amqp_url, "console", timeout=3)
+    def dead_letters(
+        self, queue: str, keep_body: Callable[[deadletters.Letter, bytes], bool] | None = None
+    ) -> deadletters.Look:
+        """One window of the dead queue's letters, given back at once; bodies where asked."""
         try:
-            return deadletters.look(conn, queue)
-        finally:
-            if conn.is_open:
-                conn.close()
+            return self._dead(queue).look(keep_body)
+        except ChannelClosedByBroker as exc:
+            if exc.reply_code != NOT_FOUND:
+                raise
+            return deadletters.Look([], 0)  # its service has not declared its queues yet
 
-    def replay(self, queue: str, ids: list[str]) -> int:
-        conn = connect(self.config.amqp_url, "console", timeout=3)
-        try:
-            return deadletters.replay(conn, queue, ids)
-        finally:
-            if conn.is_open:
-                conn.close()
+    def replay(self, queue: str, ids: list[str]) -> deadletters.Outcome:
+        return self._dead(queue).replay(ids)
 
-    def discard(self, queue: str, ids: list[str]) -> int:
-        conn = connect(self.config.amqp_url, "console", timeout=3)
-        try:
-            return deadletters.discard(conn, queue, ids)
-        finally:
-            if conn.is_open:
-                conn.close()
+    def discard(self, queue: str, ids: list[str]) -> deadletters.Outcome:
+        return self._dead(queue).discard(ids)
+
+    def _dead(self, queue: str) -> deadletters.DeadLetters:
+        return deadletters.DeadLetters(
+            self.config.amqp_url,
+            queue,
+            window=self.config.console_dlq_window,
+            client_name="console",
+        )
 
     @property
     def dead_queues(self) -> list[str]:

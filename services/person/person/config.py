@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from messaging.settings import DEVELOPMENT_SECRET, ServiceSettings, check_activation_secret
-from pydantic import model_validator
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 
 class PersonConfig(ServiceSettings):
@@ -18,6 +21,22 @@ class PersonConfig(ServiceSettings):
     db_pool_size: int = 10
     activation_resend_seconds: float = 60.0
     imports_queued_per_key: int = 3
+    # The consuming services whose work queues the relay replays to on request (no other).
+    replay_targets: Annotated[tuple[str, ...], NoDecode] = ("score", "notifier")
+    replay_min_interval_seconds: float = Field(30.0, ge=0)  # between two replays to one
+
+    @field_validator("replay_targets", mode="before")
+    @classmethod
+    def _services(cls, value: object) -> object:
+        """REPLAY_TARGETS is comma-separated: score,notifier."""
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+    @property
+    def replay_queues(self) -> list[str]:
+        """The work queues replay requests may name."""
+        return [self.topology(service).queue for service in self.replay_targets]
 
     @model_validator(mode="after")
     def _production_needs_a_secret(self) -> PersonConfig:

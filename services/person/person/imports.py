@@ -59,19 +59,18 @@ class ImportStore:
             conn.transaction(),
             conn.cursor(row_factory=dict_row) as cur,
         ):
-            if idempotency_key is not None:
-                cur.execute(
-                    f"SELECT {IMPORT_COLUMNS} FROM imports "
-                    "WHERE owner = %s AND idempotency_key = %s",
-                    (owner, idempotency_key),
-                )
-                existing = cur.fetchone()
-                if existing is not None:
-                    return existing, False
+            existing = _keyed(cur, owner, idempotency_key)
+            if existing is not None:
+                return existing, False
             # One owner's imports queue one at a time through this lock, so the count holds.
             cur.execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended('imports:' || %s, 0))", (owner,)
             )
+            # A retry that raced its original waited for the lock until the original committed:
+            # it gets the original, which the count below would otherwise refuse as one too many.
+            existing = _keyed(cur, owner, idempotency_key)
+            if existing is not None:
+                return existing, False
             cur.execute(
                 "SELECT count(*) AS queued FROM imports WHERE owner = %s AND status <> 'done'",
                 (owner,),
@@ -87,12 +86,7 @@ class ImportStore:
             )
             row = cur.fetchone()
             if row is None:  # the key was taken meanwhile (ON CONFLICT waited for it)
-                cur.execute(
-                    f"SELECT {IMPORT_COLUMNS} FROM imports "
-                    "WHERE owner = %s AND idempotency_key = %s",
-                    (owner, idempotency_key),
-                )
-                return cur.fetchone(), False
+                return _keyed(cur, owner, idempotency_key), False
             with cur.copy("COPY import_items (import_id, idx, item) FROM STDIN") as copy:
                 for index, item in enumerate(items):
                     copy.write_row((import_id, index, json.dumps(item, separators=(",", ":"))))
@@ -118,6 +112,17 @@ class ImportStore:
                 {"index": f["idx"], "errors": json.loads(f["errors"])} for f in cur.fetchall()
             ]
             return row
+
+
+def _keyed(cur: psycopg.Cursor, owner: str, idempotency_key: str | None) -> dict | None:
+    """The owner's import made with this idempotency key, if any."""
+    if idempotency_key is None:
+        return None
+    cur.execute(
+        f"SELECT {IMPORT_COLUMNS} FROM imports WHERE owner = %s AND idempotency_key = %s",
+        (owner, idempotency_key),
+    )
+    return cur.fetchone()
 
 
 # Failed items kept per import (all are counted): a payload of 100,000 bad items stores no

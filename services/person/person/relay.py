@@ -6,7 +6,7 @@ Besides publishing the outbox, it serves read models' replay requests (messaging
 from __future__ import annotations
 
 from messaging import Relay, RelaySettings, tracing
-from messaging.replay import ReplayServer
+from messaging.replay_server import ReplayServer
 from messaging.runner import configure_logging, run_until_signalled
 
 from .config import PersonConfig
@@ -22,7 +22,13 @@ def main() -> int:
         exchange=config.events_exchange,
         producer="person",
     )
-    server = ReplayServer(config.person_database_url, config.amqp_url, config.events_exchange)
+    server = ReplayServer(
+        config.person_database_url,
+        config.amqp_url,
+        config.events_exchange,
+        targets=config.replay_queues,
+        min_interval=config.replay_min_interval_seconds,
+    )
     server.start()
     try:
         return run_until_signalled(Relay(settings))

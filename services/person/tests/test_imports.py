@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -293,6 +294,50 @@ def test_one_key_cannot_queue_more_than_a_few_imports(bulk_config, person_db):
         assert [post_bulk(client, [person(n)]).status_code for n in range(3)] == [202, 202, 429]
         refused = post_bulk(client, [person(9)])
         assert refused.headers["Retry-After"] and "not done yet" in refused.json["message"]
+
+
+def test_a_retry_racing_its_original_gets_the_original_even_with_the_key_at_its_limit(
+    bulk_config, person_db
+):
+    with ConnectionPool(person_db, min_size=1, max_size=4) as pool:
+        config = bulk_config.model_copy(update={"imports_queued_per_key": 3})
+        app = create_app(config, PgStore(pool))
+        for n in range(2):  # two imports queued: the original makes three, the limit
+            assert post_bulk(app.test_client(), [person(n)]).status_code == 202
+        answers: list = []
+
+        def send() -> None:
+            answers.append(post_bulk(app.test_client(), [person(5)], key="same"))
+
+        requests = [threading.Thread(target=send) for _ in range(2)]
+        # The owner's lock, held here: both find no import with the key, then wait for it.
+        with psycopg.connect(person_db) as lock:
+            owner = ""  # API keys off
+            lock.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended('imports:' || %s, 0))", (owner,)
+            )
+            for thread in requests:
+                thread.start()
+            wait_until(lambda: waiting_for_a_lock(person_db) == 2, what="both at the lock")
+            lock.rollback()  # lets them go, one after the other
+        for thread in requests:
+            thread.join(30)
+        assert [answer.status_code for answer in answers] == [202, 202], [a.json for a in answers]
+        assert answers[0].json == answers[1].json
+        later = post_bulk(app.test_client(), [person(5)], key="same")
+        assert later.json == answers[0].json
+
+
+OWNERS_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('imports:' || %s, 0))"
+
+
+def waiting_for_a_lock(url: str) -> int:
+    [(waiting,)] = query(
+        url,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    return waiting
 
 
 def test_an_import_keeps_a_bounded_number_of_failures_but_counts_them_all(

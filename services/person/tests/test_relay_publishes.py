@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pika
 import pytest
 from delivered import unpublished
 from messaging import decode
+from messaging.replay import COMPLETED_TYPE, request_replay, requests_queue
 from messaging.testing import wait_until
 from person.app import create_app
 
@@ -44,6 +47,32 @@ def channel(broker) -> Iterator[Any]:
             conn.close()
 
 
+@contextmanager
+def relay_process(person_db: str, broker, **env: str) -> Iterator[subprocess.Popen]:
+    """`python -m person.relay` on this test's database and exchange; stopped cleanly after."""
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "person.relay"],
+        env={
+            **os.environ,
+            "PERSON_DATABASE_URL": person_db,
+            "AMQP_URL": broker.amqp_url,
+            "EVENTS_EXCHANGE": broker.exchange,
+            **env,
+        },
+    )
+    try:
+        yield relay
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        try:
+            code = relay.wait(30)
+        except subprocess.TimeoutExpired:
+            relay.kill()
+            relay.wait(10)
+            raise
+    assert code == 0
+
+
 def test_the_seeds_four_writes_reach_a_bound_queue_in_order_through_the_relay_process(
     config, pg_store, person_db, broker, channel
 ):
@@ -65,27 +94,9 @@ def test_the_seeds_four_writes_reach_a_bound_queue_in_order_through_the_relay_pr
             received.append((properties, body))
         return len(received) >= 4
 
-    relay = subprocess.Popen(
-        [sys.executable, "-m", "person.relay"],
-        env={
-            **os.environ,
-            "PERSON_DATABASE_URL": person_db,
-            "AMQP_URL": broker.amqp_url,
-            "EVENTS_EXCHANGE": broker.exchange,
-        },
-    )
-    try:
+    with relay_process(person_db, broker):
         wait_until(four_received, timeout=30, what="four events on the watch queue")
         wait_until(lambda: unpublished(person_db) == 0, timeout=30, what="rows marked published")
-    finally:
-        relay.send_signal(signal.SIGTERM)
-        try:
-            code = relay.wait(30)
-        except subprocess.TimeoutExpired:
-            relay.kill()
-            relay.wait(10)
-            raise
-    assert code == 0
 
     method, _, _ = channel.basic_get(watch.queue, auto_ack=True)
     assert method is None, "the relay published more than the four events"
@@ -116,3 +127,34 @@ def test_the_seeds_four_writes_reach_a_bound_queue_in_order_through_the_relay_pr
         assert properties.content_type == "application/json"
         assert properties.delivery_mode == 2
         assert properties.correlation_id == envelope.correlation_id
+
+
+def test_the_relay_process_replays_only_to_the_services_it_is_configured_for(
+    config, pg_store, person_db, broker, channel
+):
+    client = create_app(config, store=pg_store).test_client()
+    assert client.post("/person", json=SEED[0][1]).status_code == 201
+    served, spy = broker.topology("served"), broker.topology("spy")
+    for topology in (served, spy):
+        topology.declare(channel.connection)
+    for queue in (spy.queue, served.queue):  # the spy's first: it is refused, not queued
+        request_replay(broker.amqp_url, broker.exchange, queue, f"asked-by-{queue}")
+
+    completed: list[str] = []
+
+    def completion_received() -> bool:
+        method, properties, body = channel.basic_get(served.queue, auto_ack=True)
+        if method is not None and properties.type == COMPLETED_TYPE:
+            completed.append(json.loads(body)["request_id"])
+        return bool(completed)
+
+    with relay_process(person_db, broker, REPLAY_TARGETS="served, elsewhere"):
+        wait_until(completion_received, timeout=30, what="the served queue's replay")
+        wait_until(
+            lambda: broker.depth(requests_queue(broker.exchange)) == 0,
+            what="every request taken",
+        )
+    assert completed == [f"asked-by-{served.queue}"]
+    method, properties, _ = channel.basic_get(spy.queue, auto_ack=True)  # the live event only
+    assert method is not None and "x-replay-request" not in (properties.headers or {})
+    assert channel.basic_get(spy.queue, auto_ack=True)[0] is None

@@ -3,17 +3,21 @@
     messaging dlq list <queue>                  dead messages grouped by reason
     messaging dlq show <queue> [--id EVENT_ID]  headers and body
     messaging dlq replay <queue> (--id ID ... | --all)
+                                                (list, show, replay: [--window N])
     messaging dlq purge <queue> --yes
-    messaging outbox status                     backlog, oldest unpublished, last publish, and the
-                                                rows the relay parked, each with its reason
+    messaging outbox status                     backlog, oldest unpublished, last publish, the
+                                                outbox's position, and the rows the relay
+                                                parked, each with its reason
     messaging outbox retry (ID ... | --all)     give parked rows back to the relay (after a fix)
-    messaging replay --to <queue> [--entity E] [--since ISO]
+    messaging replay --to <queue> [--entity E] [--after-id POSITION | --since ISO]
     messaging apikey new --scopes a,b           a fresh API key and its API_KEYS entry
 
 The broker is AMQP_URL (one node, or several of a cluster, comma-separated); the producer's
 database is DATABASE_URL (or --database-url). `<queue>` may be a dead queue's name or its work
-queue's (`.dead` is then added). Listing and showing never consume a dead letter: the messages
-are read and returned at once, and dead queues have no delivery limit.
+queue's (`.dead` is then added). No dlq command holds more than `--window` dead letters
+unacknowledged at a time (deadletters.py): listing and showing look at the head of the queue and
+give it back at once, never consuming a dead letter; `show --id` and `replay` go past the window
+by moving the messages they pass to the tail of the dead queue.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
 
 import pika
 import psycopg
@@ -34,7 +37,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from . import deadletters, outbox
 from .connection import connect
-from .deadletters import dead_queue_name, dead_reason, give_back, read_all
+from .deadletters import DEFAULT_WINDOW, dead_queue_name
 from .deadletters import text as _text
 from .publisher import PublishError
 from .replay import replay as replay_events
@@ -71,20 +74,24 @@ def _channel() -> Iterator[BlockingChannel]:
             conn.close()
 
 
-def _headers(properties: Any) -> dict[str, Any]:
-    return dict(properties.headers or {})
+def _dead_letters(queue: str, window: int) -> deadletters.DeadLetters:
+    return deadletters.DeadLetters(_amqp_url(), queue, window=window, client_name="messaging-cli")
 
 
-def dlq_list(queue: str) -> int:
-    queue = dead_queue_name(queue)
-    with _channel() as channel:
-        messages = read_all(channel, queue)
-        give_back(channel)
+def dlq_list(queue: str, window: int) -> int:
+    """Group the dead letters by reason, from their headers, a window at a time."""
+    look = _dead_letters(queue, window).look()
     groups: dict[str, list[str]] = collections.defaultdict(list)
-    for _, properties, _ in messages:
-        headers = _headers(properties)
-        groups[dead_reason(headers)].append(_text(headers.get("x-dead-at", "")))
-    print(f"{queue}: {len(messages)} dead message(s)")
+    for letter in look.letters:
+        groups[letter.reason].append(letter.dead_at)
+    name = dead_queue_name(queue)
+    if look.partial:
+        print(
+            f"{name}: {look.depth} dead message(s); grouped below: the {len(look.letters)} "
+            f"at its head (a look holds at most --window {window})"
+        )
+    else:
+        print(f"{name}: {look.depth} dead message(s)")
     for reason, times in sorted(groups.items(), key=lambda item: -len(item[1])):
         known = sorted(t for t in times if t)
         span = f"  oldest {known[0]}  newest {known[-1]}" if known else ""
@@ -92,44 +99,71 @@ def dlq_list(queue: str) -> int:
     return 0
 
 
-def dlq_show(queue: str, event_id: str | None) -> int:
-    queue = dead_queue_name(queue)
-    with _channel() as channel:
-        messages = read_all(channel, queue)
-        give_back(channel)
-    shown = 0
-    for _, properties, body in messages:
-        if event_id is not None and properties.message_id != event_id:
-            continue
-        shown += 1
-        print(f"--- message_id: {properties.message_id}  type: {properties.type}")
-        for name, value in sorted(_headers(properties).items()):
-            if name != "x-death":
-                print(f"{name}: {_text(value)}")
-        try:
-            text = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
-        except ValueError:
-            text = repr(body[:SHOW_BODY_LIMIT])
-        if len(text) > SHOW_BODY_LIMIT:
-            text = f"{text[:SHOW_BODY_LIMIT]}\n... ({len(body)} bytes in all)"
-        print(text)
-    if event_id is not None and not shown:
-        print(f"no message {event_id} in {queue}", file=sys.stderr)
+def dlq_show(queue: str, event_id: str | None, window: int) -> int:
+    dead = _dead_letters(queue, window)
+    if event_id is None:
+        look = dead.look(keep_body=lambda _letter, _body: True)
+        if look.partial:
+            print(f"(the {len(look.letters)} at the head of {dead.queue}'s {look.depth})")
+        for letter in look.letters:
+            _print_letter(letter)
+        return 0
+    found, outcome = dead.find(event_id)
+    if found is None:
+        print(
+            f"no message {event_id} among the {outcome.scanned} scanned of {dead.queue}'s "
+            f"{outcome.depth}",
+            file=sys.stderr,
+        )
         return 1
+    _print_letter(found)
     return 0
 
 
-def dlq_replay(queue: str, ids: list[str] | None) -> int:
-    """Republish to the original queue with a confirm, then remove from the dead queue."""
-    queue = dead_queue_name(queue)
-    conn = connect(_amqp_url(), "messaging-cli")
+def _print_letter(letter: deadletters.Letter) -> None:
+    print(f"--- message_id: {letter.message_id}  type: {letter.type}")
+    for name, value in sorted(letter.headers.items()):
+        if name != "x-death":
+            print(f"{name}: {_text(value)}")
+    body = letter.body or b""
     try:
-        replayed = deadletters.replay(conn, queue, ids)
-    finally:
-        if conn.is_open:
-            conn.close()
-    print(f"replayed {replayed} message(s) from {queue}")
-    return 0 if replayed or ids is None else 1
+        text = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
+    except ValueError:
+        text = repr(body[:SHOW_BODY_LIMIT])
+    if len(text) > SHOW_BODY_LIMIT:
+        text = f"{text[:SHOW_BODY_LIMIT]}\n... ({len(body)} bytes in all)"
+    print(text)
+
+
+def dlq_replay(queue: str, ids: list[str] | None, window: int) -> int:
+    """Republish to the work queue with a confirm, then remove from the dead queue."""
+    dead = _dead_letters(queue, window)
+    try:
+        outcome = dead.replay(ids)
+    except deadletters.Interrupted as exc:
+        _report("replayed", dead.queue, exc.outcome)
+        print(f"messaging: interrupted: {exc}; run it again", file=sys.stderr)
+        return 1
+    _report("replayed", dead.queue, outcome)
+    return 1 if outcome.missing else 0
+
+
+def _report(done: str, queue: str, outcome: deadletters.Outcome) -> None:
+    """The counts of a replay or discard, and what was not done."""
+    print(f"{done} {outcome.done} message(s) from {queue}")
+    if outcome.missing:
+        shown = ", ".join(outcome.missing[:20]) + (" ..." if len(outcome.missing) > 20 else "")
+        print(f"not found among the {outcome.scanned} scanned: {shown}")
+    if outcome.remaining:
+        print(
+            f"{outcome.remaining} message(s) are in {queue} now (not chosen, dead again, newly "
+            "dead, or given back by another reader)"
+        )
+    if outcome.other_readers:
+        print(
+            f"another reader was attached to {queue} while this ran: the messages it held "
+            "could not be seen; run this again when it is done"
+        )
 
 
 def dlq_purge(queue: str) -> int:
@@ -144,9 +178,10 @@ PARKED_SHOWN = 100
 
 
 def outbox_status() -> int:
-    with psycopg.connect(_database_url(), connect_timeout=5) as conn:
+    with psycopg.connect(_database_url(), connect_timeout=5, autocommit=True) as conn:
         backlog, oldest_age = outbox.backlog(conn)
         published, last = outbox.published(conn)
+        at = _position(conn)
         parked_count = outbox.parked_count(conn)
         parked = outbox.parked(conn, limit=PARKED_SHOWN)
     print(f"unpublished: {backlog}")
@@ -154,6 +189,7 @@ def outbox_status() -> int:
     print(f"published: {published}")
     when = datetime.fromtimestamp(last, UTC).isoformat() if last is not None else "never"
     print(f"last published: {when}")
+    print(f"position: {at}  (messaging replay --after-id {at} sends what is written from now on)")
     print(f"parked: {parked_count}")
     for row in parked:
         newer = (
@@ -180,12 +216,23 @@ def outbox_retry(ids: list[int] | None) -> int:
     return 0 if count or ids is None else 1
 
 
-def replay(queue: str, entity: str | None, since: datetime | None) -> int:
+def _position(conn: psycopg.Connection) -> str:
+    try:
+        return str(outbox.position(conn))
+    except outbox.OutboxBusy as exc:
+        return f"unknown ({exc})"
+    except psycopg.errors.InsufficientPrivilege:
+        return "unknown (taking it locks the outbox table: a role that may write it can)"
+
+
+def replay(queue: str, entity: str | None, after_id: int | None, since: datetime | None) -> int:
     """Publish the producer's events straight to one subscriber's queue (replay.py)."""
     with _channel() as channel:
         channel.queue_declare(queue, passive=True)  # a typo must not publish into the void
     try:
-        count = replay_events(_database_url(), _amqp_url(), queue, entity=entity, since=since)
+        count = replay_events(
+            _database_url(), _amqp_url(), queue, entity=entity, after_id=after_id, since=since
+        )
     except PublishError as exc:
         print(f"messaging: replay interrupted: {exc}; run it again", file=sys.stderr)
         return 1
@@ -211,6 +258,13 @@ def apikey_new(scopes: str) -> int:
     return 0
 
 
+def _window(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("the window holds at least one message")
+    return value
+
+
 def _since(text: str) -> datetime:
     value = datetime.fromisoformat(text)
     return value if value.tzinfo else value.replace(tzinfo=UTC)
@@ -230,6 +284,13 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--id", dest="event_id")
     again = dlq_commands.add_parser("replay", help="send back to the original queue")
     again.add_argument("queue")
+    for command in (listing, show, again):
+        command.add_argument(
+            "--window",
+            type=_window,
+            default=DEFAULT_WINDOW,
+            help=f"messages held unacknowledged at most at a time (default {DEFAULT_WINDOW})",
+        )
     which = again.add_mutually_exclusive_group(required=True)
     which.add_argument("--id", dest="ids", action="append", metavar="EVENT_ID")
     which.add_argument("--all", action="store_true")
@@ -252,7 +313,19 @@ def parser() -> argparse.ArgumentParser:
     rebuild = commands.add_parser("replay", help="publish the producer's events to one queue")
     rebuild.add_argument("--to", required=True, dest="queue")
     rebuild.add_argument("--entity")
-    rebuild.add_argument("--since", type=_since, help="ISO time: every event since then")
+    start = rebuild.add_mutually_exclusive_group()
+    start.add_argument(
+        "--after-id",
+        type=int,
+        metavar="POSITION",
+        help="every event after this outbox position (`messaging outbox status` prints it)",
+    )
+    start.add_argument(
+        "--since",
+        type=_since,
+        metavar="ISO",
+        help="every event published since then, on the database's clock",
+    )
     return top
 
 
@@ -262,11 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "dlq":
             if args.action == "list":
-                return dlq_list(args.queue)
+                return dlq_list(args.queue, args.window)
             if args.action == "show":
-                return dlq_show(args.queue, args.event_id)
+                return dlq_show(args.queue, args.event_id, args.window)
             if args.action == "replay":
-                return dlq_replay(args.queue, None if args.all else args.ids)
+                return dlq_replay(args.queue, None if args.all else args.ids, args.window)
             return dlq_purge(args.queue)
         if args.command == "outbox":
             if args.action == "retry":
@@ -274,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             return outbox_status()
         if args.command == "apikey":
             return apikey_new(args.scopes)
-        return replay(args.queue, args.entity, args.since)
+        return replay(args.queue, args.entity, args.after_id, args.since)
     except pika.exceptions.ChannelClosedByBroker as exc:
         print(f"messaging: the broker refused: {exc.reply_text}", file=sys.stderr)
         return 2

@@ -27,12 +27,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .replay import COMPLETED_TYPE, request_replay
+from .replay import COMPLETED_TYPE, REQUEST_HEADER, request_replay
 
 log = logging.getLogger("messaging.healing")
 
 READY, REBUILDING, WIPING = "ready", "rebuilding", "wiping"
-REPLAY_HEADER = "x-replay-request"  # on every replayed event: the request it answers
 STALE_WIPE_SECONDS = 120.0  # a wipe renews its marker far more often than this
 
 
@@ -42,7 +41,7 @@ def replay_request_of(properties: Any) -> str | None:
     if getattr(properties, "type", None) == COMPLETED_TYPE:
         return None
     headers = getattr(properties, "headers", None)
-    value = headers.get(REPLAY_HEADER) if isinstance(headers, dict) else None
+    value = headers.get(REQUEST_HEADER) if isinstance(headers, dict) else None
     return value if isinstance(value, str) and value else None
 
 

@@ -6,6 +6,7 @@ never published and a committed one is never lost. The relay (relay.py) publishe
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import psycopg
@@ -270,6 +271,44 @@ def published(conn: psycopg.Connection) -> tuple[int, float | None]:
         "FROM messaging_relay_stats WHERE name = 'relay'"
     ).fetchone()
     return (int(row[0]), float(row[1]) if row[1] is not None else None) if row else (0, None)
+
+
+class OutboxBusy(RuntimeError):
+    """The outbox was never free of open writes long enough to take a position."""
+
+
+def position(conn: psycopg.Connection, wait: float = 5.0) -> int:
+    """The outbox's position now: every event committed from now on has a higher id.
+
+    An id is taken when a row is written, so a transaction still open may commit a lower id
+    after higher ones are visible; the highest visible id is a position only while no such
+    transaction is open. So it is read under a SHARE lock, which waits for none: taken with
+    NOWAIT while the writes allow it (writers are never held up), for up to `wait` seconds, then
+    once waiting at most a second (writers wait that long at most). OutboxBusy if neither works.
+    The connection must not be in a transaction (the lock would outlast the reading).
+    """
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise ValueError("outbox.position needs a connection outside a transaction")
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            return _position(conn, nowait=True)
+        except psycopg.errors.LockNotAvailable:
+            time.sleep(0.02)  # the open writes are short: look again soon
+    try:
+        return _position(conn, nowait=False)
+    except psycopg.errors.LockNotAvailable:
+        raise OutboxBusy("writes to the outbox never paused for it: try again") from None
+
+
+def _position(conn: psycopg.Connection, nowait: bool) -> int:
+    with conn.transaction():
+        if nowait:
+            conn.execute("LOCK TABLE messaging_outbox IN SHARE MODE NOWAIT")
+        else:
+            conn.execute("SET LOCAL lock_timeout = '1s'")
+            conn.execute("LOCK TABLE messaging_outbox IN SHARE MODE")
+        return int(conn.execute("SELECT coalesce(max(id), 0) FROM messaging_outbox").fetchone()[0])
 
 
 HISTORY_COLUMNS = (

@@ -203,7 +203,10 @@ class _Run:
         self.progress_at = time.monotonic()
         acked, items = self.pending.confirmed(frame.method)
         if not acked:
-            self._fail(f"the broker refused delivery tag {frame.method.delivery_tag}")
+            # Set before _fail: with the last message settled the run looks done, and _fail
+            # would take the nack for a timer firing after success (and never close).
+            self.problem = f"the broker refused delivery tag {frame.method.delivery_tag}"
+            self._fail(self.problem)
             return
         self.confirmed += len(items)
         if self.problem is None:

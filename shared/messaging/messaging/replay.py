@@ -8,40 +8,67 @@ with pipelined confirms, then a `messaging.replay-completed` message carrying th
 The consumer runtime hands that message to the read model's `Healing` (healing.py) instead of
 its handler. Consumers apply by version, so events they already hold and live traffic arriving
 meanwhile are harmless. `messaging replay --to` (cli.py) runs the same replay by hand.
+
+This module holds the replay and the request's wire format; replay_server.py serves requests.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
-from collections.abc import Iterator
+import re
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import pika
 import psycopg
+from pika.adapters.blocking_connection import BlockingConnection
+from pika.exceptions import ChannelClosedByBroker
 
-from .connection import Backoff, StopFlag, connect
-from .publisher import ConfirmedPublisher, Outgoing, event_properties
+from .connection import connect
+from .envelope import MAX_BODY_BYTES
+from .publisher import ConfirmedPublisher, Outgoing, event_properties, unpublishable
 
 log = logging.getLogger("messaging.replay")
 
 COMPLETED_TYPE = "messaging.replay-completed"
 REQUEST_TYPE = "messaging.replay-requested"
 MAX_REQUEST_BYTES = 4096
+REQUEST_HEADER = "x-replay-request"  # the request a replayed event or completion answers
+# A request id is a name, not data: it becomes a message id and a header, which have limits.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+MAX_QUEUE_NAME = 255  # AMQP's short string
+# Deliveries of one request before the broker drops it: a request whose reader cannot even
+# decode it (a header value out of its client library's range) ends the reader's connection
+# before it can be acknowledged, and would otherwise come back forever.
+REQUEST_DELIVERY_LIMIT = 5
+_PRECONDITION_FAILED = 406
 
 LATEST_SQL = """
 SELECT body, event_id::text, event_type, correlation_id FROM (
     SELECT DISTINCT ON (entity, entity_id) id, body, event_id, event_type, correlation_id
     FROM messaging_outbox
-    WHERE %(entity)s::text IS NULL OR entity = %(entity)s
+    WHERE (%(entity)s::text IS NULL OR entity = %(entity)s) AND parked_at IS NULL
     ORDER BY entity, entity_id, entity_version DESC
 ) latest ORDER BY id
 """
+# Every event after a position (outbox.position): ids are only compared with one the outbox
+# gave out while no write was open, so none committed later is below it.
+AFTER_SQL = """
+SELECT body, event_id::text, event_type, correlation_id FROM messaging_outbox
+WHERE id > %(after)s AND (%(entity)s::text IS NULL OR entity = %(entity)s)
+AND parked_at IS NULL
+ORDER BY id
+"""
+# Every event published since a time on the database's clock (or not published yet). Not
+# occurred_at: that is the writer's clock, before its commit, so a transaction open at the
+# time, or a writer whose clock is behind, would be missed; a row is published only after it
+# committed, and published_at is the database's now() then.
 SINCE_SQL = """
 SELECT body, event_id::text, event_type, correlation_id FROM messaging_outbox
-WHERE occurred_at >= %(since)s AND (%(entity)s::text IS NULL OR entity = %(entity)s)
+WHERE (published_at >= %(since)s OR published_at IS NULL) AND parked_at IS NULL
+AND (%(entity)s::text IS NULL OR entity = %(entity)s)
 ORDER BY id
 """
 
@@ -51,18 +78,68 @@ def requests_queue(exchange: str) -> str:
     return f"{exchange}.replay-requests"
 
 
-def declare_requests(channel: Any, exchange: str) -> str:
+def declare_requests(conn: BlockingConnection, exchange: str) -> str:
+    """Declare the queue of replay requests (idempotently) and return its name.
+
+    A queue an older version declared without the delivery limit is used as it is (the broker
+    refuses a declaration with other arguments): requests work, the guard comes when it is
+    deleted and declared again with no request waiting.
+    """
     queue = requests_queue(exchange)
-    channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+    arguments = {"x-queue-type": "quorum", "x-delivery-limit": REQUEST_DELIVERY_LIMIT}
+    channel = conn.channel()
+    try:
+        channel.queue_declare(queue, durable=True, arguments=arguments)
+    except ChannelClosedByBroker as exc:
+        if exc.reply_code != _PRECONDITION_FAILED:
+            raise
+        log.warning("%s was declared without a delivery limit; using it as it is", queue)
+        channel = conn.channel()
+        channel.queue_declare(queue, passive=True)
+    finally:
+        if channel.is_open:
+            channel.close()
     return queue
+
+
+@dataclass(frozen=True)
+class Request:
+    """A replay request: replay to `queue`, then complete `request_id`."""
+
+    queue: str
+    request_id: str
+
+
+class NotARequest(ValueError):
+    """A message on the requests queue that is not a replay request; says why."""
+
+
+def parse_request(body: bytes) -> Request:
+    """The request a message body carries; NotARequest, saying why, for anything else."""
+    if len(body) > MAX_REQUEST_BYTES:
+        raise NotARequest(
+            f"a body of {len(body)} bytes (a request has at most {MAX_REQUEST_BYTES})"
+        )
+    try:
+        request = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise NotARequest(f"not JSON ({type(exc).__name__})") from None
+    if not isinstance(request, dict):
+        raise NotARequest(f"JSON {type(request).__name__}, not an object")
+    queue, request_id = request.get("queue"), request.get("request_id")
+    if not (isinstance(queue, str) and 0 < len(queue.encode(errors="replace")) <= MAX_QUEUE_NAME):
+        raise NotARequest("`queue` is not a queue name")
+    if not isinstance(request_id, str) or not REQUEST_ID.fullmatch(request_id):
+        raise NotARequest("`request_id` is not 1 to 128 of A-Z a-z 0-9 . _ : -")
+    return Request(queue, request_id)
 
 
 def request_replay(amqp_url: str, exchange: str, queue: str, request_id: str) -> None:
     """Ask the producer to replay every entity's latest event to `queue` (confirmed)."""
     conn = connect(amqp_url, "replay-request")
     try:
+        target = declare_requests(conn, exchange)
         channel = conn.channel()
-        target = declare_requests(channel, exchange)
         channel.confirm_delivery()
         channel.basic_publish(
             "",
@@ -87,152 +164,68 @@ def replay(
     queue: str,
     *,
     entity: str | None = None,
+    after_id: int | None = None,
     since: datetime | None = None,
     request_id: str | None = None,
+    also_completes: Collection[str] = (),
 ) -> int:
     """Publish the producer's events to `queue` with confirms; return how many.
 
-    Without `since`: the latest event of every entity (deletions included), enough to rebuild
-    a read model; with it, every event since then. With `request_id`, a completion message
-    follows the events. Raises publisher.PublishError if the broker did not confirm them all.
+    By default the latest event of every entity (deletions included), enough to rebuild a read
+    model; with `after_id`, every event after that outbox position (outbox.position); with
+    `since`, every event the relay published since then (the database's clock) or has not yet
+    published. With `request_id`, every event carries it
+    in `x-replay-request` (so a consumer can count the applies a replay caused) and a completion
+    message follows the events, and one for each of `also_completes` (requests this one replay
+    answers too). Raises publisher.PublishError if the broker did not confirm them all.
     """
-    sql, params = (
-        (SINCE_SQL, {"since": since, "entity": entity})
-        if since
-        else (
-            LATEST_SQL,
-            {"entity": entity},
-        )
-    )
+    if after_id is not None and since is not None:
+        raise ValueError("replay after a position or since a time, not both")
+    if after_id is not None:
+        sql, params = AFTER_SQL, {"after": after_id, "entity": entity}
+    elif since is not None:
+        sql, params = SINCE_SQL, {"since": since, "entity": entity}
+    else:
+        sql, params = LATEST_SQL, {"entity": entity}
     headers = {"x-replayed-at": datetime.now(UTC).isoformat()}
-    if request_id is not None:  # consumers count the replayed events they settle (healing.py)
-        headers["x-replay-request"] = request_id
+    if request_id is not None:
+        headers[REQUEST_HEADER] = request_id
     publisher = ConfirmedPublisher(amqp_url, "", "messaging-replay")
     with psycopg.connect(database_url) as db, db.cursor(name="replay") as cursor:
         cursor.itersize = 2000
         cursor.execute(sql, params)
-        messages: Iterator[Outgoing] = (
-            Outgoing(queue, body.encode(), event_properties(event_id, event_type, cid, headers))
-            for body, event_id, event_type, cid in cursor
-        )
-        done = publisher.publish_all(messages)
+        done = publisher.publish_all(_publishable(cursor, queue, headers))
     if request_id is not None:
-        completed = Outgoing(
-            queue,
-            json.dumps({"request_id": request_id, "events": done.confirmed}).encode(),
-            pika.BasicProperties(
-                type=COMPLETED_TYPE,
-                message_id=f"{request_id}:completed",
-                content_type="application/json",
-                delivery_mode=pika.DeliveryMode.Persistent,
-                headers={"x-replay-request": request_id},
-            ),
-        )
-        publisher.publish_all([completed])
+        answered = dict.fromkeys([*also_completes, request_id])  # once each, in order
+        publisher.publish_all([completion(queue, rid, done.confirmed) for rid in answered])
     return done.confirmed
 
 
-def completed_request(properties: Any, body: bytes) -> str | None:
-    """The request id of a replay-completed message; None for any other message."""
-    if getattr(properties, "type", None) != COMPLETED_TYPE:
-        return None
-    try:
-        request_id = json.loads(body)["request_id"]
-    except (ValueError, TypeError, KeyError):
-        return ""
-    return request_id if isinstance(request_id, str) else ""
+def _publishable(rows: Iterable[tuple], queue: str, headers: dict[str, Any]) -> Iterator[Outgoing]:
+    """The rows as messages, skipping (and saying so) any the broker could not take as it is:
+    the relay parks such a row, and one row must not fail a whole replay. (Parked rows are not
+    replayed: the latest published state of their entity is.)"""
+    for body, event_id, event_type, cid in rows:
+        message = Outgoing(
+            queue, body.encode(), event_properties(event_id, event_type, cid, headers)
+        )
+        why = unpublishable(message.body, message.properties, MAX_BODY_BYTES)
+        if why is not None:
+            log.error("replay skipped event %s: %s", event_id, why)
+            continue
+        yield message
 
 
-class ReplayServer:
-    """Serves replay requests until stop(): the producer side of self-healing read models.
-
-    A request is acknowledged only after its replay and completion message were confirmed, so
-    a server that dies mid-replay replays again (harmless). A request naming a queue that does
-    not exist, or that is not a request at all, is acknowledged and logged, never retried.
-    """
-
-    def __init__(self, database_url: str, amqp_url: str, exchange: str) -> None:
-        self.database_url, self.amqp_url, self.exchange = database_url, amqp_url, exchange
-        self._stop = StopFlag()
-        self.served = 0
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run, name="replay-server", daemon=True)
-        thread.start()
-        return thread
-
-    def run(self) -> None:
-        backoff = Backoff()
-        while not self._stop.is_set():
-            try:
-                self._session()
-                backoff.reset()
-            except Exception as exc:  # the broker or the database went away: start over
-                delay = backoff.next()
-                log.warning(
-                    "replay server interrupted (%s: %s); again in %.1fs",
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                )
-                self._stop.wait(delay)
-
-    def _session(self) -> None:
-        conn = connect(self.amqp_url, "replay-server")
-        try:
-            channel = conn.channel()
-            queue = declare_requests(channel, self.exchange)
-            channel.basic_qos(prefetch_count=1)
-            for method, _properties, body in channel.consume(queue, inactivity_timeout=0.5):
-                if self._stop.is_set():
-                    break
-                if method is None:
-                    continue
-                self._serve(conn, body)
-                channel.basic_ack(method.delivery_tag)
-        finally:
-            if conn.is_open:
-                conn.close()
-
-    def _serve(self, conn: pika.BlockingConnection, body: bytes) -> None:
-        try:
-            request = json.loads(body) if len(body) <= MAX_REQUEST_BYTES else None
-            queue, request_id = request["queue"], request["request_id"]
-            if not (isinstance(queue, str) and isinstance(request_id, str) and queue):
-                raise TypeError("queue and request_id must be text")
-        except (ValueError, TypeError, KeyError) as exc:
-            log.error("dropped a replay request that is not one (%s): %r", exc, body[:200])
-            return
-        probe = conn.channel()
-        try:
-            probe.queue_declare(queue, passive=True)
-        except pika.exceptions.ChannelClosedByBroker:
-            log.error("dropped a replay request for queue %s, which does not exist", queue)
-            return
-        if probe.is_open:
-            probe.close()
-        log.info("replaying to %s for request %s", queue, request_id)
-        # The replay publishes on a connection of its own, for as long as it takes; this one
-        # keeps answering heartbeats meanwhile, or the broker would hand the request to
-        # another server (or back to this one) before it is acknowledged.
-        outcome: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                outcome["events"] = replay(
-                    self.database_url, self.amqp_url, queue, request_id=request_id
-                )
-            except Exception as exc:
-                outcome["error"] = exc
-
-        worker = threading.Thread(target=work, name="replay", daemon=True)
-        worker.start()
-        while worker.is_alive():
-            conn.process_data_events(time_limit=0.5)
-        if "error" in outcome:
-            raise outcome["error"]
-        self.served += 1
-        log.info("replayed %d event(s) to %s for request %s", outcome["events"], queue, request_id)
+def completion(queue: str, request_id: str, events: int) -> Outgoing:
+    """The message that tells a read model its requested replay is complete."""
+    return Outgoing(
+        queue,
+        json.dumps({"request_id": request_id, "events": events}).encode(),
+        pika.BasicProperties(
+            type=COMPLETED_TYPE,
+            message_id=f"{request_id}:completed",
+            content_type="application/json",
+            delivery_mode=pika.DeliveryMode.Persistent,
+            headers={REQUEST_HEADER: request_id},
+        ),
+    )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import pika
 import psycopg
@@ -154,3 +156,55 @@ def test_show_prints_undecodable_bodies_without_failing(amqp_env, capsys):
     assert main(["dlq", "show", topology.dead_queue]) == 0
     out = capsys.readouterr().out
     assert "DecodeError" in out and "not json" in out
+
+
+def add_events(url: str, *entity_ids: str) -> None:
+    with psycopg.connect(url) as conn, conn.transaction(), conn.cursor() as cur:
+        for entity_id in entity_ids:
+            Outbox("test").add(cur, event_type="thing.updated", entity_id=entity_id, data={})
+
+
+def test_a_replay_after_a_noted_position_sends_what_was_written_since(
+    producer_db, amqp_env, monkeypatch, capsys
+):
+    monkeypatch.setenv("DATABASE_URL", producer_db)
+    add_events(producer_db, "before-1", "before-2")
+    assert main(["outbox", "status"]) == 0
+    noted = re.search(r"^position: (\d+)", capsys.readouterr().out, re.MULTILINE).group(1)
+    assert noted == "2"
+    add_events(producer_db, "after-1", "after-2")
+
+    topology = amqp_env.topology("repair")
+    seen = []
+    with attached(Consumer(ConsumerSettings(amqp_env.amqp_url, topology), seen.append)):
+        assert main(["replay", "--to", topology.queue, "--after-id", noted]) == 0
+        assert "replayed 2 event(s)" in capsys.readouterr().out
+        wait_until(lambda: len(seen) == 2, what="the events after the position")
+    assert sorted(e.entity_id for e in seen) == ["after-1", "after-2"]
+
+
+def test_a_replay_since_a_time_goes_by_when_events_were_published_not_by_the_writers_clock(
+    producer_db, amqp_env, monkeypatch, capsys
+):
+    monkeypatch.setenv("DATABASE_URL", producer_db)
+    add_events(producer_db, "old", "late-writer", "unpublished")
+    with psycopg.connect(producer_db) as conn:
+        [(db_now,)] = conn.execute("SELECT now()").fetchall()
+        conn.execute(
+            "UPDATE messaging_outbox SET published_at = now() - interval '1 hour' "
+            "WHERE entity_id = 'old'"
+        )
+        # Written by a host whose clock was a day behind, published just now.
+        conn.execute(
+            "UPDATE messaging_outbox SET occurred_at = now() - interval '1 day', "
+            "published_at = now() WHERE entity_id = 'late-writer'"
+        )
+    since = (db_now - timedelta(minutes=5)).isoformat()
+    topology = amqp_env.topology("repair")
+    seen = []
+    with attached(Consumer(ConsumerSettings(amqp_env.amqp_url, topology), seen.append)):
+        assert main(["replay", "--to", topology.queue, "--since", since]) == 0
+        wait_until(lambda: len(seen) == 2, what="the events published since then")
+    assert sorted(e.entity_id for e in seen) == ["late-writer", "unpublished"]
+    with pytest.raises(SystemExit):  # one or the other
+        main(["replay", "--to", topology.queue, "--since", since, "--after-id", "1"])

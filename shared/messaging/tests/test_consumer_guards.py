@@ -9,7 +9,7 @@ import time
 import pika
 import pytest
 from messaging import Consumer, ConsumerSettings, Envelope, StoreUnavailable
-from messaging.cli import dead_reason, read_all
+from messaging.deadletters import DeadLetters, dead_reason
 from messaging.testing import running, wait_until
 from messaging.topology import DELIVERY_LIMIT
 
@@ -43,15 +43,10 @@ def publish_raw(broker, queue: str, body: bytes, headers=None, **props) -> None:
 
 
 def dead_letters(broker, queue: str) -> list[tuple[object, bytes]]:
-    """The dead queue's messages, looked at and given back."""
-    conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
-    try:
-        channel = conn.channel()
-        found = [(props, body) for _, props, body in read_all(channel, queue)]
-        channel.basic_nack(delivery_tag=0, multiple=True, requeue=True)
-        return found
-    finally:
-        conn.close()
+    """The dead queue's letters (headers, message id) with their bodies, looked at and given
+    back."""
+    look = DeadLetters(broker.amqp_url, queue).look(keep_body=lambda _letter, _body: True)
+    return [(letter, letter.body) for letter in look.letters]
 
 
 class Applied:

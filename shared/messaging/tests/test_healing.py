@@ -9,8 +9,16 @@ import pika
 import psycopg
 import pytest
 from messaging import Consumer, ConsumerSettings, Envelope, Outbox
+from messaging.connection import connect
 from messaging.healing import READY, REBUILDING, Generation, Healing
-from messaging.replay import COMPLETED_TYPE, ReplayServer, requests_queue
+from messaging.replay import (
+    COMPLETED_TYPE,
+    REQUEST_HEADER,
+    declare_requests,
+    replay,
+    requests_queue,
+)
+from messaging.replay_server import ReplayServer
 from messaging.testing import MemoryGeneration, running, wait_until
 
 pytestmark = pytest.mark.integration
@@ -92,7 +100,7 @@ def test_the_replay_server_sends_the_latest_events_and_then_the_completion(produ
         lambda env: seen.append((env.entity_id, env.entity_version)),
         healing=healing,
     )
-    server = ReplayServer(producer_db, broker.amqp_url, broker.exchange)
+    server = ReplayServer(producer_db, broker.amqp_url, broker.exchange, [topology.queue])
     with running(consumer), running(server):
         wait_until(consumer.attached.is_set, what="attached")
         assert healing.check() == REBUILDING
@@ -109,13 +117,11 @@ def test_a_request_that_is_not_one_is_dropped_and_the_server_goes_on(producer_db
     topology = broker.topology("after-bad")
     conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
     topology.declare(conn)
-    channel = conn.channel()
-    channel.queue_declare(
-        requests_queue(broker.exchange), durable=True, arguments={"x-queue-type": "quorum"}
-    )
-    channel.basic_publish("", requests_queue(broker.exchange), body)
+    conn.channel().basic_publish("", declare_requests(conn, broker.exchange), body)
     conn.close()
-    server = ReplayServer(producer_db, broker.amqp_url, broker.exchange)
+    server = ReplayServer(
+        producer_db, broker.amqp_url, broker.exchange, [topology.queue, "missing.q"]
+    )
     store = MemoryGeneration()
     healing = Healing(store, broker.amqp_url, broker.exchange, topology.queue)
     consumer = Consumer(
@@ -139,3 +145,45 @@ def test_a_completion_message_never_reaches_the_handler(broker):
         conn.close()
         wait_until(lambda: broker.depth(topology.queue) == 0, what="acknowledged")
     assert handled == [] and consumer.stats.dead_lettered == 0
+
+
+def test_every_replayed_event_carries_the_request_it_answers(producer_db, broker):
+    with psycopg.connect(producer_db) as conn:
+        for entity_id in ("a", "b"):
+            with conn.transaction(), conn.cursor() as cur:
+                Outbox("test").add(cur, event_type="thing.created", entity_id=entity_id, data={})
+    queue = declared_queue(broker, "tagged")
+    assert replay(producer_db, broker.amqp_url, queue, request_id="req-7") == 2
+    by_hand = replay(producer_db, broker.amqp_url, queue)
+    assert by_hand == 2
+    messages = drained(broker, queue)
+    tagged = [m for m in messages[:3] if m[0].type != COMPLETED_TYPE]
+    assert [p.headers[REQUEST_HEADER] for p, _ in tagged] == ["req-7", "req-7"]
+    assert all("x-replayed-at" in p.headers for p, _ in tagged)
+    assert messages[2][0].type == COMPLETED_TYPE
+    assert all(REQUEST_HEADER not in p.headers for p, _ in messages[3:])  # nobody asked
+
+
+def declared_queue(broker, service: str) -> str:
+    """A work queue of this test's own, declared as a consuming service would."""
+    topology = broker.topology(service)
+    conn = connect(broker.amqp_url, "test-declare")
+    try:
+        topology.declare(conn)
+    finally:
+        conn.close()
+    return topology.queue
+
+
+def drained(broker, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
+    """Every message of the queue, taken off it, in order."""
+    conn = connect(broker.amqp_url, "test-drain")
+    try:
+        channel, found = conn.channel(), []
+        while True:
+            method, properties, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return found
+            found.append((properties, body))
+    finally:
+        conn.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 from messaging import Outbox, decode
+from messaging.outbox import OutboxBusy, position
 
 pytestmark = pytest.mark.integration
 
@@ -46,3 +47,28 @@ def test_add_many_rolls_back_with_its_transaction(producer_db):
             made = outbox.add_many(cur, event_type="thing.created", data={"x": {}})
         assert made[0].entity_version == 1  # the rolled-back number was given back
         assert conn.execute("SELECT count(*) FROM messaging_outbox").fetchone()[0] == 1
+
+
+def test_a_position_is_never_taken_while_a_write_to_the_outbox_is_open(producer_db):
+    outbox = Outbox("test")
+    with psycopg.connect(producer_db) as slow, psycopg.connect(producer_db) as fast:
+        with slow.cursor() as cur:  # takes id 1, and stays open
+            outbox.add(cur, event_type="thing.created", entity_id="slow", data={})
+        with fast.transaction(), fast.cursor() as cur:  # takes id 2, committed
+            outbox.add(cur, event_type="thing.created", entity_id="fast", data={})
+        with psycopg.connect(producer_db, autocommit=True) as reader:
+            # The highest id seen now is 2, yet id 1 may still commit: no position yet.
+            with pytest.raises(OutboxBusy):
+                position(reader, wait=0.2)
+            slow.commit()
+            assert position(reader) == 2
+            with fast.transaction(), fast.cursor() as cur:
+                outbox.add(cur, event_type="thing.updated", entity_id="fast", data={})
+            assert position(reader) == 3
+
+
+def test_a_position_needs_a_connection_outside_a_transaction(producer_db):
+    with psycopg.connect(producer_db) as conn:
+        conn.execute("SELECT 1")
+        with pytest.raises(ValueError, match="outside a transaction"):
+            position(conn)

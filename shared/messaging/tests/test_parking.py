@@ -13,6 +13,7 @@ import pytest
 from messaging import Consumer, ConsumerSettings, Envelope, Outbox, Relay, RelaySettings
 from messaging import outbox as outbox_module
 from messaging import relay as relay_module
+from messaging.connection import connect
 from messaging.testing import running, wait_until
 
 pytestmark = pytest.mark.integration
@@ -215,3 +216,20 @@ def test_a_relay_whose_database_name_does_not_resolve_waits_and_then_publishes(
         assert thread.is_alive() and not relay.is_leader.is_set()
     with running(relay_for(producer_db, broker)):
         wait_until(lambda: consumer.has(("waited", 1)), what="published once it resolves")
+
+
+def test_a_replay_skips_a_row_the_broker_cannot_take_and_sends_the_rest(producer_db, broker):
+    """A replay (self-healing, a rebuild) must not fail on one row: the latest *published*
+    state of a parked row's entity is sent, and a row that would fail is skipped."""
+    from messaging.replay import replay
+
+    queue = broker.topology("replayed").queue
+    conn = connect(broker.amqp_url, "parking-test")
+    try:
+        broker.topologies[-1].declare(conn)
+    finally:
+        conn.close()
+    add(producer_db, "fine")
+    add(producer_db, "untravelled", correlation_id=UNTRAVELLED)  # never parked: not published
+    assert replay(producer_db, broker.amqp_url, queue) == 1
+    assert broker.depth(queue) == 1

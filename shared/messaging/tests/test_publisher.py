@@ -75,6 +75,17 @@ def test_messages_the_broker_refuses_are_an_error(servers, channel):
         channel.queue_delete(full)
 
 
+def test_a_refused_last_message_is_an_error_not_a_hang(servers, channel):
+    full = f"test-publisher-full-{uuid.uuid4().hex[:8]}"
+    channel.queue_declare(full, arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+    try:
+        publisher = ConfirmedPublisher(servers.amqp, "", "test-publisher")
+        with pytest.raises(PublishError, match="refused"):
+            publisher.publish_all(messages(full, 1), timeout=10)
+    finally:
+        channel.queue_delete(full)
+
+
 def test_a_failing_message_source_is_an_error(servers, queue):
     def source() -> Iterator[Outgoing]:
         yield from messages(queue, 10)
