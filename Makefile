@@ -35,9 +35,10 @@ test: install lint
 unit: install
 	$(PY) -m pytest -m unit
 
-## The generated tests with the long profile (thousands of histories and hostile messages).
+## The generated tests with the long profile (thousands of histories and hostile messages, forty
+## fault schedules).
 soak: install
-	HYPOTHESIS_PROFILE=soak $(PY) -m pytest -o timeout=0 tests/test_read_model_histories.py tests/test_hostile_messages.py
+	HYPOTHESIS_PROFILE=soak $(PY) -m pytest -o timeout=0 tests/test_read_model_histories.py tests/test_hostile_messages.py tests/e2e/test_fault_schedule.py
 
 lint: install
 	$(VENV)/bin/ruff check .
