@@ -41,6 +41,7 @@ class Transport(Protocol):
     def send(self, delivery: dict[str, Any]) -> Outcome: ...
 
 
+RECORD_AFTER_STOP_SECONDS = 10.0  # a stopping sender's last tries to record a result
 MAILBOX_BATCH = 100  # e-mails put in the development mailbox per statement
 HEARTBEAT = "notifier-sender"  # each replica beats as notifier-sender@<host>:<pid>
 HEARTBEAT_SECONDS = 2.0
@@ -63,6 +64,9 @@ class Sender:
         self._wakes = 0  # counts wake-ups, so one that comes while a worker looks is not lost
         self.workers: list[threading.Thread] = []
         self._calls: dict[str, float] = {}  # worker name -> when its current call began
+        # Deliveries whose answer from SendGrid is not recorded yet: never claimed again here.
+        self._unmarked: set[int] = set()
+        self._unmarked_lock = threading.Lock()
         self.heartbeat = f"{HEARTBEAT}@{replica_id()}"
 
     def stop(self) -> None:
@@ -135,7 +139,9 @@ class Sender:
             if self._to_mailbox() == MAILBOX_BATCH:  # a full batch: more may be due at once
                 return 0.0
         else:
-            claimed = self.store.claim_due(1, self.config.sender_lease_seconds)
+            with self._unmarked_lock:
+                busy = set(self._unmarked)
+            claimed = self.store.claim_due(1, self.config.sender_lease_seconds, busy)
             if claimed:
                 self._deliver(claimed[0])
                 return 0.0
@@ -158,6 +164,15 @@ class Sender:
         return len(delivered)
 
     def _deliver_traced(self, delivery: dict[str, Any]) -> None:
+        with self._unmarked_lock:
+            self._unmarked.add(delivery["id"])
+        try:
+            self._deliver_claimed(delivery)
+        finally:
+            with self._unmarked_lock:
+                self._unmarked.discard(delivery["id"])
+
+    def _deliver_claimed(self, delivery: dict[str, Any]) -> None:
         outcome = self._send(delivery)
         if outcome.status == "sent":
             name, message_id = self.transport.name, outcome.message_id
@@ -192,22 +207,25 @@ class Sender:
             self._calls.pop(me, None)
 
     def _record(self, action: Callable[[], bool]) -> None:
-        """Record what SendGrid answered, riding out database blips.
+        """Record what SendGrid answered, riding out database outages however long.
 
         An accepted e-mail whose 'sent' mark is lost would be sent again once its lease expires,
-        so a failed mark is retried on a fresh connection for up to half the lease (also while
-        stopping) before the error is let through.
+        so a failed mark is retried on a fresh connection for as long as the process runs (the
+        delivery is meanwhile never claimed again by this process), and after a stop for up to
+        `RECORD_AFTER_STOP_SECONDS` before the error is let through (the documented window).
         """
         backoff = Backoff(first=0.05, cap=1.0)
-        deadline = time.monotonic() + self.config.sender_lease_seconds / 2
+        deadline: float | None = None
         while True:
             try:
                 if not action():
                     log.warning("a delivery's claim was taken over meanwhile: result not recorded")
                 return
             except psycopg.Error as exc:
-                if time.monotonic() >= deadline:
-                    raise
+                if self._stop.is_set():
+                    deadline = deadline or time.monotonic() + RECORD_AFTER_STOP_SECONDS
+                    if time.monotonic() >= deadline:
+                        raise
                 pause = backoff.next()
                 log.warning("could not record a delivery outcome (%s); again in %.2fs", exc, pause)
                 time.sleep(pause)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -198,10 +198,11 @@ class NotifierStore:
         )
 
     # -- sender side ---------------------------------------------------------------------------
-    def claim_due(self, limit: int, lease_seconds: float) -> list[dict]:
+    def claim_due(self, limit: int, lease_seconds: float, skip: Collection[int] = ()) -> list[dict]:
         """Claim deliveries that are due, committing the claim before anything is sent.
 
-        A claim older than the lease belongs to a sender that died: it is claimed again.
+        A claim older than the lease belongs to a sender that died: it is claimed again, unless
+        it is one of `skip` (this process sent it and is still recording the result).
         """
         with self.single_statement() as cur:
             cur.execute(
@@ -210,12 +211,13 @@ class NotifierStore:
                                       claim_token = gen_random_uuid(), attempts = attempts + 1
                 WHERE id IN (
                     SELECT id FROM deliveries
-                    WHERE (status = 'pending' AND next_attempt_at <= now())
-                       OR (status = 'sending' AND claimed_at < now() - %s * interval '1 second')
+                    WHERE ((status = 'pending' AND next_attempt_at <= now())
+                       OR (status = 'sending' AND claimed_at < now() - %s * interval '1 second'))
+                      AND id <> ALL(%s)
                     ORDER BY id FOR UPDATE SKIP LOCKED LIMIT %s)
                 RETURNING {DELIVERY_COLUMNS}
                 """,
-                (lease_seconds, limit),
+                (lease_seconds, list(skip), limit),
             )
             return sorted(cur.fetchall(), key=lambda d: d["id"])
 

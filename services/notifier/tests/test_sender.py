@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 
 import psycopg
 import pytest
@@ -139,6 +140,53 @@ def test_connections_killed_between_acceptance_and_mark_do_not_send_twice(
     # A lost mark would have shown: after the lease (1 s) the e-mail would have gone out again.
     assert fake_sendgrid.accepted_to("k@example.com") == 1
     assert state() == ("sent", 1)
+
+
+def test_a_database_refusing_writes_longer_than_the_lease_after_acceptance_sends_once(
+    person_event, view, store, config, fake_sendgrid, notifier_db
+):
+    """SendGrid accepted, then the database turned read-only for three leases: the 'sent' mark
+    waits for it, and the e-mail is never claimed and sent again meanwhile."""
+    real = transport_for(config)
+    name = psycopg.conninfo.conninfo_to_dict(notifier_db)["dbname"]
+    admin_url = psycopg.conninfo.make_conninfo(notifier_db, dbname="postgres")
+
+    def read_only(on: bool) -> None:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = {on}')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+
+    refused_at: list[float] = []
+
+    class RefusingAfterAcceptance:
+        name = real.name
+
+        def send(self, delivery):
+            outcome = real.send(delivery)
+            if not refused_at:
+                read_only(True)
+                refused_at.append(time.monotonic())
+            return outcome
+
+    def state() -> str:
+        with psycopg.connect(notifier_db) as conn:
+            return conn.execute("SELECT status FROM deliveries WHERE cpf = '12'").fetchone()[0]
+
+    config = config.model_copy(update={"sender_lease_seconds": 1.0})
+    view(person_event("12", name="P12", email="ro@example.com"))
+    try:
+        with running(Sender(store, config, RefusingAfterAcceptance())):
+            wait_until(lambda: refused_at, what="accepted, then refused")
+            wait_until(lambda: time.monotonic() > refused_at[0] + 3.0, what="three leases")
+            read_only(False)
+            wait_until(lambda: state() == "sent", what="the mark recorded")
+    finally:
+        read_only(False)
+    assert fake_sendgrid.accepted_to("ro@example.com") == 1
 
 
 def test_one_hanging_call_does_not_hold_back_the_others(
