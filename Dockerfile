@@ -15,9 +15,10 @@ RUN pip install -r requirements.txt
 # Declared after the requirements, so the four service images share the layers above.
 ARG SERVICE
 
+COPY shared/servicekit ./shared/servicekit
 COPY shared/messaging ./shared/messaging
 COPY services/${SERVICE} ./services/${SERVICE}
-RUN pip install --no-deps ./shared/messaging ./services/${SERVICE} \
+RUN pip install --no-deps ./shared/servicekit ./shared/messaging ./services/${SERVICE} \
     && cp services/${SERVICE}/gunicorn.conf.py /app/gunicorn.conf.py
 
 USER app:app

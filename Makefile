@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install up down logs status test unit soak lint format bench compose-env images-offline clean
 
-$(STAMP): requirements.txt requirements-dev.txt shared/messaging/pyproject.toml services/*/pyproject.toml tests/asyncapi/package-lock.json
+$(STAMP): requirements.txt requirements-dev.txt shared/*/pyproject.toml tools/stack/pyproject.toml services/*/pyproject.toml tests/asyncapi/package-lock.json
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -r requirements-dev.txt
-	$(VENV)/bin/pip install -q --no-deps -e shared/messaging -e services/person -e services/score -e services/notifier -e services/console
+	$(VENV)/bin/pip install -q --no-deps -e shared/servicekit -e shared/messaging -e tools/stack \
+	  -e services/person -e services/score -e services/notifier -e services/console
 	npm ci --prefix tests/asyncapi --no-audit --no-fund --silent  # the AsyncAPI parser (make test)
 	touch $(STAMP)
 
@@ -17,16 +18,16 @@ install: $(STAMP)
 
 ## Start every process and Traefik in the background; returns once all answer through Traefik.
 up: install
-	$(PY) scripts/stack.py up
+	$(PY) -m stack.up up
 
 down:
-	$(PY) scripts/stack.py down
+	$(PY) -m stack.up down
 
 logs:
-	$(PY) scripts/stack.py logs
+	$(PY) -m stack.up logs
 
 status:
-	$(PY) scripts/stack.py status
+	$(PY) -m stack.up status
 
 ## The whole suite: lint, unit, integration and fault tests against the real servers.
 test: install lint
@@ -50,11 +51,11 @@ format: install
 
 ## Secrets for the compose stack: writes the missing ones to .env (docker compose up -d --wait).
 compose-env: install
-	$(PY) scripts/compose_env.py
+	$(PY) -m stack.compose_env
 
 ## Stand-in images built from Debian packages, for a Docker engine with no registry (README: Containers).
 images-offline: install
-	$(PY) scripts/images_offline.py
+	$(PY) -m stack.images_offline
 
 ## The benchmark (bench/README.md): raw ceilings, relay, and the whole stack; a few minutes.
 bench: install

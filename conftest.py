@@ -8,33 +8,29 @@ and queue names, or Redis key prefix.
 
 from __future__ import annotations
 
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pika
 import psycopg
 import pytest
+
+# What tests need that is no part of any service lives in tests/support (the servers of the run,
+# the fake SendGrid, the fault runs' load and verdict, servers a test starts for itself), on the
+# import path of every test folder (pyproject.toml: pythonpath); the development stack's own
+# tools (a three-node RabbitMQ cluster, the Procfile's processes) are the installed `stack`.
+from backing_servers import Servers, container_servers, local_servers, use_containers
+from fake_sendgrid import FakeSendGrid
 from hypothesis import HealthCheck, settings
 from messaging import Envelope
 from messaging.connection import connect
 from messaging.replay import requests_queue
 from messaging.topology import Topology
+from own_servers import own_redis
 from psycopg import sql
-
-# What tests need that is no part of any service, importable from every test folder: tests/support
-# (the servers of the run, the fake SendGrid, the fault runs' load and verdict, what the library's
-# tests record) and scripts/ (the three-node RabbitMQ cluster the cluster tests start and remove,
-# the Procfile's processes, the compose secrets).
-_HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(_HERE / "tests" / "support"), str(_HERE / "scripts")]
-from backing_servers import Servers, container_servers, local_servers, use_containers  # noqa: E402
-from cluster import SCRIPTS, Cluster  # noqa: E402
-from fake_sendgrid import FakeSendGrid  # noqa: E402
-from own_servers import own_redis  # noqa: E402
+from stack.cluster import SCRIPTS, Cluster
 
 # Generated tests (hypothesis): a bounded, reproducible number of examples in make test, many more
 # in make soak (HYPOTHESIS_PROFILE=soak), where each run explores new ones.
@@ -149,7 +145,7 @@ def broker(servers: Servers) -> Iterator[BrokerSpace]:
 
 @pytest.fixture(scope="session")
 def cluster_session(request: pytest.FixtureRequest, servers: Servers) -> Iterator[Cluster]:
-    """Three clustered RabbitMQ nodes of this run's own (scripts/cluster.py), started by the
+    """Three clustered RabbitMQ nodes of this run's own (stack/cluster.py), started by the
     first test that asks and removed at the end of the session: no node is left running and
     their directory is deleted, whatever the tests did."""
     if not (SCRIPTS / "rabbitmq-server").exists():

@@ -6,7 +6,7 @@ measured. `make bench` runs it after stack_bench.py and prints the ratio to that
 single-node `e2e_events_s`; `--single` measures that figure first, for the same comparison
 when this step runs alone.
 
-The cluster is c1..c3@localhost (scripts/cluster.py), started here and removed afterwards with
+The cluster is c1..c3@localhost (stack/cluster.py), started here and removed afterwards with
 everything of the stack (its databases, queues, Redis keys), also when a step fails. The stack is
 stack_bench.py's, with AMQP_URL listing the three nodes (c1 first), every queue a member on each
 node, and the copies of the cluster fault run: 3 score consumers, 2 notifier consumers, 2 senders
@@ -24,11 +24,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 import psycopg
 import redis
 import stack_bench
+from stack.cluster import Cluster
+from stack.processes import Gateway
 from stack_bench import (
     E2E_PEOPLE,
     RELAY,
@@ -45,10 +46,6 @@ from stack_bench import (
     show,
     timed,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from cluster import Cluster
-from processes import Gateway
 
 COPIES = {
     "SCORE_CONSUMERS": "3",

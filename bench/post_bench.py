@@ -33,9 +33,7 @@ from typing import Any
 import pika
 import psycopg
 from psycopg import sql
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from processes import Processes, free_port
+from stack.processes import Processes, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK = os.sysconf("SC_CLK_TCK")

@@ -42,10 +42,6 @@ from messaging.connection import connect
 from messaging.replay import requests_queue
 from messaging.topology import DEFAULT_RETRY_DELAYS, Topology
 from person.catalogue import PRODUCER, item_data, person_data
-from psycopg import sql
-from score.store import ScoreStore
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from post_bench import (
     CpuMeter,
     measure_alone,
@@ -55,8 +51,10 @@ from post_bench import (
     wait_for,
     wrk_post,
 )
-from processes import Gateway, Processes, free_port
+from psycopg import sql
 from relay_bench import AMQP_URL, DATABASE_URL, REDIS_URL
+from score.store import ScoreStore
+from stack.processes import Gateway, Processes, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,7 +96,7 @@ def with_dbname(url: str, name: str) -> str:
 
 
 class Stack(Processes):
-    """The Procfile's processes (scripts/processes.py) with this run's environment."""
+    """The Procfile's processes (stack/processes.py) with this run's environment."""
 
     def __init__(self, run_id: str, env: dict[str, str], log_dir: Path) -> None:
         super().__init__(env, log_dir)
@@ -193,7 +191,7 @@ def running_stack(run_id: str, overrides: dict[str, str] | None = None) -> Itera
         for step in (
             ["-m", "person.migrate"],
             ["-m", "notifier.migrate"],
-            ["-m", "messaging.declare", "score", "notifier"],
+            ["-m", "messaging.cli", "declare", "score", "notifier"],
         ):
             done = subprocess.run(
                 [sys.executable, *step], env=stack.env, cwd=ROOT, capture_output=True, text=True

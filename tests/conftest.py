@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pika
 import pytest
@@ -16,11 +14,7 @@ from messaging.replay import requests_queue
 from messaging.topology import Topology
 from notifier.migrate import migrate_database as migrate_notifier
 from person.migrate import migrate_database as migrate_person
-
-# scripts/: the stack command (stack.py) and the process supervisor (processes.py) the
-# end-to-end tests drive the Procfile's processes with.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from processes import free_port
+from stack.processes import free_port
 
 
 @pytest.fixture

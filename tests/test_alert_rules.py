@@ -40,9 +40,9 @@ def test_the_scrape_configurations_are_valid(config, tmp_path):
 
 
 def test_the_rules_use_metrics_the_services_export():
-    from messaging import web
-    from messaging.metrics import consumer_metrics
+    from messaging.replicas import consumer_metrics
     from prometheus_client import CollectorRegistry, generate_latest
+    from servicekit import web
 
     exported = set()
     snapshot = {

@@ -21,7 +21,7 @@ def closed_port() -> int:
 def check(**urls: str) -> subprocess.CompletedProcess:
     """The checks as the stack script passes them: NAME=URL, the kind from the scheme."""
     return subprocess.run(
-        [sys.executable, "-m", "messaging.check_servers", *(f"{k}={v}" for k, v in urls.items())],
+        [sys.executable, "-m", "stack.check_servers", *(f"{k}={v}" for k, v in urls.items())],
         env=os.environ,
         capture_output=True,
         text=True,
@@ -58,7 +58,7 @@ def test_a_missing_server_is_named_with_its_url_and_how_to_start_it(servers):
 
 
 def test_the_stack_script_checks_what_each_service_is_configured_with(monkeypatch):
-    import stack
+    from stack import up as stack
 
     env = {**os.environ, "SCORE_REDIS_URL": "redis://127.0.0.1:1/0", "AMQP_URL": "amqp://a/%2F"}
     env.pop("PERSON_DATABASE_URL", None)

@@ -20,7 +20,6 @@ from flask import Flask
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from messaging import Envelope
-from messaging.auth import digest
 from notifier.app import create_app as notifier_app
 from notifier.config import NotifierConfig
 from notifier.consumer import UserView, composer_for
@@ -41,6 +40,7 @@ from schemathesis.checks import (
 from score.app import create_app as score_app
 from score.config import ScoreConfig
 from score.store import ItemChange, PersonChange, ScoreStore
+from servicekit.auth import digest
 
 pytestmark = pytest.mark.integration
 

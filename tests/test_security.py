@@ -19,8 +19,6 @@ import pytest
 from fake_sendgrid import FakeSendGrid
 from flask.testing import FlaskClient
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
-from messaging.auth import digest
-from messaging.runner import configure_logging
 from messaging.testing import running, wait_until
 from notifier.app import create_app as notifier_app
 from notifier.config import NotifierConfig
@@ -32,6 +30,8 @@ from person.app import create_app as person_app
 from person.config import PersonConfig
 from person.store import PgStore
 from psycopg_pool import ConnectionPool
+from servicekit.auth import digest
+from servicekit.runner import configure_logging
 
 pytestmark = pytest.mark.integration
 

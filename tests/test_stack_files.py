@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from compose_env import SECRETS
+from stack.compose_env import SECRETS
 
 pytestmark = pytest.mark.unit
 
@@ -257,7 +257,7 @@ def test_the_images_get_every_distribution_the_services_import_and_no_dev_tool()
     runtime = pinned(ROOT / "requirements.txt")
     sources = [
         path
-        for folder in ("shared/messaging/messaging", "services")
+        for folder in ("shared/messaging/messaging", "shared/servicekit/servicekit", "services")
         for path in (ROOT / folder).rglob("*.py")
         if "tests" not in path.parts
     ]
@@ -266,7 +266,7 @@ def test_the_images_get_every_distribution_the_services_import_and_no_dev_tool()
         for path in sources
         for match in re.finditer(r"^(?:from|import) ([a-zA-Z_]\w*)", path.read_text(), re.M)
     }
-    ours = {"messaging", "person", "score", "notifier"}
+    ours = {"messaging", "servicekit", "person", "score", "notifier", "console"}
     third_party = modules - ours - set(sys.stdlib_module_names) - {"__future__"}
     distributions = importlib.metadata.packages_distributions()
     missing = {
@@ -282,10 +282,13 @@ def test_the_images_get_every_distribution_the_services_import_and_no_dev_tool()
 
 
 PACKAGES = {
+    "shared/servicekit": "servicekit",
     "shared/messaging": "messaging",
+    "tools/stack": "stack",
     "services/person": "person",
     "services/score": "score",
     "services/notifier": "notifier",
+    "services/console": "console",
 }
 
 
@@ -322,7 +325,42 @@ def test_each_package_declares_what_it_imports(folder):
         if not {d.lower().replace("_", "-") for d in distributions[module]} & declared
     }
     assert not undeclared, f"{folder} imports {undeclared} without declaring it"
-    assert ("messaging" in {d.split("[")[0] for d in declared}) == (folder != "shared/messaging")
+    uses = {d.split("[")[0] for d in declared} & set(PACKAGES.values())
+    assert uses == {n for n in ALLOWED[PACKAGES[folder]] if n in modules}, (folder, uses)
+
+
+# Who may import whom among our packages: services -> messaging -> servicekit, the stack tooling
+# -> both, the service kit -> nothing of ours (STYLE.md, Layout).
+ALLOWED = {
+    "servicekit": set(),
+    "messaging": {"servicekit"},
+    "stack": {"messaging", "servicekit"},
+    "person": {"messaging", "servicekit"},
+    "score": {"messaging", "servicekit"},
+    "notifier": {"messaging", "servicekit"},
+    "console": {"messaging", "servicekit"},
+}
+
+
+def test_packages_import_only_what_the_dependency_rule_allows():
+    """services -> messaging -> servicekit; stack -> both; servicekit -> nothing of ours; no
+    service imports another; the library imports no web framework or server."""
+    import ast
+
+    ours = set(ALLOWED)
+    for folder, name in PACKAGES.items():
+        for path in (ROOT / folder / name).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    found = {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    found = {node.module.split(".")[0]}
+                else:
+                    continue
+                wrong = (found & ours) - ALLOWED[name] - {name}
+                assert not wrong, f"{path.relative_to(ROOT)} imports {wrong}"
+                if name == "messaging":
+                    assert not found & {"flask", "werkzeug", "gunicorn"}, path
 
 
 def test_the_shared_library_names_no_service():
@@ -338,7 +376,7 @@ def test_the_shared_library_names_no_service():
 
 # -- replicas: the copies of each process make up and the fault runs start -------------------
 def test_replica_counts_come_from_the_environment_and_default_to_one():
-    from processes import REPLICA_VARIABLES, copy_names, replicas
+    from stack.processes import REPLICA_VARIABLES, copy_names, replicas
 
     counts = replicas({"SCORE_CONSUMERS": "3", "PERSON_RELAYS": "2"})
     assert counts["score-consumer"] == 3 and counts["person-relay"] == 2
@@ -352,7 +390,7 @@ def test_replica_counts_come_from_the_environment_and_default_to_one():
 
 
 def test_the_supervisor_names_copies_as_honcho_does(tmp_path):
-    from processes import Processes
+    from stack.processes import Processes
 
     supervisor = Processes({"NOTIFIER_SENDERS": "2"}, tmp_path)
     assert supervisor.copies("notifier-sender") == ["notifier-sender.1", "notifier-sender.2"]
@@ -430,7 +468,7 @@ def test_the_apis_keep_idle_connections_longer_than_traefik_reuses_them():
     """A POST Traefik sends on a pooled connection that gunicorn closes at that moment gets a 502
     (Traefik retries no POST): gunicorn must keep idle connections longer than Traefik does (90 s
     by default; neither stack's Traefik changes it)."""
-    from messaging.serving import gunicorn_settings
+    from servicekit.serving import gunicorn_settings
 
     assert gunicorn_settings("PERSON", 8101)["keepalive"] > 90
     flags = procfile()["traefik"].split() + [

@@ -1,5 +1,5 @@
 """gunicorn settings of the score API (used by make up and the containers)."""
 
-from messaging.serving import gunicorn_settings
+from servicekit.serving import gunicorn_settings
 
 globals().update(gunicorn_settings("SCORE", 8102))

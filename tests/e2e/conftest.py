@@ -55,7 +55,7 @@ class Stack:
 
     def control(self, command: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "stack.py"), command],
+            [sys.executable, "-m", "stack.up", command],
             env=self.env,
             cwd=ROOT,
             capture_output=True,

@@ -29,7 +29,6 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
-import stack
 from fake_sendgrid import FakeSendGrid
 from fault_load import Load, Step, Verdict, drain, publish
 from messaging.connection import connect
@@ -37,8 +36,9 @@ from messaging.relay import LEADER_LOCK
 from messaging.replay import requests_queue
 from messaging.testing import wait_until
 from messaging.topology import Topology
-from processes import Gateway, Processes
 from score.store import ScoreStore
+from stack import up as stack
+from stack.processes import Gateway, Processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 from backing_servers import use_containers
-from compose_env import SECRETS
 from messaging.testing import wait_until
-from processes import Gateway, free_port
+from stack.compose_env import SECRETS
+from stack.processes import Gateway, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

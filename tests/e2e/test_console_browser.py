@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pika
 import pytest
-from messaging.auth import new_key
 from messaging.testing import wait_until
 from messaging.topology import Topology
+from servicekit.auth import new_key
 
 pytestmark = pytest.mark.e2e
 

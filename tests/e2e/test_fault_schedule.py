@@ -29,7 +29,6 @@ import pika
 import psycopg
 import pytest
 import redis
-import stack as stack_script
 from fake_sendgrid import FakeSendGrid
 from fault_load import Load, Step, Verdict, drain, publish
 from hosts import HostsName, can_edit
@@ -41,8 +40,9 @@ from messaging.connection import connect
 from messaging.testing import wait_until
 from messaging.topology import Topology
 from own_servers import own_redis
-from processes import Gateway, Processes
 from score.store import ScoreStore
+from stack import up as stack_script
+from stack.processes import Gateway, Processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 from fake_sendgrid import FakeSendGrid
-from messaging.auth import new_key
 from messaging.testing import wait_until
+from servicekit.auth import new_key
 
 pytestmark = pytest.mark.e2e
 

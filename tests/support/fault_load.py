@@ -20,8 +20,8 @@ import psycopg
 from fake_sendgrid import FakeSendGrid
 from messaging.connection import connect
 from messaging.testing import wait_until
-from processes import Gateway
 from score.store import ScoreStore
+from stack.processes import Gateway
 
 KINDS = ("income", "asset", "debt")
 

@@ -28,11 +28,11 @@ from flask import (
     session,
     url_for,
 )
-from messaging import tracing, web
-from messaging.auth import ApiKeys, digest, public
 from messaging.connection import BrokerProbe
 from prometheus_client import CollectorRegistry
 from psycopg_pool import ConnectionPool
+from servicekit import tracing, web
+from servicekit.auth import ApiKeys, digest, public
 
 from .audit import AuditLog
 from .config import ConsoleConfig

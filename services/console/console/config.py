@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from messaging.settings import MIN_SECRET_LENGTH, ServiceSettings
+from messaging.settings import BrokerSettings
 from pydantic import Field, model_validator
+from servicekit.settings import MIN_SECRET_LENGTH
 
 DEVELOPMENT_SECRET = "development-console-secret"
 
 
-class ConsoleConfig(ServiceSettings):
+class ConsoleConfig(BrokerSettings):
     console_database_url: str = "postgresql://postgres@127.0.0.1:5432/console"  # the audit log
     # The producer's outbox, read through the library (backlog, each change's events).
     person_database_url: str = "postgresql://postgres@127.0.0.1:5432/person"

@@ -6,8 +6,9 @@ import re
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
-from messaging.auth import requires
-from messaging.web import (
+from pydantic import BaseModel, Field
+from servicekit.auth import requires
+from servicekit.web import (
     Invalid,
     IsoDateTime,
     OpenApi,
@@ -17,7 +18,6 @@ from messaging.web import (
     problem,
     query_int,
 )
-from pydantic import BaseModel, Field
 
 from .store import NotifierStore
 

@@ -6,12 +6,13 @@ from collections.abc import Iterator
 
 import psycopg
 from flask import Flask
-from messaging import tracing, web
 from messaging.connection import BrokerProbe
-from messaging.metrics import ScrapeCollector, consumer_metrics
+from messaging.replicas import consumer_metrics, replicas_ready
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from psycopg_pool import ConnectionPool, PoolTimeout
+from servicekit import tracing, web
+from servicekit.metrics import ScrapeCollector
 
 from . import api
 from .config import NotifierConfig
@@ -45,9 +46,9 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
         return store.reports(process, within_seconds=HEARTBEAT_SECONDS * 5)
 
     def beating(process: str, none: str) -> None:
-        """Replicas beat every few seconds with their health (web.replicas_ready adds them up)."""
+        """Replicas beat every few seconds with their health (replicas_ready adds them up)."""
         healths = {r: str(report.get("health", "ok")) for r, report in reports(process).items()}
-        web.replicas_ready(healths, none=none)
+        replicas_ready(healths, none=none)
 
     registry = CollectorRegistry()
     registry.register(ScrapeCollector(lambda: reports(HEARTBEAT), consumer_metrics))

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from messaging.settings import DEVELOPMENT_SECRET, ServiceSettings, check_activation_secret
+from messaging.settings import BrokerSettings
 from pydantic import model_validator
 
+# The development value of ACTIVATION_SECRET, which the person and notifier services share (the
+# notifier signs activation links, the person service checks them); refused in production.
+DEVELOPMENT_ACTIVATION_SECRET = "development-activation-secret"
 
-class NotifierConfig(ServiceSettings):
+
+class NotifierConfig(BrokerSettings):
     notifier_database_url: str = "postgresql://postgres@127.0.0.1:5432/notifier"
     sendgrid_api_key: str | None = None
     sendgrid_host: str = "https://api.sendgrid.com"
     sendgrid_timeout_seconds: float = 10.0
     email_from: str = "no-reply@example.com"
     public_person_url: str | None = None
-    activation_secret: str = DEVELOPMENT_SECRET
+    activation_secret: str = DEVELOPMENT_ACTIVATION_SECRET
+    gateway_port: int = 8000  # the development links: http://<service>.localhost:<port>
     activation_ttl_seconds: int = 172_800
     public_notifier_url: str | None = None
     emails_per_address_per_day: int = 10
@@ -35,7 +40,9 @@ class NotifierConfig(ServiceSettings):
 
     @model_validator(mode="after")
     def _production_is_closed(self) -> NotifierConfig:
-        check_activation_secret(self, self.activation_secret)
+        self.check_secret(
+            "ACTIVATION_SECRET", self.activation_secret, DEVELOPMENT_ACTIVATION_SECRET
+        )
         if self.production and not self.sendgrid_api_key:
             raise ValueError("SENDGRID_API_KEY must be set when APP_ENV=production")
         if self.production and not self.public_person_url:

@@ -8,14 +8,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import psycopg
-from messaging import Consumer, ConsumerSettings, Envelope, PermanentError, tracing
-from messaging.runner import AttachedBeacon, configure_logging, replica_id, run_until_signalled
+from messaging import Consumer, ConsumerSettings, Envelope, PermanentError
+from messaging.replicas import AttachedBeacon
+from messaging.stores import postgres_errors
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from servicekit import tracing
+from servicekit.runner import configure_logging, replica_id, run_until_signalled
 
 from .config import NotifierConfig
 from .email import Composer
-from .store import Intent, NotifierStore, translated
+from .store import Intent, NotifierStore
 
 SERVICE = "notifier"
 HEARTBEAT = "notifier-consumer"  # each replica beats as notifier-consumer@<host>:<pid>
@@ -62,7 +65,7 @@ class UserView:
             return
         # One event is one statement, its own transaction; several go out in one pipeline.
         with (
-            translated(),
+            postgres_errors(),
             self.store.single_statement()
             if len(people) == 1
             else self.store.transaction(pipelined=True) as cur,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import psycopg
-from messaging import migrate
+from servicekit import migrate
 
 from .config import NotifierConfig
 

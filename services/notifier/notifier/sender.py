@@ -22,11 +22,11 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import psycopg
-from messaging import tracing
 from messaging.connection import Backoff
-from messaging.runner import configure_logging, replica_id, run_until_signalled
 from opentelemetry.trace import SpanKind
 from psycopg_pool import ConnectionPool
+from servicekit import tracing
+from servicekit.runner import configure_logging, replica_id, run_until_signalled
 
 from .config import NotifierConfig
 from .email import Outcome, SendGridTransport, backoff_seconds

@@ -9,11 +9,11 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from messaging import PermanentError, RetryableError, StoreUnavailable, tracing
-from messaging.idempotency import upsert_if_newer_query
+from messaging.stores import postgres_errors, versioned_upsert
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
+from servicekit import tracing
 
 HEARTBEAT_FORGET_SECONDS = 3600  # a replica's heartbeat row is deleted this long after its last
 
@@ -34,7 +34,7 @@ _USER_COLUMNS = (
     "registered_at",
     "updated_at",
 )
-_UPSERT_USER = upsert_if_newer_query("users", ("cpf",), _USER_COLUMNS)
+_UPSERT_USER = versioned_upsert("users", ("cpf",), _USER_COLUMNS)
 # One statement per event, whose results nobody reads. Every e-mail decision happens only if the
 # event was applied (the version-gated upsert RETURNING a row): a late, duplicated or replayed
 # event mails no one. An applied event cancels the pending e-mails of the person's other
@@ -68,35 +68,6 @@ FROM applied, recent, (VALUES
 WHERE mail.subject IS NOT NULL
 ON CONFLICT DO NOTHING
 """
-
-
-# SQLSTATEs of a database that is away or answers but cannot take writes now (none is the
-# event's fault): classes 08 connection, 53 resources (disk full, too many connections), 57
-# operator intervention (shutdown, a statement timeout), 58 system errors; and 25006, a
-# read-only transaction (a standby, default_transaction_read_only).
-_OUTAGE_CLASSES = ("08", "53", "57", "58")
-_READ_ONLY = "25006"
-
-
-@contextlib.contextmanager
-def translated() -> Iterator[None]:
-    """Database errors as the consumer runtime reads them (habit: translate at the adapter):
-    an outage pauses consuming, a transient conflict is retried, a bad event dead-lettered."""
-    try:
-        yield
-    except (PoolTimeout, psycopg.InterfaceError) as exc:
-        raise StoreUnavailable(f"database: {exc}") from exc
-    except psycopg.errors.TransactionRollback as exc:  # serialization failure, deadlock
-        raise RetryableError(f"database: {exc}") from exc
-    except psycopg.Error as exc:
-        state = exc.sqlstate
-        if state is None and isinstance(exc, psycopg.OperationalError):
-            raise StoreUnavailable(f"database: {exc}") from exc
-        if state is not None and (state[:2] in _OUTAGE_CLASSES or state == _READ_ONLY):
-            raise StoreUnavailable(f"database refuses writes or is away: {exc}") from exc
-        if isinstance(exc, psycopg.DataError):
-            raise PermanentError(f"the event does not fit the view: {exc}") from exc
-        raise RetryableError(f"database: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -413,5 +384,5 @@ class NotifierStore:
 
     def consumer_probe(self) -> None:
         """write_probe as the consumer runtime reads it (StoreUnavailable)."""
-        with translated():
+        with postgres_errors():
             self.write_probe()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from messaging.auth import digest
 from messaging.consumer import ConsumerStats
 from notifier.app import create_app
+from servicekit.auth import digest
 
 pytestmark = pytest.mark.integration
 ADMIN: dict[str, str] = {}  # API keys are off here (tests/test_security.py covers them)

@@ -8,9 +8,9 @@ import time
 
 import psycopg
 import pytest
-from messaging.runner import replica_id
 from messaging.testing import running, wait_until
 from notifier.sender import Sender, transport_for
+from servicekit.runner import replica_id
 
 pytestmark = pytest.mark.integration
 
@@ -270,7 +270,7 @@ def test_without_an_api_key_emails_go_to_the_development_mailbox(
 def test_the_api_key_never_reaches_the_logs(
     person_event, view, store, config, fake_sendgrid, caplog
 ):
-    from messaging.runner import configure_logging
+    from servicekit.runner import configure_logging
 
     configure_logging("DEBUG")
     caplog.set_level(logging.DEBUG)

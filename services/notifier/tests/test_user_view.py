@@ -222,10 +222,11 @@ def test_the_database_away_longer_than_the_retry_ladder_dead_letters_nothing(
     from urllib.parse import urlsplit
 
     from messaging import Consumer, ConsumerSettings
-    from messaging.testing import TcpProxy, running, wait_until
+    from messaging.testing import running, wait_until
     from notifier.consumer import UserView, composer_for
     from notifier.store import NotifierStore
     from psycopg_pool import ConnectionPool
+    from tcp_proxy import TcpProxy
 
     target = urlsplit(notifier_db)
     proxy = TcpProxy(target.hostname, target.port or 5432)

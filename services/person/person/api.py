@@ -9,8 +9,8 @@ import uuid
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
-from messaging.auth import public, requires
-from messaging.web import (
+from servicekit.auth import public, requires
+from servicekit.web import (
     Invalid,
     OpenApi,
     Problem,
@@ -22,7 +22,7 @@ from messaging.web import (
     problem,
     query_int,
 )
-from messaging.web import validate as validated
+from servicekit.web import validate as validated
 
 from .activation import Tokens
 from .errors import BadToken, Conflict, ExpiredToken, NotFound, TooSoon, Unprocessable

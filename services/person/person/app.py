@@ -6,12 +6,12 @@ from collections.abc import Iterator
 
 import psycopg
 from flask import Flask
-from messaging import tracing, web
 from messaging.connection import BrokerProbe
-from messaging.metrics import ScrapeCollector
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from psycopg_pool import ConnectionPool, PoolTimeout
+from servicekit import tracing, web
+from servicekit.metrics import ScrapeCollector
 
 from . import api, catalogue
 from .activation import Tokens

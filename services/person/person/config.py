@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from messaging.settings import DEVELOPMENT_SECRET, ServiceSettings, check_activation_secret
+from messaging.settings import BrokerSettings
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+# The development value of ACTIVATION_SECRET, which the person and notifier services share (the
+# notifier signs activation links, the person service checks them); refused in production.
+DEVELOPMENT_ACTIVATION_SECRET = "development-activation-secret"
 
-class PersonConfig(ServiceSettings):
+
+class PersonConfig(BrokerSettings):
     person_database_url: str = "postgresql://postgres@127.0.0.1:5432/person"
-    activation_secret: str = DEVELOPMENT_SECRET
+    activation_secret: str = DEVELOPMENT_ACTIVATION_SECRET
     activation_ttl_seconds: int = 172_800
     max_body_bytes: int = 64 * 1024
     bulk_max_bytes: int = 32 * 1024 * 1024  # POST /person/bulk only
@@ -40,5 +44,7 @@ class PersonConfig(ServiceSettings):
 
     @model_validator(mode="after")
     def _production_needs_a_secret(self) -> PersonConfig:
-        check_activation_secret(self, self.activation_secret)
+        self.check_secret(
+            "ACTIVATION_SECRET", self.activation_secret, DEVELOPMENT_ACTIVATION_SECRET
+        )
         return self

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from messaging import tracing
-from messaging.runner import configure_logging, run_until_signalled
+from servicekit import tracing
+from servicekit.runner import configure_logging, run_until_signalled
 
 from .config import PersonConfig
 from .imports import Importer, ImporterSettings

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from messaging import Outbox, logs
-from messaging.web import field_errors
+from messaging import Outbox
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
+from servicekit import logs
+from servicekit.web import field_errors
 
 from .catalogue import PRODUCER
 from .schemas import PersonIn

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import psycopg
-from messaging import migrate, outbox
+from messaging import outbox
+from servicekit import migrate
 
 from .config import PersonConfig
 

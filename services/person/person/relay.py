@@ -5,9 +5,10 @@ Besides publishing the outbox, it serves read models' replay requests (messaging
 
 from __future__ import annotations
 
-from messaging import Relay, RelaySettings, tracing
+from messaging import Relay, RelaySettings
 from messaging.replay_server import ReplayServer
-from messaging.runner import configure_logging, run_until_signalled
+from servicekit import tracing
+from servicekit.runner import configure_logging, run_until_signalled
 
 from .config import PersonConfig
 

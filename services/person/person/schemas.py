@@ -7,7 +7,6 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from messaging.web import IsoDateTime
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -18,6 +17,7 @@ from pydantic import (
     RootModel,
     StringConstraints,
 )
+from servicekit.web import IsoDateTime
 
 _CPF_NOISE = re.compile(r"[.\-\s]")
 _CPF = re.compile(r"^[0-9]{1,14}$")

@@ -9,11 +9,11 @@ from typing import Any
 
 import redis
 from flask import Blueprint, current_app
-from messaging.auth import requires
 from messaging.connection import Backoff
 from messaging.healing import REBUILDING, STALE_WIPE_SECONDS, WIPING
-from messaging.web import OpenApi, Problem, body, path_parameter, problem
 from pydantic import BaseModel, Field
+from servicekit.auth import requires
+from servicekit.web import OpenApi, Problem, body, path_parameter, problem
 
 from .store import ScoreStore, StaleWipe
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import redis
 from flask import Flask
-from messaging import web
 from messaging.connection import BrokerProbe
-from messaging.metrics import ScrapeCollector, consumer_metrics
+from messaging.replicas import consumer_metrics, replicas_ready
 from prometheus_client import CollectorRegistry
+from servicekit import web
+from servicekit.metrics import ScrapeCollector
 
 from . import api
 from .config import ScoreConfig
@@ -24,9 +25,9 @@ def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = Non
 
     def consumers_attached() -> None:
         """Each consumer replica beats while attached, with its health or the model's rebuild
-        state (web.replicas_ready says how they add up)."""
+        state (replicas_ready says how they add up)."""
         reports = store.beacons()
-        web.replicas_ready(
+        replicas_ready(
             {replica: str(report.get("health")) for replica, report in reports.items()},
             none="the score consumer is not attached",
         )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from messaging.settings import ServiceSettings
+from messaging.settings import BrokerSettings
 
 
-class ScoreConfig(ServiceSettings):
+class ScoreConfig(BrokerSettings):
     score_redis_url: str = "redis://127.0.0.1:6379/0"
     score_key_prefix: str = "score:"

@@ -9,10 +9,12 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal
 
 import redis
-from messaging import Consumer, ConsumerSettings, Envelope, PermanentError, tracing
+from messaging import Consumer, ConsumerSettings, Envelope, PermanentError
 from messaging.healing import READY, Healing
-from messaging.runner import AttachedBeacon, configure_logging, replica_id, run_until_signalled
+from messaging.replicas import AttachedBeacon
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from servicekit import tracing
+from servicekit.runner import configure_logging, replica_id, run_until_signalled
 
 from .config import ScoreConfig
 from .scoring import KINDS

@@ -27,19 +27,18 @@ standalone Redis, not a cluster.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 import redis
-from messaging import RetryableError, StoreUnavailable
 from messaging.healing import READY, REBUILDING, WIPING, Generation
+from messaging.stores import redis_errors, redis_write_probe
 
 from .scoring import KINDS, score
 
@@ -191,7 +190,7 @@ class ScoreStore:
         a restart, SCRIPT FLUSH) they are loaded and the whole batch is sent again: the scripts
         are version-gated, so a change that did run is not applied twice.
         """
-        with translated():
+        with redis_errors():
             try:
                 return self._apply(changes)
             except redis.exceptions.NoScriptError:
@@ -248,17 +247,17 @@ class ScoreStore:
         )
 
     def ping(self) -> None:
-        with translated():
+        with redis_errors():
             self.client.ping()
 
     def write_probe(self) -> None:
         """Prove Redis takes writes (an answering Redis may refuse them: out of memory, a
         read-only replica, a failed snapshot); the driver's error if it does not."""
-        self.client.set(f"{self.prefix}probe", str(time.time()), ex=60)
+        redis_write_probe(self.client, f"{self.prefix}probe")
 
     def consumer_probe(self) -> None:
         """write_probe as the consumer runtime reads it (StoreUnavailable)."""
-        with translated():
+        with redis_errors():
             self.write_probe()
 
     def wipe(self) -> int:
@@ -286,7 +285,7 @@ class ScoreStore:
 
     # -- the generation marker (messaging.healing.GenerationStore) -----------------------------
     def generation(self) -> Generation | None:
-        with translated():
+        with redis_errors():
             raw = self.client.hgetall(self.generation_key)
         if not raw:
             return None
@@ -298,11 +297,11 @@ class ScoreStore:
         return Generation(values.get("state", REBUILDING), values.get("request", ""), since)
 
     def claim_rebuild(self, request_id: str) -> bool:
-        with translated():
+        with redis_errors():
             return bool(self._claim(keys=[self.generation_key], args=[request_id]))
 
     def begin_rebuild(self, request_id: str, since: float) -> None:
-        with translated():
+        with redis_errors():
             self.client.hset(
                 self.generation_key,
                 mapping={
@@ -315,19 +314,19 @@ class ScoreStore:
             )
 
     def finish_rebuild(self, request_id: str, events: int) -> bool:
-        with translated():
+        with redis_errors():
             return bool(
                 self._progress(keys=[self.generation_key], args=[request_id, "expected", events])
             )
 
     def count_replayed(self, request_id: str, settled: int) -> bool:
-        with translated():
+        with redis_errors():
             return bool(
                 self._progress(keys=[self.generation_key], args=[request_id, "settled", settled])
             )
 
     def abandon(self, request_id: str) -> bool:
-        with translated():
+        with redis_errors():
             return bool(self._wipe_marker(keys=[self.generation_key], args=[request_id, "abandon"]))
 
     def mark_ready(self) -> None:
@@ -356,28 +355,6 @@ class ScoreStore:
 
 class StaleWipe(RuntimeError):
     """A wipe found its marker taken over: another process declared it stale."""
-
-
-# Error replies of a Redis that answers but cannot take writes now: none is the change's fault.
-_REFUSALS = ("OOM", "READONLY", "MISCONF", "NOREPLICAS", "MASTERDOWN", "LOADING", "BUSY")
-
-
-@contextlib.contextmanager
-def translated() -> Iterator[None]:
-    """Redis errors as the consumer runtime reads them: Redis away or refusing writes (an
-    outage: consuming pauses), or this change refused (retried, then dead-lettered)."""
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError) as exc:
-        raise StoreUnavailable(f"redis: {exc}") from exc
-    except redis.exceptions.ResponseError as exc:
-        if str(exc).split(" ", 1)[0].upper() in _REFUSALS or isinstance(
-            exc, redis.exceptions.OutOfMemoryError | redis.exceptions.ReadOnlyError
-        ):
-            raise StoreUnavailable(f"redis refuses writes: {exc}") from exc
-        raise RetryableError(f"redis: {exc}") from exc
-    except redis.RedisError as exc:
-        raise RetryableError(f"redis: {exc}") from exc
 
 
 def _stored_value(text: str) -> Decimal:

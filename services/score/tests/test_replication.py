@@ -77,8 +77,8 @@ def test_thousand_events_twice_and_shuffled_give_the_scores_of_once_in_order(
 def test_redis_away_longer_than_the_retry_ladder_dead_letters_nothing(broker, servers, history):
     from urllib.parse import urlsplit
 
-    from messaging.testing import TcpProxy
     from score.store import ScoreStore
+    from tcp_proxy import TcpProxy
 
     target = urlsplit(servers.redis)
     proxy = TcpProxy(target.hostname, target.port or 6379)
@@ -149,29 +149,6 @@ def test_redis_refusing_writes_longer_than_the_retry_ladder_dead_letters_nothing
     assert broker.depth(consumer.topology.dead_queue) == 0
     got = {cpf: (s.score if (s := store.read(cpf)) else None) for cpf in cpfs(events)}
     assert got == {cpf: history.expected()[cpf] for cpf in got}
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize(
-    ("reply", "outage"),
-    [
-        ("OOM command not allowed when used memory > 'maxmemory'.", True),
-        ("READONLY You can't write against a read only replica.", True),
-        ("MISCONF Redis is configured to save RDB snapshots, but it's currently unable", True),
-        ("NOREPLICAS Not enough good replicas to write.", True),
-        ("BUSY Redis is busy running a script.", True),
-        ("WRONGTYPE Operation against a key holding the wrong kind of value", False),
-    ],
-)
-def test_write_refusals_are_outages_and_other_errors_the_changes_own(reply, outage):
-    from messaging import RetryableError, StoreUnavailable
-    from redis._parsers import _RESP2Parser
-    from score.store import translated
-
-    parsed = _RESP2Parser(65536).parse_error(reply)  # the error redis-py raises for that reply
-    expected = StoreUnavailable if outage else RetryableError
-    with pytest.raises(expected), translated():
-        raise parsed
 
 
 def test_a_redis_whose_name_does_not_resolve_is_an_outage_not_the_events_fault(broker, history):

@@ -1,6 +1,7 @@
 """Shared messaging: envelope, outbox, relay, consumer runtime, idempotent apply helpers."""
 
-from . import tracing
+from servicekit import tracing
+
 from .consumer import Consumer, ConsumerSettings
 from .envelope import DecodeError, Envelope, decode
 from .errors import PermanentError, RetryableError, StoreUnavailable

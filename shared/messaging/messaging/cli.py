@@ -10,7 +10,10 @@
                                                 parked, each with its reason
     messaging outbox retry (ID ... | --all)     give parked rows back to the relay (after a fix)
     messaging replay --to <queue> [--entity E] [--after-id POSITION | --since ISO]
-    messaging apikey new --scopes a,b           a fresh API key and its API_KEYS entry
+    messaging declare SERVICE ...               declare each service's queues (before start-up)
+    messaging broker-user                       create AMQP_URL's user (no tags) through the
+                                                management API (RABBITMQ_MANAGEMENT_URL,
+                                                RABBITMQ_ADMIN_USER, RABBITMQ_ADMIN_PASSWORD)
 
 The broker is AMQP_URL (one node, or several of a cluster, comma-separated); the producer's
 database is DATABASE_URL (or --database-url). `<queue>` may be a dead queue's name or its work
@@ -23,10 +26,14 @@ by moving the messages they pass to the tail of the dead queue.
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import json
 import os
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -36,12 +43,12 @@ import psycopg
 from pika.adapters.blocking_connection import BlockingChannel
 
 from . import deadletters, outbox
-from .connection import connect
+from .connection import connect, node_urls
 from .deadletters import DEFAULT_WINDOW, dead_queue_name
 from .deadletters import text as _text
 from .publisher import PublishError
 from .replay import replay as replay_events
-from .settings import DEFAULT_AMQP_URL
+from .settings import DEFAULT_AMQP_URL, BrokerSettings
 
 SHOW_BODY_LIMIT = 4000
 
@@ -240,22 +247,61 @@ def replay(queue: str, entity: str | None, after_id: int | None, since: datetime
     return 0
 
 
-def apikey_new(scopes: str) -> int:
-    """Print a fresh key (to hand to its client, once) and the API_KEYS entry to configure."""
-    from .auth import new_key
-
-    names = [name.strip() for name in scopes.split(",") if name.strip()]
-    if not names:
-        raise Usage("--scopes needs at least one scope, e.g. orders:write,orders:read")
+def declare(services: list[str]) -> int:
+    """Declare each service's queues before start-up, so no event is routed while a consumer's
+    queue does not exist yet (the relay would hold it, returned, until one did). The caller
+    names the services (the stack and compose do)."""
+    settings = BrokerSettings()
+    conn = connect(settings.amqp_url, "topology")
     try:
-        key, entry = new_key(names)
-    except ValueError as exc:
-        raise Usage(str(exc)) from None
-    print(f"key: {key}")
-    print(f"API_KEYS entry: {json.dumps(entry)}")
-    print("Keep the key secret: only its SHA-256 digest goes into API_KEYS (merge the entry into")
-    print("the JSON object there); send it as Authorization: Bearer <key>.")
+        for service in services:
+            topology = settings.topology(service)
+            topology.declare(conn)
+            print(f"declared {topology.queue} (+ retry and dead queues) on {topology.exchange}")
+    finally:
+        if conn.is_open:
+            conn.close()
     return 0
+
+
+def broker_user() -> int:
+    """Create the application's broker user, no administrator, idempotently: the user, password
+    and virtual host of AMQP_URL's first node, with permissions on its virtual host and no tags
+    (no management, no policies), through the management API."""
+    amqp = urllib.parse.urlsplit(node_urls(_amqp_url())[0])
+    user = urllib.parse.unquote(amqp.username or "")
+    password = urllib.parse.unquote(amqp.password or "")
+    vhost = urllib.parse.unquote(amqp.path.lstrip("/")) or "/"
+    if not user or not password:
+        raise Usage("broker-user: AMQP_URL must name a user and a password")
+    try:
+        base = os.environ["RABBITMQ_MANAGEMENT_URL"]
+        admin = f"{os.environ['RABBITMQ_ADMIN_USER']}:{os.environ['RABBITMQ_ADMIN_PASSWORD']}"
+    except KeyError as exc:
+        raise Usage(f"broker-user needs {exc.args[0]}") from None
+    auth = base64.b64encode(admin.encode()).decode()
+    quoted_user = urllib.parse.quote(user, safe="")
+    quoted_vhost = urllib.parse.quote(vhost, safe="")
+    try:
+        _management_put(base, f"users/{quoted_user}", {"password": password, "tags": ""}, auth)
+        everything = {"configure": ".*", "write": ".*", "read": ".*"}
+        _management_put(base, f"permissions/{quoted_vhost}/{quoted_user}", everything, auth)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"messaging: the management API refused: {exc}", file=sys.stderr)
+        return 1
+    print(f"broker user {user} on {vhost}: no tags, all permissions on its virtual host")
+    return 0
+
+
+def _management_put(base: str, path: str, body: dict, auth: str) -> None:
+    request = urllib.request.Request(
+        f"{base.rstrip('/')}/api/{path}",
+        data=json.dumps(body).encode(),
+        method="PUT",
+        headers={"Content-Type": "application/json", "Authorization": f"Basic {auth}"},
+    )
+    with urllib.request.urlopen(request, timeout=10):
+        pass
 
 
 def _window(text: str) -> int:
@@ -306,9 +352,9 @@ def parser() -> argparse.ArgumentParser:
     chosen.add_argument("ids", nargs="*", type=int, default=[], metavar="ID")
     chosen.add_argument("--all", action="store_true")
 
-    keys = commands.add_parser("apikey", help="API keys")
-    keys.add_argument("action", choices=["new"])
-    keys.add_argument("--scopes", required=True, help="comma-separated, e.g. orders:read")
+    declaring = commands.add_parser("declare", help="declare consuming services' queues")
+    declaring.add_argument("services", nargs="+", metavar="SERVICE")
+    commands.add_parser("broker-user", help="create AMQP_URL's user through the management API")
 
     rebuild = commands.add_parser("replay", help="publish the producer's events to one queue")
     rebuild.add_argument("--to", required=True, dest="queue")
@@ -345,8 +391,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.action == "retry":
                 return outbox_retry(None if args.all else args.ids)
             return outbox_status()
-        if args.command == "apikey":
-            return apikey_new(args.scopes)
+        if args.command == "declare":
+            return declare(args.services)
+        if args.command == "broker-user":
+            return broker_user()
         return replay(args.queue, args.entity, args.after_id, args.since)
     except pika.exceptions.ChannelClosedByBroker as exc:
         print(f"messaging: the broker refused: {exc.reply_text}", file=sys.stderr)

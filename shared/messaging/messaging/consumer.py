@@ -41,13 +41,13 @@ from typing import Any
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+from servicekit import tracing
+from servicekit.logs import bound
 
-from . import tracing
 from .connection import HEARTBEAT_SECONDS, Backoff, StopFlag, connect
 from .envelope import DecodeError, Envelope, decode
 from .errors import PermanentError, RetryableError, StoreUnavailable
 from .healing import Healing, replay_completion, replay_request_of
-from .logs import bound
 from .retry import Decision, dead_letter, decide, resent_properties
 from .topology import Topology
 

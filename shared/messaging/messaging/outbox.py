@@ -10,8 +10,8 @@ import time
 from typing import Any
 
 import psycopg
+from servicekit import tracing
 
-from . import tracing
 from .envelope import Envelope
 
 NOTIFY_CHANNEL = "messaging_outbox"

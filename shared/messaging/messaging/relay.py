@@ -32,14 +32,14 @@ from typing import Any
 import pika
 import psycopg
 from pika.adapters.select_connection import SelectConnection
+from servicekit import tracing
+from servicekit.runner import replica_id
 
-from . import tracing
 from .confirms import ConfirmWindow
 from .connection import Backoff, StopFlag, amqp_parameters, where
 from .envelope import MAX_BODY_BYTES
 from .outbox import NOTIFY_CHANNEL
 from .publisher import event_properties, unpublishable
-from .runner import replica_id
 
 log = logging.getLogger("messaging.relay")
 
@@ -628,10 +628,11 @@ class _Listener:
 def main() -> int:
     """python -m messaging.relay: a relay for any producer, configured from the environment
     (DATABASE_URL, AMQP_URL, EVENTS_EXCHANGE; RELAY_POLL_INTERVAL)."""
-    from .runner import configure_logging, run_until_signalled
-    from .settings import ServiceSettings
+    from servicekit.runner import configure_logging, run_until_signalled
 
-    class _Settings(ServiceSettings):
+    from .settings import BrokerSettings
+
+    class _Settings(BrokerSettings):
         database_url: str
         relay_poll_interval: float = 1.0
 

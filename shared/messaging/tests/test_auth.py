@@ -6,9 +6,9 @@ import json
 
 import pytest
 from flask import Blueprint, Flask
-from messaging import web
-from messaging.auth import ApiKeys, digest, new_key, public, requires
 from prometheus_client import CollectorRegistry
+from servicekit import web
+from servicekit.auth import ApiKeys, digest, new_key, public, requires
 
 pytestmark = pytest.mark.unit
 

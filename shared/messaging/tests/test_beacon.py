@@ -7,7 +7,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from messaging.runner import AttachedBeacon
+from messaging.replicas import AttachedBeacon
 from messaging.testing import wait_until
 
 pytestmark = pytest.mark.unit

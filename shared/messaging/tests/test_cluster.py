@@ -7,12 +7,13 @@ c1 therefore takes away the clients' node and the queues' leader at once.
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import psycopg
 import pytest
 from delivered import Seen, unpublished
-from messaging import Consumer, ConsumerSettings, Outbox, Relay, RelaySettings
+from messaging import Consumer, ConsumerSettings, Outbox, Relay, RelaySettings, connection
 from messaging.cli import main as cli
 from messaging.connection import BrokerProbe, connect
 from messaging.testing import running, wait_until
@@ -65,6 +66,13 @@ class Writer(threading.Thread):
         return {(f"e{e}", v) for e in range(self.entities) for v in range(1, self.rounds + 1)}
 
 
+@pytest.fixture(autouse=True)
+def connections_start_at_the_first_node(monkeypatch):
+    """Connections start from a rotating node; here every one starts at c1, the node these tests
+    kill or stop (so a queue's leader, placed where it is declared, and the clients are on it)."""
+    monkeypatch.setattr(connection, "_ROTATION", itertools.repeat(0))
+
+
 def test_every_queue_of_a_topology_has_a_member_on_every_node(rabbit_cluster, cluster_broker):
     topology = declared(cluster_broker, "svc")
     queues = rabbit_cluster.queues()
@@ -76,15 +84,8 @@ def test_every_queue_of_a_topology_has_a_member_on_every_node(rabbit_cluster, cl
 
 
 def test_relay_and_consumer_lose_and_skip_nothing_when_their_node_and_the_leader_die(
-    rabbit_cluster, cluster_broker, producer_db, monkeypatch
+    rabbit_cluster, cluster_broker, producer_db
 ):
-    import itertools
-
-    from messaging import connection
-
-    # Connections start from a rotating node; here every one starts at c1, the node killed (so
-    # the queue's leader, placed where it is declared, and the clients are all on it).
-    monkeypatch.setattr(connection, "_ROTATION", itertools.repeat(0))
     topology = declared(cluster_broker, "svc")
     seen = Seen()
     consumer = Consumer(ConsumerSettings(cluster_broker.amqp_url, topology, max_batch=50), seen)

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 import pytest
 from flask import Flask
 from messaging import Consumer, ConsumerSettings, Envelope
-from messaging.auth import public
-from messaging.logs import JsonFormatter, bound
 from messaging.testing import running, wait_until
-from messaging.web import install
 from prometheus_client import CollectorRegistry
+from servicekit.auth import public
+from servicekit.logs import JsonFormatter, bound
+from servicekit.web import install
 
 
 class Lines(logging.Handler):

@@ -6,9 +6,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from messaging.consumer import ConsumerStats
-from messaging.metrics import ScrapeCollector, consumer_metrics
+from messaging.replicas import consumer_metrics
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from servicekit.metrics import ScrapeCollector
 
 pytestmark = pytest.mark.unit
 

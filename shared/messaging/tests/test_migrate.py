@@ -7,8 +7,8 @@ import uuid
 
 import psycopg
 import pytest
-from messaging.migrate import ensure_database
 from psycopg import sql
+from servicekit.migrate import ensure_database
 
 pytestmark = pytest.mark.integration
 

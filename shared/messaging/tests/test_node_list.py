@@ -22,7 +22,7 @@ from messaging.cli import main as cli
 from messaging.connection import BrokerProbe, connect, node_urls
 from messaging.publisher import ConfirmedPublisher, Outgoing, event_properties
 from messaging.replay import replay, request_replay, requests_queue
-from messaging.settings import ServiceSettings
+from messaging.settings import BrokerSettings
 from messaging.testing import running, wait_until
 
 pytestmark = pytest.mark.integration
@@ -74,7 +74,7 @@ def test_an_amqp_url_that_names_no_broker_node_is_refused_without_repeating_it(u
         node_urls(url)
     assert "secret" not in str(refused.value)
     with pytest.raises(ValueError, match=re.escape(reason)) as refused:  # a process won't start
-        ServiceSettings(amqp_url=url)
+        BrokerSettings(amqp_url=url)
     assert "secret" not in str(refused.value)
 
 

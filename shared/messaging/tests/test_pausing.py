@@ -13,7 +13,8 @@ import pytest
 from messaging import Consumer, ConsumerSettings, Envelope, RetryableError, StoreUnavailable
 from messaging.healing import READY, REBUILDING, Healing
 from messaging.replay import replay
-from messaging.testing import MemoryGeneration, TcpProxy, running, wait_until
+from messaging.testing import MemoryGeneration, running, wait_until
+from tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -138,7 +139,7 @@ def test_a_pause_outlives_its_connection_and_consuming_comes_back_by_itself(brok
     """The held batch goes back with a connection that dies during the pause; the new session
     consumes again with no resume to lose."""
     store = RefusingStore()
-    proxy = TcpProxy("127.0.0.1", 5672)
+    proxy = TcpProxy.before(broker.amqp_url)
     topology = broker.topology("lost-resume")
     consumer = Consumer(
         ConsumerSettings(proxy.url(broker.amqp_url), topology, heartbeat=2),

@@ -1,10 +1,11 @@
-"""How the replicas of one process add up to a readiness answer (web.replicas_ready)."""
+"""How the replicas of one process add up to a readiness answer (messaging.replicas)."""
 
 from __future__ import annotations
 
 import pytest
-from messaging.runner import replica_id
-from messaging.web import NotReady, Rebuilding, replicas_ready
+from messaging.replicas import replicas_ready
+from servicekit.runner import replica_id
+from servicekit.web import NotReady, Rebuilding
 
 pytestmark = pytest.mark.unit
 

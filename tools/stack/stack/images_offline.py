@@ -41,7 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from stack import ROOT
+
 SPECS = ROOT / "deploy" / "offline-images"
 PREFIX = "event-replication-offline"
 LABEL = "org.event-replication.offline.inputs"

@@ -10,7 +10,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-log = logging.getLogger("messaging.migrate")
+log = logging.getLogger("servicekit.migrate")
 
 _LOCK = 0x6D736701  # advisory lock id: one migrator at a time per database
 

@@ -1,8 +1,8 @@
 """A three-node RabbitMQ cluster on this machine, beside the system node: for tests and the bench.
 
-    python scripts/cluster.py start [--dir DIR]   start c1..c3@localhost, print AMQP_URL
-    python scripts/cluster.py status [--dir DIR]  each node, and each queue's leader
-    python scripts/cluster.py stop [--dir DIR]    kill the nodes and delete DIR
+    python -m stack.cluster start [--dir DIR]   start c1..c3@localhost, print AMQP_URL
+    python -m stack.cluster status [--dir DIR]  each node, and each queue's leader
+    python -m stack.cluster stop [--dir DIR]    kill the nodes and delete DIR
 
 Each node is a `rabbitmq-server -detached` of its own (c1@localhost, c2@localhost, c3@localhost)
 with its own AMQP and distribution ports, data, logs, configuration, environment and plugins file,
@@ -36,8 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from processes import free_port
+from stack.processes import free_port
 
 SCRIPTS = Path(os.environ.get("RABBITMQ_SCRIPTS", "/usr/lib/rabbitmq/bin"))
 NAMES = ("c1", "c2", "c3")
@@ -99,7 +98,7 @@ class Cluster:
         if taken:
             raise ClusterError(
                 f"node(s) {sorted(taken)} already run on this machine (an earlier run left them?): "
-                "python scripts/cluster.py stop --dir <its directory>, or kill them"
+                "python -m stack.cluster stop --dir <its directory>, or kill them"
             )
         try:
             self.home.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
@@ -30,9 +30,9 @@ from werkzeug.exceptions import HTTPException
 
 from . import logs, tracing
 from .auth import ANONYMOUS, PUBLIC, ApiKeys, Principal, declared_scope, public, requires
-from .healing import REBUILDING, WIPING
+from .readiness import NotReady, Rebuilding
 
-log = logging.getLogger("messaging.web")
+log = logging.getLogger("servicekit.web")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 # A client's request id is kept only in this shape: it becomes the events' correlation id, an
@@ -46,42 +46,6 @@ class Invalid(Exception):
     def __init__(self, errors: dict[str, list[str]], message: str = "invalid fields") -> None:
         super().__init__(message)
         self.message, self.errors = message, errors
-
-
-class NotReady(Exception):
-    """A readiness check that fails with a reason worth showing (/ready says it)."""
-
-
-class Rebuilding(NotReady):
-    """The read model is being rebuilt from a replay: /ready answers `rebuilding`."""
-
-
-HEALTHY = "ok"
-REBUILD_STATES = (REBUILDING, WIPING)  # what a consumer reports while its read model is rebuilt
-
-
-def replicas_ready(healths: Mapping[str, str], none: str) -> None:
-    """Readiness of one process type run as several replicas, from each one's last report.
-
-    Ready when at least one replica reports and every replica that reports is healthy: a
-    stalled or paused replica holds its prefetched messages back from the others, so it is
-    reported (with its id) until it recovers or dies. A replica that stopped reporting (gone,
-    or reconnecting to the broker) does not count. A rebuild, which concerns the read model
-    all replicas share, answers Rebuilding. `none` is the reason given when no replica reports.
-    """
-    if not healths:
-        raise NotReady(none)
-    unwell = sorted(
-        (health, replica)
-        for replica, health in healths.items()
-        if health != HEALTHY and health not in REBUILD_STATES
-    )
-    if unwell:
-        raise NotReady("; ".join(f"{health} ({replica})" for health, replica in unwell))
-    states = set(healths.values())
-    for state in (WIPING, REBUILDING):  # the earlier step of a rebuild first
-        if state in states:
-            raise Rebuilding(state)
 
 
 def problem(status: int, message: str, errors: dict[str, list[str]] | None = None) -> Response:

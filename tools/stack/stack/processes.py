@@ -1,6 +1,6 @@
 """The Procfile's processes under direct control, for the fault run and the benchmark.
 
-`make up` runs the Procfile through honcho (scripts/stack.py), which stops everything when one
+`make up` runs the Procfile through honcho (python -m stack.up), which stops everything when one
 process exits. The fault run has to kill single processes and start them again, and the benchmark
 has to start the relay late and read each process's memory: both use `Processes`, which starts
 each Procfile command in a process group of its own (so a signal reaches its children too, as
@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from stack import ROOT
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""Check that the servers a stack needs answer: python -m messaging.check_servers NAME=URL...
+"""Check that the servers a stack needs answer: python -m stack.check_servers NAME=URL...
 
 The caller names the checks (the stack script passes each service's configured URL under the
 variable that sets it); the kind of server comes from the URL's scheme. For each one that does
@@ -11,9 +11,8 @@ import sys
 from collections.abc import Callable
 
 import psycopg
+from messaging.connection import connect
 from psycopg.conninfo import make_conninfo
-
-from .connection import connect
 
 
 def _postgres(url: str) -> None:
@@ -86,7 +85,7 @@ def _hide_password(url: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     pairs = argv if argv is not None else sys.argv[1:]
     if not pairs or not all("=" in pair for pair in pairs):
-        print("usage: python -m messaging.check_servers NAME=URL...", file=sys.stderr)
+        print("usage: python -m stack.check_servers NAME=URL...", file=sys.stderr)
         return 2
     return check([tuple(pair.split("=", 1)) for pair in pairs])
 

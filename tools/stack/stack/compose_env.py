@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import secrets
 import sys
-from pathlib import Path
 
 from dotenv import dotenv_values
 
-ROOT = Path(__file__).resolve().parent.parent
+from stack import ROOT
+
 SECRETS = (
     "POSTGRES_PASSWORD",
     "REDIS_PASSWORD",

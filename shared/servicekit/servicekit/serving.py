@@ -14,7 +14,7 @@ def gunicorn_settings(prefix: str, default_port: int) -> dict[str, Any]:
     """
     fmt = os.environ.get("LOG_FORMAT", "json")
     formatter = (
-        {"()": "messaging.logs.JsonFormatter"}
+        {"()": "servicekit.logs.JsonFormatter"}
         if fmt == "json"
         else {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}
     )

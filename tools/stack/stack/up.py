@@ -1,4 +1,4 @@
-"""Run the native stack: python scripts/stack.py up | down | logs | status.
+"""Run the native stack: python -m stack.up up | down | logs | status (make up, down, logs, status).
 
 `up` checks PostgreSQL, RabbitMQ and Redis, creates the databases and applies migrations,
 declares the consumers' queues, starts every process of the Procfile (honcho) in the background
@@ -19,9 +19,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from processes import replicas
+from stack import ROOT
+from stack.processes import replicas
 
-ROOT = Path(__file__).resolve().parent.parent
 HOSTS = ("person", "score", "notifier", "console")
 HEALTH_TIMEOUT = 90.0
 STOP_TIMEOUT = 25.0
@@ -68,7 +68,7 @@ CONSUMERS = ("score", "notifier")
 
 def server_checks(env: dict[str, str]) -> list[str]:
     """NAME=URL of every server, as each service's configuration reads it (its defaults
-    included), for messaging.check_servers."""
+    included), for stack.check_servers."""
     code = (
         "from notifier.config import NotifierConfig; from person.config import PersonConfig; "
         "from score.config import ScoreConfig; p, s, n = PersonConfig(), ScoreConfig(), "
@@ -88,10 +88,10 @@ def server_checks(env: dict[str, str]) -> list[str]:
 def prepare(env: dict[str, str]) -> None:
     """Servers answer, databases exist and are migrated, queues are declared."""
     steps = [
-        [sys.executable, "-m", "messaging.check_servers", *server_checks(env)],
+        [sys.executable, "-m", "stack.check_servers", *server_checks(env)],
         [sys.executable, "-m", "person.migrate"],
         [sys.executable, "-m", "notifier.migrate"],
-        [sys.executable, "-m", "messaging.declare", *CONSUMERS],
+        [sys.executable, "-m", "messaging.cli", "declare", *CONSUMERS],
     ]
     for step in steps:
         if subprocess.run(step, env=env, cwd=ROOT).returncode != 0:

@@ -1,4 +1,5 @@
-"""Run a relay or consumer as a process: SIGTERM and SIGINT stop it cleanly, exit status 0."""
+"""Run a long-lived component as a process: logging, its replica name, and SIGTERM or SIGINT
+stopping it cleanly (exit status 0)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import logging
 import os
 import signal
 import socket
-import threading
-from collections.abc import Callable
 from typing import Any
 
 from . import logs
@@ -43,39 +42,10 @@ def run_until_signalled(component: Any) -> int:
     """Run component.run() in this thread; a termination signal calls component.stop()."""
 
     def stop(signum: int, _frame: Any) -> None:
-        logging.getLogger("messaging").info("received %s; stopping", signal.Signals(signum).name)
+        logging.getLogger("servicekit").info("received %s; stopping", signal.Signals(signum).name)
         component.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     component.run()
     return 0
-
-
-class AttachedBeacon:
-    """Tells an API process that this consumer is attached to its queue.
-
-    While `consumer.attached` is set, `beat()` is called at once and then every `every` seconds;
-    the API's /ready treats a beat older than a few intervals as "not attached". `beat` writes
-    wherever the API can read it (a Redis key, a table row); its errors are logged and retried,
-    since a missing beat is what readiness reports.
-    """
-
-    def __init__(self, consumer: Any, beat: Callable[[], None], every: float = 2.0) -> None:
-        self.consumer, self.beat, self.every = consumer, beat, every
-        self._stop = threading.Event()
-
-    def start(self) -> None:
-        threading.Thread(target=self._run, name="attached-beacon", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if self.consumer.attached.wait(timeout=self.every):
-                try:
-                    self.beat()
-                except Exception as exc:  # readiness reports the missing beat
-                    logging.getLogger("messaging").warning("beacon beat failed: %s", exc)
-                self._stop.wait(self.every)
