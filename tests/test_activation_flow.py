@@ -8,12 +8,11 @@ import urllib.parse
 import pika
 import psycopg
 import pytest
-from messaging import Consumer, ConsumerSettings, Relay, RelaySettings, Topology
+from messaging import Relay, RelaySettings, Topology
 from messaging.testing import running, wait_until
 from notifier.config import NotifierConfig
-from notifier.consumer import UserView, composer_for
+from notifier.consumer import build
 from notifier.sender import Sender
-from notifier.store import NotifierStore
 from person.app import create_app as person_app
 from person.config import PersonConfig
 from psycopg_pool import ConnectionPool
@@ -41,13 +40,9 @@ def test_welcome_email_link_activates_the_account_and_the_view_follows(
         sender_poll_seconds=0.2,
     )
     person = person_app(person_config).test_client()
-    topology = broker.topology("notifier")
     with ConnectionPool(notifier_db, min_size=1, max_size=4) as pool:
-        store = NotifierStore(pool)
-        consumer = Consumer(
-            ConsumerSettings(broker.amqp_url, topology),
-            UserView(store, composer_for(notifier_config)),
-        )
+        consumer, store = build(notifier_config, pool)  # as the process builds it
+        broker.topologies.append(consumer.topology)
         relay = Relay(RelaySettings(person_db, broker.amqp_url, broker.exchange, producer="person"))
         with running(consumer), running(relay), running(Sender(store, notifier_config, None)):
             wait_until(consumer.attached.is_set, what="the notifier consumer")
@@ -63,7 +58,7 @@ def test_welcome_email_link_activates_the_account_and_the_view_follows(
             )
             assert created.status_code == 201
             wait_until(lambda: store.mailbox(10), what="the welcome e-mail")
-            redeliver_the_creation_twice(person_db, broker, topology)
+            redeliver_the_creation_twice(person_db, broker, consumer.topology)
             wait_until(lambda: consumer.stats.consumed >= 3, what="the duplicates handled")
 
             link = store.mailbox(10)[0]["text"].split("http://person.localhost:8000", 1)[1]

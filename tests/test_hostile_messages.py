@@ -20,15 +20,15 @@ import pytest
 import redis
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from messaging import Consumer, ConsumerSettings, Envelope
+from messaging import Consumer, Envelope
 from messaging.deadletters import dead_reason
 from messaging.envelope import MAX_BODY_BYTES
 from messaging.testing import running, wait_until
 from notifier.config import NotifierConfig
-from notifier.consumer import UserView, composer_for
-from notifier.store import NotifierStore
+from notifier.consumer import build as build_notifier
 from psycopg_pool import ConnectionPool
-from score.consumer import Applier
+from score.config import ScoreConfig
+from score.consumer import build as build_score
 from score.store import ScoreStore
 
 pytestmark = pytest.mark.integration
@@ -190,14 +190,11 @@ def run_attack(target: Target) -> None:
 def test_the_score_consumer_survives_any_message(broker, servers):
     client = redis.Redis.from_url(servers.redis)
     store = ScoreStore(client, f"hostile-{uuid.uuid4().hex[:8]}:")
-    applier = Applier(store)
-    topology = broker.topology("hostile-score", retry_delays=(0.2,))
-    consumer = Consumer(
-        ConsumerSettings(broker.amqp_url, topology),
-        applier,
-        batch_handler=applier.batch,
-        probe=store.ping,
+    config = ScoreConfig(
+        amqp_url=broker.amqp_url, events_exchange=broker.exchange, retry_delays=(0.2,)
     )
+    consumer, _ = build_score(config, store)  # as the process builds it
+    broker.topologies.append(consumer.topology)
     target = Target(broker, consumer, lambda cpf: store.read(cpf) is not None)
     try:
         run_attack(target)
@@ -208,18 +205,15 @@ def test_the_score_consumer_survives_any_message(broker, servers):
 
 def test_the_notifier_consumer_survives_any_message(broker, notifier_db, servers):
     config = NotifierConfig(
-        notifier_database_url=notifier_db, amqp_url=servers.amqp, activation_secret="h"
+        notifier_database_url=notifier_db,
+        amqp_url=broker.amqp_url,
+        events_exchange=broker.exchange,
+        retry_delays=(0.2,),
+        activation_secret="h",
     )
     with ConnectionPool(notifier_db, min_size=1, max_size=3) as pool:
-        store = NotifierStore(pool)
-        view = UserView(store, composer_for(config))
-        topology = broker.topology("hostile-notifier", retry_delays=(0.2,))
-        consumer = Consumer(
-            ConsumerSettings(broker.amqp_url, topology),
-            view,
-            batch_handler=view.batch,
-            probe=store.ping,
-        )
+        consumer, store = build_notifier(config, pool)  # as the process builds it
+        broker.topologies.append(consumer.topology)
         target = Target(broker, consumer, lambda cpf: store.user(cpf) is not None)
         try:
             run_attack(target)

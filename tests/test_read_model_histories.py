@@ -36,15 +36,16 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from messaging import Envelope, Topology
+from messaging import Consumer, Envelope
 from messaging.testing import InMemoryBus, Message
 from notifier.config import NotifierConfig
-from notifier.consumer import UserView, composer_for
+from notifier.consumer import build as build_notifier
 from notifier.store import NotifierStore
 from person.errors import Conflict, Unprocessable
 from person.memory import MemoryStore
 from psycopg_pool import ConnectionPool
-from score.consumer import Applier
+from score.config import ScoreConfig
+from score.consumer import build as build_score
 from score.scoring import score
 from score.store import ScoreStore
 
@@ -72,23 +73,20 @@ POISON = st.one_of(
 class History(RuleBasedStateMachine):
     """The producer's changes and the broker's deliveries; subclasses bring the read model."""
 
-    topology = Topology("model", "histories", (1.0, 5.0))
-
     def __init__(self) -> None:
         super().__init__()
         ids = itertools.count(1)
         self.producer = MemoryStore(new_id=lambda: uuid.UUID(int=next(ids)))
-        self.bus = InMemoryBus()
-        self.bus.subscribe(self.topology, self.handler, batch_handler=self.batch_handler)
+        self.bus = InMemoryBus()  # only the broker: the consumer is the process's own
+        self.consumer = self.bus.attach(self.build_consumer())
+        self.queue = self.consumer.topology.queue
         self.published = 0  # producer events handed to the bus so far
         self.poisoned = 0
         self.rng = random.Random(0)
 
     # -- the read model (subclasses) -----------------------------------------------------------
-    def handler(self, envelope: Envelope) -> None:
-        raise NotImplementedError
-
-    def batch_handler(self, envelopes: list[Envelope]) -> None:
+    def build_consumer(self) -> Consumer:
+        """The consumer, built by its process's composition root over the test's store."""
         raise NotImplementedError
 
     def check(self) -> None:
@@ -189,16 +187,16 @@ class History(RuleBasedStateMachine):
 
     def _deliver(self, seed: int, partial: bool) -> None:
         rng = random.Random(seed)
-        for sub in self.bus._subscribers.values():
-            waiting = list(sub.ready)
-            rng.shuffle(waiting)
-            sub.ready.clear()
-            sub.ready.extend(waiting)
+        ready = self.bus.ready(self.queue)  # the broker reorders (redeliveries, retries)
+        waiting = list(ready)
+        rng.shuffle(waiting)
+        ready.clear()
+        ready.extend(waiting)
         if partial:
             keep = rng.randint(0, len(waiting))
-            held = [sub.ready.pop() for _ in range(keep)]
+            held = [ready.pop() for _ in range(keep)]
             self.bus.deliver(max_batch=rng.choice((1, 3, 50)))
-            sub.ready.extend(held)
+            ready.extend(held)
         else:
             self.bus.run_until_idle(max_batch=rng.choice((1, 3, 50)))
 
@@ -209,7 +207,7 @@ class History(RuleBasedStateMachine):
             self.published = len(self.producer.events)
             self._deliver(self.rng.randrange(2**32), partial=False)
             self.check()
-            dead = self.bus.dead_letters(self.topology.queue)
+            dead = self.bus.dead_letters(self.queue)
             assert sorted(m.message_id for m in dead) == sorted(
                 f"poison-{n}" for n in range(self.poisoned)
             ), [m.headers.get("x-dead-reason") for m in dead]
@@ -233,14 +231,11 @@ SCORE: dict[str, Any] = {}
 class ScoreHistory(History):
     def __init__(self) -> None:
         self.store = ScoreStore(SCORE["client"], f"{SCORE['prefix']}{uuid.uuid4().hex[:8]}:")
-        self.applier = Applier(self.store)
         super().__init__()
 
-    def handler(self, envelope: Envelope) -> None:
-        self.applier(envelope)
-
-    def batch_handler(self, envelopes: list[Envelope]) -> None:
-        self.applier.batch(envelopes)
+    def build_consumer(self) -> Consumer:
+        config = ScoreConfig(events_exchange="histories", retry_delays=(1.0, 5.0))
+        return build_score(config, self.store)[0]
 
     @rule(data=st.data())
     def wipe_and_rebuild(self, data: st.DataObject) -> None:
@@ -298,14 +293,13 @@ class NotifierHistory(History):
         self.store: NotifierStore = NOTIFIER["store"]
         with self.store.pool.connection() as conn:
             conn.execute("TRUNCATE users, deliveries, mailbox")
-        self.view = UserView(self.store, composer_for(NOTIFIER["config"]))
         super().__init__()
 
-    def handler(self, envelope: Envelope) -> None:
-        self.view(envelope)
-
-    def batch_handler(self, envelopes: list[Envelope]) -> None:
-        self.view.batch(envelopes)
+    def build_consumer(self) -> Consumer:
+        config = NOTIFIER["config"].model_copy(
+            update={"events_exchange": "histories", "retry_delays": (1.0, 5.0)}
+        )
+        return build_notifier(config, self.store.pool)[0]
 
     @invariant()
     def at_most_one_welcome_per_registration(self) -> None:

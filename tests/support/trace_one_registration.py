@@ -23,16 +23,16 @@ provider.add_span_processor(SimpleSpanProcessor(exporter))
 trace.set_tracer_provider(provider)  # before anything is built: tracing.enabled() is now true
 
 import redis  # noqa: E402
-from messaging import Consumer, ConsumerSettings, Relay, RelaySettings  # noqa: E402
+from messaging import Relay, RelaySettings  # noqa: E402
 from messaging.testing import running, wait_until  # noqa: E402
 from notifier.config import NotifierConfig  # noqa: E402
-from notifier.consumer import HANDLES, UserView, composer_for  # noqa: E402
+from notifier.consumer import build as build_notifier  # noqa: E402
 from notifier.sender import Sender  # noqa: E402
-from notifier.store import NotifierStore  # noqa: E402
 from person.app import create_app  # noqa: E402
 from person.config import PersonConfig  # noqa: E402
 from psycopg_pool import ConnectionPool  # noqa: E402
-from score.consumer import HANDLERS, Applier  # noqa: E402
+from score.config import ScoreConfig  # noqa: E402
+from score.consumer import build as build_score  # noqa: E402
 from score.store import ScoreStore  # noqa: E402
 
 
@@ -41,19 +41,11 @@ def main(person_db: str, notifier_db: str, amqp: str, exchange: str, redis_url: 
     person = create_app(PersonConfig(person_database_url=person_db, api_keys=None, **settings))
     notifier = NotifierConfig(notifier_database_url=notifier_db, **settings)
     score_store = ScoreStore(redis.Redis.from_url(redis_url), f"{exchange}:")
-    applier = Applier(score_store)
-    score = Consumer(
-        ConsumerSettings(amqp, notifier.topology("score")),
-        applier,
-        applier.batch,
-        handles=frozenset(HANDLERS),
-    )
+    score_store.mark_ready()  # a fresh store that needs no replay
+    # Both consumers as their processes build them.
+    score, _ = build_score(ScoreConfig(**settings), score_store)
     with ConnectionPool(notifier_db, min_size=1, max_size=4) as pool:
-        store = NotifierStore(pool)
-        view = UserView(store, composer_for(notifier))
-        users = Consumer(
-            ConsumerSettings(amqp, notifier.topology("notifier")), view, view.batch, handles=HANDLES
-        )
+        users, store = build_notifier(notifier, pool)
         relay = Relay(RelaySettings(person_db, amqp, exchange, poll_interval=0.2))
         with running(score), running(users):
             wait_until(

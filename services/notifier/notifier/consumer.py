@@ -6,13 +6,14 @@ python -m notifier.consumer runs it as a process. Sending is the sender's job (s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
-import psycopg
-from messaging import Consumer, ConsumerSettings, Envelope, PermanentError
+from messaging import Consumer, ConsumerSettings, Envelope, Handlers
 from messaging.replicas import AttachedBeacon
 from messaging.stores import postgres_errors
 from psycopg_pool import ConnectionPool
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from servicekit import tracing
 from servicekit.runner import configure_logging, replica_id, run_until_signalled
 
@@ -39,75 +40,78 @@ class PersonFields(BaseModel):
 # The person service's event types this view reads (its catalogue is published at
 # person.localhost/asyncapi.json); an activation request also sends a new link. Any other type
 # (items, a type added later) is acknowledged and counted by the runtime, never handled.
-HANDLES = frozenset(
-    {"person.created", "person.updated", "person.activation_requested", "person.deleted"}
-)
+PERSON_STATES = ("person.created", "person.updated", "person.activation_requested")
 SENDS_ACTIVATION = "person.activation_requested"
 
 
+@dataclass(frozen=True)
+class UserChange:
+    """One event's change of the view, with the e-mails it may call for (the SQL decides)."""
+
+    event_id: Any
+    cpf: str
+    version: int
+    state: dict | None  # None: the person was deleted
+    welcome: Intent | None = None
+    activation: Intent | None = None
+
+
 class UserView:
-    """Handler: apply a person event to the view; decide which e-mail it calls for."""
+    """The view's handlers (declared in `handlers`) and the store step that applies them."""
 
     def __init__(self, store: NotifierStore, composer: Composer) -> None:
         self.store, self.composer = store, composer
+        self.handlers = Handlers()
+        self.handlers.add(PERSON_STATES, self.person_changed, data=PersonFields)
+        self.handlers.add(("person.deleted",), self.person_deleted)
 
     def __call__(self, envelope: Envelope) -> None:
-        self.batch([envelope])
+        """Apply one event now (its data validated as the runtime would)."""
+        self.apply([self.handlers.translate(envelope)])
 
-    def batch(self, envelopes: Sequence[Envelope]) -> None:
-        """Apply the events in order in one transaction: all of them or none.
-
-        A batch that fails is rolled back; the runtime then applies its events one by one, so
-        one bad event is retried or dead-lettered alone.
-        """
-        people = [e for e in envelopes if e.event_type in HANDLES]
-        if not people:
-            return
-        # One event is one statement, its own transaction; several go out in one pipeline.
-        with (
-            postgres_errors(),
-            self.store.single_statement()
-            if len(people) == 1
-            else self.store.transaction(pipelined=True) as cur,
-        ):
-            for envelope in people:
-                self._apply(cur, envelope)
-
-    def _apply(self, cur: psycopg.Cursor, envelope: Envelope) -> None:
-        """Queue the statement of one event; its result is not read."""
-        person = _fields(envelope)
-        state = None if person is None else {**envelope.data, **person.model_dump()}
-        mail = person is not None and bool(person.email)
+    def person_changed(self, event: Envelope, person: PersonFields) -> UserChange:
+        mail = bool(person.email)
         # The welcome is composed for every event with an e-mail, whether or not it turns out to
         # call for one (the SQL decides): the price of deciding without a round trip. An
         # activation request carries it too, for when it is applied before the registration.
-        welcome = self._intent("welcome", envelope.entity_id, person) if mail else None
-        activation = None
-        if mail and envelope.event_type == SENDS_ACTIVATION:
-            activation = self._intent("activation", envelope.entity_id, person)
-        self.store.apply_person(
-            cur,
-            envelope.event_id,
-            envelope.entity_id,
-            envelope.entity_version,
-            state,
-            welcome,
-            activation,
+        return UserChange(
+            event.event_id,
+            event.entity_id,
+            event.entity_version,
+            {**event.data, **person.model_dump()},
+            self._intent("welcome", event.entity_id, person) if mail else None,
+            self._intent("activation", event.entity_id, person)
+            if mail and event.event_type == SENDS_ACTIVATION
+            else None,
         )
+
+    def person_deleted(self, event: Envelope, _data: None) -> UserChange:
+        return UserChange(event.event_id, event.entity_id, event.entity_version, None)
+
+    def apply(self, changes: Sequence[UserChange]) -> None:
+        """Apply the changes in order in one transaction: all of them or none (the runtime then
+        applies them one by one, so one bad event is retried or dead-lettered alone). One change
+        is one statement, its own transaction; several go out in one pipeline."""
+        with (
+            postgres_errors(),
+            self.store.single_statement()
+            if len(changes) == 1
+            else self.store.transaction(pipelined=True) as cur,
+        ):
+            for change in changes:
+                self.store.apply_person(
+                    cur,
+                    change.event_id,
+                    change.cpf,
+                    change.version,
+                    change.state,
+                    change.welcome,
+                    change.activation,
+                )
 
     def _intent(self, kind: str, cpf: str, person: PersonFields) -> Intent:
         mail = self.composer.compose(kind, cpf, person.name, person.email, person.created_at)
         return Intent(person.email, mail.subject, mail.html, mail.text)
-
-
-def _fields(envelope: Envelope) -> PersonFields | None:
-    if envelope.data is None:
-        return None
-    try:
-        return PersonFields.model_validate(envelope.data)
-    except ValidationError as exc:
-        reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise PermanentError(f"person data: {reasons[:300]}") from None
 
 
 def composer_for(config: NotifierConfig) -> Composer:
@@ -115,15 +119,14 @@ def composer_for(config: NotifierConfig) -> Composer:
 
 
 def build(config: NotifierConfig, pool: ConnectionPool) -> tuple[Consumer, NotifierStore]:
-    """Composition root of the consumer process."""
+    """Composition root of the consumer process (tests pass a pool of their own database)."""
     store = NotifierStore(pool, config.emails_per_address_per_day)
     view = UserView(store, composer_for(config))
     consumer = Consumer(
         ConsumerSettings(config.amqp_url, config.topology(SERVICE)),
-        view,
-        batch_handler=view.batch,
+        view.handlers,
+        view.apply,
         probe=store.consumer_probe,
-        handles=HANDLES,
     )
     return consumer, store
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from messaging.testing import InMemoryBus
 from notifier.config import NotifierConfig
-from notifier.consumer import UserView, composer_for
+from notifier.consumer import SERVICE, UserView, build, composer_for
 from notifier.migrate import migrate_database
 from notifier.store import NotifierStore
 from psycopg_pool import ConnectionPool
@@ -42,3 +43,17 @@ def store(notifier_db) -> Iterator[NotifierStore]:
 @pytest.fixture
 def view(store, config) -> UserView:
     return UserView(store, composer_for(config))
+
+
+@pytest.fixture
+def bus(config, store) -> InMemoryBus:
+    """The in-memory broker in front of the consumer the process builds, on this test's
+    database: the consumer's own handlers, validation and batching decide."""
+    bus = InMemoryBus()
+    bus.attach(build(config, store.pool)[0])
+    return bus
+
+
+@pytest.fixture
+def queue(config) -> str:
+    return config.topology(SERVICE).queue

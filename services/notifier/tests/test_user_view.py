@@ -8,8 +8,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 from itsdangerous import URLSafeTimedSerializer
-from messaging import Envelope, PermanentError, Topology
-from messaging.testing import InMemoryBus
+from messaging import Envelope
 from notifier.email import TOKEN_SALT
 
 pytestmark = pytest.mark.integration
@@ -142,10 +141,7 @@ def test_status_changes_update_the_view(person, view, store):
     assert store.user("8")["status"] == "active"
 
 
-def test_item_events_are_ignored_and_bad_person_data_is_dead_lettered(person, view, store):
-    topology = Topology("notifier", "test", (1.0,))
-    bus = InMemoryBus()
-    bus.subscribe(topology, view)
+def test_item_events_are_ignored_and_bad_person_data_is_dead_lettered(person, bus, store, queue):
     bus.publish(
         Envelope.new(
             event_type="income.created",
@@ -166,16 +162,14 @@ def test_item_events_are_ignored_and_bad_person_data_is_dead_lettered(person, vi
     )
     bus.publish(person("10", 1, "created"))
     bus.run_until_idle()
-    dead = bus.dead_letters(topology.queue)
+    dead = bus.dead_letters(queue)
     assert [m.headers["x-exception-type"] for m in dead] == ["PermanentError"]
     assert "name" in dead[0].headers["x-dead-reason"]
     assert store.user("10") is not None
+    assert bus.stats(queue).ignored == 1
 
 
-def test_a_batch_applies_its_events_in_order_in_one_transaction(person, view, store):
-    topology = Topology("notifier", "test", (1.0,))
-    bus = InMemoryBus()
-    bus.subscribe(topology, view, view.batch)
+def test_a_batch_applies_its_events_in_order_in_one_transaction(person, bus, store):
     for message in (
         person("11", 1, "created"),
         person("11", 2, "activation_requested"),
@@ -192,7 +186,7 @@ def test_a_batch_applies_its_events_in_order_in_one_transaction(person, view, st
     assert [d["to_email"] for d in deliveries(store, "13")] == ["late@example.com"]
 
 
-def test_a_bad_event_rolls_its_batch_back_and_is_dead_lettered_alone(person, view, store):
+def test_a_bad_event_is_dead_lettered_alone_and_its_batch_mates_applied(person, bus, store, queue):
     bad = Envelope.new(
         event_type="person.created",
         entity_id="15",
@@ -200,20 +194,24 @@ def test_a_bad_event_rolls_its_batch_back_and_is_dead_lettered_alone(person, vie
         data={"cpf": "15", "name": 15},
         producer="person",
     )
-    with pytest.raises(PermanentError):
-        view.batch([person("14", 1, "created"), bad])
-    assert store.user("14") is None and deliveries(store, "14") == []
-
-    topology = Topology("notifier", "test", (1.0,))
-    bus = InMemoryBus()
-    bus.subscribe(topology, view, view.batch)
     bus.publish(person("14", 1, "created"))
     bus.publish(bad)
     bus.publish(person("16", 1, "created"))
     bus.run_until_idle(max_batch=3)
-    assert [m.message_id for m in bus.dead_letters(topology.queue)] == [str(bad.event_id)]
+    assert [m.message_id for m in bus.dead_letters(queue)] == [str(bad.event_id)]
     assert store.user("14") is not None and store.user("16") is not None
-    assert len(deliveries(store, "14")) == len(deliveries(store, "16")) == 1
+
+
+def test_an_event_the_database_refuses_rolls_its_batch_back_and_is_dead_lettered_alone(
+    person, bus, store, queue
+):
+    refused = person("18", 1, "created", name="Ana\x00")  # text cannot hold NUL
+    for message in (person("17", 1, "created"), refused, person("19", 1, "created")):
+        bus.publish(message)
+    bus.run_until_idle(max_batch=3)
+    assert [m.message_id for m in bus.dead_letters(queue)] == [str(refused.event_id)]
+    assert store.user("17") is not None and store.user("19") is not None
+    assert store.user("18") is None
 
 
 def test_the_database_away_longer_than_the_retry_ladder_dead_letters_nothing(
@@ -221,25 +219,20 @@ def test_the_database_away_longer_than_the_retry_ladder_dead_letters_nothing(
 ):
     from urllib.parse import urlsplit
 
-    from messaging import Consumer, ConsumerSettings
     from messaging.testing import running, wait_until
-    from notifier.consumer import UserView, composer_for
-    from notifier.store import NotifierStore
+    from notifier.consumer import build
     from psycopg_pool import ConnectionPool
     from tcp_proxy import TcpProxy
 
     target = urlsplit(notifier_db)
     proxy = TcpProxy(target.hostname, target.port or 5432)
-    topology = broker.topology("pg-outage", retry_delays=(0.2, 0.4))
+    settings = config.model_copy(
+        update={"events_exchange": broker.exchange, "retry_delays": (0.2, 0.4)}
+    )
     with ConnectionPool(proxy.url(notifier_db), min_size=1, max_size=3, timeout=2) as pool:
-        store = NotifierStore(pool)
-        view = UserView(store, composer_for(config))
-        consumer = Consumer(
-            ConsumerSettings(broker.amqp_url, topology),
-            view,
-            batch_handler=view.batch,
-            probe=store.ping,
-        )
+        consumer, _ = build(settings, pool)
+        topology = consumer.topology
+        broker.topologies.append(topology)
         try:
             with running(consumer):
                 wait_until(consumer.attached.is_set, what="attached")

@@ -5,14 +5,13 @@ python -m score.consumer runs it as a process.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from decimal import Decimal
 
 import redis
-from messaging import Consumer, ConsumerSettings, Envelope, PermanentError
+from messaging import Consumer, ConsumerSettings, Envelope, Handlers
 from messaging.healing import READY, Healing
 from messaging.replicas import AttachedBeacon
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from servicekit import tracing
 from servicekit.runner import configure_logging, replica_id, run_until_signalled
 
@@ -37,75 +36,41 @@ class ItemFields(BaseModel):
     value: str = Field(pattern=r"^[0-9]{1,15}(\.[0-9]{1,2})?$")
 
 
-def person_change(envelope: Envelope) -> Change:
-    return PersonChange(envelope.entity_id, envelope.entity_version, envelope.data is None)
+# The person service's event types this model reads, each with the model of its data and what
+# it becomes (the person service's catalogue is published at person.localhost/asyncapi.json;
+# tests/test_catalogue.py checks these against it). The runtime lets only these through.
+HANDLERS = Handlers()
 
 
-def item_created(envelope: Envelope) -> Change:
-    try:
-        item = ItemFields.model_validate(envelope.data)
-    except ValidationError as exc:
-        reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise PermanentError(f"{envelope.event_type} data: {reasons[:300]}") from None
+@HANDLERS.on("person.created", "person.updated", "person.activation_requested", "person.deleted")
+def person_change(event: Envelope, _data: object) -> Change:
+    return PersonChange(event.entity_id, event.entity_version, event.data is None)
+
+
+@HANDLERS.on(*(f"{kind}.created" for kind in KINDS), data=ItemFields)
+def item_created(event: Envelope, item: ItemFields) -> Change:
     return ItemChange(
-        envelope.entity_id,
-        envelope.entity_version,
-        False,
-        item.cpf,
-        envelope.entity,
-        Decimal(item.value),
+        event.entity_id, event.entity_version, False, item.cpf, event.entity, Decimal(item.value)
     )
 
 
-def item_deleted(envelope: Envelope) -> Change:
-    return ItemChange(envelope.entity_id, envelope.entity_version, True)
+@HANDLERS.on(*(f"{kind}.deleted" for kind in KINDS))
+def item_deleted(event: Envelope, _data: None) -> Change:
+    return ItemChange(event.entity_id, event.entity_version, True)
 
 
-# The person service's event types this model reads, and what each becomes (its catalogue is
-# published at person.localhost/asyncapi.json; tests/test_catalogue.py checks these against it).
-HANDLERS: dict[str, Callable[[Envelope], Change]] = {
-    "person.created": person_change,
-    "person.updated": person_change,
-    "person.activation_requested": person_change,
-    "person.deleted": person_change,
-    **{f"{kind}.created": item_created for kind in KINDS},
-    **{f"{kind}.deleted": item_deleted for kind in KINDS},
-}
-
-
-def to_change(envelope: Envelope) -> Change:
-    """The read-model change an event asks for (the runtime hands over only HANDLERS' types)."""
-    return HANDLERS[envelope.event_type](envelope)
-
-
-class Applier:
-    """Handler for the consumer runtime: one event, or a batch in one Redis round trip."""
-
-    def __init__(self, store: ScoreStore) -> None:
-        self.store = store
-
-    def __call__(self, envelope: Envelope) -> None:
-        self.batch([envelope])
-
-    def batch(self, envelopes: Sequence[Envelope]) -> None:
-        changes = [to_change(e) for e in envelopes if e.event_type in HANDLERS]
-        if changes:
-            self.store.apply(changes)  # raises StoreUnavailable or RetryableError
-
-
-def build(config: ScoreConfig) -> tuple[Consumer, ScoreStore]:
-    """Composition root of the consumer process."""
-    store = ScoreStore(redis.Redis.from_url(config.score_redis_url), config.score_key_prefix)
-    applier = Applier(store)
+def build(config: ScoreConfig, store: ScoreStore | None = None) -> tuple[Consumer, ScoreStore]:
+    """Composition root of the consumer process (tests pass their own store)."""
+    if store is None:
+        store = ScoreStore(redis.Redis.from_url(config.score_redis_url), config.score_key_prefix)
     topology = config.topology(SERVICE)
     healing = Healing(store, config.amqp_url, config.events_exchange, topology.queue)
     consumer = Consumer(
         ConsumerSettings(config.amqp_url, topology),
-        applier,
-        batch_handler=applier.batch,
+        HANDLERS,
+        store.apply,  # a batch of changes in one Redis round trip
         probe=store.consumer_probe,
         healing=healing,
-        handles=frozenset(HANDLERS),
     )
     return consumer, store
 

@@ -6,20 +6,27 @@ import random
 from decimal import Decimal
 
 import pytest
-from messaging import Envelope, Topology
+from messaging import Envelope
 from messaging.testing import InMemoryBus, Message
-from score.consumer import Applier
+from score.config import ScoreConfig
+from score.consumer import HANDLERS, build
 
 pytestmark = pytest.mark.integration  # the bus is in memory; the store is the real Redis
 
-TOPOLOGY = Topology("score", "test", (1.0, 5.0))
+CONFIG = ScoreConfig(events_exchange="test", retry_delays=(1.0, 5.0))
+TOPOLOGY = CONFIG.topology("score")
 
 
 def bus_into(store) -> InMemoryBus:
+    """The in-memory broker in front of the consumer the process builds, on this store."""
     bus = InMemoryBus()
-    applier = Applier(store)
-    bus.subscribe(TOPOLOGY, applier, batch_handler=applier.batch)
+    bus.attach(build(CONFIG, store)[0])
     return bus
+
+
+def apply(store, events: list[Envelope]) -> None:
+    """The events translated by the consumer's declared handlers, applied as one batch."""
+    store.apply([HANDLERS.translate(e) for e in events])
 
 
 def scores(store, cpfs) -> dict[str, int | None]:
@@ -118,10 +125,11 @@ def test_an_item_event_without_a_value_is_dead_lettered_and_the_rest_flows(score
 
 
 def test_scripts_lost_by_redis_are_loaded_again_and_each_change_applies_once(score_store):
-    applier = Applier(score_store)
-    applier.batch([event("person", "7", 1, {"cpf": "7"}), item("income", "i7", "7", "1000.00")])
+    apply(
+        score_store, [event("person", "7", 1, {"cpf": "7"}), item("income", "i7", "7", "1000.00")]
+    )
     score_store.client.script_flush()  # as after a Redis restart
-    applier.batch([item("income", "i7", "7", "1000.00"), item("asset", "a7", "7", "500.00")])
+    apply(score_store, [item("income", "i7", "7", "1000.00"), item("asset", "a7", "7", "500.00")])
     found = score_store.read("7")
     assert (found.incomes, found.assets) == (Decimal("1000.00"), Decimal("500.00"))
 
@@ -173,24 +181,22 @@ def test_a_replayed_item_whose_set_entry_a_wipe_removed_counts_again(score_store
     """A wipe runs in passes under live traffic: an item applied between its passes keeps its
     hash (too new for the wipe) but can lose its entry in the person's set. The replay's event
     for it is skipped by the version gate, which repairs the membership."""
-    applier = Applier(score_store)
     created = item("income", "kept", "14", "1000.00")
-    applier.batch([event("person", "14", 1, {"cpf": "14"}), created])
+    apply(score_store, [event("person", "14", 1, {"cpf": "14"}), created])
     score_store.client.unlink(f"{score_store.prefix}person-items:14")
     assert score_store.read("14").incomes == Decimal("0.00")
 
-    applier.batch([created])  # the replay: same version, skipped by the gate
+    apply(score_store, [created])  # the replay: same version, skipped by the gate
 
     assert score_store.read("14").incomes == Decimal("1000.00")
 
 
 def test_a_replayed_deletion_removes_an_entry_the_wipe_left_behind(score_store):
-    applier = Applier(score_store)
     created = item("income", "gone", "15", "1000.00")
     deleted = event("income", "gone", 2, None)
-    applier.batch([event("person", "15", 1, {"cpf": "15"}), created, deleted])
+    apply(score_store, [event("person", "15", 1, {"cpf": "15"}), created, deleted])
     score_store.client.sadd(f"{score_store.prefix}person-items:15", "gone")  # stale entry
-    applier.batch([deleted])
+    apply(score_store, [deleted])
     assert score_store.client.smembers(f"{score_store.prefix}person-items:15") == set()
 
 
@@ -264,8 +270,7 @@ def test_a_wipe_in_progress_is_not_taken_over(score_store, broker):
 def test_a_wipe_stops_when_its_marker_was_taken_over(score_store):
     from score.store import StaleWipe
 
-    applier = Applier(score_store)
-    applier.batch([event("person", str(n), 1, {"cpf": str(n)}) for n in range(1500)])
+    apply(score_store, [event("person", str(n), 1, {"cpf": str(n)}) for n in range(1500)])
     real = score_store._wipe_marker
 
     def taken_over(keys, args):

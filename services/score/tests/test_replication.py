@@ -10,7 +10,7 @@ import pytest
 import redis
 from messaging import Consumer, ConsumerSettings
 from messaging.testing import running, wait_until
-from score.consumer import Applier
+from score.consumer import HANDLERS
 
 pytestmark = pytest.mark.integration
 
@@ -38,10 +38,8 @@ def publish_all(broker, topology, events) -> None:
 def replicate(broker, store, events, service: str) -> dict[str, int | None]:
     topology = broker.topology(service)
     publish_all(broker, topology, events)
-    applier = Applier(store)
-    consumer = Consumer(
-        ConsumerSettings(broker.amqp_url, topology), applier, batch_handler=applier.batch
-    )
+    # The process's own handlers and apply step, on a queue of this history's own.
+    consumer = Consumer(ConsumerSettings(broker.amqp_url, topology), HANDLERS, store.apply)
     with running(consumer):
         wait_until(
             lambda: consumer.stats.consumed >= len(events),
@@ -86,12 +84,8 @@ def test_redis_away_longer_than_the_retry_ladder_dead_letters_nothing(broker, se
     store = ScoreStore(client, prefix=f"{broker.exchange}-outage:")
     topology = broker.topology("outage", retry_delays=(0.2, 0.4))
     events = history.generate(400)
-    applier = Applier(store)
     consumer = Consumer(
-        ConsumerSettings(broker.amqp_url, topology),
-        applier,
-        batch_handler=applier.batch,
-        probe=store.ping,
+        ConsumerSettings(broker.amqp_url, topology), HANDLERS, store.apply, probe=store.ping
     )
     try:
         with running(consumer):

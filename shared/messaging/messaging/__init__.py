@@ -5,6 +5,7 @@ from servicekit import tracing
 from .consumer import Consumer, ConsumerSettings
 from .envelope import DecodeError, Envelope, decode
 from .errors import PermanentError, RetryableError, StoreUnavailable
+from .handlers import Handlers
 from .outbox import Outbox
 from .relay import Relay, RelaySettings
 from .topology import DEFAULT_RETRY_DELAYS, Topology
@@ -15,6 +16,7 @@ __all__ = [
     "ConsumerSettings",
     "DecodeError",
     "Envelope",
+    "Handlers",
     "Outbox",
     "PermanentError",
     "Relay",

@@ -12,8 +12,9 @@ SystemExit, is its message's failure (retried, then dead-lettered). A batch a wo
 otherwise is never settled by a later acknowledgement: the channel is closed, so the broker
 gives it back.
 
-Only the event types in `handles` reach the handler: any other is acknowledged and counted as
-ignored.
+What happens to each message, apart from the broker (the event types let through, validation,
+dispatch, retries and dead letters), is decided by a `Processor` (processing.py) from the
+consumer's declared `Handlers` (handlers.py): the in-memory broker of the tests uses the same.
 
 A handler whose store does not answer, or answers but refuses writes, raises StoreUnavailable:
 that is no message's fault. The runtime then *holds* what it has in hand (prefetch bounds it; the
@@ -34,31 +35,32 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
-from servicekit import tracing
-from servicekit.logs import bound
 
 from .connection import HEARTBEAT_SECONDS, Backoff, StopFlag, connect
-from .envelope import DecodeError, Envelope, decode
-from .errors import PermanentError, RetryableError, StoreUnavailable
-from .healing import Healing, replay_completion, replay_request_of
-from .retry import Decision, dead_letter, decide, resent_properties
+from .envelope import Envelope
+from .errors import StoreUnavailable
+from .handlers import Handlers
+from .healing import Healing
+from .processing import (
+    HANDLER_BUCKETS,
+    MAX_REDELIVERIES,
+    Apply,
+    ConsumerStats,
+    Outcome,
+    Processor,
+)
+from .retry import Decision, resent_properties
 from .topology import Topology
 
+__all__ = ["HANDLER_BUCKETS", "Consumer", "ConsumerSettings", "ConsumerStats"]
+
 log = logging.getLogger("messaging.consumer")
-
-Handler = Callable[[Envelope], None]
-BatchHandler = Callable[[Sequence[Envelope]], None]
-
-# A message the broker has delivered this many times without it being settled kills or stalls
-# its consumer: it goes to the dead queue before it can do so again.
-MAX_REDELIVERIES = 10
 
 
 @dataclass(frozen=True)
@@ -75,47 +77,6 @@ class ConsumerSettings:
     pause_backoff_cap: float = 30.0  # the longest wait between two tries of a held batch
 
 
-# Upper bounds (seconds) of the handler-duration histogram the API processes export.
-HANDLER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
-
-
-@dataclass
-class ConsumerStats:
-    connections: int = 0
-    consumed: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    ignored: int = 0
-    paused: int = 0
-    last_occurred_at: datetime | None = None
-    handler_counts: list[int] = field(default_factory=lambda: [0] * (len(HANDLER_BUCKETS) + 1))
-    handler_seconds: float = 0.0
-
-    def observe(self, seconds: float, messages: int) -> None:
-        """One handler call (of `messages` messages) took `seconds`."""
-        index = next((i for i, b in enumerate(HANDLER_BUCKETS) if seconds <= b), -1)
-        self.handler_counts[index] += 1
-        self.handler_seconds += seconds
-        self.consumed += messages
-
-    def snapshot(self) -> dict[str, Any]:
-        """What an API process exports: JSON-ready, written where it can read it."""
-        return {
-            "consumed": self.consumed,
-            "retried": self.retried,
-            "dead_lettered": self.dead_lettered,
-            "ignored": self.ignored,
-            "paused": self.paused,
-            "connections": self.connections,
-            "last_occurred_at": self.last_occurred_at.isoformat()
-            if self.last_occurred_at
-            else None,
-            "handler_buckets": list(HANDLER_BUCKETS),
-            "handler_counts": list(self.handler_counts),
-            "handler_seconds": self.handler_seconds,
-        }
-
-
 @dataclass(frozen=True)
 class _Delivery:
     lease: int  # the channel lease it came on: a closed channel or a pause ends a lease
@@ -123,12 +84,6 @@ class _Delivery:
     redelivered: bool
     properties: Any
     body: bytes
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    delivery: _Delivery
-    decision: Decision | None  # None: applied (or a control message), just ack
 
 
 class _Broken(pika.exceptions.AMQPError):
@@ -144,23 +99,26 @@ class Consumer:
     def __init__(
         self,
         settings: ConsumerSettings,
-        handler: Handler,
-        batch_handler: BatchHandler | None = None,
+        handlers: Handlers | Callable[[Envelope], None],
+        apply: Apply | None = None,
         *,
         probe: Callable[[], None] | None = None,
         healing: Healing | None = None,
-        handles: frozenset[str] | None = None,
     ) -> None:
         self.settings = settings
         self.topology = settings.topology
-        self.handler = handler
-        self.batch_handler = batch_handler
+        if not isinstance(handlers, Handlers):  # one function for every event type
+            handlers = Handlers.every(handlers)
+        self.processor = Processor(
+            settings.topology,
+            handlers,
+            apply,
+            healing=healing,
+            max_redeliveries=settings.max_redeliveries,
+        )
         self.probe = probe
         self.healing = healing
-        # The event types the handler is for (None: all): any other is acknowledged and
-        # counted as ignored, never handed to a handler that would mistake it for another.
-        self.handles = handles
-        self.stats = ConsumerStats()
+        self.stats = self.processor.stats
         self.attached = threading.Event()
         self.paused = threading.Event()  # the store is away or refuses writes: holding
         self._pause_reason = ""
@@ -310,7 +268,7 @@ class Consumer:
     def _break(self) -> None:
         raise _Broken("a worker failed on a batch: it goes back to the queue")
 
-    def _settle(self, outcomes: list[_Outcome]) -> None:
+    def _settle(self, outcomes: list[Outcome]) -> None:
         """Runs on the I/O thread: copy retries and dead letters (confirmed), then ack all."""
         try:
             if not outcomes or outcomes[0].delivery.lease != self._lease:
@@ -411,8 +369,7 @@ class Consumer:
         lease = batch[0].lease
         self._busy.set()
         try:
-            outcomes = self._process(batch)
-            self._count_replayed(batch, outcomes)
+            outcomes = self.processor.process(batch)
         except StoreUnavailable as exc:
             self._held = batch
             self._pause(exc, lease)
@@ -507,138 +464,6 @@ class Consumer:
         self.paused.clear()
         self._pause_reason = ""
         log.info("the store of %s answers again: consuming", self.topology.queue)
-
-    def _count_replayed(self, batch: list[_Delivery], outcomes: list[_Outcome]) -> None:
-        """Tell healing how many replayed events this batch settled for good (applied,
-        ignored or dead: not retried), so a rebuild is declared over only once all were."""
-        if self.healing is None:
-            return
-        counts: dict[str, int] = {}
-        for outcome in outcomes:
-            if outcome.decision is None or outcome.decision.dead:
-                request_id = replay_request_of(outcome.delivery.properties)  # not completions
-                if request_id:
-                    counts[request_id] = counts.get(request_id, 0) + 1
-        for request_id, settled in counts.items():
-            self.healing.replayed(request_id, settled)
-
-    def _process(self, batch: list[_Delivery]) -> list[_Outcome]:
-        outcomes: dict[int, _Outcome] = {}
-        decoded: list[tuple[_Delivery, Envelope]] = []
-        for delivery in batch:
-            try:
-                early = self._judge(delivery)
-            except StoreUnavailable:
-                raise  # a completion met a store blip: the batch waits, nothing is dead
-            except Exception as exc:  # judging must never stop the batch
-                early = _Outcome(delivery, dead_letter(self.topology, "judging failed:", exc))
-            if isinstance(early, _Outcome):
-                outcomes[delivery.tag] = early
-            else:
-                decoded.append((delivery, early))
-        if self.batch_handler is not None and len(decoded) > 1:
-            started = time.perf_counter()
-            try:
-                with tracing.continued(self._span, [d.properties.headers for d, _ in decoded]):
-                    self.batch_handler([env for _, env in decoded])
-            except StoreUnavailable:
-                raise
-            except BaseException as exc:  # SystemExit, CancelledError: still the batch's failure
-                # Each event on its own finds the one at fault (its failure is logged there);
-                # the batch's round trip is paid again, once per event.
-                log.warning(
-                    "a batch of %d failed (%s: %s); applying its events one by one",
-                    len(decoded),
-                    type(exc).__name__,
-                    str(exc)[:200],
-                )
-            else:
-                self._record(decoded, time.perf_counter() - started)
-                for delivery, _ in decoded:
-                    outcomes[delivery.tag] = _Outcome(delivery, None)
-                decoded = []
-        for delivery, envelope in decoded:
-            outcomes[delivery.tag] = self._apply_one(delivery, envelope)
-        return [outcomes[d.tag] for d in batch]
-
-    def _judge(self, delivery: _Delivery) -> _Outcome | Envelope:
-        """Before any handler: control messages, crash loops, undecodable bodies and types
-        this consumer does not handle."""
-        completion = replay_completion(delivery.properties, delivery.body)
-        if isinstance(completion, str):
-            return _Outcome(delivery, dead_letter(self.topology, completion))
-        if completion is not None:
-            if self.healing is not None:
-                self.healing.completed(*completion)
-            return _Outcome(delivery, None)
-        if delivery.redelivered:
-            count = _redeliveries(delivery.properties)
-            if count >= self.settings.max_redeliveries:
-                why = (
-                    f"delivered {count + 1} times without being settled: it stops or kills "
-                    "its consumer"
-                )
-                return _Outcome(delivery, dead_letter(self.topology, why))
-        try:
-            envelope = decode(delivery.body)
-        except DecodeError as exc:
-            return _Outcome(
-                delivery, decide(self.topology, delivery.properties, exc, permanent=True)
-            )
-        if self.handles is not None and envelope.event_type not in self.handles:
-            self.stats.ignored += 1
-            return _Outcome(delivery, None)
-        return envelope
-
-    def _apply_one(self, delivery: _Delivery, envelope: Envelope) -> _Outcome:
-        with (
-            bound(envelope.correlation_id),
-            tracing.continued(self._span, [delivery.properties.headers]),
-        ):
-            return self._apply_bound(delivery, envelope)
-
-    @property
-    def _span(self) -> str:
-        return f"apply {self.topology.queue}"
-
-    def _apply_bound(self, delivery: _Delivery, envelope: Envelope) -> _Outcome:
-        started = time.perf_counter()
-        try:
-            self.handler(envelope)
-        except StoreUnavailable:
-            raise
-        except PermanentError as exc:
-            return _Outcome(
-                delivery, decide(self.topology, delivery.properties, exc, permanent=True)
-            )
-        except BaseException as exc:  # RetryableError and the unforeseen: retry on the schedule
-            # (even SystemExit or CancelledError: a handler ending the worker would take its
-            # batch-mates down with it, delivery after delivery)
-            log.warning(
-                "handler failed on %s %s v%d: %s",
-                envelope.event_type,
-                envelope.entity_id,
-                envelope.entity_version,
-                exc,
-                exc_info=not isinstance(exc, RetryableError),
-            )
-            return _Outcome(delivery, decide(self.topology, delivery.properties, exc))
-        self._record([(delivery, envelope)], time.perf_counter() - started)
-        log.debug(
-            "applied %s %s v%d", envelope.event_type, envelope.entity_id, envelope.entity_version
-        )
-        return _Outcome(delivery, None)
-
-    def _record(self, applied: list[tuple[_Delivery, Envelope]], seconds: float) -> None:
-        self.stats.observe(seconds, len(applied))
-        self.stats.last_occurred_at = applied[-1][1].occurred_at
-
-
-def _redeliveries(properties: Any) -> int:
-    """The broker's count of earlier deliveries (quorum queues' x-delivery-count), or 0."""
-    headers = properties.headers if isinstance(properties.headers, dict) else {}
-    count = headers.get("x-delivery-count")
-    return count if isinstance(count, int) and not isinstance(count, bool) else 0
 
 
 def _text(value: Any) -> str | None:

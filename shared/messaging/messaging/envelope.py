@@ -115,12 +115,13 @@ def decode(body: bytes | str) -> Envelope:
         # JSON mode: strings are accepted for UUIDs and datetimes, nothing else is coerced.
         return Envelope.model_validate_json(body)
     except ValidationError as exc:
-        raise DecodeError(_summarise(exc)) from None
+        raise DecodeError(summarise(exc)) from None
     except (TypeError, ValueError, UnicodeDecodeError) as exc:
         raise DecodeError(f"undecodable body: {exc}") from None
 
 
-def _summarise(exc: ValidationError) -> str:
+def summarise(exc: ValidationError) -> str:
+    """A validation error as one line: each field and what is wrong with it (at most five)."""
     parts = []
     for err in exc.errors(include_url=False)[:5]:
         where = ".".join(str(p) for p in err["loc"]) or "body"

@@ -1,8 +1,9 @@
-"""In-memory bus for unit tests: the broker's fanout, retries and dead letters on a virtual clock.
+"""What tests of a read model need: an in-memory broker, waiting for effects, a generation store.
 
-It runs the same decisions as the real consumer runtime (`retry.decide`) and records `x-death`
-the way RabbitMQ does when a retry queue's TTL expires, so headers and outcomes match; the
-contract tests in shared/messaging/tests run against both.
+`InMemoryBus` replaces the broker only: the fanout, retry queues on a virtual clock (recording
+`x-death` the way RabbitMQ does when a retry queue's TTL expires) and dead queues. The consumer
+attached to it decides everything as in production (the same `Processor`), so headers and
+outcomes match; the contract tests in shared/messaging/tests run against both.
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from .consumer import BatchHandler, Handler
-from .envelope import DecodeError, Envelope, decode
-from .errors import PermanentError
+from .consumer import Consumer
+from .envelope import Envelope
+from .errors import StoreUnavailable
+from .handlers import Handlers
 from .healing import READY, REBUILDING, Generation
-from .retry import decide
+from .processing import Apply, ConsumerStats, Processor
+from .retry import Decision
 from .topology import Topology
 
 
@@ -45,43 +48,76 @@ class Message:
 
 
 @dataclass
-class _Subscriber:
+class _Delivered:
+    """A message as the in-memory broker hands it to a consumer's processor."""
+
+    message: Message
+    redelivered: bool = False
+
+    @property
+    def properties(self) -> SimpleNamespace:
+        return self.message.properties
+
+    @property
+    def body(self) -> bytes:
+        return self.message.body
+
+
+@dataclass
+class _Queue:
     topology: Topology
-    handler: Handler
-    batch_handler: BatchHandler | None
-    handles: frozenset[str] | None = None
+    processor: Processor
     ready: deque[Message] = field(default_factory=deque)
     dead: list[Message] = field(default_factory=list)
-    applied: int = 0
-    ignored: int = 0
+    paused: bool = False  # its store was away at the last delivery: it holds what it has
 
 
 class InMemoryBus:
-    """A fanout exchange with subscribed work queues; nothing happens until you deliver."""
+    """A fanout exchange with work queues, retry queues on a virtual clock and dead queues: the
+    broker, and only the broker. Each queue's messages go through the attached consumer's own
+    processor (processing.py), so its declared handlers, validation, dispatch, batching and
+    retry decisions run exactly as in production. Nothing happens until you deliver."""
 
     def __init__(self) -> None:
         self.now = 0.0
-        self._subscribers: dict[str, _Subscriber] = {}
+        self._queues: dict[str, _Queue] = {}
         self._delayed: list[tuple[float, int, str, str, Message]] = []
         self._seq = itertools.count()
+
+    def attach(self, consumer: Consumer) -> Consumer:
+        """Bind a consumer (built by its process's own composition root) to a queue here."""
+        self._queues[consumer.topology.queue] = _Queue(consumer.topology, consumer.processor)
+        return consumer
 
     def subscribe(
         self,
         topology: Topology,
-        handler: Handler,
-        batch_handler: BatchHandler | None = None,
-        handles: frozenset[str] | None = None,
-    ) -> None:
-        self._subscribers[topology.queue] = _Subscriber(topology, handler, batch_handler, handles)
+        handlers: Handlers | Callable[[Envelope], Any],
+        apply: Apply | None = None,
+    ) -> Processor:
+        """A queue for `topology` whose messages go to these handlers (no process around)."""
+        if not isinstance(handlers, Handlers):
+            handlers = Handlers.every(handlers)
+        processor = Processor(topology, handlers, apply)
+        self._queues[topology.queue] = _Queue(topology, processor)
+        return processor
+
+    def stats(self, queue: str) -> ConsumerStats:
+        return self._queues[queue].processor.stats
+
+    def ready(self, queue: str) -> deque[Message]:
+        """A queue's ready messages, in delivery order (a test may reorder them, as a broker's
+        redeliveries and retries do)."""
+        return self._queues[queue].ready
 
     def publish(self, message: Envelope | Message) -> None:
-        """Fan a message out to every subscribed queue (an Envelope is encoded first)."""
+        """Fan a message out to every queue (an Envelope is encoded first, as the relay does)."""
         if isinstance(message, Envelope):
             message = Message(
                 message.to_json(), str(message.event_id), message.event_type, message.correlation_id
             )
-        for sub in self._subscribers.values():
-            sub.ready.append(
+        for queue in self._queues.values():
+            queue.ready.append(
                 Message(
                     message.body,
                     message.message_id,
@@ -91,19 +127,35 @@ class InMemoryBus:
                 )
             )
 
+    def send(self, queue: str, message: Message) -> None:
+        """Put a message straight into one queue (as a replay or a dead-letter replay does)."""
+        self._queues[queue].ready.append(message)
+
     def dead_letters(self, queue: str) -> list[Message]:
-        return list(self._subscribers[queue].dead)
+        return list(self._queues[queue].dead)
 
     def pending(self) -> int:
-        return sum(len(s.ready) for s in self._subscribers.values()) + len(self._delayed)
+        return sum(len(q.ready) for q in self._queues.values()) + len(self._delayed)
 
     def deliver(self, max_batch: int = 1) -> int:
-        """Hand every ready message to its handler (in batches of up to max_batch)."""
+        """Hand every ready message to its consumer (in batches of up to max_batch); a queue
+        whose store is away keeps its batch, as the runtime holds it. How many were settled."""
         handled = 0
-        for sub in self._subscribers.values():
-            while sub.ready:
-                batch = [sub.ready.popleft() for _ in range(min(max_batch, len(sub.ready)))]
-                self._handle(sub, batch)
+        for queue in self._queues.values():
+            queue.paused = False
+            while queue.ready:
+                batch = [queue.ready[n] for n in range(min(max_batch, len(queue.ready)))]
+                try:
+                    outcomes = queue.processor.process([_Delivered(m) for m in batch])
+                except StoreUnavailable:
+                    queue.paused = True
+                    queue.processor.stats.paused += 1
+                    break
+                for _ in batch:
+                    queue.ready.popleft()
+                for outcome in outcomes:
+                    if outcome.decision is not None:
+                        self._route(queue, outcome.delivery.message, outcome.decision)
                 handled += len(batch)
         return handled
 
@@ -113,10 +165,11 @@ class InMemoryBus:
         while self._delayed and self._delayed[0][0] <= self.now:
             _, _, queue, retry_queue, msg = heapq.heappop(self._delayed)
             _record_expiry(msg, retry_queue)
-            self._subscribers[queue].ready.append(msg)
+            self._queues[queue].ready.append(msg)
 
     def run_until_idle(self, max_batch: int = 1, limit: int = 100_000) -> None:
-        """Deliver, then jump the clock to each pending retry, until nothing is left."""
+        """Deliver, then jump the clock to each pending retry, until nothing is left (or what
+        is left waits for a store that is away)."""
         for _ in range(limit):
             self.deliver(max_batch)
             if not self._delayed:
@@ -124,38 +177,8 @@ class InMemoryBus:
             self.advance(self._delayed[0][0] - self.now)
         raise RuntimeError("bus did not become idle")
 
-    def _handle(self, sub: _Subscriber, batch: Sequence[Message]) -> None:
-        decoded = []
-        for msg in batch:
-            try:
-                envelope = decode(msg.body)
-            except DecodeError as exc:
-                self._fail(sub, msg, exc, permanent=True)
-                continue
-            if sub.handles is not None and envelope.event_type not in sub.handles:
-                sub.ignored += 1  # like the runtime: acknowledged, counted, not handled
-                continue
-            decoded.append((msg, envelope))
-        if sub.batch_handler is not None and len(decoded) > 1:
-            try:
-                sub.batch_handler([env for _, env in decoded])
-            except Exception:
-                pass  # like the runtime: fall back to one at a time
-            else:
-                sub.applied += len(decoded)
-                return
-        for msg, env in decoded:
-            try:
-                sub.handler(env)
-            except PermanentError as exc:
-                self._fail(sub, msg, exc, permanent=True)
-            except Exception as exc:
-                self._fail(sub, msg, exc, permanent=False)
-            else:
-                sub.applied += 1
-
-    def _fail(self, sub: _Subscriber, msg: Message, exc: BaseException, permanent: bool) -> None:
-        decision = decide(sub.topology, msg.properties, exc, permanent=permanent)
+    def _route(self, queue: _Queue, msg: Message, decision: Decision) -> None:
+        """A retry or dead copy of a message, as the runtime publishes it."""
         copy = Message(
             msg.body,
             msg.message_id,
@@ -164,12 +187,14 @@ class InMemoryBus:
             {**msg.headers, **decision.headers},
         )
         if decision.dead:
-            sub.dead.append(copy)
+            queue.processor.stats.dead_lettered += 1
+            queue.dead.append(copy)
             return
-        step = sub.topology.retry_queues.index(decision.queue)
-        due = self.now + sub.topology.retry_delays[step]
+        queue.processor.stats.retried += 1
+        step = queue.topology.retry_queues.index(decision.queue)
+        due = self.now + queue.topology.retry_delays[step]
         heapq.heappush(
-            self._delayed, (due, next(self._seq), sub.topology.queue, decision.queue, copy)
+            self._delayed, (due, next(self._seq), queue.topology.queue, decision.queue, copy)
         )
 
 

@@ -22,10 +22,12 @@ from messaging import (
     Consumer,
     ConsumerSettings,
     Envelope,
+    Handlers,
     PermanentError,
     RetryableError,
     Topology,
 )
+from messaging.processing import ConsumerStats
 from messaging.testing import InMemoryBus, Message, running, wait_until
 
 RETRY_DELAYS = (0.2, 0.4)
@@ -39,7 +41,8 @@ DeadLetter = tuple[bytes, dict[str, Any]]
 class Harness(Protocol):
     topology: Topology
 
-    def start(self, handler: Handler) -> None: ...
+    def start(self, handler: Handler | Handlers) -> None: ...
+    def stats(self) -> ConsumerStats: ...
     def publish(
         self, body: bytes, message_id: str | None = None, type: str | None = None
     ) -> None: ...
@@ -56,8 +59,11 @@ class MemoryHarness:
         self.topology = Topology("contract", "test-exchange", RETRY_DELAYS)
         self.bus = InMemoryBus()
 
-    def start(self, handler: Handler) -> None:
+    def start(self, handler: Handler | Handlers) -> None:
         self.bus.subscribe(self.topology, handler)
+
+    def stats(self) -> ConsumerStats:
+        return self.bus.stats(self.topology.queue)
 
     def publish(self, body: bytes, message_id: str | None = None, type: str | None = None) -> None:
         self.bus.publish(Message(body, message_id, type))
@@ -87,8 +93,8 @@ class RabbitHarness:
         self._dead: list[DeadLetter] = []
         self._channel: Any = None
 
-    def start(self, handler: Handler) -> None:
-        consumer = Consumer(ConsumerSettings(self.amqp_url, self.topology), handler)
+    def start(self, handler: Handler | Handlers) -> None:
+        consumer = self.consumer = Consumer(ConsumerSettings(self.amqp_url, self.topology), handler)
         self._stack.enter_context(running(consumer))
         wait_until(consumer.attached.is_set, timeout=SETTLE_TIMEOUT, what="consumer attached")
         conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
@@ -132,6 +138,9 @@ class RabbitHarness:
 
     def clock(self) -> float:
         return time.monotonic()
+
+    def stats(self) -> ConsumerStats:
+        return self.consumer.stats
 
     def close(self) -> None:
         self._stack.close()
@@ -359,3 +368,38 @@ def test_failures_of_one_message_do_not_hold_back_the_others(harness):
 
     assert recorder.applied_ids()[:10] == [e.event_id for e in others]
     assert recorder.applied_ids()[10] == flaky.event_id
+
+
+def test_an_event_type_not_declared_is_acknowledged_counted_and_never_handled(harness):
+    handled: list[str] = []
+    handlers = Handlers()
+    handlers.add(["thing.updated"], lambda event, _data: handled.append(event.entity_id))
+    harness.start(handlers)
+    other = Envelope.new(
+        event_type="other.created", entity_id="o", entity_version=1, data={}, producer="test"
+    )
+    harness.publish(other.to_json(), str(other.event_id), other.event_type)
+    wanted = envelope("wanted")
+    harness.publish(wanted.to_json(), str(wanted.event_id), wanted.event_type)
+    harness.settle(lambda: handled == ["wanted"] and harness.stats().ignored == 1, "settled")
+    assert harness.dead_letters() == []
+    assert harness.stats().consumed == 1
+
+
+def test_data_that_does_not_fit_the_declared_model_is_dead_lettered_at_once(harness):
+    from pydantic import BaseModel, ConfigDict
+
+    class Thing(BaseModel):
+        model_config = ConfigDict(strict=True)
+        size: int
+
+    handled: list[int] = []
+    handlers = Handlers()
+    handlers.add(["thing.updated"], lambda _event, thing: handled.append(thing.size), data=Thing)
+    harness.start(handlers)
+    for message in (envelope("bad", size="big"), envelope("good", size=3)):
+        harness.publish(message.to_json(), str(message.event_id), message.event_type)
+    harness.settle(lambda: handled == [3] and harness.dead_letters(), "one dead, one applied")
+    [(_, headers)] = harness.dead_letters()
+    assert headers["x-attempts"] == 1 and headers["x-exception-type"] == "PermanentError"
+    assert "thing.updated data: size" in headers["x-dead-reason"]

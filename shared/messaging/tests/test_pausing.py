@@ -10,8 +10,16 @@ import threading
 import time
 
 import pytest
-from messaging import Consumer, ConsumerSettings, Envelope, RetryableError, StoreUnavailable
+from messaging import (
+    Consumer,
+    ConsumerSettings,
+    Envelope,
+    Handlers,
+    RetryableError,
+    StoreUnavailable,
+)
 from messaging.healing import READY, REBUILDING, Healing
+from messaging.processing import Processor
 from messaging.replay import replay
 from messaging.testing import MemoryGeneration, running, wait_until
 from tcp_proxy import TcpProxy
@@ -193,7 +201,7 @@ def test_a_batch_whose_worker_died_is_never_acknowledged_unapplied(broker, monke
     handled = Handled()
     topology = broker.topology("contained")
     consumer = Consumer(ConsumerSettings(broker.amqp_url, topology), handled)
-    real, killed = Consumer._judge, []
+    real, killed = Processor._judge, []
 
     def judge(self, delivery):
         if b'"boom"' in delivery.body and not killed:
@@ -201,7 +209,7 @@ def test_a_batch_whose_worker_died_is_never_acknowledged_unapplied(broker, monke
             raise SystemExit("escapes the guards")
         return real(self, delivery)
 
-    monkeypatch.setattr(Consumer, "_judge", judge)
+    monkeypatch.setattr(Processor, "_judge", judge)
     with running(consumer):
         wait_until(consumer.attached.is_set, what="attached")
         broker.publish(envelope("boom"), envelope("mate"))
@@ -213,11 +221,9 @@ def test_a_batch_whose_worker_died_is_never_acknowledged_unapplied(broker, monke
 def test_only_the_declared_event_types_reach_the_handler_the_rest_are_counted_ignored(broker):
     handled = Handled()
     topology = broker.topology("filtered")
-    consumer = Consumer(
-        ConsumerSettings(broker.amqp_url, topology),
-        handled,
-        handles=frozenset({"thing.created"}),
-    )
+    handlers = Handlers()
+    handlers.add(["thing.created"], lambda event, _data: handled(event))
+    consumer = Consumer(ConsumerSettings(broker.amqp_url, topology), handlers)
     with running(consumer):
         wait_until(consumer.attached.is_set, what="attached")
         broker.publish(
