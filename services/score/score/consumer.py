@@ -64,7 +64,7 @@ def build(config: ScoreConfig, store: ScoreStore | None = None) -> tuple[Consume
     if store is None:
         store = ScoreStore(redis.Redis.from_url(config.score_redis_url), config.score_key_prefix)
     topology = config.topology(SERVICE)
-    healing = Healing(store, config.amqp_url, config.events_exchange, topology.queue)
+    healing = Healing(store.marker, config.amqp_url, config.events_exchange, topology.queue)
     consumer = Consumer(
         ConsumerSettings(config.amqp_url, topology),
         HANDLERS,

@@ -37,7 +37,8 @@ from decimal import Decimal
 from typing import Any
 
 import redis
-from messaging.healing import READY, REBUILDING, WIPING, Generation
+from messaging.generations import RedisGeneration
+from messaging.healing import Generation
 from messaging.stores import redis_errors, redis_write_probe
 
 from .scoring import KINDS, score
@@ -46,41 +47,6 @@ GENERATION_KEY = "generation"
 BEACON_KEY = "consumer:"  # + replica id
 BEACONS_KEY = "consumers"
 BEACON_FORGET_SECONDS = 3600.0  # a replica that has not beaten for this long leaves the index
-
-# KEYS[1] the generation hash. ARGV: request id. Only where there is no marker at all.
-_CLAIM_REBUILD = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'rebuilding', 'request', ARGV[1], 'since', 0,
-           'expected', -1, 'settled', 0)
-return 1
-"""
-
-# KEYS[1] the generation hash. ARGV: request id, then either 'expected' and the completion's
-# event count, or 'settled' and a number of replayed events settled. Only while it is that
-# request's rebuild; ready once as many were settled as the completion announced.
-_REBUILD_PROGRESS = """
-if redis.call('HGET', KEYS[1], 'request') ~= ARGV[1] then return 0 end
-if redis.call('HGET', KEYS[1], 'state') ~= 'rebuilding' then return 0 end
-if ARGV[2] == 'expected' then
-  redis.call('HSET', KEYS[1], 'expected', ARGV[3])
-else
-  redis.call('HINCRBY', KEYS[1], 'settled', ARGV[3])
-end
-local expected = tonumber(redis.call('HGET', KEYS[1], 'expected') or '-1')
-local settled = tonumber(redis.call('HGET', KEYS[1], 'settled') or '0')
-if expected < 0 or settled < expected then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'ready')
-return 1
-"""
-
-# KEYS[1] the generation hash. ARGV: request id, then 'renew' and the time, or 'abandon'. A wipe
-# renews its marker while it is still its own; a stale one is removed by whoever takes over.
-_WIPE_MARKER = """
-if redis.call('HGET', KEYS[1], 'request') ~= ARGV[1] then return 0 end
-if ARGV[2] == 'renew' then redis.call('HSET', KEYS[1], 'since', ARGV[3])
-else redis.call('DEL', KEYS[1]) end
-return 1
-"""
 
 # KEYS[1] person hash. ARGV: version, deleted. A deletion does not cascade to the items: the
 # producer emits each item's own deletion first, and under reordering a cascade could remove an
@@ -177,10 +143,9 @@ class ScoreStore:
         self._person = client.register_script(_APPLY_PERSON)
         self._item = client.register_script(_APPLY_ITEM)
         self._read = client.register_script(_READ)
-        self._progress = client.register_script(_REBUILD_PROGRESS)
-        self._wipe_marker = client.register_script(_WIPE_MARKER)
-        self._claim = client.register_script(_CLAIM_REBUILD)
         self.generation_key = f"{prefix}{GENERATION_KEY}"
+        # The healing marker (messaging.healing.GenerationStore), one hash beside the data.
+        self.marker = RedisGeneration(client, self.generation_key)
 
     def apply(self, changes: Sequence[Change]) -> list[bool]:
         """Apply changes in order, in one round trip; True for each that was newer.
@@ -268,70 +233,23 @@ class ScoreStore:
         (healing.py). A wipe whose marker was taken over (it went stale) stops, raising Stale.
         """
         wipe_id = f"wipe-{uuid.uuid4()}"
-        self.client.hset(
-            self.generation_key, mapping={"state": WIPING, "request": wipe_id, "since": time.time()}
-        )
+        self.marker.begin_wipe(wipe_id, time.time())
         deleted = 0
         keys = self.client.scan_iter(match=f"{_glob_escape(self.prefix)}*", count=1000)
         for batch in _chunks((k for k in keys if k != self.generation_key.encode()), 1000):
-            if not self._wipe_marker(
-                keys=[self.generation_key], args=[wipe_id, "renew", time.time()]
-            ):
+            if not self.marker.renew_wipe(wipe_id, time.time()):
                 raise StaleWipe("another process took this wipe over: it stopped")
             deleted += self.client.unlink(*batch)
-        if not self._wipe_marker(keys=[self.generation_key], args=[wipe_id, "abandon"]):
+        if not self.marker.abandon(wipe_id):
             raise StaleWipe("another process took this wipe over: it stopped")
         return deleted + 1
 
-    # -- the generation marker (messaging.healing.GenerationStore) -----------------------------
     def generation(self) -> Generation | None:
-        with redis_errors():
-            raw = self.client.hgetall(self.generation_key)
-        if not raw:
-            return None
-        values = {k.decode(): v.decode() for k, v in raw.items()}
-        try:
-            since = float(values.get("since", "0"))
-        except ValueError:
-            since = 0.0
-        return Generation(values.get("state", REBUILDING), values.get("request", ""), since)
-
-    def claim_rebuild(self, request_id: str) -> bool:
-        with redis_errors():
-            return bool(self._claim(keys=[self.generation_key], args=[request_id]))
-
-    def begin_rebuild(self, request_id: str, since: float) -> None:
-        with redis_errors():
-            self.client.hset(
-                self.generation_key,
-                mapping={
-                    "state": REBUILDING,
-                    "request": request_id,
-                    "since": since,
-                    "expected": -1,
-                    "settled": 0,
-                },
-            )
-
-    def finish_rebuild(self, request_id: str, events: int) -> bool:
-        with redis_errors():
-            return bool(
-                self._progress(keys=[self.generation_key], args=[request_id, "expected", events])
-            )
-
-    def count_replayed(self, request_id: str, settled: int) -> bool:
-        with redis_errors():
-            return bool(
-                self._progress(keys=[self.generation_key], args=[request_id, "settled", settled])
-            )
-
-    def abandon(self, request_id: str) -> bool:
-        with redis_errors():
-            return bool(self._wipe_marker(keys=[self.generation_key], args=[request_id, "abandon"]))
+        return self.marker.generation()
 
     def mark_ready(self) -> None:
         """A fresh store that needs no replay (tests): mark its generation ready."""
-        self.client.hset(self.generation_key, mapping={"state": READY, "request": "", "since": 0})
+        self.marker.mark_ready()
 
     # -- consumer replicas' beacons (the API's /ready and /metrics) ----------------------------
     def beat(self, replica: str, report: dict[str, Any], ttl: float) -> None:

@@ -200,48 +200,6 @@ def test_a_replayed_deletion_removes_an_entry_the_wipe_left_behind(score_store):
     assert score_store.client.smembers(f"{score_store.prefix}person-items:15") == set()
 
 
-def test_only_the_first_replica_to_find_no_generation_marker_claims_the_rebuild(score_store):
-    assert score_store.generation() is None
-    assert score_store.claim_rebuild("first")
-    assert not score_store.claim_rebuild("second")
-    marker = score_store.generation()
-    assert (marker.state, marker.request_id, marker.since) == ("rebuilding", "first", 0.0)
-
-
-@pytest.fixture(params=["redis", "memory"])
-def generations(request, score_store):
-    """The score's generation marker and the library's in-memory one pass the same contract."""
-    from messaging.testing import MemoryGeneration
-
-    return score_store if request.param == "redis" else MemoryGeneration()
-
-
-def test_a_rebuild_is_ready_only_once_the_completion_and_the_settled_count_agree(generations):
-    assert generations.claim_rebuild("r")
-    generations.begin_rebuild("r", 1.0)
-    assert not generations.count_replayed("r", 2)  # no completion yet: the total is unknown
-    assert not generations.finish_rebuild("r", 3)
-    assert generations.generation().state == "rebuilding"
-    assert not generations.count_replayed("other", 5)  # not the current request
-    assert generations.count_replayed("r", 1)
-    assert generations.generation().state == "ready"
-    assert not generations.count_replayed("r", 1)  # ready already: nothing more to say
-
-
-def test_a_completion_after_every_replayed_event_was_settled_makes_the_model_ready(generations):
-    generations.begin_rebuild("r", 1.0)
-    assert not generations.count_replayed("r", 4)
-    assert generations.finish_rebuild("r", 4)
-    assert generations.generation().state == "ready"
-
-
-def test_a_stale_marker_is_abandoned_only_while_it_is_still_the_same_one(generations):
-    generations.begin_rebuild("r", 1.0)
-    assert not generations.abandon("another")
-    assert generations.abandon("r")
-    assert generations.generation() is None
-
-
 def test_an_interrupted_wipe_is_taken_over_and_the_model_heals(score_store, broker):
     """A wipe whose process restarted leaves `wiping` behind: healing takes it over once stale."""
     from messaging.healing import REBUILDING, Healing
@@ -249,7 +207,7 @@ def test_an_interrupted_wipe_is_taken_over_and_the_model_heals(score_store, brok
     score_store.client.hset(
         score_store.generation_key, mapping={"state": "wiping", "request": "wipe-1", "since": 0}
     )
-    healing = Healing(score_store, broker.amqp_url, broker.exchange, "score.q")
+    healing = Healing(score_store.marker, broker.amqp_url, broker.exchange, "score.q")
     assert healing.check() == REBUILDING
     marker = score_store.generation()
     assert marker.state == REBUILDING and marker.request_id != "wipe-1"
@@ -264,21 +222,24 @@ def test_a_wipe_in_progress_is_not_taken_over(score_store, broker):
         score_store.generation_key,
         mapping={"state": "wiping", "request": "wipe-2", "since": time.time()},
     )
-    assert Healing(score_store, broker.amqp_url, broker.exchange, "score.q").check() == WIPING
+    assert (
+        Healing(score_store.marker, broker.amqp_url, broker.exchange, "score.q").check() == WIPING
+    )
 
 
 def test_a_wipe_stops_when_its_marker_was_taken_over(score_store):
     from score.store import StaleWipe
 
     apply(score_store, [event("person", str(n), 1, {"cpf": str(n)}) for n in range(1500)])
-    real = score_store._wipe_marker
+    marker, real = score_store.marker, score_store.marker.renew_wipe
 
-    def taken_over(keys, args):
-        if args[1] == "renew":
-            score_store.client.delete(score_store.generation_key)  # another process took it
-        return real(keys=keys, args=args)
+    def taken_over(wipe_id, now):
+        score_store.client.delete(score_store.generation_key)  # another process took it
+        return real(wipe_id, now)
 
-    score_store._wipe_marker = taken_over
-    with pytest.raises(StaleWipe):
-        score_store.wipe()
-    score_store._wipe_marker = real
+    marker.renew_wipe = taken_over
+    try:
+        with pytest.raises(StaleWipe):
+            score_store.wipe()
+    finally:
+        marker.renew_wipe = real
