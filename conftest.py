@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import pika
 import psycopg
 import pytest
 
@@ -27,6 +26,7 @@ from hypothesis import HealthCheck, settings
 from messaging import Envelope
 from messaging.connection import connect
 from messaging.replay import requests_queue
+from messaging.testing import publish
 from messaging.topology import Topology
 from own_servers import own_redis
 from psycopg import sql
@@ -99,21 +99,8 @@ class BrokerSpace:
         return made
 
     def publish(self, *envelopes: Envelope) -> None:
-        """Publish to the exchange as the relay does (persistent, mandatory), with confirms."""
-        conn = connect(self.amqp_url, "test-publish")
-        try:
-            channel = conn.channel()
-            channel.confirm_delivery()
-            for envelope in envelopes:
-                channel.basic_publish(
-                    self.exchange,
-                    "",
-                    envelope.to_json(),
-                    pika.BasicProperties(message_id=str(envelope.event_id), delivery_mode=2),
-                    mandatory=True,
-                )
-        finally:
-            conn.close()
+        """Publish to the exchange as the relay does (messaging.testing.publish)."""
+        publish(self.amqp_url, self.exchange, *envelopes)
 
     def depth(self, queue: str) -> int:
         """Messages ready in a queue."""

@@ -10,6 +10,7 @@ DEVELOPMENT_SECRET = "development-console-secret"
 
 
 class ConsoleConfig(BrokerSettings):
+    events_exchange: str = "entity-changes"  # EVENTS_EXCHANGE
     console_database_url: str = "postgresql://postgres@127.0.0.1:5432/console"  # the audit log
     # The producer's outbox, read through the library (backlog, each change's events).
     person_database_url: str = "postgresql://postgres@127.0.0.1:5432/person"

@@ -11,6 +11,7 @@ DEVELOPMENT_ACTIVATION_SECRET = "development-activation-secret"
 
 
 class NotifierConfig(BrokerSettings):
+    events_exchange: str = "entity-changes"  # EVENTS_EXCHANGE
     notifier_database_url: str = "postgresql://postgres@127.0.0.1:5432/notifier"
     sendgrid_api_key: str | None = None
     sendgrid_host: str = "https://api.sendgrid.com"

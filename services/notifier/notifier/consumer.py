@@ -140,9 +140,7 @@ def main() -> int:
         name = f"{HEARTBEAT}@{replica_id()}"
         heartbeat = AttachedBeacon(
             consumer,
-            lambda: store.beat(
-                name, {**consumer.stats.snapshot(), "health": consumer.health() or "ok"}
-            ),
+            lambda: store.beat(name, {**consumer.stats.snapshot(), "health": consumer.report()}),
             every=HEARTBEAT_SECONDS,
         )
         heartbeat.start()

@@ -14,6 +14,7 @@ DEVELOPMENT_ACTIVATION_SECRET = "development-activation-secret"
 
 
 class PersonConfig(BrokerSettings):
+    events_exchange: str = "entity-changes"  # EVENTS_EXCHANGE
     person_database_url: str = "postgresql://postgres@127.0.0.1:5432/person"
     activation_secret: str = DEVELOPMENT_ACTIVATION_SECRET
     activation_ttl_seconds: int = 172_800

@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import redis
 from messaging import Consumer, ConsumerSettings, Envelope, Handlers
-from messaging.healing import READY, Healing
+from messaging.healing import Healing
 from messaging.replicas import AttachedBeacon
 from pydantic import BaseModel, ConfigDict, Field
 from servicekit import tracing
@@ -76,11 +76,10 @@ def build(config: ScoreConfig, store: ScoreStore | None = None) -> tuple[Consume
 
 
 def beat(consumer: Consumer, store: ScoreStore, replica: str) -> None:
-    """The beacon's beat: heal a lost store, then report this replica's health and statistics
+    """The beacon's beat: this replica's health (or the model's rebuild state) and statistics,
     for the API."""
-    state = consumer.healing.check() if consumer.healing is not None else READY
-    health = consumer.health() or ("ok" if state == READY else state)
-    store.beat(replica, {"health": health, "stats": consumer.stats.snapshot()}, BEAT_TTL_SECONDS)
+    report = {"health": consumer.report(), "stats": consumer.stats.snapshot()}
+    store.beat(replica, report, BEAT_TTL_SECONDS)
 
 
 def main() -> int:

@@ -251,6 +251,8 @@ def declare(services: list[str]) -> int:
     """Declare each service's queues before start-up, so no event is routed while a consumer's
     queue does not exist yet (the relay would hold it, returned, until one did). The caller
     names the services (the stack and compose do)."""
+    if not os.environ.get("EVENTS_EXCHANGE"):
+        raise Usage("declare needs EVENTS_EXCHANGE: the exchange the services' queues bind to")
     settings = BrokerSettings()
     conn = connect(settings.amqp_url, "topology")
     try:

@@ -46,7 +46,7 @@ from .connection import HEARTBEAT_SECONDS, Backoff, StopFlag, connect
 from .envelope import Envelope
 from .errors import StoreUnavailable
 from .handlers import Handlers
-from .healing import Healing
+from .healing import READY, Healing
 from .processing import (
     HANDLER_BUCKETS,
     MAX_REDELIVERIES,
@@ -74,6 +74,7 @@ class ConsumerSettings:
     heartbeat: int = HEARTBEAT_SECONDS
     hold_limit: float = 900.0  # a pause this long gives back what it holds (module docstring)
     max_redeliveries: int = MAX_REDELIVERIES
+    heal_every: float = 2.0  # seconds between two looks at the healing marker
     pause_backoff_cap: float = 30.0  # the longest wait between two tries of a held batch
 
 
@@ -118,6 +119,7 @@ class Consumer:
         )
         self.probe = probe
         self.healing = healing
+        self.healing_state = READY  # as the last check found it (healing.py)
         self.stats = self.processor.stats
         self.attached = threading.Event()
         self.paused = threading.Event()  # the store is away or refuses writes: holding
@@ -152,27 +154,47 @@ class Consumer:
             return f"stalled: messages wait and nothing was settled for {idle_for:.0f}s"
         return None
 
+    def report(self) -> str:
+        """What a replica reports (its beacon, /ready): `ok`, why it is not healthy, or the
+        read model's rebuild state (`rebuilding`, `wiping`) while it heals."""
+        return self.health() or (self.healing_state if self.healing_state != READY else "ok")
+
     def run(self) -> None:
         self._start_worker()
+        if self.healing is not None:
+            threading.Thread(target=self._heal, name="consumer-healing", daemon=True).start()
         backoff = Backoff()
         while not self._stop.is_set():
             try:
                 self._session()
                 backoff.reset()
-            except (pika.exceptions.AMQPError, OSError) as exc:
+            except Exception as exc:  # nothing ends the consumer: reconnect after a backoff
                 self.attached.clear()
                 delay = backoff.next()
+                foreseen = isinstance(exc, pika.exceptions.AMQPError | OSError)
                 log.warning(
                     "consumer %s lost the broker (%s: %s); reconnecting in %.1fs",
                     self.topology.queue,
                     type(exc).__name__,
                     exc,
                     delay,
+                    exc_info=not foreseen,
                 )
                 self._stop.wait(delay)
         if self._worker is not None:
             self._worker.join(timeout=self.settings.shutdown_timeout)
         log.info("consumer %s stopped", self.topology.queue)
+
+    def _heal(self) -> None:
+        """While attached, look at the model's generation marker every few seconds: a store
+        that lost its data asks the producer for a replay (healing.py)."""
+        while not self._stop.is_set():
+            if self.attached.wait(timeout=1.0):
+                try:
+                    self.healing_state = self.healing.check()
+                except Exception as exc:  # the store or the broker blinked: the next look
+                    log.warning("healing check of %s failed: %s", self.topology.queue, exc)
+                self._stop.wait(self.settings.heal_every)
 
     # -- I/O thread ----------------------------------------------------------------------------
     def _start_worker(self) -> None:

@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .replay import COMPLETED_TYPE, REQUEST_HEADER, request_replay
+from .replay import COMPLETED_TYPE, LATEST, REQUEST_HEADER, request_replay
 
 log = logging.getLogger("messaging.healing")
 
@@ -107,10 +107,12 @@ class Healing:
         queue: str,
         re_request_after: float = 600.0,
         stale_wipe_after: float = STALE_WIPE_SECONDS,
+        scope: str = LATEST,
     ) -> None:
         self.store, self.amqp_url, self.exchange, self.queue = store, amqp_url, exchange, queue
         self.re_request_after = re_request_after
         self.stale_wipe_after = stale_wipe_after
+        self.scope = scope
 
     def check(self) -> str:
         """Look at the marker, ask for a replay if the store lost its data; return the state."""
@@ -165,7 +167,7 @@ class Healing:
         # sending fails, the marker says "not sent" and the next check sends it.
         self.store.begin_rebuild(request_id, now)
         try:
-            request_replay(self.amqp_url, self.exchange, self.queue, request_id)
+            request_replay(self.amqp_url, self.exchange, self.queue, request_id, self.scope)
         except Exception:
             self.store.begin_rebuild(request_id, 0.0)
             raise

@@ -103,12 +103,20 @@ def declare_requests(conn: BlockingConnection, exchange: str) -> str:
     return queue
 
 
+# What a replay sends: the latest event of every entity (a latest-state model heals from it),
+# or every event the outbox still holds, in order (a model that accumulates rebuilds from it:
+# the outbox keeps each entity's older events for the relay's retention, 7 days by default).
+LATEST, HISTORY = "latest", "history"
+SCOPES = (LATEST, HISTORY)
+
+
 @dataclass(frozen=True)
 class Request:
-    """A replay request: replay to `queue`, then complete `request_id`."""
+    """A replay request: replay `scope` to `queue`, then complete `request_id`."""
 
     queue: str
     request_id: str
+    scope: str = LATEST
 
 
 class NotARequest(ValueError):
@@ -132,11 +140,17 @@ def parse_request(body: bytes) -> Request:
         raise NotARequest("`queue` is not a queue name")
     if not isinstance(request_id, str) or not REQUEST_ID.fullmatch(request_id):
         raise NotARequest("`request_id` is not 1 to 128 of A-Z a-z 0-9 . _ : -")
-    return Request(queue, request_id)
+    scope = request.get("scope", LATEST)
+    if scope not in SCOPES:
+        raise NotARequest(f"`scope` is not one of {', '.join(SCOPES)}")
+    return Request(queue, request_id, scope)
 
 
-def request_replay(amqp_url: str, exchange: str, queue: str, request_id: str) -> None:
-    """Ask the producer to replay every entity's latest event to `queue` (confirmed)."""
+def request_replay(
+    amqp_url: str, exchange: str, queue: str, request_id: str, scope: str = LATEST
+) -> None:
+    """Ask the producer to replay to `queue` (confirmed): every entity's latest event, or with
+    `scope=HISTORY` every event the outbox still holds."""
     conn = connect(amqp_url, "replay-request")
     try:
         target = declare_requests(conn, exchange)
@@ -145,7 +159,7 @@ def request_replay(amqp_url: str, exchange: str, queue: str, request_id: str) ->
         channel.basic_publish(
             "",
             target,
-            json.dumps({"queue": queue, "request_id": request_id}).encode(),
+            json.dumps({"queue": queue, "request_id": request_id, "scope": scope}).encode(),
             pika.BasicProperties(
                 type=REQUEST_TYPE,
                 message_id=request_id,

@@ -34,7 +34,7 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from pika.exceptions import ChannelClosedByBroker
 
 from .connection import Backoff, StopFlag, connect
-from .replay import NotARequest, declare_requests, parse_request, replay
+from .replay import HISTORY, NotARequest, declare_requests, parse_request, replay
 
 log = logging.getLogger("messaging.replay")
 
@@ -116,7 +116,7 @@ class ReplayServer:
             queue = declare_requests(conn, self.exchange)
             channel = conn.channel()
             channel.basic_qos(prefetch_count=self.prefetch)
-            waiting: dict[str, Waiting] = {}
+            waiting: dict[tuple[str, str], Waiting] = {}  # (target, scope): its requests
             for method, _properties, body in channel.consume(queue, inactivity_timeout=0.5):
                 if self._stop.is_set():
                     return
@@ -132,7 +132,11 @@ class ReplayServer:
                 conn.close()
 
     def _take(
-        self, channel: BlockingChannel, tag: int, body: bytes, waiting: dict[str, Waiting]
+        self,
+        channel: BlockingChannel,
+        tag: int,
+        body: bytes,
+        waiting: dict[tuple[str, str], Waiting],
     ) -> None:
         """Hold a request for its target's next replay, or refuse it."""
         try:
@@ -146,7 +150,8 @@ class ReplayServer:
         except Exception as exc:  # judging must not fail: whatever did is the request's fault
             self._refuse(Refused(NOT_A_REQUEST, f"cannot read it: {_why(exc)}"), body)
         else:
-            waiting.setdefault(request.queue, Waiting()).add(request.request_id, tag)
+            key = (request.queue, request.scope)
+            waiting.setdefault(key, Waiting()).add(request.request_id, tag)
             return
         channel.basic_ack(tag)
 
@@ -155,14 +160,18 @@ class ReplayServer:
         log.warning("refused a replay request: %s (%r)", refusal, body[:120])
 
     def _serve_due(
-        self, conn: BlockingConnection, channel: BlockingChannel, waiting: dict[str, Waiting]
+        self,
+        conn: BlockingConnection,
+        channel: BlockingChannel,
+        waiting: dict[tuple[str, str], Waiting],
     ) -> None:
-        for target in list(waiting):
+        for key in list(waiting):
+            target, scope = key
             if self._stop.is_set() or time.monotonic() < self._due_at(target):
                 continue
-            held = waiting.pop(target)
-            if not self._answer(conn, target, held):
-                waiting[target] = held  # held on to: tried again when due
+            held = waiting.pop(key)
+            if not self._answer(conn, target, scope, held):
+                waiting[key] = held  # held on to: tried again when due
                 continue
             for tag in held.tags:
                 channel.basic_ack(tag)
@@ -171,10 +180,10 @@ class ReplayServer:
         after_last = self._ended.get(target, float("-inf")) + self.min_interval
         return max(after_last, self._retry_at.get(target, float("-inf")))
 
-    def _answer(self, conn: BlockingConnection, target: str, held: Waiting) -> bool:
+    def _answer(self, conn: BlockingConnection, target: str, scope: str, held: Waiting) -> bool:
         """Replay once for every held request; True once they are answered or refused."""
         try:
-            events = self._replay(conn, target, held)
+            events = self._replay(conn, target, scope, held)
         except Refused as exc:
             for _ in held.tags:
                 self.refused[exc.kind] += 1
@@ -196,7 +205,9 @@ class ReplayServer:
         )
         return True
 
-    def _replay(self, conn: BlockingConnection, target: str, held: Waiting) -> int | None:
+    def _replay(
+        self, conn: BlockingConnection, target: str, scope: str, held: Waiting
+    ) -> int | None:
         """The replay's event count; None if stop() came first."""
         probe = conn.channel()
         try:
@@ -220,6 +231,7 @@ class ReplayServer:
                     self.database_url,
                     self.amqp_url,
                     target,
+                    after_id=0 if scope == HISTORY else None,  # every event, in order
                     request_id=newest,
                     also_completes=others,
                 )

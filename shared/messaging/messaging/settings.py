@@ -16,7 +16,9 @@ class BrokerSettings(ServiceSettings):
     """A process that talks to the broker: where it is, which exchange, the retry steps."""
 
     amqp_url: str = DEFAULT_AMQP_URL
-    events_exchange: str = "entity-changes"
+    # No default: an experiment must never consume a live stream by accident. An application
+    # names its exchange (its settings class gives the default it runs with).
+    events_exchange: str
     retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS
     queue_group_size: int | None = None
 

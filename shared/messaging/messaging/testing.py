@@ -260,6 +260,42 @@ class MemoryGeneration:
             return True
 
 
+def publish(amqp_url: str, exchange: str, *events: Envelope) -> None:
+    """Publish events to an exchange as a producer's relay does: the same properties
+    (event_properties), persistent, mandatory, each confirmed.
+
+    A queue must be bound to the exchange first: a consumer declares its queues when it
+    attaches (`messaging declare SERVICE ...` does it without one). An event no queue would
+    receive is refused, saying so, rather than lost.
+    """
+    import pika
+
+    from .connection import connect
+    from .publisher import event_properties
+
+    conn = connect(amqp_url, "test-publish")
+    try:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        for event in events:
+            try:
+                channel.basic_publish(
+                    exchange,
+                    "",
+                    event.to_json(),
+                    event_properties(str(event.event_id), event.event_type, event.correlation_id),
+                    mandatory=True,
+                )
+            except pika.exceptions.UnroutableError:
+                raise RuntimeError(
+                    f"no queue is bound to exchange {exchange!r}: attach a consumer (or run "
+                    "`messaging declare SERVICE`) before publishing"
+                ) from None
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
 def wait_until(
     predicate: Callable[[], Any],
     timeout: float = 15.0,

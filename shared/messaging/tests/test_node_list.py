@@ -74,7 +74,7 @@ def test_an_amqp_url_that_names_no_broker_node_is_refused_without_repeating_it(u
         node_urls(url)
     assert "secret" not in str(refused.value)
     with pytest.raises(ValueError, match=re.escape(reason)) as refused:  # a process won't start
-        BrokerSettings(amqp_url=url)
+        BrokerSettings(amqp_url=url, events_exchange="x")
     assert "secret" not in str(refused.value)
 
 

@@ -36,6 +36,7 @@ def environment() -> dict[str, str]:
         if value is not None:
             env.setdefault(key, value)
     env.setdefault("GATEWAY_PORT", "8000")
+    env.setdefault("EVENTS_EXCHANGE", "entity-changes")  # the exchange the stack runs on
     # The console calls each API directly, as any client would, on the ports make up gives them.
     for name, port in (("PERSON", 8101), ("SCORE", 8102), ("NOTIFIER", 8103)):
         own = env.get(f"{name}_PORT", str(port))
