@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -131,3 +132,48 @@ def test_a_consumer_with_no_web_app_says_how_it_is_over_http(broker, private_red
             assert status == 200 and "consumer_messages_total" in metrics
     finally:
         server.shutdown()
+
+
+def test_a_consumer_built_with_the_fewest_arguments_dead_letters_nothing_while_redis_is_stopped(
+    broker,
+):
+    """No probe, no healing: handlers and apply only. Redis stopped for longer than the retry
+    ladder, then started again: every event is applied, none is dead or retried."""
+    from messaging import Consumer, ConsumerSettings, Envelope, Handlers, redis_errors
+    from messaging.testing import publish
+    from own_servers import OwnRedis
+
+    server = OwnRedis()
+    server.start()
+    client = redis.Redis.from_url(server.url, socket_timeout=1, decode_responses=True)
+    handlers = Handlers()
+    handlers.add(["thing.created"], lambda event, _data: event.entity_id)
+
+    def apply(ids):
+        with redis_errors():
+            client.sadd("seen", *ids)
+
+    topology = broker.topology("fewest", retry_delays=(0.2, 0.4))
+    consumer = Consumer(ConsumerSettings(broker.amqp_url, topology), handlers, apply)
+    events = [
+        Envelope.new(event_type="thing.created", entity_id=f"t{n}", entity_version=1, data={},
+                     producer="test")
+        for n in range(20)
+    ]  # fmt: skip
+    try:
+        with running(consumer):
+            wait_until(consumer.attached.is_set, what="attached")
+            publish(broker.amqp_url, broker.exchange, *events[:10])
+            wait_until(lambda: client.scard("seen") == 10, what="the first ten")
+            server.stop()
+            publish(broker.amqp_url, broker.exchange, *events[10:])
+            wait_until(consumer.paused.is_set, what="paused")
+            over = time.monotonic() + 5 * sum(topology.retry_delays)
+            wait_until(lambda: time.monotonic() > over, what="longer than the retry ladder")
+            assert broker.depth(topology.dead_queue) == 0
+            server.start()  # empty again: what was applied before the outage is gone with it
+            wait_until(lambda: client.scard("seen") == 10, timeout=30, what="the other ten")
+    finally:
+        server.remove()
+    assert broker.depth(topology.dead_queue) == 0
+    assert consumer.stats.dead_lettered == 0 and consumer.stats.retried == 0
