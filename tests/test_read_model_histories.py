@@ -9,6 +9,10 @@ rebuilt from a replay; poison and hostile-header messages are mixed in. After ea
 once everything in flight has been delivered, the read model must equal what the producer's
 final state implies, the poison must be dead and nothing else.
 
+Part of either store is lost too (keys or rows deleted behind the model's back, with no replay):
+verification (messaging.verification, answered by the test kit's MemoryProducer) must find and
+repair it, and the digests of both sides must agree once the history is over.
+
 `make test` runs a bounded number of examples (HYPOTHESIS_PROFILE=suite); `make soak` runs the
 long profile.
 """
@@ -20,6 +24,7 @@ import itertools
 import os
 import random
 import uuid
+from collections.abc import Callable
 from datetime import date
 from decimal import Decimal
 from typing import Any
@@ -36,8 +41,8 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from messaging import Consumer, Envelope
-from messaging.testing import InMemoryBus, Message
+from messaging import Consumer, Envelope, digests
+from messaging.testing import InMemoryBus, MemoryProducer, Message
 from notifier.config import NotifierConfig
 from notifier.consumer import build as build_notifier
 from notifier.store import NotifierStore
@@ -83,6 +88,13 @@ class History(RuleBasedStateMachine):
         self.published = 0  # producer events handed to the bus so far
         self.poisoned = 0
         self.rng = random.Random(0)
+        self.lost = False  # part of the store was lost during the history
+        self.verification = self.consumer.verification
+        assert self.verification is not None, "the process verifies its model"
+        self.answers = MemoryProducer(
+            self.bus, self.queue, lambda: self.producer.events[: self.published]
+        )
+        self.verification.request = self.answers  # the producer's side of it
 
     # -- the read model (subclasses) -----------------------------------------------------------
     def build_consumer(self) -> Consumer:
@@ -91,6 +103,29 @@ class History(RuleBasedStateMachine):
 
     def check(self) -> None:
         raise NotImplementedError
+
+    def lose(self, choose: Callable[[list], list]) -> bool:
+        """Delete the entities `choose` picks from the model's store behind its back (nothing
+        is replayed); whether anything was deleted."""
+        raise NotImplementedError
+
+    @rule(data=st.data())
+    def lose_part(self, data: st.DataObject) -> None:
+        """What a restore from an older snapshot, a failover to a lagging replica or a hand
+        leave behind: entities missing from the store, and no one told."""
+        self.lost |= self.lose(
+            lambda found: (
+                data.draw(st.lists(st.sampled_from(found), unique=True), label="lost")
+                if found
+                else []
+            )
+        )
+
+    @rule()
+    def verify(self) -> None:
+        """A scheduled verification: the producer's digests join the queue behind what is in
+        flight, and are compared when delivered."""
+        self.verification.ask()
 
     # -- the producer ------------------------------------------------------------------------
     def _someone(self, data: st.DataObject) -> str:
@@ -170,6 +205,7 @@ class History(RuleBasedStateMachine):
     @rule()
     def replay(self) -> None:
         """The latest event of every entity, as `messaging replay` or a heal sends them."""
+        self.lost = False  # what is lost by now comes back from this: not verification's doing
         for envelope in self._latest():
             self.bus.publish(envelope)
 
@@ -206,6 +242,12 @@ class History(RuleBasedStateMachine):
                 self.bus.publish(envelope)
             self.published = len(self.producer.events)
             self._deliver(self.rng.randrange(2**32), partial=False)
+            # and once all is delivered, a random part lost (what was lost during the history
+            # may have come back with a late or repeated event)
+            self.lost |= self.lose(
+                lambda found: self.rng.sample(found, self.rng.randint(0, len(found)))
+            )
+            self._verified()
             self.check()
             dead = self.bus.dead_letters(self.queue)
             assert sorted(m.message_id for m in dead) == sorted(
@@ -214,6 +256,28 @@ class History(RuleBasedStateMachine):
             assert all(m.headers.get("x-dead-reason") for m in dead)
         finally:
             self.clean()
+
+    def _verified(self) -> None:
+        """Verify until the model's digests are the producer's: at once if nothing was lost
+        (both sides keep the same digests), else after the repairs verification asks for."""
+        entities = self.verification.entities
+        checks = 0
+        while differ := digests.differing(
+            self._producer_digests(entities), self.verification.store.digests(entities), entities
+        ):
+            assert self.lost, ("digests differ though nothing was lost", differ)
+            # a bucket is repaired by its second check in a row, at the latest by the 64th
+            assert checks < 130, "verification did not repair the model"
+            self.verification.ask()
+            self.bus.run_until_idle(max_batch=50)
+            checks += 1
+        assert not self.lost or checks == 0 or self.verification.stats.repairs > 0
+
+    def _producer_digests(self, entities: list[str]) -> dict:
+        found = digests.of_versions(
+            (e.entity, e.entity_id, e.entity_version) for e in self.answers.latest()
+        )
+        return {entity: buckets for entity, buckets in found.items() if entity in entities}
 
     def clean(self) -> None:
         pass
@@ -250,6 +314,18 @@ class ScoreHistory(History):
         if doomed:
             self.store.client.unlink(*doomed)
         self.replay()
+
+    def lose(self, choose: Callable[[list], list]) -> bool:
+        prefix = self.store.prefix
+        keys = sorted(
+            key
+            for pattern in (f"{prefix}person:*", f"{prefix}item:*")
+            for key in self.store.client.scan_iter(match=pattern, count=1000)
+        )
+        doomed = choose(keys)
+        if doomed:
+            self.store.client.unlink(*doomed)
+        return bool(doomed)
 
     def check(self) -> None:
         for cpf in ("101", "102", "103"):
@@ -308,6 +384,13 @@ class NotifierHistory(History):
                 "SELECT cpf, registered_at FROM deliveries WHERE kind = 'welcome' "
                 "GROUP BY 1, 2 HAVING count(*) > 1"
             ).fetchall()
+
+    def lose(self, choose: Callable[[list], list]) -> bool:
+        with self.store.pool.connection() as conn:
+            cpfs = [cpf for (cpf,) in conn.execute("SELECT cpf FROM users ORDER BY cpf")]
+            doomed = choose(cpfs)
+            conn.execute("DELETE FROM users WHERE cpf = ANY(%s)", (doomed,))
+        return bool(doomed)
 
     def check(self) -> None:
         with self.store.pool.connection() as conn:

@@ -12,6 +12,7 @@ from typing import Any
 from messaging import Consumer, ConsumerSettings, Envelope, Handlers
 from messaging.replicas import AttachedBeacon
 from messaging.stores import postgres_errors
+from messaging.verification import Verification
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field
 from servicekit import tracing
@@ -122,11 +123,15 @@ def build(config: NotifierConfig, pool: ConnectionPool) -> tuple[Consumer, Notif
     """Composition root of the consumer process (tests pass a pool of their own database)."""
     store = NotifierStore(pool, config.emails_per_address_per_day)
     view = UserView(store, composer_for(config))
+    topology = config.topology(SERVICE)
+    # the entity types the model holds, verified against the producer's digests
+    verification = Verification.scheduled(config, store, topology.queue, ("person",))
     consumer = Consumer(
-        ConsumerSettings(config.amqp_url, config.topology(SERVICE)),
+        ConsumerSettings(config.amqp_url, topology),
         view.handlers,
         view.apply,
         probe=store.consumer_probe,
+        verification=verification,
     )
     return consumer, store
 

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from messaging import digests as sums
 from messaging.stores import postgres_errors, versioned_upsert
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -33,6 +34,8 @@ _USER_COLUMNS = (
     "status",
     "registered_at",
     "updated_at",
+    "bucket",
+    "contribution",
 )
 _UPSERT_USER = versioned_upsert("users", ("cpf",), _USER_COLUMNS)
 # One statement per event, whose results nobody reads. Every e-mail decision happens only if the
@@ -139,6 +142,8 @@ class NotifierStore:
         row = {
             "cpf": cpf,
             "version": version,
+            "bucket": sums.bucket("person", cpf),  # verification (messaging.digests)
+            "contribution": sums.contribution("person", cpf, version),
             "deleted": state is None,
             "name": None,
             "email": None,
@@ -367,6 +372,40 @@ class NotifierStore:
         with self.pool.connection() as conn:
             return dict(
                 conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status").fetchall()
+            )
+
+    # -- verification (messaging.verification.VerifiedStore) ----------------------------------
+    def digests(self, entities: Collection[str]) -> sums.Digests:
+        """The view's digests, summed from what it holds (a row deleted by hand is missing)."""
+        if "person" not in entities:
+            return {}
+        with postgres_errors(), self.pool.connection() as conn:
+            rows = conn.execute(
+                f"SELECT bucket, sum(contribution) % {sums.MODULUS}, count(*) FROM users "
+                "WHERE bucket IS NOT NULL GROUP BY bucket"
+            ).fetchall()
+        return {"person": {int(b): (int(d), int(n)) for b, d, n in rows}}
+
+    def held_versions(self, entity: str, buckets: list[int]) -> dict[str, int]:
+        if entity != "person":
+            return {}
+        with postgres_errors(), self.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT cpf, version FROM users WHERE bucket = ANY(%s)", (buckets,)
+            ).fetchall()
+        return {cpf: int(version) for cpf, version in rows}
+
+    def last_divergence(self) -> dict[str, dict[str, int]]:
+        with postgres_errors(), self.pool.connection() as conn:
+            row = conn.execute("SELECT divergent FROM verification WHERE name = 'view'").fetchone()
+        return row[0] if row else {}
+
+    def record_divergence(self, streaks: dict[str, dict[str, int]]) -> None:
+        with self.single_statement() as cur, postgres_errors():
+            cur.execute(
+                "INSERT INTO verification (name, divergent) VALUES ('view', %s) "
+                "ON CONFLICT (name) DO UPDATE SET divergent = EXCLUDED.divergent",
+                (Jsonb(streaks),),
             )
 
     def ping(self) -> None:

@@ -11,6 +11,7 @@ import redis
 from messaging import Consumer, ConsumerSettings, Envelope, Handlers
 from messaging.healing import Healing
 from messaging.replicas import AttachedBeacon
+from messaging.verification import Verification
 from pydantic import BaseModel, ConfigDict, Field
 from servicekit import tracing
 from servicekit.runner import configure_logging, replica_id, run_until_signalled
@@ -40,6 +41,7 @@ class ItemFields(BaseModel):
 # it becomes (the person service's catalogue is published at person.localhost/asyncapi.json;
 # tests/test_catalogue.py checks these against it). The runtime lets only these through.
 HANDLERS = Handlers()
+ENTITIES = ("person", *KINDS)  # the entity types the model holds, verified against the producer
 
 
 @HANDLERS.on("person.created", "person.updated", "person.activation_requested", "person.deleted")
@@ -56,7 +58,7 @@ def item_created(event: Envelope, item: ItemFields) -> Change:
 
 @HANDLERS.on(*(f"{kind}.deleted" for kind in KINDS))
 def item_deleted(event: Envelope, _data: None) -> Change:
-    return ItemChange(event.entity_id, event.entity_version, True)
+    return ItemChange(event.entity_id, event.entity_version, True, kind=event.entity)
 
 
 def build(config: ScoreConfig, store: ScoreStore | None = None) -> tuple[Consumer, ScoreStore]:
@@ -65,12 +67,15 @@ def build(config: ScoreConfig, store: ScoreStore | None = None) -> tuple[Consume
         store = ScoreStore(redis.Redis.from_url(config.score_redis_url), config.score_key_prefix)
     topology = config.topology(SERVICE)
     healing = Healing(store.marker, config.amqp_url, config.events_exchange, topology.queue)
+    # the entity types the model holds, verified against the producer's digests
+    verification = Verification.scheduled(config, store, topology.queue, ENTITIES)
     consumer = Consumer(
         ConsumerSettings(config.amqp_url, topology),
         HANDLERS,
         store.apply,  # a batch of changes in one Redis round trip
         probe=store.consumer_probe,
         healing=healing,
+        verification=verification,
     )
     return consumer, store
 

@@ -31,12 +31,13 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 import redis
+from messaging import digests as sums
 from messaging.generations import RedisGeneration
 from messaging.healing import Generation
 from messaging.stores import redis_errors, redis_write_probe
@@ -44,24 +45,27 @@ from messaging.stores import redis_errors, redis_write_probe
 from .scoring import KINDS, score
 
 GENERATION_KEY = "generation"
+VERIFICATION_KEY = "verification"  # the last check's divergent buckets (verification.py)
 BEACON_KEY = "consumer:"  # + replica id
 BEACONS_KEY = "consumers"
 BEACON_FORGET_SECONDS = 3600.0  # a replica that has not beaten for this long leaves the index
 
-# KEYS[1] person hash. ARGV: version, deleted. A deletion does not cascade to the items: the
-# producer emits each item's own deletion first, and under reordering a cascade could remove an
-# item that belongs to the person's next life (deleted, then registered again).
+# KEYS[1] person hash. ARGV: version, deleted, contribution, bucket (messaging.digests: kept
+# beside the version, so verification sums what the model holds). A deletion does not cascade
+# to the items: the producer emits each item's own deletion first, and under reordering a
+# cascade could remove an item that belongs to the person's next life.
 _APPLY_PERSON = """
 local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local version = tonumber(ARGV[1])
 if stored >= version then return 0 end
-redis.call('HSET', KEYS[1], 'version', version, 'deleted', ARGV[2])
+redis.call('HSET', KEYS[1], 'version', version, 'deleted', ARGV[2], 'entity', 'person',
+           'h', ARGV[3], 'b', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'rev', 1)
 return 1
 """
 
 # KEYS[1] item hash. ARGV: version, deleted, item id, cpf ('' on a deletion), kind, value,
-# key prefix.
+# key prefix, entity (its kind, on a deletion too), contribution, bucket.
 _APPLY_ITEM = """
 local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local version = tonumber(ARGV[1])
@@ -77,6 +81,7 @@ if stored >= version then
 end
 local cpf = ARGV[4]
 if cpf == '' then cpf = redis.call('HGET', KEYS[1], 'cpf') or '' end
+redis.call('HSET', KEYS[1], 'entity', ARGV[8], 'h', ARGV[9], 'b', ARGV[10])
 if ARGV[2] == '1' then
   redis.call('HSET', KEYS[1], 'version', version, 'deleted', '1')
   if cpf ~= '' then redis.call('SREM', prefix .. 'person-items:' .. cpf, ARGV[3]) end
@@ -173,9 +178,16 @@ class ScoreStore:
         p = self.prefix
         if isinstance(change, PersonChange):
             pipe.evalsha(
-                self._person.sha, 1, f"{p}person:{change.cpf}", change.version, int(change.deleted)
+                self._person.sha,
+                1,
+                f"{p}person:{change.cpf}",
+                change.version,
+                int(change.deleted),
+                sums.contribution("person", change.cpf, change.version),
+                sums.bucket("person", change.cpf),
             )
         else:
+            entity = change.kind or ""
             pipe.evalsha(
                 self._item.sha,
                 1,
@@ -187,6 +199,9 @@ class ScoreStore:
                 change.kind or "",
                 "" if change.value is None else str(change.value),
                 p,
+                entity,
+                sums.contribution(entity, change.item_id, change.version),
+                sums.bucket(entity, change.item_id),
             )
 
     def read(self, cpf: str) -> PersonScore | None:
@@ -244,6 +259,48 @@ class ScoreStore:
             raise StaleWipe("another process took this wipe over: it stopped")
         return deleted + 1
 
+    # -- verification (messaging.verification.VerifiedStore) ----------------------------------
+    def digests(self, entities: Collection[str]) -> sums.Digests:
+        """The digests of what this model holds, summed from each entity's kept contribution
+        (a SCAN of its keys: an entity deleted by hand is missing from them)."""
+        wanted = set(entities)
+        return sums.summed(
+            (entity, int(where), int(part))
+            for _, entity, where, part in self._entities()
+            if entity in wanted and where is not None and part is not None
+        )
+
+    def held_versions(self, entity: str, buckets: list[int]) -> dict[str, int]:
+        chosen = {str(b) for b in buckets}
+        return {
+            key.rsplit(":", 1)[1]: int(version)
+            for key, found, where, _, version in self._entities(with_version=True)
+            if found == entity and where in chosen
+        }
+
+    def last_divergence(self) -> dict[str, dict[str, int]]:
+        with redis_errors():
+            raw = self.client.get(f"{self.prefix}{VERIFICATION_KEY}")
+        return json.loads(raw) if raw else {}
+
+    def record_divergence(self, streaks: dict[str, dict[str, int]]) -> None:
+        with redis_errors():
+            self.client.set(f"{self.prefix}{VERIFICATION_KEY}", json.dumps(streaks))
+
+    def _entities(self, with_version: bool = False) -> Iterator[tuple]:
+        """(key, entity, bucket, contribution[, version]) of every entity hash, page by page."""
+        fields = ["entity", "b", "h", "version"] if with_version else ["entity", "b", "h"]
+        escaped = _glob_escape(self.prefix)
+        with redis_errors():
+            for pattern in (f"{escaped}person:*", f"{escaped}item:*"):
+                pages = _chunks(self.client.scan_iter(match=pattern, count=1000), 1000)
+                for keys in pages:
+                    pipe = self.client.pipeline(transaction=False)
+                    for key in keys:
+                        pipe.hmget(key, fields)
+                    for key, values in zip(keys, pipe.execute(), strict=True):
+                        yield (_text(key), *(_text(v) if v is not None else None for v in values))
+
     def generation(self) -> Generation | None:
         return self.marker.generation()
 
@@ -293,3 +350,7 @@ def _chunks(items: Any, size: int) -> Any:
             batch = []
     if batch:
         yield batch
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

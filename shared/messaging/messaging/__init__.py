@@ -1,7 +1,7 @@
 """An event pipeline for read models: a transactional outbox and its relay on the producer's
 side; on each read model's, a consumer runtime that applies every change exactly once in effect,
 retries, dead-letters what it cannot process, pauses while its store is away, and heals a store
-that lost its data. See README.md.
+that lost its data or verifies one that lost part of it. See README.md.
 
 What this module exports is the public API, and nothing else is promised; `messaging.testing`
 is the test kit (an in-memory broker, waiting for effects, publishing as a relay does).
@@ -28,6 +28,7 @@ from .stores import (
     versioned_upsert,
 )
 from .topology import DEFAULT_RETRY_DELAYS, Topology
+from .verification import Verification, VerifiedStore
 
 __all__ = [
     "DEFAULT_RETRY_DELAYS",
@@ -49,6 +50,8 @@ __all__ = [
     "RetryableError",
     "StoreUnavailable",
     "Topology",
+    "Verification",
+    "VerifiedStore",
     "decode",
     "install_outbox",
     "postgres_errors",

@@ -10,6 +10,9 @@
                                                 parked, each with its reason
     messaging outbox retry (ID ... | --all)     give parked rows back to the relay (after a fix)
     messaging replay --to <queue> [--entity E] [--after-id POSITION | --since ISO]
+    messaging verify <queue> [--timeout S]      compare the read model fed by <queue> with the
+                                                producer now: the buckets that differ, then the
+                                                entities in them (exit 1 if any differ)
     messaging declare SERVICE ...               declare each service's queues (before start-up)
     messaging broker-user                       create AMQP_URL's user (no tags) through the
                                                 management API (RABBITMQ_MANAGEMENT_URL,
@@ -34,6 +37,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -47,8 +51,10 @@ from .connection import connect, node_urls
 from .deadletters import DEFAULT_WINDOW, dead_queue_name
 from .deadletters import text as _text
 from .publisher import PublishError
+from .replay import DIGESTS, request_replay
 from .replay import replay as replay_events
 from .settings import DEFAULT_AMQP_URL, BrokerSettings
+from .verification import REPORT_TYPE
 
 SHOW_BODY_LIMIT = 4000
 
@@ -247,6 +253,78 @@ def replay(queue: str, entity: str | None, after_id: int | None, since: datetime
     return 0
 
 
+def verify(queue: str, timeout: float) -> int:
+    """Ask the read model fed by `queue` to verify itself now (verification.py) and print its
+    report: the buckets that differ, then the entities in them, with the producer's versions
+    when DATABASE_URL is set."""
+    exchange = os.environ.get("EVENTS_EXCHANGE")
+    if not exchange:
+        raise Usage("verify needs EVENTS_EXCHANGE: the exchange whose producer answers")
+    conn = connect(_amqp_url(), "messaging-verify")
+    try:
+        channel = conn.channel()
+        channel.queue_declare(queue, passive=True)  # a typo must not wait for nobody
+        reply_to = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        request_id = f"verify-cli-{uuid.uuid4()}"
+        request_replay(_amqp_url(), exchange, queue, request_id, DIGESTS, reply_to=reply_to)
+        report = None
+        for _method, properties, body in channel.consume(
+            reply_to, auto_ack=True, inactivity_timeout=timeout
+        ):
+            if body is None:
+                break
+            if getattr(properties, "type", None) == REPORT_TYPE:
+                report = json.loads(body)
+                break
+        channel.cancel()
+    finally:
+        if conn.is_open:
+            conn.close()
+    if report is None:
+        print(
+            f"messaging: no report from {queue}'s consumer within {timeout:g}s (is it running, "
+            "with verification on, and its queue drained?)",
+            file=sys.stderr,
+        )
+        return 2
+    return _print_verification(queue, report)
+
+
+def _print_verification(queue: str, report: dict) -> int:
+    divergent: dict[str, list[int]] = report.get("divergent") or {}
+    if not divergent:
+        print(f"{queue}: the read model matches the producer")
+        return 0
+    count = sum(len(b) for b in divergent.values())
+    print(f"{queue}: {count} bucket(s) differ from the producer")
+    published: dict[str, dict[str, int]] = {}
+    if _DATABASE_URL or os.environ.get("DATABASE_URL"):
+        with psycopg.connect(_database_url(), connect_timeout=5, autocommit=True) as db:
+            for entity, buckets in divergent.items():
+                published[entity] = outbox.published_versions(db, entity, buckets)
+    for entity, buckets in sorted(divergent.items()):
+        print(f"  {entity}: buckets {', '.join(str(b) for b in buckets)}")
+        held = report.get("held", {}).get(entity, {})
+        if entity not in published:
+            for entity_id, version in sorted(held.items()):
+                print(f"    {entity_id}: v{version} held")
+            continue
+        theirs = published[entity]
+        for entity_id in sorted(set(theirs) | set(held)):
+            mine, wanted = held.get(entity_id), theirs.get(entity_id)
+            if mine != wanted:
+                print(
+                    f"    {entity_id}: published v{wanted if wanted is not None else '-'}, "
+                    f"held {f'v{mine}' if mine is not None else '-'}"
+                )
+    if not report.get("complete", True):
+        print("  (the model listed only part of what it holds in these buckets)")
+    if not published:
+        print("  (set DATABASE_URL to see the producer's versions beside the model's)")
+    print("the model repairs a bucket that differs in two checks in a row by itself")
+    return 1
+
+
 def declare(services: list[str]) -> int:
     """Declare each service's queues before start-up, so no event is routed while a consumer's
     queue does not exist yet (the relay would hold it, returned, until one did). The caller
@@ -354,6 +432,15 @@ def parser() -> argparse.ArgumentParser:
     chosen.add_argument("ids", nargs="*", type=int, default=[], metavar="ID")
     chosen.add_argument("--all", action="store_true")
 
+    checking = commands.add_parser("verify", help="compare a read model with the producer now")
+    checking.add_argument("queue")
+    checking.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the model's report (default 120)",
+    )
+
     declaring = commands.add_parser("declare", help="declare consuming services' queues")
     declaring.add_argument("services", nargs="+", metavar="SERVICE")
     commands.add_parser("broker-user", help="create AMQP_URL's user through the management API")
@@ -397,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
             return declare(args.services)
         if args.command == "broker-user":
             return broker_user()
+        if args.command == "verify":
+            return verify(args.queue, args.timeout)
         return replay(args.queue, args.entity, args.after_id, args.since)
     except pika.exceptions.ChannelClosedByBroker as exc:
         print(f"messaging: the broker refused: {exc.reply_text}", file=sys.stderr)

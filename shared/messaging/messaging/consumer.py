@@ -57,6 +57,7 @@ from .processing import (
 )
 from .retry import Decision, resent_properties
 from .topology import Topology
+from .verification import Verification
 
 __all__ = ["HANDLER_BUCKETS", "Consumer", "ConsumerSettings", "ConsumerStats"]
 
@@ -105,6 +106,7 @@ class Consumer:
         *,
         probe: Callable[[], None] | None = None,
         healing: Healing | None = None,
+        verification: Verification | None = None,
     ) -> None:
         self.settings = settings
         self.topology = settings.topology
@@ -115,10 +117,12 @@ class Consumer:
             handlers,
             apply,
             healing=healing,
+            verification=verification,
             max_redeliveries=settings.max_redeliveries,
         )
         self.probe = probe
         self.healing = healing
+        self.verification = verification
         self.healing_state = READY  # as the last check found it (healing.py)
         self.stats = self.processor.stats
         self.attached = threading.Event()
@@ -161,8 +165,8 @@ class Consumer:
 
     def run(self) -> None:
         self._start_worker()
-        if self.healing is not None:
-            threading.Thread(target=self._heal, name="consumer-healing", daemon=True).start()
+        if self.healing is not None or self.verification is not None:
+            threading.Thread(target=self._keep, name="consumer-keeping", daemon=True).start()
         backoff = Backoff()
         while not self._stop.is_set():
             try:
@@ -185,15 +189,24 @@ class Consumer:
             self._worker.join(timeout=self.settings.shutdown_timeout)
         log.info("consumer %s stopped", self.topology.queue)
 
-    def _heal(self) -> None:
-        """While attached, look at the model's generation marker every few seconds: a store
-        that lost its data asks the producer for a replay (healing.py)."""
+    def _keep(self) -> None:
+        """While attached, every few seconds: look at the model's generation marker (a store that
+        lost its data asks the producer for a replay, healing.py), and when a verification is
+        due ask for the producer's digests (verification.py)."""
         while not self._stop.is_set():
             if self.attached.wait(timeout=1.0):
                 try:
-                    self.healing_state = self.healing.check()
+                    if self.healing is not None:
+                        self.healing_state = self.healing.check()
+                    # A model being rebuilt differs everywhere, and the rebuild mends it.
+                    if (
+                        self.verification is not None
+                        and self.healing_state == READY
+                        and self.verification.due()
+                    ):
+                        self.verification.ask()
                 except Exception as exc:  # the store or the broker blinked: the next look
-                    log.warning("healing check of %s failed: %s", self.topology.queue, exc)
+                    log.warning("housekeeping of %s failed: %s", self.topology.queue, exc)
                 self._stop.wait(self.settings.heal_every)
 
     # -- I/O thread ----------------------------------------------------------------------------

@@ -177,7 +177,9 @@ class Outcome:
     done: int = 0  # replayed or discarded
     scanned: int = 0  # messages taken and looked at
     missing: list[str] = field(default_factory=list)  # chosen ids not found among `scanned`
-    remaining: int = 0  # messages in the dead queue when it ended
+    # Messages in the dead queue when it ended (a quorum queue takes back what the closed reader
+    # held a moment later: up to a window of them may not be counted yet).
+    remaining: int = 0
     # The most other readers seen attached while it ran: what they held, it could not see.
     other_readers: int = 0
 

@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 from servicekit import tracing
 
+from .digests import BUCKET_SQL, CONTRIBUTION_SQL, MODULUS, Digests
 from .envelope import Envelope
 
 NOTIFY_CHANNEL = "messaging_outbox"
@@ -62,6 +63,25 @@ ALTER TABLE messaging_outbox ADD COLUMN IF NOT EXISTS parked_at timestamptz;
 ALTER TABLE messaging_outbox ADD COLUMN IF NOT EXISTS parked_reason text;
 CREATE INDEX IF NOT EXISTS messaging_outbox_parked
     ON messaging_outbox (id) WHERE parked_at IS NOT NULL;
+-- The newest published version of every entity and, per entity type and bucket, the digest of
+-- those versions (digests.py): the relay keeps both as it marks rows published, and read models
+-- are verified against them. Compaction never touches them.
+CREATE TABLE IF NOT EXISTS messaging_published (
+    entity        text    NOT NULL,
+    entity_id     text    NOT NULL,
+    version       bigint  NOT NULL,
+    bucket        integer NOT NULL,
+    contribution  bigint  NOT NULL,
+    PRIMARY KEY (entity, entity_id)
+);
+CREATE INDEX IF NOT EXISTS messaging_published_bucket ON messaging_published (entity, bucket);
+CREATE TABLE IF NOT EXISTS messaging_digests (
+    entity    text    NOT NULL,
+    bucket    integer NOT NULL,
+    digest    bigint  NOT NULL,
+    entities  bigint  NOT NULL,
+    PRIMARY KEY (entity, bucket)
+);
 -- What the relay has published, for /metrics (the outbox itself is compacted).
 CREATE TABLE IF NOT EXISTS messaging_relay_stats (
     name               text        PRIMARY KEY,
@@ -73,11 +93,32 @@ CREATE TABLE IF NOT EXISTS messaging_relay_stats (
 _INSTALL_LOCK = 0x6D736700  # arbitrary advisory lock id: serialises concurrent installs
 
 
+# An outbox that published rows before it kept digests: the newest published version of every
+# entity, and its buckets' digests, once (install finds the tables empty).
+_BACKFILL_SQL = f"""
+INSERT INTO messaging_published (entity, entity_id, version, bucket, contribution)
+SELECT entity, entity_id, entity_version,
+       {BUCKET_SQL.format(entity="entity", entity_id="entity_id")},
+       {CONTRIBUTION_SQL.format(entity="entity", entity_id="entity_id", version="entity_version")}
+FROM (
+    SELECT DISTINCT ON (entity, entity_id) entity, entity_id, entity_version
+    FROM messaging_outbox WHERE published_at IS NOT NULL
+    ORDER BY entity, entity_id, entity_version DESC
+) latest
+WHERE NOT EXISTS (SELECT 1 FROM messaging_published);
+INSERT INTO messaging_digests (entity, bucket, digest, entities)
+SELECT entity, bucket, sum(contribution) % {MODULUS}, count(*) FROM messaging_published
+WHERE NOT EXISTS (SELECT 1 FROM messaging_digests)
+GROUP BY entity, bucket;
+"""
+
+
 def install(conn: psycopg.Connection) -> None:
     """Create the outbox tables, index and trigger if they are missing, then commit."""
     with conn.transaction(), conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_INSTALL_LOCK,))
         cur.execute(SCHEMA_SQL)
+        cur.execute(_BACKFILL_SQL)
 
 
 def next_version(cur: psycopg.Cursor, entity: str, entity_id: str) -> int:
@@ -345,3 +386,26 @@ def history(
             },
         )
         return cur.fetchall()
+
+
+def digests(conn: psycopg.Connection, entities: list[str] | None = None) -> Digests:
+    """The digests of what was published (digests.py), per entity type and bucket: all types,
+    or these. Read from the digests the relay keeps, never from the outbox."""
+    found: Digests = {}
+    rows = conn.execute(
+        "SELECT entity, bucket, digest, entities FROM messaging_digests "
+        "WHERE %(all)s OR entity = ANY(%(entities)s)",
+        {"all": entities is None, "entities": entities or []},
+    ).fetchall()
+    for entity, where, digest, count in rows:
+        found.setdefault(entity, {})[where] = (int(digest), int(count))
+    return found
+
+
+def published_versions(conn: psycopg.Connection, entity: str, buckets: list[int]) -> dict[str, int]:
+    """entity id -> its newest published version, for the entities of these buckets."""
+    rows = conn.execute(
+        "SELECT entity_id, version FROM messaging_published WHERE entity = %s AND bucket = ANY(%s)",
+        (entity, buckets),
+    ).fetchall()
+    return {entity_id: int(version) for entity_id, version in rows}

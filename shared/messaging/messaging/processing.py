@@ -27,6 +27,7 @@ from .handlers import Handlers
 from .healing import Healing, replay_completion, replay_request_of
 from .retry import Decision, dead_letter, decide
 from .topology import Topology
+from .verification import Verification, VerificationStats, is_digests
 
 log = logging.getLogger("messaging.consumer")
 
@@ -65,6 +66,7 @@ class ConsumerStats:
     last_occurred_at: datetime | None = None
     handler_counts: list[int] = field(default_factory=lambda: [0] * (len(HANDLER_BUCKETS) + 1))
     handler_seconds: float = 0.0
+    verification: VerificationStats | None = None
 
     def observe(self, seconds: float, messages: int) -> None:
         """One apply (of `messages` messages) took `seconds`."""
@@ -88,6 +90,17 @@ class ConsumerStats:
             "handler_buckets": list(HANDLER_BUCKETS),
             "handler_counts": list(self.handler_counts),
             "handler_seconds": self.handler_seconds,
+            **(
+                {
+                    "verifications": self.verification.checks,
+                    "divergent_buckets": self.verification.divergent_buckets,
+                    "unrepaired_buckets": self.verification.unrepaired_buckets,
+                    "repairs": self.verification.repairs,
+                    "last_verified_at": self.verification.last_checked_at,
+                }
+                if self.verification is not None
+                else {}
+            ),
         }
 
 
@@ -108,12 +121,16 @@ class Processor:
         apply: Apply | None = None,
         *,
         healing: Healing | None = None,
+        verification: Verification | None = None,
         max_redeliveries: int = MAX_REDELIVERIES,
         stats: ConsumerStats | None = None,
     ) -> None:
         self.topology, self.handlers, self.apply = topology, handlers, apply
         self.healing, self.max_redeliveries = healing, max_redeliveries
+        self.verification = verification
         self.stats = stats or ConsumerStats()
+        if verification is not None:
+            self.stats.verification = verification.stats
 
     @property
     def span(self) -> str:
@@ -123,7 +140,11 @@ class Processor:
         """Outcomes in the batch's order; raises StoreUnavailable if the store is away."""
         outcomes: dict[int, Outcome] = {}
         ready: list[_Ready] = []
+        verifications: list[Delivery] = []
         for delivery in batch:
+            if is_digests(delivery.properties):
+                verifications.append(delivery)  # compared once the events before it are applied
+                continue
             try:
                 early = self._judge(delivery)
             except StoreUnavailable:
@@ -141,6 +162,8 @@ class Processor:
             ready = self._translated(ready, outcomes)
             for item, outcome in self._applied(ready):
                 outcomes[id(item.delivery)] = outcome
+        for delivery in verifications:
+            outcomes[id(delivery)] = self._verify(delivery)
         result = [outcomes[id(d)] for d in batch]
         self._count_replayed(result)
         return result
@@ -173,6 +196,18 @@ class Processor:
             self.stats.ignored += 1
             return Outcome(delivery, None)
         return envelope
+
+    def _verify(self, delivery: Delivery) -> Outcome:
+        """The producer's digests, for a verification: compared with the model's."""
+        if self.verification is None:
+            return Outcome(delivery, None)  # a replica that does not verify: nothing to do
+        try:
+            self.verification.received(delivery.body)
+        except StoreUnavailable:
+            raise  # the batch waits for the store
+        except Exception as exc:
+            return Outcome(delivery, dead_letter(self.topology, "verification failed:", exc))
+        return Outcome(delivery, None)
 
     # -- translating and applying ----------------------------------------------------------
     def _translated(self, ready: list[_Ready], outcomes: dict[int, Outcome]) -> list[_Ready]:

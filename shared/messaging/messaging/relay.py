@@ -37,6 +37,7 @@ from servicekit.runner import replica_id
 
 from .confirms import ConfirmWindow
 from .connection import Backoff, StopFlag, amqp_parameters, where
+from .digests import BUCKET_SQL, CONTRIBUTION_SQL, MODULUS, sql_with_params
 from .envelope import MAX_BODY_BYTES
 from .outbox import NOTIFY_CHANNEL
 from .publisher import event_properties, unpublishable
@@ -45,6 +46,7 @@ log = logging.getLogger("messaging.relay")
 
 APP_NAME = "messaging-relay"  # shows in pg_stat_activity
 LEADER_LOCK = 0x6D737201  # advisory lock id held by the active relay
+MARK_LOCK = 0x6D737202  # advisory (transaction) lock of a mark: an old leader's marker may overlap
 
 FETCH_SQL = """
 SELECT id, event_id::text, event_type, correlation_id, body, trace_context
@@ -54,10 +56,40 @@ ORDER BY id
 LIMIT %s
 """
 # Mark confirmed rows and count them, in one statement.
-MARK_SQL = """
+_BUCKET = sql_with_params(BUCKET_SQL).format(entity="entity", entity_id="entity_id")
+_CONTRIBUTION = sql_with_params(CONTRIBUTION_SQL).format(
+    entity="entity", entity_id="entity_id", version="version"
+)
+# Mark confirmed rows, keep the newest published version of each entity and its bucket's digest
+# (digests.py: minus the entity's old contribution, plus its new one), and count them, in one
+# statement. The digests are what read models are verified against.
+MARK_SQL = f"""
 WITH marked AS (
     UPDATE messaging_outbox SET published_at = now()
-    WHERE id = ANY(%s) AND published_at IS NULL RETURNING 1
+    WHERE id = ANY(%s) AND published_at IS NULL RETURNING entity, entity_id, entity_version
+), latest AS (
+    SELECT DISTINCT ON (entity, entity_id) entity, entity_id, entity_version AS version
+    FROM marked ORDER BY entity, entity_id, entity_version DESC
+), prior AS (
+    SELECT p.entity, p.entity_id, p.contribution
+    FROM messaging_published p JOIN latest l USING (entity, entity_id)
+), upserted AS (
+    INSERT INTO messaging_published AS p (entity, entity_id, version, bucket, contribution)
+    SELECT entity, entity_id, version, {_BUCKET}, {_CONTRIBUTION} FROM latest
+    ON CONFLICT (entity, entity_id) DO UPDATE
+    SET version = EXCLUDED.version, contribution = EXCLUDED.contribution
+    WHERE p.version < EXCLUDED.version
+    RETURNING entity, entity_id, bucket, contribution
+), deltas AS (
+    SELECT u.entity, u.bucket, sum(u.contribution - coalesce(pr.contribution, 0)) AS delta,
+           count(*) FILTER (WHERE pr.entity IS NULL) AS added
+    FROM upserted u LEFT JOIN prior pr USING (entity, entity_id) GROUP BY u.entity, u.bucket
+), digested AS (
+    INSERT INTO messaging_digests AS d (entity, bucket, digest, entities)
+    SELECT entity, bucket, ((delta %% {MODULUS}) + {MODULUS}) %% {MODULUS}, added FROM deltas
+    ON CONFLICT (entity, bucket) DO UPDATE
+    SET digest = (d.digest + EXCLUDED.digest) %% {MODULUS},
+        entities = d.entities + EXCLUDED.entities
 )
 INSERT INTO messaging_relay_stats AS s (name, published, last_published_at)
 SELECT 'relay', count(*), now() FROM marked
@@ -560,7 +592,9 @@ class _Marker:
                             stopping = True
                             break
                         ids.extend(more)
-                    db.execute(MARK_SQL, (ids,))
+                    with db.transaction():  # one marker at a time: the digests add up
+                        db.execute("SELECT pg_advisory_xact_lock(%s)", (MARK_LOCK,))
+                        db.execute(MARK_SQL, (ids,))
                     self._post(lambda done=ids: self.done(done))
                     if stopping:
                         return

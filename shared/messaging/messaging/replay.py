@@ -27,6 +27,7 @@ import psycopg
 from pika.adapters.blocking_connection import BlockingConnection
 from pika.exceptions import ChannelClosedByBroker
 
+from . import digests
 from .connection import connect
 from .envelope import MAX_BODY_BYTES
 from .publisher import ConfirmedPublisher, Outgoing, event_properties, unpublishable
@@ -40,6 +41,7 @@ REQUEST_HEADER = "x-replay-request"  # the request a replayed event or completio
 # A request id is a name, not data: it becomes a message id and a header, which have limits.
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_QUEUE_NAME = 255  # AMQP's short string
+REPLY_QUEUE_PREFIX = "amq.gen-"  # the names the broker gives the queues it names
 # Deliveries of one request before the broker drops it: a request whose reader cannot even
 # decode it (a header value out of its client library's range) ends the reader's connection
 # before it can be acknowledged, and would otherwise come back forever.
@@ -74,6 +76,19 @@ ORDER BY id
 """
 
 
+# The newest published event of the entities of some buckets (a verification's repair): what
+# the producer's digests count (messaging_published), found through its index.
+BUCKETS_SQL = """
+SELECT o.body, o.event_id::text, o.event_type, o.correlation_id
+FROM messaging_published p
+JOIN unnest(%(entities)s::text[], %(buckets)s::int[]) AS w(entity, bucket)
+  ON p.entity = w.entity AND p.bucket = w.bucket
+JOIN messaging_outbox o
+  ON o.entity = p.entity AND o.entity_id = p.entity_id AND o.entity_version = p.version
+ORDER BY o.id
+"""
+
+
 def requests_queue(exchange: str) -> str:
     """The queue the producer takes replay requests from."""
     return f"{exchange}.replay-requests"
@@ -103,20 +118,30 @@ def declare_requests(conn: BlockingConnection, exchange: str) -> str:
     return queue
 
 
-# What a replay sends: the latest event of every entity (a latest-state model heals from it),
-# or every event the outbox still holds, in order (a model that accumulates rebuilds from it:
-# the outbox keeps each entity's older events for the relay's retention, 7 days by default).
-LATEST, HISTORY = "latest", "history"
-SCOPES = (LATEST, HISTORY)
+# What a request asks for: the latest event of every entity (a latest-state model heals from
+# it); every event the outbox still holds, in order (a model that accumulates rebuilds from it:
+# the outbox keeps each entity's older events for the relay's retention, 7 days by default); the
+# latest event of the entities of some buckets (a verification's repair); or no events, the
+# producer's digests (a verification, verification.py).
+LATEST, HISTORY, BUCKETS, DIGESTS = "latest", "history", "buckets", "digests"
+SCOPES = (LATEST, HISTORY, BUCKETS, DIGESTS)
+DIGESTS_TYPE = "messaging.digests"  # the producer's answer to a DIGESTS request
 
 
 @dataclass(frozen=True)
 class Request:
-    """A replay request: replay `scope` to `queue`, then complete `request_id`."""
+    """A replay request: `scope` to `queue`, then complete `request_id`."""
 
     queue: str
     request_id: str
     scope: str = LATEST
+    buckets: tuple[tuple[str, tuple[int, ...]], ...] = ()  # BUCKETS: (entity, buckets) pairs
+    reply_to: str | None = None  # DIGESTS: a queue the model's report goes to as well
+
+    @property
+    def key(self) -> tuple:
+        """Requests with the same key are answered by one replay."""
+        return (self.queue, self.scope, self.buckets)
 
 
 class NotARequest(ValueError):
@@ -143,14 +168,52 @@ def parse_request(body: bytes) -> Request:
     scope = request.get("scope", LATEST)
     if scope not in SCOPES:
         raise NotARequest(f"`scope` is not one of {', '.join(SCOPES)}")
-    return Request(queue, request_id, scope)
+    buckets = _buckets(request.get("buckets")) if scope == BUCKETS else ()
+    reply_to = request.get("reply_to")
+    if reply_to is not None and not (
+        isinstance(reply_to, str)
+        and reply_to.startswith(REPLY_QUEUE_PREFIX)
+        and len(reply_to.encode(errors="replace")) <= MAX_QUEUE_NAME
+    ):
+        # Only a queue the broker named for a client (exclusive to `messaging verify`): a
+        # request must not make a read model publish into any other queue.
+        raise NotARequest(f"`reply_to` is not a broker-named queue ({REPLY_QUEUE_PREFIX}...)")
+    return Request(queue, request_id, scope, buckets, reply_to)
+
+
+def _buckets(raw: object) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    if not isinstance(raw, dict) or not raw:
+        raise NotARequest("`buckets` is not an object of entity -> bucket numbers")
+    out = []
+    for entity, numbers in sorted(raw.items()):
+        if not (isinstance(entity, str) and isinstance(numbers, list) and numbers):
+            raise NotARequest("`buckets` is not an object of entity -> bucket numbers")
+        if not all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1024 for n in numbers
+        ):
+            raise NotARequest("a bucket number is not 0 to 1023")
+        out.append((entity, tuple(sorted(set(numbers)))))
+    return tuple(out)
 
 
 def request_replay(
-    amqp_url: str, exchange: str, queue: str, request_id: str, scope: str = LATEST
+    amqp_url: str,
+    exchange: str,
+    queue: str,
+    request_id: str,
+    scope: str = LATEST,
+    *,
+    buckets: dict[str, list[int]] | None = None,
+    reply_to: str | None = None,
 ) -> None:
-    """Ask the producer to replay to `queue` (confirmed): every entity's latest event, or with
-    `scope=HISTORY` every event the outbox still holds."""
+    """Ask the producer (confirmed) for `scope` to `queue`: every entity's latest event, every
+    event the outbox still holds (HISTORY), the latest events of some buckets (BUCKETS), or its
+    digests (DIGESTS)."""
+    body: dict[str, Any] = {"queue": queue, "request_id": request_id, "scope": scope}
+    if buckets is not None:
+        body["buckets"] = buckets
+    if reply_to is not None:
+        body["reply_to"] = reply_to
     conn = connect(amqp_url, "replay-request")
     try:
         target = declare_requests(conn, exchange)
@@ -159,7 +222,7 @@ def request_replay(
         channel.basic_publish(
             "",
             target,
-            json.dumps({"queue": queue, "request_id": request_id, "scope": scope}).encode(),
+            json.dumps(body).encode(),
             pika.BasicProperties(
                 type=REQUEST_TYPE,
                 message_id=request_id,
@@ -183,6 +246,7 @@ def replay(
     since: datetime | None = None,
     request_id: str | None = None,
     also_completes: Collection[str] = (),
+    buckets: Collection[tuple[str, Collection[int]]] = (),
 ) -> int:
     """Publish the producer's events to `queue` with confirms; return how many.
 
@@ -196,7 +260,13 @@ def replay(
     """
     if after_id is not None and since is not None:
         raise ValueError("replay after a position or since a time, not both")
-    if after_id is not None:
+    if buckets:
+        pairs = [(entity, b) for entity, numbers in buckets for b in numbers]
+        sql, params = (
+            BUCKETS_SQL,
+            {"entities": [e for e, _ in pairs], "buckets": [b for _, b in pairs]},
+        )
+    elif after_id is not None:
         sql, params = AFTER_SQL, {"after": after_id, "entity": entity}
     elif since is not None:
         sql, params = SINCE_SQL, {"since": since, "entity": entity}
@@ -229,6 +299,28 @@ def _publishable(rows: Iterable[tuple], queue: str, headers: dict[str, Any]) -> 
             log.error("replay skipped event %s: %s", event_id, why)
             continue
         yield message
+
+
+def send_digests(
+    database_url: str, amqp_url: str, queue: str, request_ids: list[str], reply_to: list[str]
+) -> None:
+    """Publish the producer's digests (outbox.digests) to a read model's queue, for these
+    verification requests (verification.py), confirmed."""
+    from . import outbox
+
+    with psycopg.connect(database_url) as db:
+        found = outbox.digests(db)
+    message = Outgoing(
+        queue,
+        digests.answer(found, request_ids, reply_to),
+        pika.BasicProperties(
+            type=DIGESTS_TYPE,
+            message_id=f"{request_ids[-1]}:digests",
+            content_type="application/json",
+            delivery_mode=pika.DeliveryMode.Persistent,
+        ),
+    )
+    ConfirmedPublisher(amqp_url, "", "messaging-verify").publish_all([message])
 
 
 def completion(queue: str, request_id: str, events: int) -> Outgoing:

@@ -5,6 +5,11 @@ queues of the consuming services). A request naming any other queue would get th
 whole state, so it is refused like a message that is not a request at all: acknowledged,
 logged once with its reason, counted in `refused`, never served or retried.
 
+What: the latest event of every entity, every event the outbox holds (HISTORY), the latest
+events of some buckets of entities (a verification's repair), or the producer's digests (a
+verification's question, answered at most once a second per target and not counted as a replay:
+one small table read).
+
 How often: at most one replay per target per `min_interval` seconds, counted from the end of
 the previous one. A request that arrives sooner waits, held unacknowledged (a server that stops
 leaves it to another), and is coalesced: every request waiting for a target when its next
@@ -34,9 +39,22 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from pika.exceptions import ChannelClosedByBroker
 
 from .connection import Backoff, StopFlag, connect
-from .replay import HISTORY, NotARequest, declare_requests, parse_request, replay
+from .replay import (
+    DIGESTS,
+    HISTORY,
+    NotARequest,
+    Request,
+    declare_requests,
+    parse_request,
+    replay,
+    send_digests,
+)
 
 log = logging.getLogger("messaging.replay")
+
+# Digests (a verification's question) are answered at most this often per target, replays or
+# not: many requests in the meantime get one answer.
+DIGESTS_MIN_INTERVAL = 1.0
 
 # Refusals, by kind (ReplayServer.refused).
 NOT_A_REQUEST, UNKNOWN_TARGET, MISSING_QUEUE = "not a request", "unknown target", "missing queue"
@@ -56,11 +74,16 @@ class Waiting:
 
     ids: dict[str, None] = field(default_factory=dict)  # in order of arrival, newest last
     tags: list[int] = field(default_factory=list)
+    request: Request | None = None  # the first: what they all ask for
+    reply_to: dict[str, None] = field(default_factory=dict)
 
-    def add(self, request_id: str, tag: int) -> None:
-        self.ids.pop(request_id, None)
-        self.ids[request_id] = None
+    def add(self, request: Request, tag: int) -> None:
+        self.request = self.request or request
+        self.ids.pop(request.request_id, None)
+        self.ids[request.request_id] = None
         self.tags.append(tag)
+        if request.reply_to:
+            self.reply_to[request.reply_to] = None
 
     @property
     def newest(self) -> str:
@@ -88,6 +111,7 @@ class ReplayServer:
         self.refused: Counter[str] = Counter()
         self._stop = StopFlag()
         self._ended: dict[str, float] = {}  # target: when its last replay ended (monotonic)
+        self._digests_at: dict[str, float] = {}  # target: when it last got the digests
         self._retry_at: dict[str, float] = {}  # target: not before (after a failed replay)
         self._failures: dict[str, Backoff] = {}
 
@@ -116,7 +140,7 @@ class ReplayServer:
             queue = declare_requests(conn, self.exchange)
             channel = conn.channel()
             channel.basic_qos(prefetch_count=self.prefetch)
-            waiting: dict[tuple[str, str], Waiting] = {}  # (target, scope): its requests
+            waiting: dict[tuple, Waiting] = {}  # Request.key: the requests one replay answers
             for method, _properties, body in channel.consume(queue, inactivity_timeout=0.5):
                 if self._stop.is_set():
                     return
@@ -136,7 +160,7 @@ class ReplayServer:
         channel: BlockingChannel,
         tag: int,
         body: bytes,
-        waiting: dict[tuple[str, str], Waiting],
+        waiting: dict[tuple, Waiting],
     ) -> None:
         """Hold a request for its target's next replay, or refuse it."""
         try:
@@ -150,8 +174,7 @@ class ReplayServer:
         except Exception as exc:  # judging must not fail: whatever did is the request's fault
             self._refuse(Refused(NOT_A_REQUEST, f"cannot read it: {_why(exc)}"), body)
         else:
-            key = (request.queue, request.scope)
-            waiting.setdefault(key, Waiting()).add(request.request_id, tag)
+            waiting.setdefault(request.key, Waiting()).add(request, tag)
             return
         channel.basic_ack(tag)
 
@@ -163,27 +186,30 @@ class ReplayServer:
         self,
         conn: BlockingConnection,
         channel: BlockingChannel,
-        waiting: dict[tuple[str, str], Waiting],
+        waiting: dict[tuple, Waiting],
     ) -> None:
         for key in list(waiting):
-            target, scope = key
-            if self._stop.is_set() or time.monotonic() < self._due_at(target):
+            target, scope = key[0], key[1]
+            if self._stop.is_set() or time.monotonic() < self._due_at(target, scope):
                 continue
             held = waiting.pop(key)
-            if not self._answer(conn, target, scope, held):
+            if not self._answer(conn, target, held):
                 waiting[key] = held  # held on to: tried again when due
                 continue
             for tag in held.tags:
                 channel.basic_ack(tag)
 
-    def _due_at(self, target: str) -> float:
-        after_last = self._ended.get(target, float("-inf")) + self.min_interval
-        return max(after_last, self._retry_at.get(target, float("-inf")))
+    def _due_at(self, target: str, scope: str) -> float:
+        if scope == DIGESTS:  # a cheap answer (one small table): not held up by replays
+            last, interval = self._digests_at.get(target, float("-inf")), DIGESTS_MIN_INTERVAL
+        else:
+            last, interval = self._ended.get(target, float("-inf")), self.min_interval
+        return max(last + interval, self._retry_at.get(target, float("-inf")))
 
-    def _answer(self, conn: BlockingConnection, target: str, scope: str, held: Waiting) -> bool:
+    def _answer(self, conn: BlockingConnection, target: str, held: Waiting) -> bool:
         """Replay once for every held request; True once they are answered or refused."""
         try:
-            events = self._replay(conn, target, scope, held)
+            events = self._replay(conn, target, held)
         except Refused as exc:
             for _ in held.tags:
                 self.refused[exc.kind] += 1
@@ -196,7 +222,11 @@ class ReplayServer:
             return False
         if events is None:
             return False  # stopped midway: the requests go back to the queue unanswered
-        self._ended[target] = time.monotonic()
+        assert held.request is not None
+        if held.request.scope == DIGESTS:
+            self._digests_at[target] = time.monotonic()
+        else:
+            self._ended[target] = time.monotonic()
         self._failures.pop(target, None)
         self.replays += 1
         self.served += len(held.ids)
@@ -205,9 +235,7 @@ class ReplayServer:
         )
         return True
 
-    def _replay(
-        self, conn: BlockingConnection, target: str, scope: str, held: Waiting
-    ) -> int | None:
+    def _replay(self, conn: BlockingConnection, target: str, held: Waiting) -> int | None:
         """The replay's event count; None if stop() came first."""
         probe = conn.channel()
         try:
@@ -225,13 +253,23 @@ class ReplayServer:
         # another server (or back to this one) before they are acknowledged.
         outcome: dict[str, Any] = {}
 
+        request = held.request
+        assert request is not None
+
         def work() -> None:
             try:
+                if request.scope == DIGESTS:
+                    send_digests(
+                        self.database_url, self.amqp_url, target, list(held.ids), [*held.reply_to]
+                    )
+                    outcome["events"] = 0
+                    return
                 outcome["events"] = replay(
                     self.database_url,
                     self.amqp_url,
                     target,
-                    after_id=0 if scope == HISTORY else None,  # every event, in order
+                    after_id=0 if request.scope == HISTORY else None,  # every event, in order
+                    buckets=request.buckets,
                     request_id=newest,
                     also_completes=others,
                 )

@@ -126,3 +126,44 @@ def consumer_metrics(snaps: Mapping[str, dict[str, Any]]) -> Iterator[Metric]:
     yield from (messages, connections, handler)
     if lag.samples:
         yield lag
+    yield from _verification_metrics(snaps)
+
+
+def _verification_metrics(snaps: Mapping[str, dict[str, Any]]) -> Iterator[Metric]:
+    """What each replica's verifications found (messaging.verification), if it verifies."""
+    verifying = {r: s for r, s in snaps.items() if "verifications" in s}
+    if not verifying:
+        return
+    divergent = GaugeMetricFamily(
+        "read_model_divergent_buckets",
+        "Buckets whose digest differed from the producer's at the replica's last check",
+        labels=["replica"],
+    )
+    unrepaired = GaugeMetricFamily(
+        "read_model_unrepaired_buckets",
+        "Of those, buckets that still differed after a repair replay",
+        labels=["replica"],
+    )
+    repairs = CounterMetricFamily(
+        "read_model_repairs",
+        "Repair replays asked for (a bucket that differed two checks in a row)",
+        labels=["replica"],
+    )
+    checks = CounterMetricFamily(
+        "read_model_verifications", "Verifications the replica made", labels=["replica"]
+    )
+    verified = GaugeMetricFamily(
+        "read_model_last_verified_seconds",
+        "When the replica last compared its model with the producer (epoch seconds)",
+        labels=["replica"],
+    )
+    for replica, snap in sorted(verifying.items()):
+        divergent.add_metric([replica], snap["divergent_buckets"])
+        unrepaired.add_metric([replica], snap.get("unrepaired_buckets", 0))
+        repairs.add_metric([replica], snap["repairs"])
+        checks.add_metric([replica], snap["verifications"])
+        if snap.get("last_verified_at"):
+            verified.add_metric([replica], snap["last_verified_at"])
+    yield from (divergent, unrepaired, repairs, checks)
+    if verified.samples:
+        yield verified

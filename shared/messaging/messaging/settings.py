@@ -21,6 +21,8 @@ class BrokerSettings(ServiceSettings):
     events_exchange: str
     retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS
     queue_group_size: int | None = None
+    # How often a read model compares itself with the producer (verification.py); 0: never.
+    verify_seconds: float = 60.0
 
     @field_validator("amqp_url")
     @classmethod
@@ -33,6 +35,13 @@ class BrokerSettings(ServiceSettings):
     def _positive(cls, value: tuple[float, ...]) -> tuple[float, ...]:
         if not value or any(delay <= 0 for delay in value):
             raise ValueError("RETRY_DELAYS must be a JSON list of positive seconds")
+        return value
+
+    @field_validator("verify_seconds")
+    @classmethod
+    def _period(cls, value: float) -> float:
+        if not value >= 0:  # NaN too
+            raise ValueError("VERIFY_SECONDS must be 0 (never) or a positive number of seconds")
         return value
 
     @field_validator("queue_group_size")

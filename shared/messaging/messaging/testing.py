@@ -1,4 +1,5 @@
-"""What tests of a read model need: an in-memory broker, waiting for effects, a generation store.
+"""What tests of a read model need: an in-memory broker, a producer answering its replay and
+verification requests, waiting for effects, a generation store.
 
 `InMemoryBus` replaces the broker only: the fanout, retry queues on a virtual clock (recording
 `x-death` the way RabbitMQ does when a retry queue's TTL expires) and dead queues. The consumer
@@ -19,12 +20,14 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+from . import digests
 from .consumer import Consumer
 from .envelope import Envelope
 from .errors import StoreUnavailable
 from .handlers import Handlers
 from .healing import READY, REBUILDING, Generation
 from .processing import Apply, ConsumerStats, Processor
+from .replay import BUCKETS, DIGESTS, DIGESTS_TYPE, HISTORY, LATEST
 from .retry import Decision
 from .topology import Topology
 
@@ -210,6 +213,64 @@ def _record_expiry(msg: Message, retry_queue: str) -> None:
     else:
         deaths.insert(0, {"queue": retry_queue, "reason": "expired", "count": 1})
     msg.headers["x-death"] = deaths
+
+
+class MemoryProducer:
+    """The producer's side of a consumer's replay and verification requests, for a queue of an
+    InMemoryBus: answered from the events it published (`events()`, in order), as the replay
+    server answers from the outbox. Give it to a consumer's verification:
+    `consumer.verification.request = MemoryProducer(bus, queue, lambda: published)`.
+    """
+
+    def __init__(self, bus: InMemoryBus, queue: str, events: Callable[[], list[Envelope]]):
+        self.bus, self.queue, self.events = bus, queue, events
+        self.asked: list[tuple[str, str]] = []  # (request id, scope), as they came
+
+    def latest(self) -> list[Envelope]:
+        found: dict[tuple[str, str], Envelope] = {}
+        for envelope in self.events():
+            key = (envelope.entity, envelope.entity_id)
+            if key not in found or found[key].entity_version < envelope.entity_version:
+                found[key] = envelope
+        return list(found.values())
+
+    def __call__(
+        self,
+        request_id: str,
+        scope: str = LATEST,
+        *,
+        buckets: dict[str, list[int]] | None = None,
+        reply_to: str | None = None,
+    ) -> None:
+        self.asked.append((request_id, scope))
+        if scope == DIGESTS:
+            found = digests.of_versions(
+                (e.entity, e.entity_id, e.entity_version) for e in self.latest()
+            )
+            body = digests.answer(found, [request_id], [reply_to] if reply_to else [])
+            self.bus.send(self.queue, Message(body, f"{request_id}:digests", DIGESTS_TYPE))
+            return
+        chosen = (
+            [
+                e
+                for e in self.latest()
+                if digests.bucket(e.entity, e.entity_id) in (buckets or {}).get(e.entity, ())
+            ]
+            if scope == BUCKETS
+            else self.events()
+            if scope == HISTORY
+            else self.latest()
+        )
+        for envelope in chosen:
+            self.bus.send(
+                self.queue,
+                Message(
+                    envelope.to_json(),
+                    str(envelope.event_id),
+                    envelope.event_type,
+                    envelope.correlation_id,
+                ),
+            )
 
 
 class MemoryGeneration:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -119,6 +120,14 @@ def test_a_look_keeps_only_the_bodies_asked_for(broker):
     assert json.loads(kept[0].body)["n"] == 3
 
 
+def settled_depth(broker, queue: str, expected: int, patience: float = 15.0) -> int:
+    """The queue's depth once it is `expected`, or the last seen after `patience` seconds."""
+    deadline = time.monotonic() + patience
+    while (depth := broker.depth(queue)) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling the broker's count: nothing to be notified of
+    return depth
+
+
 def test_chosen_ids_beyond_the_first_window_are_replayed_holding_at_most_the_window(broker):
     topology = declared(broker)
     fill(broker, topology, MANY)
@@ -129,7 +138,10 @@ def test_chosen_ids_beyond_the_first_window_are_replayed_holding_at_most_the_win
     assert watch.lowest >= MANY - WINDOW - len(chosen)  # held, or replayed and gone
     assert (outcome.done, outcome.missing, outcome.depth) == (3, ["nope"], MANY)
     assert outcome.scanned == MANY  # it looked at each once, then stopped
-    assert outcome.remaining == MANY - 3 == broker.depth(topology.dead_queue)
+    # A quorum queue takes back what a closed reader held a moment later: the count read at
+    # the end may miss up to a window of them, never more, and the queue does get them all.
+    assert MANY - 3 - WINDOW <= outcome.remaining <= MANY - 3
+    assert settled_depth(broker, topology.dead_queue, MANY - 3) == MANY - 3
     replayed = drained(broker, topology.queue)
     assert sorted(props.message_id for props, _ in replayed) == sorted(chosen)
     for props, _ in replayed:

@@ -1,0 +1,234 @@
+"""A read model that proves it is right: anti-entropy against the producer's digests.
+
+Every `every` seconds a replica of the model asks the producer, through the broker, for its
+digests (digests.py: one sum per entity type and bucket of entities, kept by the relay as it
+publishes). They arrive in the model's own queue, behind the events published before them, and
+the runtime hands them here: the model computes its digests from what it holds (so a key deleted
+by hand, a restored snapshot or a failover to a lagging replica all show) and compares. A bucket
+that differs in two checks in a row (not merely events in flight) is repaired: the producer
+replays the latest event of that bucket's entities to the model's queue, through its version
+gate. Nothing else is replayed.
+
+What a model's store offers (`VerifiedStore`): its digests computed from what it holds, the
+versions it holds in some buckets (for an operator's report), and where the last check's
+divergence is kept (so replicas that take turns agree on "two in a row").
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pika
+
+from . import digests
+from .connection import connect
+from .digests import Digests
+from .replay import BUCKETS, DIGESTS, DIGESTS_TYPE, REPLY_QUEUE_PREFIX, request_replay
+
+if TYPE_CHECKING:
+    from .settings import BrokerSettings
+
+log = logging.getLogger("messaging.verification")
+
+REPORT_TYPE = "messaging.verification-report"
+MAX_HELD_REPORTED = 20_000  # versions a report to `messaging verify` lists at most
+
+
+class VerifiedStore(Protocol):
+    def digests(self, entities: Collection[str]) -> Digests:
+        """Per entity type and bucket, the digest of what the store holds (computed from it)."""
+        ...
+
+    def held_versions(self, entity: str, buckets: list[int]) -> dict[str, int]:
+        """entity id -> the version held, for the entities of these buckets."""
+        ...
+
+    def last_divergence(self) -> Streaks:
+        """What `record_divergence` kept last (empty if nothing differs or it never ran)."""
+        ...
+
+    def record_divergence(self, streaks: Streaks) -> None:
+        """Keep, for the next check (of whichever replica), the checks in a row each differing
+        bucket has differed."""
+        ...
+
+
+# entity type -> bucket (a string: JSON's keys) -> checks in a row it has differed
+Streaks = dict[str, dict[str, int]]
+
+
+def repairs_at(streak: int) -> bool:
+    """Whether a bucket that has differed `streak` checks in a row is repaired now: at the
+    second (not merely events in flight), then ever more rarely (4th, 8th, ... then every 64th
+    check) while a repair does not mend it: a bucket whose events the model refuses (dead
+    letters) is not replayed into the dead queue every other minute."""
+    return streak >= 2 and (streak & (streak - 1) == 0 or streak % 64 == 0)
+
+
+@dataclass
+class VerificationStats:
+    checks: int = 0
+    divergent_buckets: int = 0  # what the last check this replica made found
+    unrepaired_buckets: int = 0  # of those, how many still differed after a repair
+    repairs: int = 0  # repair replays this replica asked for
+    last_checked_at: float | None = None  # epoch seconds
+    last_repaired: dict[str, list[int]] = field(default_factory=dict)
+
+
+class Verification:
+    """Verify a read model against its producer on a schedule (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: VerifiedStore,
+        amqp_url: str,
+        exchange: str,
+        queue: str,
+        entities: Collection[str],
+        every: float = 60.0,
+    ) -> None:
+        self.store, self.amqp_url, self.exchange, self.queue = store, amqp_url, exchange, queue
+        self.entities = sorted(entities)
+        self.every = every
+        self.stats = VerificationStats()
+        self._asked_at = float("-inf")
+        # How a request reaches the producer: (request_id, scope, buckets=, reply_to=). Through
+        # the broker; a test's producer of its own may answer instead.
+        self.request: Callable[..., None] = functools.partial(
+            request_replay, amqp_url, exchange, queue
+        )
+
+    @classmethod
+    def scheduled(
+        cls, settings: BrokerSettings, store: VerifiedStore, queue: str, entities: Collection[str]
+    ) -> Verification | None:
+        """The verification a process's settings ask for (every VERIFY_SECONDS), or None when
+        VERIFY_SECONDS is 0."""
+        if not settings.verify_seconds:
+            return None
+        return cls(
+            store,
+            settings.amqp_url,
+            settings.events_exchange,
+            queue,
+            entities,
+            every=settings.verify_seconds,
+        )
+
+    def due(self) -> bool:
+        return time.monotonic() - self._asked_at >= self.every
+
+    def ask(self, reply_to: str | None = None) -> str:
+        """Ask the producer for its digests now; returns the request's id."""
+        self._asked_at = time.monotonic()
+        request_id = f"verify-{uuid.uuid4()}"
+        self.request(request_id, DIGESTS, reply_to=reply_to)
+        return request_id
+
+    def received(self, body: bytes) -> None:
+        """The producer's digests arrived (in the model's queue, behind the events published
+        before them): compare, repair, report."""
+        answer = json.loads(body)
+        if not isinstance(answer, dict):
+            raise ValueError("the digests message is not an object")
+        producer = digests.decode(answer.get("digests"))
+        reply_to = [
+            q
+            for q in answer.get("reply_to") or []
+            if isinstance(q, str) and q.startswith(REPLY_QUEUE_PREFIX)  # only broker-named
+        ]
+        model = self.store.digests(self.entities)
+        divergent = digests.differing(producer, model, self.entities)
+        before = _streaks(self.store.last_divergence())
+        streaks = {
+            entity: {str(b): before.get(entity, {}).get(str(b), 0) + 1 for b in buckets}
+            for entity, buckets in divergent.items()
+        }
+        self.store.record_divergence(streaks)
+        due = {
+            entity: sorted(int(b) for b, streak in found.items() if repairs_at(streak))
+            for entity, found in streaks.items()
+        }
+        due = {entity: buckets for entity, buckets in due.items() if buckets}
+        self.stats.checks += 1
+        self.stats.divergent_buckets = sum(len(b) for b in divergent.values())
+        self.stats.unrepaired_buckets = sum(
+            streak > 2 for found in streaks.values() for streak in found.values()
+        )
+        self.stats.last_checked_at = time.time()
+        if due:
+            self._repair(due)
+        elif divergent:
+            log.info("%s: %d bucket(s) differ; looking again before repairing", self.queue,
+                     self.stats.divergent_buckets)  # fmt: skip
+        for queue in reply_to:
+            self._report(queue, divergent)
+
+    def _repair(self, buckets: dict[str, list[int]]) -> None:
+        count = sum(len(b) for b in buckets.values())
+        log.warning(
+            "%s: %d bucket(s) differ from the producer twice in a row: replaying them (%s)",
+            self.queue,
+            count,
+            ", ".join(f"{entity}: {len(b)}" for entity, b in buckets.items()),
+        )
+        self.request(f"repair-{uuid.uuid4()}", BUCKETS, buckets=buckets)
+        self.stats.repairs += 1
+        self.stats.last_repaired = buckets
+
+    def _report(self, queue: str, divergent: dict[str, list[int]]) -> None:
+        """What differs, from the model's side, to an operator's reply queue (messaging verify):
+        the differing buckets and the versions held in them (at most MAX_HELD_REPORTED)."""
+        held: dict[str, dict[str, int]] = {}
+        room = MAX_HELD_REPORTED
+        for entity, buckets in divergent.items():
+            versions = sorted(self.store.held_versions(entity, buckets).items())
+            held[entity] = dict(versions[: max(room, 0)])
+            room -= len(versions)
+        body = {"queue": self.queue, "divergent": divergent, "held": held, "complete": room >= 0}
+        try:
+            conn = connect(self.amqp_url, "verification-report")
+            try:
+                conn.channel().basic_publish(
+                    "",
+                    queue,
+                    json.dumps(body).encode(),
+                    pika.BasicProperties(type=REPORT_TYPE, content_type="application/json"),
+                )
+            finally:
+                if conn.is_open:
+                    conn.close()
+        except Exception as exc:  # the operator's command waits in vain; the check stands
+            log.warning("could not send the verification report to %s: %s", queue, exc)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a replica reports (its beacon, /metrics)."""
+        return {
+            "checks": self.stats.checks,
+            "divergent_buckets": self.stats.divergent_buckets,
+            "unrepaired_buckets": self.stats.unrepaired_buckets,
+            "repairs": self.stats.repairs,
+            "last_checked_at": self.stats.last_checked_at,
+        }
+
+
+def _streaks(raw: object) -> Streaks:
+    """What a store kept, read defensively (a hand-edited or older record counts as none)."""
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        entity: {b: n for b, n in found.items() if isinstance(n, int)}
+        for entity, found in raw.items()
+        if isinstance(found, dict)
+    }
+
+
+def is_digests(properties: Any) -> bool:
+    return getattr(properties, "type", None) == DIGESTS_TYPE

@@ -1,0 +1,274 @@
+"""Verification (messaging.verification): a read model that lost part of its store finds it by
+comparing digests with the producer's, through the broker, and repairs only what differs;
+`messaging verify` shows it."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Collection
+
+import pika
+import psycopg
+import pytest
+from messaging import Consumer, ConsumerSettings, Envelope, Outbox, Relay, RelaySettings, digests
+from messaging.cli import main
+from messaging.errors import PermanentError
+from messaging.replay import BUCKETS, DIGESTS, parse_request, requests_queue
+from messaging.replay_server import ReplayServer
+from messaging.testing import running, wait_until
+from messaging.verification import Verification, repairs_at
+
+pytestmark = pytest.mark.integration
+
+
+class Versions:
+    """A read model of entity versions in memory that verifies itself (a VerifiedStore)."""
+
+    def __init__(self, refuse: Collection[str] = ()) -> None:
+        self.held: dict[tuple[str, str], int] = {}
+        self.streaks: dict = {}
+        self.refuse = set(refuse)
+        self.lock = threading.Lock()
+        self.applied = 0
+
+    def handle(self, envelope: Envelope) -> None:
+        if envelope.entity_id in self.refuse:
+            raise PermanentError(f"{envelope.entity_id} is refused here")
+        key = (envelope.entity, envelope.entity_id)
+        with self.lock:
+            if self.held.get(key, 0) < envelope.entity_version:
+                self.held[key] = envelope.entity_version
+            self.applied += 1
+
+    def digests(self, entities: Collection[str]) -> digests.Digests:
+        with self.lock:
+            return digests.of_versions(
+                (entity, entity_id, version)
+                for (entity, entity_id), version in self.held.items()
+                if entity in entities
+            )
+
+    def held_versions(self, entity: str, buckets: list[int]) -> dict[str, int]:
+        with self.lock:
+            return {
+                entity_id: version
+                for (kind, entity_id), version in self.held.items()
+                if kind == entity and digests.bucket(kind, entity_id) in buckets
+            }
+
+    def last_divergence(self) -> dict:
+        return self.streaks
+
+    def record_divergence(self, streaks: dict) -> None:
+        self.streaks = streaks
+
+    def lose(self, *entity_ids: str) -> None:
+        with self.lock:
+            for entity_id in entity_ids:
+                del self.held[("thing", entity_id)]
+
+
+def write(db: str, *entity_ids: str) -> None:
+    outbox = Outbox("test")
+    with psycopg.connect(db) as conn, conn.transaction(), conn.cursor() as cur:
+        for entity_id in entity_ids:
+            outbox.add(cur, event_type="thing.updated", entity_id=entity_id, data={})
+
+
+def published(db: str) -> dict[tuple[str, str], int]:
+    with psycopg.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT entity, entity_id, max(entity_version) FROM messaging_outbox "
+            "WHERE published_at IS NOT NULL GROUP BY 1, 2"
+        ).fetchall()
+    return {(entity, entity_id): version for entity, entity_id, version in rows}
+
+
+class Pipeline:
+    """Outbox -> relay -> broker -> a consumer of `model`, which verifies itself every
+    `every` seconds against the producer's replay server."""
+
+    def __init__(self, db: str, broker, model: Versions, every: float) -> None:
+        self.db, self.broker, self.model = db, broker, model
+        topology = broker.topology("verified")
+        self.queue = topology.queue
+        self.verification = Verification(
+            model, broker.amqp_url, broker.exchange, topology.queue, ["thing"], every=every
+        )
+        settings = ConsumerSettings(broker.amqp_url, topology, heal_every=0.1)
+        self.consumer = Consumer(settings, model.handle, verification=self.verification)
+        self.relay = Relay(
+            RelaySettings(
+                database_url=db,
+                amqp_url=broker.amqp_url,
+                exchange=broker.exchange,
+                poll_interval=0.2,
+            )
+        )
+        self.server = ReplayServer(
+            db, broker.amqp_url, broker.exchange, [topology.queue], min_interval=0.0
+        )
+
+    def __enter__(self) -> Pipeline:
+        conn = pika.BlockingConnection(pika.URLParameters(self.broker.amqp_url))
+        self.consumer.topology.declare(conn)  # before the relay publishes
+        conn.close()
+        self._running = [running(self.consumer), running(self.relay), running(self.server)]
+        for component in self._running:
+            component.__enter__()
+        wait_until(self.consumer.attached.is_set, what="the consumer attached")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for component in reversed(self._running):
+            component.__exit__(*exc)
+
+    def converged(self) -> bool:
+        return self.model.held == published(self.db) and bool(self.model.held)
+
+
+def test_a_model_that_lost_entities_gets_them_back_and_nothing_else_is_replayed(
+    producer_db, broker
+):
+    model = Versions()
+    ids = [f"t{n}" for n in range(200)]
+    write(producer_db, *ids)
+    write(producer_db, *ids[:50])  # some at version 2
+    with Pipeline(producer_db, broker, model, every=0.3) as pipeline:
+        wait_until(pipeline.converged, timeout=30, what="the model caught up")
+        checks = pipeline.verification.stats.checks
+        wait_until(lambda: pipeline.verification.stats.checks >= checks + 2, what="two checks")
+        assert pipeline.verification.stats.repairs == 0  # nothing differs: nothing repaired
+        applied = model.applied
+
+        lost = ["t3", "t7", "t120"]
+        model.lose(*lost)
+        with model.lock:
+            model.held[("thing", "t9")] = 1  # an older version: a failover to a lagging replica
+        wait_until(pipeline.converged, timeout=30, what="the lost entities back")
+
+    stats = pipeline.verification.stats
+    assert stats.repairs >= 1
+    buckets = {digests.bucket("thing", i) for i in [*lost, "t9"]}
+    in_them = [i for i in ids if digests.bucket("thing", i) in buckets]
+    # only the differing buckets' latest events were replayed (once per repair at most)
+    assert len(in_them) <= model.applied - applied <= len(in_them) * stats.repairs
+    assert pipeline.consumer.stats.dead_lettered == 0
+
+
+def test_messaging_verify_prints_what_differs_then_that_nothing_does(
+    producer_db, broker, monkeypatch, capsys
+):
+    model = Versions()
+    write(producer_db, "a", "b", "c", "d")
+    write(producer_db, "b")
+    monkeypatch.setenv("AMQP_URL", broker.amqp_url)
+    monkeypatch.setenv("EVENTS_EXCHANGE", broker.exchange)
+    monkeypatch.setenv("DATABASE_URL", producer_db)
+    # checks only when asked (the first scheduled one, at start, aside)
+    with Pipeline(producer_db, broker, model, every=3600) as pipeline:
+        wait_until(pipeline.converged, timeout=30, what="the model caught up")
+        assert main(["verify", pipeline.queue, "--timeout", "30"]) == 0
+        assert "matches the producer" in capsys.readouterr().out
+
+        model.lose("b", "d")
+        assert main(["verify", pipeline.queue, "--timeout", "30"]) == 1
+        out = capsys.readouterr().out
+        assert "b: published v2, held -" in out and "d: published v1, held -" in out
+        assert "a: " not in out and "c: " not in out  # only what differs
+        for entity_id in ("b", "d"):
+            assert str(digests.bucket("thing", entity_id)) in out
+        assert not pipeline.converged()  # one check: not repaired yet
+
+        assert main(["verify", pipeline.queue, "--timeout", "30"]) == 1  # the second repairs
+        capsys.readouterr()
+        wait_until(pipeline.converged, timeout=30, what="the repair")
+        assert main(["verify", pipeline.queue, "--timeout", "30"]) == 0
+        assert "matches the producer" in capsys.readouterr().out
+
+
+def test_messaging_verify_says_so_when_no_consumer_answers(broker, monkeypatch, capsys):
+    topology = broker.topology("unattended")
+    conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
+    topology.declare(conn)
+    conn.close()
+    monkeypatch.setenv("AMQP_URL", broker.amqp_url)
+    monkeypatch.setenv("EVENTS_EXCHANGE", broker.exchange)
+    assert main(["verify", topology.queue, "--timeout", "0.5"]) == 2
+    assert "no report" in capsys.readouterr().err
+    assert main(["verify", "no-such-queue", "--timeout", "0.5"]) == 2
+
+
+def requests_sent(broker) -> list[dict]:
+    conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
+    try:
+        channel = conn.channel()
+        found = []
+        while True:
+            method, _, body = channel.basic_get(requests_queue(broker.exchange), auto_ack=True)
+            if method is None:
+                return found
+            found.append(json.loads(body))
+    finally:
+        conn.close()
+
+
+def test_a_bucket_a_repair_does_not_mend_is_repaired_ever_more_rarely_and_reported(broker):
+    """A model that refuses an entity's events (they are dead-lettered) differs after every
+    repair: repairs at the 2nd, 4th, 8th... check, so the dead queue does not fill with copies,
+    and the metric of unrepaired buckets says so."""
+    model = Versions()
+    verification = Verification(model, broker.amqp_url, broker.exchange, "model.q", ["thing"])
+    producer = digests.answer(digests.of_versions([("thing", "x", 3)]), ["r"], [])
+    asked_at = []
+    for check in range(1, 17):
+        verification.received(producer)
+        if verification.stats.repairs > len(asked_at):
+            asked_at.append(check)
+    assert asked_at == [2, 4, 8, 16]
+    assert [n for n in range(1, 200) if repairs_at(n)][:8] == [2, 4, 8, 16, 32, 64, 128, 192]
+    assert verification.stats.unrepaired_buckets == 1
+    requests = [parse_request(json.dumps(r).encode()) for r in requests_sent(broker)]
+    assert [(r.scope, r.buckets) for r in requests] == [
+        (BUCKETS, (("thing", (digests.bucket("thing", "x"),)),))
+    ] * 4
+
+    model.held[("thing", "x")] = 3  # mended: the streak ends
+    verification.received(producer)
+    assert verification.stats.divergent_buckets == verification.stats.unrepaired_buckets == 0
+    assert model.streaks == {}
+
+
+def test_digests_from_the_producer_that_are_not_digests_are_dead_lettered(broker):
+    """A digests message that does not decode (hand-made, or a producer of another version) is
+    the message's fault: dead with its reason, and the queue flows."""
+    model = Versions()
+    topology = broker.topology("garbled")
+    verification = Verification(
+        model, broker.amqp_url, broker.exchange, topology.queue, ["thing"], every=3600
+    )
+    consumer = Consumer(
+        ConsumerSettings(broker.amqp_url, topology), model.handle, verification=verification
+    )
+    conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
+    topology.declare(conn)
+    channel = conn.channel()
+    for body in (b"not json", b"[]", b'{"digests": {"thing": [[99999, 1, 1]]}}'):
+        channel.basic_publish(
+            "", topology.queue, body, pika.BasicProperties(type="messaging.digests")
+        )
+    conn.close()
+    with running(consumer):
+        wait_until(lambda: consumer.stats.dead_lettered == 3, what="three dead")
+    assert broker.depth(topology.dead_queue) == 3
+    assert verification.stats.checks == 0 and model.streaks == {}
+
+
+def test_a_request_for_digests_must_name_a_broker_named_reply_queue():
+    for reply_to in ("score.entity-changes", "", 5):
+        body = {"queue": "q", "request_id": "r", "scope": DIGESTS, "reply_to": reply_to}
+        with pytest.raises(ValueError, match="reply_to"):
+            parse_request(json.dumps(body).encode())
+    body = {"queue": "q", "request_id": "r", "scope": DIGESTS, "reply_to": "amq.gen-x1"}
+    assert parse_request(json.dumps(body).encode()).reply_to == "amq.gen-x1"
