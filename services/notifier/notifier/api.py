@@ -8,16 +8,8 @@ from typing import Any
 from flask import Blueprint, Response, current_app, request
 from pydantic import BaseModel, Field
 from servicekit.auth import requires
-from servicekit.web import (
-    Invalid,
-    IsoDateTime,
-    OpenApi,
-    Problem,
-    body,
-    path_parameter,
-    problem,
-    query_int,
-)
+from servicekit.errors import Invalid, Problem, problem
+from servicekit.web import IsoDateTime, OpenApi, body, path_parameter, query_int
 
 from .store import NotifierStore
 

@@ -9,19 +9,11 @@ import uuid
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
+from servicekit.access import principal
 from servicekit.auth import public, requires
-from servicekit.web import (
-    Invalid,
-    OpenApi,
-    Problem,
-    body,
-    correlation_id,
-    json_object,
-    path_parameter,
-    principal,
-    problem,
-    query_int,
-)
+from servicekit.correlation import correlation_id
+from servicekit.errors import Invalid, Problem, problem
+from servicekit.web import OpenApi, body, json_object, path_parameter, query_int
 from servicekit.web import validate as validated
 
 from .activation import Tokens
@@ -320,7 +312,7 @@ def _page(status: int, title: str, text: str) -> Response:
     return Response(body, status=status, content_type="text/html; charset=utf-8")
 
 
-def install_error_mapping(app: Flask) -> None:
+def init_app(app: Flask) -> None:
     """The one table from domain errors to HTTP answers."""
 
     @app.errorhandler(NotFound)

@@ -13,7 +13,8 @@ from messaging.connection import Backoff
 from messaging.healing import REBUILDING, STALE_WIPE_SECONDS, WIPING
 from pydantic import BaseModel, Field
 from servicekit.auth import requires
-from servicekit.web import OpenApi, Problem, body, path_parameter, problem
+from servicekit.errors import Problem, problem
+from servicekit.web import OpenApi, body, path_parameter
 
 from .store import ScoreStore, StaleWipe
 

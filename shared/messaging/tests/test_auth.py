@@ -7,7 +7,7 @@ import json
 import pytest
 from flask import Blueprint, Flask
 from prometheus_client import CollectorRegistry
-from servicekit import web
+from servicekit import access, docs, errors, health, metrics, web
 from servicekit.auth import ApiKeys, digest, new_key, public, requires
 
 pytestmark = pytest.mark.unit
@@ -23,7 +23,7 @@ def app_with(keys: ApiKeys | None, undeclared: bool = False) -> Flask:
     @bp.get("/things")
     @requires("thing:read")
     def things():
-        return {"things": [], "who": web.principal().key_digest}
+        return {"things": [], "who": access.principal().key_digest}
 
     @bp.post("/things")
     @requires("thing:write")
@@ -44,14 +44,12 @@ def app_with(keys: ApiKeys | None, undeclared: bool = False) -> Flask:
     app.register_blueprint(bp)
     api = web.OpenApi("t")
     api.route("GET", "/things", "list", responses={200: None})
-    web.install(
-        app,
-        service="t",
-        readiness={},
-        openapi=api.document(),
-        registry=CollectorRegistry(),
-        api_keys=keys,
-    )
+    registry = CollectorRegistry()
+    metrics.init_app(app, registry)
+    access.init_app(app, "t", keys)
+    errors.init_app(app)
+    health.init_app(app, "t", {}, registry)
+    docs.init_app(app, "t", api.document())
     return app
 
 
