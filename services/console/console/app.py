@@ -385,7 +385,7 @@ def create_app(config: ConsoleConfig | None = None) -> Flask:
     errors.init_app(app)
     health.init_app(app, "console", readiness, registry)
     tracing.init_app(app, "console")
-    docs.init_app(app, "console", web.OpenApi("console").document(), page=False)  # pages at /
+    docs.init_app(app, page=False)  # the console's own pages are at its root
 
     @app.errorhandler(401)
     def _unauthorized(_exc: Exception) -> Response:

@@ -53,9 +53,7 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
     registry = CollectorRegistry()
     registry.register(ScrapeCollector(lambda: reports(HEARTBEAT), consumer_metrics))
     registry.register(ScrapeCollector(store.delivery_counts, _email_metrics))
-    openapi = web.OpenApi("notifier")
-    api.describe(openapi)
-    app.register_blueprint(api.bp)
+    app.register_api(api.bp)
     readiness = {
         "database": store.write_probe,
         "broker": BrokerProbe(config.amqp_url),
@@ -70,7 +68,7 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
     errors.init_app(app, unavailable=(psycopg.OperationalError, PoolTimeout))
     health.init_app(app, "notifier", readiness, registry)
     tracing.init_app(app, "notifier")
-    docs.init_app(app, "notifier", openapi.document())
+    docs.init_app(app)  # last: it documents every route
     return app
 
 

@@ -52,9 +52,7 @@ def create_app(config: PersonConfig | None = None, store: Store | None = None) -
     registry = CollectorRegistry()
     registry.register(ScrapeCollector(store.outbox_backlog, _backlog_metrics))
     registry.register(ScrapeCollector(store.outbox_published, _published_metrics))
-    openapi = web.OpenApi("person")
-    api.describe(openapi)
-    app.register_blueprint(api.bp)
+    app.register_api(api.bp)
     readiness = {"database": store.ping, "broker": BrokerProbe(config.amqp_url)}
     correlation.init_app(app)
     metrics.init_app(app, registry)
@@ -63,7 +61,7 @@ def create_app(config: PersonConfig | None = None, store: Store | None = None) -
     api.init_app(app)
     health.init_app(app, "person", readiness, registry)
     tracing.init_app(app, "person")
-    docs.init_app(app, "person", openapi.document())
+    docs.init_app(app)  # last: it documents every route
     return app
 
 

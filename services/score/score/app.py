@@ -37,9 +37,7 @@ def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = Non
 
     registry = CollectorRegistry()
     registry.register(ScrapeCollector(consumer_stats, consumer_metrics))
-    openapi = web.OpenApi("score")
-    api.describe(openapi)
-    app.register_blueprint(api.bp)
+    app.register_api(api.bp)
     readiness = {
         "redis": store.write_probe,
         "broker": BrokerProbe(config.amqp_url),
@@ -51,5 +49,5 @@ def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = Non
     errors.init_app(app, unavailable=(redis.ConnectionError, redis.TimeoutError))
     health.init_app(app, "score", readiness, registry)
     tracing.init_app(app, "score")
-    docs.init_app(app, "score", openapi.document())
+    docs.init_app(app)  # last: it documents every route
     return app

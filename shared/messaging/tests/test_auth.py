@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from flask import Blueprint, Flask
+from flask import Flask
+from flask_openapi3 import APIBlueprint
 from prometheus_client import CollectorRegistry
 from servicekit import access, docs, errors, health, metrics, web
 from servicekit.auth import ApiKeys, digest, new_key, public, requires
@@ -17,12 +18,13 @@ KEYS = ApiKeys.parse(json.dumps({digest(READER): ["thing:read"], digest(WRITER):
 
 
 def app_with(keys: ApiKeys | None, undeclared: bool = False) -> Flask:
-    app = Flask("t")
-    bp = Blueprint("things", __name__)
+    app = web.new_app("t")
+    bp = APIBlueprint("things", __name__)
 
-    @bp.get("/things")
+    @bp.get("/things", responses={200: None})
     @requires("thing:read")
     def things():
+        """list"""
         return {"things": [], "who": access.principal().key_digest}
 
     @bp.post("/things")
@@ -41,15 +43,13 @@ def app_with(keys: ApiKeys | None, undeclared: bool = False) -> Flask:
         def forgotten():
             return {}
 
-    app.register_blueprint(bp)
-    api = web.OpenApi("t")
-    api.route("GET", "/things", "list", responses={200: None})
+    app.register_api(bp)
     registry = CollectorRegistry()
     metrics.init_app(app, registry)
     access.init_app(app, "t", keys)
     errors.init_app(app)
     health.init_app(app, "t", {}, registry)
-    docs.init_app(app, "t", api.document())
+    docs.init_app(app)
     return app
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, jsonify
+from flask import Response, current_app, jsonify
+from flask_openapi3 import APIBlueprint, OpenAPI, Tag
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel
@@ -27,11 +28,11 @@ class Readiness(BaseModel):
     checks: dict[str, str]
 
 
-def init_app(app: Flask, service: str, readiness: Checks, registry: CollectorRegistry) -> None:
+def init_app(app: OpenAPI, service: str, readiness: Checks, registry: CollectorRegistry) -> None:
     """Each readiness check returns when ready and raises why not (NotReady, Rebuilding)."""
     app.extensions["servicekit.health"] = (service, readiness)
     registry.register(_ReadinessCollector(readiness))
-    app.register_blueprint(_routes())
+    app.register_api(_routes())
 
 
 def ready(readiness: Checks) -> Readiness:
@@ -52,18 +53,20 @@ def ready(readiness: Checks) -> Readiness:
     return Readiness(status=status, checks=checks)
 
 
-def _routes() -> Blueprint:
-    routes = Blueprint("health", __name__)
+def _routes() -> APIBlueprint:
+    routes = APIBlueprint("health", __name__, abp_tags=[Tag(name="service")])
 
-    @routes.get("/health")
+    @routes.get("/health", responses={200: Health})
     @public
     def health() -> Response:
+        """The process is up"""
         service, _ = current_app.extensions["servicekit.health"]
         return jsonify(Health(status="ok", service=service).model_dump())
 
-    @routes.get("/ready")
+    @routes.get("/ready", responses={200: Readiness, 503: Readiness})
     @public
     def readiness() -> Response:
+        """Stores and broker reachable, consumers attached and making progress"""
         _, checks = current_app.extensions["servicekit.health"]
         found = ready(checks)
         response = jsonify(found.model_dump())

@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, g, request
+from flask import Response, current_app, g, request
+from flask_openapi3 import APIBlueprint, OpenAPI, Tag
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -19,15 +20,16 @@ from prometheus_client import (
 from prometheus_client.core import Metric
 
 from .auth import requires
+from .web import content
 
 
-def init_app(app: Flask, registry: CollectorRegistry) -> None:
+def init_app(app: OpenAPI, registry: CollectorRegistry) -> None:
     """Measure every request and serve the registry at /metrics (the `metrics` scope). Call it
     before access.init_app, so that refused requests are measured too."""
     app.extensions["servicekit.metrics"] = _RequestMetrics(registry)
     app.before_request(_start)
     app.after_request(_finish)
-    app.register_blueprint(_routes())
+    app.register_api(_routes())
 
 
 class _RequestMetrics:
@@ -59,12 +61,13 @@ def _finish(response: Response) -> Response:
     return response
 
 
-def _routes() -> Blueprint:
-    routes = Blueprint("metrics", __name__)
+def _routes() -> APIBlueprint:
+    routes = APIBlueprint("metrics", __name__, abp_tags=[Tag(name="service")])
 
-    @routes.get("/metrics")
+    @routes.get("/metrics", responses={200: content(CONTENT_TYPE_LATEST, "Prometheus metrics")})
     @requires("metrics")
     def metrics() -> Response:
+        """Prometheus metrics"""
         registry = current_app.extensions["servicekit.metrics"].registry
         return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
