@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from flask import Flask
@@ -90,6 +91,16 @@ def test_public_and_standard_routes_need_no_key_but_metrics_does():
     assert client.get("/metrics").status_code == 401
 
 
+def test_the_documentation_page_and_its_assets_need_no_key():
+    client = app_with(KEYS).test_client()
+    page = client.get("/")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.get_data(as_text=True))
+    assert "/swagger/js/swagger-ui-bundle.js" in assets
+    for asset in assets:
+        assert client.get(asset).status_code == 200, asset
+
+
 def test_without_api_keys_every_route_is_open():
     client = app_with(None).test_client()
     assert client.post("/things").status_code == 201
@@ -107,6 +118,13 @@ def test_the_openapi_document_shows_each_routes_requirement():
     assert "401" in document["paths"]["/things"]["get"]["responses"]
     assert document["paths"]["/health"]["get"]["security"] == []
     assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+
+
+def test_the_document_promises_a_422_only_where_a_route_declares_one():
+    # flask-openapi3 would give every operation an array-of-errors 422 of its own.
+    document = app_with(KEYS).test_client().get("/openapi.json").get_json()
+    operations = [op for item in document["paths"].values() for op in item.values()]
+    assert not any("422" in op["responses"] for op in operations)
 
 
 @pytest.mark.parametrize(
