@@ -42,7 +42,7 @@ def test_the_scrape_configurations_are_valid(config, tmp_path):
 def test_the_rules_use_metrics_the_services_export():
     from messaging.replicas import consumer_metrics
     from prometheus_client import CollectorRegistry, generate_latest
-    from servicekit import web
+    from servicekit import health
 
     exported = set()
     snapshot = {
@@ -57,7 +57,7 @@ def test_the_rules_use_metrics_the_services_export():
     }
     exported |= {family.name for family in consumer_metrics({"host:1": snapshot})}
     registry = CollectorRegistry()
-    registry.register(web._ReadinessCollector({"consumer": lambda: None}))
+    registry.register(health._ReadinessCollector({"consumer": lambda: None}))
     exported |= set(re.findall(r"^(\w+)\{", generate_latest(registry).decode(), re.MULTILINE))
     exported |= {
         "outbox_backlog",

@@ -25,6 +25,7 @@ from notifier.config import NotifierConfig
 from notifier.consumer import UserView, composer_for
 from notifier.migrate import migrate_database as migrate_notifier
 from notifier.store import NotifierStore
+from person.api import NDJSON
 from person.app import create_app as person_app
 from person.config import PersonConfig
 from person.migrate import migrate_database as migrate_person
@@ -109,6 +110,13 @@ def valid_fields_sometimes(case) -> st.SearchStrategy:
 def _with_body(case, fields: dict):
     case.body = {**case.body, **fields}
     return case
+
+
+@schemathesis.serializer(NDJSON)
+def ndjson(_context, value) -> bytes:
+    """POST /person/bulk takes NDJSON too: one generated item a line (anything else, as is)."""
+    items = value if isinstance(value, list) else [value]
+    return "\n".join(json.dumps(item) for item in items).encode()
 
 
 def served_schema(app) -> schemathesis.BaseSchema:

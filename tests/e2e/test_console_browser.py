@@ -1,11 +1,13 @@
 """The operators' console in a real browser (Debian's Chromium, driven by Playwright), on a stack
 of this module's own with API keys on: sign in, each page, a registration's journey, a group of
-dead letters replayed, the score model rebuilt. Screenshots go to test-artifacts/console/."""
+dead letters replayed, the score model rebuilt; and the APIs' own documentation (Swagger UI at
+each service's root). Screenshots go to test-artifacts/console/."""
 
 from __future__ import annotations
 
 import json
 import re
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,3 +189,36 @@ def test_the_overview_shows_every_queue_and_process(page, console_stack):
     for service in ("person", "score", "notifier"):
         assert service in text
     assert Topology("score", console_stack.env["EVENTS_EXCHANGE"]).dead_queue in text
+
+
+def test_each_apis_root_page_renders_every_operation_of_its_document_from_its_own_host(
+    page, console_stack
+):
+    """Swagger UI at person.localhost/ (open without a key), its assets served by the person
+    service itself: every operation of /openapi.json is shown, and no request leaves for
+    another host (no CDN, no validator.swagger.io)."""
+    origin = f"person.localhost:{console_stack.port}"
+    docs = page.context.new_page()
+    requested: list[str] = []
+    docs.on("request", lambda request: requested.append(request.url))
+    docs.goto(f"http://{origin}/")
+    docs.wait_for_selector(".opblock-post [data-path='/person']")
+    status, document, _ = console_stack.call("GET", "person", "/openapi.json")
+    assert status == 200
+    documented = {(m.upper(), path) for path, item in document["paths"].items() for m in item}
+    shown = docs.eval_on_selector_all(
+        ".opblock",
+        "blocks => blocks.map(b => [b.querySelector('.opblock-summary-method').textContent,"
+        " b.querySelector('.opblock-summary-path').dataset.path])",
+    )
+    assert {(method, path) for method, path in shown} == documented
+    assert docs.locator(".btn.authorize").is_visible()  # the bearer scheme: try it with a key
+    shot(docs, "person-api")
+    elsewhere = [
+        url
+        for url in requested
+        if urllib.parse.urlsplit(url).scheme in ("http", "https")
+        and urllib.parse.urlsplit(url).netloc != origin
+    ]
+    assert requested and not elsewhere, elsewhere
+    docs.close()

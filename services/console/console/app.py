@@ -31,7 +31,7 @@ from flask import (
 from messaging.connection import BrokerProbe
 from prometheus_client import CollectorRegistry
 from psycopg_pool import ConnectionPool
-from servicekit import tracing, web
+from servicekit import access, correlation, docs, errors, health, metrics, tracing, web
 from servicekit.auth import ApiKeys, digest, public
 
 from .audit import AuditLog
@@ -355,7 +355,7 @@ def create_app(config: ConsoleConfig | None = None) -> Flask:
     from .migrate import migrate_database
 
     migrate_database(config.console_database_url)  # its own audit log: idempotent, locked
-    app = Flask("console")
+    app = web.new_app("console")
     app.secret_key = config.console_secret
     app.config.update(
         SESSION_COOKIE_HTTPONLY=True,
@@ -374,19 +374,18 @@ def create_app(config: ConsoleConfig | None = None) -> Flask:
     for view in app.view_functions.values():  # the pages check the admin scope (_who)
         if getattr(view, "required_scope", None) is None:
             public(view)
-    openapi = web.OpenApi("console")
-    web.install(
-        app,
-        service="console",
-        readiness={
-            "audit log": app.extensions["console.audit"].ping,
-            "broker": BrokerProbe(config.amqp_url),
-        },
-        openapi=openapi.document(),
-        registry=CollectorRegistry(),
-        api_keys=api_keys,  # /metrics; the pages check the admin scope themselves (sessions)
-        documentation_page=False,
-    )
+    registry = CollectorRegistry()
+    readiness = {
+        "audit log": app.extensions["console.audit"].ping,
+        "broker": BrokerProbe(config.amqp_url),
+    }
+    correlation.init_app(app)
+    metrics.init_app(app, registry)
+    access.init_app(app, "console", api_keys)  # /metrics; the pages check the admin scope
+    errors.init_app(app)
+    health.init_app(app, "console", readiness, registry)
+    tracing.init_app(app, "console")
+    docs.init_app(app, page=False)  # the console's own pages are at its root
 
     @app.errorhandler(401)
     def _unauthorized(_exc: Exception) -> Response:

@@ -1,28 +1,23 @@
-"""HTTP routes of the notifier: the user view, the development mailbox, deliveries (admin)."""
+"""HTTP routes of the notifier: the user view, the development mailbox, deliveries (admin),
+each declared once (models in the signature, answers in `responses=`, scope beside it)."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from flask import Blueprint, Response, current_app, request
+from flask import Response, current_app
+from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
 from servicekit.auth import requires
-from servicekit.web import (
-    Invalid,
-    IsoDateTime,
-    OpenApi,
-    Problem,
-    body,
-    path_parameter,
-    problem,
-    query_int,
-)
+from servicekit.errors import Problem, problem
+from servicekit.web import IsoDateTime, WholeNumber, body, content
 
 from .store import NotifierStore
 
-bp = Blueprint("notifier", __name__)
+bp = APIBlueprint("notifier", __name__, abp_tags=[Tag(name="notifier")])
 STATUSES = ("pending", "sending", "sent", "failed", "cancelled", "suppressed")
+Limit = Annotated[WholeNumber, Field(ge=1, le=500, description="how many, newest first")]
 _LINK = re.compile(r"https?://\S+")
 
 
@@ -78,16 +73,44 @@ class Accepted(BaseModel):
     message: str
 
 
+class UserPath(BaseModel):
+    cpf: str = Field(description="the person's CPF, digits")
+
+
+class MailPath(BaseModel):
+    mail_id: int = Field(ge=0, description="the e-mail's id")
+
+
+class DeliveryPath(BaseModel):
+    delivery_id: int = Field(ge=0, description="the delivery's id")
+
+
+class MailboxQuery(BaseModel):
+    limit: Limit = 50
+    to: Annotated[str, Field(min_length=1, max_length=254)] | None = Field(
+        None, description="only the e-mails to this address"
+    )
+
+
+class DeliveriesQuery(BaseModel):
+    status: Literal[STATUSES] | None = None  # type: ignore[valid-type]
+    limit: Limit = 50
+    cpf: Annotated[str, Field(max_length=20)] | None = Field(
+        None, description="only this person's e-mails"
+    )
+
+
 def store() -> NotifierStore:
     return current_app.extensions["notifier.store"]
 
 
-@bp.get("/users/<cpf>")
+@bp.get("/users/<cpf>", responses={200: UserOut, 404: Problem})
 @requires("notifier:read")
-def get_user(cpf: str) -> Any:
-    user = store().user(cpf)
+def get_user(path: UserPath) -> Any:
+    """The user view with the welcome e-mail's state"""
+    user = store().user(path.cpf)
     if user is None:
-        return problem(404, f"no user with CPF {cpf}")
+        return problem(404, f"no user with CPF {path.cpf}")
     welcome = user["welcome"]
     return body(
         UserOut,
@@ -98,15 +121,12 @@ def get_user(cpf: str) -> Any:
 
 # The development mailbox holds every activation link: it exists only in development without a
 # SendGrid key, and where API keys are on it takes the admin scope.
-@bp.get("/mailbox")
+@bp.get("/mailbox", responses={200: MailboxOut, 404: Problem, 422: Problem})
 @requires("admin")
-def mailbox() -> Any:
+def mailbox(query: MailboxQuery) -> Any:
+    """The development mailbox (development without SENDGRID_API_KEY), newest first"""
     if not current_app.config["MAILBOX_OPEN"]:
         return problem(404, "the development mailbox is off (production, or SendGrid is on)")
-    limit = _limit()
-    to = request.args.get("to")
-    if to is not None and not 1 <= len(to) <= 254:
-        raise Invalid({"to": ["must be an e-mail address"]})
     base = current_app.config["NOTIFIER_URL"]
     return body(
         MailboxOut,
@@ -120,120 +140,43 @@ def mailbox() -> Any:
                 "text": m["text"],
                 "html_url": f"{base}/mailbox/{m['id']}",
             }
-            for m in store().mailbox(limit, to)
+            for m in store().mailbox(query.limit, query.to)
         ],
     )
 
 
-@bp.get("/mailbox/<int:mail_id>")
+@bp.get(
+    "/mailbox/<int:mail_id>",
+    responses={200: content("text/html", "the e-mail as HTML"), 404: Problem},
+)
 @requires("admin")
-def mail(mail_id: int) -> Any:
-    found = store().mail(mail_id) if current_app.config["MAILBOX_OPEN"] else None
+def mail(path: MailPath) -> Any:
+    """One e-mail of the mailbox, as HTML"""
+    found = store().mail(path.mail_id) if current_app.config["MAILBOX_OPEN"] else None
     if found is None:
-        return problem(404, f"no e-mail {mail_id} in the mailbox")
+        return problem(404, f"no e-mail {path.mail_id} in the mailbox")
     return Response(found["html"], content_type="text/html; charset=utf-8")
 
 
-@bp.get("/deliveries")
+@bp.get("/deliveries", responses={200: DeliveriesOut, 422: Problem})
 @requires("admin")
-def deliveries() -> Any:
-    status = request.args.get("status")
-    if status is not None and status not in STATUSES:
-        raise Invalid({"status": [f"must be one of {', '.join(STATUSES)}"]})
-    return body(
-        DeliveriesOut,
-        deliveries=[
-            {**d, "to": d["to_email"]} for d in store().deliveries(status, _limit(), _cpf())
-        ],
-    )
+def deliveries(query: DeliveriesQuery) -> Any:
+    """E-mail deliveries by state"""
+    found = store().deliveries(query.status, query.limit, query.cpf)
+    return body(DeliveriesOut, deliveries=[{**d, "to": d["to_email"]} for d in found])
 
 
-@bp.post("/deliveries/<int:delivery_id>/retry")
+@bp.post(
+    "/deliveries/<int:delivery_id>/retry",
+    responses={202: Accepted, 404: Problem, 409: Problem},
+)
 @requires("admin")
-def retry(delivery_id: int) -> Any:
+def retry(path: DeliveryPath) -> Any:
+    """Queue a failed delivery again"""
+    delivery_id = path.delivery_id
     previous = store().retry(delivery_id)
     if previous is None:
         return problem(404, f"no delivery {delivery_id}")
     if previous != "failed":
         return problem(409, f"delivery {delivery_id} is {previous}, not failed")
     return body(Accepted, message="queued again"), 202
-
-
-def _cpf() -> str | None:
-    cpf = request.args.get("cpf")
-    if cpf is not None and len(cpf) > 20:
-        raise Invalid({"cpf": ["must have at most 20 characters"]})
-    return cpf
-
-
-def _limit() -> int:
-    return query_int("limit", 50, 1, 500)
-
-
-def _integer(parameter: dict[str, Any]) -> dict[str, Any]:
-    """A path parameter the route takes as <int:...>: digits only, anything else is a 404."""
-    return {**parameter, "schema": {"type": "integer", "minimum": 0}}
-
-
-def describe(api: OpenApi) -> None:
-    to = {
-        "name": "to",
-        "in": "query",
-        "required": False,
-        "description": "only the e-mails to this address",
-        "schema": {"type": "string", "minLength": 1, "maxLength": 254},
-    }
-    limit = {
-        "name": "limit",
-        "in": "query",
-        "required": False,
-        "schema": {"type": "integer", "minimum": 1, "maximum": 500},
-    }
-    api.route(
-        "GET",
-        "/users/{cpf}",
-        "The user view with the welcome e-mail's state",
-        parameters=[path_parameter("cpf", "the person's CPF, digits")],
-        responses={200: UserOut, 404: Problem},
-    )
-    api.route(
-        "GET",
-        "/mailbox",
-        "The development mailbox (development without SENDGRID_API_KEY), newest first",
-        parameters=[limit, to],
-        responses={200: MailboxOut, 404: Problem, 422: Problem},
-    )
-    api.route(
-        "GET",
-        "/mailbox/{mail_id}",
-        "One e-mail of the mailbox, as HTML",
-        parameters=[_integer(path_parameter("mail_id", "the e-mail's id"))],
-        responses={200: "text/html", 404: Problem},
-    )
-    status = {
-        "name": "status",
-        "in": "query",
-        "required": False,
-        "schema": {"type": "string", "enum": list(STATUSES)},
-    }
-    by_person = {
-        "name": "cpf",
-        "in": "query",
-        "required": False,
-        "description": "only this person's e-mails",
-        "schema": {"type": "string", "maxLength": 20},
-    }
-    api.route(
-        "GET",
-        "/deliveries",
-        "E-mail deliveries by state",
-        parameters=[status, limit, by_person],
-        responses={200: DeliveriesOut, 401: Problem, 422: Problem},
-    )
-    api.route(
-        "POST",
-        "/deliveries/{delivery_id}/retry",
-        "Queue a failed delivery again",
-        parameters=[_integer(path_parameter("delivery_id", "the delivery's id"))],
-        responses={202: Accepted, 401: Problem, 404: Problem, 409: Problem},
-    )

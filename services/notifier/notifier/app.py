@@ -11,7 +11,7 @@ from messaging.replicas import consumer_metrics, replicas_ready
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from psycopg_pool import ConnectionPool, PoolTimeout
-from servicekit import tracing, web
+from servicekit import access, correlation, docs, errors, health, metrics, tracing, web
 from servicekit.metrics import ScrapeCollector
 
 from . import api
@@ -25,7 +25,7 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
     tracing.configure("notifier")  # before any pool connects: its connections are traced
     config = config or NotifierConfig()
     api_keys = config.api_key_store()  # refuses production without API_KEYS
-    app = Flask("notifier")
+    app = web.new_app("notifier")
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024
     app.config["MAILBOX_OPEN"] = config.mailbox_open
     app.config["NOTIFIER_URL"] = config.notifier_url
@@ -53,26 +53,22 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
     registry = CollectorRegistry()
     registry.register(ScrapeCollector(lambda: reports(HEARTBEAT), consumer_metrics))
     registry.register(ScrapeCollector(store.delivery_counts, _email_metrics))
-    openapi = web.OpenApi("notifier")
-    api.describe(openapi)
-    document = openapi.document()
-    app.register_blueprint(api.bp)
-    web.install(
-        app,
-        service="notifier",
-        readiness={
-            "database": store.write_probe,
-            "broker": BrokerProbe(config.amqp_url),
-            "consumer": lambda: beating(
-                HEARTBEAT, "the notifier consumer is not running (or not attached)"
-            ),
-            "sender": lambda: beating(SENDER_HEARTBEAT, "the e-mail sender is not running"),
-        },
-        openapi=document,
-        registry=registry,
-        api_keys=api_keys,
-        unavailable=(psycopg.OperationalError, PoolTimeout),
-    )
+    app.register_api(api.bp)
+    readiness = {
+        "database": store.write_probe,
+        "broker": BrokerProbe(config.amqp_url),
+        "consumer": lambda: beating(
+            HEARTBEAT, "the notifier consumer is not running (or not attached)"
+        ),
+        "sender": lambda: beating(SENDER_HEARTBEAT, "the e-mail sender is not running"),
+    }
+    correlation.init_app(app)
+    metrics.init_app(app, registry)
+    access.init_app(app, "notifier", api_keys)
+    errors.init_app(app, unavailable=(psycopg.OperationalError, PoolTimeout))
+    health.init_app(app, "notifier", readiness, registry)
+    tracing.init_app(app, "notifier")
+    docs.init_app(app)  # last: it documents every route
     return app
 
 

@@ -1,4 +1,5 @@
-"""HTTP routes of the person service: parse, call the store once, shape the answer."""
+"""HTTP routes of the person service, each declared once: its models in the signature, its
+answers in `responses=`, its scope beside it. Parse, call the store once, shape the answer."""
 
 from __future__ import annotations
 
@@ -6,25 +7,19 @@ import html
 import json
 import math
 import uuid
-from typing import Any
+from typing import Any, Literal
 
-from flask import Blueprint, Flask, Response, current_app, request
+from flask import Flask, Response, current_app, request
+from flask_openapi3 import APIBlueprint, Tag
+from pydantic import BaseModel, Field
+from servicekit.access import principal
 from servicekit.auth import public, requires
-from servicekit.web import (
-    Invalid,
-    OpenApi,
-    Problem,
-    body,
-    correlation_id,
-    json_object,
-    path_parameter,
-    principal,
-    problem,
-    query_int,
-)
-from servicekit.web import validate as validated
+from servicekit.correlation import correlation_id
+from servicekit.errors import Problem, problem
+from servicekit.web import BODY_ERRORS, WholeNumber, body, content, reject_constant
 
 from .activation import Tokens
+from .catalogue import ITEM_KINDS
 from .errors import BadToken, Conflict, ExpiredToken, NotFound, TooSoon, Unprocessable
 from .imports import ImportStore, TooManyImports
 from .schemas import (
@@ -43,9 +38,40 @@ from .schemas import (
 )
 from .service import Store
 
-bp = Blueprint("person", __name__)
-# The item kinds, each with what its POST takes (the one list of them in this service).
-KINDS = {"income": ItemIn, "asset": ItemIn, "debt": DebtIn}
+bp = APIBlueprint("person", __name__, abp_tags=[Tag(name="person")])
+# A debt's type is optional, so debts have a route and a body of their own.
+TYPED_KINDS = tuple(kind for kind in ITEM_KINDS if kind != "debt")
+PAGE = content("text/html", "a page for the person who followed the link")
+
+
+class CpfPath(BaseModel):
+    cpf: str = Field(description="the person's CPF, digits (dots, dashes and spaces are ignored)")
+
+
+class TypedItemPath(CpfPath):
+    kind: Literal[TYPED_KINDS]  # type: ignore[valid-type]
+
+
+class ItemPath(CpfPath):
+    kind: Literal[ITEM_KINDS]  # type: ignore[valid-type]
+    item_id: str = Field(description="the item's id (a UUID)")
+
+
+class ImportPath(BaseModel):
+    import_id: str = Field(description="the import's id (a UUID)")
+
+
+class ImportQuery(BaseModel):
+    limit: WholeNumber = Field(
+        1000,
+        ge=0,
+        le=10_000,
+        description="how many failed items to list (by index); an import keeps at most 10,000",
+    )
+
+
+class TokenQuery(BaseModel):
+    token: str = Field("", description="the link's token (without one: 400)")
 
 
 def store() -> Store:
@@ -75,76 +101,124 @@ def person_json(person: dict[str, Any], model: type[PersonOut] = PersonOut, **ex
     return body(model, **fields, **extra)
 
 
-@bp.get("/asyncapi.json")
+@bp.get("/asyncapi.json", responses={200: content("application/json", "AsyncAPI 3")})
 @public
 def asyncapi_document() -> Any:
-    """The event catalogue, as an AsyncAPI 3 document."""
+    """The events this service publishes (AsyncAPI 3)"""
     return current_app.extensions["person.asyncapi"]
 
 
-@bp.post("/person")
+@bp.post("/person", responses={201: PersonCreated, 409: Problem, **BODY_ERRORS})
 @requires("person:write")
-def create_person() -> Any:
-    fields = validated(PersonIn, json_object()).model_dump()
-    person = store().create_person(fields, correlation_id())
+def create_person(body: PersonIn) -> Any:
+    """Register a person"""
+    person = store().create_person(body.model_dump(), correlation_id())
     return person_json(person, PersonCreated, message="created"), 201
 
 
-@bp.post("/person/bulk")
+IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_MAX = "Idempotency-Key", 200
+NDJSON = "application/x-ndjson"
+# The bulk body is read by its own parser (a JSON array or NDJSON, counted as it is read, so an
+# over-count body stops early) and the key's length is checked by the route (a 400): both are
+# declared for the document here, not validated by flask-openapi3.
+_BULK_REQUEST = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            media: {"schema": BulkIn.model_json_schema()} for media in ("application/json", NDJSON)
+        },
+    },
+    "parameters": [
+        {
+            "name": IDEMPOTENCY_KEY,
+            "in": "header",
+            "required": False,
+            "description": "a resubmission with the same key returns the same import",
+            "schema": {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX},
+        }
+    ],
+}
+
+
+@bp.post(
+    "/person/bulk",
+    responses={202: ImportAccepted, **BODY_ERRORS, 429: Problem, 503: Problem},
+    openapi_extensions=_BULK_REQUEST,
+)
 @requires("person:write")
 def create_import() -> Any:
+    """Register up to 100,000 people asynchronously
+
+    A JSON array, or NDJSON with Content-Type: application/x-ndjson; each item is validated as
+    POST /person validates its body."""
     key = request.headers.get(IDEMPOTENCY_KEY)
-    if key is not None and not 1 <= len(key) <= 200:
-        raise _BulkRefused(400, f"the {IDEMPOTENCY_KEY} header must have 1 to 200 characters")
+    if key is not None and not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
+        raise _BulkRefused(
+            400, f"the {IDEMPOTENCY_KEY} header must have 1 to {IDEMPOTENCY_KEY_MAX} characters"
+        )
     row, _created = imports().create(_bulk_items(), key, principal().key_digest)
     accepted = body(ImportAccepted, id=row["id"], status=row["status"], total=row["total"])
     return accepted, 202, {"Location": f"/imports/{row['id']}"}
 
 
-@bp.get("/imports/<import_id>")
+@bp.get(
+    "/imports/<import_id>", responses={200: ImportOut, 404: Problem, 422: Problem, 503: Problem}
+)
 @requires("person:read")
-def get_import(import_id: str) -> Any:
-    canonical = _canonical_uuid(import_id)
+def get_import(path: ImportPath, query: ImportQuery) -> Any:
+    """An import's progress and its failed items with their reasons"""
+    canonical = _canonical_uuid(path.import_id)
     if canonical is None:
-        raise NotFound(f"no import {import_id}")
-    limit = query_int("limit", FAILURES_SHOWN, 0, MAX_FAILURES_SHOWN)
-    row = imports().get(canonical, limit, principal().key_digest)
+        raise NotFound(f"no import {path.import_id}")
+    row = imports().get(canonical, query.limit, principal().key_digest)
     if row is None:
-        raise NotFound(f"no import {import_id}")
+        raise NotFound(f"no import {path.import_id}")
     return body(ImportOut, **{key: row[key] for key in ImportOut.model_fields})
 
 
-@bp.get("/person/<cpf>")
+@bp.get("/person/<cpf>", responses={200: PersonOut, 404: Problem})
 @requires("person:read")
-def get_person(cpf: str) -> Any:
-    return person_json(store().get_person(path_cpf(cpf)))
+def get_person(path: CpfPath) -> Any:
+    """A person with incomes, assets and debts"""
+    return person_json(store().get_person(path_cpf(path.cpf)))
 
 
-@bp.patch("/person/<cpf>")
+@bp.patch("/person/<cpf>", responses={200: PersonOut, 404: Problem, **BODY_ERRORS})
 @requires("person:write")
-def update_person(cpf: str) -> Any:
-    key = path_cpf(cpf)
-    body = json_object()
-    if "cpf" in body:
-        raise Invalid({"cpf": ["cannot be changed; delete the person and register again"]})
-    changes = validated(PersonPatch, body).model_dump(exclude_unset=True)
+def update_person(path: CpfPath, body: PersonPatch) -> Any:
+    """Change a person's fields (only those sent)"""
+    key = path_cpf(path.cpf)
+    changes = body.model_dump(exclude_unset=True)
     return person_json(store().update_person(key, changes, correlation_id()))
 
 
-@bp.delete("/person/<cpf>")
+@bp.delete("/person/<cpf>", responses={204: None, 404: Problem})
 @requires("person:write")
-def delete_person(cpf: str) -> Any:
-    store().delete_person(path_cpf(cpf), correlation_id())
+def delete_person(path: CpfPath) -> Any:
+    """Delete a person and their items"""
+    store().delete_person(path_cpf(path.cpf), correlation_id())
     return "", 204
 
 
-@bp.post("/person/<cpf>/<kind>")
+ITEM_ANSWERS = {201: ItemCreated, 404: Problem, **BODY_ERRORS}
+
+
+@bp.post(f"/person/<cpf>/<any({', '.join(TYPED_KINDS)}):kind>", responses=ITEM_ANSWERS)
 @requires("person:write")
-def add_item(cpf: str, kind: str) -> Any:
-    if kind not in KINDS:
-        raise NotFound(f"no such collection: {kind}")
+def add_item(path: TypedItemPath, body: ItemIn) -> Any:
+    """Add an income or an asset"""
+    return _added(path.cpf, path.kind, body)
+
+
+@bp.post("/person/<cpf>/debt", responses=ITEM_ANSWERS)
+@requires("person:write")
+def add_debt(path: CpfPath, body: DebtIn) -> Any:
+    """Add a debt (its type is optional)"""
+    return _added(path.cpf, "debt", body)
+
+
+def _added(cpf: str, kind: str, item: ItemIn | DebtIn) -> Any:
     key = path_cpf(cpf)
-    item = validated(KINDS[kind], json_object())
     created = store().add_item(key, kind, item.type, item.value, correlation_id())
     return body(
         ItemCreated,
@@ -157,24 +231,31 @@ def add_item(cpf: str, kind: str) -> Any:
     ), 201
 
 
-@bp.delete("/person/<cpf>/<kind>/<item_id>")
+@bp.delete(
+    f"/person/<cpf>/<any({', '.join(ITEM_KINDS)}):kind>/<item_id>",
+    responses={204: None, 404: Problem},
+)
 @requires("person:write")
-def delete_item(cpf: str, kind: str, item_id: str) -> Any:
-    canonical = _canonical_uuid(item_id)
-    if kind not in KINDS or canonical is None:
-        raise NotFound(f"no {kind} {item_id}")
-    store().delete_item(path_cpf(cpf), kind, canonical, correlation_id())
+def delete_item(path: ItemPath) -> Any:
+    """Delete an income, asset or debt"""
+    canonical = _canonical_uuid(path.item_id)
+    if canonical is None:
+        raise NotFound(f"no {path.kind} {path.item_id}")
+    store().delete_item(path_cpf(path.cpf), path.kind, canonical, correlation_id())
     return "", 204
 
 
-@bp.get("/person/<cpf>/activate")
+@bp.get(
+    "/person/<cpf>/activate",
+    responses={200: PAGE, 400: PAGE, 404: Problem, 410: PAGE},
+)
 @public  # the token is the credential
-def activate(cpf: str) -> Any:
-    key = path_cpf(cpf)
-    token = request.args.get("token", "")
-    if not token:
+def activate(path: CpfPath, query: TokenQuery) -> Any:
+    """Follow an activation link"""
+    key = path_cpf(path.cpf)
+    if not query.token:
         return _page(400, "Activation link incomplete", "The link has no token.")
-    claim = tokens().read(token, key)
+    claim = tokens().read(query.token, key)
     person = store().get_person(key)
     if person["created_at"] != claim.registered_at:
         raise BadToken("the activation link was issued for an earlier registration")
@@ -185,17 +266,16 @@ def activate(cpf: str) -> Any:
     return _page(200, "Account activated", f"Welcome, {person['name']}: your account is active.")
 
 
-@bp.post("/person/<cpf>/activation")
+@bp.post(
+    "/person/<cpf>/activation",
+    responses={202: Accepted, 404: Problem, 409: Problem, 422: Problem, 429: Problem},
+)
 @requires("person:write")
-def request_activation(cpf: str) -> Any:
+def request_activation(path: CpfPath) -> Any:
+    """Send a new activation e-mail"""
     resend = current_app.config["ACTIVATION_RESEND_SECONDS"]
-    store().request_activation(path_cpf(cpf), correlation_id(), resend)
+    store().request_activation(path_cpf(path.cpf), correlation_id(), resend)
     return body(Accepted, message="a new activation e-mail is on its way"), 202
-
-
-IDEMPOTENCY_KEY = "Idempotency-Key"
-FAILURES_SHOWN, MAX_FAILURES_SHOWN = 1000, 10_000
-NDJSON = "application/x-ndjson"
 
 
 class _BulkRefused(Exception):
@@ -244,7 +324,7 @@ def _ndjson(raw: bytes, most: int) -> list[Any]:
     items = []
     for number, line in lines:
         try:
-            items.append(json.loads(line, parse_constant=_reject_constant))
+            items.append(json.loads(line, parse_constant=reject_constant))
         except ValueError as exc:
             raise _BulkRefused(400, f"the body is not valid JSON: line {number}: {exc}") from None
     return items
@@ -259,7 +339,7 @@ def _json_array(raw: bytes, most: int) -> list[Any]:
     at = len(text) - len(text.lstrip(_WHITESPACE))
     if not text.startswith("[", at):
         try:
-            json.loads(text, parse_constant=_reject_constant)
+            json.loads(text, parse_constant=reject_constant)
         except ValueError as exc:
             raise _BulkRefused(400, f"the body is not valid JSON: {exc}") from None
         raise _BulkRefused(400, "the body must be a JSON array of people")
@@ -296,11 +376,7 @@ def _skip(text: str, at: int) -> int:
     return at
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-_ARRAY_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_ARRAY_DECODER = json.JSONDecoder(parse_constant=reject_constant)
 
 
 def _canonical_uuid(text: str) -> str | None:
@@ -320,7 +396,7 @@ def _page(status: int, title: str, text: str) -> Response:
     return Response(body, status=status, content_type="text/html; charset=utf-8")
 
 
-def install_error_mapping(app: Flask) -> None:
+def init_app(app: Flask) -> None:
     """The one table from domain errors to HTTP answers."""
 
     @app.errorhandler(NotFound)
@@ -359,112 +435,3 @@ def install_error_mapping(app: Flask) -> None:
     def _expired(exc: ExpiredToken) -> Response:
         hint = f"{exc} (POST /person/<cpf>/activation sends one)."
         return _page(410, "Activation link expired", hint)
-
-
-def describe(api: OpenApi) -> None:
-    """Document every route of this blueprint."""
-    cpf = path_parameter("cpf", "the person's CPF, digits (dots and dashes are ignored)")
-    kind = {
-        "name": "kind",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string", "enum": list(KINDS)},
-    }
-    item_id = path_parameter("item_id", "the item's id (a UUID)")
-    errors = {400: Problem, 413: Problem, 415: Problem, 422: Problem}
-    api.route(
-        "GET",
-        "/asyncapi.json",
-        "The events this service publishes (AsyncAPI 3)",
-        responses={200: "application/json"},
-    )
-    api.route(
-        "POST",
-        "/person",
-        "Register a person",
-        body=PersonIn,
-        responses={201: PersonCreated, 409: Problem, **errors},
-    )
-    idempotency_key = {
-        "name": IDEMPOTENCY_KEY,
-        "in": "header",
-        "required": False,
-        "description": "a resubmission with the same key returns the same import",
-        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
-    }
-    api.route(
-        "POST",
-        "/person/bulk",
-        "Register up to 100,000 people asynchronously (a JSON array, or NDJSON with "
-        "Content-Type: application/x-ndjson); each item is validated as POST /person",
-        body=BulkIn,
-        parameters=[idempotency_key],
-        responses={202: ImportAccepted, **errors, 429: Problem, 503: Problem},
-    )
-    limit = {
-        "name": "limit",
-        "in": "query",
-        "required": False,
-        "description": "how many failed items to list (by index); 1000 unless given (an import "
-        "keeps at most 10,000)",
-        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_FAILURES_SHOWN},
-    }
-    api.route(
-        "GET",
-        "/imports/{import_id}",
-        "An import's progress and its failed items with their reasons",
-        parameters=[path_parameter("import_id", "the import's id (a UUID)"), limit],
-        responses={200: ImportOut, 404: Problem, 422: Problem, 503: Problem},
-    )
-    api.route(
-        "GET",
-        "/person/{cpf}",
-        "A person with incomes, assets and debts",
-        parameters=[cpf],
-        responses={200: PersonOut, 404: Problem},
-    )
-    api.route(
-        "PATCH",
-        "/person/{cpf}",
-        "Change a person's fields",
-        body=PersonPatch,
-        parameters=[cpf],
-        responses={200: PersonOut, 404: Problem, **errors},
-    )
-    api.route(
-        "DELETE",
-        "/person/{cpf}",
-        "Delete a person and their items",
-        parameters=[cpf],
-        responses={204: None, 404: Problem},
-    )
-    api.route(
-        "POST",
-        "/person/{cpf}/{kind}",
-        "Add an income, asset or debt (a debt's type is optional)",
-        body=(ItemIn, DebtIn),
-        parameters=[cpf, kind],
-        responses={201: ItemCreated, 404: Problem, **errors},
-    )
-    api.route(
-        "DELETE",
-        "/person/{cpf}/{kind}/{item_id}",
-        "Delete an income, asset or debt",
-        parameters=[cpf, kind, item_id],
-        responses={204: None, 404: Problem},
-    )
-    token = {"name": "token", "in": "query", "required": True, "schema": {"type": "string"}}
-    api.route(
-        "GET",
-        "/person/{cpf}/activate",
-        "Follow an activation link",
-        parameters=[cpf, token],
-        responses={200: "text/html", 400: "text/html", 404: Problem, 410: "text/html"},
-    )
-    api.route(
-        "POST",
-        "/person/{cpf}/activation",
-        "Send a new activation e-mail",
-        parameters=[cpf],
-        responses={202: Accepted, 404: Problem, 409: Problem, 422: Problem, 429: Problem},
-    )

@@ -10,7 +10,7 @@ from messaging.connection import BrokerProbe
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from psycopg_pool import ConnectionPool, PoolTimeout
-from servicekit import tracing, web
+from servicekit import access, correlation, docs, errors, health, metrics, tracing, web
 from servicekit.metrics import ScrapeCollector
 
 from . import api, catalogue
@@ -26,7 +26,7 @@ def create_app(config: PersonConfig | None = None, store: Store | None = None) -
     tracing.configure("person")  # before any pool connects: its connections are traced
     config = config or PersonConfig()
     api_keys = config.api_key_store()  # refuses production without API_KEYS
-    app = Flask("person")
+    app = web.new_app("person")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.config["BULK_MAX_BYTES"] = config.bulk_max_bytes  # POST /person/bulk's own limit
     app.config["BULK_MAX_ITEMS"] = config.bulk_max_items
@@ -52,19 +52,16 @@ def create_app(config: PersonConfig | None = None, store: Store | None = None) -
     registry = CollectorRegistry()
     registry.register(ScrapeCollector(store.outbox_backlog, _backlog_metrics))
     registry.register(ScrapeCollector(store.outbox_published, _published_metrics))
-    openapi = web.OpenApi("person")
-    api.describe(openapi)
-    app.register_blueprint(api.bp)
-    web.install(
-        app,
-        service="person",
-        readiness={"database": store.ping, "broker": BrokerProbe(config.amqp_url)},
-        openapi=openapi.document(),
-        registry=registry,
-        api_keys=api_keys,
-        unavailable=(psycopg.OperationalError, PoolTimeout),
-    )
-    api.install_error_mapping(app)
+    app.register_api(api.bp)
+    readiness = {"database": store.ping, "broker": BrokerProbe(config.amqp_url)}
+    correlation.init_app(app)
+    metrics.init_app(app, registry)
+    access.init_app(app, "person", api_keys)
+    errors.init_app(app, unavailable=(psycopg.OperationalError, PoolTimeout))
+    api.init_app(app)
+    health.init_app(app, "person", readiness, registry)
+    tracing.init_app(app, "person")
+    docs.init_app(app)  # last: it documents every route
     return app
 
 

@@ -23,7 +23,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
 from servicekit import logs
-from servicekit.web import field_errors
+from servicekit.errors import field_errors
 
 from .catalogue import PRODUCER
 from .schemas import PersonIn

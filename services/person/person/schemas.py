@@ -17,6 +17,7 @@ from pydantic import (
     RootModel,
     StringConstraints,
 )
+from pydantic.json_schema import SkipJsonSchema
 from servicekit.web import IsoDateTime
 
 _CPF_NOISE = re.compile(r"[.\-\s]")
@@ -120,8 +121,16 @@ class PersonIn(_Input):
     email: Email | None = None
 
 
+def _cpf_is_the_key(_value: Any) -> Any:
+    raise ValueError("cannot be changed; delete the person and register again")
+
+
 class PersonPatch(_Input):
     """Only the fields sent change; null is refused except for email (which removes it)."""
+
+    # Refused with its reason rather than as an unknown field; not in the document (any value
+    # is refused, so additionalProperties: false already says it).
+    cpf: SkipJsonSchema[Annotated[None, BeforeValidator(_cpf_is_the_key)]] = None
 
     name: Text = None  # type: ignore[assignment]  # a default is not validated; null is
     address: Address = None  # type: ignore[assignment]

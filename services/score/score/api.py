@@ -8,16 +8,18 @@ import time
 from typing import Any
 
 import redis
-from flask import Blueprint, current_app
+from flask import current_app
+from flask_openapi3 import APIBlueprint, Tag
 from messaging.connection import Backoff
 from messaging.healing import REBUILDING, STALE_WIPE_SECONDS, WIPING
 from pydantic import BaseModel, Field
 from servicekit.auth import requires
-from servicekit.web import OpenApi, Problem, body, path_parameter, problem
+from servicekit.errors import Problem, problem
+from servicekit.web import body
 
 from .store import ScoreStore, StaleWipe
 
-bp = Blueprint("score", __name__)
+bp = APIBlueprint("score", __name__, abp_tags=[Tag(name="score")])
 log = logging.getLogger("score.api")
 
 
@@ -37,13 +39,18 @@ class RebuildOut(BaseModel):
     wiped: int | None = Field(description="keys the last rebuild started here wiped")
 
 
-@bp.get("/<cpf>/score")
+class ScorePath(BaseModel):
+    cpf: str = Field(description="the person's CPF, digits")
+
+
+@bp.get("/<cpf>/score", responses={200: ScoreOut, 404: Problem})
 @requires("score:read")
-def get_score(cpf: str) -> Any:
+def get_score(path: ScorePath) -> Any:
+    """A person's credit score"""
     store: ScoreStore = current_app.extensions["score.store"]
-    found = store.read(cpf)
+    found = store.read(path.cpf)
     if found is None:
-        return problem(404, f"no score for CPF {cpf}: unknown person")
+        return problem(404, f"no score for CPF {path.cpf}: unknown person")
     return body(
         ScoreOut,
         cpf=found.cpf,
@@ -59,12 +66,14 @@ def get_score(cpf: str) -> Any:
 _WIPES: dict[str, int] = {}
 
 
-@bp.post("/rebuild")
+@bp.post("/rebuild", responses={202: RebuildOut, 409: Problem})
 @requires("admin")
 def rebuild() -> Any:
-    """Start the safe rebuild: wipe the model in the background; the consumer then heals it
-    through a replay (score.rebuild's way, for operators without a shell). A wipe that stopped
-    making progress (its process restarted, say) is taken over."""
+    """Rebuild the model: wipe it, then the consumer replays the person service's events
+
+    The wipe runs in the background; the consumer then heals the model through a replay
+    (score.rebuild's way, for operators without a shell). A wipe that stopped making progress
+    (its process restarted, say) is taken over."""
     store: ScoreStore = current_app.extensions["score.store"]
     generation = store.generation()
     if generation is not None and generation.state in (WIPING, REBUILDING):
@@ -90,9 +99,10 @@ def _wipe(store: ScoreStore, attempts: int = 5) -> None:
             time.sleep(backoff.next())
 
 
-@bp.get("/rebuild")
+@bp.get("/rebuild", responses={200: RebuildOut})
 @requires("admin")
 def rebuild_state() -> Any:
+    """Where a rebuild is"""
     generation = current_app.extensions["score.store"].generation()
     return body(
         RebuildOut,
@@ -100,20 +110,3 @@ def rebuild_state() -> Any:
         request_id=generation.request_id if generation else None,
         wiped=_WIPES.get("last"),
     )
-
-
-def describe(api: OpenApi) -> None:
-    api.route(
-        "GET",
-        "/{cpf}/score",
-        "A person's credit score",
-        parameters=[path_parameter("cpf", "the person's CPF, digits")],
-        responses={200: ScoreOut, 404: Problem},
-    )
-    api.route(
-        "POST",
-        "/rebuild",
-        "Rebuild the model: wipe it, then the consumer replays the person service's events",
-        responses={202: RebuildOut, 409: Problem},
-    )
-    api.route("GET", "/rebuild", "Where a rebuild is", responses={200: RebuildOut})

@@ -7,7 +7,7 @@ from flask import Flask
 from messaging.connection import BrokerProbe
 from messaging.replicas import consumer_metrics, replicas_ready
 from prometheus_client import CollectorRegistry
-from servicekit import web
+from servicekit import access, correlation, docs, errors, health, metrics, tracing, web
 from servicekit.metrics import ScrapeCollector
 
 from . import api
@@ -18,7 +18,7 @@ from .store import ScoreStore
 def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = None) -> Flask:
     config = config or ScoreConfig()
     api_keys = config.api_key_store()  # refuses production without API_KEYS
-    app = Flask("score")
+    app = web.new_app("score")
     if store is None:
         store = ScoreStore(redis.Redis.from_url(config.score_redis_url), config.score_key_prefix)
     app.extensions["score.store"] = store
@@ -37,20 +37,17 @@ def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = Non
 
     registry = CollectorRegistry()
     registry.register(ScrapeCollector(consumer_stats, consumer_metrics))
-    openapi = web.OpenApi("score")
-    api.describe(openapi)
-    app.register_blueprint(api.bp)
-    web.install(
-        app,
-        service="score",
-        readiness={
-            "redis": store.write_probe,
-            "broker": BrokerProbe(config.amqp_url),
-            "consumer": consumers_attached,
-        },
-        openapi=openapi.document(),
-        registry=registry,
-        api_keys=api_keys,
-        unavailable=(redis.ConnectionError, redis.TimeoutError),
-    )
+    app.register_api(api.bp)
+    readiness = {
+        "redis": store.write_probe,
+        "broker": BrokerProbe(config.amqp_url),
+        "consumer": consumers_attached,
+    }
+    correlation.init_app(app)
+    metrics.init_app(app, registry)
+    access.init_app(app, "score", api_keys)
+    errors.init_app(app, unavailable=(redis.ConnectionError, redis.TimeoutError))
+    health.init_app(app, "score", readiness, registry)
+    tracing.init_app(app, "score")
+    docs.init_app(app)  # last: it documents every route
     return app

@@ -10,10 +10,9 @@ import pytest
 from flask import Flask
 from messaging import Consumer, ConsumerSettings, Envelope
 from messaging.testing import running, wait_until
-from prometheus_client import CollectorRegistry
+from servicekit import correlation
 from servicekit.auth import public
 from servicekit.logs import JsonFormatter, bound
-from servicekit.web import install
 
 
 class Lines(logging.Handler):
@@ -61,7 +60,7 @@ def test_every_line_of_a_request_carries_its_request_id(lines):
         logging.getLogger("t.api").info("working")
         return {"ok": True}
 
-    install(app, service="t", readiness={}, openapi={"paths": {}}, registry=CollectorRegistry())
+    correlation.init_app(app)
     response = app.test_client().get("/work", headers={"X-Request-Id": "req-42"})
     assert response.headers["X-Request-Id"] == "req-42"
     working = [line for line in lines.lines if line["message"] == "working"]

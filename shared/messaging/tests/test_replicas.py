@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 from messaging.replicas import replicas_ready
+from servicekit.readiness import NotReady, Rebuilding
 from servicekit.runner import replica_id
-from servicekit.web import NotReady, Rebuilding
 
 pytestmark = pytest.mark.unit
 

@@ -2,9 +2,10 @@
 
 `API_KEYS` is a JSON object mapping the SHA-256 hex digest of each key to its list of scopes;
 keys themselves are never stored or logged. Each route declares what it needs next to itself,
-with `@requires("scope")` or `@public`; web.install refuses to start an app with a route that
-declares neither, and writes each route's requirement into the OpenAPI document. Which scopes
-exist is the services' business: this module only checks that a key holds the one a route names.
+with `@requires("scope")` or `@public`; access.py checks them on each request, and docs.py
+refuses to start an app with a route that declares neither and writes each route's requirement
+into the OpenAPI document. Which scopes exist is the services' business: this module only
+checks that a key holds the one a route names.
 """
 
 from __future__ import annotations

@@ -70,6 +70,12 @@ def uninstrument_libraries() -> None:
     _INSTRUMENTED.discard("libraries")
 
 
+def init_app(app: Any, service_name: str) -> None:
+    """Trace the app's requests when tracing is configured (OTEL_EXPORTER_OTLP_ENDPOINT)."""
+    if configure(service_name):
+        instrument_flask(app)
+
+
 def instrument_flask(app: Any) -> None:
     if enabled():
         from opentelemetry.instrumentation.flask import FlaskInstrumentor
