@@ -63,8 +63,8 @@ def stack_env(make_database, servers) -> Iterator[dict[str, str]]:
         "ACTIVATION_RESEND_SECONDS": "0",
         # Tests rebuild and heal a model again and again, seconds apart.
         "REPLAY_MIN_INTERVAL_SECONDS": "1",
-        # and verify each read model every few seconds (tests/e2e/test_operations.py)
-        "VERIFY_SECONDS": "3",
+        # and verify each read model every few seconds: the checks run beside every e2e test
+        "VERIFY_SECONDS": "5",
         "PERSON_WORKERS": "1",
         "SCORE_WORKERS": "1",
         "NOTIFIER_WORKERS": "1",
