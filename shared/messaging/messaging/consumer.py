@@ -123,7 +123,6 @@ class Consumer:
         self.probe = probe
         self.healing = healing
         self.verification = verification
-        self.healing_state = READY  # as the last check found it (healing.py)
         self.stats = self.processor.stats
         self.attached = threading.Event()
         self.paused = threading.Event()  # the store is away or refuses writes: holding
@@ -144,6 +143,11 @@ class Consumer:
     def stop(self) -> None:
         """Stop taking messages, finish the batch in hand, return the rest; thread-safe."""
         self._stop.set()
+
+    @property
+    def healing_state(self) -> str:
+        """The model's rebuild state as this process last saw it (healing.py)."""
+        return self.healing.state if self.healing is not None else READY
 
     def health(self) -> str | None:
         """None while messages are being applied; otherwise why not."""
@@ -197,7 +201,7 @@ class Consumer:
             if self.attached.wait(timeout=1.0):
                 try:
                     if self.healing is not None:
-                        self.healing_state = self.healing.check()
+                        self.healing.check()
                     # A model being rebuilt differs everywhere, and the rebuild mends it.
                     if (
                         self.verification is not None

@@ -113,9 +113,14 @@ class Healing:
         self.re_request_after = re_request_after
         self.stale_wipe_after = stale_wipe_after
         self.scope = scope
+        self.state = READY  # as the last check found it, or the rebuild this process finished
 
     def check(self) -> str:
         """Look at the marker, ask for a replay if the store lost its data; return the state."""
+        self.state = self._check()
+        return self.state
+
+    def _check(self) -> str:
         generation = self.store.generation()
         now = time.time()
         if (
@@ -149,6 +154,7 @@ class Healing:
     def completed(self, request_id: str, events: int) -> None:
         """The producer finished replaying `events` events for this request."""
         if self.store.finish_rebuild(request_id, events):
+            self.state = READY
             log.info("read model of %s rebuilt (request %s)", self.queue, request_id)
         else:
             log.info(
@@ -160,6 +166,7 @@ class Healing:
     def replayed(self, request_id: str, settled: int) -> None:
         """The consumer settled `settled` replayed events of this request for good."""
         if self.store.count_replayed(request_id, settled):
+            self.state = READY
             log.info("read model of %s rebuilt (request %s)", self.queue, request_id)
 
     def _request(self, request_id: str, now: float) -> None:
