@@ -395,7 +395,8 @@ class NotifierHistory(History):
     def check(self) -> None:
         with self.store.pool.connection() as conn:
             deliveries = conn.execute(
-                "SELECT kind, cpf, registered_at, event_id::text, to_email, status FROM deliveries"
+                "SELECT kind, cpf, registered_at, event_id::text, to_email, status, version "
+                "FROM deliveries"
             ).fetchall()
         events = {str(e.event_id): e for e in self.producer.events}
         current = {(cpf, p["created_at"]): p for cpf, p in self.producer.people.items()}
@@ -416,15 +417,27 @@ class NotifierHistory(History):
                 if d[0] == "welcome" and d[1] == cpf and d[2] == person["created_at"]
             ]
             assert len(welcomes) == (1 if person["email"] else len(welcomes)), (cpf, welcomes)
-        for kind, cpf, registered_at, event_id, to_email, status in deliveries:
+        for kind, cpf, registered_at, event_id, to_email, status, version in deliveries:
             event = events[event_id]
             assert to_email == event.data["email"], "mail to an address the event did not carry"
             if kind == "activation":
                 assert event.event_type == "person.activation_requested"
-            if (cpf, registered_at) not in current:  # a registration deleted since
-                assert status == "cancelled", (kind, cpf, registered_at, status)
+            person = current.get((cpf, registered_at))
+            if person is None or (person["email"] or "").lower() != to_email.lower():
+                # a registration deleted since, or an address changed since
+                assert status == "cancelled", (kind, cpf, registered_at, to_email, status)
+            elif status == "cancelled":  # a version between it and now had another address
+                assert any(
+                    e.entity_id == cpf and e.entity_version > version and not self._for(e, to_email)
+                    for e in self.producer.events
+                ), (kind, cpf, to_email)
             else:
                 assert status == "pending", (kind, cpf, status)
+
+    @staticmethod
+    def _for(event: Envelope, to_email: str) -> bool:
+        """Whether the person's state in `event` still calls for mail to this address."""
+        return event.data is not None and (event.data["email"] or "").lower() == to_email.lower()
 
 
 def test_notifier_view_and_ledger_after_any_history(notifier_db, servers):

@@ -38,19 +38,35 @@ _USER_COLUMNS = (
     "contribution",
 )
 _UPSERT_USER = versioned_upsert("users", ("cpf",), _USER_COLUMNS)
+# A delivery `d` is current while the view holds, at its version or later, the same registration
+# of the person, not deleted, at the address it goes to: only a current delivery is claimed.
+_CURRENT = """EXISTS (
+    SELECT 1 FROM users u WHERE u.cpf = d.cpf AND NOT u.deleted
+      AND u.version >= coalesce(d.version, 0)
+      AND u.registered_at IS NOT DISTINCT FROM d.registered_at
+      AND lower(u.email) = lower(d.to_email))"""
+# ... and superseded once the view holds a later version without that registration or address:
+# it is cancelled then, for good (an older event applied after a loss supersedes nothing).
+_NO_LONGER_FOR = """(u.deleted OR u.registered_at IS DISTINCT FROM d.registered_at
+      OR lower(u.email) IS DISTINCT FROM lower(d.to_email))"""
+_SUPERSEDED = f"""EXISTS (
+    SELECT 1 FROM users u WHERE u.cpf = d.cpf AND u.version > coalesce(d.version, 0)
+      AND {_NO_LONGER_FOR})"""
+
 # One statement per event, whose results nobody reads. Every e-mail decision happens only if the
 # event was applied (the version-gated upsert RETURNING a row): a late, duplicated or replayed
-# event mails no one. An applied event cancels the pending e-mails of the person's other
-# registrations (all of them, for a deletion, whose registered_at is NULL), records the welcome
-# unless this registration has one (the unique index on (cpf, registered_at)), and an activation
-# request records its link, to the address the event carries: the current one. Past the day's
-# cap of e-mails to one address, what it records is suppressed instead of pending.
+# event mails no one. An applied event cancels the person's pending e-mails recorded by an older
+# event that it no longer calls for (a deletion, a new registration, another address: see
+# _SUPERSEDED), records the welcome unless this registration has one (the unique index on (cpf,
+# registered_at)), and an activation request of a registration that has its welcome records a
+# link, to the address the event carries: the current one. Past the day's cap of e-mails to one
+# address, what it records is suppressed instead of pending.
 _APPLY_PERSON = f"""
-WITH applied AS ({_UPSERT_USER} RETURNING cpf, registered_at),
+WITH u AS ({_UPSERT_USER} RETURNING cpf, version, deleted, registered_at, email),
 cancelled AS (
     UPDATE deliveries d SET status = 'cancelled', last_error = 'cancelled: ' || %(why)s
-    FROM applied WHERE d.cpf = applied.cpf AND d.status = 'pending'
-      AND d.registered_at IS DISTINCT FROM applied.registered_at
+    FROM u WHERE d.cpf = u.cpf AND d.status = 'pending'
+      AND coalesce(d.version, 0) < u.version AND {_NO_LONGER_FOR}
     RETURNING d.id
 ),
 recent AS (
@@ -58,18 +74,33 @@ recent AS (
     WHERE lower(to_email) = lower(%(to_email)s) AND created_at > now() - interval '1 day'
       AND status NOT IN ('suppressed', 'cancelled')
 )
-INSERT INTO deliveries ({_INTENT_COLUMNS}, status, last_error)
+INSERT INTO deliveries ({_INTENT_COLUMNS}, version, status, last_error)
 SELECT kind, cpf, registered_at, %(event_id)s, %(to_email)s, subject, html, text,
-       %(trace_context)s,
+       %(trace_context)s, u.version,
        CASE WHEN recent.sent >= %(daily_cap)s THEN 'suppressed' ELSE 'pending' END,
        CASE WHEN recent.sent >= %(daily_cap)s
             THEN 'suppressed: ' || %(daily_cap)s || ' e-mails to this address today' END
-FROM applied, recent, (VALUES
+FROM u, recent, (VALUES
     ('welcome', %(w_subject)s::text, %(w_html)s::text, %(w_text)s::text),
     ('activation', %(a_subject)s::text, %(a_html)s::text, %(a_text)s::text)
 ) AS mail (kind, subject, html, text)
 WHERE mail.subject IS NOT NULL
+  -- a registration's first e-mail is its welcome, which carries the link: an activation only
+  -- once it has one (not a second e-mail from the same event, or for a first address)
+  AND (mail.kind = 'welcome' OR EXISTS (
+      SELECT 1 FROM deliveries w WHERE w.kind = 'welcome' AND w.cpf = u.cpf
+        AND w.registered_at IS NOT DISTINCT FROM u.registered_at))
 ON CONFLICT DO NOTHING
+"""
+# Due deliveries that a later version of the view no longer calls for: cancelled before a claim
+# (one that failed and was retried meanwhile, or that was being sent when the change came).
+_CANCEL_SUPERSEDED = f"""
+UPDATE deliveries d SET status = 'cancelled',
+    last_error = 'cancelled: the person was deleted, registered again or changed address'
+WHERE d.id IN (
+    SELECT id FROM deliveries d
+    WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND {_SUPERSEDED}
+    FOR UPDATE SKIP LOCKED)
 """
 
 
@@ -163,7 +194,9 @@ class NotifierStore:
             _APPLY_PERSON,
             {
                 **row,
-                "why": "the person was deleted" if state is None else "a new registration",
+                "why": "the person was deleted"
+                if state is None
+                else "a new registration or address",
                 "event_id": envelope_id,
                 "to_email": mail.to_email if mail else None,
                 "daily_cap": self.daily_cap,
@@ -181,15 +214,16 @@ class NotifierStore:
         it is one of `skip` (this process sent it and is still recording the result).
         """
         with self.single_statement() as cur:
+            cur.execute(_CANCEL_SUPERSEDED)
             cur.execute(
                 f"""
                 UPDATE deliveries SET status = 'sending', claimed_at = now(),
                                       claim_token = gen_random_uuid(), attempts = attempts + 1
                 WHERE id IN (
-                    SELECT id FROM deliveries
+                    SELECT id FROM deliveries d
                     WHERE ((status = 'pending' AND next_attempt_at <= now())
                        OR (status = 'sending' AND claimed_at < now() - %s * interval '1 second'))
-                      AND id <> ALL(%s)
+                      AND id <> ALL(%s) AND {_CURRENT}
                     ORDER BY id FOR UPDATE SKIP LOCKED LIMIT %s)
                 RETURNING {DELIVERY_COLUMNS}
                 """,
@@ -246,13 +280,15 @@ class NotifierStore:
         sent, in one statement (one transaction: nothing is sent outside it, so no claim is
         needed). Returns the deliveries' ids and trace contexts."""
         with self.single_statement() as cur:
+            cur.execute(_CANCEL_SUPERSEDED)
             cur.execute(
-                """
+                f"""
                 WITH due AS (
-                    SELECT id FROM deliveries
-                    WHERE (status = 'pending' AND next_attempt_at <= now())
+                    SELECT id FROM deliveries d
+                    WHERE ((status = 'pending' AND next_attempt_at <= now())
                        OR (status = 'sending'
-                           AND claimed_at < now() - %(lease)s * interval '1 second')
+                           AND claimed_at < now() - %(lease)s * interval '1 second'))
+                      AND {_CURRENT}
                     ORDER BY id FOR UPDATE SKIP LOCKED LIMIT %(limit)s
                 ), sent AS (
                     UPDATE deliveries d

@@ -380,3 +380,28 @@ def test_the_mailbox_takes_due_emails_in_batches_once_each(person_event, view, s
     ]
     assert {delivery(store, f"30{n}")["status"] for n in range(5)} == {"sent"}
     assert {delivery(store, f"30{n}")["attempts"] for n in range(5)} == {1}
+
+
+def test_a_welcome_that_failed_while_the_person_was_deleted_is_never_sent(
+    person_event, view, store
+):
+    """Being sent when the deletion came (so not cancelled by it), refused with a 5xx: given
+    back for a retry, it is cancelled at the next claim instead of sent."""
+    view(person_event("90", 1, "created"))
+    [claimed] = store.claim_due(10, 300)
+    view(person_event("90", 2, "deleted"))
+    assert store.mark_retry(claimed, 0, "503 from SendGrid")
+    assert store.claim_due(10, 300) == []
+    assert delivery(store, "90")["status"] == "cancelled"
+
+
+def test_a_welcome_that_failed_while_the_address_changed_goes_nowhere(person_event, view, store):
+    at = "2026-03-01T10:00:00+00:00"
+    view(person_event("91", 1, "created", email="old@example.com", created_at=at))
+    [claimed] = store.claim_due(10, 300)
+    view(person_event("91", 2, "activation_requested", email="new@example.com", created_at=at))
+    assert store.mark_retry(claimed, 0, "503 from SendGrid")
+    [again] = store.claim_due(10, 300)
+    assert (again["kind"], again["to_email"]) == ("activation", "new@example.com")
+    statuses = {(d["kind"], d["status"]) for d in store.deliveries(None, 10) if d["cpf"] == "91"}
+    assert statuses == {("welcome", "cancelled"), ("activation", "sending")}

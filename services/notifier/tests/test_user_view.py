@@ -135,6 +135,54 @@ def test_a_late_deletion_cancels_nothing(person, view, store):
     assert [d["status"] for d in deliveries(store, "74")] == ["pending"]
 
 
+def test_a_new_address_cancels_what_was_queued_to_the_old_one(person, view, store):
+    view(person("75", 1, "created", email="a@x.example"))
+    view(person("75", 2, "activation_requested", email="a@x.example"))
+    view(person("75", 3, "activation_requested", email="b@x.example", status="pending"))
+    found = {(d["kind"], d["to_email"], d["status"]) for d in deliveries(store, "75")}
+    assert found == {
+        ("welcome", "a@x.example", "cancelled"),
+        ("activation", "a@x.example", "cancelled"),
+        ("activation", "b@x.example", "pending"),
+    }
+    assert [d["to_email"] for d in store.claim_due(10, 300)] == ["b@x.example"]
+
+
+def test_a_first_address_gets_one_email_the_welcome_with_its_link(person, view, store):
+    view(person("76", 1, "created", email=None))
+    view(person("76", 2, "activation_requested", email="b@x.example"))
+    assert [(d["kind"], d["to_email"]) for d in deliveries(store, "76")] == [
+        ("welcome", "b@x.example")
+    ]
+
+
+def lose(store, cpf: str) -> None:
+    """The view's row deleted behind its back (a restore, a failover, a hand)."""
+    with store.pool.connection() as conn:
+        conn.execute("DELETE FROM users WHERE cpf = %s", (cpf,))
+
+
+def test_a_view_that_lost_a_row_holds_its_emails_until_repaired_and_cancels_none(
+    person, view, store
+):
+    """A lost row and then an older event of an earlier registration applied (a late or
+    redelivered one): the current registration's welcome is neither cancelled (the view is
+    behind it) nor sent (it is not current there), until verification brings the row back."""
+    view(person("77", 1, "created"))
+    view(person("77", 2, "deleted"))
+    later = (datetime.fromisoformat(REGISTERED) + timedelta(days=1)).isoformat()
+    current = person("77", 3, "created", created_at=later)
+    view(current)
+    lose(store, "77")
+    assert store.claim_due(10, 300) == []
+    view(person("77", 1, "created"))  # the earlier registration, late
+    assert store.claim_due(10, 300) == []
+    view(current)  # the repair's replay: the latest event
+    [claimed] = store.claim_due(10, 300)
+    assert claimed["kind"] == "welcome"
+    assert [d["status"] for d in deliveries(store, "77")] == ["sending", "cancelled"]
+
+
 def test_status_changes_update_the_view(person, view, store):
     view(person("8", 1, "created"))
     view(person("8", 2, status="active"))

@@ -74,9 +74,16 @@ class PersonService:
         with self._work() as uow:
             current = _found(uow.person(cpf, lock="update"), cpf)
             changed = {k: v for k, v in changes.items() if k in EDITABLE and current[k] != v}
-            if changed:
-                current = uow.update_person(cpf, changed)
-                uow.emit(Event(EventType.PERSON_UPDATED, cpf, person_data(current)), correlation_id)
+            if not changed:
+                return with_items(current, uow.items(cpf))
+            event = EventType.PERSON_UPDATED
+            if _new_address(current["email"], changed.get("email")):
+                # To be confirmed again: pending, and one event that carries the new state and
+                # asks for a link to the new address (links to an earlier one confirm nothing).
+                changed["status"], event = "pending", EventType.PERSON_ACTIVATION_REQUESTED
+                uow.mark_activation_requested(cpf)
+            current = uow.update_person(cpf, changed)
+            uow.emit(Event(event, cpf, person_data(current)), correlation_id)
             return with_items(current, uow.items(cpf))  # this write's state, not a later one
 
     def delete_person(self, cpf: str, correlation_id: str | None) -> None:
@@ -147,6 +154,12 @@ class PersonService:
                 correlation_id,
             )
             return person
+
+
+def _new_address(before: str | None, after: str | None) -> bool:
+    """Whether a change of e-mail is to another address (letter case aside), which the person
+    must confirm again."""
+    return bool(after) and (before or "").lower() != after.lower()
 
 
 def _found(person: dict | None, cpf: str) -> dict:
