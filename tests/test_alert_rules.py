@@ -54,6 +54,10 @@ def test_the_rules_use_metrics_the_services_export():
         "handler_buckets": [1.0],
         "handler_counts": [1, 0],
         "handler_seconds": 0.1,
+        "verifications": 1,
+        "divergent_buckets": 0,
+        "unrepaired_buckets": 0,
+        "repairs": 0,
     }
     exported |= {family.name for family in consumer_metrics({"host:1": snapshot})}
     registry = CollectorRegistry()

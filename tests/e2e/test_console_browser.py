@@ -189,6 +189,19 @@ def test_the_overview_shows_every_queue_and_process(page, console_stack):
     for service in ("person", "score", "notifier"):
         assert service in text
     assert Topology("score", console_stack.env["EVENTS_EXCHANGE"]).dead_queue in text
+    # Each model's last verification and what it repaired (the overview refreshes itself).
+    wait_until(
+        lambda: (
+            len(
+                re.findall(
+                    r"verified \d+ s ago: \d+ bucket\(s\) differed; \d+ repair",
+                    page.inner_text("main"),
+                )
+            )
+            == 2
+        ),
+        what="both models' last verification on the overview",
+    )
 
 
 def test_each_apis_root_page_renders_every_operation_of_its_document_from_its_own_host(

@@ -211,6 +211,7 @@ class Sources:
                     for k, v in samples.items()
                     if k.startswith("consumer_messages_total") and "outcome=dead_lettered" in k
                 ),
+                "verification": _verification(samples),
             }
             if service == "notifier":
                 view["emails"] = {
@@ -230,6 +231,24 @@ class Sources:
         view["ready"] = self.readiness()
         view["problems"] = problems
         return view
+
+
+def _verification(samples: dict[str, float]) -> dict[str, Any] | None:
+    """The model's last verification as its replicas report it (messaging.verification):
+    when, how many buckets differed and still differ after a repair, repairs made."""
+
+    def values(name: str) -> list[float]:
+        return [v for k, v in samples.items() if k.split("{")[0] == name]
+
+    last = values("read_model_last_verified_seconds")
+    if not last and not values("read_model_verifications_total"):
+        return None  # this model does not verify (VERIFY_SECONDS=0)
+    return {
+        "age": max(0.0, time.time() - max(last)) if last else None,
+        "divergent": int(max(values("read_model_divergent_buckets"), default=0)),
+        "unrepaired": int(max(values("read_model_unrepaired_buckets"), default=0)),
+        "repairs": int(sum(values("read_model_repairs_total"))),
+    }
 
 
 def _queues_of(topology: Topology) -> list[tuple[str, str]]:
