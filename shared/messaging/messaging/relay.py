@@ -70,7 +70,7 @@ WITH marked AS (
 ), latest AS (
     SELECT DISTINCT ON (entity, entity_id) entity, entity_id, entity_version AS version
     FROM marked ORDER BY entity, entity_id, entity_version DESC
-), prior AS (
+), prior AS MATERIALIZED (
     SELECT p.entity, p.entity_id, p.contribution
     FROM messaging_published p JOIN latest l USING (entity, entity_id)
 ), upserted AS (
