@@ -158,13 +158,18 @@ def run(entities: int) -> None:
     client = redis.Redis.from_url(REDIS_URL)
     try:
         show("verify_entities", entities)
-        show("verify_score_ms", score_check_ms(client, prefix, entities))
+        score_ms = score_check_ms(client, prefix, entities)
+        show("verify_score_ms", score_ms)
     finally:
         for keys in _pages(client.scan_iter(match=f"{prefix}*", count=PAGE)):
             client.unlink(*keys)
     with database(f"bench_verify_{run_id}") as url:
-        show("verify_notifier_ms", notifier_check_ms(url, entities))
-        plain, kept = mark_ms_per_event(url, False), mark_ms_per_event(url, True)
+        notifier_ms = notifier_check_ms(url, entities)
+        show("verify_notifier_ms", notifier_ms)
+        show("verify_ms", max(score_ms, notifier_ms))  # the slower model's check
+        # Alternated and the best of three each, so neither gains from going second.
+        runs = [(mark_ms_per_event(url, False), mark_ms_per_event(url, True)) for _ in range(3)]
+        plain, kept = min(r[0] for r in runs), min(r[1] for r in runs)
     apply_us = model_apply_us()
     show("digest_model_apply_us", apply_us)
     show("digest_mark_extra_us", max(0.0, kept - plain) * 1000)
