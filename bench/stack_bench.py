@@ -655,6 +655,47 @@ def measure_bulk(stack: Stack, models: ReadModels) -> float:
     return max(score_s, notifier_s)
 
 
+BULK_BODY_BYTES = 32 * 1024 * 1024 - 64 * 1024  # just under BULK_MAX_BYTES
+
+
+def measure_bulk_memory(stack: Stack) -> dict[str, float]:
+    """POST /person/bulk with a 32 MiB NDJSON body (100,000 people whose CPF the importer
+    refuses, so nothing replicates) through Traefik; then the highest peak RSS (VmHWM) of the
+    person API's processes, the whole of their lives up to then."""
+
+    def line(n: int, pad: str) -> str:
+        return json.dumps(
+            {"cpf": f"bulk-{n:06d}", "name": "B", "address": pad, "date_of_birth": "1990-01-01"}
+        )
+
+    pad = "x" * (BULK_BODY_BYTES // BULK_PEOPLE - len(line(0, "")) - 1)  # 1: the newline
+    lines = [line(n, pad) for n in range(BULK_PEOPLE)]
+    payload = "\n".join(lines).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", stack.gateway_port, timeout=300)
+    try:
+        conn.request(
+            "POST",
+            "/person/bulk",
+            body=payload,
+            headers={"Host": "person.localhost", "Content-Type": "application/x-ndjson"},
+        )
+        response = conn.getresponse()
+        answer = response.read()
+        if response.status != 202:
+            raise MeasureError(f"POST /person/bulk (NDJSON): {response.status} {answer[:300]!r}")
+        wait_import_done(conn, response.getheader("Location"), time.perf_counter())
+    finally:
+        conn.close()
+    tree, pids, todo = children(), [], [stack.processes["person"].pid]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo += tree.get(pid, [])
+    peak = max(status_kb(pid, "VmHWM") for pid in pids) / 1024
+    log.info("bulk NDJSON body of %.1f MB; person API peak RSS %.0f MB", len(payload) / 2**20, peak)
+    return {"bulk_body_mb": len(payload) / 2**20, "bulk_peak_rss_mb": peak}
+
+
 def wait_import_done(conn: http.client.HTTPConnection, location: str, start: float) -> dict:
     while True:
         conn.request("GET", f"{location}?limit=1", headers={"Host": "person.localhost"})
@@ -989,6 +1030,7 @@ NAMES = {  # the figures each step must print
     "cost": ("cpu_ms_per_registration", "post_person_p50_ms", "post_person_p99_ms"),
     "post": ("post_person_rps", "post_person_saturated_p99_ms"),
     "bulk": ("bulk_100k_s",),
+    "bulkmem": ("bulk_peak_rss_mb",),
     "memory": ("max_rss_mb",),
 }
 
@@ -1026,7 +1068,7 @@ def measure(
     log.info("%s took %.1fs", name, time.monotonic() - started)
 
 
-STEPS = ("alone", "e2e", "rebuild", "latency", "cost", "post", "bulk", "memory")
+STEPS = ("alone", "e2e", "rebuild", "latency", "cost", "post", "bulk", "bulkmem", "memory")
 
 
 def run(steps: tuple[str, ...] = STEPS) -> dict[str, float]:
@@ -1073,6 +1115,8 @@ def run(steps: tuple[str, ...] = STEPS) -> dict[str, float]:
                 settle(stack, emails=False)
             if "bulk" in steps:
                 measure(figures, lambda: measure_bulk(stack, models), "bulk_100k_s", watch)
+            if "bulkmem" in steps:
+                measure(figures, lambda: measure_bulk_memory(stack), "bulk_peak_rss_mb", watch)
             if "memory" in steps:
                 measure(figures, lambda: measure_memory(stack), "max_rss_mb", watch)
         finally:

@@ -4,7 +4,6 @@ answers in `responses=`, its scope beside it. Parse, call the store once, shape 
 from __future__ import annotations
 
 import html
-import json
 import math
 import uuid
 from typing import Any, Literal
@@ -16,9 +15,10 @@ from servicekit.access import principal
 from servicekit.auth import public, requires
 from servicekit.correlation import correlation_id
 from servicekit.errors import Problem, problem
-from servicekit.web import BODY_ERRORS, WholeNumber, body, content, reject_constant
+from servicekit.web import BODY_ERRORS, WholeNumber, body, content
 
 from .activation import Tokens
+from .bulk import BulkItems, BulkRefused, read_items
 from .catalogue import ITEM_KINDS
 from .errors import BadToken, Conflict, ExpiredToken, NotFound, TooSoon, Unprocessable
 from .imports import ImportStore, TooManyImports
@@ -85,7 +85,7 @@ def tokens() -> Tokens:
 def imports() -> ImportStore:
     found = current_app.extensions.get("person.imports")
     if found is None:
-        raise _BulkRefused(503, "bulk registration needs the PostgreSQL store")
+        raise BulkRefused(503, "bulk registration needs the PostgreSQL store")
     return found
 
 
@@ -153,10 +153,12 @@ def create_import() -> Any:
     POST /person validates its body."""
     key = request.headers.get(IDEMPOTENCY_KEY)
     if key is not None and not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
-        raise _BulkRefused(
+        raise BulkRefused(
             400, f"the {IDEMPOTENCY_KEY} header must have 1 to {IDEMPOTENCY_KEY_MAX} characters"
         )
-    row, _created = imports().create(_bulk_items(), key, principal().key_digest)
+    owner = principal().key_digest
+    with _bulk_items(owner, key) as items:
+        row, _created = imports().create(items, key, owner)
     accepted = body(ImportAccepted, id=row["id"], status=row["status"], total=row["total"])
     return accepted, 202, {"Location": f"/imports/{row['id']}"}
 
@@ -278,105 +280,20 @@ def request_activation(path: CpfPath) -> Any:
     return body(Accepted, message="a new activation e-mail is on its way"), 202
 
 
-class _BulkRefused(Exception):
-    def __init__(self, status: int, message: str, errors: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.errors = status, message, errors
-
-
-def _bulk_items() -> list[Any]:
+def _bulk_items(owner: str, key: str | None) -> BulkItems:
     """The items of a bulk body (a JSON array, or NDJSON), each an object; checked, not
-    validated: the importer validates each one as POST /person does. An over-size body is
-    refused before it is read (413), an over-count one as soon as the count is passed."""
-    request.max_content_length = current_app.config["BULK_MAX_BYTES"]  # Flask >= 3.1
+    validated: the importer validates each one as POST /person does. The key's room for one
+    more import is checked before the body is read; an over-size body is refused before it is
+    read (413), an over-count one at the first item too many; the body is never held whole
+    (person.bulk)."""
     mimetype = request.mimetype or ""
-    raw = request.get_data(cache=True)  # 413 past BULK_MAX_BYTES, from Content-Length first
-    if not raw.strip():
-        raise _BulkRefused(400, "the body is empty; a JSON array of people was expected")
     if mimetype != NDJSON and mimetype != "application/json" and not mimetype.endswith("+json"):
-        raise _BulkRefused(
+        raise BulkRefused(
             415, f"the body must be a JSON array (application/json) or NDJSON ({NDJSON})"
         )
-    most = current_app.config["BULK_MAX_ITEMS"]
-    try:
-        items = _ndjson(raw, most) if mimetype == NDJSON else _json_array(raw, most)
-    except UnicodeDecodeError as exc:
-        raise _BulkRefused(400, f"the body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise _BulkRefused(400, "the body is nested too deeply") from None
-    if not items:
-        raise _BulkRefused(422, "the body has no people", {"body": ["must not be empty"]})
-    not_objects = [index for index, item in enumerate(items) if not isinstance(item, dict)]
-    if not_objects:
-        errors = {str(index): ["must be a JSON object"] for index in not_objects[:20]}
-        raise _BulkRefused(422, f"{len(not_objects)} items are not objects", errors)
-    return items
-
-
-def _too_many(most: int) -> _BulkRefused:
-    return _BulkRefused(413, f"too many people: more than {most} per import")
-
-
-def _ndjson(raw: bytes, most: int) -> list[Any]:
-    lines = [(n, line) for n, line in enumerate(raw.splitlines(), start=1) if line.strip()]
-    if len(lines) > most:  # counted before a single item is parsed
-        raise _too_many(most)
-    items = []
-    for number, line in lines:
-        try:
-            items.append(json.loads(line, parse_constant=reject_constant))
-        except ValueError as exc:
-            raise _BulkRefused(400, f"the body is not valid JSON: line {number}: {exc}") from None
-    return items
-
-
-_WHITESPACE = " \t\n\r"
-
-
-def _json_array(raw: bytes, most: int) -> list[Any]:
-    """Parse a JSON array element by element, stopping as soon as it has too many."""
-    text = raw.decode()
-    at = len(text) - len(text.lstrip(_WHITESPACE))
-    if not text.startswith("[", at):
-        try:
-            json.loads(text, parse_constant=reject_constant)
-        except ValueError as exc:
-            raise _BulkRefused(400, f"the body is not valid JSON: {exc}") from None
-        raise _BulkRefused(400, "the body must be a JSON array of people")
-    items: list[Any] = []
-    at += 1
-    try:
-        while True:
-            at = _skip(text, at)
-            if text.startswith("]", at) and not items:
-                at += 1
-                break
-            item, at = _ARRAY_DECODER.raw_decode(text, at)
-            items.append(item)
-            if len(items) > most:
-                raise _too_many(most)
-            at = _skip(text, at)
-            if text.startswith(",", at):
-                at += 1
-                continue
-            if text.startswith("]", at):
-                at += 1
-                break
-            raise ValueError(f"Expecting ',' delimiter: char {at}")
-        if _skip(text, at) != len(text):
-            raise ValueError(f"Extra data: char {at}")
-    except ValueError as exc:
-        raise _BulkRefused(400, f"the body is not valid JSON: {exc}") from None
-    return items
-
-
-def _skip(text: str, at: int) -> int:
-    while at < len(text) and text[at] in _WHITESPACE:
-        at += 1
-    return at
-
-
-_ARRAY_DECODER = json.JSONDecoder(parse_constant=reject_constant)
+    imports().check_room(owner, key)
+    request.max_content_length = current_app.config["BULK_MAX_BYTES"]  # Flask >= 3.1
+    return read_items(request.stream, mimetype == NDJSON, current_app.config["BULK_MAX_ITEMS"])
 
 
 def _canonical_uuid(text: str) -> str | None:
@@ -423,8 +340,8 @@ def init_app(app: Flask) -> None:
         response.headers["Retry-After"] = "60"
         return response
 
-    @app.errorhandler(_BulkRefused)
-    def _bulk_refused(exc: _BulkRefused) -> Response:
+    @app.errorhandler(BulkRefused)
+    def _bulk_refused(exc: BulkRefused) -> Response:
         return problem(exc.status, exc.message, exc.errors)
 
     @app.errorhandler(BadToken)

@@ -14,8 +14,9 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from messaging import Outbox
@@ -37,6 +38,16 @@ APP_NAME = "person-importer"  # shows in pg_stat_activity
 IMPORT_COLUMNS = "id::text, status, total, processed, succeeded, failed, created_at, finished_at"
 
 
+class Items(Protocol):
+    """An import's items as the API read them (person.bulk.BulkItems)."""
+
+    count: int
+
+    def texts(self) -> Iterator[str]:
+        """Each item's JSON text, in order."""
+        ...
+
+
 class TooManyImports(Exception):
     """The key has as many imports queued as it may (429)."""
 
@@ -48,8 +59,23 @@ class ImportStore:
     def __init__(self, pool: ConnectionPool, max_queued: int = 3) -> None:
         self.pool, self.max_queued = pool, max_queued
 
+    def check_room(self, owner: str, idempotency_key: str | None = None) -> None:
+        """TooManyImports if the owner has `max_queued` imports not done yet, unless this is a
+        resubmission (create() returns the original): asked before a body is read, in one
+        snapshot, and again by create() under the owner's lock."""
+        with self.pool.connection() as conn:
+            queued, resubmitted = conn.execute(
+                "SELECT count(*) FILTER (WHERE status <> 'done'), "
+                "coalesce(bool_or(idempotency_key = %s), false) FROM imports WHERE owner = %s",
+                (idempotency_key, owner),
+            ).fetchone()
+        if queued >= self.max_queued and not resubmitted:
+            raise TooManyImports(
+                f"{self.max_queued} imports of this key are not done yet: wait for one"
+            )
+
     def create(
-        self, items: list[Any], idempotency_key: str | None, owner: str = ""
+        self, items: Items, idempotency_key: str | None, owner: str = ""
     ) -> tuple[dict, bool]:
         """Store an import of `items`; (its row, True), or (the existing one, False) when an
         import with this idempotency key exists already (its items are not compared).
@@ -83,14 +109,14 @@ class ImportStore:
             cur.execute(
                 f"INSERT INTO imports (id, owner, idempotency_key, total) VALUES (%s, %s, %s, %s) "
                 f"ON CONFLICT (owner, idempotency_key) DO NOTHING RETURNING {IMPORT_COLUMNS}",
-                (import_id, owner, idempotency_key, len(items)),
+                (import_id, owner, idempotency_key, items.count),
             )
             row = cur.fetchone()
             if row is None:  # the key was taken meanwhile (ON CONFLICT waited for it)
                 return _keyed(cur, owner, idempotency_key), False
             with cur.copy("COPY import_items (import_id, idx, item) FROM STDIN") as copy:
-                for index, item in enumerate(items):
-                    copy.write_row((import_id, index, json.dumps(item, separators=(",", ":"))))
+                for index, text in enumerate(items.texts()):
+                    copy.write_row((import_id, index, text))
             cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(import_id)))
             return row, True
 
