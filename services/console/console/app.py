@@ -36,6 +36,7 @@ from servicekit.auth import ApiKeys, digest, public
 
 from .audit import AuditLog
 from .config import ConsoleConfig
+from .redirects import same_console
 from .sources import Sources, Unreachable, body_view
 
 bp = Blueprint("console", __name__)
@@ -125,8 +126,7 @@ def signout() -> Any:
 
 
 def _safe_next() -> str:
-    target = request.args.get("next") or request.form.get("next") or "/"
-    return target if target.startswith("/") and not target.startswith("//") else "/"
+    return same_console(request.args.get("next") or request.form.get("next"), "/")
 
 
 # -- pages -------------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ def retry_email(delivery_id: int) -> Any:
         int(status == 202),
         str(answer.get("message", "")) if isinstance(answer, dict) else "",
     )
-    return redirect(request.form.get("back") or url_for("console.journey"))
+    return redirect(same_console(request.form.get("back"), url_for("console.journey")))
 
 
 @bp.get("/rebuild")
