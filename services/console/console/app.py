@@ -1,9 +1,10 @@
 """The operators' console (console.localhost): overview, failures, one change's journey,
 rebuilds and the audit log, server-rendered.
 
-Signing in: the operator pastes an API key with the `admin` scope once; the session is a
-signed, HttpOnly, SameSite=Strict cookie holding the key's digest (never the key) and a CSRF
-token that every state-changing POST must carry. A bearer key with the scope works too. Where
+Signing in: the operator pastes an API key with the `admin` scope once; the session is kept
+server-side (sessions.py: the HttpOnly, SameSite=Strict cookie holds a random token only), knows
+the key's digest (never the key) and a CSRF token that every state-changing POST must carry, and
+ends at sign-out. A bearer key with the scope works too. Where
 API keys are off (development), the pages are open, but POSTs still need the CSRF token.
 """
 
@@ -37,6 +38,7 @@ from servicekit.auth import ApiKeys, digest, public
 from .audit import AuditLog
 from .config import ConsoleConfig
 from .redirects import same_console
+from .sessions import ServerSessions, SessionStore
 from .sources import Sources, Unreachable, body_view
 
 bp = Blueprint("console", __name__)
@@ -111,17 +113,19 @@ def signin_post() -> Any:
             csrf=csrf_token(),
         )
         return page, 401
+    audit().record(f"key {principal.key_digest[:12]}", "sign in", "console", 0)
+    session.renew()  # a token seen before signing in is worth nothing after
     session.clear()
     session["key_digest"] = digest(key)
     session["csrf"] = secrets.token_urlsafe(24)
-    audit().record(f"key {principal.key_digest[:12]}", "sign in", "console", 0)
     return redirect(_safe_next())
 
 
 @bp.post("/signout")
 def signout() -> Any:
     _check_csrf()
-    session.clear()
+    audit().record(g.operator, "sign out", "console", 0)
+    session.end()  # its row goes: a copy of the cookie opens nothing any more
     return redirect(url_for("console.signin"))
 
 
@@ -354,9 +358,8 @@ def create_app(config: ConsoleConfig | None = None) -> Flask:
     api_keys = config.api_key_store()
     from .migrate import migrate_database
 
-    migrate_database(config.console_database_url)  # its own audit log: idempotent, locked
+    migrate_database(config.console_database_url)  # its audit log, sessions: idempotent, locked
     app = web.new_app("console")
-    app.secret_key = config.console_secret
     app.config.update(
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
@@ -366,6 +369,14 @@ def create_app(config: ConsoleConfig | None = None) -> Flask:
     )
     pool = ConnectionPool(
         config.console_database_url, min_size=1, max_size=4, open=True, name="console"
+    )
+    app.session_interface = ServerSessions(
+        SessionStore(
+            pool,
+            config.console_secret,
+            lifetime=config.console_session_seconds,
+            idle=config.console_session_idle_seconds,
+        )
     )
     app.extensions["console.sources"] = Sources(config)
     app.extensions["console.audit"] = AuditLog(pool)
