@@ -35,6 +35,7 @@ from psycopg_pool import ConnectionPool
 from servicekit import access, correlation, docs, errors, health, metrics, tracing, web
 from servicekit.auth import ApiKeys, digest, public
 
+from . import headers
 from .audit import AuditLog
 from .config import ConsoleConfig
 from .redirects import same_console
@@ -80,6 +81,11 @@ def _who() -> Any:
     if request.method == "GET":
         return redirect(url_for("console.signin", next=request.full_path))
     abort(401)
+
+
+@bp.app_context_processor
+def _forms() -> dict[str, Any]:
+    return {"csrf_token": csrf_token}  # every page's sign-out form carries it
 
 
 def csrf_token() -> str:
@@ -397,6 +403,7 @@ def create_app(config: ConsoleConfig | None = None) -> Flask:
     health.init_app(app, "console", readiness, registry)
     tracing.init_app(app, "console")
     docs.init_app(app, page=False)  # the console's own pages are at its root
+    headers.init_app(app)
 
     @app.errorhandler(401)
     def _unauthorized(_exc: Exception) -> Response:

@@ -35,8 +35,9 @@ def console_db(make_database) -> str:
 
 
 @pytest.fixture
-def make_app(console_db, keys) -> Callable[..., Flask]:
+def make_app(console_db, keys) -> Iterator[Callable[..., Flask]]:
     """The console as gunicorn builds it, API keys on; `changes` are ConsoleConfig fields."""
+    made: list[Flask] = []
 
     def make(**changes: Any) -> Flask:
         settings = {
@@ -49,9 +50,12 @@ def make_app(console_db, keys) -> Callable[..., Flask]:
         }
         app = create_app(ConsoleConfig(**settings))
         app.testing = True
+        made.append(app)
         return app
 
-    return make
+    yield make
+    for app in made:
+        app.extensions["console.audit"].pool.close()
 
 
 @pytest.fixture
