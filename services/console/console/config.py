@@ -25,6 +25,12 @@ class ConsoleConfig(BrokerSettings):
     # this long after its last request, whichever comes first.
     console_session_seconds: int = Field(8 * 3600, ge=60)
     console_session_idle_seconds: int = Field(30 * 60, ge=60)
+    # Failed sign-ins (the form, or a bearer key on a page) from one client address: past this
+    # many within the window, 429 with Retry-After until the oldest of them leaves it.
+    console_signin_failures: int = Field(5, ge=1)
+    console_signin_window_seconds: int = Field(15 * 60, ge=1)
+    # Proxies in front that add the client's address to X-Forwarded-For (Traefik: 1).
+    console_proxies: int = Field(1, ge=0)
     console_consumers: tuple[str, ...] = ("score", "notifier")  # whose queues it shows
     # Dead letters a page reads (and holds unacknowledged, briefly) from each dead queue at most.
     console_dlq_window: int = Field(500, ge=1)

@@ -119,13 +119,16 @@ class FakeNotifier:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
+        self.status = 202
+        self.on_call: Callable[[], None] = lambda: None  # what a test looks at meanwhile
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 fake.calls.append(("POST", self.path))
+                fake.on_call()
                 body = json.dumps({"message": "queued again"}).encode()
-                self.send_response(202)
+                self.send_response(fake.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -136,7 +139,7 @@ class FakeNotifier:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
