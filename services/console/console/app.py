@@ -4,8 +4,9 @@ rebuilds and the audit log, server-rendered.
 Signing in: the operator pastes an API key with the `admin` scope once; the session is kept
 server-side (sessions.py: the HttpOnly, SameSite=Strict cookie holds a random token only), knows
 the key's digest (never the key) and a CSRF token that every state-changing POST must carry, and
-ends at sign-out. A bearer key with the scope works too. Where
-API keys are off (development), the pages are open, but POSTs still need the CSRF token.
+ends at sign-out. A bearer key with the scope works too. A failed sign-in, by either way, is
+audited with the client's address, and a client that fails too often waits (429). Where API keys
+are off (development), the pages are open, but POSTs still need the CSRF token.
 """
 
 from __future__ import annotations
