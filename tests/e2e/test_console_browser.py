@@ -235,3 +235,96 @@ def test_each_apis_root_page_renders_every_operation_of_its_document_from_its_ow
     ]
     assert requested and not elsewhere, elsewhere
     docs.close()
+
+
+def test_the_pages_run_under_their_content_security_policy(page, console_stack):
+    """Every answer forbids framing, inline script and keeping a copy, and the pages still work:
+    the overview and the rebuild page refresh from the console's own script file."""
+    refused: list[str] = []
+
+    def said(message) -> None:
+        refused.append(message.text)
+
+    page.on("console", said)
+    answer = page.goto("/")
+    headers = answer.all_headers()
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert "unsafe-inline" not in headers["content-security-policy"]
+    assert headers["x-frame-options"] == "DENY" and headers["cache-control"] == "no-store"
+    assert headers["referrer-policy"] == "no-referrer"
+    page.wait_for_selector("#backlog")  # fetched by /static/console.js, under the policy
+    page.goto("/rebuild")
+    page.wait_for_selector("#rebuild-state")
+    page.goto("/journey")
+    page.goto("/audit")
+    page.remove_listener("console", said)
+    assert not [text for text in refused if "Content Security Policy" in text], refused
+    log = page.inner_text("table")
+    assert "view journey" in log  # the journeys followed above
+    assert "sign in failed" in log  # the reader's key, refused in the first test
+
+
+def test_signing_out_ends_the_session_even_for_a_copied_cookie(page, console_stack):
+    page.goto("/")
+    page.wait_for_selector("#backlog")
+    copied = next(c for c in page.context.cookies() if c["name"] == "console")
+    elsewhere = page.context.browser.new_context(
+        base_url=f"http://console.localhost:{console_stack.port}"
+    )
+    try:
+        elsewhere.add_cookies([copied])
+        other = elsewhere.new_page()
+        other.goto("/audit")
+        assert urllib.parse.urlsplit(other.url).path == "/audit"  # the copy works, for now
+        page.click("button:has-text('sign out')")
+        page.wait_for_url("**/signin")
+        other.goto("/audit")
+        assert urllib.parse.urlsplit(other.url).path == "/signin"  # and no longer
+        assert "Sign in" in other.inner_text("main")
+    finally:
+        elsewhere.close()
+
+
+def test_a_sign_in_link_to_another_site_lands_on_the_console(page, console_stack, keys):
+    """GET /signin?next=/%09/evil.example/: browsers drop the tab, so "/\\t/evil.example/" would
+    send a freshly signed-in operator to //evil.example/."""
+    asked: list[str] = []
+
+    def requested(request) -> None:
+        asked.append(request.url)
+
+    page.on("request", requested)
+    page.goto("/signin?next=/%09/evil.example/")
+    page.fill("input[name=key]", keys["admin"])
+    page.click("button:has-text('Sign in')")
+    page.wait_for_selector("#backlog")
+    page.remove_listener("request", requested)
+    landed = urllib.parse.urlsplit(page.url)
+    assert landed.hostname == "console.localhost" and landed.path == "/"
+    assert not [url for url in asked if "evil.example" in urllib.parse.urlsplit(url).netloc]
+
+
+def test_failed_sign_ins_from_one_address_are_throttled_whatever_it_claims(
+    page, console_stack, keys
+):
+    """Through Traefik, which puts the client's address last in X-Forwarded-For: a different
+    claimed address on each try changes nothing. Last in the module: it locks this address out."""
+    attempts = 0
+    while True:
+        attempts += 1
+        page.context.set_extra_http_headers({"X-Forwarded-For": f"10.0.0.{attempts}"})
+        page.goto("/signin")
+        page.fill("input[name=key]", "mk_not-a-key")
+        with page.expect_response(lambda r: r.request.method == "POST") as posted:
+            page.click("button:has-text('Sign in')")
+        if posted.value.status == 429:
+            break
+        assert posted.value.status == 401 and attempts <= 5  # CONSOLE_SIGNIN_FAILURES
+    assert 0 < int(posted.value.headers["retry-after"]) <= 900
+    assert "too many failed sign-ins" in page.inner_text("main")
+    page.context.set_extra_http_headers({})
+    page.goto("/signin")
+    page.fill("input[name=key]", keys["admin"])  # the right key waits too: no oracle
+    with page.expect_response(lambda r: r.request.method == "POST") as posted:
+        page.click("button:has-text('Sign in')")
+    assert posted.value.status == 429

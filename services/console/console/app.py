@@ -1,10 +1,12 @@
 """The operators' console (console.localhost): overview, failures, one change's journey,
 rebuilds and the audit log, server-rendered.
 
-Signing in: the operator pastes an API key with the `admin` scope once; the session is a
-signed, HttpOnly, SameSite=Strict cookie holding the key's digest (never the key) and a CSRF
-token that every state-changing POST must carry. A bearer key with the scope works too. Where
-API keys are off (development), the pages are open, but POSTs still need the CSRF token.
+Signing in: the operator pastes an API key with the `admin` scope once; the session is kept
+server-side (sessions.py: the HttpOnly, SameSite=Strict cookie holds a random token only), knows
+the key's digest (never the key) and a CSRF token that every state-changing POST must carry, and
+ends at sign-out. A bearer key with the scope works too. A failed sign-in, by either way, is
+audited with the client's address, and a client that fails too often waits (429). Where API keys
+are off (development), the pages are open, but POSTs still need the CSRF token.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import hmac
 import secrets
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import (
@@ -32,10 +34,14 @@ from messaging.connection import BrokerProbe
 from prometheus_client import CollectorRegistry
 from psycopg_pool import ConnectionPool
 from servicekit import access, correlation, docs, errors, health, metrics, tracing, web
-from servicekit.auth import ApiKeys, digest, public
+from servicekit.auth import ApiKeys, Principal, digest, public
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from .audit import AuditLog
+from . import headers
+from .audit import SIGN_IN_FAILED, AuditLog
 from .config import ConsoleConfig
+from .redirects import same_console
+from .sessions import ServerSessions, SessionStore
 from .sources import Sources, Unreachable, body_view
 
 bp = Blueprint("console", __name__)
@@ -66,10 +72,16 @@ def _who() -> Any:
     if found is None:
         g.operator = "anonymous (API keys off)"
         return None
-    bearer = found.verify(request.headers.get("Authorization"))
-    if bearer is not None and ADMIN in bearer.scopes:
-        g.operator = f"key {bearer.key_digest[:12]}"
-        return None
+    header = request.headers.get("Authorization")
+    if header:  # a sign-in with each request: throttled and audited as the form's
+        refused = _throttled()
+        if refused is not None:
+            return refused
+        bearer = found.verify(header)
+        if bearer is not None and ADMIN in bearer.scopes:
+            g.operator = f"key {bearer.key_digest[:12]}"
+            return None
+        _failed(bearer, "bearer key")
     signed = session.get("key_digest")
     if isinstance(signed, str) and ADMIN in (found.scopes_of(signed) or ()):
         g.operator = f"key {signed[:12]}"
@@ -77,6 +89,11 @@ def _who() -> Any:
     if request.method == "GET":
         return redirect(url_for("console.signin", next=request.full_path))
     abort(401)
+
+
+@bp.app_context_processor
+def _forms() -> dict[str, Any]:
+    return {"csrf_token": csrf_token}  # every page's sign-out form carries it
 
 
 def csrf_token() -> str:
@@ -99,10 +116,14 @@ def signin() -> Any:
 @bp.post("/signin")
 def signin_post() -> Any:
     _check_csrf()
+    refused = _throttled()  # before the key is looked at: no answer says whether it was right
+    if refused is not None:
+        return refused
     key = request.form.get("key", "").strip()
     found = keys()
     principal = found.verify(f"Bearer {key}") if found else None
     if principal is None or ADMIN not in principal.scopes:
+        _failed(principal, "sign-in form")
         page = render_template(
             "signin.html",
             next=_safe_next(),
@@ -110,23 +131,51 @@ def signin_post() -> Any:
             csrf=csrf_token(),
         )
         return page, 401
+    audit().record(f"key {principal.key_digest[:12]}", "sign in", "console", 0)
+    session.renew()  # a token seen before signing in is worth nothing after
     session.clear()
     session["key_digest"] = digest(key)
     session["csrf"] = secrets.token_urlsafe(24)
-    audit().record(f"key {principal.key_digest[:12]}", "sign in", "console", 0)
     return redirect(_safe_next())
 
 
 @bp.post("/signout")
 def signout() -> Any:
     _check_csrf()
-    session.clear()
+    audit().record(g.operator, "sign out", "console", 0)
+    session.end()  # its row goes: a copy of the cookie opens nothing any more
     return redirect(url_for("console.signin"))
 
 
+def _client() -> str:
+    return f"client {request.remote_addr}"  # the address Traefik saw (ProxyFix)
+
+
+def _failed(principal: Principal | None, how: str) -> None:
+    said = "an unknown key" if principal is None else f"key {principal.key_digest[:12]}, no admin"
+    audit().record(_client(), SIGN_IN_FAILED, "console", 0, f"{how}: {said}")
+
+
+def _throttled() -> Response | None:
+    """429 with Retry-After (audited) for a client whose sign-ins failed too often lately."""
+    most, window = current_app.extensions["console.throttle"]
+    wait = audit().sign_in_wait(_client(), most, window)
+    if not wait:
+        return None
+    audit().record(
+        _client(), "sign in throttled", "console", 0, f"{request.path}: {wait} s to wait"
+    )
+    page = render_template(
+        "signin.html",
+        next=_safe_next(),
+        error=f"too many failed sign-ins from this address: try again in {wait} s",
+        csrf=session.get("csrf", ""),  # no new session for a client that is only refused
+    )
+    return Response(page, 429, {"Retry-After": str(wait)})
+
+
 def _safe_next() -> str:
-    target = request.args.get("next") or request.form.get("next") or "/"
-    return target if target.startswith("/") and not target.startswith("//") else "/"
+    return same_console(request.args.get("next") or request.form.get("next"), "/")
 
 
 # -- pages -------------------------------------------------------------------------------------
@@ -204,11 +253,11 @@ def failure_action(action: str) -> Any:
     ids = request.form.getlist("id")
     if queue not in sources().dead_queues or action not in ("replay", "discard") or not ids:
         abort(400, "choose a dead queue, an action and at least one message")
-    outcome = (sources().replay if action == "replay" else sources().discard)(queue, ids)
-    audit().record(
-        g.operator, action, queue, outcome.done, f"{len(ids)} listed: {', '.join(ids)[:1500]}"
-    )
-    return redirect(url_for("console.failures", done=_done(action, len(ids), outcome)))
+    listed = f"{len(ids)} listed: {', '.join(ids)[:1500]}"
+    with audit().acting(g.operator, action, queue, len(ids), listed) as done:
+        outcome = (sources().replay if action == "replay" else sources().discard)(queue, ids)
+        done.count, done.detail = outcome.done, _done(action, len(ids), outcome)
+    return redirect(url_for("console.failures", done=done.detail))
 
 
 def _done(action: str, listed: int, outcome: Any) -> str:
@@ -225,6 +274,9 @@ def _done(action: str, listed: int, outcome: Any) -> str:
 def journey() -> Any:
     query = request.args.get("q", "").strip()
     found = _journey(query) if query else None
+    if found is not None:  # personal data: shown only once the log says who saw it
+        seen = f"cpf {found['cpf']}; {len(found['emails'])} e-mail(s)" if found["cpf"] else ""
+        audit().record(g.operator, "view journey", query[:200], len(found["events"]), seen)
     return render_template("journey.html", q=query, found=found, csrf=csrf_token())
 
 
@@ -299,15 +351,11 @@ def _model_state(held: int | None, latest: int | None, status: int) -> dict[str,
 @bp.post("/emails/<int:delivery_id>/retry")
 def retry_email(delivery_id: int) -> Any:
     _check_csrf()
-    status, answer = sources().call("notifier", "POST", f"/deliveries/{delivery_id}/retry")
-    audit().record(
-        g.operator,
-        "retry e-mail",
-        f"delivery {delivery_id}",
-        int(status == 202),
-        str(answer.get("message", "")) if isinstance(answer, dict) else "",
-    )
-    return redirect(request.form.get("back") or url_for("console.journey"))
+    with audit().acting(g.operator, "retry e-mail", f"delivery {delivery_id}", 1) as done:
+        status, answer = sources().call("notifier", "POST", f"/deliveries/{delivery_id}/retry")
+        done.count, done.failed = int(status == 202), status != 202
+        done.detail = str(answer.get("message", "")) if isinstance(answer, dict) else str(status)
+    return redirect(same_console(request.form.get("back"), url_for("console.journey")))
 
 
 @bp.get("/rebuild")
@@ -327,14 +375,14 @@ def rebuild_state() -> Any:
 @bp.post("/rebuild")
 def rebuild_start() -> Any:
     _check_csrf()
-    status, answer = sources().call("score", "POST", "/rebuild")
-    audit().record(
-        g.operator,
-        "rebuild",
-        "score",
-        int(status == 202),
-        str(answer.get("message", answer.get("state", ""))),
-    )
+    with audit().acting(g.operator, "rebuild", "score", 1) as done:
+        status, answer = sources().call("score", "POST", "/rebuild")
+        done.count, done.failed = int(status == 202), status != 202
+        done.detail = (
+            str(answer.get("message", answer.get("state", "")))
+            if isinstance(answer, dict)
+            else str(status)
+        )
     return redirect(url_for("console.rebuild"))
 
 
@@ -354,9 +402,10 @@ def create_app(config: ConsoleConfig | None = None) -> Flask:
     api_keys = config.api_key_store()
     from .migrate import migrate_database
 
-    migrate_database(config.console_database_url)  # its own audit log: idempotent, locked
+    migrate_database(config.console_database_url)  # its audit log, sessions: idempotent, locked
     app = web.new_app("console")
-    app.secret_key = config.console_secret
+    if config.console_proxies:  # the client's address as the gateway saw it (the throttle's)
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=config.console_proxies)  # type: ignore[method-assign]
     app.config.update(
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
@@ -367,9 +416,21 @@ def create_app(config: ConsoleConfig | None = None) -> Flask:
     pool = ConnectionPool(
         config.console_database_url, min_size=1, max_size=4, open=True, name="console"
     )
+    app.session_interface = ServerSessions(
+        SessionStore(
+            pool,
+            config.console_secret,
+            lifetime=config.console_session_seconds,
+            idle=config.console_session_idle_seconds,
+        )
+    )
     app.extensions["console.sources"] = Sources(config)
     app.extensions["console.audit"] = AuditLog(pool)
     app.extensions["console.keys"] = api_keys
+    app.extensions["console.throttle"] = (
+        config.console_signin_failures,
+        timedelta(seconds=config.console_signin_window_seconds),
+    )
     app.register_blueprint(bp)
     for view in app.view_functions.values():  # the pages check the admin scope (_who)
         if getattr(view, "required_scope", None) is None:
@@ -386,6 +447,7 @@ def create_app(config: ConsoleConfig | None = None) -> Flask:
     health.init_app(app, "console", readiness, registry)
     tracing.init_app(app, "console")
     docs.init_app(app, page=False)  # the console's own pages are at its root
+    headers.init_app(app)
 
     @app.errorhandler(401)
     def _unauthorized(_exc: Exception) -> Response:

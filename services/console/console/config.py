@@ -19,7 +19,18 @@ class ConsoleConfig(BrokerSettings):
     score_api_url: str = "http://127.0.0.1:8102"
     notifier_api_url: str = "http://127.0.0.1:8103"
     console_api_key: str | None = None  # person:read, score:read, notifier:read, metrics, admin
-    console_secret: str = DEVELOPMENT_SECRET  # signs the session cookie
+    # Keys the session ids the console stores (the HMAC of each cookie's random token).
+    console_secret: str = DEVELOPMENT_SECRET
+    # A session (kept in the console's database) ends at sign-out, this long after it began, or
+    # this long after its last request, whichever comes first.
+    console_session_seconds: int = Field(8 * 3600, ge=60)
+    console_session_idle_seconds: int = Field(30 * 60, ge=60)
+    # Failed sign-ins (the form, or a bearer key on a page) from one client address: past this
+    # many within the window, 429 with Retry-After until the oldest of them leaves it.
+    console_signin_failures: int = Field(5, ge=1)
+    console_signin_window_seconds: int = Field(15 * 60, ge=1)
+    # Proxies in front that add the client's address to X-Forwarded-For (Traefik: 1).
+    console_proxies: int = Field(1, ge=0)
     console_consumers: tuple[str, ...] = ("score", "notifier")  # whose queues it shows
     # Dead letters a page reads (and holds unacknowledged, briefly) from each dead queue at most.
     console_dlq_window: int = Field(500, ge=1)
