@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import re
 
+import psycopg
 import pytest
 from notifier.app import create_app
 from notifier.consumer import UserView, composer_for
+from notifier.migrate import migrate_database
 from notifier.store import NotifierStore
 
 pytestmark = pytest.mark.integration
@@ -133,3 +135,31 @@ def test_the_user_view_says_why_an_activation_email_was_suppressed(person_event,
     assert "1 e-mails to the mailbox bea@example.com" in view["activation_email"]["last_error"]
     listed = client.get("/deliveries?status=suppressed&cpf=5").json["deliveries"]
     assert [d["last_error"] for d in listed] == [view["activation_email"]["last_error"]]
+
+
+def test_an_email_recorded_with_a_link_from_the_name_before_the_rule_is_never_sent(
+    notifier_db, view, store, person_event
+):
+    view(person_event("70", name="Ana"))
+    view(person_event("71", name="Bea"))
+    with psycopg.connect(notifier_db, autocommit=True) as conn:
+        # 70's welcome as the earlier composition wrote it, with the name's link first; and the
+        # database as it was before migration 010
+        conn.execute(
+            "UPDATE deliveries SET text = 'Welcome, Ana https://evil.example/login!' "
+            "|| E'\\n\\n' || text WHERE cpf = '70'"
+        )
+        conn.execute("DROP FUNCTION mailbox_of CASCADE")
+        conn.execute(
+            "CREATE INDEX deliveries_by_address ON deliveries (lower(to_email), created_at)"
+        )
+        conn.execute("DELETE FROM schema_migrations WHERE version = '010_mailbox_cap'")
+
+    migrate_database(notifier_db)
+
+    found = {d["cpf"]: d for d in store.deliveries(None, 10)}
+    assert (
+        found["70"]["status"] == "cancelled" and "before migration 010" in found["70"]["last_error"]
+    )
+    assert found["71"]["status"] == "pending"
+    assert [d["cpf"] for d in store.claim_due(10, 300)] == ["71"]

@@ -21,3 +21,12 @@ $$;
 
 CREATE INDEX deliveries_by_mailbox ON deliveries (mailbox_of(to_email), created_at);
 DROP INDEX deliveries_by_address;  -- 006's, by lower(to_email): the cap no longer asks it
+
+-- E-mails recorded before this version were composed with the name as it came (email.py now
+-- leaves out any name that is not plainly one). One still to be sent or retried whose text holds
+-- a second link or an address is cancelled, never sent: the person can ask for a new link, which
+-- is composed under the new rule.
+UPDATE deliveries
+SET status = 'cancelled',
+    last_error = 'cancelled: composed with a link or an address from the name (before migration 010)'
+WHERE status IN ('pending', 'failed') AND (text LIKE '%://%://%' OR text LIKE '%@%');
