@@ -21,7 +21,9 @@ Limit = Annotated[WholeNumber, Field(ge=1, le=500, description="how many, newest
 _LINK = re.compile(r"https?://\S+")
 
 
-class WelcomeOut(BaseModel):
+class EmailOut(BaseModel):
+    """One e-mail's state; `last_error` says why one was suppressed, cancelled or failed."""
+
     status: str
     attempts: int
     last_error: str | None
@@ -34,7 +36,10 @@ class UserOut(BaseModel):
     name: str | None
     email: str | None
     status: str | None
-    welcome_email: WelcomeOut | None = Field(description="null when no welcome e-mail is due")
+    welcome_email: EmailOut | None = Field(description="null when no welcome e-mail is due")
+    activation_email: EmailOut | None = Field(
+        None, description="the latest activation e-mail asked for; null when none was"
+    )
 
 
 class MailOut(BaseModel):
@@ -111,12 +116,16 @@ def get_user(path: UserPath) -> Any:
     user = store().user(path.cpf)
     if user is None:
         return problem(404, f"no user with CPF {path.cpf}")
-    welcome = user["welcome"]
     return body(
         UserOut,
         **{name: user[name] for name in ("cpf", "version", "name", "email", "status")},
-        welcome_email=None if welcome is None else {k: welcome[k] for k in WelcomeOut.model_fields},
+        welcome_email=_email_state(user["welcome"]),
+        activation_email=_email_state(user["activation"]),
     )
+
+
+def _email_state(delivery: dict | None) -> dict | None:
+    return None if delivery is None else {k: delivery[k] for k in EmailOut.model_fields}
 
 
 # The development mailbox holds every activation link: it exists only in development without a

@@ -9,6 +9,7 @@ import json
 import logging
 import random
 import time
+import unicodedata
 import urllib.error
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +60,7 @@ class Composer:
 
     def compose(self, kind: str, cpf: str, name: str, email: str, registered_at: str) -> Composed:
         link = self.link(cpf, email, registered_at)
-        values = {"name": one_line(name), "link": link, "ttl_hours": self.ttl_seconds // 3600}
+        values = {"name": greeting_name(name), "link": link, "ttl_hours": self.ttl_seconds // 3600}
         return Composed(
             SUBJECTS[kind],
             self._templates[kind, "html"].render(values),
@@ -68,11 +69,31 @@ class Composer:
         )
 
 
-def one_line(text: str, most: int = 200) -> str:
-    """Text for an e-mail: control and line-breaking characters gone, spaces collapsed, so a
-    crafted name cannot add lines, paragraphs or links to the text part."""
-    kept = "".join(ch if ch.isprintable() else " " for ch in text)
-    return " ".join(kept.split())[:most]
+# What a name may hold to be put in an e-mail: letters (any script) and their marks, single
+# spaces, and the punctuation of names. No digit, no '@', ':' or '/', and a full stop only at
+# the end of a word: nothing a mail client could turn into a link or an address.
+_NAME_PUNCTUATION = frozenset("'\u2019-.,")
+NAME_MOST = 100
+
+
+def greeting_name(text: str) -> str | None:
+    """The name an e-mail greets the person by, or None to greet them without it.
+
+    Every person field comes from an API client, so a name is used only if it is plainly a
+    name: any run of whitespace becomes one space, and any other character must be a letter, a
+    mark or name punctuation, with a full stop only before a space or at the end (so that
+    "evil.example", "1.2.3.4", "a@b" or "https://..." cannot appear, whatever the script or the
+    look-alike characters). Anything else is left out whole, not trimmed into a new sentence.
+    """
+    name = " ".join(text.split())
+    if not name or len(name) > NAME_MOST:
+        return None
+    for at, ch in enumerate(name):
+        if ch == " " or unicodedata.category(ch)[0] in "LM":
+            continue
+        if ch not in _NAME_PUNCTUATION or (ch == "." and name[at + 1 : at + 2] not in ("", " ")):
+            return None
+    return name
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ _SUPERSEDED = f"""EXISTS (
 # _SUPERSEDED), records the welcome unless this registration has one (the unique index on (cpf,
 # registered_at)), and an activation request of a registration that has its welcome records a
 # link, to the address the event carries: the current one. Past the day's cap of e-mails to one
-# address, what it records is suppressed instead of pending.
+# mailbox (mailbox_of, migration 010: case, `+tags` and Gmail's dots aside), what it records is
+# suppressed instead of pending, and says why.
 _APPLY_PERSON = f"""
 WITH u AS ({_UPSERT_USER} RETURNING cpf, version, deleted, registered_at, email),
 cancelled AS (
@@ -71,7 +72,8 @@ cancelled AS (
 ),
 recent AS (
     SELECT count(*) AS sent FROM deliveries
-    WHERE lower(to_email) = lower(%(to_email)s) AND created_at > now() - interval '1 day'
+    WHERE mailbox_of(to_email) = mailbox_of(%(to_email)s)
+      AND created_at > now() - interval '1 day'
       AND status NOT IN ('suppressed', 'cancelled')
 )
 INSERT INTO deliveries ({_INTENT_COLUMNS}, version, status, last_error)
@@ -79,7 +81,9 @@ SELECT kind, cpf, registered_at, %(event_id)s, %(to_email)s, subject, html, text
        %(trace_context)s, u.version,
        CASE WHEN recent.sent >= %(daily_cap)s THEN 'suppressed' ELSE 'pending' END,
        CASE WHEN recent.sent >= %(daily_cap)s
-            THEN 'suppressed: ' || %(daily_cap)s || ' e-mails to this address today' END
+            THEN 'suppressed: ' || %(daily_cap)s || ' e-mails to the mailbox '
+                 || mailbox_of(%(to_email)s) || ' in 24 h already '
+                 || '(EMAILS_PER_ADDRESS_PER_DAY; case, +tags and Gmail dots aside)' END
 FROM u, recent, (VALUES
     ('welcome', %(w_subject)s::text, %(w_html)s::text, %(w_text)s::text),
     ('activation', %(a_subject)s::text, %(a_html)s::text, %(a_text)s::text)
@@ -328,12 +332,15 @@ class NotifierStore:
             user = cur.fetchone()
             if user is None:
                 return None
+            # The registration's welcome, and its latest activation e-mail (by the newest id)
             cur.execute(
-                "SELECT id, status, attempts, last_error, sent_at, created_at FROM deliveries "
-                "WHERE kind = 'welcome' AND cpf = %s AND registered_at IS NOT DISTINCT FROM %s",
+                "SELECT DISTINCT ON (kind) kind, id, status, attempts, last_error, sent_at, "
+                "created_at FROM deliveries WHERE cpf = %s "
+                "AND registered_at IS NOT DISTINCT FROM %s ORDER BY kind, id DESC",
                 (cpf, user["registered_at"]),
             )
-            user["welcome"] = cur.fetchone()
+            found = {row["kind"]: row for row in cur.fetchall()}
+            user["welcome"], user["activation"] = found.get("welcome"), found.get("activation")
             return user
 
     def mailbox(self, limit: int, to: str | None = None) -> list[dict]:

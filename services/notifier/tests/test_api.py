@@ -34,14 +34,14 @@ def test_user_without_email_has_no_welcome_and_unknown_user_is_404(person_event,
 def test_mailbox_lists_emails_with_their_links_and_serves_the_html(
     person_event, client, view, store, config
 ):
-    view(person_event("3", name="Ana <b>"))
+    view(person_event("3", name="Ana O'Neil"))
     store.deliver_due_to_mailbox(1, 300, config.email_from)
     messages = client.get("/mailbox").json["messages"]
     assert len(messages) == 1
     assert messages[0]["links"][0].startswith("http://person.test/person/3/activate?token=")
     page = client.get(f"/mailbox/{messages[0]['id']}")
     assert page.content_type.startswith("text/html")
-    assert b"Ana &lt;b&gt;" in page.data  # the name is escaped in the HTML
+    assert b"Ana O&#39;Neil" in page.data  # the name is escaped in the HTML
     assert client.get("/mailbox/999999").status_code == 404
 
 

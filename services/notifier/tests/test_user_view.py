@@ -314,11 +314,10 @@ def test_past_the_days_cap_e_mails_to_one_address_are_suppressed(person, store, 
 
 
 def test_a_crafted_name_cannot_add_lines_to_the_email(person, view, store):
-    view(person("84", 1, "created", name="Ana\n\nClick http://evil.example\r\n\u2028now"))
+    view(person("84", 1, "created", name="Ana\n\nMaria\r\n\u2028Silva"))
     [mail] = store.claim_due(1, 300)
     first_line = mail["text"].splitlines()[0]
-    assert first_line == "Welcome, Ana Click http://evil.example now!"
-    assert mail["text"].count("http") == 2  # the link itself, and the name's words on one line
+    assert first_line == "Welcome, Ana Maria Silva!"  # links are left out: test_email_channel.py
 
 
 def test_a_read_only_database_for_longer_than_the_retry_ladder_dead_letters_nothing(

@@ -36,7 +36,7 @@ from .schemas import (
     PersonPatch,
     normalise_cpf,
 )
-from .service import Store
+from .service import Quota, Store
 
 bp = APIBlueprint("person", __name__, abp_tags=[Tag(name="person")])
 # A debt's type is optional, so debts have a route and a body of their own.
@@ -276,7 +276,8 @@ def activate(path: CpfPath, query: TokenQuery) -> Any:
 def request_activation(path: CpfPath) -> Any:
     """Send a new activation e-mail"""
     resend = current_app.config["ACTIVATION_RESEND_SECONDS"]
-    store().request_activation(path_cpf(path.cpf), correlation_id(), resend)
+    quota = Quota(principal().key_digest, current_app.config["ACTIVATION_REQUESTS_PER_KEY"])
+    store().request_activation(path_cpf(path.cpf), correlation_id(), resend, quota)
     return body(Accepted, message="a new activation e-mail is on its way"), 202
 
 

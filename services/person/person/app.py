@@ -31,6 +31,7 @@ def create_app(config: PersonConfig | None = None, store: Store | None = None) -
     app.config["BULK_MAX_BYTES"] = config.bulk_max_bytes  # POST /person/bulk's own limit
     app.config["BULK_MAX_ITEMS"] = config.bulk_max_items
     app.config["ACTIVATION_RESEND_SECONDS"] = config.activation_resend_seconds
+    app.config["ACTIVATION_REQUESTS_PER_KEY"] = config.activation_requests_per_key_per_day
     if store is None:
         pool = ConnectionPool(
             config.person_database_url,

@@ -25,6 +25,8 @@ class PersonConfig(BrokerSettings):
     import_poll_seconds: float = 1.0
     db_pool_size: int = 10
     activation_resend_seconds: float = 60.0
+    # Activation e-mails one API key may ask for per UTC day (429 past it).
+    activation_requests_per_key_per_day: int = Field(200, ge=1)
     imports_queued_per_key: int = 3
     # The consuming services whose work queues the relay replays to on request (no other).
     replay_targets: Annotated[tuple[str, ...], NoDecode] = ("score", "notifier")

@@ -10,7 +10,7 @@ import copy
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -29,6 +29,7 @@ class MemoryStore(PersonService):
         self.items: dict[str, dict] = {}
         self.events: list[Envelope] = []
         self.activation_requested_at: dict[str, datetime] = {}
+        self.activation_quota: dict[tuple[str, date], int] = {}  # (key, UTC day) -> requests
         self.versions: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
         super().__init__(self._transaction)
@@ -38,7 +39,14 @@ class MemoryStore(PersonService):
         """All of it or nothing: the dictionaries are put back if the work raises."""
         with self._lock:
             saved = copy.deepcopy(
-                (self.people, self.items, self.events, self.activation_requested_at, self.versions)
+                (
+                    self.people,
+                    self.items,
+                    self.events,
+                    self.activation_requested_at,
+                    self.activation_quota,
+                    self.versions,
+                )
             )
             try:
                 yield MemoryUnitOfWork(self)
@@ -48,6 +56,7 @@ class MemoryStore(PersonService):
                     self.items,
                     self.events,
                     self.activation_requested_at,
+                    self.activation_quota,
                     self.versions,
                 ) = saved
                 raise
@@ -124,6 +133,13 @@ class MemoryUnitOfWork:
 
     def mark_activation_requested(self, cpf: str) -> None:
         self.s.activation_requested_at[cpf] = datetime.now(UTC)
+
+    def count_activation_request(self, key_digest: str, most: int) -> bool:
+        today = (key_digest, datetime.now(UTC).date())
+        if self.s.activation_quota.get(today, 0) >= most:
+            return False
+        self.s.activation_quota[today] = self.s.activation_quota.get(today, 0) + 1
+        return True
 
     def emit(self, event: Event, correlation_id: str | None) -> None:
         key = (event.type.value.partition(".")[0], event.entity_id)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal, Protocol
 
@@ -42,6 +43,7 @@ class UnitOfWork(Protocol):
     def delete_item(self, cpf: str, kind: str, item_id: str) -> bool: ...
     def seconds_since_activation_mail(self, cpf: str) -> float: ...
     def mark_activation_requested(self, cpf: str) -> None: ...
+    def count_activation_request(self, key_digest: str, most: int) -> bool: ...
     def emit(self, event: Event, correlation_id: str | None) -> None: ...
 
 
@@ -131,10 +133,14 @@ class PersonService:
             return True
 
     def request_activation(
-        self, cpf: str, correlation_id: str | None, resend_seconds: float = 0.0
+        self,
+        cpf: str,
+        correlation_id: str | None,
+        resend_seconds: float = 0.0,
+        quota: Quota | None = None,
     ) -> dict:
         """A new activation e-mail; not before `resend_seconds` after the registration or the
-        last one."""
+        last one, nor past the caller's `quota` of the day."""
         with self._work() as uow:
             person = _found(uow.person(cpf, lock="update"), cpf)
             if person["email"] is None:
@@ -148,12 +154,35 @@ class PersonService:
                     f"{resend_seconds - since:.0f}s",
                     resend_seconds - since,
                 )
+            # Counted only once nothing else refuses it (and rolled back with the work if that
+            # fails): a key spends its quota on e-mails, not on refusals.
+            if quota is not None and not uow.count_activation_request(quota.key, quota.per_day):
+                raise TooSoon(
+                    f"this API key asked for {quota.per_day} activation e-mails today "
+                    "(ACTIVATION_REQUESTS_PER_KEY_PER_DAY): ask again after 00:00 UTC",
+                    _until_tomorrow(),
+                )
             uow.mark_activation_requested(cpf)
             uow.emit(
                 Event(EventType.PERSON_ACTIVATION_REQUESTED, cpf, person_data(person)),
                 correlation_id,
             )
             return person
+
+
+@dataclass(frozen=True)
+class Quota:
+    """What one API key may still ask for: `per_day` activation e-mails each UTC day."""
+
+    key: str  # the key's digest ("" where keys are off: every caller shares one quota)
+    per_day: int
+
+
+def _until_tomorrow() -> float:
+    """Seconds until the next UTC day, when the quotas start again."""
+    now = datetime.now(UTC)
+    tomorrow = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
+    return (tomorrow - now).total_seconds()
 
 
 def _new_address(before: str | None, after: str | None) -> bool:

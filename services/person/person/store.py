@@ -103,6 +103,23 @@ class PgUnitOfWork:
     def mark_activation_requested(self, cpf: str) -> None:
         self.cur.execute("UPDATE person SET activation_requested_at = now() WHERE cpf = %s", (cpf,))
 
+    def count_activation_request(self, key_digest: str, most: int) -> bool:
+        # One row per key and UTC day, counted up under its row lock while under `most`; the
+        # key's rows of earlier days go.
+        self.cur.execute(
+            "DELETE FROM activation_quota WHERE key_digest = %(key)s "
+            "AND day < (now() AT TIME ZONE 'UTC')::date",
+            {"key": key_digest},
+        )
+        self.cur.execute(
+            "INSERT INTO activation_quota AS q (key_digest, day, requests) "
+            "VALUES (%(key)s, (now() AT TIME ZONE 'UTC')::date, 1) "
+            "ON CONFLICT (key_digest, day) DO UPDATE SET requests = q.requests + 1 "
+            "WHERE q.requests < %(most)s RETURNING requests",
+            {"key": key_digest, "most": most},
+        )
+        return self.cur.fetchone() is not None
+
     def emit(self, event: Event, correlation_id: str | None) -> None:
         self.events.add(
             self.cur,

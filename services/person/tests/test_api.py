@@ -13,6 +13,7 @@ import pytest
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from messaging import Envelope
 from person.activation import SALT, Tokens
+from servicekit.auth import digest
 
 pytestmark = pytest.mark.unit
 
@@ -968,6 +969,33 @@ def test_a_new_activation_email_is_refused_within_the_resend_interval(config, me
     again = client.post(f"/person/{CPF}/activation")  # right after the last accepted one
     assert again.status_code == 429
     assert len(new_events(memory_store, before)) == 1
+
+
+def test_each_api_key_has_a_daily_quota_of_activation_emails(config, memory_store):
+    from person.app import create_app
+
+    keys = {"mk_first": ["person:write"], "mk_second": ["person:write"]}
+    client = create_app(
+        config.model_copy(
+            update={
+                "api_keys": json.dumps({digest(key): scopes for key, scopes in keys.items()}),
+                "activation_requests_per_key_per_day": 1,
+            }
+        ),
+        store=memory_store,
+    ).test_client()
+    first, second = ({"Authorization": f"Bearer {key}"} for key in keys)
+    for cpf in ("1", "2"):
+        body = {**SEED_PERSON, "cpf": cpf, "email": EMAIL}
+        assert post_json(client, "/person", body, headers=first).status_code == 201
+
+    assert client.post("/person/1/activation", headers=first).status_code == 202
+    over = client.post("/person/2/activation", headers=first)
+
+    problem = assert_problem(over, 429)
+    assert "ACTIVATION_REQUESTS_PER_KEY_PER_DAY" in problem["message"]
+    assert 0 < int(over.headers["Retry-After"]) <= 86_400
+    assert client.post("/person/2/activation", headers=second).status_code == 202
 
 
 def test_asking_for_an_activation_email_without_an_email_is_unprocessable(client, person):

@@ -12,8 +12,8 @@ import psycopg
 import pytest
 from messaging import Envelope, decode
 from person.catalogue import person_data
-from person.errors import BadToken, Conflict, NotFound, Unprocessable
-from person.service import Store
+from person.errors import BadToken, Conflict, NotFound, TooSoon, Unprocessable
+from person.service import Quota, Store
 
 CPF = "11111"
 OTHER_CPF = "22222"
@@ -328,6 +328,28 @@ def test_requesting_activation_emits_activation_requested_with_the_persons_state
     assert event.event_type == "person.activation_requested"
     assert (event.entity, event.entity_id, event.entity_version) == ("person", CPF, 2)
     assert event.data == person_data(store.store.get_person(CPF)).model_dump(mode="json")
+
+
+def test_a_keys_activation_requests_stop_at_its_daily_quota_and_refusals_spend_none(
+    store: Subject,
+):
+    for cpf in ("1", "2", "3", "4"):
+        store.store.create_person(fields(cpf), None)
+    store.store.activate("4", "ana@example.com", store.store.get_person("4")["created_at"], None)
+    quota = Quota("key-a", 2)
+    with pytest.raises(Conflict):  # refused for another reason: nothing spent
+        store.store.request_activation("4", None, quota=quota)
+    mark = store.mark()
+
+    store.store.request_activation("1", None, quota=quota)
+    store.store.request_activation("2", None, quota=quota)
+    with pytest.raises(TooSoon) as refused:
+        store.store.request_activation("3", None, quota=quota)
+    store.store.request_activation("3", None, quota=Quota("key-b", 2))  # another key's own
+
+    assert 0 < refused.value.retry_after <= 86_400  # the next UTC day
+    assert "ACTIVATION_REQUESTS_PER_KEY_PER_DAY" in str(refused.value)
+    assert [e.entity_id for e in store.since(mark)] == ["1", "2", "3"]
 
 
 def test_requesting_activation_of_an_unknown_person_raises_not_found(store: Subject):

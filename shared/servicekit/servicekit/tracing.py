@@ -10,6 +10,11 @@ its own into a retried message's headers, so AMQP propagation is done here, by h
 Exporting is off unless OTEL_EXPORTER_OTLP_ENDPOINT is set (the OTLP/HTTP exporter then reads the
 standard OTEL_* variables); without it no tracer provider is installed and every call here is a
 cheap no-op.
+
+What a request may bring in: a server span is the start of a new trace unless the request came
+with a valid API key (access.py), whose client's `traceparent` it continues; another client's is
+only linked. `baggage` is never taken, and only `traceparent`/`tracestate` are carried onwards.
+No span holds a query string (an activation link's token is one), as no access log line does.
 """
 
 from __future__ import annotations
@@ -21,12 +26,17 @@ from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace import Link, Span, SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 _INSTRUMENTED: set[str] = set()
+# The trace context that crosses the pipeline (outbox rows, message headers): W3C traceparent and
+# tracestate, never baggage, whatever propagators the environment names.
+_PROPAGATOR = TraceContextTextMapPropagator()
+_CLIENT_CONTEXT = "servicekit.tracing.client_context"  # a client's context, set aside (environ)
 
 
 def configure(service_name: str) -> bool:
@@ -77,10 +87,41 @@ def init_app(app: Any, service_name: str) -> None:
 
 
 def instrument_flask(app: Any) -> None:
+    """Server spans for the app's requests; call after access.init_app (they take the client's
+    trace context only from a request with a valid key)."""
     if enabled():
         from opentelemetry.instrumentation.flask import FlaskInstrumentor
 
-        FlaskInstrumentor().instrument_app(app)
+        # Before the instrumentation's own hook, which starts the span from the environ.
+        app.before_request(_at_the_edge)
+        FlaskInstrumentor().instrument_app(app, request_hook=_link_the_client_context)
+
+
+def _at_the_edge() -> None:
+    """Leave in the environ only what the request's span may take."""
+    from flask import g, request  # the web extra's: the event pipeline imports this module too
+
+    environ = request.environ
+    environ.pop("HTTP_BAGGAGE", None)
+    if "principal" not in g:  # no valid key (an open route, or keys off): a trace of our own
+        environ[_CLIENT_CONTEXT] = {
+            name.removeprefix("HTTP_").lower(): environ.pop(name)
+            for name in ("HTTP_TRACEPARENT", "HTTP_TRACESTATE")
+            if name in environ
+        }
+    # The request object holds its own copy of the query, which the route reads; the span, built
+    # from the environ, gets the path alone (as the access log does).
+    environ["QUERY_STRING"] = ""
+    for name in ("RAW_URI", "REQUEST_URI"):
+        if name in environ:
+            environ[name] = environ[name].partition("?")[0]
+
+
+def _link_the_client_context(span: Span, environ: dict[str, Any]) -> None:
+    """A client's trace that was not continued is linked: findable, never a parent."""
+    client = extracted(environ.get(_CLIENT_CONTEXT))
+    if client is not None and span.is_recording():
+        span.add_link(trace.get_current_span(client).get_span_context())
 
 
 def tracer() -> trace.Tracer:
@@ -92,7 +133,7 @@ def captured() -> str | None:
     if not enabled():
         return None
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    _PROPAGATOR.inject(carrier)
     return json.dumps(carrier) if carrier else None
 
 
@@ -111,7 +152,7 @@ def extracted(carrier: Mapping[str, Any] | str | None) -> otel_context.Context |
             return None
     if not isinstance(carrier, Mapping):
         return None
-    found = propagate.extract({k: _text(v) for k, v in carrier.items() if isinstance(k, str)})
+    found = _PROPAGATOR.extract({k: _text(v) for k, v in carrier.items() if isinstance(k, str)})
     return found if trace.get_current_span(found).get_span_context().is_valid else None
 
 
@@ -124,7 +165,7 @@ def headers_for(stored: str | None, exchange: str) -> dict[str, str] | None:
     with tracer().start_as_current_span(
         f"publish {exchange}", context=parent, kind=SpanKind.PRODUCER
     ):
-        propagate.inject(carrier)
+        _PROPAGATOR.inject(carrier)
     return carrier
 
 
