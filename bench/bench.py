@@ -1,9 +1,9 @@
-"""The whole benchmark in one run (`make bench`): the relay figures, what verification costs, the
-stack figures, then the stack with replicas on a three-node cluster.
+"""The whole benchmark in one run (`make bench`): the relay figures, the production e-mail path,
+what verification costs, the stack figures, then the stack with replicas on a three-node cluster.
 
 Run: .venv/bin/python bench/bench.py [--events N]. Prints every `name: value` line of
-relay_bench.py, verify_bench.py, stack_bench.py and cluster_bench.py on stdout (logs on stderr; see
-bench/README.md) and exits non-zero only if a figure could not be measured.
+relay_bench.py, email_bench.py, verify_bench.py, stack_bench.py and cluster_bench.py on stdout
+(logs on stderr; see bench/README.md) and exits non-zero only if a figure could not be measured.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 import time
 
 import cluster_bench
+import email_bench
 import relay_bench
 import stack_bench
 import verify_bench
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         relay = relay_bench.main(["--events", str(args.events)])
-    except KeyboardInterrupt:  # relay_bench cleaned up on its way out
+        email = email_bench.main([])
+    except KeyboardInterrupt:  # each cleaned up on its way out
         return 130
     verify = verify_bench.main([])
     figures: dict[str, float] = {}
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     # The cluster's replication beside the single node's of this very run.
     cluster = cluster_bench.main([], single_e2e=figures.get("e2e_events_s"))
     print(f"bench took {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
-    return 1 if relay or verify or stack or cluster else 0
+    return 1 if relay or email or verify or stack or cluster else 0
 
 
 if __name__ == "__main__":

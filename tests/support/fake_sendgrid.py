@@ -1,7 +1,9 @@
 """A fake SendGrid v3 API for the tests and fault runs: python tests/support/fake_sendgrid.py PORT.
 
 It answers POST /v3/mail/send with a scripted sequence of behaviours ("202", "429", "500",
-"400", "hang"), then with a default one, and records every message it accepted.
+"400", "hang"), then with a default one, and records every message it accepted. It speaks
+HTTP/1.1 with keep-alive, as SendGrid does, over TLS when given a server context (`tls`, e.g.
+`tls_ca.LocalCA(...).server_context()`), and counts the connections and TLS handshakes it took.
 
 A request whose client has already hung up (it timed out while the request waited for a busy
 fake) is dropped unanswered rather than accepted, as a server aborts a request whose connection
@@ -15,6 +17,7 @@ import json
 import random
 import select
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -33,6 +36,7 @@ class FakeSendGrid:
         default: str = "202",
         failure_rate: float = 0.0,
         seed: int | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.script: deque[str] = deque()
         self.default, self.failure_rate = default, failure_rate
@@ -43,17 +47,21 @@ class FakeSendGrid:
         self.abandoned = 0  # requests whose client hung up before they were handled
         self.answering = 0  # requests past the stall gate, not yet answered (hangs excluded)
         self.held = 0  # requests being held by a stall
+        self.connections = 0  # TCP connections accepted
+        self.handshakes = 0  # TLS handshakes completed (with `tls`)
+        self.refused_handshakes = 0  # TLS handshakes that failed (e.g. the client refused us)
         self.authorizations: list[str] = []
         self.lock = threading.Lock()
         self.release = threading.Event()  # set to let hanging requests go
         self.flowing = threading.Event()  # cleared by stall(): every call is held meanwhile
         self.flowing.set()
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
-        self.server.daemon_threads = True
+        self.tls = tls
+        self.server = _Server(("127.0.0.1", port), self._handler(), self)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
 
     def start(self) -> FakeSendGrid:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -99,6 +107,8 @@ class FakeSendGrid:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, unless the client asks to close
+
             def log_message(self, *_args: Any) -> None:
                 pass
 
@@ -188,6 +198,10 @@ class FakeSendGrid:
                 readable, _, _ = select.select([self.connection], [], [], 0)
                 if not readable:
                     return False
+                if isinstance(self.connection, ssl.SSLSocket):
+                    # No peeking into TLS; a client waiting for its answer sends nothing, so
+                    # bytes arriving now are its close_notify or FIN.
+                    return True
                 try:
                     return self.connection.recv(1, socket.MSG_PEEK) == b""
                 except OSError:
@@ -204,6 +218,43 @@ class FakeSendGrid:
                 self.wfile.write(data)
 
         return Handler
+
+
+class _Server(ThreadingHTTPServer):
+    """A thread per connection; with TLS, the handshake runs in that thread, not the accept
+    loop, so a client that never completes one holds back no other."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type, fake: FakeSendGrid) -> None:
+        super().__init__(address, handler)
+        self.fake = fake
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        fake = self.fake
+        with fake.lock:
+            fake.connections += 1
+        if fake.tls is None:
+            return super().finish_request(request, client_address)
+        request.settimeout(10)  # a handshake that never comes ends this thread
+        try:
+            secured = fake.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            with fake.lock:
+                fake.refused_handshakes += 1
+            return None
+        with fake.lock:
+            fake.handshakes += 1
+        secured.settimeout(None)
+        try:
+            super().finish_request(secured, client_address)
+        finally:
+            secured.close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # a client that went away mid-request (a reset kept-alive connection)
+        super().handle_error(request, client_address)
 
 
 if __name__ == "__main__":

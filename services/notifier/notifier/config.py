@@ -16,6 +16,7 @@ class NotifierConfig(BrokerSettings):
     sendgrid_api_key: str | None = None
     sendgrid_host: str = "https://api.sendgrid.com"
     sendgrid_timeout_seconds: float = 10.0
+    sendgrid_ca_file: str | None = None  # PEM CAs trusted for SendGrid instead of the system's
     email_from: str = "no-reply@example.com"
     public_person_url: str | None = None
     activation_secret: str = DEVELOPMENT_ACTIVATION_SECRET

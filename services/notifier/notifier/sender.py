@@ -29,7 +29,7 @@ from servicekit import tracing
 from servicekit.runner import configure_logging, replica_id, run_until_signalled
 
 from .config import NotifierConfig
-from .email import Outcome, SendGridTransport, backoff_seconds
+from .email import Outcome, SendGridTransport, backoff_seconds, tls_context
 from .store import NotifierStore
 
 log = logging.getLogger("notifier.sender")
@@ -244,7 +244,8 @@ class Sender:
 
 
 def transport_for(config: NotifierConfig) -> Transport | None:
-    """SendGrid when an API key is set; None means the development mailbox."""
+    """SendGrid when an API key is set, one connection per worker; None means the development
+    mailbox."""
     if not config.sendgrid_api_key:
         return None
     return SendGridTransport(
@@ -252,6 +253,8 @@ def transport_for(config: NotifierConfig) -> Transport | None:
         config.sendgrid_host,
         config.email_from,
         config.sendgrid_timeout_seconds,
+        tls_context(config.sendgrid_ca_file),
+        connections=config.sender_concurrency,
     )
 
 

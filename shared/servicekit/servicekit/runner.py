@@ -22,10 +22,7 @@ def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
     ours.messaging = True
     root.addHandler(ours)
     root.setLevel(level or os.environ.get("LOG_LEVEL", "INFO"))
-    # pika is chatty; python_http_client (SendGrid's) logs request headers, API key included,
-    # at DEBUG: never let it below WARNING.
-    logging.getLogger("pika").setLevel(logging.WARNING)
-    logging.getLogger("python_http_client").setLevel(logging.WARNING)
+    logging.getLogger("pika").setLevel(logging.WARNING)  # chatty
 
 
 def replica_id() -> str:

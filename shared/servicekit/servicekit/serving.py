@@ -54,7 +54,6 @@ def gunicorn_settings(prefix: str, default_port: int) -> dict[str, Any]:
             "loggers": {
                 "gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
                 "gunicorn.access": {"level": "INFO", "handlers": ["stdout"], "propagate": False},
-                "python_http_client": {"level": "WARNING"},
                 "pika": {"level": "WARNING"},
             },
         },
