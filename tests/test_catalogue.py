@@ -133,9 +133,8 @@ def test_an_event_type_the_notifier_does_not_know_is_acknowledged_counted_and_ma
 
 
 @pytest.mark.unit
-def test_the_readmes_events_table_lists_the_catalogue():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Events", 1)[1].split("\n## ", 1)[0]
+def test_the_events_page_lists_the_catalogue():
+    section = (ROOT / "docs" / "events.md").read_text()
     listed = set(re.findall(r"`([a-z]+\.[a-z_]+)`", section))
     assert {t.value for t in EventType} <= listed
     assert listed - {t.value for t in EventType} <= {"entity-changes"}, "not in the catalogue"
