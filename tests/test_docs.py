@@ -84,3 +84,19 @@ def test_every_name_messaging_exports_has_a_docstring():
         if not (package[name].docstring and package[name].docstring.value.strip())
     ]
     assert not missing, f"exported without a docstring: {missing}"
+
+
+def test_every_alert_has_a_runbook_url_that_resolves_to_a_section_of_the_site(site):
+    import yaml
+
+    site_url = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["site_url"]
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules.yml").read_text())
+    alerts = [rule for group in rules["groups"] for rule in group["rules"] if "alert" in rule]
+    assert alerts
+    for alert in alerts:
+        url = alert["annotations"].get("runbook_url", "")
+        assert url.startswith(site_url), f"{alert['alert']}: runbook_url {url!r}"
+        path, _, anchor = url.removeprefix(site_url).partition("#")
+        page = site / path / "index.html"
+        assert page.is_file(), f"{alert['alert']}: no page {path}"
+        assert anchor and f'id="{anchor}"' in page.read_text(), f"{alert['alert']}: no #{anchor}"
