@@ -4,7 +4,8 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install up down logs status test unit soak lint format bench compose-env images-offline clean
+.PHONY: install up down logs status test unit soak lint format bench docs docs-serve compose-env \
+  images-offline clean
 
 $(STAMP): requirements.txt requirements-dev.txt shared/*/pyproject.toml tools/stack/pyproject.toml services/*/pyproject.toml tests/asyncapi/package-lock.json
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -49,11 +50,20 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+## The documentation site (mkdocs.yml, docs/): built into site/ with --strict, so a broken link,
+## a missing page or anchor fails it (make test builds it too: tests/test_docs.py).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+## The site served at http://127.0.0.1:8001/, rebuilt as you edit it.
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict
+
 ## Secrets for the compose stack: writes the missing ones to .env (docker compose up -d --wait).
 compose-env: install
 	$(PY) -m stack.compose_env
 
-## Stand-in images built from Debian packages, for a Docker engine with no registry (README: Containers).
+## Stand-in images built from Debian packages, for a Docker engine with no registry (docs/containers.md).
 images-offline: install
 	$(PY) -m stack.images_offline
 
@@ -62,4 +72,4 @@ bench: install
 	$(PY) bench/bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site

@@ -166,7 +166,7 @@ def stack_environment(run_id: str) -> dict[str, str]:
         "EVENTS_EXCHANGE": exchange,
         "RETRY_DELAYS": json.dumps(list(DEFAULT_RETRY_DELAYS)),
         "SENDGRID_API_KEY": "",  # blank, even if .env sets one: e-mails go to the mailbox
-        # Load from one address: Traefik's per-client rate limit must fit it (README: Security).
+        # Load from one address: Traefik's per-client rate limit must fit it (docs/security.md).
         "RATE_LIMIT_AVERAGE": "1000000",
         "RATE_LIMIT_BURST": "1000000",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -580,9 +580,9 @@ def prepare_rebuild(
 
 
 def measure_rebuild(stack: Stack, models: ReadModels, cpfs: list[str]) -> float:
-    """The README's rebuild, `python -m score.rebuild`: it wipes the score read model, the
-    consumer asks the relay for a replay, and the command returns once the model is marked
-    rebuilt; time until every score is back."""
+    """The operators' rebuild (docs/operations.md), `python -m score.rebuild`: it wipes the score
+    read model, the consumer asks the relay for a replay, and the command returns once the model is
+    marked rebuilt; time until every score is back."""
     start = time.perf_counter()
     rebuild = subprocess.Popen(
         [sys.executable, "-m", "score.rebuild", "--timeout", str(REBUILD_TIMEOUT)],

@@ -3,6 +3,7 @@ what each consumer reads of it, agree."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -24,6 +25,7 @@ from score.consumer import HANDLERS as SCORE_HANDLERS
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATOR = ROOT / "tests" / "asyncapi" / "validate.mjs"
+HOOK = ROOT / "docs" / "hooks" / "catalogue.py"
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +135,17 @@ def test_an_event_type_the_notifier_does_not_know_is_acknowledged_counted_and_ma
 
 
 @pytest.mark.unit
-def test_the_readmes_events_table_lists_the_catalogue():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Events", 1)[1].split("\n## ", 1)[0]
-    listed = set(re.findall(r"`([a-z]+\.[a-z_]+)`", section))
-    assert {t.value for t in EventType} <= listed
-    assert listed - {t.value for t in EventType} <= {"entity-changes"}, "not in the catalogue"
+def test_the_events_page_renders_the_catalogue_the_api_publishes(document):
+    """docs/events.md holds no hand-typed table: the site's hook renders the served document."""
+    spec = importlib.util.spec_from_file_location("catalogue_hook", HOOK)
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    page = (ROOT / "docs" / "events.md").read_text()
+    assert hook.MARKER in page
+    assert hook.published() == document
+    rendered = hook.on_page_markdown(page)
+    rows = re.findall(r"^\| `([a-z]+\.[a-z_]+)` \|", rendered, flags=re.M)
+    assert sorted(rows) == sorted(t.value for t in EventType)
+    for event_type in EventType:
+        assert f'??? example "`{event_type.value}`"' in rendered
+    assert "<cpf>" not in rendered, "an unescaped <cpf> would be an HTML tag"

@@ -73,7 +73,7 @@ def call(stack: Any, method: str, host: str, path: str, key: str | None, body=No
 
 
 PERSON = {"name": "Prod", "address": "Recife", "date_of_birth": "1990-04-12"}
-# Every business route with the scope it needs (README: Security); {cpf} and {item} are filled in.
+# Every business route with the scope it needs (docs/security.md); {cpf} and {item} are filled in.
 ROUTES = [
     ("POST", "person", "/person", "person:write", {"cpf": "{new}", **PERSON}),
     ("GET", "person", "/person/{cpf}", "person:read", None),

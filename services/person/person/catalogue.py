@@ -2,8 +2,8 @@
 
 This is the contract with every consumer, stated once. The store emits `Event`s of these types;
 GET /asyncapi.json publishes the catalogue as an AsyncAPI 3 document (messaging.asyncapi), with
-an example of each type made by the same code that makes the real events; the README's Events
-table is checked against it (tests/test_catalogue.py).
+an example of each type made by the same code that makes the real events; the docs site's events
+page renders its table from that document (docs/hooks/catalogue.py, tests/test_catalogue.py).
 """
 
 from __future__ import annotations
@@ -82,9 +82,13 @@ class Spec:
 
 CATALOGUE: dict[EventType, Spec] = {
     EventType.PERSON_CREATED: Spec(PersonData, "POST /person (and each person of a bulk import)"),
-    EventType.PERSON_UPDATED: Spec(PersonData, "PATCH /person/<cpf>, activation"),
+    EventType.PERSON_UPDATED: Spec(
+        PersonData, "PATCH /person/<cpf> (the same e-mail address), activation"
+    ),
     EventType.PERSON_ACTIVATION_REQUESTED: Spec(
-        PersonData, "POST /person/<cpf>/activation (the notifier sends a new link)"
+        PersonData,
+        "POST /person/<cpf>/activation, or a PATCH to a new e-mail address (the person is "
+        "pending again): the notifier sends a new link to its current address",
     ),
     EventType.PERSON_DELETED: Spec(None, "DELETE /person/<cpf>, after its items' deletions"),
     **{item_created(kind): Spec(ItemData, f"POST /person/<cpf>/{kind}") for kind in ITEM_KINDS},

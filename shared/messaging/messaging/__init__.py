@@ -1,7 +1,8 @@
 """An event pipeline for read models: a transactional outbox and its relay on the producer's
 side; on each read model's, a consumer runtime that applies every change exactly once in effect,
 retries, dead-letters what it cannot process, pauses while its store is away, and heals a store
-that lost its data or verifies one that lost part of it. See README.md.
+that lost its data or verifies one that lost part of it. See shared/messaging/README.md,
+and the documentation site's library pages (docs/library/).
 
 What this module exports is the public API, and nothing else is promised; `messaging.testing`
 is the test kit (an in-memory broker, waiting for effects, publishing as a relay does).

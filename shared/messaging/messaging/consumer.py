@@ -66,6 +66,18 @@ log = logging.getLogger("messaging.consumer")
 
 @dataclass(frozen=True)
 class ConsumerSettings:
+    """How a consumer reaches its queues, and how it batches, pauses and stops.
+
+    `amqp_url` lists the broker's nodes (comma-separated); `topology` names the queues
+    (`BrokerSettings.topology(service)`). Up to `prefetch` deliveries are in hand, applied in
+    batches of up to `max_batch`. `stall_after` seconds with messages waiting and nothing settled
+    make it unhealthy; a store outage holds what it has for up to `hold_limit` seconds, retried
+    with a backoff of at most `pause_backoff_cap`, then gives it back as confirmed copies; a
+    message delivered `max_redeliveries` times is dead-lettered before it is handled. On stop it
+    finishes what it holds within `shutdown_timeout` seconds; it looks at the healing marker every
+    `heal_every` seconds.
+    """
+
     amqp_url: str
     topology: Topology
     prefetch: int = 1000

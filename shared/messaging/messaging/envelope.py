@@ -1,4 +1,4 @@
-"""The event envelope (README: Events) and its strict codec."""
+"""The event envelope (docs/events.md) and its strict codec."""
 
 from __future__ import annotations
 

@@ -99,6 +99,18 @@ class GenerationStore(Protocol):
 
 
 class Healing:
+    """Heal a read model that lost its store: ask the producer for a replay, through the broker.
+
+    `store` keeps the generation marker beside the model's data (`RedisGeneration`,
+    `PostgresGeneration`, or your own `GenerationStore`): a store without one lost its data, so
+    the consumer writes the marker `rebuilding` and asks for a replay to its `queue`, and the
+    model is `ready` again once every replayed event it was sent is applied. A request with no
+    answer is sent again after `re_request_after` seconds; an operator's wipe that made no
+    progress for `stale_wipe_after` seconds is taken over. `scope` is what is replayed: each
+    entity's latest event (`"latest"`, for a model that keeps the latest state) or every event
+    the outbox still holds (`"history"`, for a model that accumulates).
+    """
+
     def __init__(
         self,
         store: GenerationStore,

@@ -30,7 +30,7 @@ def event_properties(
     correlation_id: str | None,
     headers: dict[str, Any] | None = None,
 ) -> pika.BasicProperties:
-    """The AMQP properties of an event (README: Events): its id, its type, JSON, persistent."""
+    """The AMQP properties of an event (docs/events.md): its id, its type, JSON, persistent."""
     return pika.BasicProperties(
         message_id=event_id,
         type=event_type,

@@ -120,6 +120,18 @@ WHERE o.entity = n.entity AND o.entity_id = n.entity_id AND o.entity_version < n
 
 @dataclass(frozen=True)
 class RelaySettings:
+    """Where a relay reads its outbox and publishes it, and how.
+
+    `database_url` is the producer's database (one relay per database is active, a second waits
+    as a standby); `amqp_url` lists the broker's nodes; `exchange` is the fanout exchange events
+    are published to. Up to `window` messages are unconfirmed at a time, rows are read `batch` at
+    a time, and a poll every `poll_interval` seconds backs up LISTEN/NOTIFY. Published older
+    versions of an entity are deleted once a newer one is published and older than `retention`
+    (None: never), `compact_batch` rows at a time every `compact_interval` seconds; each entity's
+    newest event is always kept. A row whose body is past `max_body_bytes`, or that the broker
+    closed the channel on `park_after_closures` times, is parked with its reason.
+    """
+
     database_url: str
     amqp_url: str
     exchange: str

@@ -91,7 +91,17 @@ class Waiting:
 
 
 class ReplayServer:
-    """Serves replay requests for `targets` until stop(); see the module docstring."""
+    """Serve read models' replay requests until stop(): the producer's side of healing.
+
+    Only the work queues named in `targets` may be replayed to; any other request is
+    acknowledged, logged with its reason and never served. A replay sends each entity's latest
+    event, every event the outbox holds, or the latest events of some buckets (a verification's
+    repair), then a completion message; a verification's question (the producer's digests) is
+    answered at most once a second per target. One target gets at most one replay per
+    `min_interval` seconds: requests arriving sooner wait, and are all answered by the next
+    replay. A failed replay is tried again after a backoff; nothing a request carries stops the
+    server.
+    """
 
     def __init__(
         self,

@@ -33,7 +33,14 @@ _PG_READ_ONLY = "25006"
 
 @contextlib.contextmanager
 def postgres_errors() -> Iterator[None]:
-    """Translate psycopg's errors for the consumer runtime (see the module docstring)."""
+    """Translate psycopg's errors, inside this block, into the runtime's.
+
+    A database that is away or answers but refuses writes (connection errors, read-only
+    `25006`, disk full, too many clients, a statement timeout: SQLSTATE classes 08, 53, 57, 58)
+    raises `StoreUnavailable`, which pauses the consumer; a serialization failure or deadlock
+    `RetryableError`; data the database cannot hold `PermanentError`; anything else
+    `RetryableError`.
+    """
     from psycopg_pool import PoolTimeout
 
     try:
@@ -105,7 +112,12 @@ _REDIS_REFUSALS = ("OOM", "READONLY", "MISCONF", "NOREPLICAS", "MASTERDOWN", "LO
 
 @contextlib.contextmanager
 def redis_errors() -> Iterator[None]:
-    """Translate redis-py's errors for the consumer runtime (see the module docstring)."""
+    """Translate redis-py's errors, inside this block, into the runtime's.
+
+    A Redis that is away, loading, or answers but refuses writes (`OOM`, `READONLY`, `MISCONF`,
+    `NOREPLICAS`, `MASTERDOWN`, `BUSY`) raises `StoreUnavailable`, which pauses the consumer;
+    any other error `RetryableError`.
+    """
     import redis
 
     try:

@@ -28,6 +28,7 @@ from pika.exceptions import ChannelClosedByBroker
 log = logging.getLogger("messaging.topology")
 
 DEFAULT_RETRY_DELAYS: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0)
+"""The retry schedule in seconds (`RETRY_DELAYS`): one retry queue per step, then `<queue>.dead`."""
 # Deliveries of one message the broker allows before it dead-letters it itself: the last
 # resort against a message that kills its consumer before it can be settled (the runtime
 # dead-letters such a message earlier, at MAX_REDELIVERIES; see consumer.py).

@@ -42,6 +42,13 @@ MAX_HELD_REPORTED = 20_000  # versions a report to `messaging verify` lists at m
 
 
 class VerifiedStore(Protocol):
+    """What a read model's store offers to be verified against its producer.
+
+    Its digests computed from what it holds now, the versions it holds in some buckets (for
+    `messaging verify`), and the place where the last check's divergence is kept, so that
+    replicas taking turns agree on "two checks in a row".
+    """
+
     def digests(self, entities: Collection[str]) -> Digests:
         """Per entity type and bucket, the digest of what the store holds (computed from it)."""
         ...
@@ -83,7 +90,14 @@ class VerificationStats:
 
 
 class Verification:
-    """Verify a read model against its producer on a schedule (see the module docstring)."""
+    """Verify a read model against its producer every `every` seconds, and repair what differs.
+
+    A check asks the producer, through the broker, for its digests (one per entity type and
+    bucket of entities, kept as the relay publishes) and compares them with the ones `store`
+    computes from what it holds. A bucket that differs in two checks in a row is repaired: the
+    producer replays the latest event of that bucket's entities to `queue`, through the model's
+    version gate. `scheduled()` builds one from `BrokerSettings` (`VERIFY_SECONDS`).
+    """
 
     def __init__(
         self,

@@ -61,6 +61,7 @@ def test_each_example_read_model_fits_in_forty_lines(name):
     assert len((EXAMPLES / f"{name}.py").read_text().splitlines()) <= 40
 
 
+# --8<-- [start:names-test] (docs/library/index.md shows this test)
 def test_the_names_example_keeps_each_persons_name_and_heals_a_store_that_lost_it(
     producer_db, broker, private_redis, pipeline
 ):
@@ -88,6 +89,7 @@ def test_the_names_example_keeps_each_persons_name_and_heals_a_store_that_lost_i
         wait_until(lambda: consumer.report() == "ok", timeout=30, what="rebuilt")
         assert client.hget("names:2", "gone") == "1"
     assert consumer.stats.ignored >= 1 and consumer.stats.dead_lettered == 0
+    # --8<-- [end:names-test]
 
 
 def test_the_activity_example_counts_each_change_once_and_rebuilds_from_the_history(

@@ -3,7 +3,7 @@
 `up` checks PostgreSQL, RabbitMQ and Redis, creates the databases and applies migrations,
 declares the consumers' queues, starts every process of the Procfile (honcho) in the background
 and returns once each API's /health answers through Traefik. It is safe to run twice.
-Configuration: the environment first, then `.env`, then the defaults (README: Configuration);
+Configuration: the environment first, then `.env`, then the defaults (docs/configuration.md);
 the copies of consumers, senders and relays from SCORE_CONSUMERS, NOTIFIER_CONSUMERS,
 NOTIFIER_SENDERS and PERSON_RELAYS (processes.replicas), as honcho's concurrency.
 """
@@ -144,7 +144,7 @@ def up(env: dict[str, str]) -> int:
         print(
             "API_KEYS is not set: every route is open (development only). To close them:\n"
             "  .venv/bin/messaging apikey new --scopes person:write,person:read,score:read\n"
-            "and put its API_KEYS entry in .env (README: Security)."
+            "and put its API_KEYS entry in .env (docs/security.md)."
         )
     return 0
 
