@@ -28,7 +28,7 @@ from stack.compose_env import SECRETS
 from stack.processes import Gateway, free_port
 from walkthrough import check_walkthrough_outcome, run_walkthrough
 
-pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.containers]
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_VARIABLES = (
