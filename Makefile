@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 NODE  := tests/asyncapi/node_modules/.installed-stamp
 
-.PHONY: install up down logs status test unit soak lint format bench compose-env images-offline clean
+.PHONY: install up down logs status test test-containers unit soak lint format bench compose-env images-offline clean
 
 $(STAMP): requirements.txt requirements-dev.txt shared/*/pyproject.toml tools/stack/pyproject.toml services/*/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,11 @@ status:
 ## The whole suite: lint, unit, integration and fault tests against the real servers.
 test: install lint
 	$(PY) -m pytest
+
+## Only the container paths (marker containers; a Docker engine required): what .ci/run adds to
+## make test against the local servers.
+test-containers: install
+	TEST_USE_CONTAINERS=yes $(PY) -m pytest -p no:cacheprovider -m containers
 
 unit: install
 	$(PY) -m pytest -m unit
