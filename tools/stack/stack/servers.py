@@ -99,10 +99,13 @@ def endpoints(checks: Iterable[str]) -> tuple[list[Endpoint], list[str]]:
         variable, _, url = pair.partition("=")
         parts = urlsplit(url) if "," not in url else None
         kind = SCHEMES.get(parts.scheme) if parts else None
-        if parts is None or kind is None or (parts.hostname or "") not in LOCAL_HOSTS:
+        try:
+            port = (parts.port if parts else None) or (kind.port if kind else 0)
+        except ValueError:  # not a port: stack.check_servers says what is wrong with the URL
+            port = 0
+        if not port or parts is None or kind is None or parts.hostname not in LOCAL_HOSTS:
             others.append(variable)
             continue
-        port = parts.port or kind.port
         endpoint = found.setdefault((kind, port), Endpoint(kind, parts.hostname, port, url))
         endpoint.variables.append(variable)
     return list(found.values()), others
@@ -166,7 +169,10 @@ class Docker:
         )
 
     def ours(self, run_dir: Path) -> dict[str, str]:
-        """name → state ("running", "exited", ...) of the containers this stack started."""
+        """name → state ("running", "exited", ...) of the containers this stack started (none
+        without an engine)."""
+        if self.command is None:
+            return {}
         done = self(
             "ps", "-a", "--filter", f"label={LABEL}={run_dir}", "--format", "{{.Names}}\t{{.State}}"
         )
@@ -259,8 +265,7 @@ def prepare(env: dict[str, str], checks: list[str], run_dir: Path) -> None:
             "STACK_SERVERS=auto"
         )
     docker = Docker(env)
-    trouble = docker.trouble()
-    running = docker.ours(run_dir) if trouble is None else {}
+    running = docker.ours(run_dir)
     to_start = []
     print(f"servers (STACK_SERVERS={chosen}):")
     for endpoint in found:
@@ -278,6 +283,7 @@ def prepare(env: dict[str, str], checks: list[str], run_dir: Path) -> None:
             to_start.append(endpoint)
     if not to_start:
         return
+    trouble = docker.trouble()
     if trouble is not None:
         missing = "\n".join(
             f"  {e.kind.title} at {hide_password(e.url)} ({', '.join(e.variables)}); "
@@ -306,7 +312,8 @@ def start(docker: Docker, to_start: list[Endpoint], run_dir: Path, running: dict
         new_volume = docker("volume", "inspect", endpoint.name).returncode != 0
         done = docker(*run_arguments(endpoint, image, run_dir))
         if done.returncode != 0:
-            docker("rm", "--force", endpoint.name)  # created, but its port could not be published
+            if endpoint.name in docker.ours(run_dir):  # made, but its port could not be published
+                docker("rm", "--force", endpoint.name)
             if new_volume:
                 docker("volume", "rm", endpoint.name)
             said = done.stderr.strip().splitlines()
@@ -343,8 +350,6 @@ def await_ready(docker: Docker, started: list[Endpoint]) -> None:
 def stop(env: dict[str, str], run_dir: Path) -> None:
     """Stop and remove the containers this stack started and its network; the volumes stay."""
     docker = Docker(env)
-    if docker.trouble() is not None:
-        return
     names = sorted(docker.ours(run_dir))
     if names:
         docker("stop", "--time", str(STOP_TIMEOUT), *names, timeout=STOP_TIMEOUT + 60)
@@ -354,13 +359,10 @@ def stop(env: dict[str, str], run_dir: Path) -> None:
             f"volumes of the same names (docker volume rm {' '.join(names)} deletes it)"
         )
     network = network_name(run_dir)
-    if docker("network", "inspect", network).returncode == 0:
+    if docker.command and docker("network", "inspect", network).returncode == 0:
         docker("network", "rm", network)
 
 
 def describe(env: dict[str, str], run_dir: Path) -> list[str]:
     """`name: state` of each container this stack started (for make status)."""
-    docker = Docker(env)
-    if docker.trouble() is not None:
-        return []
-    return [f"{name}: {state}" for name, state in sorted(docker.ours(run_dir).items())]
+    return [f"{name}: {state}" for name, state in sorted(Docker(env).ours(run_dir).items())]
