@@ -99,8 +99,10 @@ def new_user(tmp_path) -> Iterator[NewUser]:
         yield user
     finally:
         user.make("down")
+        left = [line.split()[-1] for line in user.containers()]  # only if make down failed
+        if left:
+            subprocess.run(["docker", "rm", "--force", *left], capture_output=True, check=False)
         names = user.names()
-        subprocess.run(["docker", "rm", "--force", *names], capture_output=True, check=False)
         subprocess.run(["docker", "volume", "rm", *names], capture_output=True, check=False)
         network = network_name(user.run_dir)
         subprocess.run(["docker", "network", "rm", network], capture_output=True, check=False)
