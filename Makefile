@@ -3,22 +3,28 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+NODE  := tests/asyncapi/node_modules/.installed-stamp
 
-.PHONY: install up down logs status test unit soak lint format bench docs docs-serve compose-env \
-  images-offline clean
+.PHONY: install up down logs status test test-containers unit soak lint format bench docs docs-serve \
+  compose-env images-offline clean
 
-$(STAMP): requirements.txt requirements-dev.txt shared/*/pyproject.toml tools/stack/pyproject.toml services/*/pyproject.toml tests/asyncapi/package-lock.json
+$(STAMP): requirements.txt requirements-dev.txt shared/*/pyproject.toml tools/stack/pyproject.toml services/*/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -r requirements-dev.txt
 	$(VENV)/bin/pip install -q --no-deps -e shared/servicekit -e shared/messaging -e tools/stack \
 	  -e services/person -e services/score -e services/notifier -e services/console
-	npm ci --prefix tests/asyncapi --no-audit --no-fund --silent  # the AsyncAPI parser (make test)
 	touch $(STAMP)
 
-install: $(STAMP)
+# The AsyncAPI parser make test runs (npm); make up needs no Node.
+$(NODE): tests/asyncapi/package-lock.json
+	npm ci --prefix tests/asyncapi --no-audit --no-fund --silent
+	touch $(NODE)
+
+install: $(STAMP) $(NODE)
 
 ## Start every process and Traefik in the background; returns once all answer through Traefik.
-up: install
+## Servers that do not answer run in containers when a Docker engine does (STACK_SERVERS).
+up: $(STAMP)
 	$(PY) -m stack.up up
 
 down:
@@ -33,6 +39,11 @@ status:
 ## The whole suite: lint, unit, integration and fault tests against the real servers.
 test: install lint
 	$(PY) -m pytest
+
+## Only the container paths (marker containers; a Docker engine required): what .ci/run adds to
+## make test against the local servers.
+test-containers: install
+	TEST_USE_CONTAINERS=yes $(PY) -m pytest -p no:cacheprovider -m containers
 
 unit: install
 	$(PY) -m pytest -m unit

@@ -56,6 +56,8 @@ def stack_env(make_database, servers) -> Iterator[dict[str, str]]:
         "EVENTS_EXCHANGE": exchange,
         "RETRY_DELAYS": json.dumps(delays),
         "ACTIVATION_SECRET": "stack-secret",
+        # The run's own servers, never a container make up would start in their place.
+        "STACK_SERVERS": "local",
         # The tests send far more than a person would: limits that never get in their way
         # (tests/e2e/test_security_production.py checks the limit itself).
         "RATE_LIMIT_AVERAGE": "100000",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
 import subprocess
@@ -27,8 +26,9 @@ from backing_servers import use_containers
 from messaging.testing import wait_until
 from stack.compose_env import SECRETS
 from stack.processes import Gateway, free_port
+from walkthrough import check_walkthrough_outcome, run_walkthrough
 
-pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.containers]
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_VARIABLES = (
@@ -125,41 +125,9 @@ def compose_stack() -> Iterator[ComposeStack]:
         assert down.returncode == 0, down.stderr
 
 
-def walkthrough_script(port: int) -> str:
-    """The README's walkthrough shell blocks, as written, with the stack's gateway port."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Walkthrough", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
-    blocks = re.findall(r"```sh\n(.*?)```", section, flags=re.S)
-    assert blocks, "the README's walkthrough has no shell block"
-    return "set -e\n" + "\n".join(blocks).replace(".localhost:8000", f".localhost:{port}")
-
-
 def test_the_readme_walkthrough_works_through_composes_traefik(compose_stack):
-    done = subprocess.run(
-        ["timeout", "120", "bash", "-c", walkthrough_script(compose_stack.port)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert '"message":"created"' in done.stdout.replace(" ", "")
-    assert "Account activated" in done.stdout
-
-    def score() -> object:  # eventually consistent, as the README says
-        status, body = compose_stack.call("GET", "score", "/12345678909/score")
-        return body if status == 200 and body["debts"] == "1000.00" else None
-
-    assert wait_until(score, what="the walkthrough's score")["score"] == 4970
-
-    def user() -> object:
-        status, body = compose_stack.call("GET", "notifier", "/users/12345678909")
-        ok = status == 200 and body["welcome_email"]["status"] == "sent"
-        return body if ok and body["status"] == "active" else None
-
-    assert wait_until(user, what="the activated user with a sent welcome")["email"] == (
-        "maria@example.com"
-    )
+    run_walkthrough(compose_stack.port)
+    check_walkthrough_outcome(lambda host, path: compose_stack.call("GET", host, path))
 
 
 def test_nothing_acknowledged_is_lost_when_rabbitmqs_container_restarts(compose_stack):

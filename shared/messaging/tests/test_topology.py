@@ -31,6 +31,7 @@ def queue_arguments(servers):
     return listed
 
 
+@pytest.mark.containers  # with containers the queues are listed by rabbitmqctl in the container
 def test_every_queue_is_quorum_and_every_hop_between_them_at_least_once(broker, queue_arguments):
     topology = broker.topology("decl", retry_delays=(1.0, 30.0))
     conn = connection(broker)
@@ -124,6 +125,7 @@ def test_a_migration_interrupted_half_way_is_finished_by_the_next_declaration(
 
 
 @pytest.mark.faults
+@pytest.mark.containers  # with containers a restart is the whole node's, not only its app's
 def test_a_broker_restart_while_messages_wait_in_a_retry_queue_loses_none(
     broker, restartable_broker
 ):

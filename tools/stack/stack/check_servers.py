@@ -50,7 +50,7 @@ def check(checks: list[tuple[str, str]]) -> int:
     """(variable, URL) pairs; print a line for each; 1 if any did not answer."""
     failed = 0
     for variable, url in checks:
-        shown = _hide_password(url)
+        shown = hide_password(url)
         scheme = url.partition("://")[0]
         if scheme not in KINDS:
             failed += 1
@@ -71,10 +71,10 @@ def check(checks: list[tuple[str, str]]) -> int:
     return 1 if failed else 0
 
 
-def _hide_password(url: str) -> str:
+def hide_password(url: str) -> str:
     """The URL with `***` for its password; each node's of a comma-separated list."""
     if "," in url:
-        return ",".join(_hide_password(part) for part in url.split(","))
+        return ",".join(hide_password(part) for part in url.split(","))
     scheme, sep, rest = url.partition("://")
     creds, at, host = rest.rpartition("@")
     if not at or ":" not in creds:

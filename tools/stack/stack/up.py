@@ -1,6 +1,7 @@
 """Run the native stack: python -m stack.up up | down | logs | status (make up, down, logs, status).
 
-`up` checks PostgreSQL, RabbitMQ and Redis, creates the databases and applies migrations,
+`up` makes sure PostgreSQL, RabbitMQ and Redis answer (STACK_SERVERS=auto|local|containers:
+a container for each that does not, stack.servers), creates the databases and applies migrations,
 declares the consumers' queues, starts every process of the Procfile (honcho) in the background
 and returns once each API's /health answers through Traefik. It is safe to run twice.
 Configuration: the environment first, then `.env`, then the defaults (docs/configuration.md);
@@ -19,7 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from stack import ROOT
+from stack import ROOT, servers
 from stack.processes import replicas
 
 HOSTS = ("person", "score", "notifier", "console")
@@ -72,9 +73,11 @@ def server_checks(env: dict[str, str]) -> list[str]:
     included), for stack.check_servers."""
     code = (
         "from notifier.config import NotifierConfig; from person.config import PersonConfig; "
-        "from score.config import ScoreConfig; p, s, n = PersonConfig(), ScoreConfig(), "
-        "NotifierConfig(); print(f'PERSON_DATABASE_URL={p.person_database_url}'); "
+        "from score.config import ScoreConfig; from console.config import ConsoleConfig; "
+        "p, s, n, c = PersonConfig(), ScoreConfig(), NotifierConfig(), ConsoleConfig(); "
+        "print(f'PERSON_DATABASE_URL={p.person_database_url}'); "
         "print(f'NOTIFIER_DATABASE_URL={n.notifier_database_url}'); "
+        "print(f'CONSOLE_DATABASE_URL={c.console_database_url}'); "
         "print(f'AMQP_URL={p.amqp_url}'); print(f'SCORE_REDIS_URL={s.score_redis_url}')"
     )
     found = subprocess.run(
@@ -87,9 +90,16 @@ def server_checks(env: dict[str, str]) -> list[str]:
 
 
 def prepare(env: dict[str, str]) -> None:
-    """Servers answer, databases exist and are migrated, queues are declared."""
+    """Servers answer (in containers where STACK_SERVERS says so), databases exist and are
+    migrated, queues are declared."""
+    checks = server_checks(env)
+    try:
+        servers.prepare(env, checks, run_dir(env))
+    except servers.Refused as refused:
+        print(refused)
+        raise SystemExit(1) from None
     steps = [
-        [sys.executable, "-m", "stack.check_servers", *server_checks(env)],
+        [sys.executable, "-m", "stack.check_servers", *checks],
         [sys.executable, "-m", "person.migrate"],
         [sys.executable, "-m", "notifier.migrate"],
         [sys.executable, "-m", "messaging.cli", "declare", *CONSUMERS],
@@ -174,10 +184,16 @@ def healthy(host: str, port: str) -> bool:
 
 
 def down(env: dict[str, str]) -> int:
+    stop_processes(env)
+    servers.stop(env, run_dir(env))
+    return 0
+
+
+def stop_processes(env: dict[str, str]) -> None:
     pid = running_pid(env)
     if pid is None:
         print("the stack is not running")
-        return 0
+        return
     os.killpg(pid, signal.SIGTERM)  # honcho and every process it started share this group
     deadline = time.monotonic() + STOP_TIMEOUT
     while time.monotonic() < deadline and group_alive(pid):
@@ -187,7 +203,6 @@ def down(env: dict[str, str]) -> int:
         os.killpg(pid, signal.SIGKILL)
     (run_dir(env) / "honcho.pid").unlink(missing_ok=True)
     print("stopped the stack; data stays in PostgreSQL and Redis")
-    return 0
 
 
 def group_alive(pgid: int) -> bool:
@@ -211,6 +226,8 @@ def status(env: dict[str, str]) -> int:
     print(f"honcho: {'pid ' + str(pid) if pid else 'not running'}")
     for host in HOSTS:
         print(f"{host}: {'healthy' if healthy(host, env['GATEWAY_PORT']) else 'not answering'}")
+    for line in servers.describe(env, run_dir(env)):
+        print(f"container {line}")
     return 0 if pid else 1
 
 
