@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 APIS = ("person", "score", "notifier", "console")
 INFRASTRUCTURE = ("postgres", "rabbitmq", "redis", "traefik")
 ONE_SHOTS = ("migrate", "migrate-person")
+CLUSTER = "docker-compose.cluster.yml"
 
 
 COMPOSE_SECRETS = {name: f"test-{name.lower()}" for name in SECRETS}
@@ -170,6 +171,37 @@ def test_the_gateway_lets_through_what_each_person_route_accepts():
     assert limit("person-bulk") == fields["bulk_max_bytes"].default
     assert limit("person") >= fields["max_body_bytes"].default
     assert native["routers"]["person-bulk"]["priority"] > len(native["routers"]["person"]["rule"])
+
+
+def published(service: dict) -> list[tuple[str, str]]:
+    """(host address, container port) of each port a service publishes, in either form
+    `config` prints (Compose v1's "ip:host:container/proto", v2's mapping)."""
+    found = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            found.append((port.get("host_ip", ""), str(port["target"])))
+        else:
+            address, _, rest = str(port).rpartition(":")
+            host_ip = address.rpartition(":")[0] if address.count(":") else ""
+            found.append((host_ip, rest.split("/")[0]))
+    return found
+
+
+@pytest.mark.parametrize("files", [("docker-compose.yml",), ("docker-compose.yml", CLUSTER)])
+def test_compose_publishes_only_on_this_machine_unless_told(files):
+    """Nothing reaches the LAN by default (no `0.0.0.0`, no address left out); GATEWAY_ADDRESS
+    moves the gateway, and only it."""
+    services = render(*files)["services"]
+    ports = {name: published(service) for name, service in services.items()}
+    assert ports["traefik"] == [("127.0.0.1", "80")]
+    for name, found in ports.items():
+        for host_ip, target in found:
+            assert host_ip == "127.0.0.1", (name, target)
+    opened = render(*files, GATEWAY_ADDRESS="0.0.0.0")["services"]
+    assert published(opened["traefik"]) == [("0.0.0.0", "80")]
+    for name, service in opened.items():
+        if name != "traefik":
+            assert published(service) == ports[name], name
 
 
 def test_traefik_exposes_only_labelled_containers_and_logs_request_ids(compose):
