@@ -40,13 +40,15 @@ def compose_command() -> list[str]:
     )
 
 
-def render(*files: str, **variables: str) -> dict:
-    """`docker-compose config` of these files, with the secrets compose requires."""
+def render(*files: str, env_file: Path | None = None, **variables: str) -> dict:
+    """`docker-compose config` of these files, with the secrets compose requires (or those of
+    `env_file`, a .env as make compose-env writes it)."""
+    required = {} if env_file else COMPOSE_SECRETS
     with tempfile.NamedTemporaryFile(suffix=".env") as empty:  # not a developer's .env
         rendered = subprocess.run(
             [
                 *compose_command(),
-                f"--env-file={empty.name}",
+                f"--env-file={env_file or empty.name}",
                 *(f"--file={ROOT / name}" for name in files),
                 "config",
             ],
@@ -54,7 +56,7 @@ def render(*files: str, **variables: str) -> dict:
             text=True,
             cwd=ROOT,
             # The defaults, not this shell's variables, and the secrets compose requires.
-            env={"PATH": "/usr/local/bin:/usr/bin:/bin", **COMPOSE_SECRETS, **variables},
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", **required, **variables},
             check=False,
         )
     assert rendered.returncode == 0, rendered.stderr
@@ -202,6 +204,54 @@ def test_compose_publishes_only_on_this_machine_unless_told(files):
     for name, service in opened.items():
         if name != "traefik":
             assert published(service) == ports[name], name
+
+
+def test_compose_env_turns_api_keys_on_and_shows_the_key_once(tmp_path, capsys):
+    from dotenv import dotenv_values
+    from servicekit.auth import ApiKeys
+    from stack import compose_env
+
+    assert compose_env.main(tmp_path) == 0
+    shown = capsys.readouterr().out
+    [key] = re.findall(r"^  (mk_\S+)$", shown, re.MULTILINE)
+    path = tmp_path / ".env"
+    written = path.read_text()
+    assert key not in written  # only its digest
+    assert path.stat().st_mode & 0o777 == 0o600
+    env = dotenv_values(path)
+    assert all(env[name] for name in SECRETS)
+    keys = ApiKeys.parse(env["API_KEYS"])
+    operator = keys.verify(f"Bearer {key}")
+    assert operator.scopes == {"person:write", "person:read", "score:read", "notifier:read"} | {
+        "metrics",
+        "admin",
+    }
+    console = keys.verify(f"Bearer {env['CONSOLE_API_KEY']}")
+    assert console.scopes == {"person:read", "score:read", "notifier:read", "metrics", "admin"}
+
+    # Once: a second run writes nothing and shows no key.
+    assert compose_env.main(tmp_path) == 0
+    again = capsys.readouterr().out
+    assert "mk_" not in again and path.read_text() == written
+
+    # Compose gives every process the keys: the stack starts with them on.
+    services = render("docker-compose.yml", env_file=path)["services"]
+    for name, service in services.items():
+        if name in APIS or name in ("person-relay", "score-consumer", "notifier-consumer"):
+            assert service["environment"]["API_KEYS"] == env["API_KEYS"], name
+    assert services["console"]["environment"]["CONSOLE_API_KEY"] == env["CONSOLE_API_KEY"]
+
+
+def test_compose_env_keeps_an_operators_own_console_key(tmp_path, capsys):
+    from dotenv import dotenv_values
+    from servicekit.auth import ApiKeys
+    from stack import compose_env
+
+    (tmp_path / ".env").write_text("CONSOLE_API_KEY=mk_the-operators-own-console-key")
+    assert compose_env.main(tmp_path) == 0
+    env = dotenv_values(tmp_path / ".env")
+    assert env["CONSOLE_API_KEY"] == "mk_the-operators-own-console-key"
+    assert ApiKeys.parse(env["API_KEYS"]).verify("Bearer mk_the-operators-own-console-key")
 
 
 def test_traefik_exposes_only_labelled_containers_and_logs_request_ids(compose):
