@@ -197,3 +197,153 @@ def test_every_container_is_given_the_broker_nodes_and_existing_secrets():
         amqp = next(v["value"] for v in env if v["name"] == "AMQP_URL")
         hosts = [url.split("@", 1)[1].split(":")[0] for url in node_urls(amqp)]
         assert hosts == nodes, name
+
+
+# -- placeholders: the Secret as shipped starts nothing ------------------------------------------
+PLACEHOLDER = "REPLACE-ME"
+# What the operators write into their secrets, in the shape they write it.
+OPERATOR_VALUES = {
+    **{
+        (f"{db}-db-app", "uri"): f"postgresql://{db}:operator-made-{db}@{db}-db-rw:5432/{db}"
+        for db in ("person", "notifier", "console")
+    },
+    ("events-default-user", "username"): "default_user_operator",
+    ("events-default-user", "password"): "operator-made-administrator-password",
+}
+
+
+def filled_secret() -> dict[str, str]:
+    """The Secret as an operator fills it in: every placeholder replaced by a value of its shape."""
+    import secrets as random
+
+    from servicekit.auth import new_key
+
+    values = dict(of_kind("Secret")["event-replication-secrets"]["stringData"])
+    assert set(values.values()) == {PLACEHOLDER}, "a credential the operator need not replace"
+    filled = {name: random.token_urlsafe(32) for name in values}
+    console_key, console_entry = new_key(["person:read", "score:read", "notifier:read", "admin"])
+    filled["api-keys"] = json.dumps(console_entry)
+    filled["console-api-key"] = console_key
+    return filled
+
+
+def environment(container: dict, secret: dict[str, str]) -> dict[str, str]:
+    """The variables Kubernetes gives this container: its ConfigMaps, then its env in order
+    ($(NAME) expanded), secrets from `secret` (ours) or as the operators write theirs."""
+    configs = of_kind("ConfigMap")
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(configs[source["configMapRef"]["name"]]["data"])
+    for variable in container.get("env", []):
+        if "value" in variable:
+            env[variable["name"]] = re.sub(
+                r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), variable["value"]
+            )
+            continue
+        ref = variable["valueFrom"]["secretKeyRef"]
+        if ref["name"] == "event-replication-secrets":
+            env[variable["name"]] = secret[ref["key"]]
+        else:
+            env[variable["name"]] = OPERATOR_VALUES[(ref["name"], ref["key"])]
+    return env
+
+
+def settings_of(container: dict):
+    """The settings class of the service whose process the container runs."""
+    from console.config import ConsoleConfig
+    from notifier.config import NotifierConfig
+    from person.config import PersonConfig
+    from score.config import ScoreConfig
+
+    command = " ".join(container["command"])
+    found = {
+        cls
+        for service, cls in (
+            ("person", PersonConfig),
+            ("score", ScoreConfig),
+            ("notifier", NotifierConfig),
+            ("console", ConsoleConfig),
+        )
+        if re.search(rf"\b{service}\.\w+", command)
+    }
+    [cls] = found
+    return cls
+
+
+def app_containers() -> list[tuple[str, dict]]:
+    return [(name, c) for name, c in containers() if c["image"].startswith("registry.example.com")]
+
+
+@pytest.mark.parametrize(
+    "name, container", app_containers(), ids=[name for name, _ in app_containers()]
+)
+def test_every_process_refuses_the_placeholder_secret_and_starts_once_it_is_filled_in(
+    name, container
+):
+    from pydantic import ValidationError
+
+    settings = settings_of(container)
+    shipped = {key: PLACEHOLDER for key in filled_secret()}
+    with pytest.raises(ValidationError, match=f"holds the placeholder {PLACEHOLDER}") as refused:
+        settings(
+            _env_file=None, **{k.lower(): v for k, v in environment(container, shipped).items()}
+        )
+    assert PLACEHOLDER not in str(refused.value).replace(f"placeholder {PLACEHOLDER}", "")
+    filled = environment(container, filled_secret())
+    config = settings(_env_file=None, **{k.lower(): v for k, v in filled.items()})
+    assert config.production, name
+
+
+def test_a_placeholder_is_refused_in_development_too_and_its_value_is_not_echoed():
+    from pydantic import ValidationError
+    from score.config import ScoreConfig
+
+    url = f"redis://:{PLACEHOLDER}@redis:6379/0"
+    with pytest.raises(ValidationError) as refused:
+        ScoreConfig(_env_file=None, app_env="development", score_redis_url=url)
+    assert "SCORE_REDIS_URL holds the placeholder REPLACE-ME" in str(refused.value)
+    assert "redis://" not in str(refused.value)
+
+
+def test_the_broker_user_is_not_made_with_the_placeholder_password(monkeypatch, capsys):
+    from messaging import cli
+
+    [job] = [c for name, c in containers() if name == "migrate"]
+    env = environment(job, {key: PLACEHOLDER for key in filled_secret()})
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RABBITMQ_MANAGEMENT_URL", "http://127.0.0.1:9")  # never called
+    assert cli.main(["broker-user"]) == 2
+    assert f"holds the placeholder {PLACEHOLDER}" in capsys.readouterr().err
+
+
+def test_redis_refuses_the_placeholder_password(tmp_path):
+    import subprocess
+
+    [redis] = [c for name, c in containers() if name == "redis"]
+    assert redis["command"][:2] == ["sh", "-c"]
+    entrypoint = tmp_path / "docker-entrypoint.sh"  # the image's, standing in: prints its args
+    entrypoint.write_text('#!/bin/sh\necho "$@"\n')
+    entrypoint.chmod(0o755)
+
+    def start(password: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            redis["command"],
+            env={"PATH": f"{tmp_path}:/usr/bin:/bin", "REDIS_PASSWORD": password},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    refused = start(PLACEHOLDER)
+    assert refused.returncode == 1 and "placeholder REPLACE-ME" in refused.stderr
+    assert refused.stdout == ""
+    started = start("an-operators-own-redis-password")
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.split() == [
+        "redis-server",
+        "--appendonly",
+        "yes",
+        "--requirepass",
+        "an-operators-own-redis-password",
+    ]
