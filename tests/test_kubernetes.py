@@ -347,3 +347,29 @@ def test_redis_refuses_the_placeholder_password(tmp_path):
         "--requirepass",
         "an-operators-own-redis-password",
     ]
+
+
+# -- resources, network and TLS --------------------------------------------------------------------
+def quantity(text: str) -> float:
+    """A Kubernetes quantity as a number (cpu in cores, memory in bytes)."""
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 1e3, "M": 1e6, "G": 1e9}
+    number, unit = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(text)).groups()
+    return float(number) * units.get(unit, 1)
+
+
+def test_every_container_and_operator_pod_has_requests_and_a_memory_limit():
+    """Requests for the scheduler, a memory limit so one process cannot take a machine's memory.
+    No CPU limit on our processes: throttling a latency-bound API helps nobody (a request is
+    the share it is guaranteed)."""
+    given = [(name, c.get("resources", {})) for name, c in containers()]
+    given += [
+        (doc["metadata"]["name"], doc["spec"].get("resources", {}))
+        for doc in documents()
+        if doc["kind"] in ("RabbitmqCluster", "Cluster")
+    ]
+    assert len(given) == len(containers()) + 4
+    for name, resources in given:
+        requests, limits = resources.get("requests", {}), resources.get("limits", {})
+        assert {"cpu", "memory"} <= set(requests), name
+        assert "memory" in limits, name
+        assert quantity(limits["memory"]) >= quantity(requests["memory"]), name
