@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install up down logs status test unit soak lint format bench compose-env images-offline clean
+.PHONY: install up down logs status test unit soak lint format bench compose-env images-offline lock audit clean
 
 $(STAMP): requirements.txt requirements-dev.txt shared/*/pyproject.toml tools/stack/pyproject.toml services/*/pyproject.toml tests/asyncapi/package-lock.json
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -48,6 +48,20 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+## requirements.lock: requirements.txt and requirements-build.txt (the pins people edit) with the
+## hash of every file of each release, from the public index alone (no local wheels or extra
+## indexes of this machine): the images install it with --require-hashes. Run it after changing
+## either; make test checks that they agree (tests/test_supply_chain.py).
+lock: install
+	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
+	  $(VENV)/bin/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe \
+	  --output-file requirements.lock requirements.txt requirements-build.txt
+
+## Known vulnerabilities in the pins of every requirement file (pip-audit, PyPI's advisories);
+## make test runs the same check (tests/test_supply_chain.py).
+audit: install
+	$(VENV)/bin/pip-audit --strict --no-deps --disable-pip --progress-spinner off -r requirements.txt -r requirements-dev.txt -r requirements-build.txt
 
 ## Secrets for the compose stack: writes the missing ones to .env (docker compose up -d --wait).
 compose-env: install

@@ -335,7 +335,7 @@ def test_the_images_get_every_distribution_the_services_import_and_no_dev_tool()
     import importlib.metadata
     import sys
 
-    assert "COPY requirements.txt" in (ROOT / "Dockerfile").read_text()
+    assert "COPY requirements.lock" in (ROOT / "Dockerfile").read_text()  # requirements.txt, hashed
     runtime = pinned(ROOT / "requirements.txt")
     sources = [
         path
