@@ -9,8 +9,10 @@ ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 \
 RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app app
 WORKDIR /app
 
-COPY requirements.txt ./
-RUN pip install -r requirements.txt
+# requirements.lock is requirements.txt (and the build backend) with every file's hash (make lock):
+# pip refuses a file whose hash it does not list, and a dependency the lock does not pin.
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 
 # Declared after the requirements, so the four service images share the layers above.
 ARG SERVICE
@@ -18,7 +20,8 @@ ARG SERVICE
 COPY shared/servicekit ./shared/servicekit
 COPY shared/messaging ./shared/messaging
 COPY services/${SERVICE} ./services/${SERVICE}
-RUN pip install --no-deps ./shared/servicekit ./shared/messaging ./services/${SERVICE} \
+# Built with the hashed setuptools above, not one fetched unchecked for an isolated build.
+RUN pip install --no-deps --no-build-isolation ./shared/servicekit ./shared/messaging ./services/${SERVICE} \
     && cp services/${SERVICE}/gunicorn.conf.py /app/gunicorn.conf.py
 
 USER app:app

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 NODE  := tests/asyncapi/node_modules/.installed-stamp
 
 .PHONY: install up down logs status test test-containers unit soak lint format bench docs docs-serve \
-  compose-env images-offline clean
+  compose-env images-offline lock audit clean
 
 $(STAMP): requirements.txt requirements-dev.txt shared/*/pyproject.toml tools/stack/pyproject.toml services/*/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -69,6 +69,20 @@ docs: install
 ## The site served at http://127.0.0.1:8001/, rebuilt as you edit it.
 docs-serve: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict
+
+## requirements.lock: requirements.txt and requirements-build.txt (the pins people edit) with the
+## hash of every file of each release, from the public index alone (no local wheels or extra
+## indexes of this machine): the images install it with --require-hashes. Run it after changing
+## either; make test checks that they agree (tests/test_supply_chain.py).
+lock: install
+	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
+	  $(VENV)/bin/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe \
+	  --output-file requirements.lock requirements.txt requirements-build.txt
+
+## Known vulnerabilities in the pins of every requirement file (pip-audit, PyPI's advisories);
+## make test runs the same check (tests/test_supply_chain.py).
+audit: install
+	$(VENV)/bin/pip-audit --strict --no-deps --disable-pip --progress-spinner off -r requirements.txt -r requirements-dev.txt -r requirements-build.txt
 
 ## Secrets for the compose stack: writes the missing ones to .env (docker compose up -d --wait).
 compose-env: install

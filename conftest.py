@@ -8,6 +8,7 @@ and queue names, or Redis key prefix.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,12 @@ from messaging.topology import Topology
 from own_servers import own_redis
 from psycopg import sql
 from stack.cluster import SCRIPTS, Cluster
+
+# Every settings object reads .env after the environment, and `make compose-env` writes API keys
+# there: a developer's compose keys must not close the routes of tests that build their own
+# configuration (those that want keys set them; an empty value means none).
+os.environ.setdefault("API_KEYS", "")
+os.environ.setdefault("CONSOLE_API_KEY", "")
 
 # Generated tests (hypothesis): a bounded, reproducible number of examples in make test, many more
 # in make soak (HYPOTHESIS_PROFILE=soak), where each run explores new ones.

@@ -11,8 +11,10 @@ manifests with the Procfile and with each other (selectors, probes, budgets, sec
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import re
+import urllib.parse
 from pathlib import Path
 
 import jsonschema
@@ -197,3 +199,359 @@ def test_every_container_is_given_the_broker_nodes_and_existing_secrets():
         amqp = next(v["value"] for v in env if v["name"] == "AMQP_URL")
         hosts = [url.split("@", 1)[1].split(":")[0] for url in node_urls(amqp)]
         assert hosts == nodes, name
+
+
+# -- placeholders: the Secret as shipped starts nothing ------------------------------------------
+PLACEHOLDER = "REPLACE-ME"
+# What the operators write into their secrets, in the shape they write it.
+OPERATOR_VALUES = {
+    **{
+        (f"{db}-db-app", "uri"): f"postgresql://{db}:operator-made-{db}@{db}-db-rw:5432/{db}"
+        for db in ("person", "notifier", "console")
+    },
+    ("events-default-user", "username"): "default_user_operator",
+    ("events-default-user", "password"): "operator-made-administrator-password",
+}
+
+
+def filled_secret() -> dict[str, str]:
+    """The Secret as an operator fills it in: every placeholder replaced by a value of its shape."""
+    import secrets as random
+
+    from servicekit.auth import new_key
+
+    values = dict(of_kind("Secret")["event-replication-secrets"]["stringData"])
+    assert set(values.values()) == {PLACEHOLDER}, "a credential the operator need not replace"
+    filled = {name: random.token_urlsafe(32) for name in values}
+    console_key, console_entry = new_key(["person:read", "score:read", "notifier:read", "admin"])
+    filled["api-keys"] = json.dumps(console_entry)
+    filled["console-api-key"] = console_key
+    return filled
+
+
+def environment(container: dict, secret: dict[str, str]) -> dict[str, str]:
+    """The variables Kubernetes gives this container: its ConfigMaps, then its env in order
+    ($(NAME) expanded), secrets from `secret` (ours) or as the operators write theirs."""
+    configs = of_kind("ConfigMap")
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(configs[source["configMapRef"]["name"]]["data"])
+    for variable in container.get("env", []):
+        if "value" in variable:
+            env[variable["name"]] = re.sub(
+                r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), variable["value"]
+            )
+            continue
+        ref = variable["valueFrom"]["secretKeyRef"]
+        if ref["name"] == "event-replication-secrets":
+            env[variable["name"]] = secret[ref["key"]]
+        else:
+            env[variable["name"]] = OPERATOR_VALUES[(ref["name"], ref["key"])]
+    return env
+
+
+def settings_of(container: dict):
+    """The settings class of the service whose process the container runs."""
+    from console.config import ConsoleConfig
+    from notifier.config import NotifierConfig
+    from person.config import PersonConfig
+    from score.config import ScoreConfig
+
+    command = " ".join(container["command"])
+    found = {
+        cls
+        for service, cls in (
+            ("person", PersonConfig),
+            ("score", ScoreConfig),
+            ("notifier", NotifierConfig),
+            ("console", ConsoleConfig),
+        )
+        if re.search(rf"\b{service}\.\w+", command)
+    }
+    [cls] = found
+    return cls
+
+
+def app_containers() -> list[tuple[str, dict]]:
+    return [(name, c) for name, c in containers() if c["image"].startswith("registry.example.com")]
+
+
+@pytest.mark.parametrize(
+    "name, container", app_containers(), ids=[name for name, _ in app_containers()]
+)
+def test_every_process_refuses_the_placeholder_secret_and_starts_once_it_is_filled_in(
+    name, container
+):
+    from pydantic import ValidationError
+
+    settings = settings_of(container)
+    shipped = {key: PLACEHOLDER for key in filled_secret()}
+    with pytest.raises(ValidationError, match=f"holds the placeholder {PLACEHOLDER}") as refused:
+        settings(
+            _env_file=None, **{k.lower(): v for k, v in environment(container, shipped).items()}
+        )
+    assert PLACEHOLDER not in str(refused.value).replace(f"placeholder {PLACEHOLDER}", "")
+    filled = environment(container, filled_secret())
+    config = settings(_env_file=None, **{k.lower(): v for k, v in filled.items()})
+    assert config.production, name
+
+
+def test_a_placeholder_is_refused_in_development_too_and_its_value_is_not_echoed():
+    from pydantic import ValidationError
+    from score.config import ScoreConfig
+
+    url = f"redis://:{PLACEHOLDER}@redis:6379/0"
+    with pytest.raises(ValidationError) as refused:
+        ScoreConfig(_env_file=None, app_env="development", score_redis_url=url)
+    assert "SCORE_REDIS_URL holds the placeholder REPLACE-ME" in str(refused.value)
+    assert "redis://" not in str(refused.value)
+
+
+def test_the_broker_user_is_not_made_with_the_placeholder_password(monkeypatch, capsys):
+    from messaging import cli
+
+    [job] = [c for name, c in containers() if name == "migrate"]
+    env = environment(job, {key: PLACEHOLDER for key in filled_secret()})
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RABBITMQ_MANAGEMENT_URL", "http://127.0.0.1:9")  # never called
+    assert cli.main(["broker-user"]) == 2
+    assert f"holds the placeholder {PLACEHOLDER}" in capsys.readouterr().err
+
+
+def test_redis_refuses_the_placeholder_password(tmp_path):
+    import subprocess
+
+    [redis] = [c for name, c in containers() if name == "redis"]
+    assert redis["command"][:2] == ["sh", "-c"]
+    entrypoint = tmp_path / "docker-entrypoint.sh"  # the image's, standing in: prints its args
+    entrypoint.write_text('#!/bin/sh\necho "$@"\n')
+    entrypoint.chmod(0o755)
+
+    def start(password: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            redis["command"],
+            env={"PATH": f"{tmp_path}:/usr/bin:/bin", "REDIS_PASSWORD": password},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    refused = start(PLACEHOLDER)
+    assert refused.returncode == 1 and "placeholder REPLACE-ME" in refused.stderr
+    assert refused.stdout == ""
+    started = start("an-operators-own-redis-password")
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.split() == [
+        "redis-server",
+        "--appendonly",
+        "yes",
+        "--requirepass",
+        "an-operators-own-redis-password",
+    ]
+
+
+# -- resources, network and TLS --------------------------------------------------------------------
+def quantity(text: str) -> float:
+    """A Kubernetes quantity as a number (cpu in cores, memory in bytes)."""
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 1e3, "M": 1e6, "G": 1e9}
+    number, unit = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(text)).groups()
+    return float(number) * units.get(unit, 1)
+
+
+def test_every_container_and_operator_pod_has_requests_and_a_memory_limit():
+    """Requests for the scheduler, a memory limit so one process cannot take a machine's memory.
+    No CPU limit on our processes: throttling a latency-bound API helps nobody (a request is
+    the share it is guaranteed)."""
+    given = [(name, c.get("resources", {})) for name, c in containers()]
+    given += [
+        (doc["metadata"]["name"], doc["spec"].get("resources", {}))
+        for doc in documents()
+        if doc["kind"] in ("RabbitmqCluster", "Cluster")
+    ]
+    assert len(given) == len(containers()) + 4
+    for name, resources in given:
+        requests, limits = resources.get("requests", {}), resources.get("limits", {})
+        assert {"cpu", "memory"} <= set(requests), name
+        assert "memory" in limits, name
+        assert quantity(limits["memory"]) >= quantity(requests["memory"]), name
+
+
+NAMESPACE = "event-replication"
+# Pods from elsewhere: (namespace, its labels, the pod's labels), or an address outside.
+TRAEFIK = (
+    "traefik",
+    {"kubernetes.io/metadata.name": "traefik"},
+    {"app.kubernetes.io/name": "traefik"},
+)
+DNS = ("kube-system", {"kubernetes.io/metadata.name": "kube-system"}, {"k8s-app": "kube-dns"})
+CNPG_OPERATOR = ("cnpg-system", {"kubernetes.io/metadata.name": "cnpg-system"}, {"app": "cnpg"})
+RABBIT_OPERATOR = ("rabbitmq-system", {"kubernetes.io/metadata.name": "rabbitmq-system"}, {})
+ELSEWHERE = ("default", {"kubernetes.io/metadata.name": "default"}, {"app": "anything"})
+SENDGRID = "198.51.100.7"  # an address on the internet
+METADATA = "169.254.169.254"  # a cloud's metadata service
+PORTS = (53, 443, 4369, 5432, 5672, 6379, 6443, 8000, 15672, 25672)
+KUBERNETES_API = (443, 6443)  # the operators' pods reach it wherever it is
+# What each process connects to, and why (the test checks each against its environment).
+NEEDS = {
+    "person": {("person-db", 5432), ("events", 5672)},
+    "person-relay": {("person-db", 5432), ("events", 5672)},
+    "person-importer": {("person-db", 5432)},
+    "migrate-person": {("person-db", 5432)},
+    "score": {("redis", 6379), ("events", 5672)},
+    "score-consumer": {("redis", 6379), ("events", 5672)},
+    "notifier": {("notifier-db", 5432), ("events", 5672)},
+    "notifier-consumer": {("notifier-db", 5432), ("events", 5672)},
+    "notifier-sender": {("notifier-db", 5432), (SENDGRID, 443)},
+    "migrate": {("notifier-db", 5432), ("events", 5672), ("events", 15672)},
+    "console": {("console-db", 5432), ("person-db", 5432), ("events", 5672)}
+    | {(api, 8000) for api in ("person", "score", "notifier")},
+}
+
+
+def pods() -> dict[str, tuple[str, dict, dict]]:
+    """Every pod of the namespace by name: ours, the broker's nodes, the databases' instances."""
+    found = {
+        name: (NAMESPACE, {}, w["spec"]["template"]["metadata"]["labels"])
+        for name, w in {**workloads(), **of_kind("Job")}.items()
+    }
+    for name in of_kind("RabbitmqCluster"):  # the Cluster Operator's pod labels
+        found[name] = (
+            NAMESPACE,
+            {},
+            {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "rabbitmq"},
+        )
+    for name in of_kind("Cluster"):  # CloudNativePG's
+        found[name] = (NAMESPACE, {}, {"cnpg.io/cluster": name, "cnpg.io/podRole": "instance"})
+    return found
+
+
+def matches(selector: dict, labels: dict) -> bool:
+    expressions = selector.get("matchExpressions", [])
+    assert all(e["operator"] == "In" for e in expressions)
+    return selects(selector.get("matchLabels", {}), labels) and all(
+        labels.get(e["key"]) in e["values"] for e in expressions
+    )
+
+
+def peer_admits(peer: dict, other) -> bool:
+    if isinstance(other, str):  # an address outside the cluster
+        block = peer.get("ipBlock")
+        if block is None:
+            return False
+        inside = ipaddress.ip_address(other) in ipaddress.ip_network(block["cidr"])
+        return inside and not any(
+            ipaddress.ip_address(other) in ipaddress.ip_network(e) for e in block.get("except", [])
+        )
+    namespace, namespace_labels, labels = other
+    if "ipBlock" in peer:
+        return False
+    if "namespaceSelector" in peer:
+        in_namespace = matches(peer["namespaceSelector"], namespace_labels)
+    else:
+        in_namespace = namespace == NAMESPACE
+    return in_namespace and matches(peer.get("podSelector", {}), labels)
+
+
+def rule_admits(rule: dict, peers_key: str, other, port: int) -> bool:
+    ports = rule.get("ports")
+    if ports is not None and not any(p["port"] == port for p in ports):
+        return False
+    peers = rule.get(peers_key)
+    return peers is None or any(peer_admits(peer, other) for peer in peers)
+
+
+def allowed(source, destination, port: int, policies: list[dict]) -> bool:
+    """Whether these policies let `source` open a connection to `destination` on `port`."""
+    for pod, direction, key, other in (
+        (source, "Egress", "to", destination),
+        (destination, "Ingress", "from", source),
+    ):
+        if isinstance(pod, str) or pod[0] != NAMESPACE:
+            continue  # not ours: no policy of these files governs it
+        selecting = [
+            p["spec"]
+            for p in policies
+            if direction in p["spec"]["policyTypes"] and matches(p["spec"]["podSelector"], pod[2])
+        ]
+        if selecting and not any(
+            rule_admits(rule, key, other, port)
+            for spec in selecting
+            for rule in spec.get(direction.lower(), [])
+        ):
+            return False
+    return True
+
+
+def test_network_policies_deny_by_default_and_allow_each_process_only_what_it_needs():
+    ours = pods()
+    everyone = {**ours, "traefik": TRAEFIK, "dns": DNS, "elsewhere": ELSEWHERE}
+    everyone |= {"cnpg": CNPG_OPERATOR, "rabbit-operator": RABBIT_OPERATOR}
+    databases = set(of_kind("Cluster"))
+    [rabbit] = of_kind("RabbitmqCluster")
+    expected = {(name, target, port) for name, needs in NEEDS.items() for target, port in needs}
+    expected |= {(name, "dns", 53) for name in ours}  # names resolve everywhere
+    expected |= {("traefik", api, 8000) for api in APIS}
+    expected |= {(rabbit, rabbit, p) for p in (4369, 25672)} | {("rabbit-operator", rabbit, 15672)}
+    expected |= {(db, db, p) for db in databases for p in (5432, 8000)}
+    expected |= {("cnpg", db, 8000) for db in databases}
+    expected |= {
+        (operated, name, port)
+        for operated in databases | {rabbit}
+        for name, pod in everyone.items()
+        if pod[0] != NAMESPACE
+        for port in KUBERNETES_API
+    }
+    policies = list(of_kind("NetworkPolicy").values())
+    # A pod these files do not know yet (a new workload) talks to nobody either.
+    assert {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]} in [
+        p["spec"] for p in policies
+    ]
+    assert set(NEEDS) | databases | {rabbit, "redis"} == set(ours)
+    for source, src in everyone.items():
+        for destination, dst in everyone.items():
+            if src[0] != NAMESPACE and dst[0] != NAMESPACE:
+                continue
+            for port in PORTS:
+                verdict = allowed(src, dst, port, policies)
+                assert verdict == ((source, destination, port) in expected), (
+                    source,
+                    destination,
+                    port,
+                )
+    # Outside the cluster: the senders reach SendGrid; nobody reaches the metadata service; the
+    # operators' pods reach the Kubernetes API (on its ports, wherever it is).
+    for name, pod in ours.items():
+        assert allowed(pod, SENDGRID, 443, policies) == (
+            name == "notifier-sender" or name in databases or name == rabbit
+        ), name
+        assert allowed(pod, METADATA, 443, policies) == (name in databases or name == rabbit), name
+        assert not allowed(pod, SENDGRID, 80, policies), name
+
+
+def test_what_each_process_needs_is_what_its_environment_names():
+    secret = filled_secret()
+    hosts = {"events": "events", "redis": "redis"} | {f"{db}-rw": db for db in of_kind("Cluster")}
+    hosts |= {api: api for api in ("person", "score", "notifier")}
+    for name, container in app_containers():
+        env = environment(container, secret)
+        named = set()
+        for key, value in env.items():
+            if key.endswith(("_URL",)) and "://" in value:
+                for url in value.split(","):
+                    host = urllib.parse.urlsplit(url).hostname or ""
+                    if host.split(".")[0] in hosts:
+                        named.add(hosts[host.split(".")[0]])
+        needed = {target for target, _ in NEEDS[name] if target != SENDGRID}
+        assert needed <= named, (name, needed - named)
+
+
+def test_the_ingress_serves_every_host_over_tls_only():
+    [ingress] = of_kind("Ingress").values()
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["traefik.ingress.kubernetes.io/router.entrypoints"] == "websecure"
+    assert annotations["traefik.ingress.kubernetes.io/router.tls"] == "true"
+    hosts = {rule["host"] for rule in ingress["spec"]["rules"]}
+    [tls] = ingress["spec"]["tls"]
+    assert set(tls["hosts"]) == hosts
+    assert tls["secretName"] in (MANIFESTS / "README.md").read_text()

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 APIS = ("person", "score", "notifier", "console")
 INFRASTRUCTURE = ("postgres", "rabbitmq", "redis", "traefik")
 ONE_SHOTS = ("migrate", "migrate-person")
+CLUSTER = "docker-compose.cluster.yml"
 
 
 COMPOSE_SECRETS = {name: f"test-{name.lower()}" for name in SECRETS}
@@ -39,13 +40,15 @@ def compose_command() -> list[str]:
     )
 
 
-def render(*files: str, **variables: str) -> dict:
-    """`docker-compose config` of these files, with the secrets compose requires."""
+def render(*files: str, env_file: Path | None = None, **variables: str) -> dict:
+    """`docker-compose config` of these files, with the secrets compose requires (or those of
+    `env_file`, a .env as make compose-env writes it)."""
+    required = {} if env_file else COMPOSE_SECRETS
     with tempfile.NamedTemporaryFile(suffix=".env") as empty:  # not a developer's .env
         rendered = subprocess.run(
             [
                 *compose_command(),
-                f"--env-file={empty.name}",
+                f"--env-file={env_file or empty.name}",
                 *(f"--file={ROOT / name}" for name in files),
                 "config",
             ],
@@ -53,7 +56,7 @@ def render(*files: str, **variables: str) -> dict:
             text=True,
             cwd=ROOT,
             # The defaults, not this shell's variables, and the secrets compose requires.
-            env={"PATH": "/usr/local/bin:/usr/bin:/bin", **COMPOSE_SECRETS, **variables},
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", **required, **variables},
             check=False,
         )
     assert rendered.returncode == 0, rendered.stderr
@@ -172,6 +175,85 @@ def test_the_gateway_lets_through_what_each_person_route_accepts():
     assert native["routers"]["person-bulk"]["priority"] > len(native["routers"]["person"]["rule"])
 
 
+def published(service: dict) -> list[tuple[str, str]]:
+    """(host address, container port) of each port a service publishes, in either form
+    `config` prints (Compose v1's "ip:host:container/proto", v2's mapping)."""
+    found = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            found.append((port.get("host_ip", ""), str(port["target"])))
+        else:
+            address, _, rest = str(port).rpartition(":")
+            host_ip = address.rpartition(":")[0] if address.count(":") else ""
+            found.append((host_ip, rest.split("/")[0]))
+    return found
+
+
+@pytest.mark.parametrize("files", [("docker-compose.yml",), ("docker-compose.yml", CLUSTER)])
+def test_compose_publishes_only_on_this_machine_unless_told(files):
+    """Nothing reaches the LAN by default (no `0.0.0.0`, no address left out); GATEWAY_ADDRESS
+    moves the gateway, and only it."""
+    services = render(*files)["services"]
+    ports = {name: published(service) for name, service in services.items()}
+    assert ports["traefik"] == [("127.0.0.1", "80")]
+    for name, found in ports.items():
+        for host_ip, target in found:
+            assert host_ip == "127.0.0.1", (name, target)
+    opened = render(*files, GATEWAY_ADDRESS="0.0.0.0")["services"]
+    assert published(opened["traefik"]) == [("0.0.0.0", "80")]
+    for name, service in opened.items():
+        if name != "traefik":
+            assert published(service) == ports[name], name
+
+
+def test_compose_env_turns_api_keys_on_and_shows_the_key_once(tmp_path, capsys):
+    from dotenv import dotenv_values
+    from servicekit.auth import ApiKeys
+    from stack import compose_env
+
+    assert compose_env.main(tmp_path) == 0
+    shown = capsys.readouterr().out
+    [key] = re.findall(r"^  (mk_\S+)$", shown, re.MULTILINE)
+    path = tmp_path / ".env"
+    written = path.read_text()
+    assert key not in written  # only its digest
+    assert path.stat().st_mode & 0o777 == 0o600
+    env = dotenv_values(path)
+    assert all(env[name] for name in SECRETS)
+    keys = ApiKeys.parse(env["API_KEYS"])
+    operator = keys.verify(f"Bearer {key}")
+    assert operator.scopes == {"person:write", "person:read", "score:read", "notifier:read"} | {
+        "metrics",
+        "admin",
+    }
+    console = keys.verify(f"Bearer {env['CONSOLE_API_KEY']}")
+    assert console.scopes == {"person:read", "score:read", "notifier:read", "metrics", "admin"}
+
+    # Once: a second run writes nothing and shows no key.
+    assert compose_env.main(tmp_path) == 0
+    again = capsys.readouterr().out
+    assert "mk_" not in again and path.read_text() == written
+
+    # Compose gives every process the keys: the stack starts with them on.
+    services = render("docker-compose.yml", env_file=path)["services"]
+    for name, service in services.items():
+        if name in APIS or name in ("person-relay", "score-consumer", "notifier-consumer"):
+            assert service["environment"]["API_KEYS"] == env["API_KEYS"], name
+    assert services["console"]["environment"]["CONSOLE_API_KEY"] == env["CONSOLE_API_KEY"]
+
+
+def test_compose_env_keeps_an_operators_own_console_key(tmp_path, capsys):
+    from dotenv import dotenv_values
+    from servicekit.auth import ApiKeys
+    from stack import compose_env
+
+    (tmp_path / ".env").write_text("CONSOLE_API_KEY=mk_the-operators-own-console-key")
+    assert compose_env.main(tmp_path) == 0
+    env = dotenv_values(tmp_path / ".env")
+    assert env["CONSOLE_API_KEY"] == "mk_the-operators-own-console-key"
+    assert ApiKeys.parse(env["API_KEYS"]).verify("Bearer mk_the-operators-own-console-key")
+
+
 def test_traefik_exposes_only_labelled_containers_and_logs_request_ids(compose):
     traefik = compose["services"]["traefik"]
     assert traefik["image"].startswith("traefik:v3.")
@@ -253,7 +335,7 @@ def test_the_images_get_every_distribution_the_services_import_and_no_dev_tool()
     import importlib.metadata
     import sys
 
-    assert "COPY requirements.txt" in (ROOT / "Dockerfile").read_text()
+    assert "COPY requirements.lock" in (ROOT / "Dockerfile").read_text()  # requirements.txt, hashed
     runtime = pinned(ROOT / "requirements.txt")
     sources = [
         path
@@ -475,3 +557,51 @@ def test_the_apis_keep_idle_connections_longer_than_traefik_reuses_them():
         str(f) for f in render("docker-compose.yml")["services"]["traefik"]["command"]
     ]
     assert not any("idleconntimeout" in flag.lower() for flag in flags)
+
+
+# -- images: pinned tags, digests where one could be had, a RabbitMQ past CVE-2025-50200 -----------
+IMAGE = re.compile(r"(?P<name>[a-z0-9./-]+):(?P<tag>[\w.-]+)(?:@sha256:(?P<digest>[0-9a-f]{64}))?")
+# Official images whose digest could not be had where they were pinned (no registry answers on
+# the development machines, and no published record of these tags' digests was at hand): their
+# version tags stay, without a digest (README: Containers says how to add one).
+TAG_ONLY = {"postgres", "redis", "traefik", "python", "ghcr.io/cloudnative-pg/postgresql"}
+
+
+def official_images() -> list[tuple[str, str]]:
+    """(where, reference) of every third-party image the project names by default."""
+    found = []
+    for name in ("docker-compose.yml", CLUSTER):
+        for ref in re.findall(r"\$\{\w+_IMAGE:-([^}]+)\}", (ROOT / name).read_text()):
+            found.append((name, ref))
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)", (ROOT / "Dockerfile").read_text(), re.M)
+    found.append(("Dockerfile", base.group(1)))
+    for path in sorted((ROOT / "docs" / "deploy" / "kubernetes").glob("*.yaml")):
+        for ref in re.findall(r"^\s*-?\s*(?:image|imageName): (\S+)", path.read_text(), re.M):
+            if not ref.startswith("registry.example.com/"):  # ours, built from the Dockerfile
+                found.append((path.name, ref))
+    return found
+
+
+def test_every_official_image_is_a_version_tag_and_a_digest_where_one_was_had():
+    images = official_images()
+    assert {IMAGE.fullmatch(ref)["name"] for _, ref in images} == TAG_ONLY | {"rabbitmq"}
+    for where, ref in images:
+        image = IMAGE.fullmatch(ref)
+        assert image, (where, ref)
+        assert re.match(r"v?\d+\.\d+", image["tag"]), (where, ref)  # a version, never latest
+        assert bool(image["digest"]) == (image["name"] not in TAG_ONLY), (where, ref)
+    compose = {ref for where, ref in images if where.startswith("docker-compose")}
+    assert len({IMAGE.fullmatch(ref)["name"] for ref in compose}) == len(compose), compose
+
+
+def test_compose_and_kubernetes_run_rabbitmq_past_cve_2025_50200():
+    """The management API logged Basic credentials on errors before 4.0.8 (GHSA-gh3x-4x42-fvq8),
+    and `messaging broker-user` calls it with the administrator's."""
+    versions = {
+        where: tuple(int(n) for n in re.match(r"(\d+)\.(\d+)\.(\d+)", image["tag"]).groups())
+        for where, ref in official_images()
+        if (image := IMAGE.fullmatch(ref))["name"] == "rabbitmq"
+    }
+    assert set(versions) == {"docker-compose.yml", CLUSTER, "20-rabbitmq.yaml"}
+    assert all(version >= (4, 0, 8) for version in versions.values()), versions
+    assert len(set(versions.values())) == 1, versions  # one release, whichever way it runs

@@ -45,6 +45,7 @@ from datetime import UTC, datetime
 import pika
 import psycopg
 from pika.adapters.blocking_connection import BlockingChannel
+from servicekit.settings import refuse_placeholder
 
 from . import deadletters, outbox
 from .connection import connect, node_urls
@@ -354,6 +355,10 @@ def broker_user() -> int:
     vhost = urllib.parse.unquote(amqp.path.lstrip("/")) or "/"
     if not user or not password:
         raise Usage("broker-user: AMQP_URL must name a user and a password")
+    try:  # a user whose password everyone who read the manifests knows is never made
+        refuse_placeholder("broker-user: the password of AMQP_URL", password)
+    except ValueError as exc:
+        raise Usage(str(exc)) from None
     try:
         base = os.environ["RABBITMQ_MANAGEMENT_URL"]
         admin = f"{os.environ['RABBITMQ_ADMIN_USER']}:{os.environ['RABBITMQ_ADMIN_PASSWORD']}"

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .auth import ApiKeys
 
 MIN_SECRET_LENGTH = 32
+# What a deployment's files hold where the operator's own secret goes (the Kubernetes manifests'
+# Secret): never a value, in any mode.
+PLACEHOLDER = "REPLACE-ME"
+
+
+def refuse_placeholder(name: str, value: str) -> None:
+    """ValueError naming the variable (never its value) when it still holds the placeholder."""
+    if PLACEHOLDER in value.upper():
+        raise ValueError(
+            f"{name} holds the placeholder {PLACEHOLDER}: replace it with a value of your own "
+            "before starting"
+        )
 
 
 class ServiceSettings(BaseSettings):
@@ -23,6 +35,17 @@ class ServiceSettings(BaseSettings):
     app_env: Literal["development", "production"] = "development"
     log_level: str = "INFO"
     api_keys: str | None = None  # JSON: {"<sha256 hex of a key>": ["scope", ...]}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_placeholder(cls, data: Any) -> Any:
+        # Before the fields' own checks, so API_KEYS=REPLACE-ME is named as a placeholder rather
+        # than as JSON that does not parse; URLs too (a password inside AMQP_URL).
+        if isinstance(data, dict):
+            for name, value in data.items():
+                if isinstance(value, str):
+                    refuse_placeholder(name.upper(), value)
+        return data
 
     @property
     def production(self) -> bool:
