@@ -41,7 +41,8 @@ def create_app(config: PersonConfig | None = None, store: Store | None = None) -
             name="person",
             timeout=5,  # a database that does not answer is a 503 in 5 s, not a hung request
         )
-        store = PgStore(pool)
+        store = PgStore(pool, config.items_per_person_max)
+    store.items_per_person_max = config.items_per_person_max  # a test's store too
     app.extensions["person.store"] = store
     if isinstance(store, PgStore):  # bulk registration lives in PostgreSQL only
         app.extensions["person.imports"] = ImportStore(store.pool, config.imports_queued_per_key)

@@ -28,6 +28,8 @@ class PersonConfig(BrokerSettings):
     # Activation e-mails one API key may ask for per UTC day (429 past it).
     activation_requests_per_key_per_day: int = Field(200, ge=1)
     imports_queued_per_key: int = 3
+    # Incomes, assets and debts per person (422 past it): each score read walks them all.
+    items_per_person_max: int = Field(1_000, ge=1)
     # The consuming services whose work queues the relay replays to on request (no other).
     replay_targets: Annotated[tuple[str, ...], NoDecode] = ("score", "notifier")
     replay_min_interval_seconds: float = Field(30.0, ge=0)  # between two replays to one

@@ -17,13 +17,17 @@ from typing import Any
 from messaging import Envelope
 
 from .catalogue import PRODUCER, Event
-from .service import Lock, PersonService
+from .service import ITEMS_PER_PERSON_MAX, Lock, PersonService
 
 
 class MemoryStore(PersonService):
     """People, items and the events they produced, in dictionaries behind one lock."""
 
-    def __init__(self, new_id: Callable[[], uuid.UUID] = uuid.uuid4) -> None:
+    def __init__(
+        self,
+        new_id: Callable[[], uuid.UUID] = uuid.uuid4,
+        items_per_person_max: int = ITEMS_PER_PERSON_MAX,
+    ) -> None:
         self.new_id = new_id  # item ids (a test can make them reproducible)
         self.people: dict[str, dict] = {}
         self.items: dict[str, dict] = {}
@@ -32,7 +36,7 @@ class MemoryStore(PersonService):
         self.activation_quota: dict[tuple[str, date], int] = {}  # (key, UTC day) -> requests
         self.versions: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
-        super().__init__(self._transaction)
+        super().__init__(self._transaction, items_per_person_max)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[MemoryUnitOfWork]:
@@ -83,6 +87,9 @@ class MemoryUnitOfWork:
 
     def items(self, cpf: str) -> list[dict]:
         return [dict(i) for i in self.s.items.values() if i["cpf"] == cpf]
+
+    def count_items(self, cpf: str) -> int:
+        return sum(1 for i in self.s.items.values() if i["cpf"] == cpf)
 
     def gate(self, cpf: str, exclusive: bool) -> None:
         pass  # the store's lock serialises everything

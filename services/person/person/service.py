@@ -26,6 +26,9 @@ from .catalogue import (
 from .errors import BadToken, Conflict, NotFound, TooSoon, Unprocessable
 
 EDITABLE = ("name", "address", "date_of_birth", "email")
+# Incomes, assets and debts one person may have at most (ITEMS_PER_PERSON_MAX): each score read
+# walks them all, so a person must not grow without bound.
+ITEMS_PER_PERSON_MAX = 1_000
 Lock = Literal["update", "key share"] | None
 
 
@@ -34,6 +37,7 @@ class UnitOfWork(Protocol):
 
     def person(self, cpf: str, lock: Lock = None) -> dict | None: ...
     def items(self, cpf: str) -> list[dict]: ...
+    def count_items(self, cpf: str) -> int: ...
     def gate(self, cpf: str, exclusive: bool) -> None: ...
     def insert_person(self, fields: dict[str, Any]) -> dict | None: ...
     def update_person(self, cpf: str, changes: dict[str, Any]) -> dict: ...
@@ -50,8 +54,13 @@ class UnitOfWork(Protocol):
 class PersonService:
     """The person API's operations over a unit of work (`begin()` opens one)."""
 
-    def __init__(self, begin: Callable[[], contextlib.AbstractContextManager[UnitOfWork]]):
+    def __init__(
+        self,
+        begin: Callable[[], contextlib.AbstractContextManager[UnitOfWork]],
+        items_per_person_max: int = ITEMS_PER_PERSON_MAX,
+    ):
         self.begin = begin
+        self.items_per_person_max = items_per_person_max
 
     @contextlib.contextmanager
     def _work(self) -> Iterator[UnitOfWork]:
@@ -104,7 +113,16 @@ class PersonService:
     ) -> dict:
         with self._work() as uow:
             uow.gate(cpf, exclusive=False)
-            _found(uow.person(cpf, lock="key share"), cpf)
+            # The person's row lock, held to the commit, makes concurrent additions count one
+            # after the other: none can see a count the other is about to raise past the cap.
+            _found(uow.person(cpf, lock="update"), cpf)
+            most = self.items_per_person_max
+            if uow.count_items(cpf) >= most:
+                raise Unprocessable(
+                    "items",
+                    f"a person has at most {most} incomes, assets and debts "
+                    "(ITEMS_PER_PERSON_MAX): delete one before adding another",
+                )
             item = uow.insert_item(cpf, kind, type_, value)
             uow.emit(Event(item_created(kind), str(item["id"]), item_data(item)), correlation_id)
         return item

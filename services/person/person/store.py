@@ -19,7 +19,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from .catalogue import PRODUCER, Event, EventType, person_data
-from .service import Lock, PersonService
+from .service import ITEMS_PER_PERSON_MAX, Lock, PersonService
 
 PERSON_COLUMNS = "cpf, name, address, date_of_birth, email, status, created_at, updated_at"
 INSERTED = ("cpf", "name", "address", "date_of_birth", "email")  # what a registration gives
@@ -44,6 +44,10 @@ class PgUnitOfWork:
             (cpf,),
         )
         return self.cur.fetchall()
+
+    def count_items(self, cpf: str) -> int:
+        self.cur.execute("SELECT count(*) AS n FROM item WHERE cpf = %s", (cpf,))
+        return self.cur.fetchone()["n"]
 
     def gate(self, cpf: str, exclusive: bool) -> None:
         # An advisory lock per person that queues fairly: a stream of item writes (shared)
@@ -133,10 +137,12 @@ class PgUnitOfWork:
 class PgStore(PersonService):
     """The person rules over PostgreSQL, through a connection pool."""
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(
+        self, pool: ConnectionPool, items_per_person_max: int = ITEMS_PER_PERSON_MAX
+    ) -> None:
         self.pool = pool
         self.outbox = Outbox(PRODUCER)
-        super().__init__(self._transaction)
+        super().__init__(self._transaction, items_per_person_max)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[PgUnitOfWork]:

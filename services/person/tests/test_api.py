@@ -13,6 +13,7 @@ import pytest
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from messaging import Envelope
 from person.activation import SALT, Tokens
+from person.app import create_app
 from servicekit.auth import digest
 
 pytestmark = pytest.mark.unit
@@ -177,6 +178,22 @@ def test_a_created_item_answers_its_money_as_a_decimal_string(client, person):
     response = post_json(client, f"/person/{CPF}/income", {"type": "salary", "value": "1234.5"})
     assert response.status_code == 201
     assert response.get_json()["value"] == "1234.50"
+
+
+def test_an_item_past_items_per_person_max_answers_422_in_the_error_shape(config, memory_store):
+    client = create_app(
+        config.model_copy(update={"items_per_person_max": 2}), store=memory_store
+    ).test_client()
+    assert post_json(client, "/person", SEED_PERSON).status_code == 201
+    for kind in ("income", "asset"):
+        assert post_json(client, f"/person/{CPF}/{kind}", ITEM_BODY[kind]).status_code == 201
+    since = len(memory_store.events)
+
+    response = post_json(client, f"/person/{CPF}/debt", SEED_DEBT)
+
+    [reason] = assert_unprocessable(response, "items")
+    assert "at most 2" in reason
+    assert new_events(memory_store, since) == []
 
 
 def test_a_cpf_with_dots_dashes_and_spaces_addresses_the_same_person(client):

@@ -10,7 +10,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 from messaging import Envelope, decode
-from person.errors import NotFound
+from person.errors import NotFound, Unprocessable
 from person.store import PgStore
 
 pytestmark = pytest.mark.integration
@@ -85,6 +85,26 @@ def test_items_added_in_parallel_to_one_person_each_get_one_created_event_at_ver
     assert sorted(str(i["id"]) for i in added) == sorted(rows)
     assert {e.entity_version for e in created} == {1}
     assert len(pg_store.get_person(CPF)["incomes"]) == 50
+
+
+def test_items_added_in_parallel_past_the_cap_stop_exactly_at_it(pg_store, person_db):
+    pg_store.items_per_person_max = 10
+    create(pg_store)
+
+    def add(n: int) -> bool:
+        try:
+            pg_store.add_item(CPF, "income", f"t{n}", Decimal(n), None)
+        except Unprocessable:
+            return False
+        return True
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        added = list(pool.map(add, range(40)))
+
+    created = [e for e in events(person_db) if e.change == "created" and e.entity != "person"]
+    assert added.count(True) == 10
+    assert len(item_rows(person_db)) == 10
+    assert len(created) == 10
 
 
 @pytest.mark.parametrize("round_", range(3))

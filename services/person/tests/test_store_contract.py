@@ -211,6 +211,29 @@ def test_deleting_an_unknown_item_raises_not_found(store: Subject):
         store.store.delete_item(CPF, "income", "00000000-0000-0000-0000-000000000000", None)
 
 
+def test_an_item_past_the_cap_raises_unprocessable_and_emits_nothing(store: Subject):
+    store.store.items_per_person_max = 3
+    store.store.create_person(fields(), None)
+    store.store.create_person(fields(OTHER_CPF), None)
+    kept = [
+        store.store.add_item(CPF, kind, None, Decimal("1"), None)
+        for kind in ("income", "asset", "debt")
+    ]
+    mark = store.mark()
+
+    with pytest.raises(Unprocessable) as refused:
+        store.store.add_item(CPF, "debt", None, Decimal("1"), None)
+
+    assert refused.value.field == "items"
+    assert "ITEMS_PER_PERSON_MAX" in refused.value.reason
+    assert store.since(mark) == []
+    person = store.store.get_person(CPF)
+    assert sum(len(person[f"{k}s"]) for k in ("income", "asset", "debt")) == 3
+    store.store.add_item(OTHER_CPF, "income", None, Decimal("1"), None)  # the cap is per person
+    store.store.delete_item(CPF, "income", str(kept[0]["id"]), None)
+    store.store.add_item(CPF, "income", None, Decimal("2"), None)  # room again after a deletion
+
+
 # -- deletion and re-creation ------------------------------------------------------------------
 def test_deleting_a_person_emits_each_items_deletion_before_the_persons(store: Subject):
     store.store.create_person(fields(), None)
