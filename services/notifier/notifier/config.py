@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from messaging.settings import BrokerSettings
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 # The development value of ACTIVATION_SECRET, which the person and notifier services share (the
 # notifier signs activation links, the person service checks them); refused in production.
@@ -30,6 +30,11 @@ class NotifierConfig(BrokerSettings):
     sender_concurrency: int = 8
     sender_backoff_cap_seconds: float = 300.0
     db_pool_size: int = 5
+    # Retention (notifier/retention.py), pruned by the sender every RETENTION_INTERVAL_SECONDS.
+    delivery_text_retention_days: float = Field(7.0, gt=0)
+    mailbox_retention_days: float = Field(7.0, gt=0)
+    retention_interval_seconds: float = Field(3600.0, gt=0)
+    retention_batch: int = Field(500, ge=1)
 
     @model_validator(mode="after")
     def _lease_outlasts_a_call(self) -> NotifierConfig:

@@ -26,8 +26,10 @@ from messaging.connection import Backoff
 from opentelemetry.trace import SpanKind
 from psycopg_pool import ConnectionPool
 from servicekit import tracing
+from servicekit.retention import Pruner
 from servicekit.runner import configure_logging, replica_id, run_until_signalled
 
+from . import retention
 from .config import NotifierConfig
 from .email import Outcome, SendGridTransport, backoff_seconds, tls_context
 from .store import NotifierStore
@@ -258,6 +260,16 @@ def transport_for(config: NotifierConfig) -> Transport | None:
     )
 
 
+def pruner(pool: ConnectionPool, config: NotifierConfig) -> Pruner:
+    """The notifier's retention (retention.py), pruned on the sender's pool."""
+    return Pruner(
+        pool.connection,
+        retention.rules(config),
+        config.retention_interval_seconds,
+        config.retention_batch,
+    )
+
+
 def main() -> int:
     config = NotifierConfig()
     configure_logging(config.log_level)
@@ -266,6 +278,7 @@ def main() -> int:
     with ConnectionPool(config.notifier_database_url, min_size=1, max_size=pool_size) as pool:
         transport = transport_for(config)
         log.info("sending e-mail through %s", transport.name if transport else "the mailbox")
+        pruner(pool, config).start()  # beside the sending, in this long-running process
         return run_until_signalled(Sender(NotifierStore(pool), config, transport))
 
 

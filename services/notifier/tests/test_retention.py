@@ -1,0 +1,88 @@
+"""Integration: the sender's retention blanks settled e-mail texts and empties the mailbox."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from notifier.sender import pruner
+
+pytestmark = pytest.mark.integration
+
+
+def delivery(conn: psycopg.Connection, status: str, days_old: float) -> int:
+    return conn.execute(
+        "INSERT INTO deliveries (kind, cpf, event_id, to_email, subject, html, text, status, "
+        "created_at) VALUES ('activation', '11111', gen_random_uuid(), 'ana@example.com', 'hi', "
+        "'<p>link</p>', 'link', %s, "
+        "now() - make_interval(secs => %s)) RETURNING id",
+        (status, days_old * 86_400),
+    ).fetchone()[0]
+
+
+def mail(conn: psycopg.Connection, days_old: float) -> int:
+    delivery_id = delivery(conn, "sent", 0)
+    return conn.execute(
+        "INSERT INTO mailbox (delivery_id, to_email, from_email, subject, html, text, "
+        "received_at) VALUES (%s, 'ana@example.com', 'no-reply@example.com', 'hi', '<p>x</p>', "
+        "'x', now() - make_interval(secs => %s)) RETURNING id",
+        (delivery_id, days_old * 86_400),
+    ).fetchone()[0]
+
+
+def texts(conn: psycopg.Connection) -> dict[int, tuple[str, str, str]]:
+    rows = conn.execute("SELECT id, status, html, text FROM deliveries").fetchall()
+    return {i: (status, html, text) for i, status, html, text in rows}
+
+
+def mailbox_ids(conn: psycopg.Connection) -> set[int]:
+    return {i for (i,) in conn.execute("SELECT id FROM mailbox").fetchall()}
+
+
+def test_settled_deliveries_older_than_the_retention_keep_their_row_but_not_their_text(
+    config, store, notifier_db
+):
+    config = config.model_copy(update={"delivery_text_retention_days": 7, "retention_batch": 2})
+    with psycopg.connect(notifier_db, autocommit=True) as conn:
+        old = {status: delivery(conn, status, 8) for status in ("sent", "cancelled", "suppressed")}
+        old_failed, old_pending = delivery(conn, "failed", 8), delivery(conn, "pending", 8)
+        recent = delivery(conn, "sent", 6)
+
+        pruned = pruner(store.pool, config).run_once()
+
+        rows = texts(conn)
+    assert pruned["delivery e-mail texts"] == 3  # in batches of two
+    for status, delivery_id in old.items():
+        assert rows[delivery_id] == (status, "", "")
+    for kept in (old_failed, old_pending, recent):  # a failed one may be sent again
+        assert rows[kept][1:] == ("<p>link</p>", "link")
+
+
+def test_mailbox_e_mails_older_than_the_retention_are_deleted(config, store, notifier_db):
+    config = config.model_copy(update={"mailbox_retention_days": 7})
+    with psycopg.connect(notifier_db, autocommit=True) as conn:
+        old = {mail(conn, 8) for _ in range(3)}
+        recent = mail(conn, 6)
+
+        pruned = pruner(store.pool, config).run_once()
+
+        assert mailbox_ids(conn) == {recent}
+    assert pruned["mailbox e-mails"] == len(old)
+
+
+def test_one_row_that_cannot_be_pruned_does_not_stop_the_others(config, store, notifier_db):
+    config = config.model_copy(update={"mailbox_retention_days": 7, "retention_batch": 2})
+    with psycopg.connect(notifier_db, autocommit=True) as conn:
+        ids = [mail(conn, 8) for _ in range(5)]
+        bad = ids[1]
+        conn.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF OLD.id = {bad} THEN RAISE EXCEPTION 'a bad row'; END IF; RETURN OLD; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE DELETE ON mailbox FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+
+        pruned = pruner(store.pool, config).run_once()
+
+        assert mailbox_ids(conn) == {bad}
+    assert pruned["mailbox e-mails"] == 4
