@@ -28,6 +28,10 @@ class PersonConfig(BrokerSettings):
     # Activation e-mails one API key may ask for per UTC day (429 past it).
     activation_requests_per_key_per_day: int = Field(200, ge=1)
     imports_queued_per_key: int = 3
+    # Retention (person/retention.py), pruned by the importer every RETENTION_INTERVAL_SECONDS.
+    import_retention_days: float = Field(7.0, gt=0)
+    retention_interval_seconds: float = Field(3600.0, gt=0)
+    retention_batch: int = Field(500, ge=1)
     # Incomes, assets and debts per person (422 past it): each score read walks them all.
     items_per_person_max: int = Field(1_000, ge=1)
     # The consuming services whose work queues the relay replays to on request (no other).

@@ -5,6 +5,7 @@ from __future__ import annotations
 from servicekit import tracing
 from servicekit.runner import configure_logging, run_until_signalled
 
+from . import retention
 from .config import PersonConfig
 from .imports import Importer, ImporterSettings
 
@@ -18,6 +19,7 @@ def main() -> int:
         batch_size=config.import_batch_size,
         poll_interval=config.import_poll_seconds,
     )
+    retention.pruner(config).start()  # beside the imports, in this long-running process
     return run_until_signalled(Importer(settings))
 
 
