@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
 import psycopg
 import pytest
+from messaging.testing import wait_until
 from notifier.sender import pruner
 
 pytestmark = pytest.mark.integration
@@ -86,3 +92,21 @@ def test_one_row_that_cannot_be_pruned_does_not_stop_the_others(config, store, n
 
         assert mailbox_ids(conn) == {bad}
     assert pruned["mailbox e-mails"] == 4
+
+
+def test_the_running_sender_process_prunes_at_start(notifier_db):
+    with psycopg.connect(notifier_db, autocommit=True) as conn:
+        mail(conn, 8)
+        recent = mail(conn, 6)
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "SENDGRID_API_KEY"},
+        "NOTIFIER_DATABASE_URL": notifier_db,
+        "MAILBOX_RETENTION_DAYS": "7",
+    }
+    process = subprocess.Popen([sys.executable, "-m", "notifier.sender"], env=env)
+    try:
+        with psycopg.connect(notifier_db, autocommit=True) as conn:
+            wait_until(lambda: mailbox_ids(conn) == {recent}, timeout=30, what="mailbox pruned")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0

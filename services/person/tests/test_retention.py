@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import uuid
 
 import psycopg
 import pytest
+from messaging.testing import wait_until
 from person.retention import pruner
 
 pytestmark = pytest.mark.integration
@@ -44,3 +49,25 @@ def test_finished_imports_older_than_the_retention_go_with_their_failures(config
     assert pruned == {"finished imports": len(old)}
     assert left == {recent, unfinished}
     assert failures == {recent, unfinished}
+
+
+def test_the_running_importer_process_prunes_at_start(person_db):
+    with psycopg.connect(person_db, autocommit=True) as conn:
+        old = an_import(conn, "done", 8)
+        recent = an_import(conn, "done", 6)
+    env = {**os.environ, "PERSON_DATABASE_URL": person_db, "IMPORT_RETENTION_DAYS": "7"}
+    process = subprocess.Popen([sys.executable, "-m", "person.importer"], env=env)
+    try:
+        wait_until(
+            lambda: [(recent,)] == [(str(i),) for (i,) in ids(person_db)],
+            timeout=30,
+            what=f"import {old} pruned",
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+
+
+def ids(url: str) -> list[tuple]:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT id FROM imports").fetchall()
