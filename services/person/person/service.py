@@ -99,8 +99,9 @@ class PersonService:
 
     def delete_person(self, cpf: str, correlation_id: str | None) -> None:
         with self._work() as uow:
-            # Item writes to one person go in parallel; a deletion waits for them and they for
-            # it, through a gate that queues fairly (see the PostgreSQL adapter).
+            # Item writes to one person share a gate (additions then count one after the other
+            # under the row lock); a deletion waits for them and they for it, through a gate
+            # that queues fairly (see the PostgreSQL adapter).
             uow.gate(cpf, exclusive=True)
             _found(uow.person(cpf, lock="update"), cpf)
             for item in uow.delete_items(cpf):  # each item's deletion, before the person's
