@@ -169,6 +169,8 @@ def stack_environment(run_id: str) -> dict[str, str]:
         # Load from one address: Traefik's per-client rate limit must fit it (docs/security.md).
         "RATE_LIMIT_AVERAGE": "1000000",
         "RATE_LIMIT_BURST": "1000000",
+        # cluster_bench.py's writer adds an income to one person every 20 ms through a failover.
+        "ITEMS_PER_PERSON_MAX": "1000000",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONUNBUFFERED": "1",
     }
