@@ -274,7 +274,7 @@ def main() -> int:
     config = NotifierConfig()
     configure_logging(config.log_level)
     tracing.configure("notifier-sender")
-    pool_size = config.sender_concurrency + 1
+    pool_size = config.sender_concurrency + 2  # the workers, the heartbeat, the retention
     with ConnectionPool(config.notifier_database_url, min_size=1, max_size=pool_size) as pool:
         transport = transport_for(config)
         log.info("sending e-mail through %s", transport.name if transport else "the mailbox")
