@@ -9,7 +9,7 @@ import contextlib
 import copy
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
@@ -95,6 +95,10 @@ class MemoryUnitOfWork:
         self.s.people[fields["cpf"]] = person
         return dict(person)
 
+    def insert_people(self, people: Sequence[dict[str, Any]]) -> dict[str, dict]:
+        inserted = (self.insert_person(fields) for fields in people)
+        return {person["cpf"]: person for person in inserted if person is not None}
+
     def update_person(self, cpf: str, changes: dict[str, Any]) -> dict:
         self.s.people[cpf].update(changes, updated_at=datetime.now(UTC))
         return dict(self.s.people[cpf])
@@ -154,3 +158,7 @@ class MemoryUnitOfWork:
                 correlation_id=correlation_id,
             )
         )
+
+    def emit_many(self, events: Sequence[Event], correlation_id: str | None) -> None:
+        for event in events:
+            self.emit(event, correlation_id)
