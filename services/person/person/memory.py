@@ -70,6 +70,39 @@ class MemoryStore(PersonService):
     def outbox_published(self) -> tuple[int, float | None]:
         return 0, None
 
+    def outbox_status(self, parked_limit: int) -> dict[str, Any]:
+        return {
+            "backlog": 0,
+            "oldest_age_seconds": 0.0,
+            "published": 0,
+            "last_published_at": None,
+            "parked_count": 0,
+            "parked": [],
+        }
+
+    def outbox_history(
+        self, cpf: str | None, correlation_id: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        with self._lock:
+            events = list(enumerate(self.events, start=1))
+        found = [
+            {
+                "id": row,
+                "event_id": str(e.event_id),
+                "event_type": e.event_type,
+                "entity": e.entity,
+                "entity_id": e.entity_id,
+                "entity_version": e.entity_version,
+                "occurred_at": e.occurred_at,
+                "published_at": None,
+                "correlation_id": e.correlation_id,
+            }
+            for row, e in events
+            if (cpf and (e.entity_id == cpf or (e.data or {}).get("cpf") == cpf))
+            or (correlation_id and e.correlation_id == correlation_id)
+        ]
+        return found[:limit]
+
 
 class MemoryUnitOfWork:
     """service.UnitOfWork over the store's dictionaries (the store's lock is held)."""

@@ -95,9 +95,7 @@ class PersonService:
                 correlation_id,
             )
         return [
-            inserted[cpf]
-            if first[cpf] == index and cpf in inserted
-            else already_registered(cpf)
+            inserted[cpf] if first[cpf] == index and cpf in inserted else already_registered(cpf)
             for index, cpf in enumerate(fields["cpf"] for fields in people)
         ]
 

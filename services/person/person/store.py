@@ -10,12 +10,13 @@ import contextlib
 import itertools
 import uuid
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import psycopg
 from messaging import Outbox
-from messaging.outbox import backlog, parked_count, published
+from messaging.outbox import backlog, history, parked, parked_count, published
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -200,3 +201,34 @@ class PgStore(PersonService):
     def outbox_published(self) -> tuple[int, float | None]:
         with self.pool.connection() as conn:
             return published(conn)
+
+    def outbox_status(self, parked_limit: int) -> dict[str, Any]:
+        """What the relay has to do and did: the backlog and the age of its oldest event, the
+        events published and when last, and the rows it parked (the oldest `parked_limit`)."""
+        with self.pool.connection() as conn:
+            waiting, oldest = backlog(conn)
+            count, last = published(conn)
+            rows = parked(conn, limit=parked_limit)
+            total = parked_count(conn) if len(rows) == parked_limit else len(rows)
+        return {
+            "backlog": waiting,
+            "oldest_age_seconds": oldest,
+            "published": count,
+            "last_published_at": None if last is None else datetime.fromtimestamp(last, UTC),
+            "parked_count": total,
+            "parked": rows,
+        }
+
+    def outbox_history(
+        self, cpf: str | None, correlation_id: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """The events still in the outbox about a person and their items (their data names the
+        CPF), or made by one request, oldest first."""
+        with self.pool.connection() as conn:
+            return history(
+                conn,
+                entity_ids=[cpf] if cpf else None,
+                correlation_id=correlation_id,
+                data_field=("cpf", cpf) if cpf else None,
+                limit=limit,
+            )
