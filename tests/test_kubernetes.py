@@ -197,3 +197,16 @@ def test_every_container_is_given_the_broker_nodes_and_existing_secrets():
         amqp = next(v["value"] for v in env if v["name"] == "AMQP_URL")
         hosts = [url.split("@", 1)[1].split(":")[0] for url in node_urls(amqp)]
         assert hosts == nodes, name
+
+
+def test_the_console_is_given_no_store_but_its_own():
+    """It reads the others through their APIs (the producer's outbox too)."""
+    [console] = [c for name, c in containers() if name == "console"]
+    secrets = {
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for e in console.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert secrets & OPERATOR_SECRETS == {"console-db-app"}
+    names = {e["name"] for e in console.get("env", [])}
+    assert not {"PERSON_DATABASE_URL", "NOTIFIER_DATABASE_URL", "SCORE_REDIS_URL"} & names
