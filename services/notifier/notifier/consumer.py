@@ -108,7 +108,7 @@ class UserView:
 
     def _intent(self, kind: str, cpf: str, person: PersonFields) -> Intent:
         mail = self.composer.compose(kind, cpf, person.name, person.email, person.created_at)
-        return Intent(kind, person.email, mail.subject, mail.html, mail.text)
+        return Intent(kind, person.email, mail.subject, mail.html, mail.text, KINDS[kind].once)
 
 
 def composer_for(config: NotifierConfig) -> Composer:

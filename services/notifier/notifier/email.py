@@ -77,10 +77,10 @@ class Kind:
 
     The consumer records one of a kind for each applied event of a type in `on` whose person
     has an address (and for whom `when` holds, if given); the SQL then decides as for every
-    kind (store._APPLY_PERSON): once per event, none for a late or replayed event, a
-    registration's welcome before anything else, the mailbox's daily cap, cancelled if the
-    person leaves the address. Its templates (templates/) get `name` (None unless it is plainly
-    a name), `link` and `ttl_hours`.
+    kind (store._APPLY_PERSON): once per event (or per registration, if `once`), none for a
+    late or replayed event, a registration's welcome before anything else, the mailbox's daily
+    cap, cancelled if the person leaves the address. Its templates (templates/) get `name`
+    (None unless it is plainly a name), `link` and `ttl_hours`.
     """
 
     subject: str
@@ -89,18 +89,19 @@ class Kind:
     text: str
     link: Callable[[Composer, str, str, str], str] | None = None  # (cpf, email, registered_at)
     when: Callable[[Any], bool] | None = None  # of the person's new state (consumer.PersonFields)
+    once: bool = False  # at most one per registration of the person
 
 
 # Every kind of e-mail the notifier sends. A new kind is a row here and its two templates.
 KINDS: dict[str, Kind] = {
-    # Once per registration (the index one_welcome_per_registration), on the first event that
-    # gives the person an address; it carries the activation link.
+    # On the first event that gives the registration an address; it carries the activation link.
     "welcome": Kind(
         "Welcome! Activate your account",
         on=(PERSON_CREATED, PERSON_UPDATED, ACTIVATION_REQUESTED),
         html="welcome.html",
         text="welcome.txt",
         link=Composer.link,
+        once=True,
     ),
     # A new link, each time the person asks for one (or changes address), to the current one.
     "activation": Kind(

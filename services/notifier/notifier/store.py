@@ -58,11 +58,12 @@ _SUPERSEDED = f"""EXISTS (
 # event mails no one. An applied event cancels the person's pending e-mails recorded by an older
 # event that it no longer calls for (a deletion, a new registration, another address: see
 # _SUPERSEDED), and records each e-mail the consumer composed for it (email.KINDS decides which
-# an event's type calls for): the welcome unless this registration has one (the unique index on
-# (cpf, registered_at)), any other kind only once the registration has its welcome, once per
-# event and kind, to the address the event carries: the current one. Past the day's cap of
-# e-mails to one mailbox (mailbox_of, migration 010: case, `+tags` and Gmail's dots aside), what
-# it records is suppressed instead of pending, and says why.
+# an event's type calls for), once per event and kind, and a kind that goes once per
+# registration (the welcome) only if the registration has none (the unique indexes
+# one_welcome_per_registration and one_per_registration); any kind but the welcome only once the
+# registration has its welcome; to the address the event carries: the current one. Past the
+# day's cap of e-mails to one mailbox (mailbox_of, migration 010: case, `+tags` and Gmail's
+# dots aside), what it records is suppressed instead of pending, and says why.
 _APPLY_PERSON = f"""
 WITH u AS ({_UPSERT_USER} RETURNING cpf, version, deleted, registered_at, email),
 cancelled AS (
@@ -77,17 +78,17 @@ recent AS (
       AND created_at > now() - interval '1 day'
       AND status NOT IN ('suppressed', 'cancelled')
 )
-INSERT INTO deliveries ({_INTENT_COLUMNS}, version, status, last_error)
+INSERT INTO deliveries ({_INTENT_COLUMNS}, once_per_registration, version, status, last_error)
 SELECT kind, cpf, registered_at, %(event_id)s, %(to_email)s, subject, html, text,
-       %(trace_context)s, u.version,
+       %(trace_context)s, once, u.version,
        CASE WHEN recent.sent >= %(daily_cap)s THEN 'suppressed' ELSE 'pending' END,
        CASE WHEN recent.sent >= %(daily_cap)s
             THEN 'suppressed: ' || %(daily_cap)s || ' e-mails to the mailbox '
                  || mailbox_of(%(to_email)s) || ' in 24 h already '
                  || '(EMAILS_PER_ADDRESS_PER_DAY; case, +tags and Gmail dots aside)' END
 FROM u, recent,
-     unnest(%(kinds)s::text[], %(subjects)s::text[], %(htmls)s::text[], %(texts)s::text[])
-         WITH ORDINALITY AS mail (kind, subject, html, text, n)
+     unnest(%(kinds)s::text[], %(subjects)s::text[], %(htmls)s::text[], %(texts)s::text[],
+            %(once)s::boolean[]) WITH ORDINALITY AS mail (kind, subject, html, text, once, n)
 -- a registration's first e-mail is its welcome, which carries the link: any other kind only
 -- once it has one (not a second e-mail from the same event, or for a first address)
 WHERE (mail.kind = 'welcome' OR EXISTS (
@@ -117,6 +118,7 @@ class Intent:
     subject: str
     html: str
     text: str
+    once: bool = False  # at most one per registration (email.Kind.once)
 
 
 class NotifierStore:
@@ -201,6 +203,7 @@ class NotifierStore:
                 "subjects": [mail.subject for mail in mails],
                 "htmls": [mail.html for mail in mails],
                 "texts": [mail.text for mail in mails],
+                "once": [mail.once for mail in mails],
             },
         )
 

@@ -3,6 +3,7 @@ decided and delivered like the welcome, with no change to the consumer, the stor
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import psycopg
@@ -20,10 +21,11 @@ ACTIVATED = Kind(
     html="welcome.html",  # a real kind has templates of its own; any will do here
     text="welcome.txt",
     when=lambda person: person.status == "active",
+    once=True,
 )
 
 
-def test_a_kind_declared_only_in_the_table_is_recorded_and_delivered(
+def test_a_kind_declared_only_in_the_table_is_recorded_once_per_registration_and_delivered(
     monkeypatch, person_event, store, config
 ):
     monkeypatch.setitem(email.KINDS, "activated", ACTIVATED)
@@ -34,6 +36,7 @@ def test_a_kind_declared_only_in_the_table_is_recorded_and_delivered(
     activated = person_event("9", 3, "updated", created_at=REGISTERED, status="active")
     view(activated)
     view(activated)  # delivered again
+    view(person_event("9", 4, "updated", created_at=REGISTERED, status="active", name="Bia"))
 
     found = sorted(store.deliveries(None, 10), key=lambda d: d["id"])
     assert [(d["kind"], d["subject"], d["status"]) for d in found] == [
@@ -76,3 +79,15 @@ def test_the_database_keeps_only_a_kinds_name_not_the_list_of_kinds(notifier_db)
     for refused in ("", "Welcome", "two words", "x" * 41, "welcome'; --"):
         with psycopg.connect(notifier_db) as conn, pytest.raises(psycopg.errors.CheckViolation):
             conn.execute(row, (refused,))
+
+
+def test_a_kind_not_once_per_registration_goes_once_per_event(
+    monkeypatch, person_event, store, config
+):
+    monkeypatch.setitem(email.KINDS, "activated", replace(ACTIVATED, once=False))
+    view = UserView(store, composer_for(config))
+    view(person_event("8", 1, "created", created_at=REGISTERED))
+    for version in (2, 3):
+        view(person_event("8", version, "updated", created_at=REGISTERED, status="active"))
+    kinds = [d["kind"] for d in sorted(store.deliveries(None, 10), key=lambda d: d["id"])]
+    assert kinds == ["welcome", "activated", "activated"]
