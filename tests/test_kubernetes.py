@@ -404,7 +404,7 @@ NEEDS = {
     "notifier-consumer": {("notifier-db", 5432), ("events", 5672)},
     "notifier-sender": {("notifier-db", 5432), (SENDGRID, 443)},
     "migrate": {("notifier-db", 5432), ("events", 5672), ("events", 15672)},
-    "console": {("console-db", 5432), ("person-db", 5432), ("events", 5672)}
+    "console": {("console-db", 5432), ("events", 5672)}
     | {(api, 8000) for api in ("person", "score", "notifier")},
 }
 
@@ -555,3 +555,16 @@ def test_the_ingress_serves_every_host_over_tls_only():
     [tls] = ingress["spec"]["tls"]
     assert set(tls["hosts"]) == hosts
     assert tls["secretName"] in (MANIFESTS / "README.md").read_text()
+
+
+def test_the_console_is_given_no_store_but_its_own():
+    """It reads the others through their APIs (the producer's outbox too)."""
+    [console] = [c for name, c in containers() if name == "console"]
+    secrets = {
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for e in console.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert secrets & OPERATOR_SECRETS == {"console-db-app"}
+    names = {e["name"] for e in console.get("env", [])}
+    assert not {"PERSON_DATABASE_URL", "NOTIFIER_DATABASE_URL", "SCORE_REDIS_URL"} & names

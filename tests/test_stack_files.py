@@ -110,6 +110,14 @@ def test_one_container_per_native_process(compose):
         assert command[-1].strip('"') == native[-1].strip('"'), name
 
 
+def test_the_console_is_given_no_store_but_its_own(compose):
+    """It reads the others through their APIs (the producer's outbox too): no URL of theirs."""
+    env = compose["services"]["console"]["environment"]
+    stores = {k: v for k, v in env.items() if k.endswith(("_DATABASE_URL", "_REDIS_URL")) and v}
+    assert set(stores) == {"CONSOLE_DATABASE_URL"}
+    assert not any("@redis" in str(v) or "5432/person" in str(v) for v in env.values())
+
+
 def routers_in(tags: dict[str, str]) -> set[str]:
     return {key.split(".")[3] for key in tags if key.startswith("traefik.http.routers.")}
 

@@ -273,7 +273,10 @@ def _done(action: str, listed: int, outcome: Any) -> str:
 @bp.get("/journey")
 def journey() -> Any:
     query = request.args.get("q", "").strip()
-    found = _journey(query) if query else None
+    try:
+        found = _journey(query) if query else None
+    except Unreachable as exc:  # the outbox is read through the person API
+        return render_template("journey.html", q=query, found=None, error=str(exc)), 503
     if found is not None:  # personal data: shown only once the log says who saw it
         seen = f"cpf {found['cpf']}; {len(found['emails'])} e-mail(s)" if found["cpf"] else ""
         audit().record(g.operator, "view journey", query[:200], len(found["events"]), seen)

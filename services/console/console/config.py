@@ -12,9 +12,8 @@ DEVELOPMENT_SECRET = "development-console-secret"
 class ConsoleConfig(BrokerSettings):
     events_exchange: str = "entity-changes"  # EVENTS_EXCHANGE
     console_database_url: str = "postgresql://postgres@127.0.0.1:5432/console"  # the audit log
-    # The producer's outbox, read through the library (backlog, each change's events).
-    person_database_url: str = "postgresql://postgres@127.0.0.1:5432/person"
-    # Each service's own API, called as any client does, with the console's key.
+    # Each service's own API, called as any client does, with the console's key (the producer's
+    # outbox too: the person API's admin routes GET /outbox and /outbox/history).
     person_api_url: str = "http://127.0.0.1:8101"
     score_api_url: str = "http://127.0.0.1:8102"
     notifier_api_url: str = "http://127.0.0.1:8103"

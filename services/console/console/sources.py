@@ -1,5 +1,5 @@
-"""What the console reads, and from where: the broker (AMQP), the producer's outbox (through the
-messaging library) and each service's own HTTP API. No other service's store."""
+"""What the console reads, and from where: the broker (AMQP) and each service's own HTTP API (the
+producer's outbox through the person API's admin routes). No other service's store."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-import psycopg
-from messaging import deadletters, outbox
+from messaging import deadletters
 from messaging.connection import connect
 from messaging.topology import Topology
 from pika.exceptions import ChannelClosedByBroker
@@ -149,30 +149,37 @@ class Sources:
     def dead_queues(self) -> list[str]:
         return [t.dead_queue for t in self.topologies]
 
-    # -- the producer's outbox -----------------------------------------------------------------
+    # -- the producer's outbox, through the person API (admin) -----------------------------
     def outbox_state(self) -> dict[str, Any]:
-        with psycopg.connect(self.config.person_database_url, connect_timeout=3) as conn:
-            backlog, oldest = outbox.backlog(conn)
-            published, last = outbox.published(conn)
-            parked = outbox.parked(conn, limit=PARKED_SHOWN)
-            parked_count = outbox.parked_count(conn) if len(parked) == PARKED_SHOWN else len(parked)
+        found = self._person("/outbox", parked=PARKED_SHOWN)
+        for row in found["parked"]:
+            row["parked_at"] = datetime.fromisoformat(row["parked_at"])
         return {
-            "backlog": backlog,
-            "oldest_age": oldest,
-            "published": published,
-            "last": last,
-            "parked": parked,
-            "parked_count": parked_count,
+            "backlog": found["backlog"],
+            "oldest_age": found["oldest_age_seconds"],
+            "published": found["published"],
+            "last": found["last_published_at"],
+            "parked": found["parked"],
+            "parked_count": found["parked_count"],
         }
 
     def history(self, cpf: str | None, correlation_id: str | None) -> list[dict[str, Any]]:
-        with psycopg.connect(self.config.person_database_url, connect_timeout=3) as conn:
-            return outbox.history(
-                conn,
-                entity_ids=[cpf] if cpf else None,
-                correlation_id=correlation_id,
-                data_field=("cpf", cpf) if cpf else None,
-            )
+        """The events still in the outbox about a person and their items, or made by one
+        request (its correlation id), oldest first."""
+        asked = {"cpf": cpf} if cpf else {"correlation_id": correlation_id}
+        # 422: no event can have it (a CPF of more than 14 digits, an id no request can have)
+        return self._person("/outbox/history", none_if=422, **asked).get("events", [])
+
+    def _person(self, path: str, none_if: int | None = None, **query: Any) -> dict[str, Any]:
+        """A person API answer that must be 200 and JSON ({} for `none_if`); Unreachable
+        otherwise."""
+        status, answer = self.call("person", "GET", f"{path}?{urllib.parse.urlencode(query)}")
+        if status == none_if:
+            return {}
+        if status != 200 or not isinstance(answer, dict):
+            said = answer.get("message") if isinstance(answer, dict) else str(answer)[:200]
+            raise Unreachable(f"person answered {status} to GET {path}: {said}")
+        return answer
 
     # -- the overview --------------------------------------------------------------------------
     def overview(self) -> dict[str, Any]:
@@ -185,9 +192,9 @@ class Sources:
             view["queues"], problems = [], [f"broker: {type(exc).__name__}: {exc}"]
         try:
             view["outbox"] = self.outbox_state()
-        except psycopg.Error as exc:
+        except Unreachable as exc:
             view["outbox"] = None
-            problems.append(f"outbox: {type(exc).__name__}")
+            problems.append(f"outbox: {exc}")
         counters = {"published": (view["outbox"] or {}).get("published", 0)}
         for service in ("score", "notifier"):
             try:

@@ -1,5 +1,6 @@
 """Fixtures of the console's tests: the app create_app builds, with API keys on, on a database of
-its own; a fake notifier API that answers a retry; reading the audit log."""
+its own; a fake notifier API that answers a retry, a fake person API that answers the outbox's
+routes; reading the audit log."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 import pytest
@@ -150,5 +152,86 @@ class FakeNotifier:
 @pytest.fixture
 def notifier_api() -> Iterator[FakeNotifier]:
     fake = FakeNotifier()
+    yield fake
+    fake.stop()
+
+
+class FakePerson:
+    """The person API as far as the console reads the outbox through it: GET /outbox and
+    GET /outbox/history (the events a test gives it, as the real route selects them)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []  # (the CPF its data names, event)
+        self.outbox: dict[str, Any] = {
+            "backlog": 0,
+            "oldest_age_seconds": 0.0,
+            "published": 0,
+            "last_published_at": None,
+            "parked_count": 0,
+            "parked": [],
+        }
+        self.status = 200
+        self.calls: list[tuple[str, str | None]] = []  # (path and query, Authorization)
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                fake.calls.append((self.path, self.headers.get("Authorization")))
+                url = urlsplit(self.path)
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                if url.path == "/outbox":
+                    answer: Any = fake.outbox
+                elif url.path == "/outbox/history":
+                    answer = {"events": fake.history(query)}
+                else:
+                    answer = {"message": "not found", "errors": {}}
+                body = json.dumps(answer).encode()
+                self.send_response(fake.status if url.path.startswith("/outbox") else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def history(self, query: dict[str, str]) -> list[dict[str, Any]]:
+        cpf, request = query.get("cpf"), query.get("correlation_id")
+        return [
+            event
+            for about, event in self.events
+            if (cpf and about == cpf) or (request and event["correlation_id"] == request)
+        ]
+
+    def add(self, event_type: str, entity_id: str, cpf: str | None = None, **fields: Any) -> dict:
+        """An event in the outbox, unpublished unless `published_at` is given."""
+        event = {
+            "id": len(self.events) + 1,
+            "event_id": f"00000000-0000-4000-8000-{len(self.events) + 1:012d}",
+            "event_type": event_type,
+            "entity": event_type.partition(".")[0],
+            "entity_id": entity_id,
+            "entity_version": 1,
+            "occurred_at": "2026-12-07T10:00:00+00:00",
+            "published_at": None,
+            "correlation_id": None,
+            **fields,
+        }
+        self.events.append((cpf or entity_id, event))
+        return event
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def person_api() -> Iterator[FakePerson]:
+    fake = FakePerson()
     yield fake
     fake.stop()

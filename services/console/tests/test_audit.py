@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from messaging import Outbox
-from messaging.outbox import install
 
 pytestmark = pytest.mark.integration
 
@@ -72,28 +70,19 @@ def test_an_action_that_is_refused_or_fails_is_recorded_as_failed(
 
 
 @pytest.fixture
-def person_db(make_database) -> str:
-    url = make_database("person")
-    with psycopg.connect(url) as conn:
-        install(conn)
-    return url
-
-
-@pytest.fixture
-def journeys(make_app, browse, keys, broker, person_db):
-    """An operator on a console that follows journeys in a real outbox and broker."""
+def journeys(make_app, browse, keys, broker, person_api):
+    """An operator on a console that follows journeys in the person API's outbox and a broker."""
     app = make_app(
-        person_database_url=person_db, amqp_url=broker.amqp_url, events_exchange=broker.exchange
+        person_api_url=person_api.url, amqp_url=broker.amqp_url, events_exchange=broker.exchange
     )
     browser = browse(app)
     browser.sign_in(keys["admin"])
     return browser
 
 
-def test_each_view_of_a_journey_is_audited_with_whose_it_is(journeys, person_db):
+def test_each_view_of_a_journey_is_audited_with_whose_it_is(journeys, person_api):
     cpf = "12345678909"
-    with psycopg.connect(person_db) as conn, conn.cursor() as cur:
-        Outbox("person").add(cur, event_type="person.created", entity_id=cpf, data={"cpf": cpf})
+    person_api.add("person.created", cpf)
     page = journeys.get("/journey", query_string={"q": cpf}).get_data(as_text=True)
     assert "person.created" in page
     [row] = actions(journeys, "view journey")
@@ -103,10 +92,9 @@ def test_each_view_of_a_journey_is_audited_with_whose_it_is(journeys, person_db)
     assert len(actions(journeys, "view journey")) == 1
 
 
-def test_a_journey_the_log_cannot_record_is_not_shown(journeys, person_db, console_db):
+def test_a_journey_the_log_cannot_record_is_not_shown(journeys, person_api, console_db):
     cpf = "12345678909"
-    with psycopg.connect(person_db) as conn, conn.cursor() as cur:
-        Outbox("person").add(cur, event_type="person.created", entity_id=cpf, data={"cpf": cpf})
+    person_api.add("person.created", cpf)
     with psycopg.connect(console_db) as conn:
         conn.execute("ALTER TABLE audit ADD CONSTRAINT closed CHECK (false) NOT VALID")
     answer = journeys.get("/journey", query_string={"q": cpf})

@@ -7,13 +7,10 @@ import json
 import re
 
 import pika
-import psycopg
 import pytest
 from console.app import create_app
 from console.config import ConsoleConfig
-from messaging import Outbox
 from messaging.connection import connect
-from messaging.outbox import install
 from messaging.publisher import ConfirmedPublisher, Outgoing
 from messaging.topology import Topology
 
@@ -35,23 +32,13 @@ def score(broker) -> Topology:
 
 
 @pytest.fixture
-def person_db(make_database) -> str:
-    """The producer's database: its outbox is what the journey follows."""
-    url = make_database("person")
-    with psycopg.connect(url) as conn:
-        install(conn)
-    return url
-
-
-@pytest.fixture
-def client(broker, make_database, score, person_db):
+def client(broker, make_database, score, person_api):
     config = ConsoleConfig(
         console_database_url=make_database("console"),
-        person_database_url=person_db,
         amqp_url=broker.amqp_url,
         events_exchange=broker.exchange,
         console_dlq_window=WINDOW,
-        person_api_url=CLOSED,
+        person_api_url=person_api.url,  # the outbox the journey follows
         score_api_url=CLOSED,
         notifier_api_url=CLOSED,
         api_keys=None,
@@ -112,11 +99,10 @@ def test_a_group_page_shows_its_window_and_a_replay_reaches_past_it(client, brok
 
 
 def test_the_journey_finds_a_dead_letter_about_the_person_in_its_window(
-    client, broker, score, person_db
+    client, broker, score, person_api
 ):
     cpf = f"{7:011d}"
-    with psycopg.connect(person_db) as conn, conn.cursor() as cur:
-        Outbox("person").add(cur, event_type="person.created", entity_id=cpf, data={"cpf": cpf})
+    person_api.add("person.created", cpf)
     kill(broker, score, DEAD)
     text = client.get("/journey", query_string={"q": cpf}).get_data(as_text=True)
     assert f"Dead letters searched in <code>{score.dead_queue}</code>: the first {WINDOW}" in text

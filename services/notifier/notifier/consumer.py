@@ -19,7 +19,7 @@ from servicekit import tracing
 from servicekit.runner import configure_logging, replica_id, run_until_signalled
 
 from .config import NotifierConfig
-from .email import Composer
+from .email import ACTIVATION_REQUESTED, KINDS, PERSON_CREATED, PERSON_UPDATED, Composer
 from .store import Intent, NotifierStore
 
 SERVICE = "notifier"
@@ -39,10 +39,10 @@ class PersonFields(BaseModel):
 
 
 # The person service's event types this view reads (its catalogue is published at
-# person.localhost/asyncapi.json); an activation request also sends a new link. Any other type
-# (items, a type added later) is acknowledged and counted by the runtime, never handled.
-PERSON_STATES = ("person.created", "person.updated", "person.activation_requested")
-SENDS_ACTIVATION = "person.activation_requested"
+# person.localhost/asyncapi.json), and those a kind of e-mail is sent on (email.KINDS). Any other
+# type (items, a type added later) is acknowledged and counted by the runtime, never handled.
+VIEWED = (PERSON_CREATED, PERSON_UPDATED, ACTIVATION_REQUESTED)
+PERSON_STATES = tuple(dict.fromkeys([*VIEWED, *(on for k in KINDS.values() for on in k.on)]))
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,7 @@ class UserChange:
     cpf: str
     version: int
     state: dict | None  # None: the person was deleted
-    welcome: Intent | None = None
-    activation: Intent | None = None
+    mails: tuple[Intent, ...] = ()
 
 
 class UserView:
@@ -71,19 +70,22 @@ class UserView:
         self.apply([self.handlers.translate(envelope)])
 
     def person_changed(self, event: Envelope, person: PersonFields) -> UserChange:
-        mail = bool(person.email)
-        # The welcome is composed for every event with an e-mail, whether or not it turns out to
-        # call for one (the SQL decides): the price of deciding without a round trip. An
-        # activation request carries it too, for when it is applied before the registration.
+        # Each kind the event's type calls for is composed, whether or not it turns out to be
+        # sent (the SQL decides, e.g. a welcome only for a registration without one): the price
+        # of deciding without a round trip.
+        mails = tuple(
+            self._intent(name, event.entity_id, person)
+            for name, kind in KINDS.items()
+            if person.email
+            and event.event_type in kind.on
+            and (kind.when is None or kind.when(person))
+        )
         return UserChange(
             event.event_id,
             event.entity_id,
             event.entity_version,
             {**event.data, **person.model_dump()},
-            self._intent("welcome", event.entity_id, person) if mail else None,
-            self._intent("activation", event.entity_id, person)
-            if mail and event.event_type == SENDS_ACTIVATION
-            else None,
+            mails,
         )
 
     def person_deleted(self, event: Envelope, _data: None) -> UserChange:
@@ -101,18 +103,12 @@ class UserView:
         ):
             for change in changes:
                 self.store.apply_person(
-                    cur,
-                    change.event_id,
-                    change.cpf,
-                    change.version,
-                    change.state,
-                    change.welcome,
-                    change.activation,
+                    cur, change.event_id, change.cpf, change.version, change.state, change.mails
                 )
 
     def _intent(self, kind: str, cpf: str, person: PersonFields) -> Intent:
         mail = self.composer.compose(kind, cpf, person.name, person.email, person.created_at)
-        return Intent(person.email, mail.subject, mail.html, mail.text)
+        return Intent(kind, person.email, mail.subject, mail.html, mail.text, KINDS[kind].once)
 
 
 def composer_for(config: NotifierConfig) -> Composer:

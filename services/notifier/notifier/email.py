@@ -13,6 +13,7 @@ import random
 import ssl
 import time
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,10 @@ log = logging.getLogger("notifier.email")
 # created_at, so a link of a deleted registration cannot activate a later one with the same CPF
 # and address; tests/test_activation_contract.py).
 TOKEN_SALT = "person-activation"
-SUBJECTS = {"welcome": "Welcome! Activate your account", "activation": "Your activation link"}
+# The person service's event types that carry a person's state (its catalogue is published at
+# person.localhost/asyncapi.json): the ones an e-mail may be sent on.
+PERSON_CREATED, PERSON_UPDATED = "person.created", "person.updated"
+ACTIVATION_REQUESTED = "person.activation_requested"
 
 
 @dataclass(frozen=True)
@@ -35,11 +39,11 @@ class Composed:
     subject: str
     html: str
     text: str
-    link: str
+    link: str | None
 
 
 class Composer:
-    """Renders the welcome and activation e-mails, each with a fresh signed link."""
+    """Renders each kind of e-mail (KINDS), with the link its kind carries."""
 
     def __init__(self, secret: str, person_url: str, ttl_seconds: int) -> None:
         self._tokens = URLSafeTimedSerializer(secret, salt=TOKEN_SALT)
@@ -50,24 +54,64 @@ class Composer:
             auto_reload=False,
         )
         self._templates = {
-            (kind, ext): env.get_template(f"{kind}.{ext}")
-            for kind in SUBJECTS
-            for ext in ("html", "txt")
+            kind: (env.get_template(spec.html), env.get_template(spec.text))
+            for kind, spec in KINDS.items()
         }
 
     def link(self, cpf: str, email: str, registered_at: str) -> str:
+        """The activation link: signed for this registration and this address."""
         token = self._tokens.dumps({"cpf": cpf, "email": email, "registered_at": registered_at})
         return f"{self.person_url}/person/{cpf}/activate?token={token}"
 
     def compose(self, kind: str, cpf: str, name: str, email: str, registered_at: str) -> Composed:
-        link = self.link(cpf, email, registered_at)
+        spec = KINDS[kind]
+        link = spec.link(self, cpf, email, registered_at) if spec.link else None
         values = {"name": greeting_name(name), "link": link, "ttl_hours": self.ttl_seconds // 3600}
-        return Composed(
-            SUBJECTS[kind],
-            self._templates[kind, "html"].render(values),
-            self._templates[kind, "txt"].render(values),
-            link,
-        )
+        html, text = self._templates[kind]
+        return Composed(spec.subject, html.render(values), text.render(values), link)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of e-mail, as data: when it is called for, what it says, the link it carries.
+
+    The consumer records one of a kind for each applied event of a type in `on` whose person
+    has an address (and for whom `when` holds, if given); the SQL then decides as for every
+    kind (store._APPLY_PERSON): once per event (or per registration, if `once`), none for a
+    late or replayed event, a registration's welcome before anything else, the mailbox's daily
+    cap, cancelled if the person leaves the address. Its templates (templates/) get `name`
+    (None unless it is plainly a name), `link` and `ttl_hours`.
+    """
+
+    subject: str
+    on: tuple[str, ...]
+    html: str
+    text: str
+    link: Callable[[Composer, str, str, str], str] | None = None  # (cpf, email, registered_at)
+    when: Callable[[Any], bool] | None = None  # of the person's new state (consumer.PersonFields)
+    once: bool = False  # at most one per registration of the person
+
+
+# Every kind of e-mail the notifier sends. A new kind is a row here and its two templates.
+KINDS: dict[str, Kind] = {
+    # On the first event that gives the registration an address; it carries the activation link.
+    "welcome": Kind(
+        "Welcome! Activate your account",
+        on=(PERSON_CREATED, PERSON_UPDATED, ACTIVATION_REQUESTED),
+        html="welcome.html",
+        text="welcome.txt",
+        link=Composer.link,
+        once=True,
+    ),
+    # A new link, each time the person asks for one (or changes address), to the current one.
+    "activation": Kind(
+        "Your activation link",
+        on=(ACTIVATION_REQUESTED,),
+        html="activation.html",
+        text="activation.txt",
+        link=Composer.link,
+    ),
+}
 
 
 # What a name may hold to be put in an e-mail: letters (any script) and their marks, single

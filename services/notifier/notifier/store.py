@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -57,11 +57,13 @@ _SUPERSEDED = f"""EXISTS (
 # event was applied (the version-gated upsert RETURNING a row): a late, duplicated or replayed
 # event mails no one. An applied event cancels the person's pending e-mails recorded by an older
 # event that it no longer calls for (a deletion, a new registration, another address: see
-# _SUPERSEDED), records the welcome unless this registration has one (the unique index on (cpf,
-# registered_at)), and an activation request of a registration that has its welcome records a
-# link, to the address the event carries: the current one. Past the day's cap of e-mails to one
-# mailbox (mailbox_of, migration 010: case, `+tags` and Gmail's dots aside), what it records is
-# suppressed instead of pending, and says why.
+# _SUPERSEDED), and records each e-mail the consumer composed for it (email.KINDS decides which
+# an event's type calls for), once per event and kind, and a kind that goes once per
+# registration (the welcome) only if the registration has none (the unique indexes
+# one_welcome_per_registration and one_per_registration); any kind but the welcome only once the
+# registration has its welcome; to the address the event carries: the current one. Past the
+# day's cap of e-mails to one mailbox (mailbox_of, migration 010: case, `+tags` and Gmail's
+# dots aside), what it records is suppressed instead of pending, and says why.
 _APPLY_PERSON = f"""
 WITH u AS ({_UPSERT_USER} RETURNING cpf, version, deleted, registered_at, email),
 cancelled AS (
@@ -76,24 +78,23 @@ recent AS (
       AND created_at > now() - interval '1 day'
       AND status NOT IN ('suppressed', 'cancelled')
 )
-INSERT INTO deliveries ({_INTENT_COLUMNS}, version, status, last_error)
+INSERT INTO deliveries ({_INTENT_COLUMNS}, once_per_registration, version, status, last_error)
 SELECT kind, cpf, registered_at, %(event_id)s, %(to_email)s, subject, html, text,
-       %(trace_context)s, u.version,
+       %(trace_context)s, once, u.version,
        CASE WHEN recent.sent >= %(daily_cap)s THEN 'suppressed' ELSE 'pending' END,
        CASE WHEN recent.sent >= %(daily_cap)s
             THEN 'suppressed: ' || %(daily_cap)s || ' e-mails to the mailbox '
                  || mailbox_of(%(to_email)s) || ' in 24 h already '
                  || '(EMAILS_PER_ADDRESS_PER_DAY; case, +tags and Gmail dots aside)' END
-FROM u, recent, (VALUES
-    ('welcome', %(w_subject)s::text, %(w_html)s::text, %(w_text)s::text),
-    ('activation', %(a_subject)s::text, %(a_html)s::text, %(a_text)s::text)
-) AS mail (kind, subject, html, text)
-WHERE mail.subject IS NOT NULL
-  -- a registration's first e-mail is its welcome, which carries the link: an activation only
-  -- once it has one (not a second e-mail from the same event, or for a first address)
-  AND (mail.kind = 'welcome' OR EXISTS (
+FROM u, recent,
+     unnest(%(kinds)s::text[], %(subjects)s::text[], %(htmls)s::text[], %(texts)s::text[],
+            %(once)s::boolean[]) WITH ORDINALITY AS mail (kind, subject, html, text, once, n)
+-- a registration's first e-mail is its welcome, which carries the link: any other kind only
+-- once it has one (not a second e-mail from the same event, or for a first address)
+WHERE (mail.kind = 'welcome' OR EXISTS (
       SELECT 1 FROM deliveries w WHERE w.kind = 'welcome' AND w.cpf = u.cpf
         AND w.registered_at IS NOT DISTINCT FROM u.registered_at))
+ORDER BY mail.n
 ON CONFLICT DO NOTHING
 """
 # Due deliveries that a later version of the view no longer calls for: cancelled before a claim
@@ -110,22 +111,14 @@ WHERE d.id IN (
 
 @dataclass(frozen=True)
 class Intent:
-    """An e-mail the consumer wants sent, composed from one event."""
+    """An e-mail the consumer wants sent, composed from one event: one of email.KINDS."""
 
+    kind: str
     to_email: str
     subject: str
     html: str
     text: str
-
-
-def _intent_params(prefix: str, intent: Intent | None) -> dict[str, Any]:
-    if intent is None:
-        return {f"{prefix}_subject": None, f"{prefix}_html": None, f"{prefix}_text": None}
-    return {
-        f"{prefix}_subject": intent.subject,
-        f"{prefix}_html": intent.html,
-        f"{prefix}_text": intent.text,
-    }
+    once: bool = False  # at most one per registration (email.Kind.once)
 
 
 class NotifierStore:
@@ -169,11 +162,13 @@ class NotifierStore:
         cpf: str,
         version: int,
         state: dict | None,
-        welcome: Intent | None = None,
-        activation: Intent | None = None,
+        mails: Sequence[Intent] = (),
     ) -> None:
         """Version-gated upsert of the view (a deletion is kept as a tombstone) and, if the
-        event was applied, its e-mail decisions (see _APPLY_PERSON)."""
+        event was applied, its e-mail decisions (see _APPLY_PERSON). The event's `mails`, of
+        distinct kinds, all go to the address it carries."""
+        if len({mail.to_email for mail in mails}) > 1:
+            raise ValueError("one event's e-mails go to one address: the one it carries")
         row = {
             "cpf": cpf,
             "version": version,
@@ -193,7 +188,6 @@ class NotifierStore:
                 registered_at=state.get("created_at"),
             )
         row["updated_at"] = datetime.now().astimezone()
-        mail = welcome or activation
         cur.execute(
             _APPLY_PERSON,
             {
@@ -202,11 +196,14 @@ class NotifierStore:
                 if state is None
                 else "a new registration or address",
                 "event_id": envelope_id,
-                "to_email": mail.to_email if mail else None,
+                "to_email": mails[0].to_email if mails else None,
                 "daily_cap": self.daily_cap,
                 "trace_context": tracing.captured(),
-                **_intent_params("w", welcome),
-                **_intent_params("a", activation),
+                "kinds": [mail.kind for mail in mails],
+                "subjects": [mail.subject for mail in mails],
+                "htmls": [mail.html for mail in mails],
+                "texts": [mail.text for mail in mails],
+                "once": [mail.once for mail in mails],
             },
         )
 

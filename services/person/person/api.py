@@ -26,10 +26,12 @@ from .schemas import (
     Accepted,
     BulkIn,
     DebtIn,
+    HistoryOut,
     ImportAccepted,
     ImportOut,
     ItemCreated,
     ItemIn,
+    OutboxOut,
     PersonCreated,
     PersonIn,
     PersonOut,
@@ -72,6 +74,20 @@ class ImportQuery(BaseModel):
 
 class TokenQuery(BaseModel):
     token: str = Field("", description="the link's token (without one: 400)")
+
+
+class OutboxQuery(BaseModel):
+    parked: WholeNumber = Field(
+        10, ge=0, le=1000, description="how many parked rows to list, oldest first (all count)"
+    )
+
+
+class HistoryQuery(BaseModel):
+    cpf: str | None = Field(None, description="a person: their events and their items'")
+    correlation_id: str | None = Field(
+        None, min_length=1, max_length=128, description="a request's id (its X-Request-Id)"
+    )
+    limit: WholeNumber = Field(500, ge=1, le=500, description="how many events at most")
 
 
 def store() -> Store:
@@ -279,6 +295,31 @@ def request_activation(path: CpfPath) -> Any:
     quota = Quota(principal().key_digest, current_app.config["ACTIVATION_REQUESTS_PER_KEY"])
     store().request_activation(path_cpf(path.cpf), correlation_id(), resend, quota)
     return body(Accepted, message="a new activation e-mail is on its way"), 202
+
+
+@bp.get("/outbox", responses={200: OutboxOut, 422: Problem})
+@requires("admin")
+def outbox_status(query: OutboxQuery) -> Any:
+    """The outbox: events waiting, published, and the rows the relay parked"""
+    return body(OutboxOut, **store().outbox_status(query.parked))
+
+
+@bp.get("/outbox/history", responses={200: HistoryOut, 422: Problem})
+@requires("admin")
+def outbox_history(query: HistoryQuery) -> Any:
+    """The events still in the outbox about a person and their items, or made by one request
+
+    Give `cpf`, `correlation_id` or both (either matches); oldest first."""
+    if query.cpf is None and query.correlation_id is None:
+        raise Unprocessable("cpf", "give a cpf or a correlation_id")
+    cpf = None
+    if query.cpf is not None:
+        try:
+            cpf = normalise_cpf(query.cpf)
+        except ValueError as exc:
+            raise Unprocessable("cpf", str(exc)) from None
+    events = store().outbox_history(cpf, query.correlation_id, query.limit)
+    return body(HistoryOut, events=events)
 
 
 def _bulk_items(owner: str, key: str | None) -> BulkItems:

@@ -2,9 +2,10 @@
 
 POST /person/bulk stores the import and its items (COPY) in one transaction and notifies
 NOTIFY_CHANNEL. The importer claims the oldest import not done (FOR UPDATE SKIP LOCKED) and
-processes its next batch in one transaction that also advances the import's `processed` cursor
-and records the failed items: a worker killed mid-batch rolls the whole batch back, so a restart
-resumes at the cursor without registering anyone twice.
+registers its next batch through the person rules (PersonService.register_many, as POST /person
+registers one) in one transaction that also advances the import's `processed` cursor and records
+the failed items: a worker killed mid-batch rolls the whole batch back, so a restart resumes at
+the cursor without registering anyone twice.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from servicekit import logs
 from servicekit.errors import field_errors
 
 from .catalogue import PRODUCER
+from .errors import Conflict
 from .schemas import PersonIn
-from .store import insert_people
+from .store import within
 
 log = logging.getLogger("person.imports")
 
@@ -270,35 +272,30 @@ class Importer:
     def _register(
         self, cur: psycopg.Cursor, items: list[dict], correlation_id: str, careful: bool
     ) -> list[tuple[int, dict[str, list[str]]]]:
-        """Validate the items as POST /person does and insert the valid ones; the failures
-        (index, reasons per field), in index order."""
+        """Validate the items as POST /person does and register the valid ones through the
+        person rules, in the batch's transaction; the failures (index, reasons per field), in
+        index order."""
+        people = within(cur, self.outbox)
         failures: dict[int, dict[str, list[str]]] = {}
-        valid: dict[str, tuple[int, dict[str, Any]]] = {}  # by CPF: the first one wins
+        valid: list[tuple[int, dict[str, Any]]] = []
         for item in items:
-            index = item["idx"]
             reasons, fields = _validated(item["item"])
             if reasons:
-                failures[index] = reasons
-            elif fields["cpf"] in valid:
-                failures[index] = _exists(fields["cpf"])
+                failures[item["idx"]] = reasons
             else:
-                valid[fields["cpf"]] = (index, fields)
-        if careful:
-            inserted = {}
-            for index, fields in valid.values():
+                valid.append((item["idx"], fields))
+        if careful:  # a savepoint per person, so that one the database refuses fails alone
+            for index, fields in valid:
                 try:
-                    with cur.connection.transaction():
-                        inserted |= insert_people(cur, self.outbox, [fields], correlation_id)
+                    outcome = people.register_many([fields], correlation_id)
                 except (psycopg.DataError, psycopg.IntegrityError) as exc:
                     reason = exc.diag.message_primary or str(exc)
                     failures[index] = {"body": [f"refused by the database: {reason}"]}
-                    inserted[fields["cpf"]] = {}  # not a duplicate
+                else:
+                    failures |= _conflicts([index], outcome)
         else:
-            people = [fields for _, fields in valid.values()]
-            inserted = insert_people(cur, self.outbox, people, correlation_id)
-        for cpf, (index, _) in valid.items():
-            if cpf not in inserted:
-                failures[index] = _exists(cpf)
+            outcome = people.register_many([fields for _, fields in valid], correlation_id)
+            failures |= _conflicts([index for index, _ in valid], outcome)
         return sorted(failures.items())
 
 
@@ -315,5 +312,10 @@ def _validated(text: str) -> tuple[dict[str, list[str]] | None, dict[str, Any]]:
         return field_errors(exc), {}
 
 
-def _exists(cpf: str) -> dict[str, list[str]]:
-    return {"cpf": [f"a person with CPF {cpf} already exists"]}  # as POST /person's 409
+def _conflicts(indexes: list[int], outcome: list[dict | Conflict]) -> dict[int, dict]:
+    """The items the person rules refused, each with the reason POST /person's 409 gives."""
+    return {
+        index: {"cpf": [str(refused)]}
+        for index, refused in zip(indexes, outcome, strict=True)
+        if isinstance(refused, Conflict)
+    }

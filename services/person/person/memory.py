@@ -9,7 +9,7 @@ import contextlib
 import copy
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
@@ -74,6 +74,39 @@ class MemoryStore(PersonService):
     def outbox_published(self) -> tuple[int, float | None]:
         return 0, None
 
+    def outbox_status(self, parked_limit: int) -> dict[str, Any]:
+        return {
+            "backlog": 0,
+            "oldest_age_seconds": 0.0,
+            "published": 0,
+            "last_published_at": None,
+            "parked_count": 0,
+            "parked": [],
+        }
+
+    def outbox_history(
+        self, cpf: str | None, correlation_id: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        with self._lock:
+            events = list(enumerate(self.events, start=1))
+        found = [
+            {
+                "id": row,
+                "event_id": str(e.event_id),
+                "event_type": e.event_type,
+                "entity": e.entity,
+                "entity_id": e.entity_id,
+                "entity_version": e.entity_version,
+                "occurred_at": e.occurred_at,
+                "published_at": None,
+                "correlation_id": e.correlation_id,
+            }
+            for row, e in events
+            if (cpf and (e.entity_id == cpf or (e.data or {}).get("cpf") == cpf))
+            or (correlation_id and e.correlation_id == correlation_id)
+        ]
+        return found[:limit]
+
 
 class MemoryUnitOfWork:
     """service.UnitOfWork over the store's dictionaries (the store's lock is held)."""
@@ -101,6 +134,10 @@ class MemoryUnitOfWork:
         person = {**fields, "status": "pending", "created_at": now, "updated_at": now}
         self.s.people[fields["cpf"]] = person
         return dict(person)
+
+    def insert_people(self, people: Sequence[dict[str, Any]]) -> dict[str, dict]:
+        inserted = (self.insert_person(fields) for fields in people)
+        return {person["cpf"]: person for person in inserted if person is not None}
 
     def update_person(self, cpf: str, changes: dict[str, Any]) -> dict:
         self.s.people[cpf].update(changes, updated_at=datetime.now(UTC))
@@ -161,3 +198,7 @@ class MemoryUnitOfWork:
                 correlation_id=correlation_id,
             )
         )
+
+    def emit_many(self, events: Sequence[Event], correlation_id: str | None) -> None:
+        for event in events:
+            self.emit(event, correlation_id)

@@ -208,3 +208,50 @@ class ImportOut(ImportAccepted):
     failures: list[ImportFailure]
     created_at: IsoDateTime
     finished_at: IsoDateTime | None
+
+
+# -- the outbox, for operators (admin) ---------------------------------------------------------
+class OutboxEvent(BaseModel):
+    """An event in the outbox: what was committed, and whether the relay published it."""
+
+    id: int = Field(description="the outbox row's id: the order events were committed in")
+    event_id: str
+    event_type: str
+    entity: str
+    entity_id: str
+    entity_version: int
+    occurred_at: IsoDateTime
+    published_at: IsoDateTime | None = Field(description="null until the relay published it")
+    correlation_id: str | None = Field(description="the request that made the change")
+
+
+class ParkedRow(BaseModel):
+    """An outbox row the broker could not take, set aside with its reason; the rows behind it
+    were published (`messaging outbox retry` sends it again)."""
+
+    id: int
+    event_id: str
+    event_type: str
+    entity: str
+    entity_id: str
+    entity_version: int
+    occurred_at: IsoDateTime
+    parked_at: IsoDateTime
+    parked_reason: str
+    superseded_by: int | None = Field(
+        description="the newest version of the entity published since (its consumers hold that "
+        "newer state already); null if none"
+    )
+
+
+class OutboxOut(BaseModel):
+    backlog: int = Field(description="events waiting to be published (parked rows aside)")
+    oldest_age_seconds: float = Field(description="how long the oldest of them has waited")
+    published: int = Field(description="events the relay has published")
+    last_published_at: IsoDateTime | None
+    parked_count: int
+    parked: list[ParkedRow] = Field(description="the oldest parked rows (?parked= of them)")
+
+
+class HistoryOut(BaseModel):
+    events: list[OutboxEvent] = Field(description="oldest first")

@@ -8,7 +8,7 @@ contract tests (tests/test_store_contract.py). Every change and its events commi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -40,6 +40,7 @@ class UnitOfWork(Protocol):
     def count_items(self, cpf: str) -> int: ...
     def gate(self, cpf: str, exclusive: bool) -> None: ...
     def insert_person(self, fields: dict[str, Any]) -> dict | None: ...
+    def insert_people(self, people: Sequence[dict[str, Any]]) -> dict[str, dict]: ...
     def update_person(self, cpf: str, changes: dict[str, Any]) -> dict: ...
     def delete_items(self, cpf: str) -> list[dict]: ...
     def delete_person(self, cpf: str) -> None: ...
@@ -49,6 +50,7 @@ class UnitOfWork(Protocol):
     def mark_activation_requested(self, cpf: str) -> None: ...
     def count_activation_request(self, key_digest: str, most: int) -> bool: ...
     def emit(self, event: Event, correlation_id: str | None) -> None: ...
+    def emit_many(self, events: Sequence[Event], correlation_id: str | None) -> None: ...
 
 
 class PersonService:
@@ -75,11 +77,36 @@ class PersonService:
         with self._work() as uow:
             person = uow.insert_person(fields)
             if person is None:
-                raise Conflict(f"a person with CPF {fields['cpf']} already exists")
+                raise already_registered(fields["cpf"])
             uow.emit(
                 Event(EventType.PERSON_CREATED, person["cpf"], person_data(person)), correlation_id
             )
         return with_items(person, [])
+
+    def register_many(
+        self, people: Sequence[dict[str, Any]], correlation_id: str | None
+    ) -> list[dict | Conflict]:
+        """Register each person as create_person does, all in one unit of work (a batch of a
+        bulk import): for each, in order, the person registered (without the item lists: a new
+        registration has none) or the Conflict create_person would raise (the CPF is
+        registered already, or by an earlier one of `people`)."""
+        first: dict[str, int] = {}  # CPF -> the index of the one that may register it
+        for index, fields in enumerate(people):
+            first.setdefault(fields["cpf"], index)
+        with self._work() as uow:
+            # A few statements for the whole batch, not three round trips per person.
+            inserted = uow.insert_people([people[index] for index in first.values()])
+            uow.emit_many(
+                [
+                    Event(EventType.PERSON_CREATED, cpf, person_data(person))
+                    for cpf, person in inserted.items()
+                ],
+                correlation_id,
+            )
+        return [
+            inserted[cpf] if first[cpf] == index and cpf in inserted else already_registered(cpf)
+            for index, cpf in enumerate(fields["cpf"] for fields in people)
+        ]
 
     def update_person(self, cpf: str, changes: dict[str, Any], correlation_id: str | None) -> dict:
         with self._work() as uow:
@@ -208,6 +235,10 @@ def _new_address(before: str | None, after: str | None) -> bool:
     """Whether a change of e-mail is to another address (letter case aside), which the person
     must confirm again."""
     return bool(after) and (before or "").lower() != after.lower()
+
+
+def already_registered(cpf: str) -> Conflict:
+    return Conflict(f"a person with CPF {cpf} already exists")
 
 
 def _found(person: dict | None, cpf: str) -> dict:

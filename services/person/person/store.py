@@ -7,18 +7,20 @@ written through the same cursor as the change it describes, so both commit or ne
 from __future__ import annotations
 
 import contextlib
+import itertools
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import psycopg
 from messaging import Outbox
-from messaging.outbox import backlog, parked_count, published
+from messaging.outbox import backlog, history, parked, parked_count, published
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from .catalogue import PRODUCER, Event, EventType, person_data
+from .catalogue import PRODUCER, Event
 from .service import ITEMS_PER_PERSON_MAX, Lock, PersonService
 
 PERSON_COLUMNS = "cpf, name, address, date_of_birth, email, status, created_at, updated_at"
@@ -64,6 +66,20 @@ class PgUnitOfWork:
             {column: fields[column] for column in INSERTED},
         )
         return self.cur.fetchone()
+
+    def insert_people(self, people: Sequence[dict[str, Any]]) -> dict[str, dict]:
+        # CPFs are distinct; one that exists (also when a concurrent transaction inserted it:
+        # ON CONFLICT waits for it) is left out without aborting the transaction.
+        if not people:
+            return {}
+        self.cur.execute(
+            # %b: arrays sent in binary, without escaping each element as text.
+            "INSERT INTO person (cpf, name, address, date_of_birth, email) "
+            "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::date[], %b::text[]) "
+            f"ON CONFLICT (cpf) DO NOTHING RETURNING {PERSON_COLUMNS}",
+            [[fields[column] for fields in people] for column in INSERTED],
+        )
+        return {row["cpf"]: row for row in self.cur.fetchall()}
 
     def update_person(self, cpf: str, changes: dict[str, Any]) -> dict:
         sets = ", ".join(f"{column} = %({column})s" for column in changes)
@@ -133,6 +149,31 @@ class PgUnitOfWork:
             correlation_id=correlation_id,
         )
 
+    def emit_many(self, events: Sequence[Event], correlation_id: str | None) -> None:
+        # One statement per event type, of distinct entities (the outbox's add_many).
+        by_type = itertools.groupby(sorted(events, key=lambda e: e.type), key=lambda e: e.type)
+        for event_type, group in by_type:
+            same_type = list(group)
+            data = {event.entity_id: event.payload() for event in same_type}
+            if len(data) != len(same_type):
+                raise ValueError(f"emit_many: two {event_type} events of one entity")
+            self.events.add_many(
+                self.cur, event_type=event_type, data=data, correlation_id=correlation_id
+            )
+
+
+def within(cur: psycopg.Cursor, events: Outbox) -> PersonService:
+    """The person rules inside a transaction the caller holds on `cur` (an import's batch,
+    with its own bookkeeping): each operation is a savepoint of it, committed with the caller's
+    writes, and one that raises rolls back alone."""
+
+    @contextlib.contextmanager
+    def savepoint() -> Iterator[PgUnitOfWork]:
+        with cur.connection.transaction():
+            yield PgUnitOfWork(cur, events)
+
+    return PersonService(savepoint)
+
 
 class PgStore(PersonService):
     """The person rules over PostgreSQL, through a connection pool."""
@@ -167,40 +208,33 @@ class PgStore(PersonService):
         with self.pool.connection() as conn:
             return published(conn)
 
+    def outbox_status(self, parked_limit: int) -> dict[str, Any]:
+        """What the relay has to do and did: the backlog and the age of its oldest event, the
+        events published and when last, and the rows it parked (the oldest `parked_limit`)."""
+        with self.pool.connection() as conn:
+            waiting, oldest = backlog(conn)
+            count, last = published(conn)
+            rows = parked(conn, limit=parked_limit)
+            total = parked_count(conn) if len(rows) == parked_limit else len(rows)
+        return {
+            "backlog": waiting,
+            "oldest_age_seconds": oldest,
+            "published": count,
+            "last_published_at": None if last is None else datetime.fromtimestamp(last, UTC),
+            "parked_count": total,
+            "parked": rows,
+        }
 
-def insert_people(
-    cur: psycopg.Cursor,
-    events: Outbox,
-    people: list[dict[str, Any]],
-    correlation_id: str | None,
-) -> dict[str, dict]:
-    """Insert validated people of a bulk import, each with its `person.created` event, in the
-    cursor's transaction: a few statements per batch instead of three round trips per person.
-
-    Returns the inserted rows by CPF; a CPF that exists already (also when a concurrent
-    transaction inserted it: ON CONFLICT waits for it) is left out, without aborting the
-    transaction. CPFs must be distinct.
-    """
-    inserted = _insert_rows(cur, people)
-    if inserted:
-        events.add_many(
-            cur,
-            event_type=EventType.PERSON_CREATED,
-            data={cpf: person_data(row).model_dump(mode="json") for cpf, row in inserted.items()},
-            correlation_id=correlation_id,
-        )
-    return inserted
-
-
-def _insert_rows(cur: psycopg.Cursor, people: list[dict[str, Any]]) -> dict[str, dict]:
-    if not people:
-        return {}
-    columns = INSERTED
-    cur.execute(
-        # %b: arrays sent in binary, without escaping each element as text.
-        f"INSERT INTO person (cpf, name, address, date_of_birth, email) "
-        f"SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::date[], %b::text[]) "
-        f"ON CONFLICT (cpf) DO NOTHING RETURNING {PERSON_COLUMNS}",
-        [[p[column] for p in people] for column in columns],
-    )
-    return {row["cpf"]: row for row in cur.fetchall()}
+    def outbox_history(
+        self, cpf: str | None, correlation_id: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """The events still in the outbox about a person and their items (their data names the
+        CPF), or made by one request, oldest first."""
+        with self.pool.connection() as conn:
+            return history(
+                conn,
+                entity_ids=[cpf] if cpf else None,
+                correlation_id=correlation_id,
+                data_field=("cpf", cpf) if cpf else None,
+                limit=limit,
+            )

@@ -172,6 +172,33 @@ def test_an_import_reports_exactly_its_invalid_and_duplicate_items(client, impor
     assert query(person_db, "SELECT count(*) FROM import_items") == [(0,)]  # dropped when done
 
 
+def test_an_item_the_database_refuses_fails_alone_and_the_rest_of_its_batch_registers(
+    client, importer, person_db
+):
+    # A rule of the database's that validation does not know: the batch is redone with a
+    # savepoint per person, so that it does not fail forever for one of them.
+    with psycopg.connect(person_db) as conn:
+        conn.execute("ALTER TABLE person ADD CONSTRAINT not_refused CHECK (name <> 'Refused')")
+    items = [person(i) for i in range(5)] + [person(1, name="Twin")]
+    items[2] = person(2, name="Refused")
+    import_id = post_bulk(client, items, headers={"X-Request-Id": "careful"}).json["id"]
+
+    with running(importer):
+        report = wait_until(lambda: done(client, import_id), what="import done")
+
+    assert (report["succeeded"], report["failed"]) == (4, 2)
+    failures = {f["index"]: f["errors"] for f in report["failures"]}
+    assert set(failures) == {2, 5}
+    assert failures[2]["body"][0].startswith("refused by the database: new row for relation")
+    assert failures[5] == {"cpf": [f"a person with CPF {items[1]['cpf']} already exists"]}
+    events = created_events(person_db)
+    assert set(events) == {items[i]["cpf"] for i in (0, 1, 3, 4)}
+    assert set(events.values()) == {1}
+    assert query(person_db, "SELECT DISTINCT correlation_id FROM messaging_outbox") == [
+        (import_id,)
+    ]
+
+
 def test_an_idempotency_key_returns_the_same_import_and_stores_nothing_new(client, person_db):
     first = post_bulk(client, [person(1), person(2)], key="batch-2026-11-23")
     again = post_bulk(client, [person(1), person(2)], key="batch-2026-11-23")

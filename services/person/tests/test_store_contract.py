@@ -112,6 +112,39 @@ def test_creating_a_person_with_an_existing_cpf_conflicts_and_emits_nothing(stor
     assert store.store.get_person(CPF)["name"] == "abc"
 
 
+def test_registering_many_registers_each_as_create_person_does(store: Subject):
+    store.store.create_person(fields(OTHER_CPF), None)
+    mark = store.mark()
+    third = "33333"
+    batch = [fields(), fields(OTHER_CPF), fields(name="a twin"), fields(third, email=None)]
+
+    outcome = store.store.register_many(batch, "import-1")
+
+    for person, cpf in ((outcome[0], CPF), (outcome[3], third)):
+        assert person.items() <= store.store.get_person(cpf).items()
+    assert outcome[0]["status"] == "pending" and outcome[3]["email"] is None
+    assert [str(c) for c in outcome[1:3] if isinstance(c, Conflict)] == [
+        f"a person with CPF {OTHER_CPF} already exists",
+        f"a person with CPF {CPF} already exists",  # the first of the batch wins
+    ]
+    assert store.store.get_person(CPF)["name"] == "abc"
+    events = sorted(store.since(mark), key=lambda e: e.entity_id)
+    assert [(e.event_type, e.entity_id, e.entity_version) for e in events] == [
+        ("person.created", CPF, 1),
+        ("person.created", third, 1),
+    ]
+    assert {e.correlation_id for e in events} == {"import-1"}
+    for event in events:
+        assert event.data == person_data(store.store.get_person(event.entity_id)).model_dump(
+            mode="json"
+        )
+
+
+def test_registering_none_emits_nothing(store: Subject):
+    assert store.store.register_many([], None) == []
+    assert store.events() == []
+
+
 def test_an_update_emits_person_updated_with_the_next_version_and_the_full_state(
     store: Subject,
 ):
