@@ -18,11 +18,11 @@ import psycopg
 import pytest
 
 # What tests need that is no part of any service lives in tests/support (the servers of the run,
-# the fake SendGrid, the fault runs' load and verdict, servers a test starts for itself), on the
+# the fault runs' load and verdict, servers a test starts for itself), on the
 # import path of every test folder (pyproject.toml: pythonpath); the development stack's own
-# tools (a three-node RabbitMQ cluster, the Procfile's processes) are the installed `stack`.
+# tools (a three-node RabbitMQ cluster, the Procfile's processes, the fake SendGrid and a
+# throwaway CA) are the installed `stack`.
 from backing_servers import Servers, container_servers, local_servers, use_containers
-from fake_sendgrid import FakeSendGrid
 from hypothesis import HealthCheck, settings
 from messaging import Envelope
 from messaging.connection import connect
@@ -32,6 +32,7 @@ from messaging.topology import Topology
 from own_servers import own_redis
 from psycopg import sql
 from stack.cluster import SCRIPTS, Cluster
+from stack.fake_sendgrid import FakeSendGrid
 
 # Every settings object reads .env after the environment, and `make compose-env` writes API keys
 # there: a developer's compose keys must not close the routes of tests that build their own

@@ -3,8 +3,8 @@
 Run: .venv/bin/python bench/email_bench.py [--emails N] [--trust-env NAME]. Prints
 `emails_tls_s` and `email_cpu_ms` (bench/README.md); logs on stderr.
 
-A certificate authority is made for the run (tests/support/tls_ca.py) and the fake SendGrid of
-the tests (tests/support/fake_sendgrid.py) answers `POST /v3/mail/send` over TLS with a
+A certificate authority is made for the run (stack.tls_ca) and the fake SendGrid of
+the tests (stack.fake_sendgrid) answers `POST /v3/mail/send` over TLS with a
 certificate it signed. The sender (`python -m notifier.sender`, the production defaults:
 SENDER_CONCURRENCY=8) trusts a bundle of the system's CA certificates plus that CA, given as
 SENDGRID_CA_FILE, so its TLS context loads as many certificates as in production. N welcome
@@ -41,11 +41,10 @@ from notifier.migrate import migrate_database
 from notifier.store import NotifierStore
 from psycopg_pool import ConnectionPool
 from relay_bench import MeasureError, fresh_database, interrupted
+from stack.fake_sendgrid import FakeSendGrid
+from stack.tls_ca import LocalCA
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "support"))  # the fake SendGrid and the local CA
-from fake_sendgrid import FakeSendGrid  # noqa: E402
-from tls_ca import LocalCA  # noqa: E402
 
 log = logging.getLogger("email_bench")
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from fake_sendgrid import FakeSendGrid
 from flask.testing import FlaskClient
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from messaging.testing import running, wait_until
@@ -32,6 +31,7 @@ from person.store import PgStore
 from psycopg_pool import ConnectionPool
 from servicekit.auth import digest
 from servicekit.runner import configure_logging
+from stack.fake_sendgrid import FakeSendGrid
 
 pytestmark = pytest.mark.integration
 

@@ -29,7 +29,6 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
-from fake_sendgrid import FakeSendGrid
 from fault_load import Load, Step, Verdict, drain, publish
 from messaging.connection import connect
 from messaging.relay import LEADER_LOCK
@@ -38,6 +37,7 @@ from messaging.testing import wait_until
 from messaging.topology import Topology
 from score.store import ScoreStore
 from stack import up as stack
+from stack.fake_sendgrid import FakeSendGrid
 from stack.processes import Gateway, Processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]

@@ -25,12 +25,12 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
-from fake_sendgrid import FakeSendGrid
 from fault_load import Load, Step, Verdict, drain, publish
 from messaging.testing import wait_until
 from messaging.topology import Topology
 from score.store import ScoreStore
 from stack import up as stack
+from stack.fake_sendgrid import FakeSendGrid
 from stack.processes import Gateway, Processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]

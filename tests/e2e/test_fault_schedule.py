@@ -29,7 +29,6 @@ import pika
 import psycopg
 import pytest
 import redis
-from fake_sendgrid import FakeSendGrid
 from fault_load import Load, Step, Verdict, drain, publish
 from hosts import HostsName, can_edit
 from hypothesis import HealthCheck, example, given, settings
@@ -42,6 +41,7 @@ from messaging.topology import Topology
 from own_servers import own_redis
 from score.store import ScoreStore
 from stack import up as stack_script
+from stack.fake_sendgrid import FakeSendGrid
 from stack.processes import Gateway, Processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]

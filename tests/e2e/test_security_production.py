@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_sendgrid import FakeSendGrid
 from messaging.testing import wait_until
 from servicekit.auth import new_key
+from stack.fake_sendgrid import FakeSendGrid
 
 pytestmark = pytest.mark.e2e
 

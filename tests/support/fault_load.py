@@ -17,10 +17,10 @@ from decimal import ROUND_FLOOR, Decimal
 
 import pika
 import psycopg
-from fake_sendgrid import FakeSendGrid
 from messaging.connection import connect
 from messaging.testing import wait_until
 from score.store import ScoreStore
+from stack.fake_sendgrid import FakeSendGrid
 from stack.processes import Gateway
 
 KINDS = ("income", "asset", "debt")

@@ -7,11 +7,11 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-from fake_sendgrid import FakeSendGrid
 from messaging.testing import running, wait_until
 from notifier.email import tls_context
 from notifier.sender import Sender, transport_for
-from tls_ca import LocalCA
+from stack.fake_sendgrid import FakeSendGrid
+from stack.tls_ca import LocalCA
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""A fake SendGrid v3 API for the tests and fault runs: python tests/support/fake_sendgrid.py PORT.
+"""A fake SendGrid v3 API for the tests and fault runs: python -m stack.fake_sendgrid PORT.
 
 It answers POST /v3/mail/send with a scripted sequence of behaviours ("202", "429", "500",
 "400", "hang"), then with a default one, and records every message it accepted. It speaks
