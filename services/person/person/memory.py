@@ -16,7 +16,7 @@ from typing import Any
 
 from messaging import Envelope
 
-from .catalogue import PRODUCER, Event
+from .catalogue import PRODUCER, Event, EventType, person_data
 from .service import Lock, PersonService
 
 
@@ -94,6 +94,14 @@ class MemoryUnitOfWork:
         person = {**fields, "status": "pending", "created_at": now, "updated_at": now}
         self.s.people[fields["cpf"]] = person
         return dict(person)
+
+    def register(self, fields: dict[str, Any], correlation_id: str | None) -> dict | None:
+        person = self.insert_person(fields)
+        if person is not None:
+            self.emit(
+                Event(EventType.PERSON_CREATED, person["cpf"], person_data(person)), correlation_id
+            )
+        return person
 
     def update_person(self, cpf: str, changes: dict[str, Any]) -> dict:
         self.s.people[cpf].update(changes, updated_at=datetime.now(UTC))

@@ -36,6 +36,7 @@ class UnitOfWork(Protocol):
     def items(self, cpf: str) -> list[dict]: ...
     def gate(self, cpf: str, exclusive: bool) -> None: ...
     def insert_person(self, fields: dict[str, Any]) -> dict | None: ...
+    def register(self, fields: dict[str, Any], correlation_id: str | None) -> dict | None: ...
     def update_person(self, cpf: str, changes: dict[str, Any]) -> dict: ...
     def delete_items(self, cpf: str) -> list[dict]: ...
     def delete_person(self, cpf: str) -> None: ...
@@ -50,8 +51,14 @@ class UnitOfWork(Protocol):
 class PersonService:
     """The person API's operations over a unit of work (`begin()` opens one)."""
 
-    def __init__(self, begin: Callable[[], contextlib.AbstractContextManager[UnitOfWork]]):
-        self.begin = begin
+    def __init__(
+        self,
+        begin: Callable[[], contextlib.AbstractContextManager[UnitOfWork]],
+        begin_single: Callable[[], contextlib.AbstractContextManager[UnitOfWork]] | None = None,
+    ):
+        # `begin_single`: a unit of work for an operation that is one statement, which is then
+        # its own transaction (one round trip where BEGIN, the statement and COMMIT take three).
+        self.begin, self.begin_single = begin, begin_single or begin
 
     @contextlib.contextmanager
     def _work(self) -> Iterator[UnitOfWork]:
@@ -63,13 +70,11 @@ class PersonService:
             return with_items(_found(uow.person(cpf), cpf), uow.items(cpf))
 
     def create_person(self, fields: dict[str, Any], correlation_id: str | None) -> dict:
-        with self._work() as uow:
-            person = uow.insert_person(fields)
-            if person is None:
-                raise Conflict(f"a person with CPF {fields['cpf']} already exists")
-            uow.emit(
-                Event(EventType.PERSON_CREATED, person["cpf"], person_data(person)), correlation_id
-            )
+        # The person and its person.created event together, in one statement (see register).
+        with self.begin_single() as uow:
+            person = uow.register(fields, correlation_id)
+        if person is None:
+            raise Conflict(f"a person with CPF {fields['cpf']} already exists")
         return with_items(person, [])
 
     def update_person(self, cpf: str, changes: dict[str, Any], correlation_id: str | None) -> dict:
