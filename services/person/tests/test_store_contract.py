@@ -411,3 +411,19 @@ def test_a_registration_after_a_deletion_continues_the_versions(store: Subject):
         "c-2",
     )
     assert event.data == person_data(created).model_dump(mode="json")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("zone", ["UTC", "America/Sao_Paulo", "Asia/Kolkata"])
+def test_the_registration_statement_writes_timestamps_as_python_does(person_db, zone):
+    """The one-statement registration writes the row's timestamps into the event's text the way
+    datetime.isoformat() writes what psycopg reads, in the session's time zone."""
+    from person.store import _iso
+
+    with psycopg.connect(person_db) as conn:
+        conn.execute(f"SET TimeZone = '{zone}'")
+        for literal in ("2026-01-01 10:00:00+00", "2026-07-01 10:00:00.1234+00"):
+            at, text = conn.execute(
+                f"SELECT t, {_iso('t')} FROM (SELECT %s::timestamptz AS t) AS x", (literal,)
+            ).fetchone()
+            assert text == at.isoformat()
