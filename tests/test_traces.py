@@ -52,6 +52,6 @@ def test_one_registration_is_one_trace_across_the_outbox_and_both_consumers(
     } <= names, names
     # psycopg's spans: the API's own statements, under its request (its pool is traced too)
     statements = {s["name"] for s in spans if s["parent"] == request["span"]}
-    assert any(n.startswith(("INSERT", "BEGIN", "SELECT")) for n in statements), statements
+    assert any(n.startswith(("WITH", "INSERT", "BEGIN", "SELECT")) for n in statements), statements
     ids = {s["span"] for s in by_trace[request["trace"]]}
     assert all(s["parent"] in ids for s in by_trace[request["trace"]] if s is not request)

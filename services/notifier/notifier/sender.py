@@ -45,15 +45,22 @@ class Transport(Protocol):
 
 RECORD_AFTER_STOP_SECONDS = 10.0  # a stopping sender's last tries to record a result
 MAILBOX_BATCH = 100  # e-mails put in the development mailbox per statement
+# Most claims one SendGrid worker takes in one statement, when there is a backlog. A hanging
+# call holds back the rest of its worker's batch for at most the timeout (then they are sent, or
+# given back if the lease would not outlast a call).
+CLAIM_BATCH = 16
 HEARTBEAT = "notifier-sender"  # each replica beats as notifier-sender@<host>:<pid>
 HEARTBEAT_SECONDS = 2.0
 
 
 class Sender:
-    """SENDER_CONCURRENCY workers, each claiming one due delivery at a time and sending it.
+    """SENDER_CONCURRENCY workers, each claiming due deliveries in one statement and sending
+    them one after the other: one at a time while the e-mails come one by one, a batch (up to
+    CLAIM_BATCH, doubling while each claim comes back full) while there is a backlog.
 
-    A slow or hanging call to SendGrid holds back only its own worker, and a claim lives about as
-    long as one call (the lease must outlast SENDGRID_TIMEOUT_SECONDS; the configuration checks).
+    A slow or hanging call to SendGrid holds back only its own worker and the rest of its batch,
+    and a claim is sent only while its lease outlasts the call (the lease must outlast two
+    SENDGRID_TIMEOUT_SECONDS; the configuration checks): a batch's late claims are given back.
     Workers sleep until a delivery is recorded (LISTEN) or one falls due; polling is the fallback.
     """
 
@@ -70,6 +77,7 @@ class Sender:
         self._unmarked: set[int] = set()
         self._unmarked_lock = threading.Lock()
         self.heartbeat = f"{HEARTBEAT}@{replica_id()}"
+        self._batch: dict[str, int] = {}  # worker name -> how many it claims next
 
     def stop(self) -> None:
         self._stop.set()
@@ -143,12 +151,37 @@ class Sender:
         else:
             with self._unmarked_lock:
                 busy = set(self._unmarked)
-            claimed = self.store.claim_due(1, self.config.sender_lease_seconds, busy)
+            began = time.monotonic()
+            limit = self._batch.get(threading.current_thread().name, 1)
+            claimed = self.store.claim_due(limit, self.config.sender_lease_seconds, busy)
+            # A full batch means a backlog: the next one doubles, up to CLAIM_BATCH; anything
+            # less starts again from one, so a few e-mails spread over all the workers.
+            self._batch[threading.current_thread().name] = (
+                min(2 * limit, CLAIM_BATCH) if len(claimed) == limit else 1
+            )
             if claimed:
-                self._deliver(claimed[0])
+                self._deliver_batch(claimed, began)
                 return 0.0
         due = self.store.next_due_in()
         return max(0.01, min(self.config.sender_poll_seconds, due if due is not None else 3600))
+
+    def _deliver_batch(self, claimed: list[dict[str, Any]], claimed_at: float) -> None:
+        """Send a batch of claims one after the other. The first goes at once, as a claim of one
+        would; each later one only while its lease still outlasts two SendGrid timeouts, the
+        margin the first has (NotifierConfig checks the lease against it). The rest, or all that
+        is left once the sender is stopping, is given back at once (pending, the attempt not
+        counted)."""
+        lease, timeout = self.config.sender_lease_seconds, self.config.sendgrid_timeout_seconds
+        for n, delivery in enumerate(claimed):
+            late = n > 0 and time.monotonic() - claimed_at + 2 * timeout >= lease
+            if late or self._stop.is_set():
+                rest = claimed[n:]
+                try:
+                    self.store.give_back(rest)
+                except psycopg.Error as exc:  # the lease hands them over all the same
+                    log.warning("could not give back %d claims (%s)", len(rest), exc)
+                return
+            self._deliver(delivery)
 
     def _deliver(self, delivery: dict[str, Any]) -> None:
         with tracing.continued("send e-mail", [delivery.get("trace_context")], SpanKind.CLIENT):

@@ -108,6 +108,39 @@ WHERE d.id IN (
     FOR UPDATE SKIP LOCKED)
 """
 
+# The sender's claim, one statement: the first `limit` due deliveries in id order (pending and
+# due, or claimed longer ago than the lease) that are either current (_CURRENT) or, still pending,
+# superseded (_SUPERSEDED), locked with SKIP LOCKED so two senders never take the same one. The
+# superseded ones are cancelled (as _CANCEL_SUPERSEDED does), the current ones claimed: 'sending'
+# under a new token, one attempt more. Only the batch is looked at, never the whole due backlog,
+# and the partial index deliveries_open (migration 003) serves the id order.
+_CANCELLED_ROW = [  # a cancelled delivery's row in the claim's answer: its id and status alone
+    c if c in ("id", "status") else "NULL" for c in (c.strip() for c in DELIVERY_COLUMNS.split(","))
+]
+_CLAIM = f"""
+WITH due AS (
+    SELECT d.id AS due_id, {_CURRENT} AS current FROM deliveries d
+    WHERE ((d.status = 'pending' AND d.next_attempt_at <= now())
+       OR (d.status = 'sending'
+           AND d.claimed_at < now() - %(lease)s * interval '1 second'))
+      AND d.id <> ALL(%(skip)s)
+      AND ({_CURRENT} OR (d.status = 'pending' AND {_SUPERSEDED}))
+    ORDER BY d.id FOR UPDATE SKIP LOCKED LIMIT %(limit)s
+), cancelled AS (
+    UPDATE deliveries d SET status = 'cancelled',
+        last_error = 'cancelled: the person was deleted, registered again or changed address'
+    FROM due WHERE d.id = due.due_id AND NOT due.current
+    RETURNING d.id, d.status
+), claimed AS (
+    UPDATE deliveries d SET status = 'sending', claimed_at = now(),
+                            claim_token = gen_random_uuid(), attempts = d.attempts + 1
+    FROM due WHERE d.id = due.due_id AND due.current
+    RETURNING {", ".join("d." + c.strip() for c in DELIVERY_COLUMNS.split(","))}
+)
+SELECT * FROM claimed
+UNION ALL SELECT {", ".join(_CANCELLED_ROW)} FROM cancelled
+"""
+
 
 @dataclass(frozen=True)
 class Intent:
@@ -209,28 +242,37 @@ class NotifierStore:
 
     # -- sender side ---------------------------------------------------------------------------
     def claim_due(self, limit: int, lease_seconds: float, skip: Collection[int] = ()) -> list[dict]:
-        """Claim deliveries that are due, committing the claim before anything is sent.
+        """Claim up to `limit` due deliveries in one statement, committed before anything is sent.
 
         A claim older than the lease belongs to a sender that died: it is claimed again, unless
-        it is one of `skip` (this process sent it and is still recording the result).
+        it is one of `skip` (this process sent it and is still recording the result). Due
+        deliveries met on the way that a later version of the view no longer calls for are
+        cancelled by the same statement (see _CLAIM), so they are never claimed.
         """
         with self.single_statement() as cur:
-            cur.execute(_CANCEL_SUPERSEDED)
+            while True:
+                cur.execute(_CLAIM, {"lease": lease_seconds, "skip": list(skip), "limit": limit})
+                rows = cur.fetchall()
+                claimed = [row for row in rows if row["status"] == "sending"]
+                # Only cancellations: the due ones behind them may still be claimable.
+                if claimed or not rows:
+                    return sorted(claimed, key=lambda d: d["id"])
+
+    def give_back(self, deliveries: Collection[dict]) -> int:
+        """Claims this worker will not send (its lease would run out first, or it stops): back to
+        pending at once, their attempt given back, in one statement. Only claims still current
+        (same token, still 'sending') are touched; returns how many."""
+        if not deliveries:
+            return 0
+        with self.single_statement() as cur:
             cur.execute(
-                f"""
-                UPDATE deliveries SET status = 'sending', claimed_at = now(),
-                                      claim_token = gen_random_uuid(), attempts = attempts + 1
-                WHERE id IN (
-                    SELECT id FROM deliveries d
-                    WHERE ((status = 'pending' AND next_attempt_at <= now())
-                       OR (status = 'sending' AND claimed_at < now() - %s * interval '1 second'))
-                      AND id <> ALL(%s) AND {_CURRENT}
-                    ORDER BY id FOR UPDATE SKIP LOCKED LIMIT %s)
-                RETURNING {DELIVERY_COLUMNS}
-                """,
-                (lease_seconds, list(skip), limit),
+                "UPDATE deliveries d SET status = 'pending', attempts = attempts - 1, "
+                "claim_token = NULL, next_attempt_at = now() "
+                "FROM unnest(%s::bigint[], %s::uuid[]) AS mine (id, token) "
+                "WHERE d.id = mine.id AND d.claim_token = mine.token AND d.status = 'sending'",
+                ([d["id"] for d in deliveries], [d["claim_token"] for d in deliveries]),
             )
-            return sorted(cur.fetchall(), key=lambda d: d["id"])
+            return cur.rowcount
 
     # Each result is recorded only by the claim that is still current (same token, still
     # 'sending'): a worker whose lease ran out and whose delivery another worker took cannot

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 
 import psycopg
 import pytest
 from messaging.testing import running, wait_until
+from notifier.consumer import UserView, composer_for
 from notifier.sender import Sender, transport_for
+from notifier.store import NotifierStore
 from servicekit.runner import replica_id
 
 pytestmark = pytest.mark.integration
@@ -405,3 +408,111 @@ def test_a_welcome_that_failed_while_the_address_changed_goes_nowhere(person_eve
     assert (again["kind"], again["to_email"]) == ("activation", "new@example.com")
     statuses = {(d["kind"], d["status"]) for d in store.deliveries(None, 10) if d["cpf"] == "91"}
     assert statuses == {("welcome", "cancelled"), ("activation", "sending")}
+
+
+def test_concurrent_batch_claims_never_take_the_same_delivery(person_event, view, store):
+    """Four claimers at once, each taking batches of 7 until nothing is due: every delivery is
+    claimed exactly once (FOR UPDATE SKIP LOCKED in one statement)."""
+    for n in range(60):
+        view(person_event(f"7{n:02d}", name=f"P{n}", email=f"c{n}@example.com"))
+    taken: list[list[int]] = [[] for _ in range(4)]
+    start = threading.Barrier(4)
+
+    def claimer(mine: list[int]) -> None:
+        start.wait()
+        while batch := store.claim_due(7, lease_seconds=300):
+            assert len(batch) <= 7
+            mine.extend(d["id"] for d in batch)
+
+    threads = [threading.Thread(target=claimer, args=(mine,)) for mine in taken]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    every = [i for mine in taken for i in mine]
+    assert len(every) == len(set(every)) == 60
+    assert {d["status"] for d in store.deliveries(None, 100)} == {"sending"}
+    assert {d["attempts"] for d in store.deliveries(None, 100)} == {1}
+
+
+def test_a_batch_claims_only_current_deliveries_under_the_cap(person_event, store, config):
+    """One batch over a mixed backlog: a suppressed e-mail (past the mailbox's cap) is never
+    claimed, a welcome whose person was deleted or changed address is cancelled by the claim
+    itself, and only the current ones are claimed, in id order."""
+    capped = NotifierStore(store.pool, emails_per_address_per_day=1)
+    view = UserView(capped, composer_for(config))
+    at = "2026-03-01T10:00:00+00:00"
+    view(person_event("80", email="cap@example.com"))
+    view(person_event("81", email="Cap+again@example.com"))  # the same mailbox: suppressed
+    view(person_event("82", email="gone@example.com"))
+    view(person_event("83", 1, "created", email="old@example.com", created_at=at))
+    view(person_event("84", email="kept@example.com"))
+    # Claimed, then refused with a 5xx while the view moved on: due again, no longer current.
+    first = capped.claim_due(10, 300)
+    assert [d["cpf"] for d in first] == ["80", "82", "83", "84"]
+    view(person_event("82", 2, "deleted"))
+    view(person_event("83", 2, "activation_requested", email="new@example.com", created_at=at))
+    for claimed in first:
+        assert capped.mark_retry(claimed, 0, "503 from SendGrid")
+    again = capped.claim_due(10, 300)
+    assert [(d["cpf"], d["kind"], d["to_email"]) for d in again] == [
+        ("80", "welcome", "cap@example.com"),
+        ("84", "welcome", "kept@example.com"),
+        ("83", "activation", "new@example.com"),  # recorded last
+    ]
+    statuses = {(d["cpf"], d["kind"]): d["status"] for d in store.deliveries(None, 20)}
+    assert statuses == {
+        ("80", "welcome"): "sending",
+        ("81", "welcome"): "suppressed",
+        ("82", "welcome"): "cancelled",
+        ("83", "welcome"): "cancelled",
+        ("83", "activation"): "sending",
+        ("84", "welcome"): "sending",
+    }
+    assert capped.claim_due(10, 300) == []
+
+
+def test_a_claim_of_one_behind_cancelled_deliveries_still_claims(person_event, view, store):
+    view(person_event("85", 1, "created", email="a@example.com"))
+    view(person_event("86", 1, "created", email="b@example.com"))
+    [claimed] = store.claim_due(1, 300)
+    view(person_event("85", 2, "deleted"))
+    assert store.mark_retry(claimed, 0, "503 from SendGrid")
+    assert [d["cpf"] for d in store.claim_due(1, 300)] == ["86"]
+    assert delivery(store, "85")["status"] == "cancelled"
+
+
+def test_given_back_claims_are_due_again_without_an_attempt(person_event, view, store):
+    for n in range(3):
+        view(person_event(f"87{n}", email=f"g{n}@example.com"))
+    claimed = store.claim_due(3, 300)
+    assert store.mark_sent(claimed[0], "sendgrid", "m-1")
+    assert store.give_back(claimed) == 2  # the sent one is left as it is
+    assert [d["status"] for d in (delivery(store, f"87{n}") for n in range(3))] == [
+        "sent",
+        "pending",
+        "pending",
+    ]
+    again = store.claim_due(10, 300)
+    assert [(d["cpf"], d["attempts"]) for d in again] == [("871", 1), ("872", 1)]
+
+
+def test_a_batch_sends_no_claim_whose_lease_would_run_out_first(
+    person_event, view, store, config, fake_sendgrid
+):
+    """Of a batch, a claim after the first is sent only while the time since the claim plus
+    two timeouts stays within the lease (the margin of a single claim); the rest is given
+    back."""
+    config = config.model_copy(update={"sendgrid_timeout_seconds": 0.5, "sender_lease_seconds": 2})
+    sender = sender_for(store, config)
+    for n in range(3):
+        view(person_event(f"88{n}", email=f"l{n}@example.com"))
+    sender._deliver_batch(store.claim_due(3, 2), time.monotonic())
+    assert [delivery(store, f"88{n}")["status"] for n in range(3)] == ["sent"] * 3
+    for n in range(3):
+        view(person_event(f"89{n}", email=f"k{n}@example.com"))
+    claimed_at = time.monotonic() - 1.01  # 1.01 s ago: 1.01 + 2 x 0.5 > 2, only the first
+    sender._deliver_batch(store.claim_due(3, 2), claimed_at)
+    assert [delivery(store, f"89{n}")["status"] for n in range(3)] == ["sent"] + ["pending"] * 2
+    assert [delivery(store, f"89{n}")["attempts"] for n in range(3)] == [1, 0, 0]
+    assert [fake_sendgrid.accepted_to(f"k{n}@example.com") for n in range(3)] == [1, 0, 0]

@@ -16,7 +16,7 @@ from typing import Any
 
 from messaging import Envelope
 
-from .catalogue import PRODUCER, Event
+from .catalogue import PRODUCER, Event, EventType, person_data
 from .service import ITEMS_PER_PERSON_MAX, Lock, PersonService
 
 
@@ -36,7 +36,7 @@ class MemoryStore(PersonService):
         self.activation_quota: dict[tuple[str, date], int] = {}  # (key, UTC day) -> requests
         self.versions: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
-        super().__init__(self._transaction, items_per_person_max)
+        super().__init__(self._transaction, items_per_person_max=items_per_person_max)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[MemoryUnitOfWork]:
@@ -138,6 +138,14 @@ class MemoryUnitOfWork:
     def insert_people(self, people: Sequence[dict[str, Any]]) -> dict[str, dict]:
         inserted = (self.insert_person(fields) for fields in people)
         return {person["cpf"]: person for person in inserted if person is not None}
+
+    def register(self, fields: dict[str, Any], correlation_id: str | None) -> dict | None:
+        person = self.insert_person(fields)
+        if person is not None:
+            self.emit(
+                Event(EventType.PERSON_CREATED, person["cpf"], person_data(person)), correlation_id
+            )
+        return person
 
     def update_person(self, cpf: str, changes: dict[str, Any]) -> dict:
         self.s.people[cpf].update(changes, updated_at=datetime.now(UTC))

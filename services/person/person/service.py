@@ -41,6 +41,7 @@ class UnitOfWork(Protocol):
     def gate(self, cpf: str, exclusive: bool) -> None: ...
     def insert_person(self, fields: dict[str, Any]) -> dict | None: ...
     def insert_people(self, people: Sequence[dict[str, Any]]) -> dict[str, dict]: ...
+    def register(self, fields: dict[str, Any], correlation_id: str | None) -> dict | None: ...
     def update_person(self, cpf: str, changes: dict[str, Any]) -> dict: ...
     def delete_items(self, cpf: str) -> list[dict]: ...
     def delete_person(self, cpf: str) -> None: ...
@@ -59,9 +60,12 @@ class PersonService:
     def __init__(
         self,
         begin: Callable[[], contextlib.AbstractContextManager[UnitOfWork]],
+        begin_single: Callable[[], contextlib.AbstractContextManager[UnitOfWork]] | None = None,
         items_per_person_max: int = ITEMS_PER_PERSON_MAX,
     ):
-        self.begin = begin
+        # `begin_single`: a unit of work for an operation that is one statement, which is then
+        # its own transaction (one round trip where BEGIN, the statement and COMMIT take three).
+        self.begin, self.begin_single = begin, begin_single or begin
         self.items_per_person_max = items_per_person_max
 
     @contextlib.contextmanager
@@ -74,13 +78,11 @@ class PersonService:
             return with_items(_found(uow.person(cpf), cpf), uow.items(cpf))
 
     def create_person(self, fields: dict[str, Any], correlation_id: str | None) -> dict:
-        with self._work() as uow:
-            person = uow.insert_person(fields)
-            if person is None:
-                raise already_registered(fields["cpf"])
-            uow.emit(
-                Event(EventType.PERSON_CREATED, person["cpf"], person_data(person)), correlation_id
-            )
+        # The person and its person.created event together, in one statement (see register).
+        with self.begin_single() as uow:
+            person = uow.register(fields, correlation_id)
+        if person is None:
+            raise already_registered(fields["cpf"])
         return with_items(person, [])
 
     def register_many(

@@ -15,17 +15,75 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
-from messaging import Outbox
+from messaging import Envelope, Outbox
 from messaging.outbox import backlog, history, parked, parked_count, published
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
+from servicekit import tracing
 
-from .catalogue import PRODUCER, Event
+from .catalogue import PRODUCER, Event, EventType, person_data
 from .service import ITEMS_PER_PERSON_MAX, Lock, PersonService
 
 PERSON_COLUMNS = "cpf, name, address, date_of_birth, email, status, created_at, updated_at"
 INSERTED = ("cpf", "name", "address", "date_of_birth", "email")  # what a registration gives
 _LOCKS = {None: "", "update": " FOR UPDATE", "key share": " FOR KEY SHARE"}
+
+
+class _Later(str):
+    """A value the database fills in (see _REGISTER): its place in the event's JSON."""
+
+    def isoformat(self) -> str:
+        return str(self)
+
+
+# A registration in one statement. The event is built and validated here (Envelope, PersonData)
+# with placeholders for what only the database knows: the entity's version (allocated as in
+# messaging.outbox.next_version) and the row's created_at/updated_at (its now()). The statement
+# puts them into the body's text: each placeholder is a key and value whose quotes are not
+# escaped, which no string inside the JSON can spell. The timestamps are written as Python's
+# isoformat() writes the datetimes psycopg reads (the session's time zone), so the body is what
+# insert_person + Outbox.add would have written. No row is inserted when the CPF exists: the
+# version and outbox inserts read the person insert's RETURNING.
+_LATER_VERSION = 2**63 - 1
+_LATER_CREATED_AT = _Later("@@created_at@@")
+_LATER_UPDATED_AT = _Later("@@updated_at@@")
+
+
+def _iso(column: str) -> str:
+    return (
+        f"""to_char({column}, 'YYYY-MM-DD"T"HH24:MI:SS') || CASE WHEN """
+        f"extract(microseconds FROM {column})::bigint %% 1000000 <> 0 "
+        f"THEN to_char({column}, '.US') ELSE '' END || to_char({column}, 'TZH:TZM')"
+    )
+
+
+_REGISTER = f"""
+WITH p AS (
+    INSERT INTO person (cpf, name, address, date_of_birth, email)
+    VALUES (%(cpf)s, %(name)s, %(address)s, %(date_of_birth)s, %(email)s)
+    ON CONFLICT (cpf) DO NOTHING RETURNING {PERSON_COLUMNS}
+), v AS (
+    INSERT INTO messaging_entity_versions (entity, entity_id, version)
+    SELECT %(entity)s, cpf, 1 FROM p
+    ON CONFLICT (entity, entity_id)
+    DO UPDATE SET version = messaging_entity_versions.version + 1
+    RETURNING version
+), o AS (
+    INSERT INTO messaging_outbox (event_id, event_type, entity, entity_id, entity_version,
+                                  occurred_at, correlation_id, body, trace_context)
+    SELECT %(event_id)s, %(event_type)s, %(entity)s, p.cpf, v.version, %(occurred_at)s,
+           %(correlation_id)s,
+           replace(replace(replace(%(body)s,
+               '"entity_version":{_LATER_VERSION}', '"entity_version":' || v.version),
+               '"created_at":"{_LATER_CREATED_AT}"',
+               '"created_at":"' || {_iso("p.created_at")} || '"'),
+               '"updated_at":"{_LATER_UPDATED_AT}"',
+               '"updated_at":"' || {_iso("p.updated_at")} || '"'),
+           %(trace_context)s
+    FROM p, v
+)
+SELECT {PERSON_COLUMNS} FROM p
+"""
 
 
 class PgUnitOfWork:
@@ -80,6 +138,39 @@ class PgUnitOfWork:
             [[fields[column] for fields in people] for column in INSERTED],
         )
         return {row["cpf"]: row for row in self.cur.fetchall()}
+
+    def register(self, fields: dict[str, Any], correlation_id: str | None) -> dict | None:
+        """insert_person and emit(person.created) as one statement (_REGISTER): the person row,
+        the entity's next version and the outbox row, or nothing at all on a duplicate CPF."""
+        envelope = Envelope.new(
+            event_type=EventType.PERSON_CREATED,
+            entity_id=fields["cpf"],
+            entity_version=_LATER_VERSION,
+            data=person_data(
+                {
+                    **fields,
+                    "status": "pending",
+                    "created_at": _LATER_CREATED_AT,
+                    "updated_at": _LATER_UPDATED_AT,
+                }
+            ).model_dump(mode="json"),
+            producer=self.events.producer,
+            correlation_id=correlation_id,
+        )
+        self.cur.execute(
+            _REGISTER,
+            {
+                **{column: fields[column] for column in INSERTED},
+                "event_id": envelope.event_id,
+                "event_type": envelope.event_type,
+                "entity": envelope.entity,
+                "occurred_at": envelope.occurred_at,
+                "correlation_id": envelope.correlation_id,
+                "body": envelope.to_json().decode(),
+                "trace_context": tracing.captured(),
+            },
+        )
+        return self.cur.fetchone()
 
     def update_person(self, cpf: str, changes: dict[str, Any]) -> dict:
         sets = ", ".join(f"{column} = %({column})s" for column in changes)
@@ -183,7 +274,9 @@ class PgStore(PersonService):
     ) -> None:
         self.pool = pool
         self.outbox = Outbox(PRODUCER)
-        super().__init__(self._transaction, items_per_person_max)
+        super().__init__(
+            self._transaction, self._single_statement, items_per_person_max=items_per_person_max
+        )
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[PgUnitOfWork]:
@@ -194,6 +287,18 @@ class PgStore(PersonService):
             conn.cursor(row_factory=dict_row) as cur,
         ):
             yield PgUnitOfWork(cur, self.outbox)
+
+    @contextlib.contextmanager
+    def _single_statement(self) -> Iterator[PgUnitOfWork]:
+        """A unit of work of one statement, its own transaction (autocommit, synchronous commit
+        as any other): one round trip where BEGIN, the statement and COMMIT take three."""
+        with self.pool.connection() as conn:
+            conn.autocommit = True
+            try:
+                with conn.cursor(row_factory=dict_row) as cur:
+                    yield PgUnitOfWork(cur, self.outbox)
+            finally:
+                conn.autocommit = False
 
     def ping(self) -> None:
         with self.pool.connection() as conn:

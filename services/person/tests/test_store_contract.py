@@ -443,3 +443,43 @@ def test_an_event_without_correlation_id_carries_none(store: Subject):
     store.store.create_person(fields(), None)
     [event] = store.events()
     assert event.correlation_id is None
+
+
+def test_a_registration_event_keeps_names_that_spell_its_placeholders(store: Subject):
+    """The PostgreSQL store writes a registration's event in one statement, filling in the
+    version and the timestamps in the body's text: a name spelling those places stays as it is."""
+    name = '"created_at":"@@created_at@@" "entity_version":9223372036854775807 @@updated_at@@'
+    created = store.store.create_person(fields(name=name, address='"status":"active"'), None)
+    [event] = store.events()
+    assert event.entity_version == 1
+    assert event.data == person_data(created).model_dump(mode="json")
+    assert (event.data["name"], event.data["address"]) == (name, '"status":"active"')
+
+
+def test_a_registration_after_a_deletion_continues_the_versions(store: Subject):
+    store.store.create_person(fields(), None)
+    store.store.delete_person(CPF, None)
+    created = store.store.create_person(fields(email="new@example.com"), "c-2")
+    event = store.events()[-1]
+    assert (event.event_type, event.entity_version, event.correlation_id) == (
+        "person.created",
+        3,
+        "c-2",
+    )
+    assert event.data == person_data(created).model_dump(mode="json")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("zone", ["UTC", "America/Sao_Paulo", "Asia/Kolkata"])
+def test_the_registration_statement_writes_timestamps_as_python_does(person_db, zone):
+    """The one-statement registration writes the row's timestamps into the event's text the way
+    datetime.isoformat() writes what psycopg reads, in the session's time zone."""
+    from person.store import _iso
+
+    with psycopg.connect(person_db) as conn:
+        conn.execute(f"SET TimeZone = '{zone}'")
+        for literal in ("2026-01-01 10:00:00+00", "2026-07-01 10:00:00.1234+00"):
+            at, text = conn.execute(
+                f"SELECT t, {_iso('t')} FROM (SELECT %s::timestamptz AS t) AS x", (literal,)
+            ).fetchone()
+            assert text == at.isoformat()

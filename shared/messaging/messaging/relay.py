@@ -248,6 +248,10 @@ class _Session:
         self.marking: set[int] = set()  # confirmed, handed to the marker, not yet committed
         self.failure_backoff = Backoff(first=0.5, cap=30.0)
         self.pump_scheduled = False
+        # The last pump stopped at the window (or at a row in doubt still unconfirmed), not at
+        # the end of the outbox: a confirm makes room, so it pumps again. Otherwise a confirm
+        # has nothing to fetch (new rows come with a notification, or the poll).
+        self.pump_blocked = False
         self._listener: _Listener | None = None
         self._marker: _Marker | None = None
         self._compactor: _Compactor | None = None
@@ -392,7 +396,9 @@ class _Session:
             else:
                 limit = 0 if self.pending else 1  # rows in doubt go one at a time
             if limit <= 0:
+                self.pump_blocked = True
                 break
+            self.pump_blocked = False
             rows = self.db.execute(FETCH_SQL, (self.cursor, limit)).fetchall()
             if careful is not None and (not rows or rows[0][0] > careful):
                 self.relay.careful_until = None  # past the rows in doubt: the full window
@@ -488,7 +494,8 @@ class _Session:
         if confirmed:
             self.marking.update(confirmed)
             self._marker.submit(confirmed)
-        self._schedule_pump()
+        if self.pump_blocked:  # no empty fetch after every confirm: only when it made room
+            self._schedule_pump()
         if self.closing and not self.pending:
             self._finish_close()
 

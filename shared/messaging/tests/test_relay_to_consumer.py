@@ -108,3 +108,27 @@ def test_heartbeats_keep_the_connection_through_a_long_handler(broker):
     assert broker.depth(topology.queue) == 0  # acked: nothing came back on close
     assert handled == ["long"]
     assert consumer.stats.connections == 1
+
+
+def test_a_full_window_is_refilled_by_the_confirms_alone(producer_db, broker):
+    """A confirm fetches again only when the last fetch stopped at the window: with a window of
+    3, no notification (the rows predate the relay) and no poll within the test, every row of a
+    backlog still goes out, in order."""
+    write_changes(producer_db, "w1", 200, per_tx=200)
+    recorder = Recorder()
+    consumer = consumer_for(broker, recorder)
+    relay = Relay(
+        RelaySettings(
+            database_url=producer_db,
+            amqp_url=broker.amqp_url,
+            exchange=broker.exchange,
+            window=3,
+            poll_interval=600,
+        )
+    )
+    with running(consumer):
+        wait_until(consumer.attached.is_set, what="consumer attached")
+        with running(relay):
+            wait_until(lambda: len(recorder.versions("w1")) >= 200, what="200 deliveries")
+            wait_until(lambda: unpublished(producer_db) == 0, what="all rows marked")
+    assert recorder.versions("w1") == list(range(1, 201))
