@@ -31,6 +31,7 @@ from messaging.testing import publish
 from messaging.topology import Topology
 from own_servers import own_redis
 from psycopg import sql
+from servicekit import roles
 from stack.cluster import SCRIPTS, Cluster
 
 # Every settings object reads .env after the environment, and `make compose-env` writes API keys
@@ -90,6 +91,39 @@ def make_database(servers: Servers) -> Iterator:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+@pytest.fixture(scope="session")
+def db_role(servers: Servers, make_database) -> Iterator[Callable[[str, str], str]]:
+    """A service's own database role on a test database, made as the migrate step makes it
+    (servicekit.roles): returns the URL the service then uses. Dropped after the run."""
+    made: list[tuple[str, str]] = []
+
+    def make(url: str, service: str) -> str:
+        role = f"test_{service}_{uuid.uuid4().hex[:8]}"
+        base, _, database = url.rpartition("/")
+        scheme, _, rest = base.partition("://")
+        host = rest.rpartition("@")[2]
+        role_url = f"{scheme}://{role}:{uuid.uuid4().hex}@{host}/{database}"
+        roles.grant(servers.database, role_url)
+        made.append((role, database))
+        return role_url
+
+    yield make
+    for role, database in made:
+        roles.drop(servers.database, role, [database])
+
+
+@pytest.fixture(scope="session")
+def service_url(db_role: Callable[[str, str], str]) -> Callable[[str, str], str]:
+    """The URL a service's tests give it for a database the administrator migrated: with
+    TEST_DB_ROLES=yes its own role's (so its tests show it works with only that role), else
+    the administrator's."""
+
+    def url_for(url: str, service: str) -> str:
+        return db_role(url, service) if os.environ.get("TEST_DB_ROLES") == "yes" else url
+
+    return url_for
 
 
 @dataclass
