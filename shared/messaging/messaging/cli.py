@@ -14,7 +14,8 @@
                                                 producer now: the buckets that differ, then the
                                                 entities in them (exit 1 if any differ)
     messaging declare SERVICE ...               declare each service's queues (before start-up)
-    messaging broker-user [ROLE ...]            create AMQP_URL's user (no tags, every
+    messaging broker-user [--consumers C,...] [ROLE ...]
+                                                create AMQP_URL's user (no tags, every
                                                 permission), or each role's from <ROLE>_AMQP_URL
                                                 with only its permissions (permissions.py),
                                                 through the management API
@@ -350,7 +351,7 @@ def declare(services: list[str]) -> int:
     return 0
 
 
-def broker_user(roles: list[str] | None = None) -> int:
+def broker_user(roles: list[str] | None = None, consumers: list[str] | None = None) -> int:
     """Create broker users, no administrators, idempotently, through the management API.
 
     Without roles: AMQP_URL's user, password and virtual host, with every permission on it (one
@@ -361,7 +362,9 @@ def broker_user(roles: list[str] | None = None) -> int:
     if roles:
         if not os.environ.get("EVENTS_EXCHANGE"):
             raise Usage("broker-user with roles needs EVENTS_EXCHANGE: their permissions name it")
-        known = permissions.roles(_consumers())
+        if not consumers:
+            raise Usage("broker-user with roles needs --consumers: the consuming services")
+        known = permissions.roles(consumers)
         unknown = [role for role in roles if role not in known]
         if unknown:
             raise Usage(f"broker-user: no role {', '.join(unknown)} (one of {', '.join(known)})")
@@ -377,7 +380,7 @@ def broker_user(roles: list[str] | None = None) -> int:
         granted = (
             {"configure": ".*", "write": ".*", "read": ".*"}
             if role is None
-            else permissions.permissions(role, os.environ["EVENTS_EXCHANGE"], _consumers())
+            else permissions.permissions(role, os.environ["EVENTS_EXCHANGE"], consumers or ())
         )
         quoted_user = urllib.parse.quote(user, safe="")
         quoted_vhost = urllib.parse.quote(vhost, safe="")
@@ -394,13 +397,6 @@ def broker_user(roles: list[str] | None = None) -> int:
         )
         print(f"broker user {user} on {vhost}: no tags, {what}")
     return 0
-
-
-def _consumers() -> tuple[str, ...]:
-    """The consuming services whose queues the roles name (BROKER_CONSUMERS, comma-separated;
-    default score,notifier)."""
-    names = os.environ.get("BROKER_CONSUMERS", ",".join(permissions.DEFAULT_CONSUMERS))
-    return tuple(name.strip() for name in names.split(",") if name.strip())
 
 
 def _user_of(variable: str) -> tuple[str, str, str]:
@@ -498,8 +494,13 @@ def parser() -> argparse.ArgumentParser:
         "roles",
         nargs="*",
         metavar="ROLE",
-        help="relay, each consumer, operator, probe: <ROLE>_AMQP_URL's user with that role's "
-        "permissions (none: AMQP_URL's user with every permission)",
+        help="relay, a consuming service, operator, probe: <ROLE>_AMQP_URL's user with that "
+        "role's permissions (none: AMQP_URL's user with every permission)",
+    )
+    users.add_argument(
+        "--consumers",
+        type=lambda text: [name for name in text.split(",") if name],
+        help="the consuming services, comma-separated (their queues are named in the roles)",
     )
 
     rebuild = commands.add_parser("replay", help="publish the producer's events to one queue")
@@ -540,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "declare":
             return declare(args.services)
         if args.command == "broker-user":
-            return broker_user(args.roles)
+            return broker_user(args.roles, args.consumers)
         if args.command == "verify":
             return verify(args.queue, args.timeout)
         return replay(args.queue, args.entity, args.after_id, args.since)

@@ -19,7 +19,7 @@ Roles:
 
 - `relay`: the producer's relay: declares and publishes to the events exchange, serves replay
   requests (declares and reads `<exchange>.replay-requests`, publishes replays to the queues).
-- `<consumer>` (each consuming service, e.g. `score`, `notifier`): declares its own work, retry
+- each consuming service (the `consumers` the caller names): declares its own work, retry
   and dead queues and binds its work queue to the exchange; reads its own queues; publishes its
   retries, and its replay requests and verification reports (default exchange).
 - `operator` (the console and the `messaging` command): reads and purges the dead queues and
@@ -39,7 +39,6 @@ from .topology import Topology
 NOTHING = "^$"  # matches no name RabbitMQ checks
 DEFAULT_EXCHANGE = "amq.default"
 RELAY, OPERATOR, PROBE = "relay", "operator", "probe"
-DEFAULT_CONSUMERS = ("score", "notifier")
 
 
 def _any_of(names: Iterable[str], patterns: Iterable[str] = ()) -> str:
@@ -55,14 +54,13 @@ def _own_queues(topology: Topology) -> str:
     return f"{re.escape(topology.queue)}(\\..+)?"
 
 
-def roles(consumers: Iterable[str] = DEFAULT_CONSUMERS) -> tuple[str, ...]:
+def roles(consumers: Iterable[str]) -> tuple[str, ...]:
     return (RELAY, *consumers, OPERATOR, PROBE)
 
 
-def permissions(
-    role: str, exchange: str, consumers: Iterable[str] = DEFAULT_CONSUMERS
-) -> dict[str, str]:
-    """The configure, write and read regexes of `role` on the vhost of `exchange`."""
+def permissions(role: str, exchange: str, consumers: Iterable[str]) -> dict[str, str]:
+    """The configure, write and read regexes of `role` on the vhost of `exchange`, where
+    `consumers` are the consuming services (the operator reads their dead queues)."""
     consumers = tuple(consumers)
     requests = requests_queue(exchange)
     if role == RELAY:

@@ -236,14 +236,27 @@ def test_broker_user_makes_each_roles_user_with_its_permissions(monkeypatch, cap
     monkeypatch.setenv("EVENTS_EXCHANGE", "entity-changes")
     monkeypatch.setenv("RABBITMQ_ADMIN_USER", "admin")
     monkeypatch.setenv("RABBITMQ_ADMIN_PASSWORD", "secret")
-    monkeypatch.delenv("BROKER_CONSUMERS", raising=False)
     for role in ("relay", "score", "notifier", "operator", "probe"):
         monkeypatch.setenv(
             f"{role.upper()}_AMQP_URL", f"amqp://{role}:pw-{role}@rabbitmq:5672/%2F,amqp://x:y@b/"
         )
     with management_api() as (base, calls):
         monkeypatch.setenv("RABBITMQ_MANAGEMENT_URL", base)
-        assert main(["broker-user", "relay", "score", "notifier", "operator", "probe"]) == 0
+        assert (
+            main(
+                [
+                    "broker-user",
+                    "--consumers",
+                    "score,notifier",
+                    "relay",
+                    "score",
+                    "notifier",
+                    "operator",
+                    "probe",
+                ]
+            )
+            == 0
+        )
     users = {path: body for path, _, body in calls if path.startswith("/api/users/")}
     assert users["/api/users/score"] == {"password": "pw-score", "tags": ""}
     granted = {path: body for path, _, body in calls if path.startswith("/api/permissions/")}
@@ -269,5 +282,5 @@ def test_broker_user_makes_each_roles_user_with_its_permissions(monkeypatch, cap
 
 def test_broker_user_refuses_an_unknown_role(monkeypatch, capsys):
     monkeypatch.setenv("EVENTS_EXCHANGE", "entity-changes")
-    assert main(["broker-user", "everything"]) == 2
+    assert main(["broker-user", "--consumers", "score", "everything"]) == 2
     assert "no role everything" in capsys.readouterr().err
