@@ -94,18 +94,18 @@ def make_database(servers: Servers) -> Iterator:
 
 
 @pytest.fixture(scope="session")
-def db_role(servers: Servers, make_database) -> Iterator[Callable[[str, str], str]]:
+def db_role(servers: Servers, make_database) -> Iterator[Callable[..., str]]:
     """A service's own database role on a test database, made as the migrate step makes it
     (servicekit.roles): returns the URL the service then uses. Dropped after the run."""
     made: list[tuple[str, str]] = []
 
-    def make(url: str, service: str) -> str:
+    def make(url: str, service: str, read_only: str | None = None) -> str:
         role = f"test_{service}_{uuid.uuid4().hex[:8]}"
         base, _, database = url.rpartition("/")
         scheme, _, rest = base.partition("://")
         host = rest.rpartition("@")[2]
         role_url = f"{scheme}://{role}:{uuid.uuid4().hex}@{host}/{database}"
-        roles.grant(servers.database, role_url)
+        roles.grant(servers.database, role_url, read_only)
         made.append((role, database))
         return role_url
 
@@ -115,7 +115,7 @@ def db_role(servers: Servers, make_database) -> Iterator[Callable[[str, str], st
 
 
 @pytest.fixture(scope="session")
-def service_url(db_role: Callable[[str, str], str]) -> Callable[[str, str], str]:
+def service_url(db_role: Callable[..., str]) -> Callable[[str, str], str]:
     """The URL a service's tests give it for a database the administrator migrated: with
     TEST_DB_ROLES=yes its own role's (so its tests show it works with only that role), else
     the administrator's."""

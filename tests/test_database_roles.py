@@ -10,7 +10,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 from console.migrate import migrate_database as migrate_console
-from messaging import Outbox, Relay, RelaySettings
+from messaging import Outbox, Relay, RelaySettings, outbox
 from messaging.connection import connect
 from messaging.testing import running, wait_until
 from notifier.migrate import migrate_database as migrate_notifier
@@ -128,3 +128,21 @@ def test_grant_refuses_the_administrators_own_role(servers, make_database):
     user = psycopg.connect(admin).info.user
     with pytest.raises(ValueError, match="administrator"):
         roles.grant(admin, f"postgresql://{user}:x@127.0.0.1/{admin.rpartition('/')[2]}")
+
+
+def test_the_console_reads_the_outbox_of_the_person_database_and_nothing_else(databases, db_role):
+    """Its pages show the outbox's backlog and history: a read-only grant on `messaging_*`."""
+    person_admin, _ = databases["person"]
+    with psycopg.connect(person_admin) as conn, conn.transaction(), conn.cursor() as cur:
+        Outbox("person").add(cur, event_type="person.created", entity_id="p1", data={"cpf": "1"})
+    console = db_role(person_admin, "console", read_only="messaging_")
+    with psycopg.connect(console, autocommit=True) as conn:
+        assert outbox.backlog(conn)[0] == 1
+        assert [row["entity_id"] for row in outbox.history(conn, entity_ids=["p1"])] == ["p1"]
+        for statement in (
+            "SELECT * FROM person",
+            "DELETE FROM messaging_outbox",
+            "UPDATE messaging_outbox SET parked_at = now()",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)

@@ -35,8 +35,12 @@ _LOCK = 0x6D736702  # one role change at a time per server (CREATE ROLE races on
 READ_ONLY_TABLES = ("schema_migrations",)
 
 
-def grant(admin_url: str, service_url: str) -> str:
-    """Make SERVICE_URL's role able to use its database's tables and nothing else; its name."""
+def grant(admin_url: str, service_url: str, read_only: str | None = None) -> str:
+    """Make SERVICE_URL's role able to use its database's tables and nothing else; its name.
+
+    `read_only`: a prefix of table names: the role may only read those tables of this database
+    (the console reads the producer's outbox, `messaging_`, and nothing else of the person
+    database)."""
     params = conninfo_to_dict(service_url)
     role, password, database = params.get("user"), params.get("password"), params.get("dbname")
     if not role or not database:
@@ -62,6 +66,20 @@ def grant(admin_url: str, service_url: str) -> str:
             "GRANT CONNECT ON DATABASE {db} TO {name}",
             "REVOKE CREATE ON SCHEMA public FROM PUBLIC",
             "GRANT USAGE ON SCHEMA public TO {name}",
+        ):
+            conn.execute(sql.SQL(statement).format(db=db, name=name))
+        if read_only is not None:
+            tables = conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+                " AND starts_with(tablename, %s)",
+                (read_only,),
+            ).fetchall()
+            for (table,) in tables:
+                conn.execute(
+                    sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(table), name)
+                )
+            return role
+        for statement in (
             "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {name}",
             "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {name}",
         ):
@@ -94,18 +112,24 @@ def main(argv: list[str] | None = None) -> int:
     args = argparse.ArgumentParser(prog="python -m servicekit.roles", description=__doc__)
     args.add_argument("service_url", help="the service's database URL: its role, password, db")
     args.add_argument("--admin-url", help="an owner's or administrator's URL (else ADMIN_URL)")
+    args.add_argument(
+        "--read-only",
+        metavar="PREFIX",
+        help="only read the tables whose names start with PREFIX (the console: messaging_)",
+    )
     parsed = args.parse_args(argv)
     admin = parsed.admin_url or os.environ.get("ADMIN_URL")
     if not admin:
         print("roles: give --admin-url or ADMIN_URL", file=sys.stderr)
         return 2
     try:
-        role = grant(admin, parsed.service_url)
+        role = grant(admin, parsed.service_url, parsed.read_only)
     except ValueError as exc:
         print(f"roles: {exc}", file=sys.stderr)
         return 2
     database = conninfo_to_dict(parsed.service_url)["dbname"]
-    print(f"database role {role}: its tables in {database} (no DDL, no other database)")
+    what = f"reads {parsed.read_only}* of" if parsed.read_only else "its tables in"
+    print(f"database role {role}: {what} {database} (no DDL)")
     return 0
 
 
