@@ -115,6 +115,17 @@ def db_role(servers: Servers, make_database) -> Iterator[Callable[..., str]]:
 
 
 @pytest.fixture(scope="session")
+def administrator(servers: Servers) -> Callable[[str], str]:
+    """The administrator's URL of a test database, whoever `url` connects as: what a test that
+    breaks the database on purpose (read-only, a closed table) or migrates it uses."""
+
+    def admin_of(url: str) -> str:
+        return _with_dbname(servers.database, url.rpartition("/")[2])
+
+    return admin_of
+
+
+@pytest.fixture(scope="session")
 def service_url(db_role: Callable[..., str]) -> Callable[[str, str], str]:
     """The URL a service's tests give it for a database the administrator migrated: with
     TEST_DB_ROLES=yes its own role's (so its tests show it works with only that role), else

@@ -98,6 +98,7 @@ def drop(admin_url: str, role: str, databases: list[str]) -> None:
     """Remove a role this module made: its grants in each database, then the role (tests)."""
     for database in databases:
         with psycopg.connect(make_conninfo(admin_url, dbname=database), autocommit=True) as conn:
+            conn.execute("SET default_transaction_read_only = off")  # a test made it read-only
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
             conn.execute(
                 sql.SQL("REVOKE ALL ON DATABASE {} FROM {}").format(
