@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 import pytest
@@ -99,13 +100,15 @@ def db_role(servers: Servers, make_database) -> Iterator[Callable[..., str]]:
     (servicekit.roles): returns the URL the service then uses. Dropped after the run."""
     made: list[tuple[str, str]] = []
 
-    def make(url: str, service: str, read_only: str | None = None) -> str:
+    def make(
+        url: str, service: str, read_only: str | None = None, append_only: tuple[str, ...] = ()
+    ) -> str:
         role = f"test_{service}_{uuid.uuid4().hex[:8]}"
         base, _, database = url.rpartition("/")
         scheme, _, rest = base.partition("://")
         host = rest.rpartition("@")[2]
         role_url = f"{scheme}://{role}:{uuid.uuid4().hex}@{host}/{database}"
-        roles.grant(servers.database, role_url, read_only)
+        roles.grant(servers.database, role_url, read_only, append_only)
         made.append((role, database))
         return role_url
 
@@ -126,13 +129,13 @@ def administrator(servers: Servers) -> Callable[[str], str]:
 
 
 @pytest.fixture(scope="session")
-def service_url(db_role: Callable[..., str]) -> Callable[[str, str], str]:
+def service_url(db_role: Callable[..., str]) -> Callable[..., str]:
     """The URL a service's tests give it for a database the administrator migrated: with
     TEST_DB_ROLES=yes its own role's (so its tests show it works with only that role), else
     the administrator's."""
 
-    def url_for(url: str, service: str) -> str:
-        return db_role(url, service) if os.environ.get("TEST_DB_ROLES") == "yes" else url
+    def url_for(url: str, service: str, **grants: Any) -> str:
+        return db_role(url, service, **grants) if os.environ.get("TEST_DB_ROLES") == "yes" else url
 
     return url_for
 

@@ -31,7 +31,8 @@ def databases(make_database, db_role) -> dict[str, tuple[str, str]]:
     ):
         admin = make_database(service)
         migrate_database(admin)
-        made[service] = (admin, db_role(admin, service))
+        grants = {"append_only": ("audit",)} if service == "console" else {}
+        made[service] = (admin, db_role(admin, service, **grants))
     return made
 
 
@@ -146,3 +147,17 @@ def test_the_console_reads_the_outbox_of_the_person_database_and_nothing_else(da
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)
+
+
+def test_the_console_adds_to_its_audit_log_and_changes_nothing_in_it(databases):
+    """The log of operators' actions is append-only for the console's own role."""
+    _, console = databases["console"]
+    with psycopg.connect(console, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO audit (who, action, target, count) VALUES ('key 1', 'sign in', '', 1)"
+        )
+        assert conn.execute("SELECT count(*) FROM audit").fetchone() == (1,)
+        for statement in ("UPDATE audit SET who = 'someone else'", "DELETE FROM audit"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+        conn.execute("DELETE FROM sessions")  # sign-out ends a session: that it may

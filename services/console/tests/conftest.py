@@ -34,7 +34,7 @@ def keys() -> dict[str, str]:
 def console_db(make_database, service_url) -> str:
     url = make_database("console")
     migrate_database(url)  # the migrate step's; the console's own start finds it current
-    return service_url(url, "console")
+    return service_url(url, "console", append_only=("audit",))
 
 
 @pytest.fixture

@@ -35,12 +35,18 @@ _LOCK = 0x6D736702  # one role change at a time per server (CREATE ROLE races on
 READ_ONLY_TABLES = ("schema_migrations",)
 
 
-def grant(admin_url: str, service_url: str, read_only: str | None = None) -> str:
+def grant(
+    admin_url: str,
+    service_url: str,
+    read_only: str | None = None,
+    append_only: tuple[str, ...] = (),
+) -> str:
     """Make SERVICE_URL's role able to use its database's tables and nothing else; its name.
 
     `read_only`: a prefix of table names: the role may only read those tables of this database
     (the console reads the producer's outbox, `messaging_`, and nothing else of the person
-    database)."""
+    database). `append_only`: tables the role may add rows to and read, never change or delete
+    (the console's audit log)."""
     params = conninfo_to_dict(service_url)
     role, password, database = params.get("user"), params.get("password"), params.get("dbname")
     if not role or not database:
@@ -84,6 +90,10 @@ def grant(admin_url: str, service_url: str, read_only: str | None = None) -> str
             "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {name}",
         ):
             conn.execute(sql.SQL(statement).format(db=db, name=name))
+        for table in append_only:
+            conn.execute(
+                sql.SQL("REVOKE UPDATE, DELETE ON {} FROM {}").format(sql.Identifier(table), name)
+            )
         for table in READ_ONLY_TABLES:
             if conn.execute("SELECT to_regclass(%s)", (f"public.{table}",)).fetchone()[0]:
                 conn.execute(
@@ -118,13 +128,20 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PREFIX",
         help="only read the tables whose names start with PREFIX (the console: messaging_)",
     )
+    args.add_argument(
+        "--append-only",
+        metavar="TABLE,...",
+        default="",
+        help="tables the role may only add rows to and read (the console: audit)",
+    )
     parsed = args.parse_args(argv)
     admin = parsed.admin_url or os.environ.get("ADMIN_URL")
     if not admin:
         print("roles: give --admin-url or ADMIN_URL", file=sys.stderr)
         return 2
     try:
-        role = grant(admin, parsed.service_url, parsed.read_only)
+        appended = tuple(name for name in parsed.append_only.split(",") if name)
+        role = grant(admin, parsed.service_url, parsed.read_only, appended)
     except ValueError as exc:
         print(f"roles: {exc}", file=sys.stderr)
         return 2
