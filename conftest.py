@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 import pytest
@@ -31,6 +32,7 @@ from messaging.testing import publish
 from messaging.topology import Topology
 from own_servers import own_redis
 from psycopg import sql
+from servicekit import roles
 from stack.cluster import SCRIPTS, Cluster
 from stack.fake_sendgrid import FakeSendGrid
 
@@ -91,6 +93,52 @@ def make_database(servers: Servers) -> Iterator:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+@pytest.fixture(scope="session")
+def db_role(servers: Servers, make_database) -> Iterator[Callable[..., str]]:
+    """A service's own database role on a test database, made as the migrate step makes it
+    (servicekit.roles): returns the URL the service then uses. Dropped after the run."""
+    made: list[tuple[str, str]] = []
+
+    def make(
+        url: str, service: str, read_only: str | None = None, append_only: tuple[str, ...] = ()
+    ) -> str:
+        role = f"test_{service}_{uuid.uuid4().hex[:8]}"
+        base, _, database = url.rpartition("/")
+        scheme, _, rest = base.partition("://")
+        host = rest.rpartition("@")[2]
+        role_url = f"{scheme}://{role}:{uuid.uuid4().hex}@{host}/{database}"
+        roles.grant(servers.database, role_url, read_only, append_only)
+        made.append((role, database))
+        return role_url
+
+    yield make
+    for role, database in made:
+        roles.drop(servers.database, role, [database])
+
+
+@pytest.fixture(scope="session")
+def administrator(servers: Servers) -> Callable[[str], str]:
+    """The administrator's URL of a test database, whoever `url` connects as: what a test that
+    breaks the database on purpose (read-only, a closed table) or migrates it uses."""
+
+    def admin_of(url: str) -> str:
+        return _with_dbname(servers.database, url.rpartition("/")[2])
+
+    return admin_of
+
+
+@pytest.fixture(scope="session")
+def service_url(db_role: Callable[..., str]) -> Callable[..., str]:
+    """The URL a service's tests give it for a database the administrator migrated: with
+    TEST_DB_ROLES=yes its own role's (so its tests show it works with only that role), else
+    the administrator's."""
+
+    def url_for(url: str, service: str, **grants: Any) -> str:
+        return db_role(url, service, **grants) if os.environ.get("TEST_DB_ROLES") == "yes" else url
+
+    return url_for
 
 
 @dataclass

@@ -34,8 +34,11 @@ CUSTOM = {  # (apiVersion, kind) -> the schema file written for it
 }
 APIS = ("person", "score", "notifier", "console")
 COPIES = {"person-relay": 2, "score-consumer": 3, "notifier-consumer": 2, "notifier-sender": 2}
-# Secrets the operators write: CloudNativePG's <cluster>-app, the Cluster Operator's default user.
-OPERATOR_SECRETS = {"person-db-app", "notifier-db-app", "console-db-app", "events-default-user"}
+# Secrets the operators write: CloudNativePG's <cluster>-app (the owner) and <cluster>-superuser
+# (the migrate steps'), the Cluster Operator's default user.
+DATABASES = ("person", "notifier", "console")
+OPERATOR_SECRETS = {f"{db}-db-{user}" for db in DATABASES for user in ("app", "superuser")}
+OPERATOR_SECRETS |= {"events-default-user"}
 
 
 def documents() -> list[dict]:
@@ -207,7 +210,14 @@ PLACEHOLDER = "REPLACE-ME"
 OPERATOR_VALUES = {
     **{
         (f"{db}-db-app", "uri"): f"postgresql://{db}:operator-made-{db}@{db}-db-rw:5432/{db}"
-        for db in ("person", "notifier", "console")
+        for db in DATABASES
+    },
+    **{
+        (
+            f"{db}-db-superuser",
+            "uri",
+        ): f"postgresql://postgres:operator-made-su@{db}-db-rw:5432/{db}"
+        for db in DATABASES
     },
     ("events-default-user", "username"): "default_user_operator",
     ("events-default-user", "password"): "operator-made-administrator-password",
@@ -315,7 +325,9 @@ def test_the_broker_user_is_not_made_with_the_placeholder_password(monkeypatch, 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("RABBITMQ_MANAGEMENT_URL", "http://127.0.0.1:9")  # never called
-    assert cli.main(["broker-user"]) == 2
+    command = job["command"][-1].split("&&")[0].split()
+    assert command[:2] == ["messaging", "broker-user"]
+    assert cli.main(command[1:]) == 2
     assert f"holds the placeholder {PLACEHOLDER}" in capsys.readouterr().err
 
 
@@ -565,6 +577,56 @@ def test_the_console_is_given_no_store_but_its_own():
         for e in console.get("env", [])
         if "secretKeyRef" in e.get("valueFrom", {})
     }
-    assert secrets & OPERATOR_SECRETS == {"console-db-app"}
+    assert not secrets & OPERATOR_SECRETS  # its own password only: the init container migrates
     names = {e["name"] for e in console.get("env", [])}
     assert not {"PERSON_DATABASE_URL", "NOTIFIER_DATABASE_URL", "SCORE_REDIS_URL"} & names
+
+
+# Least privilege (docs/security.md): each process its own broker user and database role; the
+# owners' and administrators' credentials are the migrate steps' (Jobs, the console's init
+# container) alone.
+K8S_ROLES = {
+    "person": ("probe", {"person_service"}),
+    "person-relay": ("relay", {"person_service"}),
+    "person-importer": ("probe", {"person_service"}),
+    "score": ("probe", set()),
+    "score-consumer": ("score", set()),
+    "notifier": ("probe", {"notifier_service"}),
+    "notifier-consumer": ("notifier", {"notifier_service"}),
+    "notifier-sender": ("probe", {"notifier_service"}),
+    "console": ("operator", {"console_service"}),
+}
+
+
+def test_each_process_runs_as_its_own_roles_and_never_as_an_administrator():
+    secret = filled_secret()
+    jobs = set(of_kind("Job"))
+    for name, container in app_containers():
+        refs = {
+            v["valueFrom"]["secretKeyRef"]["name"]
+            for v in container.get("env", [])
+            if "valueFrom" in v and "secretKeyRef" in v["valueFrom"]
+        }
+        env = environment(container, secret)
+        if name in jobs:
+            continue
+        assert refs <= {"event-replication-secrets"}, (name, refs)  # no owner, no superuser
+        broker_user, database_roles = K8S_ROLES[name]
+        users = {urllib.parse.urlsplit(url).username for url in node_urls(env["AMQP_URL"])}
+        assert users == {broker_user}, name
+        roles = {
+            urllib.parse.urlsplit(value).username
+            for key, value in env.items()
+            if key.endswith("_DATABASE_URL")
+        }
+        assert roles == database_roles, name
+    [migrate] = [c for name, c in containers() if name == "migrate"]
+    command = migrate["command"][-1]
+    for role in {user for user, _ in K8S_ROLES.values()}:
+        assert f" {role}" in command.split("&&")[0], role
+    assert "servicekit.roles" in command
+    [person_job] = [c for name, c in containers() if name == "migrate-person"]
+    assert "servicekit.roles" in person_job["command"][-1]
+    [console] = of_kind("Deployment")["console"]["spec"]["template"]["spec"]["initContainers"]
+    assert "servicekit.roles" in console["command"][-1]
+    assert all(of_kind("Cluster")[db]["spec"]["enableSuperuserAccess"] for db in of_kind("Cluster"))

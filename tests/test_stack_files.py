@@ -21,7 +21,7 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
 APIS = ("person", "score", "notifier", "console")
 INFRASTRUCTURE = ("postgres", "rabbitmq", "redis", "traefik")
-ONE_SHOTS = ("migrate", "migrate-person")
+ONE_SHOTS = ("migrate", "migrate-person", "migrate-console")
 CLUSTER = "docker-compose.cluster.yml"
 
 
@@ -613,3 +613,56 @@ def test_compose_and_kubernetes_run_rabbitmq_past_cve_2025_50200():
     assert set(versions) == {"docker-compose.yml", CLUSTER, "20-rabbitmq.yaml"}
     assert all(version >= (4, 0, 8) for version in versions.values()), versions
     assert len(set(versions.values())) == 1, versions  # one release, whichever way it runs
+
+
+# Each long-running process's own broker user and database role (docs/security.md): the
+# administrators' credentials are the migrate steps' alone.
+COMPOSE_ROLES = {
+    "person": ("probe", "person"),
+    "person-relay": ("relay", "person"),
+    "person-importer": ("probe", "person"),
+    "score": ("probe", None),
+    "score-consumer": ("score", None),
+    "notifier": ("probe", "notifier"),
+    "notifier-consumer": ("notifier", "notifier"),
+    "notifier-sender": ("probe", "notifier"),
+    "console": ("operator", "console"),
+}
+
+
+def _users(env: dict) -> tuple[set[str], set[str]]:
+    from messaging.connection import node_urls
+
+    amqp = {url.split("://", 1)[1].split(":", 1)[0] for url in node_urls(env["AMQP_URL"])}
+    databases = {
+        value.split("://", 1)[1].split(":", 1)[0]
+        for name, value in env.items()
+        if name.endswith("_DATABASE_URL") and value.startswith("postgresql://")
+    }
+    return amqp, databases
+
+
+@pytest.mark.parametrize("files", [("docker-compose.yml",), ("docker-compose.yml", CLUSTER)])
+def test_each_process_has_its_own_credentials_and_no_administrators(files):
+    services = render(*files)["services"]
+    for name, (broker_user, database_role) in COMPOSE_ROLES.items():
+        amqp, databases = _users(services[name]["environment"])
+        assert amqp == {broker_user}, name
+        assert databases == ({database_role} if database_role else set()), name
+    env = services["migrate"]["environment"]
+    command = " ".join(services["migrate"]["command"])
+    roles = {user for user, _ in COMPOSE_ROLES.values()}
+    assert "broker-user --consumers score,notifier " in command
+    for role in roles:
+        assert f" {role}" in command.split("broker-user", 1)[1].split("&&", 1)[0], role
+        assert env[f"{role.upper()}_AMQP_URL"].startswith(f"amqp://{role}:"), role
+    for step, service in (
+        ("migrate", "notifier"),
+        ("migrate-person", "person"),
+        ("migrate-console", "console"),
+    ):
+        env, command = services[step]["environment"], " ".join(services[step]["command"])
+        assert env[f"{service.upper()}_DATABASE_URL"].startswith("postgresql://postgres:"), step
+        assert env[f"{service.upper()}_ROLE_URL"].startswith(f"postgresql://{service}:"), step
+        assert "python -m servicekit.roles" in command, step
+    assert "RABBITMQ_PASSWORD" not in SECRETS  # the one user of every process is gone

@@ -39,9 +39,11 @@ def test_an_action_is_recorded_before_it_runs_and_with_its_outcome_after(operato
     assert rows[1]["detail"] == "queued again"
 
 
-def test_an_action_the_log_cannot_record_does_not_happen(operator, notifier_api, console_db):
+def test_an_action_the_log_cannot_record_does_not_happen(
+    operator, notifier_api, console_db, administrator
+):
     token = operator.token("/journey")
-    with psycopg.connect(console_db) as conn:  # the audit database refuses every new row
+    with psycopg.connect(administrator(console_db)) as conn:  # the audit log refuses new rows
         conn.execute("ALTER TABLE audit ADD CONSTRAINT closed CHECK (false) NOT VALID")
     answer = operator.post("/emails/7/retry", data={"csrf": token})
     assert answer.status_code == 500
@@ -92,10 +94,12 @@ def test_each_view_of_a_journey_is_audited_with_whose_it_is(journeys, person_api
     assert len(actions(journeys, "view journey")) == 1
 
 
-def test_a_journey_the_log_cannot_record_is_not_shown(journeys, person_api, console_db):
+def test_a_journey_the_log_cannot_record_is_not_shown(
+    journeys, person_api, console_db, administrator
+):
     cpf = "12345678909"
     person_api.add("person.created", cpf)
-    with psycopg.connect(console_db) as conn:
+    with psycopg.connect(administrator(console_db)) as conn:
         conn.execute("ALTER TABLE audit ADD CONSTRAINT closed CHECK (false) NOT VALID")
     answer = journeys.get("/journey", query_string={"q": cpf})
     assert answer.status_code == 500 and "person.created" not in answer.get_data(as_text=True)

@@ -14,10 +14,10 @@ from psycopg_pool import ConnectionPool
 
 
 @pytest.fixture
-def notifier_db(make_database) -> str:
+def notifier_db(make_database, service_url) -> str:
     url = make_database("notifier")
     migrate_database(url)
-    return url
+    return service_url(url, "notifier")
 
 
 @pytest.fixture

@@ -168,12 +168,14 @@ def test_standard_routes(client):
     assert {"/users/{cpf}", "/mailbox", "/deliveries"} <= set(paths)
 
 
-def test_ready_fails_when_the_database_answers_but_refuses_writes(notifier_db, config):
+def test_ready_fails_when_the_database_answers_but_refuses_writes(
+    notifier_db, config, administrator
+):
     import psycopg
     from notifier.app import create_app
 
     name = psycopg.conninfo.conninfo_to_dict(notifier_db)["dbname"]
-    admin_db = psycopg.conninfo.make_conninfo(notifier_db, dbname="postgres")
+    admin_db = psycopg.conninfo.make_conninfo(administrator(notifier_db), dbname="postgres")
     with psycopg.connect(admin_db, autocommit=True) as admin:
         admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
     answer = create_app(config).test_client().get("/ready")

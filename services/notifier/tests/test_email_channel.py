@@ -138,11 +138,11 @@ def test_the_user_view_says_why_an_activation_email_was_suppressed(person_event,
 
 
 def test_an_email_recorded_with_a_link_from_the_name_before_the_rule_is_never_sent(
-    notifier_db, view, store, person_event
+    notifier_db, view, store, person_event, administrator
 ):
     view(person_event("70", name="Ana"))
     view(person_event("71", name="Bea"))
-    with psycopg.connect(notifier_db, autocommit=True) as conn:
+    with psycopg.connect(administrator(notifier_db), autocommit=True) as conn:
         # 70's welcome as the earlier composition wrote it, with the name's link first; and the
         # database as it was before migration 010
         conn.execute(
@@ -155,7 +155,7 @@ def test_an_email_recorded_with_a_link_from_the_name_before_the_rule_is_never_se
         )
         conn.execute("DELETE FROM schema_migrations WHERE version = '010_mailbox_cap'")
 
-    migrate_database(notifier_db)
+    migrate_database(administrator(notifier_db))
 
     found = {d["cpf"]: d for d in store.deliveries(None, 10)}
     assert (

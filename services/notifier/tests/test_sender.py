@@ -146,13 +146,13 @@ def test_connections_killed_between_acceptance_and_mark_do_not_send_twice(
 
 
 def test_a_database_refusing_writes_longer_than_the_lease_after_acceptance_sends_once(
-    person_event, view, store, config, fake_sendgrid, notifier_db
+    person_event, view, store, config, fake_sendgrid, notifier_db, administrator
 ):
     """SendGrid accepted, then the database turned read-only for three leases: the 'sent' mark
     waits for it, and the e-mail is never claimed and sent again meanwhile."""
     real = transport_for(config)
     name = psycopg.conninfo.conninfo_to_dict(notifier_db)["dbname"]
-    admin_url = psycopg.conninfo.make_conninfo(notifier_db, dbname="postgres")
+    admin_url = psycopg.conninfo.make_conninfo(administrator(notifier_db), dbname="postgres")
 
     def read_only(on: bool) -> None:
         with psycopg.connect(admin_url, autocommit=True) as admin:

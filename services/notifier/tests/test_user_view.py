@@ -321,7 +321,7 @@ def test_a_crafted_name_cannot_add_lines_to_the_email(person, view, store):
 
 
 def test_a_read_only_database_for_longer_than_the_retry_ladder_dead_letters_nothing(
-    notifier_db, broker, config, person_event
+    notifier_db, broker, config, person_event, administrator
 ):
     """The database answers but refuses writes (a standby, default_transaction_read_only): an
     outage, not the events' fault. The consumer is built as its process builds it."""
@@ -335,7 +335,7 @@ def test_a_read_only_database_for_longer_than_the_retry_ladder_dead_letters_noth
     name = psycopg.conninfo.conninfo_to_dict(notifier_db)["dbname"]
 
     def read_only(on: bool) -> None:
-        admin_db = psycopg.conninfo.make_conninfo(notifier_db, dbname="postgres")
+        admin_db = psycopg.conninfo.make_conninfo(administrator(notifier_db), dbname="postgres")
         with psycopg.connect(admin_db, autocommit=True) as admin:
             admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = {on}')
             admin.execute(  # the pool's sessions start again with the new default

@@ -14,11 +14,11 @@ from psycopg_pool import ConnectionPool
 
 
 @pytest.fixture
-def person_db(make_database) -> str:
+def person_db(make_database, service_url) -> str:
     """A fresh person database with every migration applied."""
     url = make_database("person")
     migrate_database(url)
-    return url
+    return service_url(url, "person")
 
 
 @pytest.fixture

@@ -14,9 +14,13 @@
                                                 producer now: the buckets that differ, then the
                                                 entities in them (exit 1 if any differ)
     messaging declare SERVICE ...               declare each service's queues (before start-up)
-    messaging broker-user                       create AMQP_URL's user (no tags) through the
-                                                management API (RABBITMQ_MANAGEMENT_URL,
-                                                RABBITMQ_ADMIN_USER, RABBITMQ_ADMIN_PASSWORD)
+    messaging broker-user [--consumers C,...] [ROLE ...]
+                                                create AMQP_URL's user (no tags, every
+                                                permission), or each role's from <ROLE>_AMQP_URL
+                                                with only its permissions (permissions.py),
+                                                through the management API
+                                                (RABBITMQ_MANAGEMENT_URL, RABBITMQ_ADMIN_USER,
+                                                RABBITMQ_ADMIN_PASSWORD)
 
 The broker is AMQP_URL (one node, or several of a cluster, comma-separated); the producer's
 database is DATABASE_URL (or --database-url). `<queue>` may be a dead queue's name or its work
@@ -47,12 +51,12 @@ import psycopg
 from pika.adapters.blocking_connection import BlockingChannel
 from servicekit.settings import refuse_placeholder
 
-from . import deadletters, outbox
+from . import deadletters, outbox, permissions
 from .connection import connect, node_urls
 from .deadletters import DEFAULT_WINDOW, dead_queue_name
 from .deadletters import text as _text
 from .publisher import PublishError
-from .replay import DIGESTS, request_replay
+from .replay import DIGESTS, declare_requests, request_replay
 from .replay import replay as replay_events
 from .settings import DEFAULT_AMQP_URL, BrokerSettings
 from .verification import REPORT_TYPE
@@ -339,43 +343,78 @@ def declare(services: list[str]) -> int:
             topology = settings.topology(service)
             topology.declare(conn)
             print(f"declared {topology.queue} (+ retry and dead queues) on {topology.exchange}")
+        # The relay's requests queue too: a consumer's broker role may publish to it, not make it
+        print(f"declared {declare_requests(conn, settings.events_exchange)}")
     finally:
         if conn.is_open:
             conn.close()
     return 0
 
 
-def broker_user() -> int:
-    """Create the application's broker user, no administrator, idempotently: the user, password
-    and virtual host of AMQP_URL's first node, with permissions on its virtual host and no tags
-    (no management, no policies), through the management API."""
-    amqp = urllib.parse.urlsplit(node_urls(_amqp_url())[0])
-    user = urllib.parse.unquote(amqp.username or "")
-    password = urllib.parse.unquote(amqp.password or "")
-    vhost = urllib.parse.unquote(amqp.path.lstrip("/")) or "/"
-    if not user or not password:
-        raise Usage("broker-user: AMQP_URL must name a user and a password")
-    try:  # a user whose password everyone who read the manifests knows is never made
-        refuse_placeholder("broker-user: the password of AMQP_URL", password)
-    except ValueError as exc:
-        raise Usage(str(exc)) from None
+def broker_user(roles: list[str] | None = None, consumers: list[str] | None = None) -> int:
+    """Create broker users, no administrators, idempotently, through the management API.
+
+    Without roles: AMQP_URL's user, password and virtual host, with every permission on it (one
+    user for every process: the development stack's way). With roles (permissions.py): each
+    role's user from `<ROLE>_AMQP_URL` (RELAY_AMQP_URL, SCORE_AMQP_URL, ...), with only what
+    that role does on EVENTS_EXCHANGE. No tags either way (no management, no policies)."""
+    wanted: list[tuple[str, str | None]] = [("AMQP_URL", None)]
+    if roles:
+        if not os.environ.get("EVENTS_EXCHANGE"):
+            raise Usage("broker-user with roles needs EVENTS_EXCHANGE: their permissions name it")
+        if not consumers:
+            raise Usage("broker-user with roles needs --consumers: the consuming services")
+        known = permissions.roles(consumers)
+        unknown = [role for role in roles if role not in known]
+        if unknown:
+            raise Usage(f"broker-user: no role {', '.join(unknown)} (one of {', '.join(known)})")
+        wanted = [(f"{role.upper()}_AMQP_URL", role) for role in roles]
+    users = [(*_user_of(variable), role) for variable, role in wanted]
     try:
         base = os.environ["RABBITMQ_MANAGEMENT_URL"]
         admin = f"{os.environ['RABBITMQ_ADMIN_USER']}:{os.environ['RABBITMQ_ADMIN_PASSWORD']}"
     except KeyError as exc:
         raise Usage(f"broker-user needs {exc.args[0]}") from None
     auth = base64.b64encode(admin.encode()).decode()
-    quoted_user = urllib.parse.quote(user, safe="")
-    quoted_vhost = urllib.parse.quote(vhost, safe="")
-    try:
-        _management_put(base, f"users/{quoted_user}", {"password": password, "tags": ""}, auth)
-        everything = {"configure": ".*", "write": ".*", "read": ".*"}
-        _management_put(base, f"permissions/{quoted_vhost}/{quoted_user}", everything, auth)
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"messaging: the management API refused: {exc}", file=sys.stderr)
-        return 1
-    print(f"broker user {user} on {vhost}: no tags, all permissions on its virtual host")
+    for user, password, vhost, role in users:
+        granted = (
+            {"configure": ".*", "write": ".*", "read": ".*"}
+            if role is None
+            else permissions.permissions(role, os.environ["EVENTS_EXCHANGE"], consumers or ())
+        )
+        quoted_user = urllib.parse.quote(user, safe="")
+        quoted_vhost = urllib.parse.quote(vhost, safe="")
+        try:
+            _management_put(base, f"users/{quoted_user}", {"password": password, "tags": ""}, auth)
+            _management_put(base, f"permissions/{quoted_vhost}/{quoted_user}", granted, auth)
+        except (urllib.error.URLError, OSError) as exc:
+            print(f"messaging: the management API refused: {exc}", file=sys.stderr)
+            return 1
+        what = (
+            "all permissions on its virtual host"
+            if role is None
+            else f"role {role}: " + ", ".join(f"{k} {v}" for k, v in granted.items())
+        )
+        print(f"broker user {user} on {vhost}: no tags, {what}")
     return 0
+
+
+def _user_of(variable: str) -> tuple[str, str, str]:
+    """The user, password and virtual host of the first node of the URL in `variable`."""
+    url = os.environ.get(variable) or (_amqp_url() if variable == "AMQP_URL" else "")
+    if not url:
+        raise Usage(f"broker-user needs {variable}")
+    amqp = urllib.parse.urlsplit(node_urls(url)[0])
+    user = urllib.parse.unquote(amqp.username or "")
+    password = urllib.parse.unquote(amqp.password or "")
+    vhost = urllib.parse.unquote(amqp.path.lstrip("/")) or "/"
+    if not user or not password:
+        raise Usage(f"broker-user: {variable} must name a user and a password")
+    try:  # a user whose password everyone who read the manifests knows is never made
+        refuse_placeholder(f"broker-user: the password of {variable}", password)
+    except ValueError as exc:
+        raise Usage(str(exc)) from None
+    return user, password, vhost
 
 
 def _management_put(base: str, path: str, body: dict, auth: str) -> None:
@@ -448,7 +487,21 @@ def parser() -> argparse.ArgumentParser:
 
     declaring = commands.add_parser("declare", help="declare consuming services' queues")
     declaring.add_argument("services", nargs="+", metavar="SERVICE")
-    commands.add_parser("broker-user", help="create AMQP_URL's user through the management API")
+    users = commands.add_parser(
+        "broker-user", help="create the broker users through the management API"
+    )
+    users.add_argument(
+        "roles",
+        nargs="*",
+        metavar="ROLE",
+        help="relay, a consuming service, operator, probe: <ROLE>_AMQP_URL's user with that "
+        "role's permissions (none: AMQP_URL's user with every permission)",
+    )
+    users.add_argument(
+        "--consumers",
+        type=lambda text: [name for name in text.split(",") if name],
+        help="the consuming services, comma-separated (their queues are named in the roles)",
+    )
 
     rebuild = commands.add_parser("replay", help="publish the producer's events to one queue")
     rebuild.add_argument("--to", required=True, dest="queue")
@@ -488,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "declare":
             return declare(args.services)
         if args.command == "broker-user":
-            return broker_user()
+            return broker_user(args.roles, args.consumers)
         if args.command == "verify":
             return verify(args.queue, args.timeout)
         return replay(args.queue, args.entity, args.after_id, args.since)

@@ -46,7 +46,7 @@ REPLY_QUEUE_PREFIX = "amq.gen-"  # the names the broker gives the queues it name
 # decode it (a header value out of its client library's range) ends the reader's connection
 # before it can be acknowledged, and would otherwise come back forever.
 REQUEST_DELIVERY_LIMIT = 5
-_PRECONDITION_FAILED = 406
+_PRECONDITION_FAILED, _NOT_FOUND = 406, 404
 
 LATEST_SQL = """
 SELECT body, event_id::text, event_type, correlation_id FROM (
@@ -97,12 +97,21 @@ def requests_queue(exchange: str) -> str:
 def declare_requests(conn: BlockingConnection, exchange: str) -> str:
     """Declare the queue of replay requests (idempotently) and return its name.
 
-    A queue an older version declared without the delivery limit is used as it is (the broker
-    refuses a declaration with other arguments): requests work, the guard comes when it is
-    deleted and declared again with no request waiting.
+    A queue that exists is used as it is, looked up passively, which needs no permission: the
+    relay's broker role declares it, a consumer's only publishes to it (permissions.py). One an
+    older version declared without the delivery limit is used as it is too: requests work, the
+    guard comes when it is deleted and declared again with no request waiting.
     """
     queue = requests_queue(exchange)
     arguments = {"x-queue-type": "quorum", "x-delivery-limit": REQUEST_DELIVERY_LIMIT}
+    channel = conn.channel()
+    try:  # there already: no permission needed (a consumer's role may not configure it)
+        channel.queue_declare(queue, passive=True)
+        channel.close()
+        return queue
+    except ChannelClosedByBroker as exc:
+        if exc.reply_code != _NOT_FOUND:
+            raise
     channel = conn.channel()
     try:
         channel.queue_declare(queue, durable=True, arguments=arguments)

@@ -121,8 +121,7 @@ class Topology:
 
     def declare(self, conn: BlockingConnection) -> None:
         """Declare (idempotently) the exchange and every queue, migrating old declarations."""
-        with _channel(conn) as channel:
-            declare_exchange(channel, self.exchange)
+        _ensure_exchange(conn, self.exchange)
         for name, arguments in self.arguments(broker_version(conn)).items():
             bound = self.exchange if name == self.queue else None
             _ensure_queue(conn, name, arguments, bound)
@@ -131,6 +130,20 @@ class Topology:
         """Delete every queue of this topology (tests and teardown only)."""
         for name in (self.queue, self.dead_queue, *self.retry_queues):
             channel.queue_delete(queue=name)
+
+
+def _ensure_exchange(conn: BlockingConnection, exchange: str) -> None:
+    """Declare the exchange unless it exists: looking it up passively needs no permission, so a
+    consumer's role needs none on the exchange the relay (or the migrate step) declared."""
+    try:
+        with _channel(conn) as channel:
+            channel.exchange_declare(exchange=exchange, passive=True)
+            return
+    except ChannelClosedByBroker as exc:
+        if exc.reply_code != _NOT_FOUND:
+            raise
+    with _channel(conn) as channel:
+        declare_exchange(channel, exchange)
 
 
 @contextlib.contextmanager

@@ -21,10 +21,19 @@ from servicekit.auth import digest, new_key
 from stack import ROOT
 
 SECRETS = (
-    "POSTGRES_PASSWORD",
+    "POSTGRES_PASSWORD",  # the superuser: the migrate steps only
+    # Each service's own database role (servicekit.roles), made by its migrate step.
+    "POSTGRES_PERSON_PASSWORD",
+    "POSTGRES_NOTIFIER_PASSWORD",
+    "POSTGRES_CONSOLE_PASSWORD",
     "REDIS_PASSWORD",
-    "RABBITMQ_PASSWORD",
-    "RABBITMQ_ADMIN_PASSWORD",
+    "RABBITMQ_ADMIN_PASSWORD",  # the administrator: the migrate step and the management UI
+    # A broker user per role (messaging.permissions), made by the migrate step.
+    "RABBITMQ_RELAY_PASSWORD",
+    "RABBITMQ_SCORE_PASSWORD",
+    "RABBITMQ_NOTIFIER_PASSWORD",
+    "RABBITMQ_OPERATOR_PASSWORD",
+    "RABBITMQ_PROBE_PASSWORD",
     "ACTIVATION_SECRET",
     "CONSOLE_SECRET",
     "RABBITMQ_ERLANG_COOKIE",  # the nodes of docker-compose.cluster.yml share it
