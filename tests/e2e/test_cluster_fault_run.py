@@ -61,7 +61,9 @@ def active_relay(supervisor: Processes, person_db: str) -> str | None:
     with psycopg.connect(person_db) as conn:
         row = conn.execute(
             "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.objid = %s AND l.granted",
+            "WHERE l.locktype = 'advisory' AND l.objid = %s AND l.granted "
+            # This database's: a relay of another stack on the machine holds the same lock id.
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             (LEADER_LOCK,),
         ).fetchone()
     if row is None:
