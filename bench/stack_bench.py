@@ -616,23 +616,7 @@ def measure_bulk(stack: Stack, models: ReadModels) -> float:
     payload = json.dumps(people).encode()
     before = models.users()
     start = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", stack.gateway_port, timeout=120)
-    try:
-        conn.request(
-            "POST",
-            "/person/bulk",
-            body=payload,
-            headers={"Host": "person.localhost", "Content-Type": "application/json"},
-        )
-        response = conn.getresponse()
-        body = response.read()
-        if response.status != 202:
-            raise MeasureError(f"POST /person/bulk: {response.status} {body[:300]!r}")
-        location = response.getheader("Location")
-        accepted = time.perf_counter() - start
-        report = wait_import_done(conn, location, start)
-    finally:
-        conn.close()
+    accepted, report = import_bulk(stack, payload, "application/json", start)
     done = time.perf_counter() - start
     if report["succeeded"] != BULK_PEOPLE:
         raise MeasureError(f"import reported {report['succeeded']} of {BULK_PEOPLE} succeeded")
@@ -673,29 +657,34 @@ def measure_bulk_memory(stack: Stack) -> dict[str, float]:
     pad = "x" * (BULK_BODY_BYTES // BULK_PEOPLE - len(line(0, "")) - 1)  # 1: the newline
     lines = [line(n, pad) for n in range(BULK_PEOPLE)]
     payload = "\n".join(lines).encode()
+    import_bulk(stack, payload, "application/x-ndjson", time.perf_counter())
+    peak = max(status_kb(pid, "VmHWM") for pid in process_tree(stack.processes["person"].pid))
+    peak /= 1024
+    log.info("bulk NDJSON body of %.1f MB; person API peak RSS %.0f MB", len(payload) / 2**20, peak)
+    return {"bulk_body_mb": len(payload) / 2**20, "bulk_peak_rss_mb": peak}
+
+
+def import_bulk(
+    stack: Stack, payload: bytes, content_type: str, start: float
+) -> tuple[float, dict]:
+    """POST /person/bulk through Traefik and wait for the import to be done: seconds from `start`
+    to the 202, and the import's report."""
     conn = http.client.HTTPConnection("127.0.0.1", stack.gateway_port, timeout=300)
     try:
         conn.request(
             "POST",
             "/person/bulk",
             body=payload,
-            headers={"Host": "person.localhost", "Content-Type": "application/x-ndjson"},
+            headers={"Host": "person.localhost", "Content-Type": content_type},
         )
         response = conn.getresponse()
         answer = response.read()
         if response.status != 202:
-            raise MeasureError(f"POST /person/bulk (NDJSON): {response.status} {answer[:300]!r}")
-        wait_import_done(conn, response.getheader("Location"), time.perf_counter())
+            raise MeasureError(f"POST /person/bulk: {response.status} {answer[:300]!r}")
+        accepted = time.perf_counter() - start
+        return accepted, wait_import_done(conn, response.getheader("Location"), start)
     finally:
         conn.close()
-    tree, pids, todo = children(), [], [stack.processes["person"].pid]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        todo += tree.get(pid, [])
-    peak = max(status_kb(pid, "VmHWM") for pid in pids) / 1024
-    log.info("bulk NDJSON body of %.1f MB; person API peak RSS %.0f MB", len(payload) / 2**20, peak)
-    return {"bulk_body_mb": len(payload) / 2**20, "bulk_peak_rss_mb": peak}
 
 
 def wait_import_done(conn: http.client.HTTPConnection, location: str, start: float) -> dict:
@@ -971,6 +960,17 @@ def children() -> dict[int, list[int]]:
     return tree
 
 
+def process_tree(root: int, tree: dict[int, list[int]] | None = None) -> list[int]:
+    """A process and all its descendants (a gunicorn master and its workers)."""
+    tree = children() if tree is None else tree
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo += tree.get(pid, [])
+    return pids
+
+
 def status_kb(pid: int, field_name: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -998,11 +998,7 @@ def measure_memory(stack: Stack) -> dict[str, float]:
     for name, process in stack.processes.items():
         if process.poll() is not None:
             raise MeasureError(f"{name} is not running")
-        pids, todo = [], [process.pid]
-        while todo:
-            pid = todo.pop()
-            pids.append(pid)
-            todo += tree.get(pid, [])
+        pids = process_tree(process.pid, tree)
         rss = {pid: status_kb(pid, "VmRSS") / 1024 for pid in pids}
         peak = {pid: status_kb(pid, "VmHWM") / 1024 for pid in pids}
         log.info(

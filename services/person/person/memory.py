@@ -19,6 +19,9 @@ from messaging import Envelope
 from .catalogue import PRODUCER, Event, EventType, person_data
 from .service import ITEMS_PER_PERSON_MAX, Lock, PersonService
 
+# What a unit of work may change: put back whole if it raises.
+_STATE = ("people", "items", "events", "activation_requested_at", "activation_quota", "versions")
+
 
 class MemoryStore(PersonService):
     """People, items and the events they produced, in dictionaries behind one lock."""
@@ -42,27 +45,12 @@ class MemoryStore(PersonService):
     def _transaction(self) -> Iterator[MemoryUnitOfWork]:
         """All of it or nothing: the dictionaries are put back if the work raises."""
         with self._lock:
-            saved = copy.deepcopy(
-                (
-                    self.people,
-                    self.items,
-                    self.events,
-                    self.activation_requested_at,
-                    self.activation_quota,
-                    self.versions,
-                )
-            )
+            saved = copy.deepcopy({name: getattr(self, name) for name in _STATE})
             try:
                 yield MemoryUnitOfWork(self)
             except BaseException:
-                (
-                    self.people,
-                    self.items,
-                    self.events,
-                    self.activation_requested_at,
-                    self.activation_quota,
-                    self.versions,
-                ) = saved
+                for name, value in saved.items():
+                    setattr(self, name, value)
                 raise
 
     def ping(self) -> None:

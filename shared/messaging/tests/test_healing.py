@@ -3,8 +3,6 @@ broker, and the producer's ReplayServer answers it."""
 
 from __future__ import annotations
 
-import json
-
 import pika
 import psycopg
 import pytest
@@ -16,26 +14,12 @@ from messaging.replay import (
     REQUEST_HEADER,
     declare_requests,
     replay,
-    requests_queue,
 )
 from messaging.replay_server import ReplayServer
 from messaging.testing import MemoryGeneration, running, wait_until
+from replay_requests import take_requests
 
 pytestmark = pytest.mark.integration
-
-
-def requests(broker) -> list[dict]:
-    conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
-    try:
-        channel = conn.channel()
-        found = []
-        while True:
-            method, _, body = channel.basic_get(requests_queue(broker.exchange), auto_ack=True)
-            if method is None:
-                return found
-            found.append(json.loads(body))
-    finally:
-        conn.close()
 
 
 def test_a_store_without_a_marker_asks_once_and_is_ready_after_the_completion(broker):
@@ -45,7 +29,7 @@ def test_a_store_without_a_marker_asks_once_and_is_ready_after_the_completion(br
     assert healing.check() == REBUILDING
     assert healing.check() == REBUILDING  # asked already: not again before re_request_after
 
-    [request] = requests(broker)
+    [request] = take_requests(broker.amqp_url, broker.exchange)
     assert request["queue"] == "model.q"
     healing.completed("some other request", 0)
     assert store.marker.state == REBUILDING
@@ -71,7 +55,7 @@ def test_replicas_that_all_find_the_marker_missing_ask_once(broker):
     store = Racing(unseen=3)
     replicas = [Healing(store, broker.amqp_url, broker.exchange, "model.q") for _ in range(3)]
     assert [healing.check() for healing in replicas] == [REBUILDING] * 3
-    [request] = requests(broker)
+    [request] = take_requests(broker.amqp_url, broker.exchange)
     replicas[2].completed(request["request_id"], 0)
     assert [healing.check() for healing in replicas] == [READY] * 3
 
@@ -81,7 +65,7 @@ def test_a_request_that_got_no_answer_is_sent_again(broker):
     healing = Healing(store, broker.amqp_url, broker.exchange, "model.q", re_request_after=0)
     healing.check()
     healing.check()
-    first, second = requests(broker)
+    first, second = take_requests(broker.amqp_url, broker.exchange)
     assert first["request_id"] == second["request_id"]
 
 

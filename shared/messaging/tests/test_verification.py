@@ -14,10 +14,11 @@ import pytest
 from messaging import Consumer, ConsumerSettings, Envelope, Outbox, Relay, RelaySettings, digests
 from messaging.cli import main
 from messaging.errors import PermanentError
-from messaging.replay import BUCKETS, DIGESTS, parse_request, requests_queue
+from messaging.replay import BUCKETS, DIGESTS, parse_request
 from messaging.replay_server import ReplayServer
 from messaging.testing import running, wait_until
 from messaging.verification import Verification, repairs_at
+from replay_requests import take_requests
 
 pytestmark = pytest.mark.integration
 
@@ -201,20 +202,6 @@ def test_messaging_verify_says_so_when_no_consumer_answers(broker, monkeypatch, 
     assert main(["verify", "no-such-queue", "--timeout", "0.5"]) == 2
 
 
-def requests_sent(broker) -> list[dict]:
-    conn = pika.BlockingConnection(pika.URLParameters(broker.amqp_url))
-    try:
-        channel = conn.channel()
-        found = []
-        while True:
-            method, _, body = channel.basic_get(requests_queue(broker.exchange), auto_ack=True)
-            if method is None:
-                return found
-            found.append(json.loads(body))
-    finally:
-        conn.close()
-
-
 def test_a_bucket_a_repair_does_not_mend_is_repaired_ever_more_rarely_and_reported(broker):
     """A model that refuses an entity's events (they are dead-lettered) differs after every
     repair: repairs at the 2nd, 4th, 8th... check, so the dead queue does not fill with copies,
@@ -230,7 +217,10 @@ def test_a_bucket_a_repair_does_not_mend_is_repaired_ever_more_rarely_and_report
     assert asked_at == [2, 4, 8, 16]
     assert [n for n in range(1, 200) if repairs_at(n)][:8] == [2, 4, 8, 16, 32, 64, 128, 192]
     assert verification.stats.unrepaired_buckets == 1
-    requests = [parse_request(json.dumps(r).encode()) for r in requests_sent(broker)]
+    requests = [
+        parse_request(json.dumps(r).encode())
+        for r in take_requests(broker.amqp_url, broker.exchange)
+    ]
     assert [(r.scope, r.buckets) for r in requests] == [
         (BUCKETS, (("thing", (digests.bucket("thing", "x"),)),))
     ] * 4
