@@ -105,16 +105,23 @@ local wanted = {}
 for i = 4, #ARGV do wanted[ARGV[i]] = true end
 local groups, order = {}, {}
 for _, key in ipairs(found[2]) do
-  local v = redis.call('HMGET', key, 'entity', 'b', 'h')
-  if v[1] and v[2] and v[3] and wanted[v[1]] then
-    local group = v[1] .. ' ' .. v[2]
+  -- A key of another type, or fields that are no bucket and contribution (written by hand),
+  -- count as missing: the bucket differs and says so, and the check goes on.
+  local v = redis.pcall('HMGET', key, 'entity', 'b', 'h')
+  local b, h
+  if type(v) == 'table' and not v.err and v[1] and wanted[v[1]] then
+    b, h = tonumber(v[2]), tonumber(v[3])
+  end
+  if b and h and b >= 0 and b < BUCKETS and b == math.floor(b)
+      and h >= 0 and h < MODULUS and h == math.floor(h) then
+    local group = v[1] .. ' ' .. b
     local g = groups[group]
     if not g then
-      g = {v[1], tonumber(v[2]), 0, 0}
+      g = {v[1], b, 0, 0}
       groups[group] = g
       order[#order + 1] = g
     end
-    g[3] = (g[3] + tonumber(v[3])) % MODULUS
+    g[3] = (g[3] + h) % MODULUS
     g[4] = g[4] + 1
   end
 end
@@ -123,7 +130,7 @@ for _, g in ipairs(order) do
   out[#out + 1] = g[1]; out[#out + 1] = g[2]; out[#out + 1] = g[3]; out[#out + 1] = g[4]
 end
 return out
-""".replace("MODULUS", str(sums.MODULUS))
+""".replace("MODULUS", str(sums.MODULUS)).replace("BUCKETS", str(sums.BUCKETS))
 
 _READ = """
 local person = redis.call('HMGET', KEYS[1], 'version', 'deleted', 'rev')
@@ -322,7 +329,7 @@ class ScoreStore:
         return {
             key.rsplit(":", 1)[1]: int(version)
             for key, found, where, _, version in self._entities(with_version=True)
-            if found == entity and where in chosen
+            if found == entity and where in chosen and version and version.isdigit()
         }
 
     def last_divergence(self) -> dict[str, dict[str, int]]:
@@ -345,7 +352,11 @@ class ScoreStore:
                     pipe = self.client.pipeline(transaction=False)
                     for key in keys:
                         pipe.hmget(key, fields)
-                    for key, values in zip(keys, pipe.execute(), strict=True):
+                    # A key of another type answers an error in place of its fields: skipped.
+                    found = pipe.execute(raise_on_error=False)
+                    for key, values in zip(keys, found, strict=True):
+                        if isinstance(values, Exception):
+                            continue
                         yield (_text(key), *(_text(v) if v is not None else None for v in values))
 
     def generation(self) -> Generation | None:

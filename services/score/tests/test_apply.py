@@ -6,7 +6,7 @@ import random
 from decimal import Decimal
 
 import pytest
-from messaging import Envelope
+from messaging import Envelope, digests
 from messaging.testing import InMemoryBus, Message
 from score.config import ScoreConfig
 from score.consumer import HANDLERS, build
@@ -243,3 +243,22 @@ def test_a_wipe_stops_when_its_marker_was_taken_over(score_store):
             score_store.wipe()
     finally:
         marker.renew_wipe = real
+
+
+def test_keys_that_hold_no_digest_fields_count_as_missing_and_the_check_goes_on(score_store):
+    """A key of another type, or fields written by hand, under the model's prefix: the digest
+    leaves them out (their bucket differs and is reported) instead of failing every check."""
+    apply(score_store, [event("person", "1", 1, {"cpf": "1", "name": "A"})])
+    good = score_store.digests({"person"})
+    client, prefix = score_store.client, score_store.prefix
+    client.set(f"{prefix}person:not-a-hash", "x")
+    for cpf, fields in {
+        "2": {"entity": "person", "b": "7", "h": "abc"},
+        "3": {"entity": "person", "b": "7", "h": "1e400"},
+        "4": {"entity": "person", "b": "-1", "h": "5"},
+        "5": {"entity": "person", "b": "2.5", "h": "5"},
+    }.items():
+        client.hset(f"{prefix}person:{cpf}", mapping=fields)
+    assert score_store.digests({"person"}) == good
+    bucket = digests.bucket("person", "1")
+    assert score_store.held_versions("person", [bucket, 7]) == {"1": 1}  # for the report
