@@ -56,7 +56,9 @@ def test_the_outbox_shows_its_backlog_what_the_relay_published_and_the_parked_ro
     relay = Relay(RelaySettings(person_db, broker.amqp_url, broker.exchange, "person"))
     with running(relay):
         status = wait_until(
-            lambda: (s := client.get("/outbox").json)["published"] == 2 and s, what="published"
+            # Both counts: the route reads the backlog and the relay's count in two statements.
+            lambda: (s := client.get("/outbox").json)["published"] == 2 and s["backlog"] == 0 and s,
+            what="published",
         )
 
     assert (status["backlog"], status["oldest_age_seconds"]) == (0, 0)
