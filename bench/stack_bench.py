@@ -52,6 +52,7 @@ from post_bench import (
     wrk_post,
 )
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from relay_bench import AMQP_URL, DATABASE_URL, REDIS_URL
 from score.store import ScoreStore
 from stack.processes import Gateway, Processes, free_port
@@ -245,7 +246,7 @@ def answers(port: int, host: str, path: str) -> bool:
 def cleanup(stack: Stack) -> None:
     """Drop the databases, delete queues, exchange and Redis keys; each step on its own."""
     for url in (stack.person_db, stack.notifier_db):
-        name = url.rpartition("/")[2]
+        name = conninfo_to_dict(url)["dbname"]  # a URL listing servers has a query after it
         try:
             with psycopg.connect(DATABASE_URL, autocommit=True) as admin:
                 admin.execute(
