@@ -1,7 +1,10 @@
 """Outbox relay: publish committed outbox rows to RabbitMQ, marking them only after the confirm.
 
 One active relay per database (a PostgreSQL advisory lock elects it; a second one waits as a
-standby). Rows are published in id order on one channel with a window of unconfirmed messages
+standby). The lock is the server's: after a failover to a promoted standby nobody holds it there,
+and the first relay to reach the new primary takes it (the old primary's sessions died with it;
+it must never serve again but as a standby: docs/operations.md). A relay never leads on a
+standby. Rows are published in id order on one channel with a window of unconfirmed messages
 (pipelined publisher confirms), `mandatory` and persistent. An ack marks the row published; a nack
 or a return (no queue bound) leaves it unpublished, to be published again after a backoff. The
 relay wakes on LISTEN/NOTIFY and also polls, and it survives broker and database restarts: no
