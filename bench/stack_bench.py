@@ -307,6 +307,38 @@ class BrokerWatch(threading.Thread):
         return any(since <= end and back >= start for since, back in self.outages)
 
 
+class PacedWriter(threading.Thread):
+    """POSTs a write every `interval` seconds through Traefik (`request(n)` gives the n-th's
+    path and body) until `stopping` is set; remembers, for each acknowledged (201), when it was
+    sent and answered and the answer's JSON. The failover steps write through a failure with it."""
+
+    def __init__(
+        self, stack: Stack, request: Callable[[int], tuple[str, Any]], interval: float
+    ) -> None:
+        super().__init__(name="paced-writer", daemon=True)
+        self.gateway = Gateway(stack.gateway_port)
+        self.request, self.interval = request, interval
+        self.acked: list[tuple[float, float, dict]] = []  # (sent, answered, answer)
+        self.failures: list[str] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        n = 0
+        while not self.stopping.wait(self.interval):
+            n += 1
+            path, body = self.request(n)
+            sent = time.perf_counter()
+            status, raw = self.gateway.post("person", path, body)
+            if status == 201:
+                self.acked.append((sent, time.perf_counter(), json.loads(raw)))
+            else:
+                self.failures.append(f"{status} {raw[:200]!r}")
+
+    def finish(self) -> None:
+        self.stopping.set()
+        self.join(10)
+
+
 # -- data ------------------------------------------------------------------------------------
 def cpf_of(n: int) -> str:
     """CPFs of prefilled people: 11 digits starting with 1 (other phases use other digits)."""
