@@ -85,12 +85,8 @@ def measure_failover(stack: Stack, cluster: Cluster) -> float:
         lambda n: (f"/person/{cpf}/income", {"type": "bonus", "value": f"{n}.00"}),
         WRITE_INTERVAL,
     )
-    writer.start()
     try:
-        steady_until = time.perf_counter() + STEADY_SECONDS
-        while time.perf_counter() < steady_until:
-            stack.check_alive()
-            time.sleep(0.1)
+        writer.warm_up(STEADY_SECONDS)
         queue = stack.topologies()[0].queue  # the score's
         leader = cluster.leader(queue)
         visible = answered_after(writer, 0)

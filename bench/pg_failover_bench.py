@@ -56,12 +56,8 @@ def measure_failover(stack: Stack, pair: PgPair, models: ReadModels) -> float:
     writer = PacedWriter(
         stack, lambda n: ("/person", new_person(f"{88_800_000_000 + n}", n)), WRITE_INTERVAL
     )
-    writer.start()
     try:
-        steady_until = time.perf_counter() + STEADY_SECONDS
-        while time.perf_counter() < steady_until:
-            stack.check_alive()
-            time.sleep(0.1)
+        writer.warm_up(STEADY_SECONDS)
         before = sent_after(writer, 0)
         if not before or models.score_missing(before[:1], items=0):
             raise MeasureError("registrations were not replicating before the kill")

@@ -316,6 +316,7 @@ class PacedWriter(threading.Thread):
         self, stack: Stack, request: Callable[[int], tuple[str, Any]], interval: float
     ) -> None:
         super().__init__(name="paced-writer", daemon=True)
+        self.stack = stack
         self.gateway = Gateway(stack.gateway_port)
         self.request, self.interval = request, interval
         self.acked: list[tuple[float, float, dict]] = []  # (sent, answered, answer)
@@ -333,6 +334,14 @@ class PacedWriter(threading.Thread):
                 self.acked.append((sent, time.perf_counter(), json.loads(raw)))
             else:
                 self.failures.append(f"{status} {raw[:200]!r}")
+
+    def warm_up(self, seconds: float) -> None:
+        """Start writing; return after `seconds` (MeasureError if a process exits meanwhile)."""
+        self.start()
+        until = time.perf_counter() + seconds
+        while time.perf_counter() < until:
+            self.stack.check_alive()
+            time.sleep(0.1)
 
     def finish(self) -> None:
         self.stopping.set()
