@@ -1,12 +1,14 @@
 """The whole benchmark in one run (`make bench`): the relay figures, the consumer runtime against
 raw consuming, the production e-mail path, what verification costs, the stack figures, the stack
-against the seed's naive design, then the stack with replicas on a three-node cluster.
+against the seed's naive design, the stack with replicas on a three-node cluster, then the stack on
+a PostgreSQL primary and standby losing its primary.
 
 Run: .venv/bin/python bench/bench.py [--events N] [--only PART,...]. Prints every `name: value`
 line of relay_bench.py, consumer_bench.py, email_bench.py, verify_bench.py, stack_bench.py,
-peer_bench.py and cluster_bench.py on stdout (logs on stderr; see bench/README.md) and exits
-non-zero only if a figure could not be measured. `--only fair` runs the fair comparisons alone:
-the relay and consumer ratios, the stack's cost curve and latency steps, and the naive peer.
+peer_bench.py, cluster_bench.py and pg_failover_bench.py on stdout (logs on stderr; see
+bench/README.md) and exits non-zero only if a figure could not be measured. `--only fair` runs the
+fair comparisons alone: the relay and consumer ratios, the stack's cost curve and latency steps,
+and the naive peer.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import cluster_bench
 import consumer_bench
 import email_bench
 import peer_bench
+import pg_failover_bench
 import relay_bench
 import stack_bench
 import verify_bench
 from post_bench import need_wrk
 
-PARTS = ("relay", "consumer", "email", "verify", "stack", "peer", "cluster")
+PARTS = ("relay", "consumer", "email", "verify", "stack", "peer", "cluster", "pg-failover")
 # `--only fair`: these parts, the stack with these of its steps.
 FAIR = ("relay", "consumer", "stack", "peer")
 FAIR_STACK_STEPS = ("latency", "cost")
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         "peer": lambda: peer_bench.main([]),
         # The cluster's replication beside the single node's of this very run.
         "cluster": lambda: cluster_bench.main([], single_e2e=figures.get("e2e_events_s")),
+        "pg-failover": lambda: pg_failover_bench.main([]),  # the person database's primary lost
     }
     started = time.monotonic()
     failed = []

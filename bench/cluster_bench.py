@@ -16,11 +16,9 @@ and 2 relays (one active, one standby).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -34,6 +32,7 @@ from stack_bench import (
     E2E_PEOPLE,
     RELAY,
     MeasureError,
+    PacedWriter,
     ReadModels,
     Stack,
     children,
@@ -66,32 +65,9 @@ def cluster_overrides(cluster: Cluster) -> dict[str, str]:
 
 
 # -- failover_stall_s ------------------------------------------------------------------------
-class IncomeWriter(threading.Thread):
-    """Adds an income to one person every WRITE_INTERVAL through Traefik; remembers when each
-    was acknowledged (HTTP 201) and its id."""
-
-    def __init__(self, stack: Stack, cpf: str) -> None:
-        super().__init__(name="income-writer", daemon=True)
-        self.gateway = Gateway(stack.gateway_port)
-        self.cpf = cpf
-        self.acked: list[tuple[float, str]] = []
-        self.failures: list[str] = []
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        n = 0
-        while not self.stopping.wait(WRITE_INTERVAL):
-            n += 1
-            body = {"type": "bonus", "value": f"{n}.00"}
-            status, raw = self.gateway.post("person", f"/person/{self.cpf}/income", body)
-            if status == 201:
-                self.acked.append((time.perf_counter(), json.loads(raw)["id"]))
-            else:
-                self.failures.append(f"{status} {raw[:200]!r}")
-
-    def after(self, moment: float) -> list[str]:
-        """Ids of the incomes acknowledged after `moment`, in order."""
-        return [item for acked_at, item in list(self.acked) if acked_at > moment]
+def answered_after(writer: PacedWriter, moment: float) -> list[str]:
+    """Ids of the incomes acknowledged after `moment`, in order."""
+    return [answer["id"] for _, answered, answer in list(writer.acked) if answered > moment]
 
 
 def measure_failover(stack: Stack, cluster: Cluster) -> float:
@@ -104,16 +80,16 @@ def measure_failover(stack: Stack, cluster: Cluster) -> float:
     status, body = Gateway(stack.gateway_port).post("person", "/person", new_person(cpf, 1))
     if status != 201:
         raise MeasureError(f"POST /person: {status} {body[:200]!r}")
-    writer = IncomeWriter(stack, cpf)
-    writer.start()
+    writer = PacedWriter(
+        stack,
+        lambda n: (f"/person/{cpf}/income", {"type": "bonus", "value": f"{n}.00"}),
+        WRITE_INTERVAL,
+    )
     try:
-        steady_until = time.perf_counter() + STEADY_SECONDS
-        while time.perf_counter() < steady_until:
-            stack.check_alive()
-            time.sleep(0.1)
+        writer.warm_up(STEADY_SECONDS)
         queue = stack.topologies()[0].queue  # the score's
         leader = cluster.leader(queue)
-        visible = writer.after(0)
+        visible = answered_after(writer, 0)
         if not visible or not client.sismember(f"{items}{cpf}", visible[0]):
             raise MeasureError("incomes were not replicating before the kill")
         killed_at, killed_wall = time.perf_counter(), time.time()
@@ -121,7 +97,7 @@ def measure_failover(stack: Stack, cluster: Cluster) -> float:
         log.info("failover: SIGKILLed %s, which led %s", leader, queue)
         while True:
             now = time.perf_counter()
-            later = writer.after(killed_at)
+            later = answered_after(writer, killed_at)
             if later:
                 pipe = client.pipeline(transaction=False)
                 for item in later:
@@ -148,8 +124,7 @@ def measure_failover(stack: Stack, cluster: Cluster) -> float:
             f"{published:.2f}" if published is not None else "?",
         )
     finally:
-        writer.stopping.set()
-        writer.join(10)
+        writer.finish()
         client.close()
     if writer.failures:
         log.warning("failover: %d writes failed, e.g. %s", len(writer.failures), writer.failures[0])

@@ -53,6 +53,7 @@ from post_bench import (
     wrk_post,
 )
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from relay_bench import AMQP_URL, DATABASE_URL, REDIS_URL
 from score.store import ScoreStore
 from stack.processes import Gateway, Processes, free_port
@@ -249,7 +250,7 @@ def answers(port: int, host: str, path: str) -> bool:
 def cleanup(stack: Stack) -> None:
     """Drop the databases, delete queues, exchange and Redis keys; each step on its own."""
     for url in (stack.person_db, stack.notifier_db):
-        name = url.rpartition("/")[2]
+        name = conninfo_to_dict(url)["dbname"]  # a URL listing servers has a query after it
         try:
             with psycopg.connect(DATABASE_URL, autocommit=True) as admin:
                 admin.execute(
@@ -308,6 +309,47 @@ class BrokerWatch(threading.Thread):
 
     def away_between(self, start: float, end: float) -> bool:
         return any(since <= end and back >= start for since, back in self.outages)
+
+
+class PacedWriter(threading.Thread):
+    """POSTs a write every `interval` seconds through Traefik (`request(n)` gives the n-th's
+    path and body) until `stopping` is set; remembers, for each acknowledged (201), when it was
+    sent and answered and the answer's JSON. The failover steps write through a failure with it."""
+
+    def __init__(
+        self, stack: Stack, request: Callable[[int], tuple[str, Any]], interval: float
+    ) -> None:
+        super().__init__(name="paced-writer", daemon=True)
+        self.stack = stack
+        self.gateway = Gateway(stack.gateway_port)
+        self.request, self.interval = request, interval
+        self.acked: list[tuple[float, float, dict]] = []  # (sent, answered, answer)
+        self.failures: list[str] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        n = 0
+        while not self.stopping.wait(self.interval):
+            n += 1
+            path, body = self.request(n)
+            sent = time.perf_counter()
+            status, raw = self.gateway.post("person", path, body)
+            if status == 201:
+                self.acked.append((sent, time.perf_counter(), json.loads(raw)))
+            else:
+                self.failures.append(f"{status} {raw[:200]!r}")
+
+    def warm_up(self, seconds: float) -> None:
+        """Start writing; return after `seconds` (MeasureError if a process exits meanwhile)."""
+        self.start()
+        until = time.perf_counter() + seconds
+        while time.perf_counter() < until:
+            self.stack.check_alive()
+            time.sleep(0.1)
+
+    def finish(self) -> None:
+        self.stopping.set()
+        self.join(10)
 
 
 # -- data ------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """Outbox relay: publish committed outbox rows to RabbitMQ, marking them only after the confirm.
 
 One active relay per database (a PostgreSQL advisory lock elects it; a second one waits as a
-standby). Rows are published in id order on one channel with a window of unconfirmed messages
+standby). The lock is the server's: after a failover to a promoted standby nobody holds it there,
+and the first relay to reach the new primary takes it (the old primary's sessions died with it;
+it must never serve again but as a standby: docs/operations.md). A relay never leads on a
+standby. Rows are published in id order on one channel with a window of unconfirmed messages
 (pipelined publisher confirms), `mandatory` and persistent. An ack marks the row published; a nack
 or a return (no queue bound) leaves it unpublished, to be published again after a backoff. The
 relay wakes on LISTEN/NOTIFY and also polls, and it survives broker and database restarts: no
@@ -187,6 +190,7 @@ class Relay:
 
     def run(self) -> None:
         backoff = Backoff()
+        warned_standby = False
         while not self._stop.is_set():
             try:
                 # The session that holds the leader lock names its replica (pg_stat_activity
@@ -196,7 +200,14 @@ class Relay:
                     autocommit=True,
                     application_name=f"{APP_NAME}@{replica_id()}"[:63],
                 ) as db:
-                    if not _try_lead(db):
+                    led = _try_lead(db)
+                    if led is None and not warned_standby:
+                        log.warning(
+                            "the database is a standby (read-only): waiting for a primary "
+                            "(list every server and target_session_attrs=read-write in the URL)"
+                        )
+                    warned_standby = led is None
+                    if not led:
                         self._stop.wait(self.settings.poll_interval)
                         continue
                     self.is_leader.set()
@@ -225,9 +236,16 @@ class Relay:
         log.info("relay stopped")
 
 
-def _try_lead(db: psycopg.Connection) -> bool:
-    row = db.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)).fetchone()
-    return bool(row and row[0])
+def _try_lead(db: psycopg.Connection) -> bool | None:
+    """Take the leader lock: True if this relay leads now, False if another one does, None on a
+    standby. A standby's outbox is a copy: publishing from it, the relay could never mark a row
+    and would publish the same rows again and again."""
+    row = db.execute(
+        # CASE, not AND: the lock must not be taken on a standby (AND may evaluate either side).
+        "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_try_advisory_lock(%s) END",
+        (LEADER_LOCK,),
+    ).fetchone()
+    return None if row is None or row[0] is None else bool(row[0])
 
 
 class _Session:
