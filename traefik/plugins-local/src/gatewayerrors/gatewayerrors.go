@@ -1,11 +1,12 @@
 // Package gatewayerrors answers the errors Traefik makes itself in the services' JSON shape.
 //
-// Traefik's rateLimit (429) and buffering (413) middlewares answer in plain text, with no
-// Content-Type. Traefik's own errors middleware cannot tell those from a service's 413 or 429: it
-// looks at the status alone, and replaces the body and headers of every answer it catches (a
-// service's quota message and its Retry-After would be lost). This middleware, outermost on each
-// router, rewrites an answer only if its status is one it has a message for AND it does not say it
-// is JSON: the services always answer JSON, so theirs pass untouched, and Traefik's keep every
+// Traefik's rateLimit (429) and buffering (413) middlewares answer in plain text, and set no
+// Content-Type (Go's server guesses one from the body later). Traefik's own errors middleware
+// cannot tell those from a service's 413 or 429: it looks at the status alone, and replaces the
+// body and headers of every answer it catches (a service's quota message and its Retry-After
+// would be lost). This middleware, outermost on each router, rewrites an answer only if its status
+// is one it has a message for AND it carries no Content-Type: every service names one (JSON from
+// the APIs, HTML from the console's pages), so theirs pass untouched, and Traefik's keep every
 // header it set (Retry-After, X-Retry-In) with a body {"message": ..., "errors": {}}.
 package gatewayerrors
 
@@ -17,7 +18,6 @@ import (
 	"net"
 	"net/http"
 	"strconv"
-	"strings"
 )
 
 // Config maps a status ("413") to the message its JSON body carries.
@@ -83,7 +83,7 @@ func (w *writer) WriteHeader(code int) {
 	w.sent = true
 	header := w.rw.Header()
 	body, ours := w.bodies[code]
-	if ours && !strings.Contains(strings.ToLower(header.Get("Content-Type")), "json") {
+	if ours && header.Get("Content-Type") == "" {
 		w.replaced = true
 		header.Set("Content-Type", "application/json")
 		header.Set("Content-Length", strconv.Itoa(len(body)))
