@@ -34,6 +34,7 @@ class NotifierConfig(BrokerSettings):
     # Retention (notifier/retention.py), pruned by the sender every RETENTION_INTERVAL_SECONDS.
     delivery_text_retention_days: float = Field(7.0, gt=0)
     mailbox_retention_days: float = Field(7.0, gt=0)
+    tombstone_retention_days: float = Field(30.0, gt=0)
     retention_interval_seconds: float = Field(3600.0, gt=0)
     retention_batch: int = Field(500, ge=1)
 

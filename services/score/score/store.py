@@ -3,8 +3,14 @@
 Key layout (prefix `SCORE_KEY_PREFIX`, default `score:`):
 
 - `score:person:<cpf>`        hash: `version` (person entity_version), `deleted` (0/1),
-                              `rev` (bumped by every applied change of the person or its items)
-- `score:item:<id>`           hash: `version`, `deleted`, `cpf`, `kind`, `value` (decimal string)
+                              `rev` (bumped by every applied change of the person or its items),
+                              `at` (a tombstone's: when the deletion was applied, epoch seconds)
+- `score:item:<id>`           hash: `version`, `deleted`, `cpf`, `kind`, `value` (decimal string),
+                              `at` (as the person's)
+- `score:tombstones`          sorted set of the tombstones' keys, by `at`: what the retention
+                              prunes (TOMBSTONE_RETENTION_DAYS), found without a SCAN
+- `score:tombstones-indexed`  set once every tombstone is in that index (tombstones written
+                              before it existed are added by the first pruning)
 - `score:person-items:<cpf>`  set of the ids of the person's live items
 - `score:generation`          hash: `state` (ready/rebuilding/wiping), `request`, `since`,
                               `expected` and `settled` (replayed events the completion announced
@@ -18,7 +24,9 @@ Key layout (prefix `SCORE_KEY_PREFIX`, default `score:`):
 
 Each change is one script that compares `entity_version` with the stored one and applies only a
 newer one, atomically, so duplicates, reordering and replays converge. Deletions leave tombstones
-(the hash with `deleted` 1 and its version), so a late event cannot bring an entity back. An
+(the hash with `deleted` 1 and its version), so a late event cannot bring an entity back; they
+count nothing in the digests and are pruned after TOMBSTONE_RETENTION_DAYS (docs/guarantees.md
+says why that is safe). An
 item event the gate skips still repairs the item's membership in its person's set, so a wipe
 that removed the set but not the item (the wipe runs in passes, under live traffic) is mended by
 the replay that follows it. The scripts derive some keys from the prefix: this layout is for a
@@ -45,28 +53,51 @@ from messaging.stores import redis_errors, redis_write_probe
 from .scoring import KINDS, score
 
 GENERATION_KEY = "generation"
+TOMBSTONES_KEY = "tombstones"  # the tombstones' index: key -> when the deletion was applied
+TOMBSTONES_INDEXED_KEY = "tombstones-indexed"
 VERIFICATION_KEY = "verification"  # the last check's divergent buckets (verification.py)
 BEACON_KEY = "consumer:"  # + replica id
 BEACONS_KEY = "consumers"
 BEACON_FORGET_SECONDS = 3600.0  # a replica that has not beaten for this long leaves the index
 
-# KEYS[1] person hash. ARGV: version, deleted, contribution, bucket (messaging.digests: kept
-# beside the version, so verification sums what the model holds). A deletion does not cascade
-# to the items: the producer emits each item's own deletion first, and under reordering a
-# cascade could remove an item that belongs to the person's next life.
-_APPLY_PERSON = """
+# A tombstone's bookkeeping, in both apply scripts: KEYS[1] the entity's hash, KEYS[2] the
+# tombstones' index; `deleted` '1' or '0', `now` epoch seconds.
+_TOMBSTONE_LUA = """
+local function tombstone(deleted, now)
+  if deleted == '1' then
+    redis.call('HSET', KEYS[1], 'at', now)
+    redis.call('ZADD', KEYS[2], now, KEYS[1])
+  else
+    redis.call('HDEL', KEYS[1], 'at')
+    redis.call('ZREM', KEYS[2], KEYS[1])
+  end
+end
+"""
+
+# KEYS[1] person hash, KEYS[2] tombstones' index. ARGV: version, deleted, contribution, bucket
+# (messaging.digests: kept beside the version, so verification sums what the model holds), now.
+# A deletion does not cascade to the items: the producer emits each item's own deletion first,
+# and under reordering a cascade could remove an item that belongs to the person's next life.
+_APPLY_PERSON = (
+    _TOMBSTONE_LUA
+    + """
 local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local version = tonumber(ARGV[1])
 if stored >= version then return 0 end
 redis.call('HSET', KEYS[1], 'version', version, 'deleted', ARGV[2], 'entity', 'person',
            'h', ARGV[3], 'b', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'rev', 1)
+tombstone(ARGV[2], ARGV[5])
 return 1
 """
+)
 
-# KEYS[1] item hash. ARGV: version, deleted, item id, cpf ('' on a deletion), kind, value,
-# key prefix, entity (its kind, on a deletion too), contribution, bucket.
-_APPLY_ITEM = """
+# KEYS[1] item hash, KEYS[2] tombstones' index. ARGV: version, deleted, item id, cpf ('' on a
+# deletion), kind, value, key prefix, entity (its kind, on a deletion too), contribution, bucket,
+# now.
+_APPLY_ITEM = (
+    _TOMBSTONE_LUA
+    + """
 local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local version = tonumber(ARGV[1])
 local prefix = ARGV[7]
@@ -91,7 +122,49 @@ else
   redis.call('SADD', prefix .. 'person-items:' .. cpf, ARGV[3])
 end
 if cpf ~= '' then redis.call('HINCRBY', prefix .. 'person:' .. cpf, 'rev', 1) end
+tombstone(ARGV[2], ARGV[11])
 return 1
+"""
+)
+
+# KEYS[1] tombstones' index. ARGV: the cutoff (epoch seconds), then the keys to prune. A key is
+# deleted only if it still is a tombstone applied before the cutoff (re-created since: it only
+# leaves the index; deleted again since: it stays, at its new time). Another type or fields
+# written by hand: it leaves the index, untouched. Returns how many were deleted.
+_PRUNE_TOMBSTONES = """
+local cutoff, pruned = tonumber(ARGV[1]), 0
+for i = 2, #ARGV do
+  local key = ARGV[i]
+  local held = redis.pcall('HMGET', key, 'deleted', 'at')
+  local at = type(held) == 'table' and not held.err and tonumber(held[2])
+  if type(held) == 'table' and not held.err and held[1] == '1' and at then
+    if at <= cutoff then
+      redis.call('DEL', key)
+      redis.call('ZREM', KEYS[1], key)
+      pruned = pruned + 1
+    else
+      redis.call('ZADD', KEYS[1], at, key)
+    end
+  else
+    redis.call('ZREM', KEYS[1], key)
+  end
+end
+return pruned
+"""
+
+# KEYS[1] tombstones' index. ARGV: now, then keys a SCAN found: each tombstone among them that
+# has no time yet (written before the index existed) gets `now` and joins the index.
+_INDEX_TOMBSTONES = """
+local added = 0
+for i = 2, #ARGV do
+  local held = redis.pcall('HMGET', ARGV[i], 'deleted', 'at')
+  if type(held) == 'table' and not held.err and held[1] == '1' and not held[2] then
+    redis.call('HSET', ARGV[i], 'at', ARGV[1])
+    redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[i])
+    added = added + 1
+  end
+end
+return added
 """
 
 # KEYS[1] person hash, KEYS[2] item set. ARGV: key prefix. One round trip for the whole read.
@@ -107,9 +180,10 @@ local groups, order = {}, {}
 for _, key in ipairs(found[2]) do
   -- A key of another type, or fields that are no bucket and contribution (written by hand),
   -- count as missing: the bucket differs and says so, and the check goes on.
-  local v = redis.pcall('HMGET', key, 'entity', 'b', 'h')
+  local v = redis.pcall('HMGET', key, 'entity', 'b', 'h', 'deleted')
   local b, h
-  if type(v) == 'table' and not v.err and v[1] and wanted[v[1]] then
+  -- A tombstone counts nothing (messaging.digests): pruning it changes no digest.
+  if type(v) == 'table' and not v.err and v[1] and wanted[v[1]] and v[4] ~= '1' then
     b, h = tonumber(v[2]), tonumber(v[3])
   end
   if b and h and b >= 0 and b < BUCKETS and b == math.floor(b)
@@ -186,7 +260,10 @@ class ScoreStore:
         self._item = client.register_script(_APPLY_ITEM)
         self._read = client.register_script(_READ)
         self._digest_page = client.register_script(_DIGEST_PAGE)
+        self._prune_tombstones = client.register_script(_PRUNE_TOMBSTONES)
+        self._index_tombstones = client.register_script(_INDEX_TOMBSTONES)
         self.generation_key = f"{prefix}{GENERATION_KEY}"
+        self.tombstones_key = f"{prefix}{TOMBSTONES_KEY}"
         # The healing marker (messaging.healing.GenerationStore), one hash beside the data.
         self.marker = RedisGeneration(client, self.generation_key)
 
@@ -208,28 +285,32 @@ class ScoreStore:
 
     def _apply(self, changes: Sequence[Change]) -> list[bool]:
         pipe = self.client.pipeline(transaction=False)
+        now = time.time()
         for change in changes:
-            self._call(change, pipe)
+            self._call(change, pipe, now)
         return [bool(r) for r in pipe.execute()]
 
-    def _call(self, change: Change, pipe: Any) -> None:
+    def _call(self, change: Change, pipe: Any, now: float) -> None:
         p = self.prefix
         if isinstance(change, PersonChange):
             pipe.evalsha(
                 self._person.sha,
-                1,
+                2,
                 f"{p}person:{change.cpf}",
+                self.tombstones_key,
                 change.version,
                 int(change.deleted),
                 sums.contribution("person", change.cpf, change.version),
                 sums.bucket("person", change.cpf),
+                now,
             )
         else:
             entity = change.kind or ""
             pipe.evalsha(
                 self._item.sha,
-                1,
+                2,
                 f"{p}item:{change.item_id}",
+                self.tombstones_key,
                 change.version,
                 int(change.deleted),
                 change.item_id,
@@ -240,6 +321,7 @@ class ScoreStore:
                 entity,
                 sums.contribution(entity, change.item_id, change.version),
                 sums.bucket(entity, change.item_id),
+                now,
             )
 
     def read(self, cpf: str) -> PersonScore | None:
@@ -325,11 +407,17 @@ class ScoreStore:
         return found
 
     def held_versions(self, entity: str, buckets: list[int]) -> dict[str, int]:
+        """The versions the digests count: tombstones left out, as the producer leaves out its
+        deleted entities."""
         chosen = {str(b) for b in buckets}
         return {
             key.rsplit(":", 1)[1]: int(version)
-            for key, found, where, _, version in self._entities(with_version=True)
-            if found == entity and where in chosen and version and version.isdigit()
+            for key, found, where, _, version, deleted in self._entities(with_version=True)
+            if found == entity
+            and where in chosen
+            and version
+            and version.isdigit()
+            and deleted != "1"
         }
 
     def last_divergence(self) -> dict[str, dict[str, int]]:
@@ -342,8 +430,9 @@ class ScoreStore:
             self.client.set(f"{self.prefix}{VERIFICATION_KEY}", json.dumps(streaks))
 
     def _entities(self, with_version: bool = False) -> Iterator[tuple]:
-        """(key, entity, bucket, contribution[, version]) of every entity hash, page by page."""
-        fields = ["entity", "b", "h", "version"] if with_version else ["entity", "b", "h"]
+        """(key, entity, bucket, contribution[, version, deleted]) of every entity hash, page
+        by page."""
+        fields = ["entity", "b", "h"] + (["version", "deleted"] if with_version else [])
         escaped = _glob_escape(self.prefix)
         with redis_errors():
             for pattern in (f"{escaped}person:*", f"{escaped}item:*"):
@@ -358,6 +447,39 @@ class ScoreStore:
                         if isinstance(values, Exception):
                             continue
                         yield (_text(key), *(_text(v) if v is not None else None for v in values))
+
+    # -- retention of tombstones (score/retention.py) -----------------------------------------
+    def due_tombstones(self, seconds: float, skip: list[str], limit: int) -> list[str]:
+        """The keys of at most `limit` tombstones applied more than `seconds` ago, oldest first
+        (none of `skip`). Tombstones from before the index are indexed first, once."""
+        with redis_errors():
+            self._index_old_tombstones()
+            found = self.client.zrangebyscore(
+                self.tombstones_key, "-inf", time.time() - seconds, start=0, num=limit + len(skip)
+            )
+        keys = [_text(key) for key in found if _text(key) not in skip]
+        return keys[:limit]
+
+    def prune_tombstones(self, seconds: float, keys: list[str]) -> int:
+        """Delete those of `keys` that still are tombstones applied more than `seconds` ago."""
+        if not keys:
+            return 0
+        with redis_errors():
+            cutoff = time.time() - seconds
+            return int(self._prune_tombstones(keys=[self.tombstones_key], args=[cutoff, *keys]))
+
+    def _index_old_tombstones(self) -> None:
+        """Give each tombstone written before the index existed a time (now: it is pruned one
+        retention from now) and a place in the index; once, until a wipe removes the mark."""
+        marker = f"{self.prefix}{TOMBSTONES_INDEXED_KEY}"
+        if self.client.exists(marker):
+            return
+        now = time.time()
+        escaped = _glob_escape(self.prefix)
+        for pattern in (f"{escaped}person:*", f"{escaped}item:*"):
+            for keys in _chunks(self.client.scan_iter(match=pattern, count=1000), 1000):
+                self._index_tombstones(keys=[self.tombstones_key], args=[now, *keys])
+        self.client.set(marker, now)
 
     def generation(self) -> Generation | None:
         return self.marker.generation()

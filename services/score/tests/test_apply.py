@@ -1,15 +1,22 @@
-"""The score consumer's apply logic, driven by the in-memory bus into a real Redis."""
+"""The score consumer's apply logic, driven by the in-memory bus into a real Redis; its
+tombstones and their retention."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import subprocess
+import sys
 from decimal import Decimal
 
 import pytest
 from messaging import Envelope, digests
-from messaging.testing import InMemoryBus, Message
+from messaging.testing import InMemoryBus, Message, wait_until
 from score.config import ScoreConfig
 from score.consumer import HANDLERS, build
+from score.retention import pruner
+from score.store import TOMBSTONES_INDEXED_KEY
 
 pytestmark = pytest.mark.integration  # the bus is in memory; the store is the real Redis
 
@@ -262,3 +269,120 @@ def test_keys_that_hold_no_digest_fields_count_as_missing_and_the_check_goes_on(
     assert score_store.digests({"person"}) == good
     bucket = digests.bucket("person", "1")
     assert score_store.held_versions("person", [bucket, 7]) == {"1": 1}  # for the report
+
+
+# -- tombstones: kept for TOMBSTONE_RETENTION_DAYS, then pruned by the consumer's retention, without
+# moving a digest; a late older event before that is refused -----------------------------------
+ENTITIES = {"person", "income", "asset", "debt"}
+
+
+def applied(store, events: list[Envelope]) -> list[bool]:
+    """apply(), saying which events were newer than what the store held."""
+    return store.apply([HANDLERS.translate(e) for e in events])
+
+
+def delete_person_with_an_item(store, cpf: str, item_id: str) -> None:
+    apply(store, [event("person", cpf, 1, {"cpf": cpf}), item("income", item_id, cpf, "100.00")])
+    apply(store, [event("income", item_id, 2, None), event("person", cpf, 2, None)])
+
+
+def age(store, keys: list[str], days: float) -> None:
+    """Make these tombstones `days` older, as the clock would."""
+    for key in keys:
+        at = float(store.client.hget(key, "at")) - days * 86_400
+        store.client.hset(key, "at", at)
+        store.client.zadd(store.tombstones_key, {key: at})
+
+
+def held(store) -> set[str]:
+    found = store.client.scan_iter(match=f"{store.prefix}*", count=1000)
+    return {key.decode().removeprefix(store.prefix) for key in found}
+
+
+def retention_config(**changes) -> ScoreConfig:
+    return ScoreConfig(events_exchange="test", tombstone_retention_days=30, **changes)
+
+
+def test_a_tombstone_refuses_a_late_older_event_until_its_retention_prunes_it(score_store):
+    delete_person_with_an_item(score_store, "1", "i1")
+    delete_person_with_an_item(score_store, "2", "i2")
+    apply(score_store, [event("person", "3", 1, {"cpf": "3"}), item("income", "i3", "3", "1")])
+    p = score_store.prefix
+    assert applied(score_store, [event("person", "1", 1, {"cpf": "1"})]) == [False]
+    age(score_store, [f"{p}person:1", f"{p}item:i1"], 31)
+    age(score_store, [f"{p}person:2", f"{p}item:i2"], 29)
+    before = score_store.digests(ENTITIES)
+
+    pruned = pruner(retention_config(retention_batch=1), score_store).run_once()
+
+    assert pruned == {"tombstones": 2}  # one at a time
+    assert {"person:1", "item:i1"}.isdisjoint(held(score_store))
+    assert {"person:2", "item:i2"} <= held(score_store)
+    # a tombstone counts nothing: the digests are the live entities', before and after
+    assert score_store.digests(ENTITIES) == before
+    assert before == digests.of_versions([("person", "3", 1), ("income", "i3", 1)])
+    assert score_store.held_versions("person", list(range(digests.BUCKETS))) == {"3": 1}
+    # past its retention, a late older event is taken (verification mends it: the producer
+    # counts the person deleted, and its repair replays the deletion)
+    assert applied(score_store, [event("person", "1", 1, {"cpf": "1"})]) == [True]
+    assert score_store.read("1") is not None
+    assert applied(score_store, [event("person", "1", 2, None)]) == [True]
+    assert score_store.read("1") is None
+
+
+def test_an_entity_re_created_or_deleted_again_is_not_pruned_for_its_old_deletion(score_store):
+    p = score_store.prefix
+    delete_person_with_an_item(score_store, "1", "i1")
+    delete_person_with_an_item(score_store, "2", "i2")
+    stale = [f"{p}person:1", f"{p}person:2"]
+    due = score_store.due_tombstones(0, [], 10)
+    assert set(due) == {*stale, f"{p}item:i1", f"{p}item:i2"}
+    apply(score_store, [event("person", "1", 3, {"cpf": "1"})])  # re-created
+    age(score_store, [f"{p}person:2"], 31)
+    apply(score_store, [event("person", "2", 3, {"cpf": "2"}), event("person", "2", 4, None)])
+
+    assert score_store.prune_tombstones(86_400, stale) == 0
+
+    assert score_store.read("1") is not None
+    assert score_store.client.hget(f"{p}person:2", "deleted") == b"1"
+    assert score_store.client.zscore(score_store.tombstones_key, f"{p}person:1") is None
+
+
+def test_tombstones_written_before_the_index_are_indexed_and_pruned_one_retention_later(
+    score_store,
+):
+    p = score_store.prefix
+    delete_person_with_an_item(score_store, "1", "i1")
+    # as a version before the index left it: no time, no index
+    for key in (f"{p}person:1", f"{p}item:i1"):
+        score_store.client.hdel(key, "at")
+    score_store.client.delete(score_store.tombstones_key)
+    score_store.client.set(f"{p}not-a-hash", "x")
+
+    # indexed now, not due before one retention from now
+    assert pruner(retention_config(), score_store).run_once() == {"tombstones": 0}
+
+    assert score_store.client.exists(f"{p}{TOMBSTONES_INDEXED_KEY}")
+    assert score_store.client.zcard(score_store.tombstones_key) == 2
+    age(score_store, [f"{p}person:1", f"{p}item:i1"], 31)
+    assert pruner(retention_config(), score_store).run_once() == {"tombstones": 2}
+    assert held(score_store) & {"person:1", "item:i1"} == set()
+
+
+def test_the_running_consumer_prunes_at_start(score_store, servers):
+    delete_person_with_an_item(score_store, "1", "i1")
+    age(score_store, [f"{score_store.prefix}person:1"], 31)
+    env = {
+        **os.environ,
+        "SCORE_REDIS_URL": servers.redis,
+        "SCORE_KEY_PREFIX": score_store.prefix,
+        "AMQP_URL": "amqp://guest:guest@127.0.0.1:1/%2F",  # no broker: the pruning goes on
+        "TOMBSTONE_RETENTION_DAYS": "30",
+    }
+    process = subprocess.Popen([sys.executable, "-m", "score.consumer"], env=env)
+    try:
+        wait_until(lambda: "person:1" not in held(score_store), timeout=30, what="pruned")
+        assert "item:i1" in held(score_store)  # not due yet
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(15)

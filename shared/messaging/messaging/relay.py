@@ -42,14 +42,13 @@ from .confirms import ConfirmWindow
 from .connection import Backoff, StopFlag, amqp_parameters, where
 from .digests import BUCKET_SQL, CONTRIBUTION_SQL, MODULUS, sql_with_params
 from .envelope import MAX_BODY_BYTES
-from .outbox import NOTIFY_CHANNEL
+from .outbox import DELETION_SQL, MARK_LOCK, NOTIFY_CHANNEL
 from .publisher import event_properties, unpublishable
 
 log = logging.getLogger("messaging.relay")
 
 APP_NAME = "messaging-relay"  # shows in pg_stat_activity
 LEADER_LOCK = 0x6D737201  # advisory lock id held by the active relay
-MARK_LOCK = 0x6D737202  # advisory (transaction) lock of a mark: an old leader's marker may overlap
 
 FETCH_SQL = """
 SELECT id, event_id::text, event_type, correlation_id, body, trace_context
@@ -63,29 +62,36 @@ _BUCKET = sql_with_params(BUCKET_SQL).format(entity="entity", entity_id="entity_
 _CONTRIBUTION = sql_with_params(CONTRIBUTION_SQL).format(
     entity="entity", entity_id="entity_id", version="version"
 )
-# Mark confirmed rows, keep the newest published version of each entity and its bucket's digest
-# (digests.py: minus the entity's old contribution, plus its new one), and count them, in one
-# statement. The digests are what read models are verified against.
+# Mark confirmed rows, keep the newest published version of each entity (and whether it is a
+# deletion) and its bucket's digest (digests.py: minus the entity's old contribution, plus its
+# new one; a deletion's is none), and count them, in one statement. The digests are what read
+# models are verified against.
+_DELETION = DELETION_SQL.format(event_type="event_type", entity="entity")
 MARK_SQL = f"""
 WITH marked AS (
     UPDATE messaging_outbox SET published_at = now()
-    WHERE id = ANY(%s) AND published_at IS NULL RETURNING entity, entity_id, entity_version
+    WHERE id = ANY(%s) AND published_at IS NULL
+    RETURNING entity, entity_id, entity_version, {_DELETION} AS deleted
 ), latest AS (
-    SELECT DISTINCT ON (entity, entity_id) entity, entity_id, entity_version AS version
+    SELECT DISTINCT ON (entity, entity_id) entity, entity_id, entity_version AS version, deleted
     FROM marked ORDER BY entity, entity_id, entity_version DESC
 ), prior AS MATERIALIZED (
-    SELECT p.entity, p.entity_id, p.contribution
+    SELECT p.entity, p.entity_id, p.contribution, p.deleted
     FROM messaging_published p JOIN latest l USING (entity, entity_id)
 ), upserted AS (
-    INSERT INTO messaging_published AS p (entity, entity_id, version, bucket, contribution)
-    SELECT entity, entity_id, version, {_BUCKET}, {_CONTRIBUTION} FROM latest
+    INSERT INTO messaging_published AS p (entity, entity_id, version, bucket, contribution, deleted)
+    SELECT entity, entity_id, version, {_BUCKET}, {_CONTRIBUTION}, deleted FROM latest
     ON CONFLICT (entity, entity_id) DO UPDATE
-    SET version = EXCLUDED.version, contribution = EXCLUDED.contribution
+    SET version = EXCLUDED.version, contribution = EXCLUDED.contribution,
+        deleted = EXCLUDED.deleted
     WHERE p.version < EXCLUDED.version
-    RETURNING entity, entity_id, bucket, contribution
+    RETURNING entity, entity_id, bucket, contribution, deleted
 ), deltas AS (
-    SELECT u.entity, u.bucket, sum(u.contribution - coalesce(pr.contribution, 0)) AS delta,
-           count(*) FILTER (WHERE pr.entity IS NULL) AS added
+    SELECT u.entity, u.bucket,
+           sum(CASE WHEN u.deleted THEN 0 ELSE u.contribution END
+               - CASE WHEN pr.entity IS NULL OR pr.deleted THEN 0 ELSE pr.contribution END)
+               AS delta,
+           sum((NOT u.deleted)::int - (pr.entity IS NOT NULL AND NOT pr.deleted)::int) AS added
     FROM upserted u LEFT JOIN prior pr USING (entity, entity_id) GROUP BY u.entity, u.bucket
 ), digested AS (
     INSERT INTO messaging_digests AS d (entity, bucket, digest, entities)
