@@ -182,7 +182,17 @@ class CpuMeter:
 
 
 # -- the ceiling and the naive design, alone ---------------------------------------------------
-WRK_SCRIPT = """
+WRK_DONE = """
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH requests=%d duration_us=%d status_errors=%d socket_errors=%d p99_us=%d\\n",
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(99)))
+end
+"""
+WRK_SCRIPT = (
+    """
 -- POST /person with a CPF no other request of this run uses: the prefix given after `--`,
 -- the wrk thread, a counter.
 local threads = 0
@@ -202,14 +212,9 @@ function request()
     .. '"date_of_birth":"1990-04-12","email":"p%s@bench.example"}', cpf, n, n % 2000 + 1, cpf)
   return wrk.format("POST", "/person", nil, body)
 end
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "BENCH requests=%d duration_us=%d status_errors=%d socket_errors=%d p99_us=%d\\n",
-    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
-    latency:percentile(99)))
-end
 """
+    + WRK_DONE
+)
 
 
 def need_wrk() -> None:
@@ -224,12 +229,30 @@ def wrk_post(
     port: int, prefix: str, scratch: Path, clients: int, seconds: float
 ) -> dict[str, float]:
     """POST /person through Traefik with wrk: requests/s that succeeded, and wrk's p99 (ms)."""
-    script = scratch / "post_person.lua"
-    script.write_text(WRK_SCRIPT)
+    return wrk_run(port, "/person", WRK_SCRIPT, [prefix], scratch, clients, seconds)
+
+
+def wrk_get(port: int, path: str, scratch: Path, clients: int, seconds: float) -> dict[str, float]:
+    """GET `path` of person.localhost with wrk, as wrk_post."""
+    return wrk_run(port, path, WRK_DONE, [], scratch, clients, seconds)
+
+
+def wrk_run(
+    port: int,
+    path: str,
+    script_text: str,
+    script_args: list[str],
+    scratch: Path,
+    clients: int,
+    seconds: float,
+) -> dict[str, float]:
+    """wrk on person.localhost at `port`: requests that succeeded, their rate, wrk's p99 (ms)."""
+    script = scratch / f"wrk-{uuid.uuid4().hex[:8]}.lua"
+    script.write_text(script_text)
     command = [
         "wrk", "-t2", f"-c{clients}", f"-d{seconds:.0f}s", "--timeout", "10s",
         "-H", "Host: person.localhost", "-H", "Content-Type: application/json",
-        "-s", str(script), f"http://127.0.0.1:{port}/person", "--", prefix,
+        "-s", str(script), f"http://127.0.0.1:{port}{path}", "--", *script_args,
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
     line = next((x for x in done.stdout.splitlines() if x.startswith("BENCH ")), None)
@@ -241,6 +264,7 @@ def wrk_post(
     if failed > got["requests"] // 100:
         raise MeasureError(f"{failed} of {got['requests']} requests failed")
     return {
+        "requests": got["requests"] - failed,
         "rps": (got["requests"] - failed) / (got["duration_us"] / 1e6),
         "p99_ms": got["p99_us"] / 1000,
     }
