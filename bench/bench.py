@@ -1,14 +1,15 @@
 """The whole benchmark in one run (`make bench`): the relay figures, the consumer runtime against
-raw consuming, the production e-mail path, what verification costs, the stack figures, the stack
-against the seed's naive design, the stack with replicas on a three-node cluster, then the stack on
-a PostgreSQL primary and standby losing its primary.
+raw consuming, the production e-mail path, what verification costs, the person API under gunicorn
+and under Granian, the stack figures, the stack against the seed's naive design, the stack with
+replicas on a three-node cluster, then the stack on a PostgreSQL primary and standby losing its
+primary.
 
 Run: .venv/bin/python bench/bench.py [--events N] [--only PART,...]. Prints every `name: value`
-line of relay_bench.py, consumer_bench.py, email_bench.py, verify_bench.py, stack_bench.py,
-peer_bench.py, cluster_bench.py and pg_failover_bench.py on stdout (logs on stderr; see
-bench/README.md) and exits non-zero only if a figure could not be measured. `--only fair` runs the
-fair comparisons alone: the relay and consumer ratios, the stack's cost curve and latency steps,
-and the naive peer.
+line of relay_bench.py, consumer_bench.py, email_bench.py, verify_bench.py, web_server_bench.py,
+stack_bench.py, peer_bench.py, cluster_bench.py and pg_failover_bench.py on stdout (logs on
+stderr; see bench/README.md) and exits non-zero only if a figure could not be measured. `--only
+fair` runs the fair comparisons alone: the relay and consumer ratios, the stack's cost curve and
+latency steps, and the naive peer.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import pg_failover_bench
 import relay_bench
 import stack_bench
 import verify_bench
+import web_server_bench
 from post_bench import need_wrk
 
-PARTS = ("relay", "consumer", "email", "verify", "stack", "peer", "cluster", "pg-failover")
+PARTS = ("relay", "consumer", "email", "verify", "web", "stack", "peer", "cluster", "pg-failover")
 # `--only fair`: these parts, the stack with these of its steps.
 FAIR = ("relay", "consumer", "stack", "peer")
 FAIR_STACK_STEPS = ("latency", "cost")
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "consumer": lambda: consumer_bench.main([]),
         "email": lambda: email_bench.main([]),
         "verify": lambda: verify_bench.main([]),
+        "web": lambda: web_server_bench.main([]),  # gunicorn against Granian, same app
         "stack": lambda: stack_bench.main(stack_args, figures=figures),
         "peer": lambda: peer_bench.main([]),
         # The cluster's replication beside the single node's of this very run.
