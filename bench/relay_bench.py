@@ -29,6 +29,7 @@ from messaging.publisher import ConfirmedPublisher, Outgoing, PublishError
 from messaging.testing import running
 from pika.adapters.select_connection import SelectConnection
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -98,9 +99,9 @@ def make_envelopes(n: int) -> list[Envelope]:
 
 # -- servers ---------------------------------------------------------------------------------
 def _with_dbname(url: str, name: str) -> str:
-    """The same server URL pointing at another database."""
-    base, _, _ = url.rpartition("/")
-    return f"{base}/{name}"
+    """The same server URL pointing at another database (a socket's too: libpq's `host=/dir`
+    in a URL's query, which a database name cannot simply be put in front of)."""
+    return make_conninfo(url, dbname=name)
 
 
 @contextlib.contextmanager

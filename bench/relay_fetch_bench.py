@@ -1,7 +1,8 @@
 """What the relay asks PostgreSQL per event below its ceiling: fetches and CPU per event.
 
 Run: .venv/bin/python bench/relay_fetch_bench.py [--events N] [--rate R]. Prints
-`relay_fetches_per_event` and `relay_cpu_ms_per_event` (bench/README.md); logs on stderr.
+`relay_fetches_per_event`, `relay_marks_per_event` and `relay_cpu_ms_per_event`
+(bench/README.md); logs on stderr.
 
 A relay (in this process, on its own threads) publishes to a fanout exchange bound to a quorum
 queue (`bench-fetch-<id>`, deleted afterwards) from a fresh database `bench_fetch_<id>`, while
@@ -49,10 +50,11 @@ def write_paced(conn: psycopg.Connection, outbox: Outbox, first: int, n: int, ra
 
 
 class FetchCounter:
-    """Counts the relay's FETCH statements, and those that returned no row."""
+    """Counts the relay's FETCH statements, those that returned no row, and its MARK statements
+    (each a transaction of its own with the marking lock: what PostgreSQL does per mark)."""
 
     def __init__(self) -> None:
-        self.fetches = self.empty = 0
+        self.fetches = self.empty = self.marks = 0
         self.real = psycopg.Connection.execute
 
     def __enter__(self) -> FetchCounter:
@@ -63,6 +65,8 @@ class FetchCounter:
             if query is relay_module.FETCH_SQL:
                 counter.fetches += 1
                 counter.empty += cur.rowcount == 0
+            elif query is relay_module.MARK_SQL:
+                counter.marks += 1
             return cur
 
         psycopg.Connection.execute = execute
@@ -101,6 +105,7 @@ def measure(n: int, rate: float) -> dict[str, float]:
     return {
         "relay_fetches_per_event": counter.fetches / n,
         "relay_empty_fetches_per_event": counter.empty / n,
+        "relay_marks_per_event": counter.marks / n,
         "relay_cpu_ms_per_event": relay_cpu * 1000 / n,
     }
 
@@ -114,6 +119,7 @@ def main() -> int:
     figures = measure(args.events, args.rate)
     print(f"relay_fetches_per_event: {figures['relay_fetches_per_event']:.2f}", flush=True)
     print(f"relay_empty_fetches_per_event: {figures['relay_empty_fetches_per_event']:.2f}")
+    print(f"relay_marks_per_event: {figures['relay_marks_per_event']:.2f}")
     print(f"relay_cpu_ms_per_event: {figures['relay_cpu_ms_per_event']:.3f}", flush=True)
     return 0
 

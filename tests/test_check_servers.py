@@ -9,6 +9,8 @@ import sys
 from urllib.parse import quote
 
 import pytest
+from local_sockets import socket_url
+from own_servers import own_redis_socket
 from psycopg.conninfo import conninfo_to_dict
 
 pytestmark = pytest.mark.integration
@@ -142,3 +144,16 @@ def test_the_stack_script_passes_a_keyword_value_url_whole(monkeypatch):
     url = "host=127.0.0.1,127.0.0.2 port=5432,5433 dbname=person target_session_attrs=read-write"
     checks = stack.server_checks({**os.environ, "PERSON_DATABASE_URL": url})
     assert f"PERSON_DATABASE_URL={url}" in checks
+
+
+def test_make_up_probes_servers_at_their_sockets(servers, tmp_path):
+    database = socket_url(servers.database)
+    with own_redis_socket() as redis_url:
+        result = check(PERSON_DATABASE_URL=database, SCORE_REDIS_URL=redis_url)
+        assert result.returncode == 0, result.stdout
+        assert result.stdout.count("✓") == 2
+    missing = f"unix://{tmp_path}/redis.sock?db=0"
+    result = check(SCORE_REDIS_URL=missing)
+    assert result.returncode == 1
+    assert f"✗ SCORE_REDIS_URL={missing} did not answer (ConnectionError)." in result.stdout
+    assert "--unixsocket" in result.stdout

@@ -82,3 +82,17 @@ def own_redis(*extra: str) -> Iterator[str]:
         yield server.url
     finally:
         server.remove()
+
+
+@contextlib.contextmanager
+def own_redis_socket() -> Iterator[str]:
+    """A redis-server of the caller's own that also listens on a Unix socket in its directory;
+    the socket's URL in redis-py's form (`unix:///…/redis.sock?db=0`)."""
+    server = OwnRedis()
+    path = server.folder / "redis.sock"
+    server.command += ["--unixsocket", str(path), "--unixsocketperm", "700"]
+    try:
+        server.start()
+        yield f"unix://{path}?db=0"
+    finally:
+        server.remove()

@@ -386,3 +386,24 @@ def test_the_running_consumer_prunes_at_start(score_store, servers):
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(15)
+
+
+def test_the_store_over_a_unix_socket_applies_as_over_tcp(history):
+    """SCORE_REDIS_URL=unix:///…/redis.sock (docs/configuration.md): the same scores through
+    the consumer the process builds, its scripts run over the socket."""
+    import redis
+    from own_servers import own_redis_socket
+    from score.store import ScoreStore
+
+    with own_redis_socket() as url:
+        client = redis.Redis.from_url(url)
+        try:
+            assert client.connection_pool.connection_kwargs["path"].endswith("redis.sock")
+            store = ScoreStore(client, prefix="socket:")
+            bus = bus_into(store)
+            for envelope in history.generate(300):
+                bus.publish(envelope)
+            bus.run_until_idle(max_batch=50)
+            assert scores(store, history.cpfs) == history.expected()
+        finally:
+            client.close()

@@ -138,7 +138,10 @@ class RelaySettings:
     versions of an entity are deleted once a newer one is published and older than `retention`
     (None: never), `compact_batch` rows at a time every `compact_interval` seconds; each entity's
     newest event is always kept. A row whose body is past `max_body_bytes`, or that the broker
-    closed the channel on `park_after_closures` times, is parked with its reason.
+    closed the channel on `park_after_closures` times, is parked with its reason. Confirmed
+    rows are marked published together: the first confirmed row waits up to `mark_linger`
+    seconds for others, or until `mark_rows` are gathered, so that one statement marks them all
+    (a crash meanwhile only publishes them again, as any crash before a mark does).
     """
 
     database_url: str
@@ -154,6 +157,8 @@ class RelaySettings:
     shutdown_timeout: float = 10.0
     max_body_bytes: int = MAX_BODY_BYTES  # consumers refuse larger bodies (envelope.decode)
     park_after_closures: int = 3
+    mark_linger: float = 0.02
+    mark_rows: int = 1000
 
 
 @dataclass
@@ -330,9 +335,7 @@ class _Session:
 
     def _on_confirm_mode(self, _frame: Any) -> None:
         self.ready = True
-        self._marker = _Marker(
-            self.settings.database_url, self.conn, self._on_marked, self._on_marker_error
-        )
+        self._marker = _Marker(self.settings, self.conn, self._on_marked, self._on_marker_error)
         self._marker.start()
         self._listener = _Listener(self.settings.database_url, self.conn, self._on_notify)
         self._listener.start()
@@ -602,10 +605,15 @@ class _Compactor:
 
 
 class _Marker:
-    """Marks confirmed rows published on its own connection, so the I/O loop never waits."""
+    """Marks confirmed rows published on its own connection, so the I/O loop never waits.
 
-    def __init__(self, database_url: str, conn: SelectConnection, done: Any, failed: Any) -> None:
-        self.database_url, self.conn, self.done, self.failed = database_url, conn, done, failed
+    Rows confirmed within `mark_linger` of the first one waiting (up to `mark_rows`) are marked
+    by one statement: one transaction, one round trip and one wake-up of the I/O loop for them
+    all, where a live producer's rate gave each confirm its own. Stopping marks at once.
+    """
+
+    def __init__(self, settings: RelaySettings, conn: SelectConnection, done: Any, failed: Any):
+        self.settings, self.conn, self.done, self.failed = settings, conn, done, failed
         self._queue: queue.SimpleQueue[list[int] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="outbox-marker", daemon=True)
 
@@ -621,20 +629,27 @@ class _Marker:
             self._queue.put(None)
             self._thread.join(30)
 
+    def _gather(self, ids: list[int]) -> bool:
+        """Add to `ids` what is confirmed within the linger; True once asked to stop."""
+        deadline = time.monotonic() + self.settings.mark_linger
+        while len(ids) < self.settings.mark_rows:
+            try:
+                more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return False
+            if more is None:
+                return True
+            ids.extend(more)
+        return False
+
     def _run(self) -> None:
         try:
             with psycopg.connect(
-                self.database_url, autocommit=True, application_name=APP_NAME
+                self.settings.database_url, autocommit=True, application_name=APP_NAME
             ) as db:
                 db.execute("SET synchronous_commit = off")  # a lost mark only means a re-publish
                 while (ids := self._queue.get()) is not None:
-                    stopping = False
-                    while not self._queue.empty():  # coalesce what arrived meanwhile
-                        more = self._queue.get()
-                        if more is None:
-                            stopping = True
-                            break
-                        ids.extend(more)
+                    stopping = self._gather(ids)
                     with db.transaction():  # one marker at a time: the digests add up
                         db.execute("SELECT pg_advisory_xact_lock(%s)", (MARK_LOCK,))
                         db.execute(MARK_SQL, (ids,))

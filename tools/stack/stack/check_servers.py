@@ -1,7 +1,9 @@
 """Check that the servers a stack needs answer: python -m stack.check_servers NAME=URL...
 
 The caller names the checks (the stack script passes each service's configured URL under the
-variable that sets it); the kind of server comes from the URL's scheme. For each one that does
+variable that sets it); the kind of server comes from the URL's scheme (`unix://` is redis-py's
+Redis on a Unix socket; a PostgreSQL socket is libpq's `host=/var/run/postgresql`, in a URL's
+query or a keyword/value list, and is probed like any other PostgreSQL URL). For each one that does
 not answer, it says which variable, the URL with its password hidden, and how to start it.
 """
 
@@ -44,6 +46,8 @@ KINDS: dict[str, tuple[Callable[[str], None], str]] = {
     "amqp": (_rabbitmq, "rabbitmq-server -detached"),
     "amqps": (_rabbitmq, "rabbitmq-server -detached"),
     "redis": (_redis, "redis-server --daemonize yes --port 6379"),
+    # redis-py's form for a Redis on a Unix socket: unix:///run/redis/redis.sock?db=0
+    "unix": (_redis, "redis-server --daemonize yes --port 0 --unixsocket <the URL's path>"),
 }
 
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from stack.check_servers import KINDS, hide_password
 from stack.images_offline import official_images
@@ -103,7 +103,13 @@ def endpoints(checks: Iterable[str]) -> tuple[list[Endpoint], list[str]]:
             port = (parts.port if parts else None) or (kind.port if kind else 0)
         except ValueError:  # not a port: stack.check_servers says what is wrong with the URL
             port = 0
-        if not port or parts is None or kind is None or parts.hostname not in LOCAL_HOSTS:
+        if (
+            not port
+            or parts is None
+            or kind is None
+            or parts.hostname not in LOCAL_HOSTS
+            or "host" in parse_qs(parts.query)  # libpq's host=/socket/dir overrides the URL's
+        ):
             others.append(variable)
             continue
         endpoint = found.setdefault((kind, port), Endpoint(kind, parts.hostname, port, url))
