@@ -105,7 +105,9 @@ def test_a_look_at_thousands_of_dead_letters_holds_at_most_its_window_and_takes_
     assert {letter.group for letter in looks[0].letters} == {
         "PermanentError: PermanentError: cannot take kind …"
     }
-    assert broker.depth(topology.dead_queue) == MANY
+    # The last look's unacknowledged window goes back to the queue when its channel closes, which
+    # the broker finishes after the look returns.
+    assert settled_depth(broker, topology.dead_queue, MANY) == MANY
 
 
 def test_a_look_keeps_only_the_bodies_asked_for(broker):
