@@ -36,9 +36,16 @@ logs:
 status:
 	$(PY) -m stack.up status
 
-## The whole suite: lint, unit, integration and fault tests against the real servers.
+## The whole suite: lint, unit, integration and fault tests against the real servers. Side by side
+## on TEST_WORKERS workers (pytest-xdist; each test module on one worker), then alone the tests
+## that stop the RabbitMQ every other test uses (marker serial). Both parts run, whatever the first
+## gives.
+TEST_WORKERS ?= 3
 test: install lint
-	$(PY) -m pytest
+	status=0; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not serial" || status=$$?; \
+	$(PY) -m pytest -m serial || status=$$?; \
+	exit $$status
 
 ## Only the container paths (marker containers; a Docker engine required): what .ci/run adds to
 ## make test against the local servers.

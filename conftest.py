@@ -301,3 +301,19 @@ def pytest_collection_modifyitems(config, items) -> None:
             f"tests without a speed marker ({', '.join(sorted(SPEED_MARKERS))}): "
             + ", ".join(unmarked[:20])
         )
+
+
+# make test runs the tests side by side (pytest-xdist, --dist loadgroup): each test module stays on
+# one worker, so a module's stack is started once; the tests on this run's own RabbitMQ cluster
+# share one worker, since its nodes have fixed names (c1..c3@localhost). First, so that xdist's own
+# hook finds the groups.
+CLUSTER_GROUP = "rabbitmq-cluster"
+
+
+@pytest.hookimpl(tryfirst=True, specname="pytest_collection_modifyitems")
+def _group_by_module(items) -> None:
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        group = CLUSTER_GROUP if "cluster_session" in item.fixturenames else item.path.as_posix()
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -33,7 +33,7 @@ from stack import up as stack
 from stack.fake_sendgrid import FakeSendGrid
 from stack.processes import Gateway, Processes
 
-pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.serial]
 
 PEOPLE = 2000
 WRITERS = 8

@@ -44,7 +44,7 @@ from stack import up as stack_script
 from stack.fake_sendgrid import FakeSendGrid
 from stack.processes import Gateway, Processes
 
-pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.serial]
 
 SOAK = os.environ.get("HYPOTHESIS_PROFILE") == "soak"
 SCHEDULES = 40 if SOAK else 3

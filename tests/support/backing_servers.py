@@ -107,6 +107,10 @@ class LocalBroker:
         return done.stdout
 
     def stop(self) -> None:
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            # Every test running beside this one shares the node: only a test marked serial,
+            # which make test runs alone, may stop it.
+            raise RuntimeError("a test that stops the local RabbitMQ must be marked serial")
         self._ctl("stop_app")
 
     def start(self) -> None:

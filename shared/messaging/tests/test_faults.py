@@ -109,7 +109,8 @@ def test_event_committed_after_a_later_one_is_published_without_waiting_for_a_po
         )
 
 
-@pytest.mark.faults  # it stops the run's RabbitMQ
+@pytest.mark.faults  # it stops the run's RabbitMQ,
+@pytest.mark.serial  # so no other test may run beside it
 @pytest.mark.containers  # with containers the outage is the node's container stopped, not its app
 def test_write_during_a_broker_outage_is_published_after_it(
     producer_db, broker, restartable_broker

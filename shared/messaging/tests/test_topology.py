@@ -125,6 +125,7 @@ def test_a_migration_interrupted_half_way_is_finished_by_the_next_declaration(
 
 
 @pytest.mark.faults
+@pytest.mark.serial  # it stops the run's RabbitMQ: no other test may run beside it
 @pytest.mark.containers  # with containers a restart is the whole node's, not only its app's
 def test_a_broker_restart_while_messages_wait_in_a_retry_queue_loses_none(
     broker, restartable_broker
