@@ -19,6 +19,9 @@ from servicekit.auth import digest
 pytestmark = pytest.mark.unit
 
 CPF = "11111"
+# An item id no test creates (a constant: the parameters of a test must be the same in every
+# pytest-xdist worker).
+NO_ITEM = "6f1d1c0e-3a57-4f4e-9d3b-2c1e0a9b8d7f"
 SEED_PERSON = {
     "cpf": 11111,
     "name": "abc",
@@ -485,7 +488,7 @@ def test_an_activation_link_without_a_token_is_a_bad_request(client, person_with
         ("post", "/person/99999/income", SEED_INCOME),
         ("post", "/person/99999/asset", SEED_ASSET),
         ("post", "/person/99999/debt", SEED_DEBT),
-        ("delete", f"/person/99999/income/{uuid.uuid4()}", None),
+        ("delete", f"/person/99999/income/{NO_ITEM}", None),
         ("post", "/person/99999/activation", None),
         ("get", "/person/abc", None),
         ("get", "/person/12a45", None),
@@ -497,11 +500,11 @@ def test_an_activation_link_without_a_token_is_a_bad_request(client, person_with
         ("get", "/nothing-here", None),
         ("post", f"/person/{CPF}/pets", {"type": "cat", "value": 1}),
         ("post", f"/person/{CPF}/incomes", SEED_INCOME),
-        ("delete", f"/person/{CPF}/pets/{uuid.uuid4()}", None),
+        ("delete", f"/person/{CPF}/pets/{NO_ITEM}", None),
         ("delete", f"/person/{CPF}/income/not-a-uuid", None),
         ("delete", f"/person/{CPF}/income/1234", None),
-        ("delete", f"/person/{CPF}/income/{uuid.uuid4()}", None),
-        ("delete", f"/person/abc/income/{uuid.uuid4()}", None),
+        ("delete", f"/person/{CPF}/income/{NO_ITEM}", None),
+        ("delete", f"/person/abc/income/{NO_ITEM}", None),
     ],
 )
 def test_an_unknown_person_item_or_route_is_not_found(client, person, method, path, body):
@@ -536,7 +539,7 @@ def test_a_genuine_activation_link_for_an_unknown_person_is_not_found(client, to
         ("post", f"/person/{CPF}"),
         ("delete", "/person"),
         ("get", f"/person/{CPF}/activation"),
-        ("get", f"/person/{CPF}/income/{uuid.uuid4()}"),
+        ("get", f"/person/{CPF}/income/{NO_ITEM}"),
         ("post", "/health"),
     ],
 )
