@@ -289,10 +289,16 @@ def fake_sendgrid() -> Iterator[FakeSendGrid]:
 
 
 SPEED_MARKERS = {"unit", "integration", "e2e", "faults", "cluster"}
+# make test runs the tests side by side (pytest-xdist, --dist loadgroup): each test module stays on
+# one worker, so a module's stack is started once, and the tests on this run's own RabbitMQ cluster
+# share one worker, since its nodes have fixed names (c1..c3@localhost).
+CLUSTER_GROUP = "rabbitmq-cluster"
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
-    """Every test says how fast it is (make unit selects by it): refuse to run one that does not."""
+    """Every test says how fast it is (make unit selects by it): refuse to run one that does not.
+    Each gets its group of workers."""
     unmarked = [
         item.nodeid for item in items if not SPEED_MARKERS & {m.name for m in item.iter_markers()}
     ]
@@ -301,19 +307,7 @@ def pytest_collection_modifyitems(config, items) -> None:
             f"tests without a speed marker ({', '.join(sorted(SPEED_MARKERS))}): "
             + ", ".join(unmarked[:20])
         )
-
-
-# make test runs the tests side by side (pytest-xdist, --dist loadgroup): each test module stays on
-# one worker, so a module's stack is started once; the tests on this run's own RabbitMQ cluster
-# share one worker, since its nodes have fixed names (c1..c3@localhost). First, so that xdist's own
-# hook finds the groups.
-CLUSTER_GROUP = "rabbitmq-cluster"
-
-
-@pytest.hookimpl(tryfirst=True, specname="pytest_collection_modifyitems")
-def _group_by_module(items) -> None:
     for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        group = CLUSTER_GROUP if "cluster_session" in item.fixturenames else item.path.as_posix()
-        item.add_marker(pytest.mark.xdist_group(group))
+        if not item.get_closest_marker("xdist_group"):
+            group = "cluster_session" in item.fixturenames and CLUSTER_GROUP
+            item.add_marker(pytest.mark.xdist_group(group or item.path.as_posix()))
