@@ -37,13 +37,13 @@ status:
 	$(PY) -m stack.up status
 
 ## The whole suite: lint, unit, integration and fault tests against the real servers. Side by side
-## on TEST_WORKERS workers (pytest-xdist; each test module on one worker), then alone the tests
-## that stop the RabbitMQ every other test uses (marker serial). Both parts run, whatever the first
-## gives.
+## on TEST_WORKERS workers (pytest-xdist; each test module on one worker: conftest.py), then alone
+## the tests that stop the RabbitMQ every other test uses (marker serial). Both parts run,
+## whatever the first gives.
 TEST_WORKERS ?= 3
 test: install lint
 	status=0; \
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not serial" || status=$$?; \
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not serial" || status=$$?; \
 	$(PY) -m pytest -m serial || status=$$?; \
 	exit $$status
 

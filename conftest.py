@@ -289,16 +289,14 @@ def fake_sendgrid() -> Iterator[FakeSendGrid]:
 
 
 SPEED_MARKERS = {"unit", "integration", "e2e", "faults", "cluster"}
-# make test runs the tests side by side (pytest-xdist, --dist loadgroup): each test module stays on
-# one worker, so a module's stack is started once, and the tests on this run's own RabbitMQ cluster
-# share one worker, since its nodes have fixed names (c1..c3@localhost).
-CLUSTER_GROUP = "rabbitmq-cluster"
+# The modules whose tests run on this run's own RabbitMQ cluster (cluster_session): its nodes have
+# fixed names (c1..c3@localhost), so they run one after the other on one worker.
+CLUSTER_MODULES = {"shared/messaging/tests/test_cluster.py", "tests/e2e/test_cluster_fault_run.py"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
     """Every test says how fast it is (make unit selects by it): refuse to run one that does not.
-    Each gets its group of workers."""
+    Side by side (make test), the whole-stack modules go first: they are the longest."""
     unmarked = [
         item.nodeid for item in items if not SPEED_MARKERS & {m.name for m in item.iter_markers()}
     ]
@@ -307,7 +305,18 @@ def pytest_collection_modifyitems(config, items) -> None:
             f"tests without a speed marker ({', '.join(sorted(SPEED_MARKERS))}): "
             + ", ".join(unmarked[:20])
         )
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            group = "cluster_session" in item.fixturenames and CLUSTER_GROUP
-            item.add_marker(pytest.mark.xdist_group(group or item.path.as_posix()))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: not item.nodeid.startswith("tests/e2e/"))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """make test runs the tests side by side (pytest-xdist): each test module on one worker, so a
+    module's stack is started once, and the RabbitMQ cluster's modules on the same one."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class ByModule(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "rabbitmq-cluster" if module in CLUSTER_MODULES else module
+
+    return ByModule(config, log)
