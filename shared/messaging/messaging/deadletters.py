@@ -405,6 +405,10 @@ class _Reader:
         if self._messages is not None and self.channel.is_open:
             self.channel.cancel()  # returns what arrived and was not taken yet
         give_back(self.channel)
+        if self.channel.is_open:
+            # The queue takes the nack before it answers this channel's next question: once a
+            # look returns, its window is back and the next reader counts it.
+            _depth(self.channel, self.queue)
 
 
 def _depth(channel: BlockingChannel, queue: str) -> int:
