@@ -107,3 +107,17 @@ def test_an_amqp_url_with_a_node_of_another_scheme_is_refused_with_the_reason(se
     assert "node 2 is not an amqp:// or amqps:// URL (http://)" in failed[0]
     assert "s3cret-password" not in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.cluster
+def test_a_redis_cluster_answers_through_its_url_and_an_absent_one_says_how_to_start_one(
+    servers, redis_cluster
+):
+    result = check(SCORE_REDIS_URL=redis_cluster.url)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.startswith(f"✓ SCORE_REDIS_URL={redis_cluster.url}")
+    absent = f"redis+cluster://:s3cret-password@127.0.0.1:{closed_port()}"
+    result = check(SCORE_REDIS_URL=absent)
+    assert result.returncode == 1
+    assert "python -m stack.redis_cluster start" in result.stdout
+    assert "s3cret-password" not in result.stdout + result.stderr
