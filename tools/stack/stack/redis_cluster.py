@@ -200,6 +200,23 @@ class LocalRedisCluster:
         self._until(self._state_ok, timeout, "cluster_state:ok after the failover")
         return replica
 
+    def crash(self, master: int, timeout: float = 60.0) -> int:
+        """SIGKILL a master; its replica's port once it took over (after NODE_TIMEOUT_MS of
+        silence the others mark the master failed and elect its replica) and the cluster serves
+        every slot again. Writes the master took but had not sent its replica yet are lost."""
+        replica = self.replica_of(master)
+        self.kill(master)
+
+        def promoted() -> bool:
+            try:
+                return self.topology()[replica]["role"] == "master"
+            except (RedisClusterError, KeyError):
+                return False
+
+        self._until(promoted, timeout, f"{replica} to take over from {master}")
+        self._until(self._state_ok, timeout, "cluster_state:ok after the takeover")
+        return replica
+
     def kill(self, port: int) -> None:
         """SIGKILL a node, as a crash would."""
         if not self._kill(self.nodes[port]):
