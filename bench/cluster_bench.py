@@ -26,7 +26,6 @@ import uuid
 from collections.abc import Callable
 
 import psycopg
-import redis
 import stack_bench
 from stack.cluster import Cluster
 from stack.processes import Gateway
@@ -98,9 +97,10 @@ def measure_failover(stack: Stack, cluster: Cluster) -> float:
     """SIGKILL the node that leads the work queues, which is also the node every client is
     connected to (the first of AMQP_URL), while incomes are written; seconds from the kill until
     an income written after it is in the score read model."""
-    client = redis.Redis.from_url(stack_bench.REDIS_URL)
-    items = f"{stack.prefix}person-items:"
+    store = stack.score_store()
+    client = store.client
     cpf = "77700000001"
+    items = store.items_key(cpf)
     status, body = Gateway(stack.gateway_port).post("person", "/person", new_person(cpf, 1))
     if status != 201:
         raise MeasureError(f"POST /person: {status} {body[:200]!r}")
@@ -114,7 +114,7 @@ def measure_failover(stack: Stack, cluster: Cluster) -> float:
         queue = stack.topologies()[0].queue  # the score's
         leader = cluster.leader(queue)
         visible = writer.after(0)
-        if not visible or not client.sismember(f"{items}{cpf}", visible[0]):
+        if not visible or not client.sismember(items, visible[0]):
             raise MeasureError("incomes were not replicating before the kill")
         killed_at, killed_wall = time.perf_counter(), time.time()
         cluster.kill(leader)
@@ -125,7 +125,7 @@ def measure_failover(stack: Stack, cluster: Cluster) -> float:
             if later:
                 pipe = client.pipeline(transaction=False)
                 for item in later:
-                    pipe.sismember(f"{items}{cpf}", item)
+                    pipe.sismember(items, item)
                 if any(pipe.execute()):
                     stall = time.perf_counter() - killed_at
                     break

@@ -372,11 +372,14 @@ class ScoreStore:
         wipe_id = f"wipe-{uuid.uuid4()}"
         self.marker.begin_wipe(wipe_id, time.time())
         deleted = 0
-        keys = self.client.scan_iter(match=f"{_glob_escape(self.prefix)}*", count=PAGE)
-        for batch in _chunks((k for k in keys if k != self.generation_key.encode()), PAGE):
+        for node, keys in self._scan(f"{_glob_escape(self.prefix)}*"):
             if not self.marker.renew_wipe(wipe_id, time.time()):
                 raise StaleWipe("another process took this wipe over: it stopped")
-            deleted += self.unlink(batch)
+            pipe = node.pipeline(transaction=False)
+            for key in keys:
+                if key != self.generation_key.encode():
+                    pipe.unlink(key)
+            deleted += sum(pipe.execute())
         if not self.marker.abandon(wipe_id):
             raise StaleWipe("another process took this wipe over: it stopped")
         return deleted + 1
@@ -467,8 +470,8 @@ class ScoreStore:
         """Every entity hash, a page at a time, on every master of a cluster."""
         for pattern in self._entity_patterns():
             item = pattern.startswith(f"{_glob_escape(self.prefix)}item:")
-            for keys in _chunks(self.client.scan_iter(match=pattern, count=PAGE), PAGE):
-                pipe = self.client.pipeline(transaction=False)
+            for node, keys in self._scan(pattern):
+                pipe = node.pipeline(transaction=False)
                 for key in keys:
                     pipe.hmget(key, _HELD_FIELDS)
                 # A key of another type answers an error in place of its fields: skipped.
@@ -481,6 +484,19 @@ class ScoreStore:
                     fields = (None if v is None else _text(v) for v in values)
                     page.append(Held(key, item, key[key.index("{") + 1 : -1], *fields))
                 yield page
+
+    def _scan(self, pattern: str) -> Iterator[tuple[Any, list[bytes]]]:
+        """Pages of the keys that match, each with a client of the server that holds them: the
+        one Redis, or in turn each master of a cluster (a plain client of that node: its keys
+        are its own, and redis-py's cluster pipeline would route each command again)."""
+        nodes = (
+            [self.client.get_redis_connection(n) for n in self.client.get_primaries()]
+            if self.cluster
+            else [self.client]
+        )
+        for node in nodes:
+            for keys in _chunks(node.scan_iter(match=pattern, count=PAGE), PAGE):
+                yield node, keys
 
     def generation(self) -> Generation | None:
         return self.marker.generation()
