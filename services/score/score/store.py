@@ -282,11 +282,10 @@ class ScoreStore:
 
     def _queue(self, change: Change, pipe: Any) -> None:
         if isinstance(change, PersonChange):
-            pipe.execute_command(
-                "EVALSHA",
-                self._person.sha,
-                1,
-                self.person_key(change.cpf),
+            self._evalsha(
+                pipe,
+                self._person,
+                [self.person_key(change.cpf)],
                 change.version,
                 int(change.deleted),
                 sums.contribution("person", change.cpf, change.version),
@@ -296,11 +295,10 @@ class ScoreStore:
         if _indexed_first(change):
             self._index_call(pipe, change.cpf or "", change.item_id, "add")
         entity = change.kind or ""
-        pipe.execute_command(
-            "EVALSHA",
-            self._item.sha,
-            1,
-            self.item_key(change.item_id),
+        self._evalsha(
+            pipe,
+            self._item,
+            [self.item_key(change.item_id)],
             change.version,
             int(change.deleted),
             change.cpf or "",
@@ -312,9 +310,18 @@ class ScoreStore:
         )
 
     def _index_call(self, pipe: Any, cpf: str, item_id: str, how: str) -> None:
-        pipe.execute_command(
-            "EVALSHA", self._index.sha, 2, self.items_key(cpf), self.person_key(cpf), item_id, how
-        )
+        self._evalsha(pipe, self._index, [self.items_key(cpf), self.person_key(cpf)], item_id, how)
+
+    def _evalsha(self, pipe: Any, script: Any, keys: list[str], *args: Any) -> None:
+        """Queue a script on a pipeline by its SHA. On a cluster it goes straight to the master
+        of its keys' slot: redis-py's cluster pipeline would first ask the server which of an
+        EVALSHA's arguments are keys (COMMAND GETKEYS), one more round trip per script. A
+        redirection (the slot moved, a failover) is followed as redis-py follows any."""
+        if self.cluster:
+            node = self.client.get_node_from_key(keys[0])
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node)
+        else:
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
     def read(self, cpf: str) -> PersonScore | None:
         """The person's score, or None if the person is unknown or deleted: the person and its
