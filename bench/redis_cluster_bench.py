@@ -22,22 +22,17 @@ import signal
 import sys
 import time
 import uuid
-from typing import Any
 
-import redis
 import stack_bench
 import verify_bench
-from cluster_bench import STALL_TIMEOUT, STEADY_SECONDS, IncomeWriter, measure
+from cluster_bench import interrupted, measure, stall_after
 from messaging.stores import redis_client
-from stack.processes import Gateway
 from stack.redis_cluster import LocalRedisCluster
 from stack_bench import (
     E2E_PEOPLE,
-    MeasureError,
     ReadModels,
     Stack,
     measure_e2e,
-    new_person,
     prefill,
     running_stack,
     settle,
@@ -55,54 +50,19 @@ def measure_stall(stack: Stack, cluster: LocalRedisCluster) -> float:
     every 20 ms; seconds from the kill until an income written after it is in the score read
     model (the master's replica takes over once the others have not heard from it for
     stack.redis_cluster.NODE_TIMEOUT_MS; the consumers pause, then go on)."""
-    store = stack.score_store()
-    client = store.client
     cpf = "77700000002"
-    status, body = Gateway(stack.gateway_port).post("person", "/person", new_person(cpf, 2))
-    if status != 201:
-        raise MeasureError(f"POST /person: {status} {body[:200]!r}")
-    writer = IncomeWriter(stack, cpf)
-    writer.start()
+    store = stack.score_store()
     victim = cluster.master_of(store.person_key(cpf))
-    try:
-        steady_until = time.perf_counter() + STEADY_SECONDS
-        while time.perf_counter() < steady_until:
-            stack.check_alive()
-            time.sleep(0.1)
-        visible = writer.after(0)
-        if not visible or not client.sismember(store.items_key(cpf), visible[0]):
-            raise MeasureError("incomes were not replicating before the kill")
-        killed_at = time.perf_counter()
+    store.client.close()
+
+    def kill() -> None:
         cluster.kill(victim)
         log.info("failover: SIGKILLed the master on %d, which serves %s", victim, cpf)
-        while True:
-            later = writer.after(killed_at)
-            if later and any(applied(client, store.items_key(cpf), later)):
-                stall = time.perf_counter() - killed_at
-                break
-            if time.perf_counter() - killed_at > STALL_TIMEOUT:
-                raise MeasureError(f"nothing written after the kill applied in {STALL_TIMEOUT}s")
-            time.sleep(POLL_INTERVAL)
-        log.info("failover: the score applied a write made after the kill %.2fs after it", stall)
-    finally:
-        writer.stopping.set()
-        writer.join(10)
-        client.close()
-    if writer.failures:
-        log.warning("failover: %d writes failed, e.g. %s", len(writer.failures), writer.failures[0])
+
+    stall = stall_after(stack, cpf, 2, kill)
+    log.info("failover: the score applied a write made after the kill %.2fs after it", stall)
     timed("bringing the killed node back as a replica", cluster.heal)
     return stall
-
-
-def applied(client: Any, items: str, ids: list[str]) -> list[bool]:
-    """Whether each item is in the person's set; none while the cluster does not answer."""
-    try:
-        pipe = client.pipeline(transaction=False)
-        for item in ids:
-            pipe.sismember(items, item)
-        return [bool(found) for found in pipe.execute()]
-    except (redis.RedisError, redis.exceptions.RedisClusterException):
-        return []
 
 
 def measure_verify(cluster: LocalRedisCluster, entities: int) -> float:
@@ -136,10 +96,6 @@ def run(entities: int) -> dict[str, float]:
         measure(figures, lambda: measure_verify(cluster, entities), "redis_cluster_verify_ms")
     log.info("Redis Cluster benchmark took %.0fs", time.monotonic() - started)
     return figures
-
-
-def interrupted(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None, single_e2e: float | None = None) -> int:

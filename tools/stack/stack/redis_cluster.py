@@ -37,6 +37,7 @@ from typing import Any
 import redis
 from redis.crc import key_slot
 
+from stack.cluster import process_alive
 from stack.processes import free_port
 
 MASTERS = 3
@@ -266,7 +267,7 @@ class LocalRedisCluster:
             return False
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        self._until(lambda: not _alive(pid), 30, f"the node on {node.port} to exit")
+        self._until(lambda: not process_alive(pid), 30, f"the node on {node.port} to exit")
         node.pid_file.unlink(missing_ok=True)
         return True
 
@@ -371,17 +372,6 @@ def _parse_nodes(raw: bytes | str) -> dict[int, dict[str, Any]]:
             "slots": slots,
         }
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError):  # a zombie is gone for every purpose here
-        if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
-            return False
-    return True
 
 
 def _is_ours(pid: int, base: Path) -> bool:
