@@ -35,6 +35,7 @@ from psycopg import sql
 from servicekit import roles
 from stack.cluster import SCRIPTS, Cluster
 from stack.fake_sendgrid import FakeSendGrid
+from stack.pg_pair import PgPair, available
 
 # The Redis Cluster fixtures (redis_cluster, redis_cluster_session): tests/support/redis_cluster.py
 pytest_plugins = ["redis_cluster"]
@@ -219,6 +220,21 @@ def cluster_broker(rabbit_cluster: Cluster) -> Iterator[BrokerSpace]:
     # Every node first: deleting a quorum queue waits seconds for each member that is down.
     rabbit_cluster.heal()
     _remove(space)
+
+
+@pytest.fixture(scope="module")
+def pg_pair(request: pytest.FixtureRequest, servers: Servers) -> Iterator[PgPair]:
+    """A PostgreSQL primary and a synchronous standby of this module's own (stack/pg_pair.py:
+    initdb and pg_basebackup as the `postgres` user, on free ports, in a temporary directory),
+    stopped and deleted after the module, whatever the tests did. The system cluster is never
+    touched."""
+    why = available()
+    if why is not None:
+        pytest.skip(f"the failover tests start PostgreSQL servers of their own: {why}")
+    if servers.where == "containers" and "cluster" not in (request.config.option.markexpr or ""):
+        pytest.skip("the failover tests run against the local servers (TEST_USE_CONTAINERS=no)")
+    with PgPair() as pair:
+        yield pair
 
 
 @pytest.fixture

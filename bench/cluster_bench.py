@@ -16,11 +16,9 @@ and 2 relays (one active, one standby).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -35,6 +33,7 @@ from stack_bench import (
     E2E_PEOPLE,
     RELAY,
     MeasureError,
+    PacedWriter,
     ReadModels,
     Stack,
     children,
@@ -67,32 +66,9 @@ def cluster_overrides(cluster: Cluster) -> dict[str, str]:
 
 
 # -- failover_stall_s ------------------------------------------------------------------------
-class IncomeWriter(threading.Thread):
-    """Adds an income to one person every WRITE_INTERVAL through Traefik; remembers when each
-    was acknowledged (HTTP 201) and its id."""
-
-    def __init__(self, stack: Stack, cpf: str) -> None:
-        super().__init__(name="income-writer", daemon=True)
-        self.gateway = Gateway(stack.gateway_port)
-        self.cpf = cpf
-        self.acked: list[tuple[float, str]] = []
-        self.failures: list[str] = []
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        n = 0
-        while not self.stopping.wait(WRITE_INTERVAL):
-            n += 1
-            body = {"type": "bonus", "value": f"{n}.00"}
-            status, raw = self.gateway.post("person", f"/person/{self.cpf}/income", body)
-            if status == 201:
-                self.acked.append((time.perf_counter(), json.loads(raw)["id"]))
-            else:
-                self.failures.append(f"{status} {raw[:200]!r}")
-
-    def after(self, moment: float) -> list[str]:
-        """Ids of the incomes acknowledged after `moment`, in order."""
-        return [item for acked_at, item in list(self.acked) if acked_at > moment]
+def answered_after(writer: PacedWriter, moment: float) -> list[str]:
+    """Ids of the incomes acknowledged after `moment`, in order."""
+    return [answer["id"] for _, answered, answer in list(writer.acked) if answered > moment]
 
 
 def stall_after(stack: Stack, cpf: str, n: int, kill: Callable[[], None]) -> float:
@@ -104,28 +80,27 @@ def stall_after(stack: Stack, cpf: str, n: int, kill: Callable[[], None]) -> flo
     status, body = Gateway(stack.gateway_port).post("person", "/person", new_person(cpf, n))
     if status != 201:
         raise MeasureError(f"POST /person: {status} {body[:200]!r}")
-    writer = IncomeWriter(stack, cpf)
-    writer.start()
+    writer = PacedWriter(
+        stack,
+        lambda n: (f"/person/{cpf}/income", {"type": "bonus", "value": f"{n}.00"}),
+        WRITE_INTERVAL,
+    )
     try:
-        steady_until = time.perf_counter() + STEADY_SECONDS
-        while time.perf_counter() < steady_until:
-            stack.check_alive()
-            time.sleep(0.1)
-        visible = writer.after(0)
+        writer.warm_up(STEADY_SECONDS)
+        visible = answered_after(writer, 0)
         if not visible or not any(applied(client, items, visible[:1])):
             raise MeasureError("incomes were not replicating before the kill")
         killed_at = time.perf_counter()
         kill()
         while True:
-            later = writer.after(killed_at)
+            later = answered_after(writer, killed_at)
             if later and any(applied(client, items, later)):
                 return time.perf_counter() - killed_at
             if time.perf_counter() - killed_at > STALL_TIMEOUT:
                 raise MeasureError(f"nothing written after the kill applied in {STALL_TIMEOUT}s")
             time.sleep(POLL_INTERVAL)
     finally:
-        writer.stopping.set()
-        writer.join(10)
+        writer.finish()
         client.close()
         if writer.failures:
             log.warning("%d writes failed, e.g. %s", len(writer.failures), writer.failures[0])

@@ -130,25 +130,31 @@ def postgres_cpu_seconds() -> float:
 
 
 @contextlib.contextmanager
-def sender_process(env: dict[str, str], log_file: Path) -> Iterator[subprocess.Popen]:
+def child_process(
+    command: list[str], env: dict[str, str], log_file: Path
+) -> Iterator[subprocess.Popen]:
+    """A process in a group of its own, logging to `log_file`; SIGTERM (SIGKILL after 15 s) on
+    the way out."""
     with log_file.open("wb") as out:
-        sender = subprocess.Popen(
-            [sys.executable, "-m", "notifier.sender"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        child = subprocess.Popen(
+            command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        yield sender
+        yield child
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(sender.pid, signal.SIGTERM)
+            os.killpg(child.pid, signal.SIGTERM)
         try:
-            sender.wait(timeout=15)
+            child.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            os.killpg(sender.pid, signal.SIGKILL)
-            sender.wait()
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+
+
+def sender_process(
+    env: dict[str, str], log_file: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen]:
+    return child_process([sys.executable, "-m", "notifier.sender"], env, log_file)
 
 
 def wait_for(check: Any, timeout: float, what: str, sender: subprocess.Popen) -> None:

@@ -261,9 +261,10 @@ def _database(admin_url: str, name: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _naive_exchange(amqp_url: str, exchange: str) -> Iterator[None]:
+def naive_exchange(amqp_url: str, exchange: str) -> Iterator[list[str]]:
     """A fanout exchange bound to two quorum queues, as the stack's (the score's and the
-    notifier's), that nobody consumes: the broker stores each message twice."""
+    notifier's; nobody consumes them in `measure_alone`): the broker stores each message twice.
+    Yields the two queues' names."""
     queues = [f"{exchange}.{n}" for n in (1, 2)]
     conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
     channel = conn.channel()
@@ -273,7 +274,7 @@ def _naive_exchange(amqp_url: str, exchange: str) -> Iterator[None]:
         channel.queue_bind(queue, exchange)
     conn.close()
     try:
-        yield
+        yield queues
     finally:
         conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
         channel = conn.channel()
@@ -291,42 +292,55 @@ def measure_alone(
     run_id = uuid.uuid4().hex[:8]
     scratch = Path(tempfile.mkdtemp(prefix=f"post-{kind}-{run_id}-"))
     exchange = f"bench-naive-{run_id}"
-    app_port = free_port()
     with (
-        _database(admin_url, f"bench_{kind}_{run_id}") as database,
-        _naive_exchange(env["AMQP_URL"], exchange) if kind == "naive" else contextlib.nullcontext(),
+        _database(admin_url, f"bench_{kind}_{run_id}") as db_url,
+        naive_exchange(env["AMQP_URL"], exchange) if kind == "naive" else contextlib.nullcontext(),
+        app_behind_gateway(kind, env, db_url, exchange, scratch) as (port, _processes),
     ):
-        from post_apps import prepare
-
-        prepare(database)
-        app_env = {
-            **env,
-            "BENCH_APP_PORT": str(app_port),
-            "BENCH_APP_DATABASE_URL": database,
-            "BENCH_APP_EXCHANGE": exchange,
-            "PERSON_PORT": str(app_port),  # Traefik's person.localhost route leads to the app
-            "PYTHONPATH": str(ROOT / "bench"),
-        }
-        gateway = Processes(app_env, scratch, counts={"traefik": 1})
-        app = subprocess.Popen(
-            [
-                sys.executable, "-m", "gunicorn", "-c", str(ROOT / "bench" / "post_apps.conf.py"),
-                f"post_apps:{kind}()",
-            ],
-            env=app_env, cwd=ROOT, stdout=subprocess.DEVNULL,
-            stderr=(scratch / "app.log").open("wb"), start_new_session=True,
-        )  # fmt: skip
-        try:
-            gateway.start("traefik")
-            _wait_answering(int(app_env["GATEWAY_PORT"]), app)
-            got = wrk_post(int(app_env["GATEWAY_PORT"]), f"7{kind[0]}", scratch, clients, seconds)
-        finally:
-            app.terminate()
-            app.wait(timeout=30)
-            gateway.stop_all()
+        got = wrk_post(port, f"7{kind[0]}", scratch, clients, seconds)
     shutil.rmtree(scratch, ignore_errors=True)
     log.info("%s: %.0f requests/s, p99 %.1f ms", kind, got["rps"], got["p99_ms"])
     return got["rps"]
+
+
+@contextlib.contextmanager
+def app_behind_gateway(
+    kind: str, env: dict[str, str], db_url: str, exchange: str, scratch: Path
+) -> Iterator[tuple[int, dict[str, subprocess.Popen]]]:
+    """post_apps.<kind>() under gunicorn with the person API's settings, on a database of its own
+    (its table made here) and publishing to `exchange` (the naive app), behind the stack's
+    Traefik (the Procfile's command) as person.localhost. Yields the gateway's port and the two
+    processes (`traefik`, `app`); stops both on the way out."""
+    from post_apps import prepare
+
+    prepare(db_url)
+    app_port = free_port()
+    app_env = {
+        **env,
+        "BENCH_APP_PORT": str(app_port),
+        "BENCH_APP_DATABASE_URL": db_url,
+        "BENCH_APP_EXCHANGE": exchange,
+        "PERSON_PORT": str(app_port),  # Traefik's person.localhost route leads to the app
+        "PYTHONPATH": str(ROOT / "bench"),
+    }
+    gateway = Processes(app_env, scratch, counts={"traefik": 1})
+    app = subprocess.Popen(
+        [
+            sys.executable, "-m", "gunicorn", "-c", str(ROOT / "bench" / "post_apps.conf.py"),
+            f"post_apps:{kind}()",
+        ],
+        env=app_env, cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=(scratch / "app.log").open("wb"), start_new_session=True,
+    )  # fmt: skip
+    try:
+        gateway.start("traefik")
+        port = int(app_env["GATEWAY_PORT"])
+        _wait_answering(port, app)
+        yield port, {"traefik": gateway.processes["traefik"], "app": app}
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+        gateway.stop_all()
 
 
 def _wait_answering(port: int, app: subprocess.Popen, timeout: float = 30.0) -> None:

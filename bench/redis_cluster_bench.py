@@ -4,8 +4,8 @@ Run: .venv/bin/python bench/redis_cluster_bench.py [--single] [--entities N]. Pr
 `name: value` line per figure (see bench/README.md), logs to stderr, and exits non-zero only if a
 figure could not be measured. `make bench` runs it after cluster_bench.py and prints the ratio to
 that run's single-Redis `e2e_events_s`; `--single` measures that figure first, for the same
-comparison when this step runs alone. Where redis-server is not installed it measures nothing,
-says why on stderr, and exits 0.
+comparison when this step runs alone. Where redis-server is not installed it prints
+`<figure>: skipped (<why>)` for each figure and exits 0.
 
 The cluster is three masters with a replica each (stack/redis_cluster.py: Debian's redis-server
 on free ports, in a temporary directory), started here and removed afterwards, also when a step
@@ -112,12 +112,9 @@ def main(argv: list[str] | None = None, single_e2e: float | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s %(message)s")
     log.setLevel(logging.INFO)
     if not (shutil.which("redis-server") and shutil.which("redis-cli")):
-        print(
-            "redis_cluster_bench: skipped: redis-server and redis-cli are not installed "
-            "(Debian package redis-server); no Redis Cluster figure measured",
-            file=sys.stderr,
-            flush=True,
-        )
+        why = "redis-server is not installed: Debian package redis-server"
+        for name in ("redis_cluster_e2e_ratio", *FIGURES):
+            print(f"{name}: skipped ({why})", flush=True)
         return 0
     signal.signal(signal.SIGTERM, interrupted)
     if args.single:

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -52,6 +53,7 @@ from post_bench import (
     wrk_post,
 )
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from relay_bench import AMQP_URL, DATABASE_URL, REDIS_URL
 from score.store import ScoreStore
 from stack.processes import Gateway, Processes, free_port
@@ -63,14 +65,17 @@ REBUILD_PEOPLE = 50_000  # E2E_PEOPLE and as many more, one income each: 100,000
 LATENCY_PEOPLE = 2_000  # people to add incomes to when the latency step runs alone
 BULK_PEOPLE = 100_000
 PREFILL_CHUNK = 5_000  # people per round of COPY statements
-LATENCY_RATE = 200.0  # writes per second
+LATENCY_RATE = 200.0  # writes per second: the unsuffixed latency figures
+LATENCY_RATES = (150.0, LATENCY_RATE)  # the others are printed as <figure>_at_<rate>
 LATENCY_SECONDS = 15.0
 LATENCY_WRITERS = 8  # client threads sharing the write schedule
 POLL_INTERVAL = 0.005  # seconds between two visibility polls while a write is pending (see README)
 VISIBLE_TIMEOUT = 30.0  # a write not visible by then is lost: the figure is not measured
 POST_CLIENTS = 16
 POST_SECONDS = 10.0
-COST_RATE = 200.0  # registrations per second, open loop
+COST_RATES = (50.0, 100.0, 150.0, 200.0)  # registrations per second, open loop: the curve
+COST_RATE = 100.0  # below saturation: the unsuffixed cpu_ms_per_registration and its parts
+POST_P99_RATE = 200.0  # the unsuffixed post_person_p50_ms / post_person_p99_ms
 COST_SECONDS = 15.0
 READY_TIMEOUT = 90.0
 REPLICATE_TIMEOUT = 180.0
@@ -248,7 +253,7 @@ def answers(port: int, host: str, path: str) -> bool:
 def cleanup(stack: Stack) -> None:
     """Drop the databases, delete queues, exchange and Redis keys; each step on its own."""
     for url in (stack.person_db, stack.notifier_db):
-        name = url.rpartition("/")[2]
+        name = conninfo_to_dict(url)["dbname"]  # a URL listing servers has a query after it
         try:
             with psycopg.connect(DATABASE_URL, autocommit=True) as admin:
                 admin.execute(
@@ -305,6 +310,47 @@ class BrokerWatch(threading.Thread):
 
     def away_between(self, start: float, end: float) -> bool:
         return any(since <= end and back >= start for since, back in self.outages)
+
+
+class PacedWriter(threading.Thread):
+    """POSTs a write every `interval` seconds through Traefik (`request(n)` gives the n-th's
+    path and body) until `stopping` is set; remembers, for each acknowledged (201), when it was
+    sent and answered and the answer's JSON. The failover steps write through a failure with it."""
+
+    def __init__(
+        self, stack: Stack, request: Callable[[int], tuple[str, Any]], interval: float
+    ) -> None:
+        super().__init__(name="paced-writer", daemon=True)
+        self.stack = stack
+        self.gateway = Gateway(stack.gateway_port)
+        self.request, self.interval = request, interval
+        self.acked: list[tuple[float, float, dict]] = []  # (sent, answered, answer)
+        self.failures: list[str] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        n = 0
+        while not self.stopping.wait(self.interval):
+            n += 1
+            path, body = self.request(n)
+            sent = time.perf_counter()
+            status, raw = self.gateway.post("person", path, body)
+            if status == 201:
+                self.acked.append((sent, time.perf_counter(), json.loads(raw)))
+            else:
+                self.failures.append(f"{status} {raw[:200]!r}")
+
+    def warm_up(self, seconds: float) -> None:
+        """Start writing; return after `seconds` (MeasureError if a process exits meanwhile)."""
+        self.start()
+        until = time.perf_counter() + seconds
+        while time.perf_counter() < until:
+            self.stack.check_alive()
+            time.sleep(0.1)
+
+    def finish(self) -> None:
+        self.stopping.set()
+        self.join(10)
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -762,9 +808,15 @@ class VisibilityPoller(threading.Thread):
         return 0
 
 
-def measure_latency(stack: Stack, known: list[str]) -> dict[str, float]:
-    """LATENCY_RATE writes/s for LATENCY_SECONDS through Traefik, alternating a registration and
-    an income of a known person; per write, HTTP 201 → visible in Redis and in `users`."""
+def at_rate(figures: dict[str, float], rate: float) -> dict[str, float]:
+    """The figures named for the rate they were measured at: `<name>_at_<rate>`."""
+    return {f"{name}_at_{rate:.0f}": value for name, value in figures.items()}
+
+
+def measure_latency(stack: Stack, known: list[str], rate: float = LATENCY_RATE) -> dict[str, float]:
+    """`rate` writes/s for LATENCY_SECONDS through Traefik, alternating a registration and an
+    income of a known person; per write, HTTP 201 → visible in Redis and in `users`. The figures
+    of another rate than LATENCY_RATE are named `<figure>_at_<rate>`."""
     store = stack.score_store()
     client = store.client
     notifier_db = psycopg.connect(stack.notifier_db, autocommit=True)
@@ -788,8 +840,9 @@ def measure_latency(stack: Stack, known: list[str]) -> dict[str, float]:
     score = VisibilityPoller("score-poller", in_redis)
     notifier = VisibilityPoller("notifier-poller", in_users)
     gateway = Gateway(stack.gateway_port)
-    total = int(LATENCY_RATE * LATENCY_SECONDS)
+    total = int(rate * LATENCY_SECONDS)
     counter = iter(range(total))
+    phase = next(POST_PHASES)  # two latency runs in one process register different CPFs
     lock = threading.Lock()
     issued: list[int] = []
     failures: list[str] = []
@@ -805,8 +858,8 @@ def measure_latency(stack: Stack, known: list[str]) -> dict[str, float]:
                 if i is None or time.perf_counter() > stop_at:
                     return
                 issued.append(i)
-                cpf = f"3{i:09d}" if i % 2 == 0 else rng.choice(known)
-            due = start + i / LATENCY_RATE
+                cpf = f"3{phase:02d}{i:08d}" if i % 2 == 0 else rng.choice(known)
+            due = start + i / rate
             delay = due - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
@@ -843,8 +896,9 @@ def measure_latency(stack: Stack, known: list[str]) -> dict[str, float]:
     notifier_db.close()
     done = len(issued)
     log.info(
-        "latency: %d writes in %.1fs (%.0f/s; the last one started %.0f ms behind schedule); "
-        "%d score and %d notifier samples",
+        "latency at %.0f/s: %d writes in %.1fs (%.0f/s; the last one started %.0f ms behind "
+        "schedule); %d score and %d notifier samples",
+        rate,
         done,
         elapsed,
         done / elapsed,
@@ -867,13 +921,14 @@ def measure_latency(stack: Stack, known: list[str]) -> dict[str, float]:
         raise MeasureError(f"writes never visible after {VISIBLE_TIMEOUT}s: {missing}")
     if not notifier.samples:
         raise MeasureError("no registration went through")
-    return {
+    figures = {
         "latency_writes_s": done / elapsed,
         "latency_score_p50_ms": percentile(score.samples, 50),
         "latency_score_p99_ms": percentile(score.samples, 99),
         "latency_notifier_p50_ms": percentile(notifier.samples, 50),
         "latency_notifier_p99_ms": percentile(notifier.samples, 99),
     }
+    return figures if rate == LATENCY_RATE else at_rate(figures, rate)
 
 
 def new_person(cpf: str, n: int) -> dict[str, Any]:
@@ -886,17 +941,18 @@ def new_person(cpf: str, n: int) -> dict[str, Any]:
     }
 
 
-# -- what a registration costs; POST /person at 200/s and at saturation -----------------------
-def measure_cost(stack: Stack) -> dict[str, float]:
-    """COST_RATE registrations a second, each with an e-mail, for COST_SECONDS, open loop through
+# -- what a registration costs; POST /person open loop and at saturation ----------------------
+def measure_cost(stack: Stack, rate: float = COST_RATE) -> dict[str, float]:
+    """`rate` registrations a second, each with an e-mail, for COST_SECONDS, open loop through
     Traefik: the latency of each from its due time, and the CPU every process of the stack spent
-    from the first request until every welcome e-mail is sent, per registration."""
+    from the first request until every welcome e-mail is sent, per registration. Unsuffixed
+    names; cost_figures() names them for the curve."""
     phase = next(POST_PHASES)
     prefix = f"6{phase:02d}"  # 5 is the bulk import's
-    bodies = [new_person(f"{prefix}{n:08d}", n) for n in range(int(COST_RATE * COST_SECONDS))]
+    bodies = [new_person(f"{prefix}{n:08d}", n) for n in range(int(rate * COST_SECONDS))]
     meter = CpuMeter(stack)
     before = meter.snapshot()
-    latencies, failures = open_loop(stack.gateway_port, "person", "/person", bodies, COST_RATE)
+    latencies, failures = open_loop(stack.gateway_port, "person", "/person", bodies, rate)
     if failures > len(bodies) // 100:
         raise MeasureError(f"{failures} of {len(bodies)} registrations failed")
     with psycopg.connect(stack.notifier_db, autocommit=True) as notifier:
@@ -912,7 +968,8 @@ def measure_cost(stack: Stack) -> dict[str, float]:
         wait_for(sent, SETTLE_TIMEOUT, "every welcome e-mail sent")
     spent = CpuMeter.spent(before, meter.snapshot())
     log.info(
-        "cost: %d registrations, CPU seconds %s",
+        "cost at %.0f/s: %d registrations, CPU seconds %s",
+        rate,
         len(latencies),
         ", ".join(f"{k} {v:.2f}" for k, v in sorted(spent.items(), key=lambda kv: -kv[1])),
     )
@@ -925,6 +982,22 @@ def measure_cost(stack: Stack) -> dict[str, float]:
         figures[f"cpu_ms_per_registration_{name.replace('-', '_')}"] = (
             seconds * 1000 / len(latencies)
         )
+    return figures
+
+
+def cost_figures(measured: dict[str, float], rate: float) -> dict[str, float]:
+    """One point of the cost curve: `cpu_ms_per_registration_at_<rate>` and the POST latency
+    at that rate (`post_person_p50_ms_at_<rate>`, `post_person_p99_ms_at_<rate>`); at COST_RATE
+    also the unsuffixed `cpu_ms_per_registration` and its parts per process, at POST_P99_RATE
+    the unsuffixed POST latency."""
+    main = ("cpu_ms_per_registration", "post_person_p50_ms", "post_person_p99_ms")
+    figures = at_rate({name: measured[name] for name in main}, rate)
+    if rate == COST_RATE:
+        figures.update(
+            {k: v for k, v in measured.items() if k.startswith("cpu_ms_per_registration")}
+        )
+    if rate == POST_P99_RATE:
+        figures.update({k: measured[k] for k in ("post_person_p50_ms", "post_person_p99_ms")})
     return figures
 
 
@@ -1019,14 +1092,24 @@ def measure_memory(stack: Stack) -> dict[str, float]:
 NAMES = {  # the figures each step must print
     "e2e": ("e2e_events_s",),
     "rebuild": ("rebuild_50k_s",),
-    "latency": (
-        "latency_score_p50_ms",
-        "latency_score_p99_ms",
-        "latency_notifier_p50_ms",
-        "latency_notifier_p99_ms",
+    "latency": tuple(
+        f"{name}{'' if rate == LATENCY_RATE else f'_at_{rate:.0f}'}"
+        for rate in LATENCY_RATES
+        for name in (
+            "latency_score_p50_ms",
+            "latency_score_p99_ms",
+            "latency_notifier_p50_ms",
+            "latency_notifier_p99_ms",
+        )
     ),
     "alone": ("post_ceiling_rps", "post_naive_rps"),
-    "cost": ("cpu_ms_per_registration", "post_person_p50_ms", "post_person_p99_ms"),
+    "cost": (
+        "cpu_ms_per_registration",
+        "post_person_p50_ms",
+        "post_person_p99_ms",
+        *(f"cpu_ms_per_registration_at_{rate:.0f}" for rate in COST_RATES),
+        *(f"post_person_p99_ms_at_{rate:.0f}" for rate in COST_RATES),
+    ),
     "post": ("post_person_rps", "post_person_saturated_p99_ms"),
     "bulk": ("bulk_100k_s",),
     "bulkmem": ("bulk_peak_rss_mb",),
@@ -1036,8 +1119,9 @@ NAMES = {  # the figures each step must print
 
 def show(name: str, value: float) -> None:
     """Rates and megabytes as integers, milliseconds and the rebuild's seconds to 0.1, a
-    stall's seconds, CPU milliseconds and the POST ratio to 0.01."""
-    decimals = 1 if name.endswith("_ms") or name in ("rebuild_50k_s", "bulk_100k_s") else 0
+    stall's seconds, CPU milliseconds and the POST ratio to 0.01 (`_at_<rate>` aside)."""
+    base = re.sub(r"_at_\d+$", "", name)
+    decimals = 1 if base.endswith("_ms") or name in ("rebuild_50k_s", "bulk_100k_s") else 0
     if name.endswith("_stall_s") or name.startswith("cpu_ms") or name == "post_vs_ceiling":
         decimals = 2
     print(f"{name}: {value:.{decimals}f}", flush=True)
@@ -1102,13 +1186,25 @@ def run(steps: tuple[str, ...] = STEPS) -> dict[str, float]:
             if "latency" in steps:
                 if not people:
                     people = prepare_rebuild(stack, models, [], LATENCY_PEOPLE)
-                timed("vacuum and checkpoint", lambda: tidy_databases(stack))
-                measure(figures, lambda: measure_latency(stack, people), "latency", watch)
-                settle(stack)
+                for rate in LATENCY_RATES:
+                    timed("vacuum and checkpoint", lambda: tidy_databases(stack))
+                    measure(
+                        figures,
+                        lambda r=rate: measure_latency(stack, people, r),
+                        f"latency at {rate:.0f}/s",
+                        watch,
+                    )
+                    settle(stack)
             if "cost" in steps:
-                timed("vacuum and checkpoint", lambda: tidy_databases(stack))
-                measure(figures, lambda: measure_cost(stack), "cost", watch)
-                settle(stack)
+                for rate in COST_RATES:
+                    timed("vacuum and checkpoint", lambda: tidy_databases(stack))
+                    measure(
+                        figures,
+                        lambda r=rate: cost_figures(measure_cost(stack, r), r),
+                        f"cost at {rate:.0f}/s",
+                        watch,
+                    )
+                    settle(stack)
             if "post" in steps:
                 measure(figures, lambda: measure_post(stack), "post_person", watch)
                 settle(stack, emails=False)

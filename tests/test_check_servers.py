@@ -6,8 +6,10 @@ import os
 import socket
 import subprocess
 import sys
+from urllib.parse import quote
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 pytestmark = pytest.mark.integration
 
@@ -107,6 +109,39 @@ def test_an_amqp_url_with_a_node_of_another_scheme_is_refused_with_the_reason(se
     assert "node 2 is not an amqp:// or amqps:// URL (http://)" in failed[0]
     assert "s3cret-password" not in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_database_url_listing_servers_answers_when_the_writable_one_does(servers):
+    """PERSON_DATABASE_URL in libpq's multi-host form, a dead server first, in both spellings;
+    the password is hidden in both."""
+    params = conninfo_to_dict(servers.database)
+    host, live = params.get("host", "127.0.0.1"), params.get("port", "5432")
+    user = params.get("user", "postgres")
+    password = params.get("password") or "s3cret-password"  # a trusting server ignores it
+    dead = closed_port()
+    result = check(
+        PERSON_DATABASE_URL=(
+            f"postgresql://{user}:{quote(password)}@127.0.0.1:{dead},{host}:{live}/person"
+            "?target_session_attrs=read-write&connect_timeout=2"
+        ),
+        NOTIFIER_DATABASE_URL=(
+            f"host=127.0.0.1,{host} port={dead},{live} user={user} dbname=notifier "
+            f"password={password} target_session_attrs=read-write connect_timeout=2"
+        ),
+    )
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.count("✓") == 2
+    assert f"{user}:***@127.0.0.1:{dead}" in result.stdout
+    assert "password=*** " in result.stdout
+    assert password not in result.stdout + result.stderr
+
+
+def test_the_stack_script_passes_a_keyword_value_url_whole(monkeypatch):
+    from stack import up as stack
+
+    url = "host=127.0.0.1,127.0.0.2 port=5432,5433 dbname=person target_session_attrs=read-write"
+    checks = stack.server_checks({**os.environ, "PERSON_DATABASE_URL": url})
+    assert f"PERSON_DATABASE_URL={url}" in checks
 
 
 @pytest.mark.cluster

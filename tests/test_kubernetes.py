@@ -630,3 +630,41 @@ def test_each_process_runs_as_its_own_roles_and_never_as_an_administrator():
     [console] = of_kind("Deployment")["console"]["spec"]["template"]["spec"]["initContainers"]
     assert "servicekit.roles" in console["command"][-1]
     assert all(of_kind("Cluster")[db]["spec"]["enableSuperuserAccess"] for db in of_kind("Cluster"))
+
+
+FAILING_OVER = {"person-db": "PERSON_DATABASE_URL", "notifier-db": "NOTIFIER_DATABASE_URL"}
+
+
+def test_the_services_follow_their_database_to_a_promoted_standby():
+    """Each of the two databases keeps a synchronous standby (no acknowledged write on one copy
+    only), and every long-running process's URL names the primary's Service, then every
+    instance's, asking for the one that takes writes: what servicekit.database checks."""
+    from psycopg.conninfo import conninfo_to_dict
+    from servicekit.database import check_url
+
+    clusters = of_kind("Cluster")
+    for name in FAILING_OVER:
+        spec = clusters[name]["spec"]
+        assert spec["instances"] >= 2, name
+        assert spec["postgresql"]["synchronous"]["number"] >= 1, name
+        assert spec["postgresql"]["synchronous"]["dataDurability"] == "required", name
+    secret = filled_secret()
+    jobs = set(of_kind("Job"))
+    seen = set()
+    for name, container in app_containers():
+        env = environment(container, secret)
+        for cluster, variable in FAILING_OVER.items():
+            if name in jobs or variable not in env:
+                continue
+            params = conninfo_to_dict(check_url(variable, env[variable]))
+            assert params["host"] == f"{cluster}-rw,{cluster}-r", name
+            assert params["target_session_attrs"] == "read-write", name
+            seen.add((name, cluster))
+    assert {name for name, _ in seen} == {
+        "person",
+        "person-relay",
+        "person-importer",
+        "notifier",
+        "notifier-consumer",
+        "notifier-sender",
+    }

@@ -13,7 +13,8 @@ The score's test runs twice: on the run's Redis, and on a Redis Cluster of its o
 `cluster`). Part of either store is lost too (keys or rows deleted behind the model's back,
 with no replay): verification (messaging.verification, answered by the test kit's
 MemoryProducer) must find and repair it, and the digests of both sides must agree once the
-history is over.
+history is over. The tombstones' retention runs at its shortest (every tombstone pruned at
+once): no digest moves, and what a late older event brings back after it, verification mends.
 
 `make test` runs a bounded number of examples (HYPOTHESIS_PROFILE=suite); `make soak` runs the
 long profile.
@@ -45,6 +46,7 @@ from hypothesis.stateful import (
 from messaging import Consumer, Envelope, digests
 from messaging.stores import redis_client
 from messaging.testing import InMemoryBus, MemoryProducer, Message
+from notifier import retention
 from notifier.config import NotifierConfig
 from notifier.consumer import build as build_notifier
 from notifier.store import NotifierStore
@@ -55,6 +57,7 @@ from score.config import ScoreConfig
 from score.consumer import build as build_score
 from score.scoring import score
 from score.store import ScoreStore
+from servicekit.retention import Pruner
 
 pytestmark = pytest.mark.integration
 
@@ -110,6 +113,21 @@ class History(RuleBasedStateMachine):
         """Delete the entities `choose` picks from the model's store behind its back (nothing
         is replayed); whether anything was deleted."""
         raise NotImplementedError
+
+    def prune(self) -> bool:
+        """Prune every tombstone the retention would (as if each were past it); whether any
+        was pruned."""
+        raise NotImplementedError
+
+    @rule()
+    def prune_tombstones(self) -> None:
+        """The tombstones' retention: the digests stay as they were (a tombstone counts nothing
+        on either side), but a late older event may now bring an entity back, which only
+        verification mends (it counts as a loss)."""
+        entities = self.verification.entities
+        before = self.verification.store.digests(entities)
+        self.lost |= self.prune()
+        assert self.verification.store.digests(entities) == before
 
     @rule(data=st.data())
     def lose_part(self, data: st.DataObject) -> None:
@@ -275,8 +293,10 @@ class History(RuleBasedStateMachine):
         assert not self.lost or checks == 0 or self.verification.stats.repairs > 0
 
     def _producer_digests(self, entities: list[str]) -> dict:
-        found = digests.of_versions(
-            (e.entity, e.entity_id, e.entity_version) for e in self.answers.latest()
+        found = digests.of_versions(  # a deleted entity counts nothing
+            (e.entity, e.entity_id, e.entity_version)
+            for e in self.answers.latest()
+            if e.change != "deleted"
         )
         return {entity: buckets for entity, buckets in found.items() if entity in entities}
 
@@ -332,6 +352,9 @@ class ScoreHistory(History):
         if doomed:
             self.store.unlink(doomed)
         return bool(doomed)
+
+    def prune(self) -> bool:
+        return bool(self.store.prune_tombstones(0, self.store.due_tombstones(0, [], 10_000)))
 
     def check(self) -> None:
         for cpf in ("101", "102", "103"):
@@ -401,6 +424,11 @@ class NotifierHistory(History):
             doomed = choose(cpfs)
             conn.execute("DELETE FROM users WHERE cpf = ANY(%s)", (doomed,))
         return bool(doomed)
+
+    def prune(self) -> bool:
+        config = NOTIFIER["config"].model_copy(update={"tombstone_retention_days": 1e-9})
+        [tombstones] = [rule for rule in retention.rules(config) if rule.name == "tombstones"]
+        return bool(Pruner(self.store.pool.connection, [tombstones]).run_once()["tombstones"])
 
     def check(self) -> None:
         with self.store.pool.connection() as conn:

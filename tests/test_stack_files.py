@@ -147,6 +147,8 @@ def test_every_api_is_routed_as_in_the_native_routes(compose):
             assert tags[f"{prefix}.service"] == router["service"], name
         assert all(m in native["middlewares"] for m in router["middlewares"]), name
         assert "rate-limit" in router["middlewares"], name
+        # Outermost, so it sees the answers of the limits inside it (docs/security.md).
+        assert router["middlewares"][0] == "gateway-errors", name
         if "observability" in router:
             assert (
                 tags[f"{prefix}.observability.accesslogs"]
@@ -278,6 +280,39 @@ def test_traefik_exposes_only_labelled_containers_and_logs_request_ids(compose):
     )
     assert set(traefik["environment"]) == {"RATE_LIMIT_AVERAGE", "RATE_LIMIT_BURST"}
     assert "--api" not in procfile()["traefik"]
+
+
+def test_both_traefiks_load_the_gateway_errors_plugin_from_the_project(compose):
+    """Traefik reads a local plugin from ./plugins-local of its working directory: the native
+    one runs in traefik/, compose's in its mount of that folder."""
+    flag = "--experimental.localPlugins.gatewayerrors.moduleName=gatewayerrors"
+    plugin = ROOT / "traefik" / "plugins-local" / "src" / "gatewayerrors"
+    manifest = yaml.safe_load((plugin / ".traefik.yml").read_text())
+    assert manifest["type"] == "middleware" and manifest["import"] == "gatewayerrors"
+    assert (plugin / "gatewayerrors.go").read_text().startswith("// Package gatewayerrors")
+
+    native = procfile()["traefik"]
+    assert native.startswith("sh -c 'cd traefik && exec traefik ") and flag in native
+    assert "--providers.file.directory=dynamic" in native
+
+    traefik = compose["services"]["traefik"]
+    assert flag in traefik["command"]
+    assert traefik["working_dir"] == "/etc/traefik"
+    mounts = [str(volume) for volume in traefik["volumes"]]
+    assert any("traefik/plugins-local:/etc/traefik/plugins-local:ro" in m for m in mounts)
+
+
+def test_the_gateways_413_message_names_its_limits():
+    middlewares = native_routes()["http"]["middlewares"]
+    messages = middlewares["gateway-errors"]["plugin"]["gatewayerrors"]["messages"]
+    assert set(messages) == {"413", "429"}
+    limits = {
+        m["buffering"]["maxRequestBodyBytes"] // 2**20
+        for m in middlewares.values()
+        if "buffering" in m
+    }
+    assert limits == {1, 32}
+    assert "at most 1 MiB, 32 MiB on POST /person/bulk" in messages["413"]
 
 
 def test_infrastructure_is_pinned_protected_and_durable(compose):

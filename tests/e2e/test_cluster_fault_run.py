@@ -30,10 +30,10 @@ import psycopg
 import pytest
 from fault_load import Load, Step, Verdict, drain, publish
 from messaging.connection import connect
-from messaging.relay import LEADER_LOCK
 from messaging.replay import requests_queue
 from messaging.testing import wait_until
 from messaging.topology import Topology
+from relay_lock import relay_lock_holders
 from score.store import ScoreStore
 from stack import up as stack
 from stack.fake_sendgrid import FakeSendGrid
@@ -57,17 +57,10 @@ KILLED_CONSUMER = "score-consumer.2"
 def active_relay(supervisor: Processes, person_db: str) -> str | None:
     """The relay copy that holds the advisory lock, or None while none does: the lock's
     session is named after its replica, `messaging-relay@<host>:<pid>`."""
-    with psycopg.connect(person_db) as conn:
-        row = conn.execute(
-            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.objid = %s AND l.granted "
-            # This database's: a relay of another stack on the machine holds the same lock id.
-            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            (LEADER_LOCK,),
-        ).fetchone()
-    if row is None:
+    holders = relay_lock_holders(person_db)
+    if not holders:
         return None
-    pid = int(row[0].rpartition(":")[2])
+    pid = int(holders[0].rpartition(":")[2])
     for name in supervisor.copies("person-relay"):
         process = supervisor.processes[name]
         if process.pid == pid and process.poll() is None:

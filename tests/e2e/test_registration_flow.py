@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import urllib.parse
@@ -118,22 +119,53 @@ def test_every_service_is_ready_and_unknown_hosts_are_not_routed(stack):
     assert stack.call("GET", "elsewhere", "/health")[0] == 404
 
 
-def test_traefik_refuses_a_body_over_its_limit(stack):
-    # As curl does for a large body: headers first with "Expect: 100-continue"; Traefik answers
-    # 413 from Content-Length alone, before a byte of the body is sent.
-    connection = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=10)
+def gateway_refusal(port: int, path: str, chunked: bool) -> tuple[int, dict[str, str], bytes]:
+    """POST a body of 2 MB to person.localhost through the gateway, as curl sends a large one:
+    declared up front with "Expect: 100-continue" (Traefik answers from Content-Length alone,
+    before a byte of it is sent), or chunked (Traefik counts it as it arrives)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        connection.putrequest("POST", "/person", skip_host=True)
+        connection.putrequest("POST", path, skip_host=True)
         connection.putheader("Host", "person.localhost")
         connection.putheader("Content-Type", "application/json")
-        connection.putheader("Content-Length", str(2_000_000))
-        connection.putheader("Expect", "100-continue")
-        connection.endheaders()
+        if chunked:
+            connection.putheader("Transfer-Encoding", "chunked")
+            connection.endheaders()
+            chunk = b"[" + b" " * 65_536
+            try:
+                for _ in range(32):
+                    connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                connection.send(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # Traefik answered and closed before the rest: its answer is there
+        else:
+            connection.putheader("Content-Length", str(2_000_000))
+            connection.putheader("Expect", "100-continue")
+            connection.endheaders()
         response = connection.getresponse()
-        # Traefik's own plain-text answer, not the service's JSON error: the gateway's limit.
-        assert (response.status, response.read()) == (413, b"Request Entity Too Large")
+        return response.status, dict(response.getheaders()), response.read()
     finally:
         connection.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_traefik_refuses_a_body_over_its_limit_in_the_contracts_shape(stack, chunked):
+    # Traefik's own answer (the gateway's limit, 1 MiB here), not the service's: the services'
+    # JSON error shape all the same (the gateway-errors plugin), not Traefik's plain text.
+    status, headers, raw = gateway_refusal(stack.port, "/person", chunked)
+    assert status == 413, raw
+    assert headers["Content-Type"] == "application/json"
+    body = json.loads(raw)
+    assert body == {"message": body["message"], "errors": {}}
+    assert body["message"].startswith("the body is too large for the gateway"), body
+
+
+def test_a_services_own_413_keeps_its_message(stack):
+    # Under the gateway's limit but over the service's MAX_BODY_BYTES: the service's answer.
+    padded = {"cpf": "1", "name": "x" * 600_000, "address": "a", "date_of_birth": "1990-01-01"}
+    status, body, headers = stack.call("POST", "person", "/person", padded)
+    assert (status, body) == (413, {"message": "the body is too large", "errors": {}})
+    assert headers["Content-Type"] == "application/json"
 
 
 @pytest.mark.parametrize(

@@ -207,13 +207,58 @@ def test_an_import_belongs_to_the_key_that_made_it(prod, keys):
     assert (status, again["id"]) == (202, made["id"])
 
 
-def test_traefik_answers_429_past_the_rate_limit(prod):
-    def hit(_n: int) -> int:
-        return call(prod, "GET", "score", "/health", None)[0]
+def is_gateways(answer: tuple[int, Any, Any]) -> bool:
+    """A 429 of Traefik's rate limit (its message names the gateway's limit)."""
+    status, body, _ = answer
+    return status == 429 and isinstance(body, dict) and "from this address" in body["message"]
+
+
+def assert_contract_shape(answer: tuple[int, Any, Any]) -> None:
+    status, body, headers = answer
+    assert headers["Content-Type"] == "application/json", (status, body)
+    assert isinstance(body, dict) and set(body) == {"message", "errors"}, (status, body)
+    assert isinstance(body["message"], str) and body["errors"] == {}, body
+
+
+def test_traefik_answers_429_past_the_rate_limit_in_the_contracts_shape(prod):
+    def hit(_n: int) -> tuple[int, Any, Any]:
+        return call(prod, "GET", "score", "/health", None)
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        statuses = list(pool.map(hit, range(400)))
+        answers = list(pool.map(hit, range(400)))
+    statuses = [status for status, _, _ in answers]
     assert 429 in statuses and 200 in statuses
+    for answer in answers:
+        if answer[0] == 429:
+            assert_contract_shape(answer)
+            assert is_gateways(answer), answer[1]
+            assert "over 50 a second, bursts of 100" in answer[1]["message"]
+            assert 1 <= int(answer[2]["Retry-After"]) <= 2  # Traefik's own, kept
+
+
+def test_a_services_own_429_keeps_its_message_and_retry_after_past_the_gateway(prod, keys):
+    """Under a burst, the person service refuses the activation e-mails itself (asked again too
+    soon) and the gateway refuses the rest: each says its own reason and its own wait."""
+    cpf = "50000000020"
+    person = {"cpf": cpf, **PERSON, "email": "burst@example.com"}
+    assert call(prod, "POST", "person", "/person", keys[WRITE], person)[0] == 201
+
+    def ask(_n: int) -> tuple[int, Any, Any]:
+        return call(prod, "POST", "person", f"/person/{cpf}/activation", keys[WRITE])
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(ask, range(300)))
+    assert {status for status, _, _ in answers} == {429}
+    gateways = [answer for answer in answers if is_gateways(answer)]
+    services = [answer for answer in answers if not is_gateways(answer)]
+    assert gateways and services
+    for answer in answers:
+        assert_contract_shape(answer)
+    for _, body, headers in services:
+        assert re.fullmatch(
+            r"an activation e-mail was sent \d+s ago: ask again in \d+s", body["message"]
+        ), body
+        assert 2 < int(headers["Retry-After"]) <= 60  # the service's wait, not the gateway's
 
 
 REFUSALS = [

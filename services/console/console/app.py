@@ -32,9 +32,9 @@ from flask import (
 )
 from messaging.connection import BrokerProbe
 from prometheus_client import CollectorRegistry
-from psycopg_pool import ConnectionPool
 from servicekit import access, correlation, docs, errors, health, metrics, tracing, web
 from servicekit.auth import ApiKeys, Principal, digest, public
+from servicekit.database import connection_pool
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import headers
@@ -416,9 +416,7 @@ def create_app(config: ConsoleConfig | None = None) -> Flask:
         SESSION_COOKIE_NAME="console",
         MAX_CONTENT_LENGTH=64 * 1024,
     )
-    pool = ConnectionPool(
-        config.console_database_url, min_size=1, max_size=4, open=True, name="console"
-    )
+    pool = connection_pool(config.console_database_url, "console", 4, timeout=30)
     app.session_interface = ServerSessions(
         SessionStore(
             pool,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from messaging.settings import BrokerSettings
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
+from servicekit.database import check_url
 from servicekit.settings import MIN_SECRET_LENGTH
 
 DEVELOPMENT_SECRET = "development-console-secret"
@@ -33,6 +34,11 @@ class ConsoleConfig(BrokerSettings):
     console_consumers: tuple[str, ...] = ("score", "notifier")  # whose queues it shows
     # Dead letters a page reads (and holds unacknowledged, briefly) from each dead queue at most.
     console_dlq_window: int = Field(500, ge=1)
+
+    @field_validator("console_database_url")
+    @classmethod
+    def _database(cls, value: str) -> str:
+        return check_url("CONSOLE_DATABASE_URL", value)  # several servers: the writable one
 
     @model_validator(mode="after")
     def _production_is_closed(self) -> ConsoleConfig:

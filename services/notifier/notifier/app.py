@@ -10,8 +10,9 @@ from messaging.connection import BrokerProbe
 from messaging.replicas import consumer_metrics, replicas_ready
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import PoolTimeout
 from servicekit import access, correlation, docs, errors, health, metrics, tracing, web
+from servicekit.database import connection_pool
 from servicekit.metrics import ScrapeCollector
 
 from . import api
@@ -30,14 +31,9 @@ def create_app(config: NotifierConfig | None = None, store: NotifierStore | None
     app.config["MAILBOX_OPEN"] = config.mailbox_open
     app.config["NOTIFIER_URL"] = config.notifier_url
     if store is None:
-        pool = ConnectionPool(
-            config.notifier_database_url,
-            min_size=1,
-            max_size=config.db_pool_size,
-            open=True,
-            name="notifier",
-            timeout=5,  # a database that does not answer is a 503 in 5 s, not a hung request
-        )
+        # A database that does not answer is a 503 in 5 s, not a hung request; after a failover
+        # the pool finds the new primary (servicekit.database).
+        pool = connection_pool(config.notifier_database_url, "notifier", config.db_pool_size)
         store = NotifierStore(pool)
     app.extensions["notifier.store"] = store
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from messaging.settings import BrokerSettings
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
+from servicekit.database import check_url
 
 # The development value of ACTIVATION_SECRET, which the person and notifier services share (the
 # notifier signs activation links, the person service checks them); refused in production.
@@ -33,8 +34,14 @@ class NotifierConfig(BrokerSettings):
     # Retention (notifier/retention.py), pruned by the sender every RETENTION_INTERVAL_SECONDS.
     delivery_text_retention_days: float = Field(7.0, gt=0)
     mailbox_retention_days: float = Field(7.0, gt=0)
+    tombstone_retention_days: float = Field(30.0, gt=0)
     retention_interval_seconds: float = Field(3600.0, gt=0)
     retention_batch: int = Field(500, ge=1)
+
+    @field_validator("notifier_database_url")
+    @classmethod
+    def _database(cls, value: str) -> str:
+        return check_url("NOTIFIER_DATABASE_URL", value)  # several servers: the writable one
 
     @model_validator(mode="after")
     def _lease_outlasts_a_call(self) -> NotifierConfig:

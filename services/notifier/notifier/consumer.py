@@ -16,6 +16,7 @@ from messaging.verification import Verification
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field
 from servicekit import tracing
+from servicekit.database import connection_pool
 from servicekit.runner import configure_logging, replica_id, run_until_signalled
 
 from .config import NotifierConfig
@@ -136,7 +137,7 @@ def main() -> int:
     config = NotifierConfig()
     configure_logging(config.log_level)
     tracing.configure("notifier-consumer")
-    with ConnectionPool(config.notifier_database_url, min_size=1, max_size=3, timeout=5) as pool:
+    with connection_pool(config.notifier_database_url, "notifier-consumer", 3) as pool:
         consumer, store = build(config, pool)
         name = f"{HEARTBEAT}@{replica_id()}"
         heartbeat = AttachedBeacon(

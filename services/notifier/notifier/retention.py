@@ -4,6 +4,11 @@ A settled delivery (sent, cancelled or suppressed) keeps its row, the record of 
 to whom, when and why not; its e-mail text (which holds the activation link) is blanked after
 DELIVERY_TEXT_RETENTION_DAYS. A failed delivery keeps its text: an operator may send it again.
 The development mailbox's e-mails are deleted after MAILBOX_RETENTION_DAYS.
+
+A deleted person's row (a tombstone: it keeps a late event from bringing the person back, and
+cancels a delivery still due) is deleted TOMBSTONE_RETENTION_DAYS after the deletion was
+applied, unless a delivery of theirs may still go (pending, sending, or failed: an operator may
+retry it, and the tombstone cancels it then); docs/guarantees.md says why that is safe.
 """
 
 from __future__ import annotations
@@ -13,6 +18,12 @@ from servicekit.retention import Rule
 from .config import NotifierConfig
 
 SETTLED = "('sent', 'cancelled', 'suppressed')"
+
+# A tombstone applied longer ago than the retention, of a person none of whose deliveries may
+# still be sent (the tombstone is what cancels those).
+_TOMBSTONE_DUE = """u.updated_at < now() - make_interval(secs => %(seconds)s)
+    AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.cpf = u.cpf
+                    AND d.status IN ('pending', 'sending', 'failed'))"""
 
 
 def rules(config: NotifierConfig) -> list[Rule]:
@@ -35,5 +46,13 @@ def rules(config: NotifierConfig) -> list[Rule]:
             "AND NOT (id = ANY(%(skip)s)) ORDER BY received_at, id LIMIT %(limit)s",
             prune="DELETE FROM mailbox WHERE id = ANY(%(keys)s) "
             "AND received_at < now() - make_interval(secs => %(seconds)s) RETURNING id",
+        ),
+        Rule(
+            "tombstones",
+            config.tombstone_retention_days,
+            due=f"SELECT cpf FROM users u WHERE deleted AND {_TOMBSTONE_DUE} "
+            "AND NOT (cpf = ANY(%(skip)s)) ORDER BY updated_at, cpf LIMIT %(limit)s",
+            prune=f"DELETE FROM users u WHERE cpf = ANY(%(keys)s) AND deleted AND {_TOMBSTONE_DUE} "
+            "RETURNING cpf",
         ),
     ]

@@ -26,6 +26,7 @@ from messaging.connection import Backoff
 from opentelemetry.trace import SpanKind
 from psycopg_pool import ConnectionPool
 from servicekit import tracing
+from servicekit.database import connection_pool
 from servicekit.retention import Pruner
 from servicekit.runner import configure_logging, replica_id, run_until_signalled
 
@@ -308,7 +309,8 @@ def main() -> int:
     configure_logging(config.log_level)
     tracing.configure("notifier-sender")
     pool_size = config.sender_concurrency + 2  # the workers, the heartbeat, the retention
-    with ConnectionPool(config.notifier_database_url, min_size=1, max_size=pool_size) as pool:
+    pool = connection_pool(config.notifier_database_url, "notifier-sender", pool_size, timeout=30)
+    with pool:
         transport = transport_for(config)
         log.info("sending e-mail through %s", transport.name if transport else "the mailbox")
         pruner(pool, config).start()  # beside the sending, in this long-running process

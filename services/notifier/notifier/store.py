@@ -462,9 +462,9 @@ class NotifierStore:
         if "person" not in entities:
             return {}
         with postgres_errors(), self.pool.connection() as conn:
-            rows = conn.execute(
+            rows = conn.execute(  # a tombstone counts nothing (messaging.digests)
                 f"SELECT bucket, sum(contribution) % {sums.MODULUS}, count(*) FROM users "
-                "WHERE bucket IS NOT NULL GROUP BY bucket"
+                "WHERE bucket IS NOT NULL AND NOT deleted GROUP BY bucket"
             ).fetchall()
         return {"person": {int(b): (int(d), int(n)) for b, d, n in rows}}
 
@@ -473,7 +473,8 @@ class NotifierStore:
             return {}
         with postgres_errors(), self.pool.connection() as conn:
             rows = conn.execute(
-                "SELECT cpf, version FROM users WHERE bucket = ANY(%s)", (buckets,)
+                "SELECT cpf, version FROM users WHERE bucket = ANY(%s) AND NOT deleted",
+                (buckets,),
             ).fetchall()
         return {cpf: int(version) for cpf, version in rows}
 

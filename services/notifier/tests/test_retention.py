@@ -6,9 +6,11 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 
 import psycopg
 import pytest
+from messaging import digests
 from messaging.testing import wait_until
 from notifier.sender import pruner
 
@@ -92,6 +94,43 @@ def test_one_row_that_cannot_be_pruned_does_not_stop_the_others(config, store, n
 
         assert mailbox_ids(conn) == {bad}
     assert pruned["mailbox e-mails"] == 4
+
+
+def person(store, cpf: str, version: int, deleted: bool, days_old: float = 0) -> None:
+    """The view applies a person's event (a deletion leaves a tombstone), `days_old` ago."""
+    state = None if deleted else {"name": "Ana", "email": None, "status": "pending"}
+    with store.transaction() as cur:
+        store.apply_person(cur, uuid.uuid4(), cpf, version, state)
+        cur.execute(
+            "UPDATE users SET updated_at = now() - make_interval(secs => %s) WHERE cpf = %s",
+            (days_old * 86_400, cpf),
+        )
+
+
+def view_rows(conn: psycopg.Connection) -> dict[str, bool]:
+    return dict(conn.execute("SELECT cpf, deleted FROM users").fetchall())
+
+
+def test_tombstones_older_than_the_retention_are_deleted_unless_a_delivery_may_still_go(
+    config, store, notifier_db
+):
+    config = config.model_copy(update={"tombstone_retention_days": 30, "retention_batch": 1})
+    person(store, "1", 2, deleted=True, days_old=31)
+    person(store, "2", 2, deleted=True, days_old=31)
+    person(store, "3", 2, deleted=True, days_old=29)
+    person(store, "4", 1, deleted=False, days_old=400)
+    with psycopg.connect(notifier_db, autocommit=True) as conn:
+        failed = delivery(conn, "failed", 40)
+        conn.execute("UPDATE deliveries SET cpf = '2' WHERE id = %s", (failed,))
+        before = store.digests({"person"})
+
+        pruned = pruner(store.pool, config).run_once()
+
+        # '2' keeps its tombstone while its failed e-mail may be retried: the tombstone cancels it
+        assert view_rows(conn) == {"2": True, "3": True, "4": False}
+    assert pruned["tombstones"] == 1
+    assert store.digests({"person"}) == before == digests.of_versions([("person", "4", 1)])
+    assert store.held_versions("person", list(range(digests.BUCKETS))) == {"4": 1}
 
 
 def test_the_running_sender_process_prunes_at_start(notifier_db):

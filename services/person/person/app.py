@@ -9,8 +9,9 @@ from flask import Flask
 from messaging.connection import BrokerProbe
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import PoolTimeout
 from servicekit import access, correlation, docs, errors, health, metrics, tracing, web
+from servicekit.database import connection_pool
 from servicekit.metrics import ScrapeCollector
 
 from . import api, catalogue
@@ -33,14 +34,9 @@ def create_app(config: PersonConfig | None = None, store: Store | None = None) -
     app.config["ACTIVATION_RESEND_SECONDS"] = config.activation_resend_seconds
     app.config["ACTIVATION_REQUESTS_PER_KEY"] = config.activation_requests_per_key_per_day
     if store is None:
-        pool = ConnectionPool(
-            config.person_database_url,
-            min_size=1,
-            max_size=config.db_pool_size,
-            open=True,
-            name="person",
-            timeout=5,  # a database that does not answer is a 503 in 5 s, not a hung request
-        )
+        # A database that does not answer is a 503 in 5 s, not a hung request; after a failover
+        # the pool finds the new primary (servicekit.database).
+        pool = connection_pool(config.person_database_url, "person", config.db_pool_size)
         store = PgStore(pool, config.items_per_person_max)
     store.items_per_person_max = config.items_per_person_max  # a test's store too
     app.extensions["person.store"] = store

@@ -7,6 +7,7 @@ from typing import Annotated
 from messaging.settings import BrokerSettings
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
+from servicekit.database import check_url
 
 # The development value of ACTIVATION_SECRET, which the person and notifier services share (the
 # notifier signs activation links, the person service checks them); refused in production.
@@ -37,6 +38,11 @@ class PersonConfig(BrokerSettings):
     # The consuming services whose work queues the relay replays to on request (no other).
     replay_targets: Annotated[tuple[str, ...], NoDecode] = ("score", "notifier")
     replay_min_interval_seconds: float = Field(30.0, ge=0)  # between two replays to one
+
+    @field_validator("person_database_url")
+    @classmethod
+    def _database(cls, value: str) -> str:
+        return check_url("PERSON_DATABASE_URL", value)  # several servers: the writable one
 
     @field_validator("replay_targets", mode="before")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from messaging.settings import BrokerSettings
 from messaging.stores import cluster_nodes
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 
 class ScoreConfig(BrokerSettings):
@@ -13,6 +13,10 @@ class ScoreConfig(BrokerSettings):
     # or several redis:// URLs separated by commas (messaging.redis_client).
     score_redis_url: str = "redis://127.0.0.1:6379/0"
     score_key_prefix: str = "score:"
+    # Retention (score/retention.py), pruned by the consumer every RETENTION_INTERVAL_SECONDS.
+    tombstone_retention_days: float = Field(30.0, gt=0)
+    retention_interval_seconds: float = Field(3600.0, gt=0)
+    retention_batch: int = Field(500, ge=1)
 
     @field_validator("score_redis_url")
     @classmethod

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from servicekit import tracing
 from servicekit.runner import configure_logging, replica_id, run_until_signalled
 
+from . import retention
 from .config import ScoreConfig
 from .scoring import KINDS
 from .store import Change, ItemChange, PersonChange, ScoreStore
@@ -91,6 +92,7 @@ def main() -> int:
     configure_logging(config.log_level)
     tracing.configure("score-consumer")
     consumer, store = build(config)
+    retention.pruner(config, store).start()  # beside the consuming, in this long-running process
     replica = replica_id()
     heartbeat = AttachedBeacon(
         consumer, lambda: beat(consumer, store, replica), every=HEARTBEAT_SECONDS

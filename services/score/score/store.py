@@ -5,12 +5,15 @@ SCORE_REDIS_URL). Key layout (prefix `SCORE_KEY_PREFIX`, default `score:`; `{...
 tag: a cluster keeps every key with the same tag in one slot):
 
 - `score:person:{<cpf>}`      hash: `version` (person entity_version), `deleted` (0/1),
-                              `rev` (bumped by every change of the person or of its items)
+                              `rev` (bumped by every change of the person or of its items),
+                              `at` (a tombstone's: when the deletion was applied, epoch seconds)
 - `score:items:{<cpf>}`       set of the ids of the person's items: an index, in the person's
                               slot, so reading a score asks one slot for it
 - `score:item:{<id>}`         hash: `version`, `deleted`, `cpf`, `kind`, `value` (decimal
-                              string): the item's own state, in its own slot (its deletion
-                              names only its id)
+                              string), `at` (as the person's): the item's own state, in its own
+                              slot (its deletion names only its id)
+- `score:tombstones`          sorted set of the tombstones' keys, by `at`: what the retention
+                              prunes (TOMBSTONE_RETENTION_DAYS), found without a SCAN
 - `score:generation:2`        hash: `state` (ready/rebuilding/wiping), `request`, `since`,
                               `expected` and `settled`: the marker a store that lost its data is
                               missing (healing.py). `2` is the key layout's: a store of the
@@ -25,14 +28,20 @@ tag: a cluster keeps every key with the same tag in one slot):
 Each change is a script on the keys of one slot, every key named in KEYS, that compares
 `entity_version` with the stored one and applies only a newer one, atomically, so duplicates,
 reordering and replays converge. Deletions leave tombstones (the hash with `deleted` 1 and its
-version), so a late event cannot bring an entity back. An item's change touches two slots, its
-own and its person's, in two scripts: the set is only an index, and a read counts an item only
-if its own hash says it is live and whose it is. An item's creation adds it to the set before it
-is applied (same connection, so a replica that lost the set entry lost the item too); its
-deletion, which does not name the person, takes it out once the item's hash said whose it was.
-So a replayed creation mends a set a wipe emptied, a replayed deletion removes what a wipe left.
-On a cluster the set and the item live on different masters, which fail over apart:
-verification there also counts a live item missing from its person's set as missing.
+version), so a late event cannot bring an entity back; they count nothing in the digests and are
+pruned after TOMBSTONE_RETENTION_DAYS (docs/guarantees.md says why that is safe). The tombstones'
+index is one key, in a slot of its own: a deletion joins it in a second step, from what the
+entity's script answered (so a redelivered deletion joins it too), and the pruning checks each
+entity's own hash before deleting it, then mends the index.
+
+An item's change touches two slots, its own and its person's, in two scripts: the set is only
+an index, and a read counts an item only if its own hash says it is live and whose it is. An
+item's creation adds it to the set before it is applied (same connection, so a replica that lost
+the set entry lost the item too); its deletion, which does not name the person, takes it out
+once the item's hash said whose it was. So a replayed creation mends a set a wipe emptied, a
+replayed deletion removes what a wipe left. On a cluster the set and the item live on different
+masters, which fail over apart: verification there also counts a live item missing from its
+person's set as missing.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -56,42 +65,80 @@ from .scoring import KINDS, score
 
 LAYOUT = 2  # the key layout's version, in the generation marker's name
 GENERATION_KEY = f"generation:{LAYOUT}"
+TOMBSTONES_KEY = "tombstones"  # the tombstones' index: key -> when the deletion was applied
 VERIFICATION_KEY = "verification"  # the last check's divergent buckets (verification.py)
 BEACON_KEY = "consumer:"  # + replica id
 BEACONS_KEY = "consumers"
 BEACON_FORGET_SECONDS = 3600.0  # a replica that has not beaten for this long leaves the index
 PAGE = 1000  # keys per SCAN page, and per UNLINK
 
-# KEYS[1] person hash. ARGV: version, deleted, contribution, bucket (messaging.digests: kept
-# beside the version, so verification sums what the model holds). A deletion does not cascade
-# to the items: the producer emits each item's own deletion first, and under reordering a
-# cascade could remove an item that belongs to the person's next life.
-_APPLY_PERSON = """
-local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
-local version = tonumber(ARGV[1])
-if stored >= version then return 0 end
-redis.call('HSET', KEYS[1], 'version', version, 'deleted', ARGV[2], 'entity', 'person',
-           'h', ARGV[3], 'b', ARGV[4])
-redis.call('HINCRBY', KEYS[1], 'rev', 1)
-return 1
+# A tombstone's time, in both apply scripts (KEYS[1] the entity's hash): `at` while it is
+# deleted, none once it lives again.
+_TOMBSTONE_LUA = """
+local function tombstone(deleted, now)
+  if deleted == '1' then redis.call('HSET', KEYS[1], 'at', now)
+  else redis.call('HDEL', KEYS[1], 'at') end
+end
 """
 
-# KEYS[1] item hash. ARGV: version, deleted, cpf ('' on a deletion), kind, value, entity (its
-# kind, on a deletion too), contribution, bucket. Returns 1 if applied (0 if not newer), then
-# whether the item is deleted now and whose it is ('' while no event of it named its person).
-_APPLY_ITEM = """
+# KEYS[1] person hash. ARGV: version, deleted, contribution, bucket (messaging.digests: kept
+# beside the version, so verification sums what the model holds), now. Returns 1 if applied (0
+# if not newer), then whether the person is deleted now and since when ('' if not). A deletion
+# does not cascade to the items: the producer emits each item's own deletion first, and under
+# reordering a cascade could remove an item that belongs to the person's next life.
+_APPLY_PERSON = (
+    _TOMBSTONE_LUA
+    + """
 local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local version = tonumber(ARGV[1])
 if stored >= version then
-  local held = redis.call('HMGET', KEYS[1], 'deleted', 'cpf')
+  local held = redis.call('HMGET', KEYS[1], 'deleted', 'at')
   return {0, held[1] or '0', held[2] or ''}
+end
+redis.call('HSET', KEYS[1], 'version', version, 'deleted', ARGV[2], 'entity', 'person',
+           'h', ARGV[3], 'b', ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'rev', 1)
+tombstone(ARGV[2], ARGV[5])
+return {1, ARGV[2], ARGV[2] == '1' and ARGV[5] or ''}
+"""
+)
+
+# KEYS[1] item hash. ARGV: version, deleted, cpf ('' on a deletion), kind, value, entity (its
+# kind, on a deletion too), contribution, bucket, now. Returns 1 if applied (0 if not newer),
+# then whether the item is deleted now, since when ('' if not), and whose it is ('' while no
+# event of it named its person).
+_APPLY_ITEM = (
+    _TOMBSTONE_LUA
+    + """
+local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+local version = tonumber(ARGV[1])
+if stored >= version then
+  local held = redis.call('HMGET', KEYS[1], 'deleted', 'at', 'cpf')
+  return {0, held[1] or '0', held[2] or '', held[3] or ''}
 end
 local cpf = ARGV[3]
 if cpf == '' then cpf = redis.call('HGET', KEYS[1], 'cpf') or '' end
 redis.call('HSET', KEYS[1], 'version', version, 'deleted', ARGV[2], 'cpf', cpf,
            'entity', ARGV[6], 'h', ARGV[7], 'b', ARGV[8])
 if ARGV[2] == '0' then redis.call('HSET', KEYS[1], 'kind', ARGV[4], 'value', ARGV[5]) end
-return {1, ARGV[2], cpf}
+tombstone(ARGV[2], ARGV[9])
+return {1, ARGV[2], ARGV[2] == '1' and ARGV[9] or '', cpf}
+"""
+)
+
+# KEYS[1] an entity's hash. ARGV: the cutoff (epoch seconds). Deletes it only if it still is a
+# tombstone applied before the cutoff: {1}; one applied since: {2, its time}; anything else (it
+# lives again, another type, fields written by hand, gone): {0}, untouched.
+_PRUNE_TOMBSTONE = """
+local held = redis.pcall('HMGET', KEYS[1], 'deleted', 'at')
+if type(held) ~= 'table' or held.err or held[1] ~= '1' or not tonumber(held[2]) then
+  return {0}
+end
+if tonumber(held[2]) <= tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[1])
+  return {1}
+end
+return {2, held[2]}
 """
 
 # KEYS[1] the person's item set, KEYS[2] the person hash. ARGV: item id, 'add' or 'remove'.
@@ -129,9 +176,10 @@ local groups, order = {}, {}
 for _, key in ipairs(found[2]) do
   -- A key of another type, or fields that are no bucket and contribution (written by hand),
   -- count as missing: the bucket differs and says so, and the check goes on.
-  local v = redis.pcall('HMGET', key, 'entity', 'b', 'h')
+  local v = redis.pcall('HMGET', key, 'entity', 'b', 'h', 'deleted')
   local b, h
-  if type(v) == 'table' and not v.err and v[1] and wanted[v[1]] then
+  -- A tombstone counts nothing (messaging.digests): pruning it changes no digest.
+  if type(v) == 'table' and not v.err and v[1] and wanted[v[1]] and v[4] ~= '1' then
     b, h = tonumber(v[2]), tonumber(v[3])
   end
   if b and h and b >= 0 and b < BUCKETS and b == math.floor(b)
@@ -216,7 +264,9 @@ class ScoreStore:
         self._index = client.register_script(_INDEX_ITEM)
         self._read = client.register_script(_READ_PERSON)
         self._digest_page = client.register_script(_DIGEST_PAGE)
+        self._prune = client.register_script(_PRUNE_TOMBSTONE)
         self.generation_key = f"{prefix}{GENERATION_KEY}"
+        self.tombstones_key = f"{prefix}{TOMBSTONES_KEY}"
         # The healing marker (messaging.healing.GenerationStore), one hash beside the data.
         self.marker = RedisGeneration(client, self.generation_key)
 
@@ -239,7 +289,8 @@ class ScoreStore:
     # -- changes -------------------------------------------------------------------------------
     def apply(self, changes: Sequence[Change]) -> list[bool]:
         """Apply changes in order; True for each that was newer. One round trip, and a second
-        for the item deletions whose person the first found.
+        for what the first said: the deleted items whose person it found leave the person's
+        set, the deleted entities join the tombstones' index.
 
         The scripts are called by their SHA (a pipeline of Script objects would first ask
         SCRIPT EXISTS, one more round trip per batch; redis-py's cluster pipeline has no
@@ -248,39 +299,50 @@ class ScoreStore:
         is sent again: every step is version-gated or idempotent, so a change that did run is
         not applied twice.
         """
+        return self._scripted(lambda: self._apply(changes))
+
+    def _scripted(self, run: Callable[[], Any]) -> Any:
+        """`run()`, loading the scripts and running it again if Redis does not know them."""
         with redis_errors():
             try:
-                return self._apply(changes)
+                return run()
             except redis.exceptions.NoScriptError:
-                for script in (self._person, self._item, self._index):
+                for script in (self._person, self._item, self._index, self._prune):
                     script.sha = self.client.script_load(script.script)
-                return self._apply(changes)
+                return run()
 
     def _apply(self, changes: Sequence[Change]) -> list[bool]:
         pipe = self.client.pipeline(transaction=False)
+        now = time.time()
         for change in changes:
-            self._queue(change, pipe)
+            self._queue(change, pipe, now)
         replies = iter(pipe.execute())
-        applied, removals = [], []
+        applied, removals, tombstones = [], [], {}
         for change in changes:
             if isinstance(change, PersonChange):
-                applied.append(bool(next(replies)))
-                continue
-            if _indexed_first(change):
-                next(replies)
-            done, deleted, whose = next(replies)
+                done, deleted, at = next(replies)
+                key = self.person_key(change.cpf)
+            else:
+                if _indexed_first(change):
+                    next(replies)
+                done, deleted, at, whose = next(replies)
+                key = self.item_key(change.item_id)
+                owner = _text(whose) or change.cpf or ""
+                if _text(deleted) == "1" and owner:
+                    removals.append((owner, change.item_id))
             applied.append(bool(done))
-            owner = _text(whose) or change.cpf or ""
-            if _text(deleted) == "1" and owner:
-                removals.append((owner, change.item_id))
-        if removals:
+            if _text(deleted) == "1" and at:
+                tombstones.setdefault(key, float(at))
+        if removals or tombstones:
             pipe = self.client.pipeline(transaction=False)
             for cpf, item_id in removals:
                 self._index_call(pipe, cpf, item_id, "remove")
+            if tombstones:  # only where there is none: a redelivery keeps the first time
+                pipe.zadd(self.tombstones_key, tombstones, nx=True)
             pipe.execute()
         return applied
 
-    def _queue(self, change: Change, pipe: Any) -> None:
+    def _queue(self, change: Change, pipe: Any, now: float) -> None:
         if isinstance(change, PersonChange):
             self._evalsha(
                 pipe,
@@ -290,6 +352,7 @@ class ScoreStore:
                 int(change.deleted),
                 sums.contribution("person", change.cpf, change.version),
                 sums.bucket("person", change.cpf),
+                now,
             )
             return
         if _indexed_first(change):
@@ -307,6 +370,7 @@ class ScoreStore:
             entity,
             sums.contribution(entity, change.item_id, change.version),
             sums.bucket(entity, change.item_id),
+            now,
         )
 
     def _index_call(self, pipe: Any, cpf: str, item_id: str, how: str) -> None:
@@ -447,6 +511,8 @@ class ScoreStore:
         return found
 
     def held_versions(self, entity: str, buckets: list[int]) -> dict[str, int]:
+        """The versions the digests count: tombstones left out, as the producer leaves out its
+        deleted entities."""
         chosen = {str(b) for b in buckets}
         with redis_errors():
             return {
@@ -457,6 +523,7 @@ class ScoreStore:
                 and held.bucket in chosen
                 and held.version
                 and held.version.isdigit()
+                and held.deleted != "1"
             }
 
     def last_divergence(self) -> dict[str, dict[str, int]]:
@@ -491,6 +558,42 @@ class ScoreStore:
                     fields = (None if v is None else _text(v) for v in values)
                     page.append(Held(key, item, key[key.index("{") + 1 : -1], *fields))
                 yield page
+
+    # -- retention of tombstones (score/retention.py) -----------------------------------------
+    def due_tombstones(self, seconds: float, skip: list[str], limit: int) -> list[str]:
+        """The keys of at most `limit` tombstones applied more than `seconds` ago, oldest first
+        (none of `skip`)."""
+        with redis_errors():
+            found = self.client.zrangebyscore(
+                self.tombstones_key, "-inf", time.time() - seconds, start=0, num=limit + len(skip)
+            )
+        keys = [_text(key) for key in found if _text(key) not in skip]
+        return keys[:limit]
+
+    def prune_tombstones(self, seconds: float, keys: list[str]) -> int:
+        """Delete those of `keys` that still are tombstones applied more than `seconds` ago, each
+        in a script on its own slot; then the index: a deleted one or one that lives again leaves
+        it, one deleted again since stays at its new time. How many were deleted."""
+        if not keys:
+            return 0
+        cutoff = time.time() - seconds
+
+        def prune() -> int:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                self._evalsha(pipe, self._prune, [key], cutoff)
+            answers = pipe.execute()
+            pipe = self.client.pipeline(transaction=False)
+            gone = [key for key, answer in zip(keys, answers, strict=True) if answer[0] != 2]
+            later = {k: float(a[1]) for k, a in zip(keys, answers, strict=True) if a[0] == 2}
+            if gone:
+                pipe.zrem(self.tombstones_key, *gone)
+            if later:
+                pipe.zadd(self.tombstones_key, later)
+            pipe.execute()
+            return sum(1 for answer in answers if answer[0] == 1)
+
+        return int(self._scripted(prune))
 
     def _scan(self, pattern: str) -> Iterator[tuple[Any, list[bytes]]]:
         """Pages of the keys that match, each with a client of the server that holds them: the
@@ -547,7 +650,7 @@ def _indexed_first(change: ItemChange) -> bool:
 def _digest_part(held: Held, wanted: set[str]) -> tuple[str, int, int] | None:
     """(entity, bucket, contribution) of a hash, as _DIGEST_PAGE reads it; None for a hash
     whose fields are no bucket and contribution (written by hand): it counts as missing."""
-    if held.entity not in wanted:
+    if held.entity not in wanted or held.deleted == "1":  # a tombstone counts nothing
         return None
     try:
         bucket, part = int(held.bucket or ""), int(held.contribution or "")

@@ -15,13 +15,16 @@ from score.store import ScoreStore
 
 
 @pytest.fixture(params=["redis", pytest.param("redis-cluster", marks=pytest.mark.cluster)])
-def redis_client(request: pytest.FixtureRequest, servers) -> Iterator[Any]:
-    """A client of the run's Redis, or of its Redis Cluster (tests/support/redis_cluster.py)."""
+def redis_url(request: pytest.FixtureRequest, servers) -> str:
+    """The run's Redis, or its Redis Cluster (tests/support/redis_cluster.py)."""
     if request.param == "redis":
-        url = servers.redis
-    else:
-        url = request.getfixturevalue("redis_cluster").url
-    client = client_for(url)
+        return servers.redis
+    return request.getfixturevalue("redis_cluster").url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[Any]:
+    client = client_for(redis_url)
     yield client
     client.close()
 

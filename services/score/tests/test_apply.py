@@ -1,17 +1,23 @@
-"""The score consumer's apply logic, driven by the in-memory bus into a real Redis."""
+"""The score consumer's apply logic, driven by the in-memory bus into a real Redis; its
+tombstones and their retention."""
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import signal
+import subprocess
+import sys
 import uuid
 from decimal import Decimal
 
 import pytest
 from messaging import Envelope, digests
-from messaging.testing import InMemoryBus, Message
+from messaging.testing import InMemoryBus, Message, wait_until
 from score.config import ScoreConfig
 from score.consumer import HANDLERS, build
+from score.retention import pruner
 from score.store import ScoreStore
 
 pytestmark = pytest.mark.integration  # the bus is in memory; the store is the real Redis
@@ -277,7 +283,8 @@ def test_the_keys_of_a_person_share_a_slot_and_every_key_a_script_touches_is_nam
         key_slot(k.encode()) for k in (score_store.person_key("7"), score_store.items_key("7"))
     }
     assert len(slots) == 1
-    for script in (store._APPLY_PERSON, store._APPLY_ITEM, store._INDEX_ITEM, store._READ_PERSON):
+    scripts = (store._APPLY_PERSON, store._APPLY_ITEM, store._INDEX_ITEM, store._READ_PERSON)
+    for script in (*scripts, store._PRUNE_TOMBSTONE):
         targets = re.findall(r"redis\.call\('\w+', ([^,)]+)", script)
         assert targets and all(target.startswith("KEYS[") for target in targets), targets
 
@@ -322,3 +329,115 @@ def test_on_a_cluster_a_live_item_its_persons_set_lost_counts_as_missing(score_s
     apply(score_store, [created])  # what the repair replays: the item's latest event
     assert score_store.digests({"income"}) == whole
     assert score_store.read("17").incomes == Decimal("1000.00")
+
+
+# -- tombstones: kept for TOMBSTONE_RETENTION_DAYS, then pruned by the consumer's retention, without
+# moving a digest; a late older event before that is refused -----------------------------------
+ENTITIES = {"person", "income", "asset", "debt"}
+
+
+def applied(store, events: list[Envelope]) -> list[bool]:
+    """apply(), saying which events were newer than what the store held."""
+    return store.apply([HANDLERS.translate(e) for e in events])
+
+
+def delete_person_with_an_item(store, cpf: str, item_id: str) -> None:
+    apply(store, [event("person", cpf, 1, {"cpf": cpf}), item("income", item_id, cpf, "100.00")])
+    apply(store, [event("income", item_id, 2, None), event("person", cpf, 2, None)])
+
+
+def age(store, keys: list[str], days: float) -> None:
+    """Make these tombstones `days` older, as the clock would."""
+    for key in keys:
+        at = float(store.client.hget(key, "at")) - days * 86_400
+        store.client.hset(key, "at", at)
+        store.client.zadd(store.tombstones_key, {key: at})
+
+
+def held(store) -> set[str]:
+    return {key.decode() for key in store.client.scan_iter(match=f"{store.prefix}*", count=1000)}
+
+
+def retention_config(**changes) -> ScoreConfig:
+    return ScoreConfig(events_exchange="test", tombstone_retention_days=30, **changes)
+
+
+def test_a_tombstone_refuses_a_late_older_event_until_its_retention_prunes_it(score_store):
+    s = score_store
+    delete_person_with_an_item(s, "1", "i1")
+    delete_person_with_an_item(s, "2", "i2")
+    apply(s, [event("person", "3", 1, {"cpf": "3"}), item("income", "i3", "3", "1")])
+    assert applied(s, [event("person", "1", 1, {"cpf": "1"})]) == [False]
+    age(s, [s.person_key("1"), s.item_key("i1")], 31)
+    age(s, [s.person_key("2"), s.item_key("i2")], 29)
+    before = s.digests(ENTITIES)
+
+    pruned = pruner(retention_config(retention_batch=1), s).run_once()
+
+    assert pruned == {"tombstones": 2}  # one at a time
+    assert {s.person_key("1"), s.item_key("i1")}.isdisjoint(held(s))
+    assert {s.person_key("2"), s.item_key("i2")} <= held(s)
+    assert s.client.zcard(s.tombstones_key) == 2  # the pruned ones left the index
+    # a tombstone counts nothing: the digests are the live entities', before and after
+    assert s.digests(ENTITIES) == before
+    assert before == digests.of_versions([("person", "3", 1), ("income", "i3", 1)])
+    assert s.held_versions("person", list(range(digests.BUCKETS))) == {"3": 1}
+    # past its retention, a late older event is taken (verification mends it: the producer
+    # counts the person deleted, and its repair replays the deletion)
+    assert applied(s, [event("person", "1", 1, {"cpf": "1"})]) == [True]
+    assert s.read("1") is not None
+    assert applied(s, [event("person", "1", 2, None)]) == [True]
+    assert s.read("1") is None
+
+
+def test_an_entity_re_created_or_deleted_again_is_not_pruned_for_its_old_deletion(score_store):
+    s = score_store
+    delete_person_with_an_item(s, "1", "i1")
+    delete_person_with_an_item(s, "2", "i2")
+    stale = [s.person_key("1"), s.person_key("2")]
+    due = s.due_tombstones(0, [], 10)
+    assert set(due) == {*stale, s.item_key("i1"), s.item_key("i2")}
+    apply(s, [event("person", "1", 3, {"cpf": "1"})])  # re-created
+    age(s, [s.person_key("2")], 31)
+    apply(s, [event("person", "2", 3, {"cpf": "2"}), event("person", "2", 4, None)])
+
+    assert s.prune_tombstones(86_400, stale) == 0
+
+    assert s.read("1") is not None
+    assert s.client.hget(s.person_key("2"), "deleted") == b"1"
+    assert s.client.zscore(s.tombstones_key, s.person_key("1")) is None
+    # deleted again since: it stays in the index, at its new time
+    assert s.client.zscore(s.tombstones_key, s.person_key("2")) == float(
+        s.client.hget(s.person_key("2"), "at")
+    )
+
+
+def test_a_deletion_whose_index_entry_was_lost_joins_the_index_when_delivered_again(score_store):
+    """The index is written in a second round trip: a consumer stopped between the two leaves a
+    tombstone out of it, and the deletion's redelivery (not acknowledged) puts it in."""
+    s = score_store
+    delete_person_with_an_item(s, "1", "i1")
+    s.client.delete(s.tombstones_key)
+    apply(s, [event("income", "i1", 2, None), event("person", "1", 2, None)])  # redelivered
+    assert set(s.due_tombstones(0, [], 10)) == {s.person_key("1"), s.item_key("i1")}
+
+
+def test_the_running_consumer_prunes_at_start(score_store, redis_url):
+    delete_person_with_an_item(score_store, "1", "i1")
+    age(score_store, [score_store.person_key("1")], 31)
+    env = {
+        **os.environ,
+        "SCORE_REDIS_URL": redis_url,
+        "SCORE_KEY_PREFIX": score_store.prefix,
+        "AMQP_URL": "amqp://guest:guest@127.0.0.1:1/%2F",  # no broker: the pruning goes on
+        "TOMBSTONE_RETENTION_DAYS": "30",
+    }
+    process = subprocess.Popen([sys.executable, "-m", "score.consumer"], env=env)
+    try:
+        wait_until(
+            lambda: score_store.person_key("1") not in held(score_store), timeout=30, what="pruned"
+        )
+        assert score_store.item_key("i1") in held(score_store)  # not due yet
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(15)

@@ -102,4 +102,8 @@ def probe_passes(store: ScoreStore) -> bool:
 
 
 def producer_digests(producer: MemoryProducer) -> digests.Digests:
-    return digests.of_versions((e.entity, e.entity_id, e.entity_version) for e in producer.latest())
+    return digests.of_versions(  # a deleted entity counts nothing
+        (e.entity, e.entity_id, e.entity_version)
+        for e in producer.latest()
+        if e.change != "deleted"
+    )

@@ -1,9 +1,14 @@
 """Digests of what a producer published and what a read model holds, per bucket of entities.
 
 Anti-entropy, as Dynamo and Cassandra repair replicas: each side sums, per entity type and per
-bucket of entities, a 52-bit hash of every entity's `(type, id, version)` (deletions included,
-at their version). Two sides that hold the same versions have the same sums; a bucket that
-differs names the few thousandths of the entities a repair must replay.
+bucket of entities, a 52-bit hash of every live entity's `(type, id, version)`. Two sides that
+hold the same versions have the same sums; a bucket that differs names the few thousandths of
+the entities a repair must replay.
+
+A deleted entity counts nothing, on either side: a read model may forget its tombstone (the
+version marker that keeps a late event from bringing the entity back) without its digests
+moving, and one that still holds the entity alive, having missed the deletion or taken a late
+older event after forgetting, differs from the producer, whose repair replays the deletion.
 
 - bucket:        the first 32 bits of SHA-256 of `"<entity>:<entity_id>"`, modulo 1024;
 - contribution:  the first 52 bits of SHA-256 of `"<entity>:<entity_id>:<version>"`;
@@ -99,7 +104,8 @@ def answer(found: Digests, request_ids: list[str], reply_to: list[str]) -> bytes
 
 
 def of_versions(versions: Iterable[tuple[str, str, int]]) -> Digests:
-    """Digests of (entity, entity id, version) triples: what a producer's are, computed."""
+    """Digests of (entity, entity id, version) triples, those of the live entities: what a
+    producer's are, computed (leave its deleted entities out)."""
     return summed(
         (entity, bucket(entity, entity_id), contribution(entity, entity_id, version))
         for entity, entity_id, version in versions

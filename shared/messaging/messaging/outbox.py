@@ -75,6 +75,9 @@ CREATE TABLE IF NOT EXISTS messaging_published (
     PRIMARY KEY (entity, entity_id)
 );
 CREATE INDEX IF NOT EXISTS messaging_published_bucket ON messaging_published (entity, bucket);
+-- A deleted entity keeps its row (a verification's repair replays its deletion) but counts
+-- nothing in its bucket's digest, so read models may forget their tombstones (digests.py).
+ALTER TABLE messaging_published ADD COLUMN IF NOT EXISTS deleted boolean NOT NULL DEFAULT false;
 CREATE TABLE IF NOT EXISTS messaging_digests (
     entity    text    NOT NULL,
     bucket    integer NOT NULL,
@@ -93,32 +96,74 @@ CREATE TABLE IF NOT EXISTS messaging_relay_stats (
 _INSTALL_LOCK = 0x6D736700  # arbitrary advisory lock id: serialises concurrent installs
 
 
+# An event that deletes its entity, in SQL (Envelope: the change after the entity's dot).
+DELETION_SQL = "({event_type} = {entity} || '.deleted')"
+_DELETION = DELETION_SQL.format(event_type="event_type", entity="entity")
+
 # An outbox that published rows before it kept digests: the newest published version of every
 # entity, and its buckets' digests, once (install finds the tables empty).
 _BACKFILL_SQL = f"""
-INSERT INTO messaging_published (entity, entity_id, version, bucket, contribution)
+INSERT INTO messaging_published (entity, entity_id, version, bucket, contribution, deleted)
 SELECT entity, entity_id, entity_version,
        {BUCKET_SQL.format(entity="entity", entity_id="entity_id")},
-       {CONTRIBUTION_SQL.format(entity="entity", entity_id="entity_id", version="entity_version")}
+       {CONTRIBUTION_SQL.format(entity="entity", entity_id="entity_id", version="entity_version")},
+       {_DELETION}
 FROM (
-    SELECT DISTINCT ON (entity, entity_id) entity, entity_id, entity_version
+    SELECT DISTINCT ON (entity, entity_id) entity, entity_id, entity_version, event_type
     FROM messaging_outbox WHERE published_at IS NOT NULL
     ORDER BY entity, entity_id, entity_version DESC
 ) latest
 WHERE NOT EXISTS (SELECT 1 FROM messaging_published);
 INSERT INTO messaging_digests (entity, bucket, digest, entities)
-SELECT entity, bucket, sum(contribution) % {MODULUS}, count(*) FROM messaging_published
+SELECT entity, bucket, coalesce(sum(contribution) FILTER (WHERE NOT deleted), 0) % {MODULUS},
+       count(*) FILTER (WHERE NOT deleted)
+FROM messaging_published
 WHERE NOT EXISTS (SELECT 1 FROM messaging_digests)
 GROUP BY entity, bucket;
 """
 
+# Digests kept before deletions stopped counting (or by a relay of that version, marking after
+# the upgrade): each published row's `deleted` set from its event, and the buckets of the rows
+# it changed summed again from their rows.
+_ITS_DELETION = DELETION_SQL.format(event_type="o.event_type", entity="o.entity")
+_FLAG_DELETIONS_SQL = f"""
+WITH flagged AS (
+    UPDATE messaging_published p SET deleted = {_ITS_DELETION}
+    FROM messaging_outbox o
+    WHERE o.entity = p.entity AND o.entity_id = p.entity_id AND o.entity_version = p.version
+      AND p.deleted IS DISTINCT FROM {_ITS_DELETION}
+    RETURNING p.entity, p.bucket
+)
+SELECT DISTINCT entity, bucket FROM flagged
+"""
+_RECOUNT_SQL = f"""
+INSERT INTO messaging_digests AS d (entity, bucket, digest, entities)
+SELECT w.entity, w.bucket,
+       coalesce(sum(p.contribution) FILTER (WHERE NOT p.deleted), 0) %% {MODULUS},
+       count(p.entity) FILTER (WHERE NOT p.deleted)
+FROM unnest(%s::text[], %s::int[]) AS w (entity, bucket)
+LEFT JOIN messaging_published p ON p.entity = w.entity AND p.bucket = w.bucket
+GROUP BY w.entity, w.bucket
+ON CONFLICT (entity, bucket) DO UPDATE SET digest = EXCLUDED.digest, entities = EXCLUDED.entities
+"""
+# Advisory (transaction) lock of whatever changes the digests: the relay's marks (an old leader's
+# marker may overlap the new one's) and install's recount.
+MARK_LOCK = 0x6D737202
+
 
 def install(conn: psycopg.Connection) -> None:
-    """Create the outbox tables, index and trigger if they are missing, then commit."""
+    """Create the outbox tables, index and trigger if they are missing, bring the digests up to
+    date (a backfill, deletions uncounted), then commit. Reads every published row: a migration
+    step, not something to run at each start."""
     with conn.transaction(), conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_INSTALL_LOCK,))
         cur.execute(SCHEMA_SQL)
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (MARK_LOCK,))
         cur.execute(_BACKFILL_SQL)
+        touched = cur.execute(_FLAG_DELETIONS_SQL).fetchall()
+        if touched:
+            entities, buckets = zip(*touched, strict=True)
+            cur.execute(_RECOUNT_SQL, (list(entities), list(buckets)))
 
 
 def next_version(cur: psycopg.Cursor, entity: str, entity_id: str) -> int:
@@ -390,11 +435,12 @@ def history(
 
 def digests(conn: psycopg.Connection, entities: list[str] | None = None) -> Digests:
     """The digests of what was published (digests.py), per entity type and bucket: all types,
-    or these. Read from the digests the relay keeps, never from the outbox."""
+    or these. Read from the digests the relay keeps, never from the outbox. A bucket whose
+    entities are all deleted counts nothing: left out, as a model's empty bucket is."""
     found: Digests = {}
     rows = conn.execute(
         "SELECT entity, bucket, digest, entities FROM messaging_digests "
-        "WHERE %(all)s OR entity = ANY(%(entities)s)",
+        "WHERE (%(all)s OR entity = ANY(%(entities)s)) AND (digest <> 0 OR entities <> 0)",
         {"all": entities is None, "entities": entities or []},
     ).fetchall()
     for entity, where, digest, count in rows:
@@ -403,9 +449,11 @@ def digests(conn: psycopg.Connection, entities: list[str] | None = None) -> Dige
 
 
 def published_versions(conn: psycopg.Connection, entity: str, buckets: list[int]) -> dict[str, int]:
-    """entity id -> its newest published version, for the entities of these buckets."""
+    """entity id -> its newest published version, for the entities of these buckets that the
+    digests count (not deleted)."""
     rows = conn.execute(
-        "SELECT entity_id, version FROM messaging_published WHERE entity = %s AND bucket = ANY(%s)",
+        "SELECT entity_id, version FROM messaging_published "
+        "WHERE entity = %s AND bucket = ANY(%s) AND NOT deleted",
         (entity, buckets),
     ).fetchall()
     return {entity_id: int(version) for entity_id, version in rows}

@@ -1,7 +1,10 @@
 """Outbox relay: publish committed outbox rows to RabbitMQ, marking them only after the confirm.
 
 One active relay per database (a PostgreSQL advisory lock elects it; a second one waits as a
-standby). Rows are published in id order on one channel with a window of unconfirmed messages
+standby). The lock is the server's: after a failover to a promoted standby nobody holds it there,
+and the first relay to reach the new primary takes it (the old primary's sessions died with it;
+it must never serve again but as a standby: docs/operations.md). A relay never leads on a
+standby. Rows are published in id order on one channel with a window of unconfirmed messages
 (pipelined publisher confirms), `mandatory` and persistent. An ack marks the row published; a nack
 or a return (no queue bound) leaves it unpublished, to be published again after a backoff. The
 relay wakes on LISTEN/NOTIFY and also polls, and it survives broker and database restarts: no
@@ -39,14 +42,13 @@ from .confirms import ConfirmWindow
 from .connection import Backoff, StopFlag, amqp_parameters, where
 from .digests import BUCKET_SQL, CONTRIBUTION_SQL, MODULUS, sql_with_params
 from .envelope import MAX_BODY_BYTES
-from .outbox import NOTIFY_CHANNEL
+from .outbox import DELETION_SQL, MARK_LOCK, NOTIFY_CHANNEL
 from .publisher import event_properties, unpublishable
 
 log = logging.getLogger("messaging.relay")
 
 APP_NAME = "messaging-relay"  # shows in pg_stat_activity
 LEADER_LOCK = 0x6D737201  # advisory lock id held by the active relay
-MARK_LOCK = 0x6D737202  # advisory (transaction) lock of a mark: an old leader's marker may overlap
 
 FETCH_SQL = """
 SELECT id, event_id::text, event_type, correlation_id, body, trace_context
@@ -60,29 +62,36 @@ _BUCKET = sql_with_params(BUCKET_SQL).format(entity="entity", entity_id="entity_
 _CONTRIBUTION = sql_with_params(CONTRIBUTION_SQL).format(
     entity="entity", entity_id="entity_id", version="version"
 )
-# Mark confirmed rows, keep the newest published version of each entity and its bucket's digest
-# (digests.py: minus the entity's old contribution, plus its new one), and count them, in one
-# statement. The digests are what read models are verified against.
+# Mark confirmed rows, keep the newest published version of each entity (and whether it is a
+# deletion) and its bucket's digest (digests.py: minus the entity's old contribution, plus its
+# new one; a deletion's is none), and count them, in one statement. The digests are what read
+# models are verified against.
+_DELETION = DELETION_SQL.format(event_type="event_type", entity="entity")
 MARK_SQL = f"""
 WITH marked AS (
     UPDATE messaging_outbox SET published_at = now()
-    WHERE id = ANY(%s) AND published_at IS NULL RETURNING entity, entity_id, entity_version
+    WHERE id = ANY(%s) AND published_at IS NULL
+    RETURNING entity, entity_id, entity_version, {_DELETION} AS deleted
 ), latest AS (
-    SELECT DISTINCT ON (entity, entity_id) entity, entity_id, entity_version AS version
+    SELECT DISTINCT ON (entity, entity_id) entity, entity_id, entity_version AS version, deleted
     FROM marked ORDER BY entity, entity_id, entity_version DESC
 ), prior AS MATERIALIZED (
-    SELECT p.entity, p.entity_id, p.contribution
+    SELECT p.entity, p.entity_id, p.contribution, p.deleted
     FROM messaging_published p JOIN latest l USING (entity, entity_id)
 ), upserted AS (
-    INSERT INTO messaging_published AS p (entity, entity_id, version, bucket, contribution)
-    SELECT entity, entity_id, version, {_BUCKET}, {_CONTRIBUTION} FROM latest
+    INSERT INTO messaging_published AS p (entity, entity_id, version, bucket, contribution, deleted)
+    SELECT entity, entity_id, version, {_BUCKET}, {_CONTRIBUTION}, deleted FROM latest
     ON CONFLICT (entity, entity_id) DO UPDATE
-    SET version = EXCLUDED.version, contribution = EXCLUDED.contribution
+    SET version = EXCLUDED.version, contribution = EXCLUDED.contribution,
+        deleted = EXCLUDED.deleted
     WHERE p.version < EXCLUDED.version
-    RETURNING entity, entity_id, bucket, contribution
+    RETURNING entity, entity_id, bucket, contribution, deleted
 ), deltas AS (
-    SELECT u.entity, u.bucket, sum(u.contribution - coalesce(pr.contribution, 0)) AS delta,
-           count(*) FILTER (WHERE pr.entity IS NULL) AS added
+    SELECT u.entity, u.bucket,
+           sum(CASE WHEN u.deleted THEN 0 ELSE u.contribution END
+               - CASE WHEN pr.entity IS NULL OR pr.deleted THEN 0 ELSE pr.contribution END)
+               AS delta,
+           sum((NOT u.deleted)::int - (pr.entity IS NOT NULL AND NOT pr.deleted)::int) AS added
     FROM upserted u LEFT JOIN prior pr USING (entity, entity_id) GROUP BY u.entity, u.bucket
 ), digested AS (
     INSERT INTO messaging_digests AS d (entity, bucket, digest, entities)
@@ -187,6 +196,7 @@ class Relay:
 
     def run(self) -> None:
         backoff = Backoff()
+        warned_standby = False
         while not self._stop.is_set():
             try:
                 # The session that holds the leader lock names its replica (pg_stat_activity
@@ -196,7 +206,14 @@ class Relay:
                     autocommit=True,
                     application_name=f"{APP_NAME}@{replica_id()}"[:63],
                 ) as db:
-                    if not _try_lead(db):
+                    led = _try_lead(db)
+                    if led is None and not warned_standby:
+                        log.warning(
+                            "the database is a standby (read-only): waiting for a primary "
+                            "(list every server and target_session_attrs=read-write in the URL)"
+                        )
+                    warned_standby = led is None
+                    if not led:
                         self._stop.wait(self.settings.poll_interval)
                         continue
                     self.is_leader.set()
@@ -225,9 +242,16 @@ class Relay:
         log.info("relay stopped")
 
 
-def _try_lead(db: psycopg.Connection) -> bool:
-    row = db.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)).fetchone()
-    return bool(row and row[0])
+def _try_lead(db: psycopg.Connection) -> bool | None:
+    """Take the leader lock: True if this relay leads now, False if another one does, None on a
+    standby. A standby's outbox is a copy: publishing from it, the relay could never mark a row
+    and would publish the same rows again and again."""
+    row = db.execute(
+        # CASE, not AND: the lock must not be taken on a standby (AND may evaluate either side).
+        "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_try_advisory_lock(%s) END",
+        (LEADER_LOCK,),
+    ).fetchone()
+    return None if row is None or row[0] is None else bool(row[0])
 
 
 class _Session:

@@ -244,8 +244,10 @@ class MemoryProducer:
     ) -> None:
         self.asked.append((request_id, scope))
         if scope == DIGESTS:
-            found = digests.of_versions(
-                (e.entity, e.entity_id, e.entity_version) for e in self.latest()
+            found = digests.of_versions(  # a deleted entity counts nothing
+                (e.entity, e.entity_id, e.entity_version)
+                for e in self.latest()
+                if e.change != "deleted"
             )
             body = digests.answer(found, [request_id], [reply_to] if reply_to else [])
             self.bus.send(self.queue, Message(body, f"{request_id}:digests", DIGESTS_TYPE))

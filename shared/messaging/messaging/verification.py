@@ -50,11 +50,12 @@ class VerifiedStore(Protocol):
     """
 
     def digests(self, entities: Collection[str]) -> Digests:
-        """Per entity type and bucket, the digest of what the store holds (computed from it)."""
+        """Per entity type and bucket, the digest of the live entities the store holds (computed
+        from it; a tombstone counts nothing, as the producer's deleted entities)."""
         ...
 
     def held_versions(self, entity: str, buckets: list[int]) -> dict[str, int]:
-        """entity id -> the version held, for the entities of these buckets."""
+        """entity id -> the version held, for the live entities of these buckets."""
         ...
 
     def last_divergence(self) -> Streaks:

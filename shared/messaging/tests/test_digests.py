@@ -76,12 +76,14 @@ def _write(conn: psycopg.Connection, events: list[tuple[str, bool]]) -> list[int
 
 
 def _expected(conn: psycopg.Connection) -> dict[str, int]:
-    """The newest published version of each entity, read from the outbox itself."""
+    """The newest published version of each live entity (its newest event no deletion), read
+    from the outbox itself: what the digests count."""
     rows = conn.execute(
-        "SELECT entity_id, max(entity_version) FROM messaging_outbox "
-        "WHERE published_at IS NOT NULL GROUP BY entity_id"
+        "SELECT DISTINCT ON (entity_id) entity_id, entity_version, event_type "
+        "FROM messaging_outbox WHERE published_at IS NOT NULL "
+        "ORDER BY entity_id, entity_version DESC"
     ).fetchall()
-    return {entity_id: version for entity_id, version in rows}
+    return {entity_id: version for entity_id, version, kind in rows if kind != "thing.deleted"}
 
 
 def _summed(versions: dict[str, int]) -> digests.Digests:
@@ -105,7 +107,8 @@ def test_the_relays_digests_are_those_of_the_newest_published_versions_in_any_ma
 ):
     """Rows are marked in shuffled groups (an old leader's marker may mark late, a row parked
     and retried is marked after newer ones): after each mark the digests are those of the
-    newest version published of each entity, never of an older one marked after it."""
+    newest version published of each entity, never of an older one marked after it, and an
+    entity whose newest published event deletes it counts nothing."""
     with psycopg.connect(producer_db) as conn:
         _clear(conn)
         ids = _write(conn, events)
@@ -126,9 +129,10 @@ def test_the_relays_digests_are_those_of_the_newest_published_versions_in_any_ma
 
 def test_an_outbox_that_published_before_it_kept_digests_gets_them_at_install(producer_db):
     with psycopg.connect(producer_db) as conn:
-        ids = _write(conn, [("a", False), ("b", False), ("a", False), ("c", True)])
+        _clear(conn)
+        ids = _write(conn, [("a", False), ("b", False), ("a", False), ("d", True), ("c", True)])
         conn.execute(
-            "UPDATE messaging_outbox SET published_at = now() WHERE id = ANY(%s)", (ids[:3],)
+            "UPDATE messaging_outbox SET published_at = now() WHERE id = ANY(%s)", (ids[:4],)
         )
         conn.execute("TRUNCATE messaging_published, messaging_digests")
         conn.commit()
@@ -136,3 +140,31 @@ def test_an_outbox_that_published_before_it_kept_digests_gets_them_at_install(pr
         assert producer_digests(conn) == _summed({"a": 2, "b": 1})
         install(conn)  # a second install adds nothing
         assert producer_digests(conn) == _summed({"a": 2, "b": 1})
+
+
+def test_install_stops_counting_the_deletions_digests_kept_before(producer_db):
+    """Digests kept while deletions still counted (or by a relay of that version marking after
+    the upgrade): install flags each deletion and sums its bucket again, once."""
+    with psycopg.connect(producer_db) as conn:
+        _clear(conn)
+        ids = _write(conn, [("a", False), ("b", False), ("b", True), ("c", True), ("c", False)])
+        with conn.transaction():
+            conn.execute(MARK_SQL, (ids,))
+        assert producer_digests(conn) == _summed({"a": 1, "c": 2})
+        # as an older relay kept them: every newest version counted, none flagged
+        conn.execute("UPDATE messaging_published SET deleted = false")
+        conn.execute("TRUNCATE messaging_digests")
+        conn.execute(
+            "INSERT INTO messaging_digests (entity, bucket, digest, entities) "
+            f"SELECT entity, bucket, sum(contribution) % {digests.MODULUS}, count(*) "
+            "FROM messaging_published GROUP BY entity, bucket"
+        )
+        conn.commit()
+        assert producer_digests(conn) == _summed({"a": 1, "b": 2, "c": 2})
+
+        install(conn)
+
+        assert producer_digests(conn) == _summed({"a": 1, "c": 2})
+        assert published_versions(conn, "thing", list(range(digests.BUCKETS))) == {"a": 1, "c": 2}
+        install(conn)  # once flagged, nothing more
+        assert producer_digests(conn) == _summed({"a": 1, "c": 2})

@@ -5,6 +5,9 @@ beside its own work: a daemon thread that prunes every rule at start and then ev
 `every_seconds`. Each batch is one short transaction of at most `batch` rows; a batch that fails
 is tried row by row, and a row that still fails is logged and skipped for the rest of that run,
 so one bad row cannot stop the others, and a rule that fails entirely does not stop the next.
+
+A `Rule` is SQL run on the pruner's PostgreSQL connections; a `StoreRule` brings its own two
+steps, for a store of another kind (the score's Redis), and is pruned in the same batches.
 """
 
 from __future__ import annotations
@@ -42,17 +45,37 @@ class Rule:
         return self.days * 86_400
 
 
+@dataclass(frozen=True)
+class StoreRule:
+    """One kind of entry to prune after `days`, in a store the rule reaches itself.
+
+    `due(seconds, skip, limit)` returns the keys of at most `limit` due entries (none of `skip`);
+    `prune(seconds, keys)` prunes those still due, atomically each, and says how many it pruned.
+    """
+
+    name: str
+    days: float
+    due: Callable[[float, list[Any], int], list[Any]]
+    prune: Callable[[float, list[Any]], int]
+
+    @property
+    def seconds(self) -> float:
+        return self.days * 86_400
+
+
 class Pruner:
     """Prunes each rule's due rows, `batch` at a time, at most `max_batches` per rule and run."""
 
     def __init__(
         self,
-        connect: Connect,
-        rules: Collection[Rule],
+        connect: Connect | None,
+        rules: Collection[Rule | StoreRule],
         every_seconds: float = 3600.0,
         batch: int = 500,
         max_batches: int = 100,
     ) -> None:
+        if connect is None and any(isinstance(rule, Rule) for rule in rules):
+            raise ValueError("a SQL rule needs a way to connect to its database")
         self.connect, self.rules = connect, list(rules)
         self.every_seconds, self.batch, self.max_batches = every_seconds, batch, max_batches
         self._stop = threading.Event()
@@ -89,7 +112,7 @@ class Pruner:
             self.run_once()
             self._stop.wait(self.every_seconds)
 
-    def _prune(self, rule: Rule) -> int:
+    def _prune(self, rule: Rule | StoreRule) -> int:
         skipped: list[Any] = []
         total = 0
         for _ in range(self.max_batches):
@@ -108,18 +131,24 @@ class Pruner:
                 break
         return total
 
-    def _due(self, rule: Rule, skipped: list[Any]) -> list[Any]:
+    def _due(self, rule: Rule | StoreRule, skipped: list[Any]) -> list[Any]:
+        if isinstance(rule, StoreRule):
+            return rule.due(rule.seconds, skipped, self.batch)
+        assert self.connect is not None  # __init__ refused SQL rules without it
         with self.connect() as conn:
             rows = conn.execute(
                 rule.due, {"seconds": rule.seconds, "skip": skipped, "limit": self.batch}
             ).fetchall()
         return [row[0] for row in rows]
 
-    def _apply(self, rule: Rule, keys: list[Any]) -> int:
+    def _apply(self, rule: Rule | StoreRule, keys: list[Any]) -> int:
+        if isinstance(rule, StoreRule):
+            return rule.prune(rule.seconds, keys)
+        assert self.connect is not None  # __init__ refused SQL rules without it
         with self.connect() as conn, conn.transaction():
             return len(conn.execute(rule.prune, {"seconds": rule.seconds, "keys": keys}).fetchall())
 
-    def _one_by_one(self, rule: Rule, keys: list[Any], skipped: list[Any]) -> int:
+    def _one_by_one(self, rule: Rule | StoreRule, keys: list[Any], skipped: list[Any]) -> int:
         total = 0
         for key in keys:
             try:

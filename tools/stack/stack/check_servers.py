@@ -7,6 +7,7 @@ not answer, it says which variable, the URL with its password hidden, and how to
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 
@@ -54,7 +55,7 @@ def check(checks: list[tuple[str, str]]) -> int:
     failed = 0
     for variable, url in checks:
         shown = hide_password(url)
-        scheme = url.partition("://")[0]
+        scheme = scheme_of(url)
         if scheme not in KINDS:
             failed += 1
             print(f"✗ {variable}={shown}: no check for {scheme}:// URLs.")
@@ -74,10 +75,25 @@ def check(checks: list[tuple[str, str]]) -> int:
     return 1 if failed else 0
 
 
+def scheme_of(url: str) -> str:
+    """The URL's scheme; `postgresql` for libpq's keyword/value form (`host=a,b port=...`)."""
+    if "://" in url:
+        return url.partition("://")[0]
+    return "postgresql" if "=" in url else url
+
+
+# libpq's `password` setting: a keyword/value pair (quoted or not) or a URL's query parameter.
+_PASSWORD_SETTING = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]*)")
+
+
 def hide_password(url: str) -> str:
-    """The URL with `***` for its password; each node's of a comma-separated list."""
-    if "," in url:
-        return ",".join(hide_password(part) for part in url.split(","))
+    """The URL with `***` for its password: each node's of a comma-separated list (AMQP nodes,
+    PostgreSQL hosts), and a libpq `password=` setting."""
+    url = _PASSWORD_SETTING.sub(r"\1***", url)
+    return ",".join(_hide_user_password(part) for part in url.split(","))
+
+
+def _hide_user_password(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     creds, at, host = rest.rpartition("@")
     if not at or ":" not in creds:

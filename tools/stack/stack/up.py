@@ -86,7 +86,8 @@ def server_checks(env: dict[str, str]) -> list[str]:
     if found.returncode != 0:
         print(found.stderr.strip().splitlines()[-1] if found.stderr else "bad configuration")
         raise SystemExit(1)
-    return found.stdout.split()
+    # One per line: a keyword/value database URL (`host=a,b port=5432,5433 ...`) has spaces.
+    return found.stdout.splitlines()
 
 
 def prepare(env: dict[str, str]) -> None:

@@ -1,0 +1,3 @@
+module gatewayerrors
+
+go 1.22
