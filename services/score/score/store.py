@@ -538,7 +538,7 @@ class ScoreStore:
     def _entity_patterns(self) -> tuple[str, str]:
         """SCAN patterns of the people's and the items' hashes (not the layout before 2's)."""
         escaped = _glob_escape(self.prefix)
-        return f"{escaped}person:{{*}}", f"{escaped}item:{{*}}"
+        return f"{escaped}person:{{*", f"{escaped}item:{{*"
 
     def _held_pages(self) -> Iterator[list[Held]]:
         """Every entity hash, a page at a time, on every master of a cluster."""
