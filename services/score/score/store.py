@@ -103,13 +103,18 @@ return {1, ARGV[2], ARGV[2] == '1' and ARGV[5] or ''}
 """
 )
 
-# KEYS[1] item hash. ARGV: version, deleted, cpf ('' on a deletion), kind, value, entity (its
-# kind, on a deletion too), contribution, bucket, now. Returns 1 if applied (0 if not newer),
-# then whether the item is deleted now, since when ('' if not), and whose it is ('' while no
-# event of it named its person).
+# KEYS[1] item hash; on one Redis, for a creation, KEYS[2] and KEYS[3] the person's item set
+# and hash, which gains the item first as _INDEX_ITEM would (a cluster sends _INDEX_ITEM before:
+# they are in another slot). ARGV: version, deleted, cpf ('' on a deletion), kind, value, entity
+# (its kind, on a deletion too), contribution, bucket, now, item id. Returns 1 if applied (0 if
+# not newer), then whether the item is deleted now, since when ('' if not), and whose it is (''
+# while no event of it named its person).
 _APPLY_ITEM = (
     _TOMBSTONE_LUA
     + """
+if #KEYS == 3 and redis.call('SADD', KEYS[2], ARGV[10]) == 1 then
+  redis.call('HINCRBY', KEYS[3], 'rev', 1)
+end
 local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local version = tonumber(ARGV[1])
 if stored >= version then
@@ -323,7 +328,7 @@ class ScoreStore:
                 done, deleted, at = next(replies)
                 key = self.person_key(change.cpf)
             else:
-                if _indexed_first(change):
+                if self._indexed_apart(change):
                     next(replies)
                 done, deleted, at, whose = next(replies)
                 key = self.item_key(change.item_id)
@@ -355,13 +360,16 @@ class ScoreStore:
                 now,
             )
             return
-        if _indexed_first(change):
+        keys = [self.item_key(change.item_id)]
+        if self._indexed_apart(change):
             self._index_call(pipe, change.cpf or "", change.item_id, "add")
+        elif _indexed_first(change):  # one Redis: in the item's own script, one call fewer
+            keys += [self.items_key(change.cpf or ""), self.person_key(change.cpf or "")]
         entity = change.kind or ""
         self._evalsha(
             pipe,
             self._item,
-            [self.item_key(change.item_id)],
+            keys,
             change.version,
             int(change.deleted),
             change.cpf or "",
@@ -371,7 +379,12 @@ class ScoreStore:
             sums.contribution(entity, change.item_id, change.version),
             sums.bucket(entity, change.item_id),
             now,
+            change.item_id,
         )
+
+    def _indexed_apart(self, change: ItemChange) -> bool:
+        """A creation on a cluster: the person's set gains it in a script of its own, first."""
+        return self.cluster and _indexed_first(change)
 
     def _index_call(self, pipe: Any, cpf: str, item_id: str, how: str) -> None:
         self._evalsha(pipe, self._index, [self.items_key(cpf), self.person_key(cpf)], item_id, how)
