@@ -37,6 +37,9 @@ from stack.cluster import SCRIPTS, Cluster
 from stack.fake_sendgrid import FakeSendGrid
 from stack.pg_pair import PgPair, available
 
+# The Redis Cluster fixtures (redis_cluster, redis_cluster_session): tests/support/redis_cluster.py
+pytest_plugins = ["redis_cluster"]
+
 # Every settings object reads .env after the environment, and `make compose-env` writes API keys
 # there: a developer's compose keys must not close the routes of tests that build their own
 # configuration (those that want keys set them; an empty value means none).

@@ -1,15 +1,15 @@
 """The whole benchmark in one run (`make bench`): the relay figures, the consumer runtime against
 raw consuming, the production e-mail path, what verification costs, the person API under gunicorn
 and under Granian, the stack figures, the stack against the seed's naive design, the stack with
-replicas on a three-node cluster, then the stack on a PostgreSQL primary and standby losing its
-primary.
+replicas on a three-node cluster, the stack on a PostgreSQL primary and standby losing its
+primary, then the score on a Redis Cluster.
 
 Run: .venv/bin/python bench/bench.py [--events N] [--only PART,...]. Prints every `name: value`
 line of relay_bench.py, consumer_bench.py, email_bench.py, verify_bench.py, web_server_bench.py,
-stack_bench.py, peer_bench.py, cluster_bench.py and pg_failover_bench.py on stdout (logs on
-stderr; see bench/README.md) and exits non-zero only if a figure could not be measured. `--only
-fair` runs the fair comparisons alone: the relay and consumer ratios, the stack's cost curve and
-latency steps, and the naive peer.
+stack_bench.py, peer_bench.py, cluster_bench.py, pg_failover_bench.py and redis_cluster_bench.py
+on stdout (logs on stderr; see bench/README.md) and exits non-zero only if a figure could not be
+measured. `--only fair` runs the fair comparisons alone: the relay and consumer ratios, the
+stack's cost curve and latency steps, and the naive peer.
 """
 
 from __future__ import annotations
@@ -25,13 +25,17 @@ import consumer_bench
 import email_bench
 import peer_bench
 import pg_failover_bench
+import redis_cluster_bench
 import relay_bench
 import stack_bench
 import verify_bench
 import web_server_bench
 from post_bench import need_wrk
 
-PARTS = ("relay", "consumer", "email", "verify", "web", "stack", "peer", "cluster", "pg-failover")
+PARTS = (
+    "relay", "consumer", "email", "verify", "web", "stack", "peer", "cluster", "pg-failover",
+    "redis-cluster",
+)  # fmt: skip
 # `--only fair`: these parts, the stack with these of its steps.
 FAIR = ("relay", "consumer", "stack", "peer")
 FAIR_STACK_STEPS = ("latency", "cost")
@@ -69,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         # The cluster's replication beside the single node's of this very run.
         "cluster": lambda: cluster_bench.main([], single_e2e=figures.get("e2e_events_s")),
         "pg-failover": lambda: pg_failover_bench.main([]),  # the person database's primary lost
+        # The score's store on a Redis Cluster beside the single Redis of this very run.
+        "redis-cluster": lambda: redis_cluster_bench.main(
+            [], single_e2e=figures.get("e2e_events_s")
+        ),
     }
     started = time.monotonic()
     failed = []

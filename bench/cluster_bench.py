@@ -22,6 +22,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import redis
@@ -70,14 +71,13 @@ def answered_after(writer: PacedWriter, moment: float) -> list[str]:
     return [answer["id"] for _, answered, answer in list(writer.acked) if answered > moment]
 
 
-def measure_failover(stack: Stack, cluster: Cluster) -> float:
-    """SIGKILL the node that leads the work queues, which is also the node every client is
-    connected to (the first of AMQP_URL), while incomes are written; seconds from the kill until
-    an income written after it is in the score read model."""
-    client = redis.Redis.from_url(stack_bench.REDIS_URL)
-    items = f"{stack.prefix}person-items:"
-    cpf = "77700000001"
-    status, body = Gateway(stack.gateway_port).post("person", "/person", new_person(cpf, 1))
+def stall_after(stack: Stack, cpf: str, n: int, kill: Callable[[], None]) -> float:
+    """Register person `cpf` (the `n`th of new_person) and add an income to it every
+    WRITE_INTERVAL through Traefik; once they replicate, `kill()`; seconds from then until an
+    income written after it is in the person's set of the score read model."""
+    store = stack.score_store()
+    client, items = store.client, store.items_key(cpf)
+    status, body = Gateway(stack.gateway_port).post("person", "/person", new_person(cpf, n))
     if status != 201:
         raise MeasureError(f"POST /person: {status} {body[:200]!r}")
     writer = PacedWriter(
@@ -87,47 +87,66 @@ def measure_failover(stack: Stack, cluster: Cluster) -> float:
     )
     try:
         writer.warm_up(STEADY_SECONDS)
-        queue = stack.topologies()[0].queue  # the score's
-        leader = cluster.leader(queue)
         visible = answered_after(writer, 0)
-        if not visible or not client.sismember(f"{items}{cpf}", visible[0]):
+        if not visible or not any(applied(client, items, visible[:1])):
             raise MeasureError("incomes were not replicating before the kill")
-        killed_at, killed_wall = time.perf_counter(), time.time()
-        cluster.kill(leader)
-        log.info("failover: SIGKILLed %s, which led %s", leader, queue)
+        killed_at = time.perf_counter()
+        kill()
         while True:
-            now = time.perf_counter()
             later = answered_after(writer, killed_at)
-            if later:
-                pipe = client.pipeline(transaction=False)
-                for item in later:
-                    pipe.sismember(f"{items}{cpf}", item)
-                if any(pipe.execute()):
-                    stall = time.perf_counter() - killed_at
-                    break
-            if now - killed_at > STALL_TIMEOUT:
+            if later and any(applied(client, items, later)):
+                return time.perf_counter() - killed_at
+            if time.perf_counter() - killed_at > STALL_TIMEOUT:
                 raise MeasureError(f"nothing written after the kill applied in {STALL_TIMEOUT}s")
             time.sleep(POLL_INTERVAL)
-        log.info(
-            "failover: the score applied a write made after the kill %.2fs after it; new leader %s",
-            stall,
-            cluster.leader(queue),
-        )
-        with psycopg.connect(stack.person_db) as conn:  # where the stall was: before or after
-            published = conn.execute(
-                "SELECT extract(epoch FROM min(published_at)) - %s FROM messaging_outbox "
-                "WHERE occurred_at > to_timestamp(%s)",
-                (killed_wall, killed_wall),
-            ).fetchone()[0]
-        log.info(
-            "failover: the relay published the first write made after the kill %ss after it",
-            f"{published:.2f}" if published is not None else "?",
-        )
     finally:
         writer.finish()
         client.close()
-    if writer.failures:
-        log.warning("failover: %d writes failed, e.g. %s", len(writer.failures), writer.failures[0])
+        if writer.failures:
+            log.warning("%d writes failed, e.g. %s", len(writer.failures), writer.failures[0])
+
+
+def applied(client: Any, items: str, ids: list[str]) -> list[bool]:
+    """Whether each item is in the person's set; none while the store does not answer (a
+    Redis Cluster failing over)."""
+    try:
+        pipe = client.pipeline(transaction=False)
+        for item in ids:
+            pipe.sismember(items, item)
+        return [bool(found) for found in pipe.execute()]
+    except (redis.RedisError, redis.exceptions.RedisClusterException):
+        return []
+
+
+def measure_failover(stack: Stack, cluster: Cluster) -> float:
+    """SIGKILL the node that leads the work queues, which is also the node every client is
+    connected to (the first of AMQP_URL), while incomes are written; seconds from the kill until
+    an income written after it is in the score read model."""
+    queue = stack.topologies()[0].queue  # the score's
+    leader = cluster.leader(queue)
+    killed_wall: list[float] = []
+
+    def kill() -> None:
+        killed_wall.append(time.time())
+        cluster.kill(leader)
+        log.info("failover: SIGKILLed %s, which led %s", leader, queue)
+
+    stall = stall_after(stack, "77700000001", 1, kill)
+    log.info(
+        "failover: the score applied a write made after the kill %.2fs after it; new leader %s",
+        stall,
+        cluster.leader(queue),
+    )
+    with psycopg.connect(stack.person_db) as conn:  # where the stall was: before or after
+        published = conn.execute(
+            "SELECT extract(epoch FROM min(published_at)) - %s FROM messaging_outbox "
+            "WHERE occurred_at > to_timestamp(%s)",
+            (killed_wall[0], killed_wall[0]),
+        ).fetchone()[0]
+    log.info(
+        "failover: the relay published the first write made after the kill %ss after it",
+        f"{published:.2f}" if published is not None else "?",
+    )
     timed("restarting the killed node", lambda: cluster.restart(leader))
     return stall
 

@@ -75,7 +75,7 @@ class System:
     person_db: psycopg.Connection  # the producer's database
     person_table: str
     notifier_db: psycopg.Connection  # holds `users`
-    key_prefix: str  # Redis: <key_prefix>person:<cpf>
+    person_key: Callable[[str], str]  # a person's key in Redis
     fake: FakeSendGrid
     check_alive: Callable[[], None]
 
@@ -125,7 +125,7 @@ def wait_done(system: System, client: redis.Redis, prefix: str) -> tuple[float, 
     cpfs = system.accepted(prefix)
     if not cpfs:
         raise MeasureError(f"{system.name}: no registration accepted")
-    keys = [f"{system.key_prefix}person:{cpf}" for cpf in cpfs]
+    keys = [system.person_key(cpf) for cpf in cpfs]
     deadline = time.perf_counter() + DONE_TIMEOUT
     while True:
         now = time.perf_counter()
@@ -137,7 +137,7 @@ def wait_done(system: System, client: redis.Redis, prefix: str) -> tuple[float, 
             again = system.accepted(prefix)
             if len(again) == len(cpfs):
                 break
-            cpfs, keys = again, [f"{system.key_prefix}person:{cpf}" for cpf in again]
+            cpfs, keys = again, [system.person_key(cpf) for cpf in again]
         if now > deadline:
             raise MeasureError(
                 f"{system.name}: after {DONE_TIMEOUT}s, of {len(cpfs)} registrations "
@@ -280,7 +280,7 @@ def naive_system(
                     person_db,
                     "bench_person",
                     notifier_db,
-                    key_prefix,
+                    lambda cpf: f"{key_prefix}person:{cpf}",
                     fake,
                     check_alive,
                 )
@@ -304,7 +304,7 @@ def our_system(run_id: str, email_env: dict[str, str], fake: FakeSendGrid) -> It
                 person_db,
                 "person",
                 notifier_db,
-                stack.prefix,
+                stack.score_store().person_key,
                 fake,
                 stack.check_alive,
             )

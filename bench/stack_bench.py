@@ -144,6 +144,11 @@ class Stack(Processes):
             if conn.is_open:
                 conn.close()
 
+    def score_store(self) -> ScoreStore:
+        """The score's store as the stack's processes see it (SCORE_REDIS_URL: one Redis or a
+        Redis Cluster)."""
+        return ScoreStore.from_url(self.env["SCORE_REDIS_URL"], self.prefix)
+
     def check_alive(self) -> None:
         """Raise if a process this run started has exited."""
         gone = self.exited()
@@ -208,9 +213,7 @@ def running_stack(run_id: str, overrides: dict[str, str] | None = None) -> Itera
         # A new score model over a new outbox has nothing to heal from; without its marker the
         # consumers would ask for a replay that only the relay, started later, serves, and /ready
         # would say `rebuilding` until then.
-        client = redis.Redis.from_url(REDIS_URL)
-        ScoreStore(client, stack.prefix).mark_ready()
-        client.close()
+        stack.score_store().mark_ready()
         stack.start_all(but=(RELAY,))
         wait_ready(stack)
         yield stack
@@ -273,10 +276,8 @@ def cleanup(stack: Stack) -> None:
                 break
             time.sleep(3)
     try:
-        client = redis.Redis.from_url(REDIS_URL)
-        ScoreStore(client, stack.prefix).wipe()
-        client.close()
-    except redis.RedisError as exc:
+        stack.score_store().wipe()
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
         log.error("could not delete Redis keys %s*: %s", stack.prefix, exc)
 
 
@@ -457,8 +458,8 @@ class ReadModels:
     """Direct checks of both read models: Redis keys (score) and the users table (notifier)."""
 
     def __init__(self, stack: Stack) -> None:
-        self.redis = redis.Redis.from_url(REDIS_URL)
-        self.prefix = stack.prefix
+        self.score = stack.score_store()
+        self.redis = self.score.client
         self.db = psycopg.connect(stack.notifier_db, autocommit=True)
 
     def close(self) -> None:
@@ -472,8 +473,8 @@ class ReadModels:
             chunk = cpfs[start : start + 5000]
             pipe = self.redis.pipeline(transaction=False)
             for cpf in chunk:
-                pipe.hget(f"{self.prefix}person:{cpf}", "version")
-                pipe.scard(f"{self.prefix}person-items:{cpf}")
+                pipe.hget(self.score.person_key(cpf), "version")
+                pipe.scard(self.score.items_key(cpf))
             found = pipe.execute()
             missing += [
                 cpf
@@ -816,17 +817,17 @@ def measure_latency(stack: Stack, known: list[str], rate: float = LATENCY_RATE) 
     """`rate` writes/s for LATENCY_SECONDS through Traefik, alternating a registration and an
     income of a known person; per write, HTTP 201 → visible in Redis and in `users`. The figures
     of another rate than LATENCY_RATE are named `<figure>_at_<rate>`."""
-    client = redis.Redis.from_url(REDIS_URL)
-    prefix = stack.prefix
+    store = stack.score_store()
+    client = store.client
     notifier_db = psycopg.connect(stack.notifier_db, autocommit=True)
 
     def in_redis(keys: list[tuple]) -> list[bool]:
         pipe = client.pipeline(transaction=False)
         for key in keys:
             if key[0] == "person":
-                pipe.hexists(f"{prefix}person:{key[1]}", "version")
+                pipe.hexists(store.person_key(key[1]), "version")
             else:
-                pipe.sismember(f"{prefix}person-items:{key[1]}", key[2])
+                pipe.sismember(store.items_key(key[1]), key[2])
         return [bool(v) for v in pipe.execute()]
 
     def in_users(keys: list[tuple]) -> list[bool]:

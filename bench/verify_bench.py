@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import redis
@@ -49,16 +50,18 @@ def database(name: str) -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def score_check_ms(client: redis.Redis, prefix: str, entities: int) -> float:
+def score_check_ms(client: Any, prefix: str, entities: int) -> float:
     """Fill the score's store with `entities` people as its apply leaves them (the hash with
-    `entity`, `b`, `h`, `version`), then time one digest of all of it."""
+    `entity`, `b`, `h`, `version`), then time one digest of all of it (`client`: one Redis or a
+    Redis Cluster)."""
+    store = ScoreStore(client, prefix)
     started = time.monotonic()
     for first in range(0, entities, PAGE):
         pipe = client.pipeline(transaction=False)
         for n in range(first, min(first + PAGE, entities)):
             cpf = f"{n:011d}"
             pipe.hset(
-                f"{prefix}person:{cpf}",
+                store.person_key(cpf),
                 mapping={
                     "version": 1,
                     "deleted": 0,
@@ -70,7 +73,6 @@ def score_check_ms(client: redis.Redis, prefix: str, entities: int) -> float:
             )
         pipe.execute()
     log.info("%d score hashes written in %.1fs", entities, time.monotonic() - started)
-    store = ScoreStore(client, prefix)
     started = time.monotonic()
     held = store.digests({"person", "income", "asset", "debt"})
     elapsed = (time.monotonic() - started) * 1000

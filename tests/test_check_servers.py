@@ -157,3 +157,17 @@ def test_make_up_probes_servers_at_their_sockets(servers, tmp_path):
     assert result.returncode == 1
     assert f"✗ SCORE_REDIS_URL={missing} did not answer (ConnectionError)." in result.stdout
     assert "--unixsocket" in result.stdout
+
+
+@pytest.mark.cluster
+def test_a_redis_cluster_answers_through_its_url_and_an_absent_one_says_how_to_start_one(
+    servers, redis_cluster
+):
+    result = check(SCORE_REDIS_URL=redis_cluster.url)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.startswith(f"✓ SCORE_REDIS_URL={redis_cluster.url}")
+    absent = f"redis+cluster://:s3cret-password@127.0.0.1:{closed_port()}"
+    result = check(SCORE_REDIS_URL=absent)
+    assert result.returncode == 1
+    assert "python -m stack.redis_cluster start" in result.stdout
+    assert "s3cret-password" not in result.stdout + result.stderr

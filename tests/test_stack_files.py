@@ -589,6 +589,70 @@ def test_copies_of_consumers_sender_and_relay_in_both_files(compose, compose_clu
         assert "deploy" not in compose["services"][name], name  # the APIs scale by workers
 
 
+# -- docker-compose.redis-cluster.yml: the score on a Redis Cluster --------------------------------
+REDIS_CLUSTER = "docker-compose.redis-cluster.yml"
+REDIS_NODES = tuple(f"redis-{n}" for n in range(1, 7))
+
+
+@pytest.fixture(scope="module")
+def compose_redis_cluster() -> dict:
+    return render("docker-compose.yml", REDIS_CLUSTER)
+
+
+def test_the_redis_cluster_file_runs_six_cluster_nodes_that_one_step_joins(compose_redis_cluster):
+    services = compose_redis_cluster["services"]
+    volumes = set()
+    for name in REDIS_NODES:
+        node = services[name]
+        assert node["image"] == services["redis"]["image"], name
+        assert node["hostname"] == name  # what it announces: clients are sent to names
+        command = node["command"][-1]
+        for flag in ("--cluster-enabled yes", "--appendonly yes", "--requirepass", "--masterauth"):
+            assert flag in command, (name, flag)
+        assert "--cluster-config-file /data/nodes.conf" in command  # kept in its volume
+        assert node["environment"]["REDIS_PASSWORD"] == COMPOSE_SECRETS["REDIS_PASSWORD"]
+        assert "healthcheck" in node, name
+        volumes |= {v.split(":")[0] for v in node["volumes"] if v.split(":")[1] == "/data"}
+    assert len(volumes) == 6  # each node its own data
+    create = services["redis-cluster-create"]
+    assert {n: create["depends_on"][n]["condition"] for n in REDIS_NODES} == dict.fromkeys(
+        REDIS_NODES, "service_healthy"
+    )
+    script = create["command"][-1]
+    assert "--cluster-replicas 1" in script
+    assert all(f"{name}:6379" in script for name in REDIS_NODES)
+    assert create["environment"]["REDISCLI_AUTH"] == COMPOSE_SECRETS["REDIS_PASSWORD"]
+
+
+def test_the_score_on_a_redis_cluster_is_given_every_node_once_they_form_one(
+    compose_redis_cluster,
+):
+    from urllib.parse import urlsplit
+
+    from messaging.stores import cluster_nodes
+    from score.config import ScoreConfig
+
+    services = compose_redis_cluster["services"]
+    for name in ("score", "score-consumer"):
+        service = services[name]
+        url = service["environment"]["SCORE_REDIS_URL"]
+        first, others = cluster_nodes(url)
+        assert [urlsplit(first).hostname, *(host for host, _ in others)] == list(REDIS_NODES)
+        assert urlsplit(first).password == COMPOSE_SECRETS["REDIS_PASSWORD"]
+        ScoreConfig(_env_file=None, score_redis_url=url)  # the service reads it
+        ready = service["depends_on"]["redis-cluster-create"]["condition"]
+        assert ready == "service_completed_successfully", name
+    others = set(services) - {"score", "score-consumer"}
+    assert not any(
+        "+cluster" in str(services[name].get("environment", {}).get("SCORE_REDIS_URL"))
+        for name in others
+    )
+    # and beside the RabbitMQ cluster's file
+    both = render("docker-compose.yml", CLUSTER, REDIS_CLUSTER)["services"]["score-consumer"]
+    assert both["environment"]["SCORE_REDIS_URL"].startswith("redis+cluster://")
+    assert both["deploy"]["replicas"] == 3
+
+
 def test_the_apis_keep_idle_connections_longer_than_traefik_reuses_them():
     """A POST Traefik sends on a pooled connection that gunicorn closes at that moment gets a 502
     (Traefik retries no POST): gunicorn must keep idle connections longer than Traefik does (90 s
@@ -613,7 +677,7 @@ TAG_ONLY = {"postgres", "redis", "traefik", "python", "ghcr.io/cloudnative-pg/po
 def official_images() -> list[tuple[str, str]]:
     """(where, reference) of every third-party image the project names by default."""
     found = []
-    for name in ("docker-compose.yml", CLUSTER):
+    for name in ("docker-compose.yml", CLUSTER, REDIS_CLUSTER):
         for ref in re.findall(r"\$\{\w+_IMAGE:-([^}]+)\}", (ROOT / name).read_text()):
             found.append((name, ref))
     base = re.search(r"^ARG PYTHON_IMAGE=(\S+)", (ROOT / "Dockerfile").read_text(), re.M)

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import redis
 from fault_load import Load, Step, Verdict, drain, publish
 from messaging.connection import connect
 from messaging.replay import requests_queue
@@ -105,7 +104,7 @@ def test_every_guarantee_holds_on_a_cluster_losing_nodes_and_replicas(
     supervisor = Processes(env, tmp_path)
     gateway = Gateway(int(env["GATEWAY_PORT"]))
     poison = [(f"poison-{exchange}-{n}", b"not json {" + str(n).encode()) for n in range(POISON)]
-    score_store = ScoreStore(redis.Redis.from_url(env["SCORE_REDIS_URL"]), exchange + ":")
+    score_store = ScoreStore.from_url(env["SCORE_REDIS_URL"], exchange + ":")
     timeline: list[str] = []
     nodes: dict[str, str] = {}  # "killed" and "stopped": which node each fault took
     began = time.monotonic()

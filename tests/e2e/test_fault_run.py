@@ -24,7 +24,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import redis
 from fault_load import Load, Step, Verdict, drain, publish
 from messaging.testing import wait_until
 from messaging.topology import Topology
@@ -215,7 +214,7 @@ def test_every_guarantee_holds_through_a_storm_of_faults(
         load.run(timeout=600)
         assert not broker_down.is_set()
 
-        score_store = ScoreStore(redis.Redis.from_url(env["SCORE_REDIS_URL"]), exchange + ":")
+        score_store = ScoreStore.from_url(env["SCORE_REDIS_URL"], exchange + ":")
         verdict = Verdict(person_db, notifier_db, score_store, fake_sendgrid)
         assert len(verdict.emails) == PEOPLE
         verdict.wait_converged(CONVERGE_SECONDS, supervisor.log_tails)

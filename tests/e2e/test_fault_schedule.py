@@ -281,7 +281,7 @@ def run_schedule(world: World, people: int, faults: list[Fault]) -> None:
         load.release()
         effects.finish()
     exchange = world.env["EVENTS_EXCHANGE"]
-    store = ScoreStore(redis.Redis.from_url(world.redis_url), exchange + ":")
+    store = ScoreStore.from_url(world.redis_url, exchange + ":")
     verdict = Verdict(
         world.env["PERSON_DATABASE_URL"], world.env["NOTIFIER_DATABASE_URL"], store, world.sendgrid
     )

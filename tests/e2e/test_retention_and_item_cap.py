@@ -95,8 +95,8 @@ def test_tombstones_are_pruned_the_digests_still_match_and_a_late_event_is_mende
         ).fetchone()
     assert stack.call("DELETE", "person", f"/person/{cpf}")[0] == 204
 
-    store, prefix = score_store(stack), stack.env["SCORE_KEY_PREFIX"]
-    tombstones = [f"{prefix}person:{cpf}", f"{prefix}item:{item['id']}"]
+    store = score_store(stack)
+    tombstones = [store.person_key(cpf), store.item_key(item["id"])]
 
     def view_row() -> bool:
         with psycopg.connect(stack.env["NOTIFIER_DATABASE_URL"]) as conn:

@@ -67,9 +67,8 @@ def test_read_models_that_lost_part_of_their_stores_find_it_and_repair_it(stack)
     )
     assert messaging(stack, "verify", score_queue).returncode == 0
 
-    prefix = stack.env["SCORE_KEY_PREFIX"]
     lost = cpfs[:3]
-    store.client.unlink(*(f"{prefix}person:{cpf}" for cpf in lost))
+    store.unlink([store.person_key(cpf) for cpf in lost])
     with psycopg.connect(stack.env["NOTIFIER_DATABASE_URL"]) as conn:
         conn.execute("DELETE FROM users WHERE cpf = ANY(%s)", (cpfs[3:6],))
     before = messaging(stack, "verify", score_queue)

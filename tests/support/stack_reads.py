@@ -6,7 +6,6 @@ from __future__ import annotations
 from decimal import ROUND_FLOOR, Decimal
 
 import psycopg
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 from score.store import ScoreStore
 
@@ -25,7 +24,7 @@ def expected_scores(person_db: str) -> dict[str, int]:
 
 def score_store(stack) -> ScoreStore:
     env = stack.env
-    return ScoreStore(redis.Redis.from_url(env["SCORE_REDIS_URL"]), env["SCORE_KEY_PREFIX"])
+    return ScoreStore.from_url(env["SCORE_REDIS_URL"], env["SCORE_KEY_PREFIX"])
 
 
 def scores_match(stack, store: ScoreStore) -> bool:

@@ -22,7 +22,6 @@ provider = TracerProvider()
 provider.add_span_processor(SimpleSpanProcessor(exporter))
 trace.set_tracer_provider(provider)  # before anything is built: tracing.enabled() is now true
 
-import redis  # noqa: E402
 from messaging import Relay, RelaySettings  # noqa: E402
 from messaging.testing import running, wait_until  # noqa: E402
 from notifier.config import NotifierConfig  # noqa: E402
@@ -40,7 +39,7 @@ def main(person_db: str, notifier_db: str, amqp: str, exchange: str, redis_url: 
     settings = {"amqp_url": amqp, "events_exchange": exchange, "retry_delays": (0.2,)}
     person = create_app(PersonConfig(person_database_url=person_db, api_keys=None, **settings))
     notifier = NotifierConfig(notifier_database_url=notifier_db, **settings)
-    score_store = ScoreStore(redis.Redis.from_url(redis_url), f"{exchange}:")
+    score_store = ScoreStore.from_url(redis_url, f"{exchange}:")
     score_store.mark_ready()  # a fresh store that needs no replay
     # Both consumers as their processes build them.
     score, _ = build_score(ScoreConfig(**settings), score_store)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import redis
 from flask import Flask
+from messaging import StoreUnavailable
 from messaging.connection import BrokerProbe
 from messaging.replicas import consumer_metrics, replicas_ready
 from prometheus_client import CollectorRegistry
@@ -20,7 +21,7 @@ def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = Non
     api_keys = config.api_key_store()  # refuses production without API_KEYS
     app = web.new_app("score")
     if store is None:
-        store = ScoreStore(redis.Redis.from_url(config.score_redis_url), config.score_key_prefix)
+        store = ScoreStore.from_url(config.score_redis_url, config.score_key_prefix)
     app.extensions["score.store"] = store
 
     def consumers_attached() -> None:
@@ -46,7 +47,8 @@ def create_app(config: ScoreConfig | None = None, store: ScoreStore | None = Non
     correlation.init_app(app)
     metrics.init_app(app, registry)
     access.init_app(app, "score", api_keys)
-    errors.init_app(app, unavailable=(redis.ConnectionError, redis.TimeoutError))
+    # The store translates a Redis or Redis Cluster that is away or failing over (StoreUnavailable)
+    errors.init_app(app, unavailable=(redis.ConnectionError, redis.TimeoutError, StoreUnavailable))
     health.init_app(app, "score", readiness, registry)
     tracing.init_app(app, "score")
     docs.init_app(app)  # last: it documents every route

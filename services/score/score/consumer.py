@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-import redis
 from messaging import Consumer, ConsumerSettings, Envelope, Handlers
 from messaging.healing import Healing
 from messaging.replicas import AttachedBeacon
@@ -65,7 +64,7 @@ def item_deleted(event: Envelope, _data: None) -> Change:
 def build(config: ScoreConfig, store: ScoreStore | None = None) -> tuple[Consumer, ScoreStore]:
     """Composition root of the consumer process (tests pass their own store)."""
     if store is None:
-        store = ScoreStore(redis.Redis.from_url(config.score_redis_url), config.score_key_prefix)
+        store = ScoreStore.from_url(config.score_redis_url, config.score_key_prefix)
     topology = config.topology(SERVICE)
     healing = Healing(store.marker, config.amqp_url, config.events_exchange, topology.queue)
     # the entity types the model holds, verified against the producer's digests

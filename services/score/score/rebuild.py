@@ -13,7 +13,6 @@ import argparse
 import sys
 import time
 
-import redis
 from messaging.healing import READY
 
 from .config import ScoreConfig
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait (900)")
     args = parser.parse_args(argv)
     config = ScoreConfig()
-    store = ScoreStore(redis.Redis.from_url(config.score_redis_url), config.score_key_prefix)
+    store = ScoreStore.from_url(config.score_redis_url, config.score_key_prefix)
     wiped = store.wipe()
     print(
         f"wiped {wiped} key(s) under {config.score_key_prefix!r}; the score consumer asks "

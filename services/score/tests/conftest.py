@@ -1,20 +1,30 @@
-"""Fixtures of the score service's tests: a real Redis with a key prefix of the test's own."""
+"""Fixtures of the score service's tests: a real Redis with a key prefix of the test's own,
+and the same tests again on a Redis Cluster of the run's own (marked `cluster`)."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
+from typing import Any
 
 import pytest
-import redis
 from messaging import Envelope
+from messaging.stores import redis_client as client_for
 from score.store import ScoreStore
 
 
+@pytest.fixture(params=["redis", pytest.param("redis-cluster", marks=pytest.mark.cluster)])
+def redis_url(request: pytest.FixtureRequest, servers) -> str:
+    """The run's Redis, or its Redis Cluster (tests/support/redis_cluster.py)."""
+    if request.param == "redis":
+        return servers.redis
+    return request.getfixturevalue("redis_cluster").url
+
+
 @pytest.fixture
-def redis_client(servers) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(servers.redis)
+def redis_client(redis_url: str) -> Iterator[Any]:
+    client = client_for(redis_url)
     yield client
     client.close()
 

@@ -105,7 +105,7 @@ def test_redis_away_longer_than_the_retry_ladder_dead_letters_nothing(broker, se
         assert got == {cpf: history.expected()[cpf] for cpf in got}
     finally:
         proxy.close()
-        ScoreStore(redis.Redis.from_url(servers.redis), store.prefix).wipe()
+        ScoreStore.from_url(servers.redis, store.prefix).wipe()
 
 
 def test_redis_refusing_writes_longer_than_the_retry_ladder_dead_letters_nothing(

@@ -107,7 +107,12 @@ def postgres_write_probe(conn: psycopg.Connection, name: str = "consumer") -> No
 
 
 # Error replies of a Redis that answers but cannot take writes now: none is the change's fault.
-_REDIS_REFUSALS = ("OOM", "READONLY", "MISCONF", "NOREPLICAS", "MASTERDOWN", "LOADING", "BUSY")
+_REDIS_REFUSALS = (
+    "OOM", "READONLY", "MISCONF", "NOREPLICAS", "MASTERDOWN", "LOADING", "BUSY", "CLUSTERDOWN",
+    "TRYAGAIN",
+)  # fmt: skip
+# What redis-py's cluster client says when it cannot find a cluster that serves every slot.
+_CLUSTER_AWAY = ("Redis Cluster cannot be connected", "All slots are not covered", "startup_nodes")
 
 
 @contextlib.contextmanager
@@ -115,15 +120,23 @@ def redis_errors() -> Iterator[None]:
     """Translate redis-py's errors, inside this block, into the runtime's.
 
     A Redis that is away, loading, or answers but refuses writes (`OOM`, `READONLY`, `MISCONF`,
-    `NOREPLICAS`, `MASTERDOWN`, `BUSY`) raises `StoreUnavailable`, which pauses the consumer;
-    any other error `RetryableError`.
+    `NOREPLICAS`, `MASTERDOWN`, `BUSY`), and a Redis Cluster that is down, failing over
+    (`CLUSTERDOWN`, `TRYAGAIN`) or serves no node for a slot, raises `StoreUnavailable`, which
+    pauses the consumer; any other error `RetryableError`.
     """
     import redis
+    from redis.exceptions import ClusterError, RedisClusterException, SlotNotCoveredError
 
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError) as exc:
         raise StoreUnavailable(f"redis: {exc}") from exc
+    except (ClusterError, redis.exceptions.TryAgainError, SlotNotCoveredError) as exc:
+        raise StoreUnavailable(f"redis cluster: {exc}") from exc
+    except RedisClusterException as exc:  # not a RedisError: the client's own complaints
+        if str(exc).startswith(_CLUSTER_AWAY):
+            raise StoreUnavailable(f"redis cluster: {exc}") from exc
+        raise RetryableError(f"redis cluster: {exc}") from exc
     except redis.exceptions.ResponseError as exc:
         refused = isinstance(
             exc, redis.exceptions.OutOfMemoryError | redis.exceptions.ReadOnlyError
@@ -133,6 +146,123 @@ def redis_errors() -> Iterator[None]:
         raise RetryableError(f"redis: {exc}") from exc
     except redis.RedisError as exc:
         raise RetryableError(f"redis: {exc}") from exc
+
+
+# -- one Redis or a Redis Cluster, from one URL ------------------------------------------------
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def redis_client(url: str, **options: Any) -> Any:
+    """A redis-py client for a Redis URL: one server, or a Redis Cluster.
+
+    - `redis://[[user]:password@]host[:port][/db]` (`rediss://` with TLS, `unix://`): one
+      server, as `redis.Redis.from_url` reads it.
+    - `redis+cluster://[[user]:password@]host:port[,host:port...]` (`rediss+cluster://` with
+      TLS), or several `redis://` URLs separated by commas (as AMQP_URL lists brokers): a Redis
+      Cluster, found through any of the nodes named (the client learns the others from them),
+      with the first's credentials and options. A cluster has only database 0.
+
+    A cluster's client is made on first use (redis-py asks the cluster for its slots when it
+    makes one), so a process starts while the cluster is away, as it does with one server; until
+    one answers, every call raises `redis.ConnectionError`. `options` go to the client.
+    """
+    import redis
+
+    found = cluster_nodes(url)
+    if found is None:
+        return redis.Redis.from_url(url, **options)
+    first, others = found
+
+    def connect() -> Any:
+        seeds = [redis.cluster.ClusterNode(host, port) for host, port in others]
+        return redis.RedisCluster(url=first, startup_nodes=seeds, **options)
+
+    return LazyRedisCluster(connect)
+
+
+def cluster_nodes(url: str) -> tuple[str, list[tuple[str, int]]] | None:
+    """A cluster URL's first node (as a `redis://` URL with its credentials and options) and
+    the others' (host, port); None for a single server's URL. ValueError if it is neither."""
+    from urllib.parse import urlsplit
+
+    scheme, _, rest = url.strip().partition("://")
+    base = CLUSTER_SCHEMES.get(scheme.lower())
+    if base is None and "," not in url:
+        return None
+    if base is not None:
+        credentials, at, where = rest.rpartition("@")
+        cut = min((i for i in (where.find("/"), where.find("?")) if i >= 0), default=len(where))
+        hosts, tail = where[:cut], where[cut:]
+        nodes = [f"{base}://{credentials}{at}{host.strip()}{tail}" for host in hosts.split(",")]
+    else:
+        nodes = [part.strip() for part in url.split(",") if part.strip()]
+    addresses = []
+    for n, node in enumerate(nodes, 1):
+        parts = urlsplit(node)
+        # The URL itself is never repeated in a message: it may hold a password.
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError(f"Redis Cluster URL: node {n} is not host:port")
+        try:
+            port = parts.port or 6379
+        except ValueError:
+            raise ValueError(f"Redis Cluster URL: node {n} has no valid port") from None
+        if parts.path.strip("/") not in ("", "0"):
+            raise ValueError("Redis Cluster URL: a cluster has only database 0")
+        addresses.append((parts.hostname, port))
+    return nodes[0], addresses[1:]
+
+
+class LazyRedisCluster:
+    """A `redis.RedisCluster` made on first use, and again after a failed attempt; its methods
+    are the cluster client's. `is_cluster` tells a store which way to SCAN and sum."""
+
+    is_cluster = True
+
+    def __init__(self, connect: Any) -> None:
+        import threading
+
+        from redis.connection import Encoder
+
+        self._connect, self._client, self._lock = connect, None, threading.Lock()
+        self._encoder = Encoder("utf-8", "strict", False)  # redis-py's default, for scripts
+
+    def client(self) -> Any:
+        """The cluster client, made now if it is not yet (redis.ConnectionError if no node
+        answers)."""
+        import redis
+
+        if self._client is not None:
+            return self._client
+        with self._lock:
+            if self._client is None:
+                try:
+                    self._client = self._connect()
+                except redis.exceptions.RedisClusterException as exc:
+                    raise redis.ConnectionError(f"no Redis Cluster node answers: {exc}") from exc
+            return self._client
+
+    def register_script(self, script: str) -> Any:
+        """A script object whose SHA is known without asking the cluster."""
+        from redis.commands.core import Script
+
+        return Script(self, script)
+
+    def get_encoder(self) -> Any:
+        return self._client.get_encoder() if self._client is not None else self._encoder
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client(), name)
+
+
+def is_cluster(client: Any) -> bool:
+    """The client talks to a Redis Cluster (redis_client's for a cluster URL, or redis-py's)."""
+    import redis
+
+    return bool(getattr(client, "is_cluster", False)) or isinstance(client, redis.RedisCluster)
 
 
 def redis_write_probe(client: Any, key: str) -> None:

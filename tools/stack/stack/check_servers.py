@@ -29,9 +29,10 @@ def _rabbitmq(url: str) -> None:
 
 
 def _redis(url: str) -> None:
-    import redis  # only where a Redis is named
+    # One server, or a Redis Cluster (redis+cluster://a:7000,b:7001): a node of it answering.
+    from messaging.stores import redis_client
 
-    redis.Redis.from_url(url, socket_connect_timeout=3).ping()
+    redis_client(url, socket_connect_timeout=3).ping()
 
 
 KINDS: dict[str, tuple[Callable[[str], None], str]] = {
@@ -48,6 +49,8 @@ KINDS: dict[str, tuple[Callable[[str], None], str]] = {
     "redis": (_redis, "redis-server --daemonize yes --port 6379"),
     # redis-py's form for a Redis on a Unix socket: unix:///run/redis/redis.sock?db=0
     "unix": (_redis, "redis-server --daemonize yes --port 0 --unixsocket <the URL's path>"),
+    "redis+cluster": (_redis, "python -m stack.redis_cluster start"),
+    "rediss+cluster": (_redis, "python -m stack.redis_cluster start"),
 }
 
 

@@ -273,7 +273,7 @@ class Cluster:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while (_alive(pid) or node.name in epmd_names()) and time.monotonic() < deadline:
+        while (process_alive(pid) or node.name in epmd_names()) and time.monotonic() < deadline:
             time.sleep(0.05)
         return True
 
@@ -298,7 +298,7 @@ class Cluster:
         return cluster
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
