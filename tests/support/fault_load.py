@@ -229,11 +229,19 @@ class Verdict:
             )
             raise AssertionError(f"no convergence within {timeout}s: {detail}") from None
 
-    def assert_one_welcome_each(self) -> None:
+    def assert_one_welcome_each(self, in_flight_at_kills: int = 0) -> None:
+        """One welcome per address. `in_flight_at_kills`: how many e-mails SIGKILLs of the
+        sender could have caught between SendGrid's 202 and the 'sent' mark (the one window
+        docs/guarantees.md names: each is sent again after its lease); each may be a second copy,
+        never a third."""
         accepted = self.accepted()
         duplicates = {email: n for email, n in accepted.items() if n != 1}
-        assert not duplicates, (
+        explained = all(n == 2 for n in duplicates.values()) and (
+            len(duplicates) <= in_flight_at_kills
+        )
+        assert not duplicates or explained, (
             f"welcome e-mails sent more than once: {duplicates} "
-            f"({self.sendgrid.abandoned} calls abandoned by their client)"
+            f"({self.sendgrid.abandoned} calls abandoned by their client, "
+            f"{in_flight_at_kills} that SIGKILLs of the sender could have caught)"
         )
         assert set(accepted) == set(self.emails.values())
