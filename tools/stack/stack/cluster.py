@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import struct
@@ -36,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from stack.local_servers import LocalServers
 from stack.processes import free_port
 
 SCRIPTS = Path(os.environ.get("RABBITMQ_SCRIPTS", "/usr/lib/rabbitmq/bin"))
@@ -76,7 +76,7 @@ class Node:
             return None
 
 
-class Cluster:
+class Cluster(LocalServers):
     """Three clustered nodes under `base` (a fresh temporary directory by default)."""
 
     def __init__(self, base: Path | None = None, names: tuple[str, ...] = NAMES) -> None:
@@ -100,39 +100,33 @@ class Cluster:
                 f"node(s) {sorted(taken)} already run on this machine (an earlier run left them?): "
                 "python -m stack.cluster stop --dir <its directory>, or kill them"
             )
-        try:
-            self.home.mkdir(parents=True, exist_ok=True)
-            cookie = self.home / ".erlang.cookie"
-            cookie.write_text(secrets.token_hex(20))
-            cookie.chmod(0o400)
-            for node in self.nodes.values():
-                self._write_files(node)
-                self._launch(node)
-            for node in self.nodes.values():
-                self.await_startup(node.name)
-            first, *others = self.nodes
-            for name in others:
-                self.ctl(name, "stop_app")
-                self.ctl(name, "join_cluster", self.nodes[first].node)
-                self.ctl(name, "start_app")
-                self.await_startup(name)
-            (self.base / STATE_FILE).write_text(json.dumps(self._state()))
-        except BaseException:
-            self.close()
-            raise
-        return self
+        return super().start()
 
-    def close(self) -> None:
-        """SIGKILL every node (and what else runs with this cookie), delete the directory."""
+    def _start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        cookie = self.home / ".erlang.cookie"
+        cookie.write_text(secrets.token_hex(20))
+        cookie.chmod(0o400)
         for node in self.nodes.values():
-            self._kill(node)
-        shutil.rmtree(self.base, ignore_errors=True)
+            self._write_files(node)
+            self._launch(node)
+        for node in self.nodes.values():
+            self.await_startup(node.name)
+        first, *others = self.nodes
+        for name in others:
+            self.ctl(name, "stop_app")
+            self.ctl(name, "join_cluster", self.nodes[first].node)
+            self.ctl(name, "start_app")
+            self.await_startup(name)
 
-    def __enter__(self) -> Cluster:
-        return self.start()
+    def _members(self) -> list[Node]:
+        return list(self.nodes.values())
 
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
+    def _stop(self, member: Node) -> bool:  # SIGKILL, with what else runs with this cookie
+        return self._kill(member)
+
+    def _save(self) -> None:
+        (self.base / STATE_FILE).write_text(json.dumps(self._state()))
 
     # -- one node ------------------------------------------------------------------------------
     def kill(self, name: str) -> None:

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import psycopg
 
+from stack.local_servers import LocalServers
 from stack.processes import free_port
 
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -108,7 +109,7 @@ def available() -> str | None:
     return None
 
 
-class PgPair:
+class PgPair(LocalServers):
     """Servers `a` (the first primary) and `b` under `base` (a new temporary directory by
     default); `primary` and `standby` follow failovers."""
 
@@ -129,33 +130,21 @@ class PgPair:
 
     def start(self) -> PgPair:
         """initdb `a`, start it, make `b` its synchronous standby. Cleans up if it fails."""
-        try:
-            self.base.mkdir(parents=True, exist_ok=True)
-            self._own(self.base)
-            first = self.servers["a"]
-            self._run("initdb", "-D", first.data, *INITDB)
-            with (first.data / "postgresql.conf").open("a") as conf:
-                conf.write(SETTINGS)
-            self._set_port(first)
-            self._pg_ctl(first, "start")
-            self._follow("b", "a")
-            self._save()
-        except BaseException:
-            self.close()
-            raise
-        return self
+        return super().start()
 
-    def close(self) -> None:
-        """Stop both servers (immediately) and delete the directory."""
-        for server in self.servers.values():
-            self._stop(server)
-        shutil.rmtree(self.base, ignore_errors=True)
+    def _start(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        self._own(self.base)
+        first = self.servers["a"]
+        self._run("initdb", "-D", first.data, *INITDB)
+        with (first.data / "postgresql.conf").open("a") as conf:
+            conf.write(SETTINGS)
+        self._set_port(first)
+        self._pg_ctl(first, "start")
+        self._follow("b", "a")
 
-    def __enter__(self) -> PgPair:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
+    def _members(self) -> list[Server]:  # close() stops them immediately
+        return list(self.servers.values())
 
     # -- failover ------------------------------------------------------------------------------
     def kill_primary(self) -> None:

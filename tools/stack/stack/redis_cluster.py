@@ -38,6 +38,7 @@ import redis
 from redis.crc import key_slot
 
 from stack.cluster import process_alive
+from stack.local_servers import LocalServers
 from stack.processes import free_port
 
 MASTERS = 3
@@ -75,7 +76,7 @@ class Node:
         return redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=1)
 
 
-class LocalRedisCluster:
+class LocalRedisCluster(LocalServers):
     """`masters` masters with a replica each, under `base` (a fresh temporary directory by
     default)."""
 
@@ -105,47 +106,41 @@ class LocalRedisCluster:
             raise RedisClusterError(
                 "redis-server and redis-cli are not installed (Debian package redis-server)"
             )
-        try:
-            for node in self.nodes.values():
-                node.base.mkdir(parents=True, exist_ok=True)
-                (node.base / "redis.conf").write_text(_configuration(node))
-                self._launch(node)
-            addresses = [node.address for node in self.nodes.values()]
-            created = subprocess.run(
-                [
-                    "redis-cli",
-                    "--cluster",
-                    "create",
-                    *addresses,
-                    "--cluster-replicas",
-                    "1",
-                    "--cluster-yes",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=START_TIMEOUT,
-                check=False,
-            )
-            if created.returncode != 0:
-                raise RedisClusterError(f"redis-cli --cluster create: {created.stdout[-500:]}")
-            self.await_healthy()
-            (self.base / STATE_FILE).write_text(json.dumps(self._state()))
-        except BaseException:
-            self.close()
-            raise
-        return self
+        return super().start()
 
-    def close(self) -> None:
-        """SIGKILL every node, delete the directory."""
+    def _start(self) -> None:
         for node in self.nodes.values():
-            self._kill(node)
-        shutil.rmtree(self.base, ignore_errors=True)
+            node.base.mkdir(parents=True, exist_ok=True)
+            (node.base / "redis.conf").write_text(_configuration(node))
+            self._launch(node)
+        addresses = [node.address for node in self.nodes.values()]
+        created = subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                "1",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            check=False,
+        )
+        if created.returncode != 0:
+            raise RedisClusterError(f"redis-cli --cluster create: {created.stdout[-500:]}")
+        self.await_healthy()
 
-    def __enter__(self) -> LocalRedisCluster:
-        return self.start()
+    def _members(self) -> list[Node]:
+        return list(self.nodes.values())
 
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
+    def _stop(self, member: Node) -> bool:  # SIGKILL
+        return self._kill(member)
+
+    def _save(self) -> None:
+        (self.base / STATE_FILE).write_text(json.dumps(self._state()))
 
     def await_healthy(self, timeout: float = START_TIMEOUT) -> None:
         """Wait until every node runs, says `cluster_state:ok`, knows every other, and every
