@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 from messaging import digests as sums
 from messaging.stores import postgres_errors, versioned_upsert
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
@@ -68,7 +69,7 @@ _APPLY_PERSON = f"""
 WITH u AS ({_UPSERT_USER} RETURNING cpf, version, deleted, registered_at, email),
 cancelled AS (
     UPDATE deliveries d SET status = 'cancelled', last_error = 'cancelled: ' || %(why)s
-    FROM u WHERE d.cpf = u.cpf AND d.status = 'pending'
+    FROM u WHERE d.cpf = %(cpf)s AND d.cpf = u.cpf AND d.status = 'pending'
       AND coalesce(d.version, 0) < u.version AND {_NO_LONGER_FOR}
     RETURNING d.id
 ),
@@ -97,27 +98,17 @@ WHERE (mail.kind = 'welcome' OR EXISTS (
 ORDER BY mail.n
 ON CONFLICT DO NOTHING
 """
-# Due deliveries that a later version of the view no longer calls for: cancelled before a claim
-# (one that failed and was retried meanwhile, or that was being sent when the change came).
-_CANCEL_SUPERSEDED = f"""
-UPDATE deliveries d SET status = 'cancelled',
-    last_error = 'cancelled: the person was deleted, registered again or changed address'
-WHERE d.id IN (
-    SELECT id FROM deliveries d
-    WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND {_SUPERSEDED}
-    FOR UPDATE SKIP LOCKED)
-"""
-
-# The sender's claim, one statement: the first `limit` due deliveries in id order (pending and
-# due, or claimed longer ago than the lease) that are either current (_CURRENT) or, still pending,
-# superseded (_SUPERSEDED), locked with SKIP LOCKED so two senders never take the same one. The
-# superseded ones are cancelled (as _CANCEL_SUPERSEDED does), the current ones claimed: 'sending'
-# under a new token, one attempt more. Only the batch is looked at, never the whole due backlog,
-# and the partial index deliveries_open (migration 003) serves the id order.
-_CANCELLED_ROW = [  # a cancelled delivery's row in the claim's answer: its id and status alone
-    c if c in ("id", "status") else "NULL" for c in (c.strip() for c in DELIVERY_COLUMNS.split(","))
-]
-_CLAIM = f"""
+# The first `limit` due deliveries in id order (pending and due, or claimed longer ago than the
+# lease) that are either current (_CURRENT) or, still pending, superseded (_SUPERSEDED), locked
+# with SKIP LOCKED so two senders never take the same one; the superseded ones are cancelled
+# there and then, for good (one that failed and was retried meanwhile, or that was being sent
+# when the change came). Only the batch is looked at, never the whole due backlog, and the
+# partial index deliveries_open (migration 003) serves the id order. Each statement that takes
+# due deliveries (_CLAIM, _TO_MAILBOX) starts with these two CTEs and uses `due.current`. The
+# limit is written in the statement, not sent as a parameter: psycopg prepares a statement run
+# often, and PostgreSQL's generic plan for an unknown limit sorts the whole open backlog.
+_CANCELLED = "cancelled: the person was deleted, registered again or changed address"
+_DUE_AND_CANCELLED = f"""
 WITH due AS (
     SELECT d.id AS due_id, {_CURRENT} AS current FROM deliveries d
     WHERE ((d.status = 'pending' AND d.next_attempt_at <= now())
@@ -125,13 +116,19 @@ WITH due AS (
            AND d.claimed_at < now() - %(lease)s * interval '1 second'))
       AND d.id <> ALL(%(skip)s)
       AND ({_CURRENT} OR (d.status = 'pending' AND {_SUPERSEDED}))
-    ORDER BY d.id FOR UPDATE SKIP LOCKED LIMIT %(limit)s
+    ORDER BY d.id FOR UPDATE SKIP LOCKED LIMIT {{limit}}
 ), cancelled AS (
-    UPDATE deliveries d SET status = 'cancelled',
-        last_error = 'cancelled: the person was deleted, registered again or changed address'
+    UPDATE deliveries d SET status = 'cancelled', last_error = '{_CANCELLED}'
     FROM due WHERE d.id = due.due_id AND NOT due.current
     RETURNING d.id, d.status
-), claimed AS (
+)"""
+
+# The sender's claim, one statement: the current due deliveries become 'sending' under a new
+# token, one attempt more, committed before anything is sent.
+_CANCELLED_ROW = [  # a cancelled delivery's row in the claim's answer: its id and status alone
+    c if c in ("id", "status") else "NULL" for c in (c.strip() for c in DELIVERY_COLUMNS.split(","))
+]
+_CLAIM = f"""{_DUE_AND_CANCELLED}, claimed AS (
     UPDATE deliveries d SET status = 'sending', claimed_at = now(),
                             claim_token = gen_random_uuid(), attempts = d.attempts + 1
     FROM due WHERE d.id = due.due_id AND due.current
@@ -139,6 +136,23 @@ WITH due AS (
 )
 SELECT * FROM claimed
 UNION ALL SELECT {", ".join(_CANCELLED_ROW)} FROM cancelled
+"""
+
+# The development transport, one statement (one transaction: nothing is sent outside it, so no
+# claim is needed): the current due deliveries land in the mailbox, marked sent.
+_TO_MAILBOX = f"""{_DUE_AND_CANCELLED}, sent AS (
+    UPDATE deliveries d
+    SET status = 'sent', sent_at = now(), claimed_at = now(), provider = 'mailbox',
+        attempts = attempts + 1, claim_token = NULL, last_error = NULL
+    FROM due WHERE d.id = due.due_id AND due.current
+    RETURNING d.id, d.status, d.to_email, d.subject, d.html, d.text, d.trace_context
+), boxed AS (
+    INSERT INTO mailbox (delivery_id, to_email, from_email, subject, html, text)
+    SELECT id, to_email, %(sender)s, subject, html, text FROM sent
+    ON CONFLICT (delivery_id) DO NOTHING
+)
+SELECT id, status, trace_context FROM sent
+UNION ALL SELECT id, status, NULL FROM cancelled
 """
 
 
@@ -249,14 +263,25 @@ class NotifierStore:
         deliveries met on the way that a later version of the view no longer calls for are
         cancelled by the same statement (see _CLAIM), so they are never claimed.
         """
+        return self._take_due(
+            _CLAIM, limit, {"lease": lease_seconds, "skip": list(skip)}, "sending"
+        )
+
+    def _take_due(
+        self, statement: str, limit: int, values: dict[str, Any], taken: str
+    ) -> list[dict]:
+        """Run a statement of _DUE_AND_CANCELLED on up to `limit` due deliveries until it takes
+        something (rows whose status is `taken`) or finds nothing due: a batch of cancellations
+        alone may hide due ones behind it. The rows taken, in id order."""
+        query = sql.SQL(statement).format(limit=sql.Literal(int(limit)))
+        values.setdefault("skip", [])
         with self.single_statement() as cur:
             while True:
-                cur.execute(_CLAIM, {"lease": lease_seconds, "skip": list(skip), "limit": limit})
+                cur.execute(query, values)
                 rows = cur.fetchall()
-                claimed = [row for row in rows if row["status"] == "sending"]
-                # Only cancellations: the due ones behind them may still be claimable.
-                if claimed or not rows:
-                    return sorted(claimed, key=lambda d: d["id"])
+                took = [row for row in rows if row["status"] == taken]
+                if took or not rows:
+                    return sorted(took, key=lambda d: d["id"])
 
     def give_back(self, deliveries: Collection[dict]) -> int:
         """Claims this worker will not send (its lease would run out first, or it stops): back to
@@ -320,36 +345,11 @@ class NotifierStore:
         self, limit: int, lease_seconds: float, from_email: str
     ) -> list[dict]:
         """The development transport: up to `limit` due e-mails land in the mailbox, marked
-        sent, in one statement (one transaction: nothing is sent outside it, so no claim is
-        needed). Returns the deliveries' ids and trace contexts."""
-        with self.single_statement() as cur:
-            cur.execute(_CANCEL_SUPERSEDED)
-            cur.execute(
-                f"""
-                WITH due AS (
-                    SELECT id FROM deliveries d
-                    WHERE ((status = 'pending' AND next_attempt_at <= now())
-                       OR (status = 'sending'
-                           AND claimed_at < now() - %(lease)s * interval '1 second'))
-                      AND {_CURRENT}
-                    ORDER BY id FOR UPDATE SKIP LOCKED LIMIT %(limit)s
-                ), sent AS (
-                    UPDATE deliveries d
-                    SET status = 'sent', sent_at = now(), claimed_at = now(),
-                        provider = 'mailbox', attempts = attempts + 1, claim_token = NULL,
-                        last_error = NULL
-                    FROM due WHERE d.id = due.id
-                    RETURNING d.id, d.to_email, d.subject, d.html, d.text, d.trace_context
-                ), boxed AS (
-                    INSERT INTO mailbox (delivery_id, to_email, from_email, subject, html, text)
-                    SELECT id, to_email, %(sender)s, subject, html, text FROM sent
-                    ON CONFLICT (delivery_id) DO NOTHING
-                )
-                SELECT id, trace_context FROM sent ORDER BY id
-                """,
-                {"lease": lease_seconds, "limit": limit, "sender": from_email},
-            )
-            return cur.fetchall()
+        sent, in one statement (see _TO_MAILBOX); due ones met on the way that the view no
+        longer calls for are cancelled by it. Returns the deliveries' ids and trace contexts."""
+        return self._take_due(
+            _TO_MAILBOX, limit, {"lease": lease_seconds, "sender": from_email}, "sent"
+        )
 
     def next_due_in(self) -> float | None:
         """Seconds until the earliest pending delivery is due (None if there is none)."""
