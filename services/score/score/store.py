@@ -175,13 +175,18 @@ return out
 # digest and count per group. Sums stay below 2^53: exact in Lua.
 _DIGEST_PAGE = """
 local found = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
+local people, items = ARGV[4], ARGV[5]
 local wanted = {}
-for i = 4, #ARGV do wanted[ARGV[i]] = true end
+for i = 6, #ARGV do wanted[ARGV[i]] = true end
 local groups, order = {}, {}
 for _, key in ipairs(found[2]) do
-  -- A key of another type, or fields that are no bucket and contribution (written by hand),
-  -- count as missing: the bucket differs and says so, and the check goes on.
-  local v = redis.pcall('HMGET', key, 'entity', 'b', 'h', 'deleted')
+  -- Only the entities' hashes (a person's set of items, the markers and indexes aside).
+  local v = nil
+  if key:sub(1, #people) == people or key:sub(1, #items) == items then
+    -- A key of another type, or fields that are no bucket and contribution (written by hand),
+    -- count as missing: the bucket differs and says so, and the check goes on.
+    v = redis.pcall('HMGET', key, 'entity', 'b', 'h', 'deleted')
+  end
   local b, h
   -- A tombstone counts nothing (messaging.digests): pruning it changes no digest.
   if type(v) == 'table' and not v.err and v[1] and wanted[v[1]] and v[4] ~= '1' then
@@ -494,16 +499,17 @@ class ScoreStore:
 
     def _digests_in_redis(self, wanted: list[str]) -> sums.Digests:
         found: sums.Digests = {}
-        for pattern in self._entity_patterns():
-            cursor = b"0"
-            while True:
-                reply = self._digest_page(args=[cursor, pattern, PAGE, *wanted])
-                cursor = reply[0]
-                for i in range(1, len(reply), 4):
-                    _add(found, _text(reply[i]), int(reply[i + 1]), int(reply[i + 2]),
-                         int(reply[i + 3]))  # fmt: skip
-                if cursor in (b"0", "0", 0):
-                    break
+        pattern, cursor = f"{_glob_escape(self.prefix)}*", b"0"
+        while True:
+            reply = self._digest_page(
+                args=[cursor, pattern, PAGE, *self._entity_prefixes(), *wanted]
+            )
+            cursor = reply[0]
+            for i in range(1, len(reply), 4):
+                _add(found, _text(reply[i]), int(reply[i + 1]), int(reply[i + 2]),
+                     int(reply[i + 3]))  # fmt: skip
+            if cursor in (b"0", "0", 0):
+                break
         return found
 
     def _digests_read(self, wanted: list[str]) -> sums.Digests:
@@ -548,29 +554,31 @@ class ScoreStore:
         with redis_errors():
             self.client.set(f"{self.prefix}{VERIFICATION_KEY}", json.dumps(streaks))
 
-    def _entity_patterns(self) -> tuple[str, str]:
-        """SCAN patterns of the people's and the items' hashes (not the layout before 2's)."""
-        escaped = _glob_escape(self.prefix)
-        return f"{escaped}person:{{*", f"{escaped}item:{{*"
+    def _entity_prefixes(self) -> tuple[str, str]:
+        """How the names of the people's and the items' hashes begin (not the layout before
+        2's). One SCAN of the prefix finds both: a SCAN walks the whole keyspace whatever its
+        pattern, so one per kind of hash would walk it twice."""
+        return f"{self.prefix}person:{{", f"{self.prefix}item:{{"
 
     def _held_pages(self) -> Iterator[list[Held]]:
         """Every entity hash, a page at a time, on every master of a cluster."""
-        for pattern in self._entity_patterns():
-            item = pattern.startswith(f"{_glob_escape(self.prefix)}item:")
-            for node, keys in self._scan(pattern):
-                pipe = node.pipeline(transaction=False)
-                for key in keys:
-                    pipe.hmget(key, _HELD_FIELDS)
-                # A key of another type answers an error in place of its fields: skipped.
-                found = pipe.execute(raise_on_error=False)
-                page = []
-                for raw, values in zip(keys, found, strict=True):
-                    if isinstance(values, Exception):
-                        continue
-                    key = _text(raw)
-                    fields = (None if v is None else _text(v) for v in values)
-                    page.append(Held(key, item, key[key.index("{") + 1 : -1], *fields))
-                yield page
+        people, items = self._entity_prefixes()
+        for node, found in self._scan(f"{_glob_escape(self.prefix)}*"):
+            keys = [(key, _text(key)) for key in found]
+            keys = [(raw, key) for raw, key in keys if key.startswith((people, items))]
+            pipe = node.pipeline(transaction=False)
+            for raw, _key in keys:
+                pipe.hmget(raw, _HELD_FIELDS)
+            # A key of another type answers an error in place of its fields: skipped.
+            answers = pipe.execute(raise_on_error=False) if keys else []
+            page = []
+            for (_raw, key), values in zip(keys, answers, strict=True):
+                if isinstance(values, Exception):
+                    continue
+                fields = (None if v is None else _text(v) for v in values)
+                item = key.startswith(items)
+                page.append(Held(key, item, key[key.index("{") + 1 : -1], *fields))
+            yield page
 
     # -- retention of tombstones (score/retention.py) -----------------------------------------
     def due_tombstones(self, seconds: float, skip: list[str], limit: int) -> list[str]:
