@@ -65,11 +65,16 @@ _SUPERSEDED = f"""EXISTS (
 # registration has its welcome; to the address the event carries: the current one. Past the
 # day's cap of e-mails to one mailbox (mailbox_of, migration 010: case, `+tags` and Gmail's
 # dots aside), what it records is suppressed instead of pending, and says why.
+# The cancellation reads the person's own deliveries (deliveries_by_person: a few), never an
+# index of every pending one: the cpf is a parameter of its own, and the status test is written
+# so that no partial index on pending deliveries matches it. The plan of a statement run often
+# is kept (psycopg prepares it), and one chosen while few e-mails were pending would scan all of
+# them per event once a bulk import had queued thousands (tests: test_store_plans.py).
 _APPLY_PERSON = f"""
 WITH u AS ({_UPSERT_USER} RETURNING cpf, version, deleted, registered_at, email),
 cancelled AS (
     UPDATE deliveries d SET status = 'cancelled', last_error = 'cancelled: ' || %(why)s
-    FROM u WHERE d.cpf = %(cpf)s AND d.cpf = u.cpf AND d.status = 'pending'
+    FROM u WHERE d.cpf = %(cpf)s AND d.cpf = u.cpf AND coalesce(d.status, '') = 'pending'
       AND coalesce(d.version, 0) < u.version AND {_NO_LONGER_FOR}
     RETURNING d.id
 ),
