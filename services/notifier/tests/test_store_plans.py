@@ -10,8 +10,10 @@ consumer meets it: prepared and generic, the statistics taken before the backlog
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import notifier
 import psycopg
 import pytest
 from psycopg import sql
@@ -107,3 +109,39 @@ def test_an_applied_event_reads_its_persons_deliveries_not_the_backlog(
     assert len(cursor.plans) == 2
     read = [deliveries_read(plan) for plan in cursor.plans]
     assert max(read) <= WITHIN, (read, scans(cursor.plans))
+
+
+ADDRESSES = [
+    "victim@gmail.com",
+    "Victim+1@GMAIL.com",
+    "v.i.c.t.i.m@googlemail.com",
+    "  v.i.c.t.i.m+x+y@gmail.com.  ",
+    "ana.maria@corp.example",
+    "Ana.Maria+news@Corp.Example.",
+    "no-at-sign",
+    "",
+    "@",
+    "a@b@c.example",
+    "+tag@example.com",
+    "a.b+c@googlemail.com",
+    "ÀNA@exemplo.com.br",
+    "dots...@gmail.com",
+    "x@",
+    None,
+]
+
+
+def test_mailbox_of_gives_what_migration_010s_sql_function_gave(notifier_db):
+    """Migration 014 replaced the function's body (PL/pgSQL for SQL) without rebuilding the
+    index deliveries_by_mailbox: it must give the same mailbox for every address."""
+    migration = Path(notifier.__file__).parent / "migrations" / "010_mailbox_cap.sql"
+    before = migration.read_text().split("CREATE FUNCTION mailbox_of", 1)[1].split("$$;", 1)[0]
+    with psycopg.connect(notifier_db) as conn:
+        conn.execute(f"CREATE FUNCTION pg_temp.mailbox_of_010{before}$$;")
+        pairs = conn.execute(
+            "SELECT a, mailbox_of(a), pg_temp.mailbox_of_010(a) FROM unnest(%s::text[]) AS a",
+            (ADDRESSES,),
+        ).fetchall()
+        conn.rollback()
+    assert [(a, new) for a, new, _old in pairs] == [(a, old) for a, _new, old in pairs]
+    assert {new for _a, new, _old in pairs} >= {"victim@gmail.com", "ana.maria@corp.example"}
