@@ -264,9 +264,11 @@ def test_a_replay_completion_that_meets_a_store_blip_waits_and_is_never_dead_let
     consumer = Consumer(
         ConsumerSettings(broker.amqp_url, topology), lambda env: None, healing=healing
     )
+    # The rebuild is under way before the consumer starts: with no marker at all, its healing
+    # would claim one and ask for a replay of its own, whose marker could overwrite r1's.
+    store.begin_rebuild("r1", time.time())
     with running(consumer):
         wait_until(consumer.attached.is_set, what="attached")
-        store.begin_rebuild("r1", time.time())
         replay(producer_db, broker.amqp_url, topology.queue, request_id="r1")
         wait_until(lambda: store.marker.state == READY, timeout=30, what="ready after the blip")
     assert broker.depth(topology.dead_queue) == 0 and store.blips == 0
@@ -294,9 +296,9 @@ def test_the_model_is_ready_only_once_every_replayed_event_is_applied(producer_d
     topology = broker.topology("counted", retry_delays=(0.2,))
     healing = Healing(store, broker.amqp_url, broker.exchange, topology.queue)
     consumer = Consumer(ConsumerSettings(broker.amqp_url, topology), handler, healing=healing)
+    store.begin_rebuild("r2", time.time())  # before the start: see the test above
     with running(consumer):
         wait_until(consumer.attached.is_set, what="attached")
-        store.begin_rebuild("r2", time.time())
         replay(producer_db, broker.amqp_url, topology.queue, request_id="r2")
         wait_until(lambda: store.expected == 3 and len(tries) == 2, what="completion, retry")
         assert store.marker.state == REBUILDING  # 'slow' is still being applied
