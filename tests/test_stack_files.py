@@ -524,6 +524,29 @@ def test_the_supervisor_names_copies_as_honcho_does(tmp_path):
     assert list(supervisor.commands).count("person") == 1
 
 
+def test_free_ports_are_bindable_distinct_and_outside_the_range_of_outgoing_connections(
+    monkeypatch,
+):
+    # A port from the kernel's range for outgoing connections can be taken by any connection
+    # before the server binds it (a CI run's gunicorn: Address already in use).
+    import socket
+
+    from stack import processes
+
+    low = processes._ephemeral_low()
+    ports = [processes.free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(processes._LOWEST_PICKED <= port < low for port in ports)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", processes._LOWEST_PICKED + 7))
+        listening.listen()
+        # The random start lands on the listening port: it is passed over for the next one.
+        monkeypatch.setattr(processes.secrets, "randbelow", lambda span: 7)
+        monkeypatch.setattr(processes, "_HANDED_OUT", set())
+        assert processes.free_port() == processes._LOWEST_PICKED + 8
+        assert processes.free_port() == processes._LOWEST_PICKED + 9  # never twice
+
+
 # -- docker-compose.cluster.yml: three RabbitMQ nodes and replicas --------------------------------
 NODES = ("rabbitmq", "rabbitmq-2", "rabbitmq-3")
 COPIES = ("person-relay", "score-consumer", "notifier-consumer", "notifier-sender")

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import secrets
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from typing import Any, Protocol
 
 import pika
 from dotenv import dotenv_values
+from stack.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = {
@@ -227,16 +227,10 @@ def use_containers() -> bool:
     return answers
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _publish(container: Any, port: int) -> int:
     """Publish the container's `port` on 127.0.0.1 only, on a fixed host port (a stopped and
     started container keeps it); return the host port."""
-    host = _free_port()
+    host = free_port()
     container.ports[str(port)] = ("127.0.0.1", host)
     return host
 

@@ -18,6 +18,7 @@ import contextlib
 import http.client
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -27,11 +28,48 @@ from pathlib import Path
 
 from stack import ROOT
 
+# Ports handed out by free_port in this process: never the same one twice.
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+_LOWEST_PICKED = 20000  # above the ports people run services on (8000s, 15672, ...)
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections (Linux: 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port of 127.0.0.1 that nothing listens on, for a server about to be started on it.
+
+    It is taken *below* the kernel's range of ports for outgoing connections: a port from that
+    range (what binding port 0 returns) can be taken between this call and the server's bind by
+    any connection some other process opens, and on a busy machine one was (gunicorn: Address
+    already in use). Ports are tried from a random start, each checked by binding it, and one
+    process never hands out the same port twice."""
+    low = _ephemeral_low()
+    if low - _LOWEST_PICKED < 1000:  # an unusual range: leave the choice to the kernel
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    span = low - _LOWEST_PICKED
+    start = secrets.randbelow(span)  # not `random`: a test may seed it alike in two workers
+    with _HANDED_OUT_LOCK:
+        for step in range(span):
+            port = _LOWEST_PICKED + (start + step) % span
+            if port in _HANDED_OUT:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError(f"no free port of 127.0.0.1 between {_LOWEST_PICKED} and {low}")
 
 
 def procfile_commands() -> dict[str, str]:
