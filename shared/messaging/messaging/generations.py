@@ -24,6 +24,15 @@ redis.call('HSET', KEYS[1], 'state', 'rebuilding', 'request', ARGV[1], 'since', 
 return 1
 """
 
+# KEYS[1] the marker hash. ARGV: request id, time sent. Only while it is that request's rebuild:
+# its time renewed and its count started again.
+_REDIS_RENEW = """
+if redis.call('HGET', KEYS[1], 'request') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'state') ~= 'rebuilding' then return 0 end
+redis.call('HSET', KEYS[1], 'since', ARGV[2], 'expected', -1, 'settled', 0)
+return 1
+"""
+
 # KEYS[1] the marker hash. ARGV: request id, then 'expected' and the completion's event count,
 # or 'settled' and a number of replayed events settled. Only while it is that request's
 # rebuild; ready once as many were settled as the completion announced.
@@ -60,6 +69,7 @@ class RedisGeneration:
         self._claim = client.register_script(_REDIS_CLAIM)
         self._progress = client.register_script(_REDIS_PROGRESS)
         self._owned = client.register_script(_REDIS_OWNED)
+        self._renew = client.register_script(_REDIS_RENEW)
 
     def generation(self) -> Generation | None:
         with redis_errors():
@@ -89,6 +99,10 @@ class RedisGeneration:
                     "settled": 0,
                 },
             )
+
+    def renew_rebuild(self, request_id: str, since: float) -> bool:
+        with redis_errors():
+            return bool(self._renew(keys=[self.key], args=[request_id, since]))
 
     def finish_rebuild(self, request_id: str, events: int) -> bool:
         with redis_errors():
@@ -172,6 +186,14 @@ class PostgresGeneration:
             " expected = -1, settled = 0 RETURNING 1",
             {"request": request_id, "since": since},
         )
+
+    def renew_rebuild(self, request_id: str, since: float) -> bool:
+        row = self._one(
+            "UPDATE messaging_generation SET since = %(since)s, expected = -1, settled = 0 "
+            "WHERE name = %(name)s AND request = %(request)s AND state = 'rebuilding' RETURNING 1",
+            {"request": request_id, "since": since},
+        )
+        return row is not None
 
     def finish_rebuild(self, request_id: str, events: int) -> bool:
         return self._progress(request_id, "expected = %(n)s", events)

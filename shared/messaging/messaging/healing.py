@@ -83,6 +83,11 @@ class GenerationStore(Protocol):
         replayed event counted yet."""
         ...
 
+    def renew_rebuild(self, request_id: str, since: float) -> bool:
+        """`begin_rebuild`, but only while the marker is still this request's rebuild: True if
+        it was (another party's request or wipe written meanwhile is left alone)."""
+        ...
+
     def finish_rebuild(self, request_id: str, events: int) -> bool:
         """The completion of this request, which sent `events`: `ready` if that many were
         counted already. True if it turned the model ready."""
@@ -157,10 +162,9 @@ class Healing:
             log.warning(
                 "read model of %s has no generation marker: asking for a replay", self.queue
             )
-            self._request(request_id, now)
-            return REBUILDING
+            return self._request(request_id, now)
         if generation.state == REBUILDING and now - generation.since > self.re_request_after:
-            self._request(generation.request_id, now)
+            return self._request(generation.request_id, now)
         return generation.state
 
     def completed(self, request_id: str, events: int) -> None:
@@ -181,12 +185,20 @@ class Healing:
             self.state = READY
             log.info("read model of %s rebuilt (request %s)", self.queue, request_id)
 
-    def _request(self, request_id: str, now: float) -> None:
-        # Marked as sent before sending: a completion can never find the marker missing. If
-        # sending fails, the marker says "not sent" and the next check sends it.
-        self.store.begin_rebuild(request_id, now)
+    def _request(self, request_id: str, now: float) -> str:
+        """Send this request if the marker is still its own; return the model's state.
+
+        Marked as sent before sending: a completion can never find the marker missing. If
+        sending fails, the marker says "not sent" and the next check sends it. A marker that
+        another party rewrote since it was read (an operator's wipe, a rebuild begun by hand)
+        is theirs: it is neither overwritten nor asked for here."""
+        if not self.store.renew_rebuild(request_id, now):
+            log.info("replay request %s of %s was superseded: not sent", request_id, self.queue)
+            marker = self.store.generation()
+            return marker.state if marker is not None else REBUILDING
         try:
             request_replay(self.amqp_url, self.exchange, self.queue, request_id, self.scope)
         except Exception:
-            self.store.begin_rebuild(request_id, 0.0)
+            self.store.renew_rebuild(request_id, 0.0)
             raise
+        return REBUILDING

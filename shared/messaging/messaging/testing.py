@@ -297,6 +297,14 @@ class MemoryGeneration:
         self.marker = Generation(REBUILDING, request_id, since)
         self.expected, self.settled = -1, 0
 
+    def renew_rebuild(self, request_id: str, since: float) -> bool:
+        with self._lock:
+            marker = self.marker
+            if marker is None or marker.request_id != request_id or marker.state != REBUILDING:
+                return False
+            self.begin_rebuild(request_id, since)
+            return True
+
     def finish_rebuild(self, request_id: str, events: int) -> bool:
         return self._progress(request_id, expected=events)
 

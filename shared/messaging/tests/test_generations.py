@@ -68,6 +68,24 @@ def test_a_new_request_starts_the_count_again(generations):
     assert generations.generation().state == "rebuilding"
 
 
+def test_a_request_is_renewed_only_while_the_marker_is_still_its_rebuild(generations):
+    assert not generations.renew_rebuild("r", 5.0)  # no marker: nothing to renew
+    assert generations.generation() is None
+    assert generations.claim_rebuild("r")
+    generations.count_replayed("r", 2)
+    assert generations.renew_rebuild("r", 5.0)
+    marker = generations.generation()
+    assert (marker.state, marker.request_id, marker.since) == ("rebuilding", "r", 5.0)
+    assert not generations.finish_rebuild("r", 1)  # the count started again with the request
+    generations.begin_rebuild("theirs", 6.0)  # another party's request since
+    assert not generations.renew_rebuild("r", 7.0)
+    marker = generations.generation()
+    assert (marker.request_id, marker.since) == ("theirs", 6.0)
+    assert generations.finish_rebuild("theirs", 0)  # ready: a rebuild no longer to renew
+    assert not generations.renew_rebuild("theirs", 8.0)
+    assert generations.generation().state == "ready"
+
+
 def test_a_stale_marker_is_abandoned_only_while_it_is_still_the_same_one(generations):
     generations.begin_rebuild("r", 1.0)
     assert not generations.abandon("another")

@@ -60,6 +60,30 @@ def test_replicas_that_all_find_the_marker_missing_ask_once(broker):
     assert [healing.check() for healing in replicas] == [READY] * 3
 
 
+class Overtaken(MemoryGeneration):
+    """A store where another party writes a rebuild of its own just after the claim."""
+
+    def claim_rebuild(self, request_id: str) -> bool:
+        claimed = super().claim_rebuild(request_id)
+        self.begin_rebuild("theirs", 1.0)
+        return claimed
+
+
+def test_a_marker_rewritten_after_the_claim_is_left_to_whoever_wrote_it(broker):
+    conn = connect(broker.amqp_url, "test")
+    try:
+        declare_requests(conn, broker.exchange)  # where a request would wait
+    finally:
+        conn.close()
+    store = Overtaken()
+    healing = Healing(store, broker.amqp_url, broker.exchange, "model.q")
+    assert healing.check() == REBUILDING
+    assert (store.marker.request_id, store.marker.since) == ("theirs", 1.0)  # not overwritten
+    assert take_requests(broker.amqp_url, broker.exchange) == []  # and not asked for here
+    healing.completed("theirs", 0)
+    assert healing.check() == READY
+
+
 def test_a_request_that_got_no_answer_is_sent_again(broker):
     store = MemoryGeneration()
     healing = Healing(store, broker.amqp_url, broker.exchange, "model.q", re_request_after=0)
