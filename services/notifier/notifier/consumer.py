@@ -124,7 +124,7 @@ def build(config: NotifierConfig, pool: ConnectionPool) -> tuple[Consumer, Notif
     # the entity types the model holds, verified against the producer's digests
     verification = Verification.scheduled(config, store, topology.queue, ("person",))
     consumer = Consumer(
-        ConsumerSettings(config.amqp_url, topology),
+        ConsumerSettings(config.amqp_url, topology, linger=config.consumer_linger_seconds),
         view.handlers,
         view.apply,
         probe=store.consumer_probe,

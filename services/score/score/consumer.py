@@ -70,7 +70,7 @@ def build(config: ScoreConfig, store: ScoreStore | None = None) -> tuple[Consume
     # the entity types the model holds, verified against the producer's digests
     verification = Verification.scheduled(config, store, topology.queue, ENTITIES)
     consumer = Consumer(
-        ConsumerSettings(config.amqp_url, topology),
+        ConsumerSettings(config.amqp_url, topology, linger=config.consumer_linger_seconds),
         HANDLERS,
         store.apply,  # a batch of changes in one Redis round trip
         probe=store.consumer_probe,

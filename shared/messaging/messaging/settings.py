@@ -23,6 +23,8 @@ class BrokerSettings(ServiceSettings):
     queue_group_size: int | None = None
     # How often a read model compares itself with the producer (verification.py); 0: never.
     verify_seconds: float = 60.0
+    # How long a consumer's batch that is not full waits for more (ConsumerSettings.linger).
+    consumer_linger_seconds: float = 0.01
 
     @field_validator("amqp_url")
     @classmethod
@@ -42,6 +44,13 @@ class BrokerSettings(ServiceSettings):
     def _period(cls, value: float) -> float:
         if not value >= 0:  # NaN too
             raise ValueError("VERIFY_SECONDS must be 0 (never) or a positive number of seconds")
+        return value
+
+    @field_validator("consumer_linger_seconds")
+    @classmethod
+    def _linger(cls, value: float) -> float:
+        if not 0 <= value <= 1:  # NaN too
+            raise ValueError("CONSUMER_LINGER_SECONDS must be between 0 and 1 second")
         return value
 
     @field_validator("queue_group_size")
