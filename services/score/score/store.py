@@ -491,29 +491,41 @@ class ScoreStore:
         page by page in Redis itself (_DIGEST_PAGE); on a cluster, from each hash read on every
         master, a live item counting only if its person's set holds it (the set and the item
         are in different slots, which fail over apart)."""
+        found: sums.Digests = {}
+        for page in self.digest_pages(entities):
+            sums.merge(found, page)
+        return found
+
+    def digest_pages(self, entities: Collection[str]) -> Iterator[sums.Digests]:
+        """The same digests a SCAN page (PAGE keys) at a time: a verification sums them
+        between the consumer's batches, so events are not held back for the whole walk."""
         wanted = sorted(set(entities))
         if not wanted:
-            return {}
-        with redis_errors():
-            return self._digests_read(wanted) if self.cluster else self._digests_in_redis(wanted)
+            return
+        pages = self._pages_in_redis(wanted) if not self.cluster else self._pages_read(wanted)
+        while True:
+            with redis_errors():
+                page = next(pages, None)
+            if page is None:
+                return
+            yield page
 
-    def _digests_in_redis(self, wanted: list[str]) -> sums.Digests:
-        found: sums.Digests = {}
+    def _pages_in_redis(self, wanted: list[str]) -> Iterator[sums.Digests]:
         pattern, cursor = f"{_glob_escape(self.prefix)}*", b"0"
         while True:
             reply = self._digest_page(
                 args=[cursor, pattern, PAGE, *self._entity_prefixes(), *wanted]
             )
             cursor = reply[0]
+            found: sums.Digests = {}
             for i in range(1, len(reply), 4):
                 _add(found, _text(reply[i]), int(reply[i + 1]), int(reply[i + 2]),
                      int(reply[i + 3]))  # fmt: skip
+            yield found
             if cursor in (b"0", "0", 0):
-                break
-        return found
+                return
 
-    def _digests_read(self, wanted: list[str]) -> sums.Digests:
-        found: sums.Digests = {}
+    def _pages_read(self, wanted: list[str]) -> Iterator[sums.Digests]:
         chosen = set(wanted)
         for page in self._held_pages():
             live = [h for h in page if h.item and h.deleted == "0" and h.cpf]
@@ -523,11 +535,12 @@ class ScoreStore:
                 for held in live:
                     pipe.sismember(self.items_key(held.cpf or ""), held.entity_id)
                 unindexed = {h.key for h, yes in zip(live, pipe.execute(), strict=True) if not yes}
+            found: sums.Digests = {}
             for held in page:
                 part = _digest_part(held, chosen)
                 if part is not None and held.key not in unindexed:
                     _add(found, *part, 1)
-        return found
+            yield found
 
     def held_versions(self, entity: str, buckets: list[int]) -> dict[str, int]:
         """The versions the digests count: tombstones left out, as the producer leaves out its

@@ -462,3 +462,18 @@ def test_the_store_over_a_unix_socket_applies_as_over_tcp(history):
             assert scores(store, history.cpfs) == history.expected()
         finally:
             client.close()
+
+
+def test_the_digests_in_parts_are_summed_to_the_digests(score_store):
+    """A verification walks the model a SCAN page at a time between the consumer's batches."""
+    people = [event("person", str(n), 1, {"cpf": str(n)}) for n in range(2500)]
+    apply(score_store, [*people, item("income", "i1", "7", "10.00")])
+    pages = list(score_store.digest_pages({"person", "income"}))
+    assert len(pages) > 1  # more keys than one page holds
+    summed: digests.Digests = {}
+    for page in pages:
+        digests.merge(summed, page)
+    assert summed == score_store.digests({"person", "income"})
+    assert summed == digests.of_versions(
+        [("person", str(n), 1) for n in range(2500)] + [("income", "i1", 1)]
+    )

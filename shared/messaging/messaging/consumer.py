@@ -419,6 +419,8 @@ class Consumer:
         if not batch:
             if self.paused.is_set():
                 self._idle_while_paused()
+            elif self.processor.verifying:
+                self.processor.verify_step()  # idle: the check goes on
             return
         lease = batch[0].lease
         self._busy.set()
@@ -433,10 +435,12 @@ class Consumer:
         self._pause_backoff.reset()
         if not self._post(lambda o=outcomes: self._settle(o)):
             self._busy.clear()
+        if self.processor.verifying:  # one part of a check under way between two batches
+            self.processor.verify_step()
 
     def _next_batch(self) -> list[_Delivery]:
-        try:
-            first = self._inbox.get(timeout=0.2)
+        try:  # a check under way goes on while nothing comes: no wait then
+            first = self._inbox.get(timeout=0.001 if self.processor.verifying else 0.2)
         except queue.Empty:
             if not self._busy.is_set():
                 self._progress_at = time.monotonic()  # idle is not stalled

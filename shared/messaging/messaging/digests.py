@@ -55,6 +55,16 @@ def summed(rows: Iterable[tuple[str, int, int]]) -> Digests:
     return found
 
 
+def merge(into: Digests, part: Digests) -> Digests:
+    """Add `part` (digests of other entities) into `into`; returns `into`."""
+    for entity, found in part.items():
+        buckets = into.setdefault(entity, {})
+        for where, (digest, count) in found.items():
+            had, n = buckets.get(where, (0, 0))
+            buckets[where] = ((had + digest) % MODULUS, n + count)
+    return into
+
+
 def differing(producer: Digests, model: Digests, entities: Iterable[str]) -> dict[str, list[int]]:
     """The buckets of each entity type whose digests differ (a bucket one side lacks counts as
     empty there)."""

@@ -95,6 +95,7 @@ class ConsumerStats:
                     "verifications": self.verification.checks,
                     "divergent_buckets": self.verification.divergent_buckets,
                     "unrepaired_buckets": self.verification.unrepaired_buckets,
+                    "skipped_buckets": self.verification.skipped_buckets,
                     "repairs": self.verification.repairs,
                     "last_verified_at": self.verification.last_checked_at,
                 }
@@ -140,10 +141,13 @@ class Processor:
         """Outcomes in the batch's order; raises StoreUnavailable if the store is away."""
         outcomes: dict[int, Outcome] = {}
         ready: list[_Ready] = []
-        verifications: list[Delivery] = []
+        # Each digests message, and how many of the batch's events came before it.
+        verifications: list[tuple[Delivery, int]] = []
         for delivery in batch:
             if is_digests(delivery.properties):
-                verifications.append(delivery)  # compared once the events before it are applied
+                # compared once the events before it are applied (those behind it are too, so
+                # their buckets are left out of its check)
+                verifications.append((delivery, len(ready)))
                 continue
             try:
                 early = self._judge(delivery)
@@ -155,6 +159,7 @@ class Processor:
                 outcomes[id(delivery)] = early
             else:
                 ready.append(_Ready(delivery, early))
+        judged = [item.envelope for item in ready]
         if self.apply is None:
             for item in ready:  # the functions write themselves: one event at a time
                 outcomes[id(item.delivery)] = self._one(item, translate_only=True)
@@ -162,8 +167,10 @@ class Processor:
             ready = self._translated(ready, outcomes)
             for item, outcome in self._applied(ready):
                 outcomes[id(item.delivery)] = outcome
-        for delivery in verifications:
-            outcomes[id(delivery)] = self._verify(delivery)
+        if self.verification is not None and judged:
+            self.verification.touch(judged)  # a check under way: these changed what it sums
+        for delivery, before in verifications:
+            outcomes[id(delivery)] = self._verify(delivery, judged[before:])
         result = [outcomes[id(d)] for d in batch]
         self._count_replayed(result)
         return result
@@ -197,12 +204,30 @@ class Processor:
             return Outcome(delivery, None)
         return envelope
 
-    def _verify(self, delivery: Delivery) -> Outcome:
-        """The producer's digests, for a verification: compared with the model's."""
+    @property
+    def verifying(self) -> bool:
+        """A verification is under way: `verify_step()` has work between batches."""
+        return self.verification is not None and self.verification.checking
+
+    def verify_step(self) -> bool:
+        """One more part of a verification under way (the worker calls it between batches);
+        True while it has more. A failure abandons the check: the next one comes in time."""
+        if self.verification is None:
+            return False
+        try:
+            return self.verification.step()
+        except Exception as exc:
+            self.verification.abandon()
+            log.warning("verification of %s abandoned: %s", self.topology.queue, exc)
+            return False
+
+    def _verify(self, delivery: Delivery, behind: list[Envelope]) -> Outcome:
+        """The producer's digests, for a verification: compared with the model's. `behind`:
+        the batch's events that came after them, applied already."""
         if self.verification is None:
             return Outcome(delivery, None)  # a replica that does not verify: nothing to do
         try:
-            self.verification.received(delivery.body)
+            self.verification.received(delivery.body, behind)
         except StoreUnavailable:
             raise  # the batch waits for the store
         except Exception as exc:

@@ -144,6 +144,11 @@ def _verification_metrics(snaps: Mapping[str, dict[str, Any]]) -> Iterator[Metri
         "Of those, buckets that still differed after a repair replay",
         labels=["replica"],
     )
+    skipped = GaugeMetricFamily(
+        "read_model_skipped_buckets",
+        "Buckets the replica's last check left out: events applied during it touched them",
+        labels=["replica"],
+    )
     repairs = CounterMetricFamily(
         "read_model_repairs",
         "Repair replays asked for (a bucket that differed two checks in a row)",
@@ -160,10 +165,11 @@ def _verification_metrics(snaps: Mapping[str, dict[str, Any]]) -> Iterator[Metri
     for replica, snap in sorted(verifying.items()):
         divergent.add_metric([replica], snap["divergent_buckets"])
         unrepaired.add_metric([replica], snap.get("unrepaired_buckets", 0))
+        skipped.add_metric([replica], snap.get("skipped_buckets", 0))
         repairs.add_metric([replica], snap["repairs"])
         checks.add_metric([replica], snap["verifications"])
         if snap.get("last_verified_at"):
             verified.add_metric([replica], snap["last_verified_at"])
-    yield from (divergent, unrepaired, repairs, checks)
+    yield from (divergent, unrepaired, skipped, repairs, checks)
     if verified.samples:
         yield verified

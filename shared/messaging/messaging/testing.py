@@ -142,7 +142,9 @@ class InMemoryBus:
 
     def deliver(self, max_batch: int = 1) -> int:
         """Hand every ready message to its consumer (in batches of up to max_batch); a queue
-        whose store is away keeps its batch, as the runtime holds it. How many were settled."""
+        whose store is away keeps its batch, as the runtime holds it. How many were settled.
+        A verification under way goes one part further after each batch, as in the runtime,
+        and to its end once the queue is empty (the runtime's idle worker)."""
         handled = 0
         for queue in self._queues.values():
             queue.paused = False
@@ -160,6 +162,10 @@ class InMemoryBus:
                     if outcome.decision is not None:
                         self._route(queue, outcome.delivery.message, outcome.decision)
                 handled += len(batch)
+                queue.processor.verify_step()
+            if not queue.paused:
+                while queue.processor.verify_step():
+                    pass
         return handled
 
     def advance(self, seconds: float) -> None:

@@ -12,6 +12,13 @@ gate. Nothing else is replayed.
 What a model's store offers (`VerifiedStore`): its digests computed from what it holds, the
 versions it holds in some buckets (for an operator's report), and where the last check's
 divergence is kept (so replicas that take turns agree on "two in a row").
+
+Computing a model's digests walks all it holds: seconds for a million entities. A check does
+not hold the model's events back for that long. A store that computes them in parts
+(`digest_pages`) is walked one part at a time between the consumer's batches; the events applied
+meanwhile (and those behind the digests in their own batch) change what is being summed, so
+their buckets are left out of that check, neither differing nor agreeing: a bucket's count of
+checks in a row stands until a check that could compare it.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -30,6 +37,7 @@ import pika
 from . import digests
 from .connection import connect
 from .digests import Digests
+from .envelope import Envelope
 from .replay import BUCKETS, DIGESTS, DIGESTS_TYPE, REPLY_QUEUE_PREFIX, request_replay
 
 if TYPE_CHECKING:
@@ -58,6 +66,9 @@ class VerifiedStore(Protocol):
         """entity id -> the version held, for the live entities of these buckets."""
         ...
 
+    # Optional: `digest_pages(entities) -> Iterator[Digests]`, the same digests in parts, each
+    # a bounded amount of work, that sum to `digests(entities)` (see the module docstring).
+
     def last_divergence(self) -> Streaks:
         """What `record_divergence` kept last (empty if nothing differs or it never ran)."""
         ...
@@ -81,9 +92,22 @@ def repairs_at(streak: int) -> bool:
 
 
 @dataclass
+class _Check:
+    """A check under way: the producer's digests, the model's summed so far, and the buckets
+    that events applied since the digests arrived have touched."""
+
+    producer: Digests
+    reply_to: list[str]
+    pages: Iterator[Digests]
+    model: Digests = field(default_factory=dict)
+    touched: set[tuple[str, int]] = field(default_factory=set)
+
+
+@dataclass
 class VerificationStats:
     checks: int = 0
     divergent_buckets: int = 0  # what the last check this replica made found
+    skipped_buckets: int = 0  # buckets the last check left out: events touched them meanwhile
     unrepaired_buckets: int = 0  # of those, how many still differed after a repair
     repairs: int = 0  # repair replays this replica asked for
     last_checked_at: float | None = None  # epoch seconds
@@ -114,6 +138,7 @@ class Verification:
         self.every = every
         self.stats = VerificationStats()
         self._asked_at = float("-inf")
+        self._check: _Check | None = None
         # How a request reaches the producer: (request_id, scope, buckets=, reply_to=). Through
         # the broker; a test's producer of its own may answer instead.
         self.request: Callable[..., None] = functools.partial(
@@ -147,9 +172,11 @@ class Verification:
         self.request(request_id, DIGESTS, reply_to=reply_to)
         return request_id
 
-    def received(self, body: bytes) -> None:
+    def received(self, body: bytes, touched: Iterable[Envelope] = ()) -> None:
         """The producer's digests arrived (in the model's queue, behind the events published
-        before them): compare, repair, report."""
+        before them): start a check. `touched`: events already applied that came behind the
+        digests (in the same batch). A store that computes its digests in parts is walked by
+        `step()`, between batches; any other is summed and compared now."""
         answer = json.loads(body)
         if not isinstance(answer, dict):
             raise ValueError("the digests message is not an object")
@@ -159,23 +186,85 @@ class Verification:
             for q in answer.get("reply_to") or []
             if isinstance(q, str) and q.startswith(REPLY_QUEUE_PREFIX)  # only broker-named
         ]
-        model = self.store.digests(self.entities)
-        divergent = digests.differing(producer, model, self.entities)
+        if self._check is not None:
+            log.info("%s: a check was still under way; the newer digests replace it", self.queue)
+        paged = getattr(self.store, "digest_pages", None)
+        pages = paged(self.entities) if paged is not None else iter([None])
+        self._check = _Check(producer, reply_to, pages)
+        self.touch(touched)
+        if paged is None:
+            self._check.model = self.store.digests(self.entities)
+            self._finish(self._check)
+
+    @property
+    def checking(self) -> bool:
+        """A check is under way: `step()` has work, and applied events are to be `touch`ed."""
+        return self._check is not None
+
+    def touch(self, envelopes: Iterable[Envelope]) -> None:
+        """Events applied while a check is under way: their buckets are left out of it."""
+        check = self._check
+        if check is None:
+            return
+        for envelope in envelopes:
+            if envelope.entity in self.entities:
+                where = digests.bucket(envelope.entity, envelope.entity_id)
+                check.touched.add((envelope.entity, where))
+
+    def abandon(self) -> None:
+        """Drop the check under way (its store failed): nothing is compared or recorded."""
+        self._check = None
+
+    def step(self) -> bool:
+        """Sum one more part of the model's digests; compare once all are summed. True while
+        the check has more to do."""
+        check = self._check
+        if check is None:
+            return False
+        page = next(check.pages, None)
+        if page is not None:
+            digests.merge(check.model, page)
+            return True
+        self._finish(check)
+        return False
+
+    def _finish(self, check: _Check) -> None:
+        self._check = None
+        divergent = digests.differing(check.producer, check.model, self.entities)
+        skipped = {entity: {b for e, b in check.touched if e == entity} for entity in self.entities}
+        divergent = {
+            entity: kept
+            for entity, buckets in divergent.items()
+            if (kept := [b for b in buckets if b not in skipped[entity]])
+        }
         before = _streaks(self.store.last_divergence())
         streaks = {
             entity: {str(b): before.get(entity, {}).get(str(b), 0) + 1 for b in buckets}
             for entity, buckets in divergent.items()
         }
+        for entity, buckets in skipped.items():  # not compared: their count stands
+            for b in buckets:
+                streak = before.get(entity, {}).get(str(b))
+                if streak:
+                    streaks.setdefault(entity, {})[str(b)] = streak
         self.store.record_divergence(streaks)
         due = {
-            entity: sorted(int(b) for b, streak in found.items() if repairs_at(streak))
+            entity: sorted(
+                int(b)
+                for b, streak in found.items()
+                if repairs_at(streak) and int(b) in divergent.get(entity, ())
+            )
             for entity, found in streaks.items()
         }
         due = {entity: buckets for entity, buckets in due.items() if buckets}
         self.stats.checks += 1
         self.stats.divergent_buckets = sum(len(b) for b in divergent.values())
+        self.stats.skipped_buckets = len(check.touched)
         self.stats.unrepaired_buckets = sum(
-            streak > 2 for found in streaks.values() for streak in found.values()
+            streak > 2
+            for entity, found in streaks.items()
+            for b, streak in found.items()
+            if int(b) in divergent.get(entity, ())
         )
         self.stats.last_checked_at = time.time()
         if due:
@@ -183,7 +272,7 @@ class Verification:
         elif divergent:
             log.info("%s: %d bucket(s) differ; looking again before repairing", self.queue,
                      self.stats.divergent_buckets)  # fmt: skip
-        for queue in reply_to:
+        for queue in check.reply_to:
             self._report(queue, divergent)
 
     def _repair(self, buckets: dict[str, list[int]]) -> None:
@@ -229,6 +318,7 @@ class Verification:
             "checks": self.stats.checks,
             "divergent_buckets": self.stats.divergent_buckets,
             "unrepaired_buckets": self.stats.unrepaired_buckets,
+            "skipped_buckets": self.stats.skipped_buckets,
             "repairs": self.stats.repairs,
             "last_checked_at": self.stats.last_checked_at,
         }
