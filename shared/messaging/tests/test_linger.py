@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 import pytest
 from messaging import Consumer, ConsumerSettings, Envelope
@@ -42,15 +44,26 @@ def consumer(broker, batches: Batches, linger: float, max_batch: int) -> Consume
     return Consumer(settings, Handlers.every(lambda envelope: envelope.entity_id), batches)
 
 
-def test_a_delivery_that_comes_within_the_linger_joins_the_batch_in_hand(broker):
+@contextlib.contextmanager
+def first_published(broker, linger: float, max_batch: int) -> Iterator[tuple[Consumer, Batches]]:
+    """A consumer with this linger, running, attached, and one event published to it."""
     batches = Batches()
-    # A linger far longer than the test: the batch is applied because it is full, not late.
-    lingering = consumer(broker, batches, linger=600.0, max_batch=2)
+    lingering = consumer(broker, batches, linger, max_batch)
     with running(lingering):
         wait_until(lingering.attached.is_set, what="consumer attached")
         broker.publish(event(1))
-        # Delivered (no longer ready in the queue): the worker waits with it.
-        wait_until(lambda: broker.depth(lingering.topology.queue) == 0, what="the first delivered")
+        yield lingering, batches
+
+
+def delivered(broker, lingering: Consumer) -> None:
+    """Wait until the broker has delivered what was published (none ready in the queue)."""
+    wait_until(lambda: broker.depth(lingering.topology.queue) == 0, what="delivered")
+
+
+def test_a_delivery_that_comes_within_the_linger_joins_the_batch_in_hand(broker):
+    # A linger far longer than the test: the batch is applied because it is full, not late.
+    with first_published(broker, linger=600.0, max_batch=2) as (lingering, batches):
+        delivered(broker, lingering)  # the worker waits with it
         assert batches.all() == []
         broker.publish(event(2))
         wait_until(lambda: batches.all(), what="the batch applied")
@@ -58,23 +71,15 @@ def test_a_delivery_that_comes_within_the_linger_joins_the_batch_in_hand(broker)
 
 
 def test_a_batch_that_is_not_full_is_applied_once_the_linger_is_over(broker):
-    batches = Batches()
-    lingering = consumer(broker, batches, linger=0.05, max_batch=500)
-    with running(lingering):
-        wait_until(lingering.attached.is_set, what="consumer attached")
-        broker.publish(event(1))
+    with first_published(broker, linger=0.05, max_batch=500) as (lingering, batches):
         wait_until(lambda: batches.all(), what="the lone delivery applied")
         assert batches.all() == [["t1"]]
         wait_until(lambda: lingering.stats.consumed == 1, what="settled")
 
 
 def test_stopping_ends_the_linger(broker):
-    batches = Batches()
-    lingering = consumer(broker, batches, linger=600.0, max_batch=500)
-    with running(lingering):
-        wait_until(lingering.attached.is_set, what="consumer attached")
-        broker.publish(event(1))
-        wait_until(lambda: broker.depth(lingering.topology.queue) == 0, what="the first delivered")
+    with first_published(broker, linger=600.0, max_batch=500) as (lingering, batches):
+        delivered(broker, lingering)
     # running() joined the consumer: the stop was not held up by the linger's ten minutes
     assert batches.all() in ([], [["t1"]])
 
