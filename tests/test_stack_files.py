@@ -533,18 +533,30 @@ def test_free_ports_are_bindable_distinct_and_outside_the_range_of_outgoing_conn
 
     from stack import processes
 
-    low = processes._ephemeral_low()
+    low, high = processes._ephemeral_range()
     ports = [processes.free_port() for _ in range(200)]
     assert len(set(ports)) == len(ports)
-    assert all(processes._LOWEST_PICKED <= port < low for port in ports)
+    assert not any(low <= port <= high for port in ports)
+    monkeypatch.setattr(processes, "_ephemeral_range", lambda: (32768, 60999))
+    first = processes._LOWEST_PICKED
     with socket.socket() as listening:
-        listening.bind(("127.0.0.1", processes._LOWEST_PICKED + 7))
+        listening.bind(("127.0.0.1", first + 7))
         listening.listen()
         # The random start lands on the listening port: it is passed over for the next one.
         monkeypatch.setattr(processes.secrets, "randbelow", lambda span: 7)
         monkeypatch.setattr(processes, "_HANDED_OUT", set())
-        assert processes.free_port() == processes._LOWEST_PICKED + 8
-        assert processes.free_port() == processes._LOWEST_PICKED + 9  # never twice
+        assert processes.free_port() == first + 8
+        assert processes.free_port() == first + 9  # never twice
+
+
+def test_free_ports_go_above_a_range_that_starts_low_and_never_repeat_in_any_case(monkeypatch):
+    from stack import processes
+
+    monkeypatch.setattr(processes, "_ephemeral_range", lambda: (1024, 40000))
+    assert all(40000 < processes.free_port() <= 65535 for _ in range(50))
+    monkeypatch.setattr(processes, "_ephemeral_range", lambda: (1024, 65535))  # nothing outside
+    ports = [processes.free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
 
 
 # -- docker-compose.cluster.yml: three RabbitMQ nodes and replicas --------------------------------

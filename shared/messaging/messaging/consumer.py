@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -92,6 +93,10 @@ class ConsumerSettings:
     max_redeliveries: int = MAX_REDELIVERIES
     heal_every: float = 2.0  # seconds between two looks at the healing marker
     pause_backoff_cap: float = 30.0  # the longest wait between two tries of a held batch
+
+    def __post_init__(self) -> None:
+        if not (self.linger >= 0 and math.isfinite(self.linger)):  # NaN would spin the worker
+            raise ValueError(f"linger must be a finite number of seconds, not {self.linger!r}")
 
 
 @dataclass(frozen=True)
@@ -424,6 +429,11 @@ class Consumer:
             return
         lease = batch[0].lease
         self._busy.set()
+        if self._stop.is_set() and self._conn is None:
+            # The session is over: nothing applied now could be acked, and the broker gives
+            # these deliveries to another consumer. Leave them unapplied.
+            self._busy.clear()
+            return
         try:
             outcomes = self.processor.process(batch)
         except StoreUnavailable as exc:
@@ -445,6 +455,9 @@ class Consumer:
             if not self._busy.is_set():
                 self._progress_at = time.monotonic()  # idle is not stalled
             return []
+        # In hand from now on: a stop waits for this batch to be settled (_drain), even while it
+        # lingers; applied after the session closed, it could not be acked and would come back.
+        self._busy.set()
         batch = [first]
         deadline = time.monotonic() + self.settings.linger
         while len(batch) < self.settings.max_batch:
@@ -461,7 +474,10 @@ class Consumer:
             except queue.Empty:
                 continue
         lease = self._lease  # read after the wait: a session may have started meanwhile
-        return [d for d in batch if d.lease == lease]
+        batch = [d for d in batch if d.lease == lease]
+        if not batch:
+            self._busy.clear()
+        return batch
 
     def _pause(self, exc: StoreUnavailable, lease: int) -> None:
         """Hold the batch, wait (longer each time the first batch after a pause fails again),

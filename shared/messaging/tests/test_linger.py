@@ -77,11 +77,37 @@ def test_a_batch_that_is_not_full_is_applied_once_the_linger_is_over(broker):
         wait_until(lambda: lingering.stats.consumed == 1, what="settled")
 
 
-def test_stopping_ends_the_linger(broker):
-    with first_published(broker, linger=600.0, max_batch=500) as (lingering, batches):
+def test_a_stop_during_the_linger_settles_the_batch_in_hand_or_leaves_it_unapplied(broker):
+    """Stopping ends the wait (well before the linger's ten minutes and the stop's minute),
+    and the batch in hand is either applied and acked or not applied and back in the queue:
+    never applied and then delivered again."""
+    batches = Batches()
+    settings = ConsumerSettings(
+        broker.amqp_url, broker.topology("svc"), linger=600.0, shutdown_timeout=60.0
+    )
+    lingering = Consumer(settings, Handlers.every(lambda e: e.entity_id), batches)
+    thread = threading.Thread(target=lingering.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lingering.attached.is_set, what="consumer attached")
+        broker.publish(event(1))
         delivered(broker, lingering)
-    # running() joined the consumer: the stop was not held up by the linger's ten minutes
-    assert batches.all() in ([], [["t1"]])
+        lingering._post(lambda: None)  # wake the connection thread as any event would
+    finally:
+        lingering.stop()
+        thread.join(30)  # running() would wait as long; the linger and the stop's limit longer
+    assert not thread.is_alive(), "the stop waited for the linger"
+    back = broker.depth(lingering.topology.queue)
+    assert (batches.all(), back) in (([["t1"]], 0), ([], 1))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("wrong", [-0.1, float("nan"), float("inf")])
+def test_a_linger_that_is_not_a_finite_wait_is_refused(wrong):
+    from messaging.topology import Topology
+
+    with pytest.raises(ValueError, match="linger"):
+        ConsumerSettings("amqp://x/%2F", Topology("svc", "x", (0.2,)), linger=wrong)
 
 
 @pytest.mark.unit

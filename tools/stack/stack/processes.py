@@ -32,44 +32,67 @@ from stack import ROOT
 _HANDED_OUT: set[int] = set()
 _HANDED_OUT_LOCK = threading.Lock()
 _LOWEST_PICKED = 20000  # above the ports people run services on (8000s, 15672, ...)
+_WIDE_ENOUGH = 1000  # a band of ports narrower than this is not worth picking from
 
 
-def _ephemeral_low() -> int:
-    """The first port of the kernel's range for outgoing connections (Linux: 32768)."""
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections (Linux: 32768-60999)."""
     try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2]
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _band() -> range | None:
+    """Ports outside the range for outgoing connections: below it (from _LOWEST_PICKED), else
+    above it; None where neither band is wide enough (a range of 1024-65535)."""
+    low, high = _ephemeral_range()
+    if low - _LOWEST_PICKED >= _WIDE_ENOUGH:
+        return range(_LOWEST_PICKED, low)
+    if 65535 - high >= _WIDE_ENOUGH:
+        return range(max(high + 1, _LOWEST_PICKED), 65536)
+    return None
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:
     """A port of 127.0.0.1 that nothing listens on, for a server about to be started on it.
 
-    It is taken *below* the kernel's range of ports for outgoing connections: a port from that
+    It is taken outside the kernel's range of ports for outgoing connections: a port from that
     range (what binding port 0 returns) can be taken between this call and the server's bind by
     any connection some other process opens, and on a busy machine one was (gunicorn: Address
     already in use). Ports are tried from a random start, each checked by binding it, and one
-    process never hands out the same port twice."""
-    low = _ephemeral_low()
-    if low - _LOWEST_PICKED < 1000:  # an unusual range: leave the choice to the kernel
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
-    span = low - _LOWEST_PICKED
-    start = secrets.randbelow(span)  # not `random`: a test may seed it alike in two workers
+    process never hands out the same port twice. Where the range leaves no band wide enough,
+    the kernel chooses (the race is back there, the repeats are not)."""
+    band = _band()
     with _HANDED_OUT_LOCK:
-        for step in range(span):
-            port = _LOWEST_PICKED + (start + step) % span
-            if port in _HANDED_OUT:
-                continue
-            with socket.socket() as sock:
-                try:
-                    sock.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            _HANDED_OUT.add(port)
-            return port
-    raise RuntimeError(f"no free port of 127.0.0.1 between {_LOWEST_PICKED} and {low}")
+        if band is None:
+            for _ in range(1000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", 0))
+                    port = sock.getsockname()[1]
+                if port not in _HANDED_OUT:
+                    _HANDED_OUT.add(port)
+                    return port
+            raise RuntimeError("the kernel gave only ports handed out already")
+        start = secrets.randbelow(
+            len(band)
+        )  # not `random`: a test may seed it alike in two workers
+        for step in range(len(band)):
+            port = band[(start + step) % len(band)]
+            if port not in _HANDED_OUT and _bindable(port):
+                _HANDED_OUT.add(port)
+                return port
+    raise RuntimeError(f"no free port of 127.0.0.1 in {band.start}-{band.stop - 1}")
 
 
 def procfile_commands() -> dict[str, str]:
