@@ -24,7 +24,7 @@ from servicekit.logs import bound
 from .envelope import DecodeError, Envelope, decode
 from .errors import PermanentError, RetryableError, StoreUnavailable
 from .handlers import Handlers
-from .healing import Healing, replay_completion, replay_request_of
+from .healing import READY, Healing, replay_completion, replay_request_of
 from .retry import Decision, dead_letter, decide
 from .topology import Topology
 from .verification import Verification, VerificationStats, is_digests
@@ -96,6 +96,7 @@ class ConsumerStats:
                     "divergent_buckets": self.verification.divergent_buckets,
                     "unrepaired_buckets": self.verification.unrepaired_buckets,
                     "skipped_buckets": self.verification.skipped_buckets,
+                    "abandoned_verifications": self.verification.abandoned,
                     "repairs": self.verification.repairs,
                     "last_verified_at": self.verification.last_checked_at,
                 }
@@ -160,6 +161,9 @@ class Processor:
             else:
                 ready.append(_Ready(delivery, early))
         judged = [item.envelope for item in ready]
+        if self.verification is not None and judged:
+            # A check under way: these change what it sums, applied in full or in part.
+            self.verification.touch(judged)
         if self.apply is None:
             for item in ready:  # the functions write themselves: one event at a time
                 outcomes[id(item.delivery)] = self._one(item, translate_only=True)
@@ -167,8 +171,6 @@ class Processor:
             ready = self._translated(ready, outcomes)
             for item, outcome in self._applied(ready):
                 outcomes[id(item.delivery)] = outcome
-        if self.verification is not None and judged:
-            self.verification.touch(judged)  # a check under way: these changed what it sums
         for delivery, before in verifications:
             outcomes[id(delivery)] = self._verify(delivery, judged[before:])
         result = [outcomes[id(d)] for d in batch]
@@ -213,6 +215,9 @@ class Processor:
         """One more part of a verification under way (the worker calls it between batches);
         True while it has more. A failure abandons the check: the next one comes in time."""
         if self.verification is None:
+            return False
+        if self.healing is not None and self.healing.state != READY:
+            self.verification.abandon()  # the store is being rebuilt: nothing to compare yet
             return False
         try:
             return self.verification.step()

@@ -149,6 +149,11 @@ def _verification_metrics(snaps: Mapping[str, dict[str, Any]]) -> Iterator[Metri
         "Buckets the replica's last check left out: events applied during it touched them",
         labels=["replica"],
     )
+    abandoned = CounterMetricFamily(
+        "read_model_verifications_abandoned",
+        "Checks dropped before their end: the store failed during the walk, or the model healed",
+        labels=["replica"],
+    )
     repairs = CounterMetricFamily(
         "read_model_repairs",
         "Repair replays asked for (a bucket that differed two checks in a row)",
@@ -166,10 +171,11 @@ def _verification_metrics(snaps: Mapping[str, dict[str, Any]]) -> Iterator[Metri
         divergent.add_metric([replica], snap["divergent_buckets"])
         unrepaired.add_metric([replica], snap.get("unrepaired_buckets", 0))
         skipped.add_metric([replica], snap.get("skipped_buckets", 0))
+        abandoned.add_metric([replica], snap.get("abandoned_verifications", 0))
         repairs.add_metric([replica], snap["repairs"])
         checks.add_metric([replica], snap["verifications"])
         if snap.get("last_verified_at"):
             verified.add_metric([replica], snap["last_verified_at"])
-    yield from (divergent, unrepaired, skipped, repairs, checks)
+    yield from (divergent, unrepaired, skipped, abandoned, repairs, checks)
     if verified.samples:
         yield verified

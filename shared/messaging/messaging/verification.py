@@ -15,10 +15,15 @@ divergence is kept (so replicas that take turns agree on "two in a row").
 
 Computing a model's digests walks all it holds: seconds for a million entities. A check does
 not hold the model's events back for that long. A store that computes them in parts
-(`digest_pages`) is walked one part at a time between the consumer's batches; the events applied
-meanwhile (and those behind the digests in their own batch) change what is being summed, so
-their buckets are left out of that check, neither differing nor agreeing: a bucket's count of
-checks in a row stands until a check that could compare it.
+(`digest_pages`) is walked for about STEP_SECONDS at a time between the consumer's batches; the
+events applied meanwhile (and those behind the digests in their own batch) change what is being
+summed, so their buckets are left out of that check, neither differing nor agreeing: a bucket's
+count of checks in a row stands until a check that could compare it. Digests that come while a
+check is under way wait for the next one; an operator's (`messaging verify`, with a reply queue)
+is answered from a whole walk at once, every bucket compared. A check is abandoned if the store
+fails during it or the model starts healing. Only this replica's events are left out: with
+several replicas on one store, another's writes during the walk can make a bucket differ once,
+which the second check in a row absorbs as before.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("messaging.verification")
 
 REPORT_TYPE = "messaging.verification-report"
+STEP_SECONDS = 0.01  # how long a check sums pages between two of the consumer's batches
 MAX_HELD_REPORTED = 20_000  # versions a report to `messaging verify` lists at most
 
 
@@ -108,6 +114,8 @@ class VerificationStats:
     checks: int = 0
     divergent_buckets: int = 0  # what the last check this replica made found
     skipped_buckets: int = 0  # buckets the last check left out: events touched them meanwhile
+    abandoned: int = 0  # checks dropped: the store failed during the walk, or the model healed
+    superseded: int = 0  # digests that came while a check was still under way (not compared)
     unrepaired_buckets: int = 0  # of those, how many still differed after a repair
     repairs: int = 0  # repair replays this replica asked for
     last_checked_at: float | None = None  # epoch seconds
@@ -186,15 +194,25 @@ class Verification:
             for q in answer.get("reply_to") or []
             if isinstance(q, str) and q.startswith(REPLY_QUEUE_PREFIX)  # only broker-named
         ]
-        if self._check is not None:
-            log.info("%s: a check was still under way; the newer digests replace it", self.queue)
         paged = getattr(self.store, "digest_pages", None)
-        pages = paged(self.entities) if paged is not None else iter([None])
-        self._check = _Check(producer, reply_to, pages)
+        if paged is None or reply_to:
+            # No parts, or an operator waits for the answer (messaging verify): the whole model
+            # now, every bucket compared. Summed before anything is kept, so a store that fails
+            # here leaves no check behind.
+            if self._check is not None:
+                self.abandon()  # this one says more, now
+            check = _Check(producer, reply_to, iter(()), self.store.digests(self.entities))
+            check.touched.update(self._buckets(touched))
+            self._finish(check)
+            return
+        if self._check is not None:
+            # A check still under way goes on: replacing it would let no check end while a walk
+            # takes longer than the time between two.
+            self.stats.superseded += 1
+            log.info("%s: a check is still under way; these digests wait for the next", self.queue)
+            return
+        self._check = _Check(producer, reply_to, paged(self.entities))
         self.touch(touched)
-        if paged is None:
-            self._check.model = self.store.digests(self.entities)
-            self._finish(self._check)
 
     @property
     def checking(self) -> bool:
@@ -203,30 +221,38 @@ class Verification:
 
     def touch(self, envelopes: Iterable[Envelope]) -> None:
         """Events applied while a check is under way: their buckets are left out of it."""
-        check = self._check
-        if check is None:
-            return
-        for envelope in envelopes:
-            if envelope.entity in self.entities:
-                where = digests.bucket(envelope.entity, envelope.entity_id)
-                check.touched.add((envelope.entity, where))
+        if self._check is not None:
+            self._check.touched.update(self._buckets(envelopes))
+
+    def _buckets(self, envelopes: Iterable[Envelope]) -> set[tuple[str, int]]:
+        return {
+            (envelope.entity, digests.bucket(envelope.entity, envelope.entity_id))
+            for envelope in envelopes
+            if envelope.entity in self.entities
+        }
 
     def abandon(self) -> None:
-        """Drop the check under way (its store failed): nothing is compared or recorded."""
-        self._check = None
+        """Drop the check under way (its store failed, or the model is being rebuilt): nothing
+        is compared or recorded."""
+        if self._check is not None:
+            self._check = None
+            self.stats.abandoned += 1
 
-    def step(self) -> bool:
-        """Sum one more part of the model's digests; compare once all are summed. True while
-        the check has more to do."""
+    def step(self, budget: float = STEP_SECONDS) -> bool:
+        """Sum more parts of the model's digests, for about `budget` seconds; compare once all
+        are summed. True while the check has more to do."""
         check = self._check
         if check is None:
             return False
-        page = next(check.pages, None)
-        if page is not None:
+        until = time.monotonic() + budget
+        while True:
+            page = next(check.pages, None)
+            if page is None:
+                self._finish(check)
+                return False
             digests.merge(check.model, page)
-            return True
-        self._finish(check)
-        return False
+            if time.monotonic() >= until:
+                return True
 
     def _finish(self, check: _Check) -> None:
         self._check = None
@@ -260,11 +286,10 @@ class Verification:
         self.stats.checks += 1
         self.stats.divergent_buckets = sum(len(b) for b in divergent.values())
         self.stats.skipped_buckets = len(check.touched)
+        # Left-out buckets too: a bucket a repair did not mend stays unrepaired until a check
+        # finds it equal (the alert on it must not flap with the checks that skip it).
         self.stats.unrepaired_buckets = sum(
-            streak > 2
-            for entity, found in streaks.items()
-            for b, streak in found.items()
-            if int(b) in divergent.get(entity, ())
+            streak > 2 for found in streaks.values() for streak in found.values()
         )
         self.stats.last_checked_at = time.time()
         if due:
@@ -319,6 +344,7 @@ class Verification:
             "divergent_buckets": self.stats.divergent_buckets,
             "unrepaired_buckets": self.stats.unrepaired_buckets,
             "skipped_buckets": self.stats.skipped_buckets,
+            "abandoned": self.stats.abandoned,
             "repairs": self.stats.repairs,
             "last_checked_at": self.stats.last_checked_at,
         }

@@ -308,7 +308,7 @@ def test_a_check_in_parts_leaves_out_the_buckets_events_touched_and_finds_the_re
     verification = Verification(model, broker.amqp_url, broker.exchange, "model.q", ["thing"])
     verification.received(producer)
     assert verification.checking and verification.stats.checks == 0  # nothing summed yet
-    assert verification.step()  # one part summed
+    assert verification.step(budget=0)  # one part summed
     model.lose(lost)  # a key deleted by hand: what verification is for
     model.handle(thing(changed, 2))  # an event behind the digests, applied meanwhile
     verification.touch([thing(changed, 2)])
@@ -343,6 +343,51 @@ def test_a_bucket_left_out_of_a_check_keeps_its_count_of_checks_in_a_row(broker)
     assert model.streaks == {"thing": {where: 2}} and verification.stats.repairs == 1
     [request] = take_requests(broker.amqp_url, broker.exchange)
     assert request["buckets"] == {"thing": [int(where)]}
+    check([])  # the repair did not mend it (nothing answers here): unrepaired
+    assert verification.stats.unrepaired_buckets == 1
+    check([thing(lost, 1)])  # left out of a check, it is still unrepaired (the alert holds)
+    assert verification.stats.unrepaired_buckets == 1 and model.streaks == {"thing": {where: 3}}
+
+
+def test_digests_that_come_during_a_check_wait_for_the_next_and_an_operators_is_whole(broker):
+    model = PagedVersions()
+    kept, lost = distinct_buckets(2)
+    model.handle(thing(kept, 1))
+    producer = digests.answer(
+        digests.of_versions([("thing", kept, 1), ("thing", lost, 1)]), ["r"], []
+    )
+    verification = Verification(model, broker.amqp_url, broker.exchange, "model.q", ["thing"])
+    verification.received(producer)
+    verification.received(producer)  # a check is under way: it goes on
+    assert verification.stats.superseded == 1 and verification.checking
+    while verification.step():
+        pass
+    assert verification.stats.checks == 1 and verification.stats.divergent_buckets == 1
+    # An operator's request (messaging verify) is answered from a whole walk, at once.
+    asking = digests.answer(digests.of_versions([("thing", kept, 1)]), ["r"], ["amq.gen-x"])
+    verification.received(asking)
+    assert not verification.checking and verification.stats.checks == 2
+    assert verification.stats.divergent_buckets == 0
+
+
+class Failing(Versions):
+    def digests(self, entities: Collection[str]) -> digests.Digests:
+        from messaging.errors import StoreUnavailable
+
+        raise StoreUnavailable("the store is away")
+
+
+@pytest.mark.unit
+def test_a_store_that_fails_to_sum_leaves_no_check_behind():
+    from messaging.errors import StoreUnavailable
+
+    model = Failing()
+    verification = Verification(model, "amqp://unused/%2F", "x", "model.q", ["thing"])
+    producer = digests.answer(digests.of_versions([("thing", "a", 1)]), ["r"], [])
+    with pytest.raises(StoreUnavailable):
+        verification.received(producer)
+    assert not verification.checking  # nothing left to finish later with an empty model
+    assert verification.stats.checks == 0 and model.streaks == {}
 
 
 @pytest.mark.unit
@@ -373,3 +418,30 @@ def test_events_behind_the_digests_in_their_own_batch_are_left_out_of_the_check(
     assert model.held[("thing", behind)] == 2  # applied before the digests were compared
     assert verification.stats.checks == 1
     assert verification.stats.divergent_buckets == 0 and verification.stats.skipped_buckets == 1
+
+
+@pytest.mark.unit
+def test_a_check_under_way_is_abandoned_when_the_model_starts_healing():
+    from types import SimpleNamespace
+
+    from messaging.handlers import Handlers
+    from messaging.processing import Processor
+    from messaging.topology import Topology
+
+    model = PagedVersions()
+    for entity_id in distinct_buckets(3):
+        model.handle(thing(entity_id, 1))
+    verification = Verification(model, "amqp://unused/%2F", "x", "model.q", ["thing"])
+    healing = SimpleNamespace(state="ready")
+    processor = Processor(
+        Topology("svc", "x", (0.2,)),
+        Handlers.every(model.handle),
+        healing=healing,
+        verification=verification,
+    )
+    verification.received(digests.answer(model.digests(["thing"]), ["r"], []))
+    assert processor.verifying
+    healing.state = "rebuilding"  # the store lost its data: its walk would find it all missing
+    assert not processor.verify_step()
+    assert not processor.verifying and verification.stats.abandoned == 1
+    assert verification.stats.checks == 0 and model.streaks == {}
