@@ -299,6 +299,25 @@ def thing(entity_id: str, version: int) -> Envelope:
     )
 
 
+def one_lost(broker) -> tuple[PagedVersions, Verification, bytes, str]:
+    """A paged model that lost one of the producer's two entities (in two buckets), its
+    verification, the producer's digests, and the lost entity's id."""
+    model = PagedVersions()
+    kept, lost = distinct_buckets(2)
+    model.handle(thing(kept, 1))
+    producer = digests.answer(
+        digests.of_versions([("thing", kept, 1), ("thing", lost, 1)]), ["r"], []
+    )
+    verification = Verification(model, broker.amqp_url, broker.exchange, "model.q", ["thing"])
+    return model, verification, producer, lost
+
+
+def walk(verification: Verification) -> None:
+    """Sum the rest of the check under way, and compare."""
+    while verification.step():
+        pass
+
+
 def test_a_check_in_parts_leaves_out_the_buckets_events_touched_and_finds_the_rest(broker):
     model = PagedVersions()
     first, lost, changed = distinct_buckets(3)
@@ -312,8 +331,7 @@ def test_a_check_in_parts_leaves_out_the_buckets_events_touched_and_finds_the_re
     model.lose(lost)  # a key deleted by hand: what verification is for
     model.handle(thing(changed, 2))  # an event behind the digests, applied meanwhile
     verification.touch([thing(changed, 2)])
-    while verification.step():
-        pass
+    walk(verification)
     assert not verification.checking and verification.stats.checks == 1
     assert verification.stats.skipped_buckets == 1
     assert verification.stats.divergent_buckets == 1  # the lost entity's; not the changed one's
@@ -321,19 +339,12 @@ def test_a_check_in_parts_leaves_out_the_buckets_events_touched_and_finds_the_re
 
 
 def test_a_bucket_left_out_of_a_check_keeps_its_count_of_checks_in_a_row(broker):
-    model = PagedVersions()
-    kept, lost = distinct_buckets(2)
-    model.handle(thing(kept, 1))
-    producer = digests.answer(
-        digests.of_versions([("thing", kept, 1), ("thing", lost, 1)]), ["r"], []
-    )
-    verification = Verification(model, broker.amqp_url, broker.exchange, "model.q", ["thing"])
+    model, verification, producer, lost = one_lost(broker)
     where = str(digests.bucket("thing", lost))
 
     def check(touched: list[Envelope]) -> None:
         verification.received(producer, touched)
-        while verification.step():
-            pass
+        walk(verification)
 
     check([])
     assert model.streaks == {"thing": {where: 1}}
@@ -350,21 +361,15 @@ def test_a_bucket_left_out_of_a_check_keeps_its_count_of_checks_in_a_row(broker)
 
 
 def test_digests_that_come_during_a_check_wait_for_the_next_and_an_operators_is_whole(broker):
-    model = PagedVersions()
-    kept, lost = distinct_buckets(2)
-    model.handle(thing(kept, 1))
-    producer = digests.answer(
-        digests.of_versions([("thing", kept, 1), ("thing", lost, 1)]), ["r"], []
-    )
-    verification = Verification(model, broker.amqp_url, broker.exchange, "model.q", ["thing"])
+    model, verification, producer, _ = one_lost(broker)
     verification.received(producer)
     verification.received(producer)  # a check is under way: it goes on
     assert verification.stats.superseded == 1 and verification.checking
-    while verification.step():
-        pass
+    walk(verification)
     assert verification.stats.checks == 1 and verification.stats.divergent_buckets == 1
     # An operator's request (messaging verify) is answered from a whole walk, at once.
-    asking = digests.answer(digests.of_versions([("thing", kept, 1)]), ["r"], ["amq.gen-x"])
+    held = model.digests(["thing"])  # what the model holds: an operator's check finds it equal
+    asking = digests.answer(held, ["r"], ["amq.gen-x"])
     verification.received(asking)
     assert not verification.checking and verification.stats.checks == 2
     assert verification.stats.divergent_buckets == 0
