@@ -16,7 +16,7 @@ import pytest
 from messaging import Envelope
 from messaging.testing import InMemoryBus
 from notifier.config import NotifierConfig
-from notifier.consumer import UserView, composer_for
+from notifier.consumer import UserView
 from person.app import create_app
 from person.catalogue import CATALOGUE, EXAMPLE_PERSON, EventType, example, person_data
 from person.config import PersonConfig
@@ -104,7 +104,7 @@ def test_each_published_example_is_what_the_producers_code_emits(document):
 def test_each_consumer_reads_every_example_of_the_types_it_handles(document):
     """Each consumer's declared handlers translate the producer's own example of every type
     they declare (their payload models accept what the producer publishes)."""
-    notifier = UserView(None, composer_for(NotifierConfig())).handlers
+    notifier = UserView(None).handlers
     assert SCORE_HANDLERS.event_types <= {t.value for t in CATALOGUE}
     assert notifier.event_types <= {t.value for t in CATALOGUE}
     for message in document["components"]["messages"].values():

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from messaging import Envelope
 from notifier.app import create_app as notifier_app
 from notifier.config import NotifierConfig
-from notifier.consumer import UserView, composer_for
+from notifier.consumer import UserView
+from notifier.email import composer_for
 from notifier.migrate import migrate_database as migrate_notifier
 from notifier.store import NotifierStore
 from person.api import NDJSON
@@ -247,7 +248,7 @@ def notifier_api(make_database, refusing_broker) -> Iterator[Flask]:
 def seed_notifier(store: NotifierStore, config: NotifierConfig) -> None:
     """A user with a welcome e-mail in the mailbox, and one failed delivery to retry."""
     now = datetime.now(UTC).isoformat()
-    view = UserView(store, composer_for(config))
+    view = UserView(store)
     for cpf, email in ((KNOWN_CPF, "maria@example.com"), ("22222", "joao@example.com")):
         view(
             Envelope.new(
@@ -265,7 +266,9 @@ def seed_notifier(store: NotifierStore, config: NotifierConfig) -> None:
                 },
             )
         )
-    store.deliver_due_to_mailbox(1, 300, config.email_from)  # the first to the mailbox
+    store.deliver_due_to_mailbox(
+        1, 300, config.email_from, composer_for(config).for_delivery
+    )  # the first to the mailbox
     (failed,) = store.claim_due(1, 300)
     store.mark_failed(failed, "HTTP 400: bad address")
     assert (failed["id"], store.mailbox(1)[0]["id"]) == (FAILED_DELIVERY, MAIL)

@@ -21,8 +21,8 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from messaging.testing import running, wait_until
 from notifier.app import create_app as notifier_app
 from notifier.config import NotifierConfig
-from notifier.consumer import UserView, composer_for
-from notifier.email import TOKEN_SALT, Composer
+from notifier.consumer import UserView
+from notifier.email import TOKEN_SALT, Composer, composer_for
 from notifier.sender import Sender, transport_for
 from notifier.store import NotifierStore
 from person.app import create_app as person_app
@@ -273,7 +273,7 @@ def notifier_store(notifier_db) -> Iterator[NotifierStore]:
 
 @pytest.fixture
 def failed_delivery(notifier_store, notifier_config, person_event) -> int:
-    UserView(notifier_store, composer_for(notifier_config))(person_event(ANA))
+    UserView(notifier_store)(person_event(ANA))
     (claimed,) = notifier_store.claim_due(1, 300)
     notifier_store.mark_failed(claimed, "HTTP 400: invalid address")
     return claimed["id"]
@@ -338,14 +338,13 @@ def test_admin_routes_answer_with_an_admin_key(notifier, notifier_store, failed_
 def test_the_welcome_email_leaves_a_script_in_the_name_out_of_both_parts(
     notifier_store, notifier_config, person_event
 ):
-    UserView(notifier_store, composer_for(notifier_config))(
-        person_event(ANA, email="a@x.org", name=SCRIPT)
-    )
+    UserView(notifier_store)(person_event(ANA, email="a@x.org", name=SCRIPT))
     (welcome,) = notifier_store.claim_due(1, 300)
     assert welcome["kind"] == "welcome"
-    for part in ("html", "text"):
-        assert "script" not in welcome[part].lower() and "alert" not in welcome[part]
-    assert f"{PERSON_URL}/person/{ANA}/activate?token=" in welcome["text"]
+    mail = composer_for(notifier_config).for_delivery(welcome)  # as the sender composes it
+    for part in (mail.html, mail.text):
+        assert "script" not in part.lower() and "alert" not in part
+    assert f"{PERSON_URL}/person/{ANA}/activate?token=" in mail.text
 
 
 # -- secrets in logs -----------------------------------------------------------------------------
@@ -365,7 +364,7 @@ def send_three_emails(
 ) -> None:
     """Compose (signing links with the secret) and send: one accepted, one refused, one again."""
     fake.then("202", "400", "202")
-    view = UserView(store, composer_for(config))
+    view = UserView(store)
     for cpf, email in ((ANA, "ana@example.com"), (BEA, "bea@example.com"), ("3", "c@x.org")):
         view(person_event(cpf, email=email))
     with running(Sender(store, config, transport_for(config))):

@@ -20,7 +20,7 @@ from servicekit.database import connection_pool
 from servicekit.runner import configure_logging, replica_id, run_until_signalled
 
 from .config import NotifierConfig
-from .email import ACTIVATION_REQUESTED, KINDS, PERSON_CREATED, PERSON_UPDATED, Composer
+from .email import ACTIVATION_REQUESTED, KINDS, PERSON_CREATED, PERSON_UPDATED
 from .store import Intent, NotifierStore
 
 SERVICE = "notifier"
@@ -60,8 +60,8 @@ class UserChange:
 class UserView:
     """The view's handlers (declared in `handlers`) and the store step that applies them."""
 
-    def __init__(self, store: NotifierStore, composer: Composer) -> None:
-        self.store, self.composer = store, composer
+    def __init__(self, store: NotifierStore) -> None:
+        self.store = store
         self.handlers = Handlers()
         self.handlers.add(PERSON_STATES, self.person_changed, data=PersonFields)
         self.handlers.add(("person.deleted",), self.person_deleted)
@@ -71,11 +71,11 @@ class UserView:
         self.apply([self.handlers.translate(envelope)])
 
     def person_changed(self, event: Envelope, person: PersonFields) -> UserChange:
-        # Each kind the event's type calls for is composed, whether or not it turns out to be
+        # Each kind the event's type calls for is an intent, whether or not it turns out to be
         # sent (the SQL decides, e.g. a welcome only for a registration without one): the price
-        # of deciding without a round trip.
+        # of deciding without a round trip. The sender composes the e-mail as it sends it.
         mails = tuple(
-            self._intent(name, event.entity_id, person)
+            Intent(name, person.email, kind.subject, person.name, kind.once)
             for name, kind in KINDS.items()
             if person.email
             and event.event_type in kind.on
@@ -107,19 +107,11 @@ class UserView:
                     cur, change.event_id, change.cpf, change.version, change.state, change.mails
                 )
 
-    def _intent(self, kind: str, cpf: str, person: PersonFields) -> Intent:
-        mail = self.composer.compose(kind, cpf, person.name, person.email, person.created_at)
-        return Intent(kind, person.email, mail.subject, mail.html, mail.text, KINDS[kind].once)
-
-
-def composer_for(config: NotifierConfig) -> Composer:
-    return Composer(config.activation_secret, config.person_url, config.activation_ttl_seconds)
-
 
 def build(config: NotifierConfig, pool: ConnectionPool) -> tuple[Consumer, NotifierStore]:
     """Composition root of the consumer process (tests pass a pool of their own database)."""
     store = NotifierStore(pool, config.emails_per_address_per_day)
-    view = UserView(store, composer_for(config))
+    view = UserView(store)
     topology = config.topology(SERVICE)
     # the entity types the model holds, verified against the producer's digests
     verification = Verification.scheduled(config, store, topology.queue, ("person",))

@@ -15,6 +15,7 @@ import time
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
 import urllib3
@@ -69,6 +70,29 @@ class Composer:
         values = {"name": greeting_name(name), "link": link, "ttl_hours": self.ttl_seconds // 3600}
         html, text = self._templates[kind]
         return Composed(spec.subject, html.render(values), text.render(values), link)
+
+    def for_delivery(self, delivery: dict[str, Any]) -> Composed:
+        """The e-mail of a delivery, composed as it goes out from the intent it records (kind,
+        cpf, name, to_email, registered_at): its link is signed now, so one sent again later
+        carries a fresh one. A delivery recorded with its text (before migration 015) is sent as
+        recorded. Raises ValueError for an intent no kind of KINDS can compose."""
+        if delivery.get("html") is not None:
+            return Composed(delivery["subject"], delivery["html"], delivery["text"] or "", None)
+        if delivery.get("kind") not in KINDS:
+            raise ValueError(f"no kind of e-mail is called {delivery.get('kind')!r}")
+        registered = delivery.get("registered_at")
+        return self.compose(
+            delivery["kind"],
+            delivery["cpf"],
+            delivery.get("name") or "",
+            delivery["to_email"],
+            registered.astimezone(UTC).isoformat() if registered is not None else "",
+        )
+
+
+def composer_for(config: Any) -> Composer:
+    """The composer of a NotifierConfig: its activation secret, person URL and link TTL."""
+    return Composer(config.activation_secret, config.person_url, config.activation_ttl_seconds)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """The notifier's retention rules: what the sender process prunes (servicekit.retention).
 
 A settled delivery (sent, cancelled or suppressed) keeps its row, the record of what was sent
-to whom, when and why not; its e-mail text (which holds the activation link) is blanked after
-DELIVERY_TEXT_RETENTION_DAYS. A failed delivery keeps its text: an operator may send it again.
+to whom, when and why not. A delivery records an intent and holds no e-mail text since migration
+015 (the sender composes it); one recorded before has its text (which holds the activation link)
+blanked after DELIVERY_TEXT_RETENTION_DAYS. A failed delivery keeps its text: an operator may
+send it again.
 The development mailbox's e-mails are deleted after MAILBOX_RETENTION_DAYS.
 
 A deleted person's row (a tombstone: it keeps a late event from bringing the person back, and

@@ -32,7 +32,7 @@ from servicekit.runner import configure_logging, replica_id, run_until_signalled
 
 from . import retention
 from .config import NotifierConfig
-from .email import Outcome, SendGridTransport, backoff_seconds, tls_context
+from .email import Outcome, SendGridTransport, backoff_seconds, composer_for, tls_context
 from .store import NotifierStore
 
 log = logging.getLogger("notifier.sender")
@@ -69,6 +69,7 @@ class Sender:
         self, store: NotifierStore, config: NotifierConfig, transport: Transport | None
     ) -> None:
         self.store, self.config, self.transport = store, config, transport
+        self.composer = composer_for(config)  # e-mails are composed as they go out
         self._stop = threading.Event()
         self._wake = threading.Condition()
         self._wakes = 0  # counts wake-ups, so one that comes while a worker looks is not lost
@@ -189,11 +190,14 @@ class Sender:
             self._deliver_traced(delivery)
 
     def _to_mailbox(self) -> int:
-        """The development mailbox: due e-mails in batches, one statement each (no call leaves
+        """The development mailbox: due e-mails in batches, one transaction each (no call leaves
         the database, so there is nothing to claim first). Returns how many it delivered."""
         started = time.time_ns()
         delivered = self.store.deliver_due_to_mailbox(
-            MAILBOX_BATCH, self.config.sender_lease_seconds, self.config.email_from
+            MAILBOX_BATCH,
+            self.config.sender_lease_seconds,
+            self.config.email_from,
+            self.composer.for_delivery,
         )
         for delivery in delivered:  # each e-mail's span, in the trace of its registration
             tracing.record("send e-mail", delivery["trace_context"], started)
@@ -209,7 +213,16 @@ class Sender:
                 self._unmarked.discard(delivery["id"])
 
     def _deliver_claimed(self, delivery: dict[str, Any]) -> None:
-        outcome = self._send(delivery)
+        try:
+            mail = self.composer.for_delivery(delivery)
+        except Exception as exc:  # pure work that will not pass on a retry: fail it, with why
+            log.error("delivery %s could not be composed", delivery["id"], exc_info=True)
+            why = f"could not compose the e-mail: {type(exc).__name__}: {exc}"[:2000]
+            self._record(lambda: self.store.mark_failed(delivery, why))
+            return
+        outcome = self._send(
+            {**delivery, "subject": mail.subject, "html": mail.html, "text": mail.text}
+        )
         if outcome.status == "sent":
             name, message_id = self.transport.name, outcome.message_id
             self._record(lambda: self.store.mark_sent(delivery, name, message_id))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -19,13 +19,17 @@ from servicekit import tracing
 
 HEARTBEAT_FORGET_SECONDS = 3600  # a replica's heartbeat row is deleted this long after its last
 
+# A delivery records an intent (kind, cpf, name, to_email, registered_at): the sender composes
+# the e-mail as it sends it (email.Composer.for_delivery). html and text are set only on rows
+# recorded before migration 015, which are sent as recorded.
 DELIVERY_COLUMNS = (
-    "id, kind, cpf, to_email, subject, html, text, status, attempts, next_attempt_at, "
-    "last_error, provider, provider_message_id, created_at, sent_at, claim_token, trace_context"
+    "id, kind, cpf, name, registered_at, to_email, subject, html, text, status, attempts, "
+    "next_attempt_at, last_error, provider, provider_message_id, created_at, sent_at, "
+    "claim_token, trace_context"
 )
 
 
-_INTENT_COLUMNS = "kind, cpf, registered_at, event_id, to_email, subject, html, text, trace_context"
+_INTENT_COLUMNS = "kind, cpf, registered_at, event_id, to_email, subject, name, trace_context"
 _USER_COLUMNS = (
     "cpf",
     "version",
@@ -56,9 +60,10 @@ _SUPERSEDED = f"""EXISTS (
 
 # One statement per event, whose results nobody reads. Every e-mail decision happens only if the
 # event was applied (the version-gated upsert RETURNING a row): a late, duplicated or replayed
-# event mails no one. An applied event cancels the person's pending e-mails recorded by an older
-# event that it no longer calls for (a deletion, a new registration, another address: see
-# _SUPERSEDED), and records each e-mail the consumer composed for it (email.KINDS decides which
+# event mails no one. What it records is each e-mail's intent, composed when it is sent. An
+# applied event cancels the person's pending e-mails recorded by an older event that it no
+# longer calls for (a deletion, a new registration, another address: see
+# _SUPERSEDED), and records each e-mail the consumer intends for it (email.KINDS decides which
 # an event's type calls for), once per event and kind, and a kind that goes once per
 # registration (the welcome) only if the registration has none (the unique indexes
 # one_welcome_per_registration and one_per_registration); any kind but the welcome only once the
@@ -85,7 +90,7 @@ recent AS (
       AND status NOT IN ('suppressed', 'cancelled')
 )
 INSERT INTO deliveries ({_INTENT_COLUMNS}, once_per_registration, version, status, last_error)
-SELECT kind, cpf, registered_at, %(event_id)s, %(to_email)s, subject, html, text,
+SELECT kind, cpf, registered_at, %(event_id)s, %(to_email)s, subject, %(greet)s::text,
        %(trace_context)s, once, u.version,
        CASE WHEN recent.sent >= %(daily_cap)s THEN 'suppressed' ELSE 'pending' END,
        CASE WHEN recent.sent >= %(daily_cap)s
@@ -93,8 +98,8 @@ SELECT kind, cpf, registered_at, %(event_id)s, %(to_email)s, subject, html, text
                  || mailbox_of(%(to_email)s) || ' in 24 h already '
                  || '(EMAILS_PER_ADDRESS_PER_DAY; case, +tags and Gmail dots aside)' END
 FROM u, recent,
-     unnest(%(kinds)s::text[], %(subjects)s::text[], %(htmls)s::text[], %(texts)s::text[],
-            %(once)s::boolean[]) WITH ORDINALITY AS mail (kind, subject, html, text, once, n)
+     unnest(%(kinds)s::text[], %(subjects)s::text[], %(once)s::boolean[])
+       WITH ORDINALITY AS mail (kind, subject, once, n)
 -- a registration's first e-mail is its welcome, which carries the link: any other kind only
 -- once it has one (not a second e-mail from the same event, or for a first address)
 WHERE (mail.kind = 'welcome' OR EXISTS (
@@ -143,34 +148,57 @@ SELECT * FROM claimed
 UNION ALL SELECT {", ".join(_CANCELLED_ROW)} FROM cancelled
 """
 
-# The development transport, one statement (one transaction: nothing is sent outside it, so no
-# claim is needed): the current due deliveries land in the mailbox, marked sent.
+# The development transport, in one transaction (nothing lands outside it, so no claim is
+# needed): the current due deliveries are marked sent (_TO_MAILBOX), composed, and put in the
+# mailbox (_BOXED) before the commit.
+_MAILBOX_ROW = ("id", "status", "kind", "cpf", "name", "registered_at", "to_email", "subject")
 _TO_MAILBOX = f"""{_DUE_AND_CANCELLED}, sent AS (
     UPDATE deliveries d
     SET status = 'sent', sent_at = now(), claimed_at = now(), provider = 'mailbox',
         attempts = attempts + 1, claim_token = NULL, last_error = NULL
     FROM due WHERE d.id = due.due_id AND due.current
-    RETURNING d.id, d.status, d.to_email, d.subject, d.html, d.text, d.trace_context
-), boxed AS (
-    INSERT INTO mailbox (delivery_id, to_email, from_email, subject, html, text)
-    SELECT id, to_email, %(sender)s, subject, html, text FROM sent
-    ON CONFLICT (delivery_id) DO NOTHING
+    RETURNING {", ".join("d." + c for c in _MAILBOX_ROW)}, d.html, d.text, d.trace_context
 )
-SELECT id, status, trace_context FROM sent
-UNION ALL SELECT id, status, NULL FROM cancelled
+SELECT * FROM sent
+UNION ALL SELECT id, status, {", ".join(["NULL"] * (len(_MAILBOX_ROW) + 1))} FROM cancelled
 """
+_BOXED = """INSERT INTO mailbox (delivery_id, to_email, from_email, subject, html, text)
+SELECT id, to_email, %(sender)s, subject, html, text
+FROM unnest(%(ids)s::bigint[], %(to)s::text[], %(subjects)s::text[], %(htmls)s::text[],
+            %(texts)s::text[]) AS mail (id, to_email, subject, html, text)
+ON CONFLICT (delivery_id) DO NOTHING"""
+# A delivery whose intent cannot be composed (a kind no longer in the code) fails, with why.
+_NOT_COMPOSED = """UPDATE deliveries d SET status = 'failed', last_error = failed.why
+FROM unnest(%(ids)s::bigint[], %(whys)s::text[]) AS failed (id, why) WHERE d.id = failed.id"""
 
 
 @dataclass(frozen=True)
 class Intent:
-    """An e-mail the consumer wants sent, composed from one event: one of email.KINDS."""
+    """An e-mail the consumer wants sent for one event, one of email.KINDS: recorded as it is,
+    composed by the sender (to the address and greeting the person by the name the event
+    carries)."""
 
     kind: str
     to_email: str
     subject: str
-    html: str
-    text: str
+    name: str | None = None
     once: bool = False  # at most one per registration (email.Kind.once)
+
+
+def _take_due(
+    cur: psycopg.Cursor, statement: str, limit: int, values: dict[str, Any], taken: str
+) -> list[dict]:
+    """Run a statement of _DUE_AND_CANCELLED on up to `limit` due deliveries until it takes
+    something (rows whose status is `taken`) or finds nothing due: a batch of cancellations
+    alone may hide due ones behind it. The rows taken, in id order."""
+    query = sql.SQL(statement).format(limit=sql.Literal(int(limit)))
+    values.setdefault("skip", [])
+    while True:
+        cur.execute(query, values)
+        rows = cur.fetchall()
+        took = [row for row in rows if row["status"] == taken]
+        if took or not rows:
+            return sorted(took, key=lambda d: d["id"])
 
 
 class NotifierStore:
@@ -218,8 +246,8 @@ class NotifierStore:
     ) -> None:
         """Version-gated upsert of the view (a deletion is kept as a tombstone) and, if the
         event was applied, its e-mail decisions (see _APPLY_PERSON). The event's `mails`, of
-        distinct kinds, all go to the address it carries."""
-        if len({mail.to_email for mail in mails}) > 1:
+        distinct kinds, all go to the address it carries and greet the name it carries."""
+        if len({(mail.to_email, mail.name) for mail in mails}) > 1:
             raise ValueError("one event's e-mails go to one address: the one it carries")
         row = {
             "cpf": cpf,
@@ -249,12 +277,11 @@ class NotifierStore:
                 else "a new registration or address",
                 "event_id": envelope_id,
                 "to_email": mails[0].to_email if mails else None,
+                "greet": mails[0].name if mails else None,
                 "daily_cap": self.daily_cap,
                 "trace_context": tracing.captured(),
                 "kinds": [mail.kind for mail in mails],
                 "subjects": [mail.subject for mail in mails],
-                "htmls": [mail.html for mail in mails],
-                "texts": [mail.text for mail in mails],
                 "once": [mail.once for mail in mails],
             },
         )
@@ -268,25 +295,10 @@ class NotifierStore:
         deliveries met on the way that a later version of the view no longer calls for are
         cancelled by the same statement (see _CLAIM), so they are never claimed.
         """
-        return self._take_due(
-            _CLAIM, limit, {"lease": lease_seconds, "skip": list(skip)}, "sending"
-        )
-
-    def _take_due(
-        self, statement: str, limit: int, values: dict[str, Any], taken: str
-    ) -> list[dict]:
-        """Run a statement of _DUE_AND_CANCELLED on up to `limit` due deliveries until it takes
-        something (rows whose status is `taken`) or finds nothing due: a batch of cancellations
-        alone may hide due ones behind it. The rows taken, in id order."""
-        query = sql.SQL(statement).format(limit=sql.Literal(int(limit)))
-        values.setdefault("skip", [])
         with self.single_statement() as cur:
-            while True:
-                cur.execute(query, values)
-                rows = cur.fetchall()
-                took = [row for row in rows if row["status"] == taken]
-                if took or not rows:
-                    return sorted(took, key=lambda d: d["id"])
+            return _take_due(
+                cur, _CLAIM, limit, {"lease": lease_seconds, "skip": list(skip)}, "sending"
+            )
 
     def give_back(self, deliveries: Collection[dict]) -> int:
         """Claims this worker will not send (its lease would run out first, or it stops): back to
@@ -347,14 +359,45 @@ class NotifierStore:
             return cur.rowcount == 1
 
     def deliver_due_to_mailbox(
-        self, limit: int, lease_seconds: float, from_email: str
+        self,
+        limit: int,
+        lease_seconds: float,
+        from_email: str,
+        compose: Callable[[dict], Any],
     ) -> list[dict]:
-        """The development transport: up to `limit` due e-mails land in the mailbox, marked
-        sent, in one statement (see _TO_MAILBOX); due ones met on the way that the view no
-        longer calls for are cancelled by it. Returns the deliveries' ids and trace contexts."""
-        return self._take_due(
-            _TO_MAILBOX, limit, {"lease": lease_seconds, "sender": from_email}, "sent"
-        )
+        """The development transport: up to `limit` due e-mails are marked sent, composed by
+        `compose` (of a delivery: its subject, html and text; email.Composer.for_delivery) and
+        put in the mailbox, in one transaction of two round trips (_TO_MAILBOX, _BOXED); due
+        ones met on the way that the view no longer calls for are cancelled by it, and one that
+        cannot be composed fails with why (a retry would not pass; an operator may retry it).
+        Returns the deliveries put in the mailbox, each with its id and trace context."""
+        boxed: list[tuple[dict, Any]] = []
+        failed: list[tuple[int, str]] = []
+        with self.transaction(pipelined=True) as cur:
+            for delivery in _take_due(cur, _TO_MAILBOX, limit, {"lease": lease_seconds}, "sent"):
+                try:
+                    boxed.append((delivery, compose(delivery)))
+                except Exception as exc:  # pure work that will not pass on a retry: fail it
+                    why = f"could not compose the e-mail: {type(exc).__name__}: {exc}"
+                    failed.append((delivery["id"], why[:2000]))
+            if boxed:
+                cur.execute(
+                    _BOXED,
+                    {
+                        "sender": from_email,
+                        "ids": [d["id"] for d, _ in boxed],
+                        "to": [d["to_email"] for d, _ in boxed],
+                        "subjects": [mail.subject for _, mail in boxed],
+                        "htmls": [mail.html for _, mail in boxed],
+                        "texts": [mail.text for _, mail in boxed],
+                    },
+                )
+            if failed:
+                cur.execute(
+                    _NOT_COMPOSED,
+                    {"ids": [i for i, _ in failed], "whys": [why for _, why in failed]},
+                )
+        return [delivery for delivery, _ in boxed]
 
     def next_due_in(self) -> float | None:
         """Seconds until the earliest pending delivery is due (None if there is none)."""

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from messaging.testing import InMemoryBus
 from notifier.config import NotifierConfig
-from notifier.consumer import SERVICE, UserView, build, composer_for
+from notifier.consumer import SERVICE, UserView, build
+from notifier.email import Composed, composer_for
 from notifier.migrate import migrate_database
-from notifier.store import NotifierStore
+from notifier.store import DELIVERY_COLUMNS, NotifierStore
+from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 
@@ -42,7 +44,25 @@ def store(notifier_db) -> Iterator[NotifierStore]:
 
 @pytest.fixture
 def view(store, config) -> UserView:
-    return UserView(store, composer_for(config))
+    return UserView(store)
+
+
+@pytest.fixture
+def composed(store, config) -> Callable[[str], dict[str, Composed]]:
+    """cpf -> the person's recorded deliveries by kind, each composed as the sender composes it
+    (a delivery records the intent alone: the text and the link are made as it goes out)."""
+    composer = composer_for(config)
+
+    def by_kind(cpf: str) -> dict[str, Composed]:
+        with store.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE cpf = %s ORDER BY id", (cpf,)
+            )
+            rows = cur.fetchall()
+        assert all(row["html"] is None and row["text"] is None for row in rows), "text stored"
+        return {row["kind"]: composer.for_delivery(row) for row in rows}
+
+    return by_kind
 
 
 @pytest.fixture

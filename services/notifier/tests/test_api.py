@@ -7,6 +7,7 @@ import json
 import pytest
 from messaging.consumer import ConsumerStats
 from notifier.app import create_app
+from notifier.email import composer_for
 from servicekit.auth import digest
 
 pytestmark = pytest.mark.integration
@@ -35,7 +36,7 @@ def test_mailbox_lists_emails_with_their_links_and_serves_the_html(
     person_event, client, view, store, config
 ):
     view(person_event("3", name="Ana O'Neil"))
-    store.deliver_due_to_mailbox(1, 300, config.email_from)
+    store.deliver_due_to_mailbox(1, 300, config.email_from, composer_for(config).for_delivery)
     messages = client.get("/mailbox").json["messages"]
     assert len(messages) == 1
     assert messages[0]["links"][0].startswith("http://person.test/person/3/activate?token=")
@@ -79,7 +80,7 @@ def test_the_mailbox_filters_by_recipient_and_its_links_ignore_the_host_header(
 ):
     for cpf, email in (("61", "one@example.com"), ("62", "two@example.com")):
         view(person_event(cpf, email=email))
-    store.deliver_due_to_mailbox(10, 300, config.email_from)
+    store.deliver_due_to_mailbox(10, 300, config.email_from, composer_for(config).for_delivery)
     box = client.get("/mailbox?to=TWO@example.com", headers={"Host": "evil.example"}).json
     assert [m["to"] for m in box["messages"]] == ["two@example.com"]
     assert box["messages"][0]["html_url"].startswith("http://notifier.localhost:")

@@ -8,7 +8,7 @@ import re
 import psycopg
 import pytest
 from notifier.app import create_app
-from notifier.consumer import UserView, composer_for
+from notifier.consumer import UserView
 from notifier.migrate import migrate_database
 from notifier.store import NotifierStore
 
@@ -36,15 +36,6 @@ HOSTILE_NAMES = [
 ]
 
 
-def mails(store: NotifierStore, cpf: str) -> dict[str, dict]:
-    """The person's e-mails by kind, as recorded: their text and HTML parts."""
-    with store.pool.connection() as conn:
-        rows = conn.execute(
-            "SELECT kind, text, html FROM deliveries WHERE cpf = %s ORDER BY id", (cpf,)
-        ).fetchall()
-    return {kind: {"text": text, "html": html} for kind, text, html in rows}
-
-
 def visible(part: str, text: str) -> str:
     """What a reader sees of one part, without its activation link (the one link it must have)
     and, in HTML, without the template's markup."""
@@ -53,10 +44,10 @@ def visible(part: str, text: str) -> str:
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
-def test_no_name_puts_a_link_or_an_address_into_either_part(person_event, view, store, name):
+def test_no_name_puts_a_link_or_an_address_into_either_part(person_event, view, composed, name):
     view(person_event("1", name=name, created_at=REGISTERED))
     view(person_event("1", 2, "activation_requested", name=name, created_at=REGISTERED))
-    found = mails(store, "1")
+    found = {k: {"text": m.text, "html": m.html} for k, m in composed("1").items()}
     assert set(found) == {"welcome", "activation"}
     for kind, mail in found.items():
         for part in ("text", "html"):
@@ -72,16 +63,16 @@ def test_no_name_puts_a_link_or_an_address_into_either_part(person_event, view, 
     "name",
     ["José d'Ávila-Souza Jr.", "J. R. R. Tolkien", "Anne-Marie O\u2019Neil", "Nguyễn Văn An"],
 )
-def test_a_plain_name_still_greets_the_person(person_event, view, store, name):
+def test_a_plain_name_still_greets_the_person(person_event, view, composed, name):
     view(person_event("2", name=f"  {name}\t"))
-    mail = mails(store, "2")["welcome"]
-    assert mail["text"].splitlines()[0] == f"Welcome, {name}!"
+    mail = composed("2")["welcome"]
+    assert mail.text.splitlines()[0] == f"Welcome, {name}!"
     escaped = name.replace("'", "&#39;")
-    assert f"<h1>Welcome, {escaped}!</h1>" in mail["html"]
+    assert f"<h1>Welcome, {escaped}!</h1>" in mail.html
 
 
 def test_the_days_cap_counts_a_mailbox_however_its_address_is_spelt(person_event, store, config):
-    capped = UserView(NotifierStore(store.pool, emails_per_address_per_day=2), composer_for(config))
+    capped = UserView(NotifierStore(store.pool, emails_per_address_per_day=2))
     spellings = ["victim+1@gmail.com", "Victim+2@GMAIL.com", "v.i.c.t.i.m+3@googlemail.com"]
     for n, address in enumerate(spellings):
         capped(person_event(f"3{n}", email=address))
@@ -94,7 +85,7 @@ def test_the_days_cap_counts_a_mailbox_however_its_address_is_spelt(person_event
 
 
 def test_dots_count_as_letters_outside_gmail(person_event, store, config):
-    capped = UserView(NotifierStore(store.pool, emails_per_address_per_day=1), composer_for(config))
+    capped = UserView(NotifierStore(store.pool, emails_per_address_per_day=1))
     for cpf, address in (
         ("40", "ana.maria@corp.example"),
         ("41", "anamaria@corp.example"),  # another mailbox
@@ -123,7 +114,7 @@ def test_the_mailbox_of_an_address(store, address, mailbox):
 
 
 def test_the_user_view_says_why_an_activation_email_was_suppressed(person_event, store, config):
-    capped = UserView(NotifierStore(store.pool, emails_per_address_per_day=1), composer_for(config))
+    capped = UserView(NotifierStore(store.pool, emails_per_address_per_day=1))
     capped(person_event("5", email="bea@example.com", created_at=REGISTERED))
     capped(
         person_event("5", 2, "activation_requested", email="bea@example.com", created_at=REGISTERED)
@@ -145,9 +136,11 @@ def test_an_email_recorded_with_a_link_from_the_name_before_the_rule_is_never_se
     with psycopg.connect(administrator(notifier_db), autocommit=True) as conn:
         # 70's welcome as the earlier composition wrote it, with the name's link first; and the
         # database as it was before migration 010
-        conn.execute(
-            "UPDATE deliveries SET text = 'Welcome, Ana https://evil.example/login!' "
-            "|| E'\\n\\n' || text WHERE cpf = '70'"
+        conn.execute(  # (rows recorded before migration 015 hold their text)
+            "UPDATE deliveries SET html = '<p>Welcome</p>', "
+            "text = 'Welcome, Ana https://evil.example/login!' "
+            "|| E'\\n\\nhttp://person.test/person/70/activate?token=t' "
+            "WHERE cpf = '70'"
         )
         conn.execute("DROP FUNCTION mailbox_of CASCADE")
         conn.execute(

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 from notifier import email
-from notifier.consumer import UserView, composer_for
-from notifier.email import KINDS, PERSON_UPDATED, Kind
+from notifier.consumer import UserView
+from notifier.email import KINDS, PERSON_UPDATED, Kind, composer_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,7 @@ def test_a_kind_declared_only_in_the_table_is_recorded_once_per_registration_and
     monkeypatch, person_event, store, config
 ):
     monkeypatch.setitem(email.KINDS, "activated", ACTIVATED)
-    view = UserView(store, composer_for(config))
+    view = UserView(store)
 
     view(person_event("9", 1, "created", created_at=REGISTERED))
     view(person_event("9", 2, "updated", created_at=REGISTERED, status="pending"))
@@ -43,7 +43,9 @@ def test_a_kind_declared_only_in_the_table_is_recorded_once_per_registration_and
         ("welcome", "Welcome! Activate your account", "pending"),
         ("activated", "Your account is active", "pending"),
     ]
-    sent = store.deliver_due_to_mailbox(10, 300, "no-reply@example.com")
+    sent = store.deliver_due_to_mailbox(
+        10, 300, "no-reply@example.com", composer_for(config).for_delivery
+    )
     assert len(sent) == 2
     assert [m["subject"] for m in store.mailbox(10)] == [
         "Your account is active",
@@ -87,7 +89,7 @@ def test_a_kind_not_once_per_registration_goes_once_per_event(
     monkeypatch, person_event, store, config
 ):
     monkeypatch.setitem(email.KINDS, "activated", replace(ACTIVATED, once=False))
-    view = UserView(store, composer_for(config))
+    view = UserView(store)
     view(person_event("8", 1, "created", created_at=REGISTERED))
     for version in (2, 3):
         view(person_event("8", version, "updated", created_at=REGISTERED, status="active"))

@@ -10,7 +10,8 @@ import time
 import psycopg
 import pytest
 from messaging.testing import running, wait_until
-from notifier.consumer import UserView, composer_for
+from notifier.consumer import UserView
+from notifier.email import composer_for
 from notifier.sender import Sender, transport_for
 from notifier.store import NotifierStore
 from servicekit.runner import replica_id
@@ -374,10 +375,17 @@ def test_the_sender_reports_its_health_through_a_heartbeat(person_event, view, s
 def test_the_mailbox_takes_due_emails_in_batches_once_each(person_event, view, store, config):
     for n in range(5):
         view(person_event(f"30{n}", name=f"P{n}", email=f"m{n}@example.com"))
-    first = store.deliver_due_to_mailbox(3, 300, config.email_from)
-    second = store.deliver_due_to_mailbox(3, 300, config.email_from)
+    first = store.deliver_due_to_mailbox(
+        3, 300, config.email_from, composer_for(config).for_delivery
+    )
+    second = store.deliver_due_to_mailbox(
+        3, 300, config.email_from, composer_for(config).for_delivery
+    )
     assert (len(first), len(second)) == (3, 2)
-    assert store.deliver_due_to_mailbox(3, 300, config.email_from) == []
+    assert (
+        store.deliver_due_to_mailbox(3, 300, config.email_from, composer_for(config).for_delivery)
+        == []
+    )
     assert sorted(m["to_email"] for m in store.mailbox(10)) == [
         f"m{n}@example.com" for n in range(5)
     ]
@@ -440,7 +448,7 @@ def test_a_batch_claims_only_current_deliveries_under_the_cap(person_event, stor
     claimed, a welcome whose person was deleted or changed address is cancelled by the claim
     itself, and only the current ones are claimed, in id order."""
     capped = NotifierStore(store.pool, emails_per_address_per_day=1)
-    view = UserView(capped, composer_for(config))
+    view = UserView(capped)
     at = "2026-03-01T10:00:00+00:00"
     view(person_event("80", email="cap@example.com"))
     view(person_event("81", email="Cap+again@example.com"))  # the same mailbox: suppressed
@@ -527,7 +535,103 @@ def test_the_mailbox_cancels_a_superseded_email_in_its_batch_and_delivers_the_on
     # another address, as a replay after a loss leaves it): due, no longer current.
     with psycopg.connect(notifier_db, autocommit=True) as conn:
         conn.execute("UPDATE users SET version = 5, email = 'new@example.com' WHERE cpf = '310'")
-    sent = store.deliver_due_to_mailbox(1, 300, config.email_from)
+    sent = store.deliver_due_to_mailbox(
+        1, 300, config.email_from, composer_for(config).for_delivery
+    )
     assert [d["id"] for d in sent] == [delivery(store, "311")["id"]]
     assert delivery(store, "310")["status"] == "cancelled"
     assert [m["to_email"] for m in store.mailbox(10)] == ["next@example.com"]
+
+
+# -- composed as it goes out (migration 015) ------------------------------------------------------
+def accepted_parts(fake_sendgrid, email: str) -> dict[str, str]:
+    [message] = [
+        m for m in fake_sendgrid.accepted if m["personalizations"][0]["to"][0]["email"] == email
+    ]
+    return {"subject": message["subject"], **{c["type"]: c["value"] for c in message["content"]}}
+
+
+def due(notifier_db, *cpfs: str, later: bool = False) -> None:
+    """Make the persons' deliveries due now, or in an hour (`later`)."""
+    when = "now() + interval '1 hour'" if later else "now()"
+    with psycopg.connect(notifier_db, autocommit=True) as conn:
+        conn.execute(
+            f"UPDATE deliveries SET next_attempt_at = {when} WHERE cpf = ANY(%s)", (list(cpfs),)
+        )
+
+
+def stored_text(notifier_db, cpf: str) -> tuple:
+    with psycopg.connect(notifier_db) as conn:
+        return conn.execute("SELECT html, text FROM deliveries WHERE cpf = %s", (cpf,)).fetchone()
+
+
+def test_an_email_is_composed_as_it_goes_out_and_its_link_is_never_stored(
+    person_event, view, store, config, fake_sendgrid, notifier_db
+):
+    view(person_event("40", name="Ana", email="ana40@example.com"))
+    assert stored_text(notifier_db, "40") == (None, None)  # the intent alone
+    with running(sender_for(store, config)):
+        wait_until(lambda: delivery(store, "40")["status"] == "sent", what="the e-mail sent")
+    parts = accepted_parts(fake_sendgrid, "ana40@example.com")
+    assert parts["text/plain"].splitlines()[0] == "Welcome, Ana!"
+    assert "http://person.test/person/40/activate?token=" in parts["text/plain"]
+    assert "<h1>Welcome, Ana!</h1>" in parts["text/html"]
+    assert stored_text(notifier_db, "40") == (None, None)
+
+
+def test_an_email_recorded_with_its_text_before_migration_015_is_sent_as_recorded(
+    person_event, view, store, config, fake_sendgrid, notifier_db
+):
+    for cpf in ("41", "42"):
+        view(person_event(cpf, email=f"old{cpf}@example.com"))
+    with psycopg.connect(notifier_db, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE deliveries SET subject = 'Old', html = '<p>old ' || cpf || '</p>', "
+            "text = 'old ' || cpf"
+        )
+    due(notifier_db, "42", later=True)
+    with running(sender_for(store, config)):
+        wait_until(lambda: delivery(store, "41")["status"] == "sent", what="the e-mail sent")
+    due(notifier_db, "42")
+    assert accepted_parts(fake_sendgrid, "old41@example.com") == {
+        "subject": "Old",
+        "text/plain": "old 41",
+        "text/html": "<p>old 41</p>",
+    }
+    [boxed] = store.deliver_due_to_mailbox(
+        1, 300, config.email_from, composer_for(config).for_delivery
+    )
+    [mail] = store.mailbox(1)
+    assert (boxed["id"], mail["subject"], mail["text"], mail["html"]) == (
+        delivery(store, "42")["id"],
+        "Old",
+        "old 42",
+        "<p>old 42</p>",
+    )
+
+
+def test_a_delivery_that_cannot_be_composed_fails_with_why_and_holds_back_none(
+    person_event, view, store, config, fake_sendgrid, notifier_db
+):
+    for cpf in ("43", "44", "45", "46"):
+        view(person_event(cpf, email=f"c{cpf}@example.com"))
+    with psycopg.connect(notifier_db, autocommit=True) as conn:  # a kind no longer in the code
+        conn.execute("UPDATE deliveries SET kind = 'gone' WHERE cpf IN ('43', '45')")
+    due(notifier_db, "45", "46", later=True)
+    # the development mailbox: one batch, the other e-mail of which lands
+    boxed = store.deliver_due_to_mailbox(
+        10, 300, config.email_from, composer_for(config).for_delivery
+    )
+    assert [d["id"] for d in boxed] == [delivery(store, "44")["id"]]
+    assert [m["to_email"] for m in store.mailbox(10)] == ["c44@example.com"]
+    # SendGrid: the sender goes on to the next
+    due(notifier_db, "45", "46")
+    with running(sender_for(store, config)):
+        wait_until(lambda: delivery(store, "46")["status"] == "sent", what="the next one sent")
+        wait_until(lambda: delivery(store, "45")["status"] == "failed", what="the bad one failed")
+    for cpf in ("43", "45"):
+        failed = delivery(store, cpf)
+        assert failed["status"] == "failed"
+        assert "could not compose the e-mail" in failed["last_error"]
+        assert "'gone'" in failed["last_error"]
+    assert fake_sendgrid.accepted_to("c45@example.com") == 0
