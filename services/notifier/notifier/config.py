@@ -26,6 +26,9 @@ class NotifierConfig(BrokerSettings):
     public_notifier_url: str | None = None
     emails_per_address_per_day: int = 10
     sender_poll_seconds: float = 1.0
+    # How long an idle sender, woken by a recorded delivery, waits for more before it looks: the
+    # e-mails recorded meanwhile go in one statement (0: at once).
+    sender_linger_seconds: float = Field(0.05, ge=0, le=1, allow_inf_nan=False)
     sender_max_attempts: int = 8
     sender_lease_seconds: float = 300.0
     sender_concurrency: int = 8

@@ -63,6 +63,8 @@ class Sender:
     and a claim is sent only while its lease outlasts the call (the lease must outlast two
     SENDGRID_TIMEOUT_SECONDS; the configuration checks): a batch's late claims are given back.
     Workers sleep until a delivery is recorded (LISTEN) or one falls due; polling is the fallback.
+    A worker woken from sleep by a recorded delivery lingers SENDER_LINGER_SECONDS first, so the
+    e-mails of a burst share one statement.
     """
 
     def __init__(
@@ -142,8 +144,14 @@ class Sender:
                 log.exception("sender worker failed; going on in %.1fs", pause)
             if pause > 0 and not self._stop.is_set():
                 with self._wake:
-                    if self._wakes == seen:
+                    idle = self._wakes == seen
+                    if idle:
                         self._wake.wait(pause)
+                    woken = idle and self._wakes != seen
+                # Woken from idleness by a recorded delivery: the linger lets the ones recorded
+                # right after it come along in the same statement (a stop ends it at once).
+                if woken and self.config.sender_linger_seconds > 0:
+                    self._stop.wait(self.config.sender_linger_seconds)
 
     def _step(self) -> float:
         """Deliver due e-mail; return how long to wait before looking again (0: at once)."""

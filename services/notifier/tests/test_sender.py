@@ -635,3 +635,60 @@ def test_a_delivery_that_cannot_be_composed_fails_with_why_and_holds_back_none(
         assert "could not compose the e-mail" in failed["last_error"]
         assert "'gone'" in failed["last_error"]
     assert fake_sendgrid.accepted_to("c45@example.com") == 0
+
+
+# -- the linger (SENDER_LINGER_SECONDS) ------------------------------------------------------------
+class CountingStore(NotifierStore):
+    """The store, recording the size of each mailbox batch and each look at what falls due."""
+
+    def __init__(self, pool) -> None:
+        super().__init__(pool)
+        self.batches: list[int] = []
+        self.looks = 0
+
+    def deliver_due_to_mailbox(self, *args, **kwargs) -> list[dict]:
+        delivered = super().deliver_due_to_mailbox(*args, **kwargs)
+        self.batches.append(len(delivered))
+        return delivered
+
+    def next_due_in(self) -> float | None:
+        self.looks += 1
+        return super().next_due_in()
+
+
+def listening(notifier_db) -> bool:
+    with psycopg.connect(notifier_db) as conn:
+        return (
+            conn.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND query = 'LISTEN deliveries'"
+            ).fetchone()[0]
+            > 0
+        )
+
+
+def test_an_idle_sender_woken_by_a_delivery_lingers_and_sends_a_burst_in_one_statement(
+    person_event, view, store, config, notifier_db
+):
+    # Only a recorded delivery wakes it (no poll comes before the end of the test); the three
+    # deliveries are recorded one commit each, each notifying, well within the second.
+    config = config.model_copy(
+        update={"sendgrid_api_key": None, "sender_linger_seconds": 1.0, "sender_poll_seconds": 60}
+    )
+    counting = CountingStore(store.pool)
+    with running(Sender(counting, config, None)):
+        wait_until(lambda: counting.looks >= 1 and listening(notifier_db), what="an idle sender")
+        for n in range(3):
+            view(person_event(f"50{n}", email=f"burst{n}@example.com"))
+        wait_until(lambda: len(store.mailbox(10)) == 3, what="the three e-mails in the mailbox")
+    assert [size for size in counting.batches if size] == [3]
+
+
+def test_the_sender_linger_is_between_0_and_1_second():
+    from notifier.config import NotifierConfig
+    from pydantic import ValidationError
+
+    assert NotifierConfig(sender_linger_seconds=0).sender_linger_seconds == 0
+    for wrong in (-0.01, 1.5, float("nan"), float("inf")):
+        with pytest.raises(ValidationError, match="sender_linger_seconds"):
+            NotifierConfig(sender_linger_seconds=wrong)
