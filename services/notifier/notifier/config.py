@@ -27,7 +27,8 @@ class NotifierConfig(BrokerSettings):
     emails_per_address_per_day: int = 10
     sender_poll_seconds: float = 1.0
     # How long an idle sender, woken by a recorded delivery, waits for more before it looks: the
-    # e-mails recorded meanwhile go in one statement (0: at once).
+    # mailbox takes the e-mails recorded meanwhile in one statement, SendGrid's workers share
+    # them (0: at once).
     sender_linger_seconds: float = Field(0.05, ge=0, le=1, allow_inf_nan=False)
     sender_max_attempts: int = 8
     sender_lease_seconds: float = 300.0

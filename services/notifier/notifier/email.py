@@ -15,7 +15,7 @@ import time
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import urllib3
@@ -80,14 +80,24 @@ class Composer:
             return Composed(delivery["subject"], delivery["html"], delivery["text"] or "", None)
         if delivery.get("kind") not in KINDS:
             raise ValueError(f"no kind of e-mail is called {delivery.get('kind')!r}")
-        registered = delivery.get("registered_at")
         return self.compose(
             delivery["kind"],
             delivery["cpf"],
             delivery.get("name") or "",
             delivery["to_email"],
-            registered.astimezone(UTC).isoformat() if registered is not None else "",
+            _registration(delivery.get("registered_at")),
         )
+
+
+def _registration(value: Any) -> str:
+    """A delivery's registration time (ISO 8601 text, as the sender's statements return it; or a
+    datetime) as the link's payload holds it: in UTC, to the microsecond. ValueError if it is
+    missing or not a time of day (a link for it could never be verified)."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)  # ValueError for 'infinity' and the like
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise ValueError(f"the registration's time is not a time with its zone: {value!r}")
+    return value.astimezone(UTC).isoformat()
 
 
 def composer_for(config: Any) -> Composer:

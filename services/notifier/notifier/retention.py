@@ -1,10 +1,10 @@
 """The notifier's retention rules: what the sender process prunes (servicekit.retention).
 
 A settled delivery (sent, cancelled or suppressed) keeps its row, the record of what was sent
-to whom, when and why not. A delivery records an intent and holds no e-mail text since migration
-015 (the sender composes it); one recorded before has its text (which holds the activation link)
-blanked after DELIVERY_TEXT_RETENTION_DAYS. A failed delivery keeps its text: an operator may
-send it again.
+to whom, when and why not, but not what it said after DELIVERY_TEXT_RETENTION_DAYS: since
+migration 015 a delivery records an intent (the sender composes the e-mail) and the name it
+greets is forgotten then; one recorded before has its text (which holds the activation link)
+blanked then. A failed delivery keeps both: an operator may send it again.
 The development mailbox's e-mails are deleted after MAILBOX_RETENTION_DAYS.
 
 A deleted person's row (a tombstone: it keeps a late event from bringing the person back, and
@@ -38,6 +38,16 @@ def rules(config: NotifierConfig) -> list[Rule]:
             "AND NOT (id = ANY(%(skip)s)) ORDER BY created_at, id LIMIT %(limit)s",
             prune=f"UPDATE deliveries SET html = '', text = '' WHERE id = ANY(%(keys)s) "
             f"AND html <> '' AND status IN {SETTLED} "
+            "AND created_at < now() - make_interval(secs => %(seconds)s) RETURNING id",
+        ),
+        Rule(  # a delivery recorded since migration 015 holds the name it greets instead
+            "delivery names",
+            config.delivery_text_retention_days,
+            due=f"SELECT id FROM deliveries WHERE name IS NOT NULL AND status IN {SETTLED} "
+            "AND created_at < now() - make_interval(secs => %(seconds)s) "
+            "AND NOT (id = ANY(%(skip)s)) ORDER BY created_at, id LIMIT %(limit)s",
+            prune=f"UPDATE deliveries SET name = NULL WHERE id = ANY(%(keys)s) "
+            f"AND name IS NOT NULL AND status IN {SETTLED} "
             "AND created_at < now() - make_interval(secs => %(seconds)s) RETURNING id",
         ),
         Rule(

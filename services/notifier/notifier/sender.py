@@ -64,7 +64,7 @@ class Sender:
     SENDGRID_TIMEOUT_SECONDS; the configuration checks): a batch's late claims are given back.
     Workers sleep until a delivery is recorded (LISTEN) or one falls due; polling is the fallback.
     A worker woken from sleep by a recorded delivery lingers SENDER_LINGER_SECONDS first, so the
-    e-mails of a burst share one statement.
+    e-mails of a burst share one mailbox statement, or the workers woken together.
     """
 
     def __init__(

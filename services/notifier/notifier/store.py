@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +17,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 from servicekit import tracing
+
+log = logging.getLogger("notifier.store")
 
 HEARTBEAT_FORGET_SECONDS = 3600  # a replica's heartbeat row is deleted this long after its last
 
@@ -138,11 +141,23 @@ WITH due AS (
 _CANCELLED_ROW = [  # a cancelled delivery's row in the claim's answer: its id and status alone
     c if c in ("id", "status") else "NULL" for c in (c.strip() for c in DELIVERY_COLUMNS.split(","))
 ]
+
+
+def _returned(column: str) -> str:
+    """A delivery's column as a statement taking due deliveries returns it: the registration's
+    time as ISO 8601 text, which the sender parses (any value PostgreSQL holds, 'infinity'
+    too, reaches the composer, which fails that delivery alone, never the statement). Its
+    braces are doubled: _take_due formats the statement (sql.SQL.format)."""
+    if column == "registered_at":
+        return "to_json(d.registered_at) #>> '{{}}' AS registered_at"
+    return f"d.{column}"
+
+
 _CLAIM = f"""{_DUE_AND_CANCELLED}, claimed AS (
     UPDATE deliveries d SET status = 'sending', claimed_at = now(),
                             claim_token = gen_random_uuid(), attempts = d.attempts + 1
     FROM due WHERE d.id = due.due_id AND due.current
-    RETURNING {", ".join("d." + c.strip() for c in DELIVERY_COLUMNS.split(","))}
+    RETURNING {", ".join(_returned(c.strip()) for c in DELIVERY_COLUMNS.split(","))}
 )
 SELECT * FROM claimed
 UNION ALL SELECT {", ".join(_CANCELLED_ROW)} FROM cancelled
@@ -157,7 +172,7 @@ _TO_MAILBOX = f"""{_DUE_AND_CANCELLED}, sent AS (
     SET status = 'sent', sent_at = now(), claimed_at = now(), provider = 'mailbox',
         attempts = attempts + 1, claim_token = NULL, last_error = NULL
     FROM due WHERE d.id = due.due_id AND due.current
-    RETURNING {", ".join("d." + c for c in _MAILBOX_ROW)}, d.html, d.text, d.trace_context
+    RETURNING {", ".join(_returned(c) for c in _MAILBOX_ROW)}, d.html, d.text, d.trace_context
 )
 SELECT * FROM sent
 UNION ALL SELECT id, status, {", ".join(["NULL"] * (len(_MAILBOX_ROW) + 1))} FROM cancelled
@@ -167,8 +182,10 @@ SELECT id, to_email, %(sender)s, subject, html, text
 FROM unnest(%(ids)s::bigint[], %(to)s::text[], %(subjects)s::text[], %(htmls)s::text[],
             %(texts)s::text[]) AS mail (id, to_email, subject, html, text)
 ON CONFLICT (delivery_id) DO NOTHING"""
-# A delivery whose intent cannot be composed (a kind no longer in the code) fails, with why.
-_NOT_COMPOSED = """UPDATE deliveries d SET status = 'failed', last_error = failed.why
+# A delivery whose intent cannot be composed (a kind no longer in the code) fails, with why,
+# and was not sent after all.
+_NOT_COMPOSED = """UPDATE deliveries d SET status = 'failed', last_error = failed.why,
+    sent_at = NULL, provider = NULL
 FROM unnest(%(ids)s::bigint[], %(whys)s::text[]) AS failed (id, why) WHERE d.id = failed.id"""
 
 
@@ -248,7 +265,7 @@ class NotifierStore:
         event was applied, its e-mail decisions (see _APPLY_PERSON). The event's `mails`, of
         distinct kinds, all go to the address it carries and greet the name it carries."""
         if len({(mail.to_email, mail.name) for mail in mails}) > 1:
-            raise ValueError("one event's e-mails go to one address: the one it carries")
+            raise ValueError("one event's e-mails go to one address and greet one name")
         row = {
             "cpf": cpf,
             "version": version,
@@ -378,8 +395,9 @@ class NotifierStore:
                 try:
                     boxed.append((delivery, compose(delivery)))
                 except Exception as exc:  # pure work that will not pass on a retry: fail it
-                    why = f"could not compose the e-mail: {type(exc).__name__}: {exc}"
-                    failed.append((delivery["id"], why[:2000]))
+                    why = f"could not compose the e-mail: {type(exc).__name__}: {exc}"[:2000]
+                    log.error("delivery %s failed: %s", delivery["id"], why)
+                    failed.append((delivery["id"], why))
             if boxed:
                 cur.execute(
                     _BOXED,

@@ -65,6 +65,35 @@ def test_settled_deliveries_older_than_the_retention_keep_their_row_but_not_thei
         assert rows[kept][1:] == ("<p>link</p>", "link")
 
 
+def test_settled_deliveries_older_than_the_retention_forget_the_name_they_greet(
+    config, store, notifier_db, view, person_event
+):
+    config = config.model_copy(update={"delivery_text_retention_days": 7})
+    statuses = {"70": "sent", "71": "cancelled", "72": "failed", "73": "pending", "74": "sent"}
+    for cpf in statuses:
+        view(person_event(cpf, name="Ana Maria", email=f"a{cpf}@example.com"))
+    with psycopg.connect(notifier_db, autocommit=True) as conn:
+        for cpf, status in statuses.items():
+            days = 6 if cpf == "74" else 8
+            conn.execute(
+                "UPDATE deliveries SET status = %s, "
+                "created_at = now() - make_interval(secs => %s) WHERE cpf = %s",
+                (status, days * 86_400, cpf),
+            )
+
+        pruned = pruner(store.pool, config).run_once()
+
+        names = dict(conn.execute("SELECT cpf, name FROM deliveries").fetchall())
+    assert pruned["delivery names"] == 2
+    assert names == {
+        "70": None,
+        "71": None,
+        "72": "Ana Maria",
+        "73": "Ana Maria",
+        "74": "Ana Maria",
+    }
+
+
 def test_mailbox_e_mails_older_than_the_retention_are_deleted(config, store, notifier_db):
     config = config.model_copy(update={"mailbox_retention_days": 7})
     with psycopg.connect(notifier_db, autocommit=True) as conn:

@@ -610,13 +610,24 @@ def test_an_email_recorded_with_its_text_before_migration_015_is_sent_as_recorde
     )
 
 
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        (["deliveries SET kind = 'gone'"], "'gone'"),  # a kind no longer in the code
+        (  # an event's registration time that PostgreSQL takes and psycopg cannot read
+            [f"{table} SET registered_at = 'infinity'" for table in ("users", "deliveries")],
+            "'infinity'",
+        ),
+    ],
+)
 def test_a_delivery_that_cannot_be_composed_fails_with_why_and_holds_back_none(
-    person_event, view, store, config, fake_sendgrid, notifier_db
+    person_event, view, store, config, fake_sendgrid, notifier_db, damage, why
 ):
     for cpf in ("43", "44", "45", "46"):
         view(person_event(cpf, email=f"c{cpf}@example.com"))
-    with psycopg.connect(notifier_db, autocommit=True) as conn:  # a kind no longer in the code
-        conn.execute("UPDATE deliveries SET kind = 'gone' WHERE cpf IN ('43', '45')")
+    with psycopg.connect(notifier_db, autocommit=True) as conn:
+        for change in damage:
+            conn.execute(f"UPDATE {change} WHERE cpf IN ('43', '45')")
     due(notifier_db, "45", "46", later=True)
     # the development mailbox: one batch, the other e-mail of which lands
     boxed = store.deliver_due_to_mailbox(
@@ -633,7 +644,8 @@ def test_a_delivery_that_cannot_be_composed_fails_with_why_and_holds_back_none(
         failed = delivery(store, cpf)
         assert failed["status"] == "failed"
         assert "could not compose the e-mail" in failed["last_error"]
-        assert "'gone'" in failed["last_error"]
+        assert why in failed["last_error"]
+        assert (failed["sent_at"], failed["provider"]) == (None, None)
     assert fake_sendgrid.accepted_to("c45@example.com") == 0
 
 
