@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from messaging import Consumer, ConsumerSettings, Envelope, Handlers
@@ -14,7 +15,7 @@ from messaging.replicas import AttachedBeacon
 from messaging.stores import postgres_errors
 from messaging.verification import Verification
 from psycopg_pool import ConnectionPool
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from servicekit import tracing
 from servicekit.database import connection_pool
 from servicekit.runner import configure_logging, replica_id, run_until_signalled
@@ -37,6 +38,20 @@ class PersonFields(BaseModel):
     email: str | None = None
     status: str | None = None
     created_at: str = Field(description="the registration's time, which links are bound to")
+
+    @field_validator("created_at")
+    @classmethod
+    def _a_time_with_its_zone(cls, value: str) -> str:
+        # Kept as sent (the view stores it, a link is bound to it), but only a time a link can
+        # be bound to: ISO 8601 with its zone, not 'infinity' or a date alone, which PostgreSQL
+        # would take and no link could carry.
+        try:
+            at = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("created_at is not an ISO 8601 time") from None
+        if at.tzinfo is None:
+            raise ValueError("created_at has no time zone")
+        return value
 
 
 # The person service's event types this view reads (its catalogue is published at

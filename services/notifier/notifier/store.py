@@ -429,8 +429,8 @@ class NotifierStore:
     # -- API side ------------------------------------------------------------------------------
     def user(self, cpf: str) -> dict | None:
         with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(
-                "SELECT cpf, name, email, status, registered_at, version FROM users "
+            cur.execute(  # the time as text: any value PostgreSQL holds ('infinity' too)
+                "SELECT cpf, name, email, status, registered_at::text, version FROM users "
                 "WHERE cpf = %s AND NOT deleted",
                 (cpf,),
             )
@@ -441,7 +441,7 @@ class NotifierStore:
             cur.execute(
                 "SELECT DISTINCT ON (kind) kind, id, status, attempts, last_error, sent_at, "
                 "created_at FROM deliveries WHERE cpf = %s "
-                "AND registered_at IS NOT DISTINCT FROM %s ORDER BY kind, id DESC",
+                "AND registered_at IS NOT DISTINCT FROM %s::timestamptz ORDER BY kind, id DESC",
                 (cpf, user["registered_at"]),
             )
             found = {row["kind"]: row for row in cur.fetchall()}

@@ -215,6 +215,27 @@ def test_item_events_are_ignored_and_bad_person_data_is_dead_lettered(person, bu
     assert bus.stats(queue).ignored == 1
 
 
+@pytest.mark.parametrize("created_at", ["infinity", "2026-01-02", "2026-01-02T03:04:05", "soon"])
+def test_a_registration_time_no_link_can_carry_is_dead_lettered_with_why(
+    person, bus, store, queue, created_at
+):
+    bus.publish(person("20", 1, "created", created_at=created_at))
+    bus.publish(person("21", 1, "created"))
+    bus.run_until_idle(max_batch=2)
+    [dead] = bus.dead_letters(queue)
+    assert dead.headers["x-exception-type"] == "PermanentError"
+    assert "created_at" in dead.headers["x-dead-reason"]
+    assert store.user("20") is None and store.user("21") is not None
+
+
+def test_a_user_whose_registration_time_is_infinite_is_still_answered(person, view, store):
+    view(person("22", 1, "created"))  # as a view written before created_at was checked
+    with store.pool.connection() as conn:
+        conn.execute("UPDATE users SET registered_at = 'infinity' WHERE cpf = '22'")
+    user = store.user("22")
+    assert (user["name"], user["registered_at"], user["welcome"]) == ("Ana", "infinity", None)
+
+
 def test_a_batch_applies_its_events_in_order_in_one_transaction(person, bus, store):
     for message in (
         person("11", 1, "created"),
