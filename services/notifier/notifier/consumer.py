@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from messaging import Consumer, ConsumerSettings, Envelope, Handlers
@@ -21,7 +20,13 @@ from servicekit.database import connection_pool
 from servicekit.runner import configure_logging, replica_id, run_until_signalled
 
 from .config import NotifierConfig
-from .email import ACTIVATION_REQUESTED, KINDS, PERSON_CREATED, PERSON_UPDATED
+from .email import (
+    ACTIVATION_REQUESTED,
+    KINDS,
+    PERSON_CREATED,
+    PERSON_UPDATED,
+    registration_time,
+)
 from .store import Intent, NotifierStore
 
 SERVICE = "notifier"
@@ -45,12 +50,7 @@ class PersonFields(BaseModel):
         # Kept as sent (the view stores it, a link is bound to it), but only a time a link can
         # be bound to: ISO 8601 with its zone, not 'infinity' or a date alone, which PostgreSQL
         # would take and no link could carry.
-        try:
-            at = datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError("created_at is not an ISO 8601 time") from None
-        if at.tzinfo is None:
-            raise ValueError("created_at has no time zone")
+        registration_time(value)  # ValueError saying why not
         return value
 
 

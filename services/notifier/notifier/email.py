@@ -85,16 +85,19 @@ class Composer:
             delivery["cpf"],
             delivery.get("name") or "",
             delivery["to_email"],
-            _registration(delivery.get("registered_at")),
+            registration_time(delivery.get("registered_at")),
         )
 
 
-def _registration(value: Any) -> str:
-    """A delivery's registration time (ISO 8601 text, as the sender's statements return it; or a
-    datetime) as the link's payload holds it: in UTC, to the microsecond. ValueError if it is
-    missing or not a time of day (a link for it could never be verified)."""
+def registration_time(value: Any) -> str:
+    """A registration's time (ISO 8601 text, as events carry it and the sender's statements
+    return it; or a datetime) as a link's payload holds it: in UTC, to the microsecond.
+    ValueError if it is missing or not a time with its zone (no link could be verified)."""
     if isinstance(value, str):
-        value = datetime.fromisoformat(value)  # ValueError for 'infinity' and the like
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:  # 'infinity', a word, a malformed time
+            raise ValueError(f"the registration's time is not ISO 8601: {value!r}") from None
     if not isinstance(value, datetime) or value.tzinfo is None:
         raise ValueError(f"the registration's time is not a time with its zone: {value!r}")
     return value.astimezone(UTC).isoformat()
