@@ -28,7 +28,15 @@ from stack.compose_env import SECRETS
 from stack.processes import Gateway, free_port
 from walkthrough import check_walkthrough_outcome, run_walkthrough
 
-pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.containers]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.faults,
+    pytest.mark.containers,
+    # The module's stack is built and brought up in the first test's setup, each step allowed
+    # UP_TIMEOUT: the suite's 300 s per test stopped a slow machine's build and up (2 x 900 s,
+    # below, is the bound; a clean-clone CI run on a machine at half speed took over 300 s).
+    pytest.mark.timeout(2 * 900 + 300),
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_VARIABLES = (
