@@ -100,7 +100,10 @@ def registration_time(value: Any) -> str:
             raise ValueError(f"the registration's time is not ISO 8601: {value!r}") from None
     if not isinstance(value, datetime) or value.tzinfo is None:
         raise ValueError(f"the registration's time is not a time with its zone: {value!r}")
-    return value.astimezone(UTC).isoformat()
+    try:
+        return value.astimezone(UTC).isoformat()
+    except OverflowError:  # year 1 east of UTC, 9999 west of it: no year in UTC
+        raise ValueError(f"the registration's time has no year in UTC: {value!r}") from None
 
 
 def composer_for(config: Any) -> Composer:

@@ -8,9 +8,11 @@ from datetime import UTC, datetime
 
 import psycopg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from notifier import email
 from notifier.consumer import UserView
-from notifier.email import KINDS, PERSON_UPDATED, Kind, composer_for
+from notifier.email import KINDS, PERSON_UPDATED, Kind, composer_for, registration_time
 
 pytestmark = pytest.mark.integration
 
@@ -95,3 +97,17 @@ def test_a_kind_not_once_per_registration_goes_once_per_event(
         view(person_event("8", version, "updated", created_at=REGISTERED, status="active"))
     kinds = [d["kind"] for d in sorted(store.deliveries(None, 10), key=lambda d: d["id"])]
     assert kinds == ["welcome", "activated", "activated"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), st.datetimes(timezones=st.timezones()).map(datetime.isoformat)))
+def test_a_registration_time_is_read_as_one_instant_in_utc_or_refused_with_why(text):
+    """Any text an event or a row may carry: a ValueError saying why, or the same instant in
+    UTC (never another exception, which would retry the event instead of dead-lettering it)."""
+    try:
+        read = registration_time(text)
+    except ValueError as exc:
+        assert "registration's time" in str(exc)
+        return
+    assert datetime.fromisoformat(read) == datetime.fromisoformat(text)
+    assert read.endswith("+00:00")

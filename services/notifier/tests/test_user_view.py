@@ -215,7 +215,10 @@ def test_item_events_are_ignored_and_bad_person_data_is_dead_lettered(person, bu
     assert bus.stats(queue).ignored == 1
 
 
-@pytest.mark.parametrize("created_at", ["infinity", "2026-01-02", "2026-01-02T03:04:05", "soon"])
+@pytest.mark.parametrize(
+    "created_at",
+    ["infinity", "2026-01-02", "2026-01-02T03:04:05", "soon", "0001-01-01T00:00:00+05:00"],
+)
 def test_a_registration_time_no_link_can_carry_is_dead_lettered_with_why(
     person, bus, store, queue, created_at
 ):
